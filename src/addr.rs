@@ -1,0 +1,90 @@
+//! One address type for every transport, so handlers and hooks are written once.
+
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+/// The address of a socket: an IP address and port, or a Unix-domain path.
+///
+/// Every server reports its local address and each request's peer address as an `Addr`, so a
+/// [`Handler`](crate::Handler) or a `verify_request` hook works unchanged over TCP and Unix
+/// sockets. An `Addr::Inet` can be passed straight to `TcpStream::connect`, since `Addr`
+/// implements [`ToSocketAddrs`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Addr {
+    /// An IPv4 or IPv6 socket address.
+    Inet(SocketAddr),
+    /// A Unix-domain socket path; `None` for an unnamed socket (a client that did not bind one).
+    Unix(Option<PathBuf>),
+}
+
+impl Addr {
+    /// The IP socket address, if this is one.
+    pub fn inet(&self) -> Option<SocketAddr> {
+        match self {
+            Addr::Inet(a) => Some(*a),
+            Addr::Unix(_) => None,
+        }
+    }
+
+    /// The filesystem path, if this is a named Unix-domain address.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Addr::Unix(p) => p.as_deref(),
+            Addr::Inet(_) => None,
+        }
+    }
+
+    pub(crate) fn from_unix(addr: &std::os::unix::net::SocketAddr) -> Addr {
+        Addr::Unix(addr.as_pathname().map(Path::to_path_buf))
+    }
+}
+
+impl From<SocketAddr> for Addr {
+    fn from(a: SocketAddr) -> Addr {
+        Addr::Inet(a)
+    }
+}
+
+impl fmt::Display for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Addr::Inet(a) => a.fmt(f),
+            Addr::Unix(Some(p)) => write!(f, "unix:{}", p.display()),
+            Addr::Unix(None) => f.write_str("unix:(unnamed)"),
+        }
+    }
+}
+
+impl ToSocketAddrs for Addr {
+    type Iter = std::option::IntoIter<SocketAddr>;
+
+    fn to_socket_addrs(&self) -> io::Result<Self::Iter> {
+        match self {
+            Addr::Inet(a) => Ok(Some(*a).into_iter()),
+            Addr::Unix(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{self} is a Unix-domain address, not an IP one"),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_and_accessors() {
+        let inet = Addr::from("127.0.0.1:9000".parse::<SocketAddr>().unwrap());
+        assert_eq!(inet.to_string(), "127.0.0.1:9000");
+        assert_eq!(inet.inet().unwrap().port(), 9000);
+        assert!(inet.path().is_none());
+        let unix = Addr::Unix(Some(PathBuf::from("/tmp/s.sock")));
+        assert_eq!(unix.to_string(), "unix:/tmp/s.sock");
+        assert_eq!(unix.path(), Some(Path::new("/tmp/s.sock")));
+        assert!(unix.to_socket_addrs().is_err());
+        assert_eq!(Addr::Unix(None).to_string(), "unix:(unnamed)");
+    }
+}

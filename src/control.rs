@@ -1,0 +1,420 @@
+//! What every thread of a server shares: the shutdown signal, the connection limit, the registry
+//! of in-flight requests and the counters. [`ServerHandle`] is its public face.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rustix::pipe::{PipeFlags, pipe_with};
+
+use crate::{Addr, Stream};
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (we never panic while
+/// holding these locks, and user code never runs under them).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A self-pipe that the accept loop polls next to its listener: writing one byte wakes it at once,
+/// which is how `shutdown()` stops a blocked `serve_forever` without Python's 0.5 s polling.
+/// The byte stays in the pipe until the request is consumed, so every waiter sees it.
+struct Waker {
+    rx: OwnedFd,
+    tx: OwnedFd,
+}
+
+impl Waker {
+    fn new() -> io::Result<Waker> {
+        let (rx, tx) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+        Ok(Waker { rx, tx })
+    }
+
+    fn wake(&self) {
+        // A full pipe (EAGAIN) is already readable, which is all a wake needs.
+        let _ = rustix::io::write(&self.tx, &[1]);
+    }
+
+    fn clear(&self) {
+        let mut buf = [0u8; 64];
+        while let Ok(n) = rustix::io::read(&self.rx, &mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// A counting semaphore whose waits end early when shutdown is requested. The pool uses it for
+/// idle workers and thread mode for its connection limit: the acceptor takes a permit *before*
+/// accepting, so the excess waits in the kernel backlog, not in a queue of ours.
+struct Limiter {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// A slot under the connection limit, given back when the request ends.
+pub(crate) struct Permit {
+    control: Arc<Control>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(l) = &self.control.limiter {
+            *lock(&l.free) += 1;
+            l.freed.notify_one();
+        }
+    }
+}
+
+/// Counters, updated with relaxed atomics: each is exact, the snapshot is not one instant.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub accepted: AtomicU64,
+    pub rejected: AtomicU64,
+    pub limit_rejected: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub handshake_timeouts: AtomicU64,
+    pub handshake_evictions: AtomicU64,
+    pub handler_errors: AtomicU64,
+    pub panics: AtomicU64,
+    pub accept_errors: AtomicU64,
+    pub oversized: AtomicU64,
+    pub idle_closed: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of a server's counters, from [`ServerHandle::stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Connections accepted (datagrams received, for datagram servers).
+    pub accepted: u64,
+    /// Requests being handled right now.
+    pub active: u64,
+    /// Requests closed because `verify_request` returned false.
+    pub rejected: u64,
+    /// Connections closed at once because the connection limit was reached
+    /// ([`Builder::reject_when_full`](crate::Builder::reject_when_full)).
+    pub limit_rejected: u64,
+    /// Clients that failed authentication (wrong, malformed or truncated answer).
+    pub auth_failures: u64,
+    /// Clients that did not finish the handshake within the handshake timeout.
+    pub handshake_timeouts: u64,
+    /// Unfinished handshakes cut to make room under the handshake cap.
+    pub handshake_evictions: u64,
+    /// Handlers (`setup`, `handle` or `finish`) that returned an error.
+    pub handler_errors: u64,
+    /// Handlers that panicked.
+    pub panics: u64,
+    /// Failed `accept` (or datagram receive) calls, all recovered from.
+    pub accept_errors: u64,
+    /// Datagrams longer than the maximum packet size, dropped and logged.
+    pub oversized_datagrams: u64,
+    /// Connections closed by the idle timeout.
+    pub idle_closed: u64,
+}
+
+/// How a [`ServerHandle::shutdown_graceful`] went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Requests that finished on their own before the deadline.
+    pub finished: u64,
+    /// Requests still running at the deadline, whose sockets were shut down.
+    pub cut: u64,
+    /// Of those cut, requests still running when the drain gave up waiting for them (a handler
+    /// that ignores its socket, say).
+    pub still_running: u64,
+}
+
+struct Registry {
+    next_id: u64,
+    live: HashMap<u64, Option<Stream>>,
+    completed: u64,
+}
+
+/// The state every thread of one server shares.
+pub struct Control {
+    shutdown: AtomicBool,
+    waker: Waker,
+    limiter: Option<Limiter>,
+    registry: Mutex<Registry>,
+    registry_changed: Condvar,
+    pub(crate) counters: Counters,
+    pub(crate) local_addr: Addr,
+}
+
+impl Control {
+    pub(crate) fn new(local_addr: Addr, limit: Option<usize>) -> io::Result<Arc<Control>> {
+        Ok(Arc::new(Control {
+            shutdown: AtomicBool::new(false),
+            waker: Waker::new()?,
+            limiter: limit.map(|n| Limiter {
+                free: Mutex::new(n),
+                freed: Condvar::new(),
+            }),
+            registry: Mutex::new(Registry {
+                next_id: 0,
+                live: HashMap::new(),
+                completed: 0,
+            }),
+            registry_changed: Condvar::new(),
+            counters: Counters::default(),
+            local_addr,
+        }))
+    }
+
+    pub(crate) fn shutdown_requested(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn request_shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        self.waker.wake();
+        if let Some(l) = &self.limiter {
+            // Taking the lock orders this notify after any waiter's flag check.
+            drop(lock(&l.free));
+            l.freed.notify_all();
+        }
+    }
+
+    /// Re-arms the server after `serve_forever` returned, as Python does, so it can serve again.
+    pub(crate) fn clear_shutdown(&self) {
+        self.shutdown.store(false, Ordering::Release);
+        self.waker.clear();
+        if self.shutdown_requested() {
+            self.waker.wake();
+        }
+    }
+
+    pub(crate) fn waker_fd(&self) -> BorrowedFd<'_> {
+        self.waker.rx.as_fd()
+    }
+
+    /// Takes a slot under the limit, waiting while none is free. `None` once shutdown is requested
+    /// or the deadline passes. Without a limit, always a permit.
+    pub(crate) fn acquire(self: &Arc<Self>, deadline: Option<Instant>) -> Option<Permit> {
+        let Some(l) = &self.limiter else {
+            return Some(Permit {
+                control: self.clone(),
+            });
+        };
+        let mut free = lock(&l.free);
+        loop {
+            if self.shutdown_requested() {
+                return None;
+            }
+            if *free > 0 {
+                *free -= 1;
+                return Some(Permit {
+                    control: self.clone(),
+                });
+            }
+            free = match deadline {
+                None => l.freed.wait(free).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.checked_duration_since(Instant::now())?;
+                    l.freed
+                        .wait_timeout(free, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// Takes a slot only if one is free right now.
+    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        let Some(l) = &self.limiter else {
+            return Some(Permit {
+                control: self.clone(),
+            });
+        };
+        let mut free = lock(&l.free);
+        (*free > 0).then(|| {
+            *free -= 1;
+            Permit {
+                control: self.clone(),
+            }
+        })
+    }
+
+    /// Records a request as in flight until the ticket is dropped; `stream` lets a drain or the
+    /// idle reaper shut its socket down.
+    pub(crate) fn register(self: &Arc<Self>, stream: Option<Stream>) -> Ticket {
+        let mut r = lock(&self.registry);
+        let id = r.next_id;
+        r.next_id += 1;
+        r.live.insert(id, stream);
+        Ticket {
+            control: self.clone(),
+            id,
+        }
+    }
+
+    pub(crate) fn active(&self) -> usize {
+        lock(&self.registry).live.len()
+    }
+
+    /// Waits until no request is in flight or the deadline passes; true if none is.
+    pub(crate) fn wait_idle(&self, deadline: Option<Instant>) -> bool {
+        let mut r = lock(&self.registry);
+        while !r.live.is_empty() {
+            r = match deadline {
+                None => self
+                    .registry_changed
+                    .wait(r)
+                    .unwrap_or_else(|e| e.into_inner()),
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    None => return false,
+                    Some(left) => {
+                        self.registry_changed
+                            .wait_timeout(r, left)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0
+                    }
+                },
+            };
+        }
+        true
+    }
+
+    /// Shuts down the sockets of the in-flight connections that `pick` selects; returns how many.
+    pub(crate) fn cut_where(&self, mut pick: impl FnMut(&Stream) -> bool) -> u64 {
+        let r = lock(&self.registry);
+        let mut n = 0;
+        for s in r.live.values().flatten() {
+            if pick(s) {
+                let _ = s.shutdown(Shutdown::Both);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn completed(&self) -> u64 {
+        lock(&self.registry).completed
+    }
+
+    pub(crate) fn drain(&self, grace: Duration, cut_wait: Duration) -> DrainReport {
+        self.request_shutdown();
+        let completed_before = self.completed();
+        let idle = self.wait_idle(Some(Instant::now() + grace));
+        let completed_at_deadline = self.completed();
+        let finished = completed_at_deadline - completed_before;
+        if idle {
+            return DrainReport {
+                finished,
+                cut: 0,
+                still_running: 0,
+            };
+        }
+        let running = self.active() as u64;
+        self.cut_where(|_| true);
+        self.wait_idle(Some(Instant::now() + cut_wait));
+        DrainReport {
+            finished,
+            cut: running,
+            still_running: self.active() as u64,
+        }
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            accepted: get(&c.accepted),
+            active: self.active() as u64,
+            rejected: get(&c.rejected),
+            limit_rejected: get(&c.limit_rejected),
+            auth_failures: get(&c.auth_failures),
+            handshake_timeouts: get(&c.handshake_timeouts),
+            handshake_evictions: get(&c.handshake_evictions),
+            handler_errors: get(&c.handler_errors),
+            panics: get(&c.panics),
+            accept_errors: get(&c.accept_errors),
+            oversized_datagrams: get(&c.oversized),
+            idle_closed: get(&c.idle_closed),
+        }
+    }
+}
+
+/// Marks one request as in flight; dropping it marks it done.
+pub(crate) struct Ticket {
+    control: Arc<Control>,
+    id: u64,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut r = lock(&self.control.registry);
+        r.live.remove(&self.id);
+        r.completed += 1;
+        drop(r);
+        self.control.registry_changed.notify_all();
+    }
+}
+
+/// A cloneable handle to a running server: request shutdown from any thread (a handler
+/// included), drain it gracefully, read its counters.
+///
+/// Obtained from [`Server::handle`](crate::Server::handle) or, inside a handler, from the
+/// request ([`Request::server`](crate::Request::server)).
+#[derive(Clone)]
+pub struct ServerHandle {
+    pub(crate) control: Arc<Control>,
+}
+
+impl ServerHandle {
+    /// Asks `serve_forever` to return. It never blocks and never deadlocks, whichever thread calls
+    /// it (a handler of a synchronous server included): the accept loop wakes at once, accepts
+    /// nothing more, and returns. Requests already in flight go on; join them with
+    /// [`Server::close`](crate::Server::close) or cut them with
+    /// [`shutdown_graceful`](Self::shutdown_graceful). Called before `serve_forever` starts, it
+    /// makes `serve_forever` return at once.
+    pub fn shutdown(&self) {
+        self.control.request_shutdown();
+    }
+
+    /// Whether a shutdown has been requested and not yet consumed by `serve_forever` returning.
+    pub fn is_shutdown_requested(&self) -> bool {
+        self.control.shutdown_requested()
+    }
+
+    /// Stops accepting, lets in-flight requests finish until `grace` has passed, then shuts down
+    /// the sockets of those still running (so handlers blocked on them return) and waits up to one
+    /// more second for them. Reports how many finished and how many were cut.
+    ///
+    /// This blocks the caller: call it from a signal-handling thread or the thread that owns the
+    /// server, not from a handler (it would wait for itself until the deadline).
+    pub fn shutdown_graceful(&self, grace: Duration) -> DrainReport {
+        self.control.drain(grace, Duration::from_secs(1))
+    }
+
+    /// A snapshot of the server's counters.
+    pub fn stats(&self) -> Stats {
+        self.control.stats()
+    }
+
+    /// The address the server is bound to (for TCP, with the real port when bound to port 0).
+    pub fn local_addr(&self) -> &Addr {
+        &self.control.local_addr
+    }
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("local_addr", &self.control.local_addr)
+            .field("shutdown_requested", &self.control.shutdown_requested())
+            .finish()
+    }
+}

@@ -1,0 +1,123 @@
+//! The handler lifecycle shared by every transport: make the handler, `setup` → `handle` →
+//! `finish`, catch panics, count and report failures.
+
+use std::any::Any;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use crate::control::Counters;
+use crate::server::Ctx;
+use crate::{
+    Addr, DatagramHandler, DatagramRequest, Handler, HandlerFailure, HandlerResult, Request,
+};
+
+/// The three steps of a handler, whatever the request type.
+pub(crate) trait Lifecycle<R> {
+    fn setup(&mut self, req: &mut R) -> HandlerResult;
+    fn handle(&mut self, req: &mut R) -> HandlerResult;
+    fn finish(&mut self, req: &mut R) -> HandlerResult;
+}
+
+impl<H: Handler> Lifecycle<Request> for H {
+    fn setup(&mut self, req: &mut Request) -> HandlerResult {
+        Handler::setup(self, req)
+    }
+    fn handle(&mut self, req: &mut Request) -> HandlerResult {
+        Handler::handle(self, req)
+    }
+    fn finish(&mut self, req: &mut Request) -> HandlerResult {
+        Handler::finish(self, req)
+    }
+}
+
+impl<H: DatagramHandler> Lifecycle<DatagramRequest> for H {
+    fn setup(&mut self, req: &mut DatagramRequest) -> HandlerResult {
+        DatagramHandler::setup(self, req)
+    }
+    fn handle(&mut self, req: &mut DatagramRequest) -> HandlerResult {
+        DatagramHandler::handle(self, req)
+    }
+    fn finish(&mut self, req: &mut DatagramRequest) -> HandlerResult {
+        DatagramHandler::finish(self, req)
+    }
+}
+
+pub(crate) fn panic_message(p: &(dyn Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-string panic payload)".to_owned()
+    }
+}
+
+/// Makes a handler with the factory; a panicking factory is reported like a panicking handler.
+pub(crate) fn make<H>(
+    factory: &(dyn Fn() -> H + Send + Sync),
+    peer: &Addr,
+    ctx: &Ctx,
+) -> Option<H> {
+    match catch_unwind(AssertUnwindSafe(factory)) {
+        Ok(h) => Some(h),
+        Err(p) => {
+            Counters::bump(&ctx.control().counters.panics);
+            ctx.report(peer, "factory", HandlerFailure::Panic(panic_message(&*p)));
+            None
+        }
+    }
+}
+
+/// Runs `setup`, then `handle` and `finish` (`finish` even when `handle` failed; neither when
+/// `setup` failed). Returns true if all three succeeded.
+///
+/// Unwind safety: after a panic the handler and the request are dropped without further use, so
+/// no broken invariant of theirs is observed; state the handler shares with others is behind
+/// locks, which poison.
+pub(crate) fn run<R: HasPeer, H: Lifecycle<R>>(h: &mut H, req: &mut R, ctx: &Ctx) -> bool {
+    if !step(h, req, ctx, "setup", H::setup) {
+        return false;
+    }
+    let handled = step(h, req, ctx, "handle", H::handle);
+    let finished = step(h, req, ctx, "finish", H::finish);
+    handled && finished
+}
+
+/// Requests know their peer, for the error report.
+pub(crate) trait HasPeer {
+    fn peer(&self) -> &Addr;
+}
+
+impl HasPeer for Request {
+    fn peer(&self) -> &Addr {
+        &self.peer
+    }
+}
+
+impl HasPeer for DatagramRequest {
+    fn peer(&self) -> &Addr {
+        self.peer_addr()
+    }
+}
+
+fn step<R: HasPeer, H>(
+    h: &mut H,
+    req: &mut R,
+    ctx: &Ctx,
+    stage: &'static str,
+    f: fn(&mut H, &mut R) -> HandlerResult,
+) -> bool {
+    let counters = &ctx.control().counters;
+    let failure = match catch_unwind(AssertUnwindSafe(|| f(h, req))) {
+        Ok(Ok(())) => return true,
+        Ok(Err(e)) => {
+            Counters::bump(&counters.handler_errors);
+            HandlerFailure::Error(e)
+        }
+        Err(p) => {
+            Counters::bump(&counters.panics);
+            HandlerFailure::Panic(panic_message(&*p))
+        }
+    };
+    ctx.report(req.peer(), stage, failure);
+    false
+}

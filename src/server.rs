@@ -1,0 +1,745 @@
+//! The server core shared by every transport: the accept loop, dispatch (sync, a thread per
+//! request, a worker pool), shutdown, the Python hooks, and closing.
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::io::Errno;
+
+use crate::control::{Control, Counters, Permit, Ticket, lock};
+use crate::lifecycle::panic_message;
+use crate::pool::Pool;
+use crate::stream::now_millis;
+use crate::transport::socket::SocketOptions;
+use crate::transport::{Incoming, Listener, Service, Transport};
+use crate::{Addr, HandlerFailure, ServerHandle};
+
+/// How a server runs its requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Dispatch {
+    /// One request at a time, on the thread that calls `serve_forever` (Python's `TCPServer`).
+    Sync,
+    /// A new thread per request (Python's `ThreadingTCPServer`), optionally capped with
+    /// [`Builder::max_connections`]. Finished threads are reaped as they end. The default.
+    #[default]
+    Thread,
+    /// A fixed pool of worker threads. When all are busy the server stops accepting, so the
+    /// excess waits in the kernel's listen backlog.
+    Pool {
+        /// Number of worker threads (at least 1).
+        workers: usize,
+    },
+}
+
+type VerifyHook = Box<dyn Fn(&Addr) -> bool + Send + Sync>;
+type ActionHook = Box<dyn Fn() + Send + Sync>;
+type ErrorHook = Box<dyn Fn(&Addr, &HandlerFailure) + Send + Sync>;
+
+/// What a worker needs besides the service: the server handle and the error hook.
+pub struct Ctx {
+    pub(crate) handle: ServerHandle,
+    handle_error: Option<ErrorHook>,
+}
+
+impl Ctx {
+    pub(crate) fn control(&self) -> &Control {
+        &self.handle.control
+    }
+
+    /// Python's `handle_error`: the hook if one is set, else a log line with the peer address.
+    pub(crate) fn report(&self, peer: &Addr, stage: &str, failure: HandlerFailure) {
+        match &self.handle_error {
+            Some(hook) => {
+                if let Err(p) = catch_unwind(AssertUnwindSafe(|| hook(peer, &failure))) {
+                    log::error!(
+                        "handle_error hook panicked ({}) on {stage}() {failure} from {peer}",
+                        panic_message(&*p)
+                    );
+                }
+            }
+            None => log::error!("{stage}() failed for request from {peer}: {failure}"),
+        }
+    }
+}
+
+struct Shared<S> {
+    service: S,
+    ctx: Ctx,
+}
+
+type Job<R> = (R, Permit, Ticket);
+
+impl<S: Service> Shared<S> {
+    fn run(&self, (req, permit, ticket): Job<S::Request>) {
+        self.service.serve(req, &self.ctx);
+        // The ticket first: whoever the permit wakes sees this request as finished.
+        drop(ticket);
+        drop(permit);
+    }
+}
+
+enum Dispatcher<R> {
+    Sync,
+    Thread { stack_size: Option<usize> },
+    Pool(Pool<Job<R>>),
+}
+
+/// Settings every server kind shares.
+struct Common {
+    dispatch: Dispatch,
+    block_on_close: bool,
+    max_connections: Option<usize>,
+    reject_when_full: bool,
+    poll_interval: Duration,
+    stack_size: Option<usize>,
+    idle_timeout: Option<Duration>,
+    verify_request: Option<VerifyHook>,
+    service_actions: Option<ActionHook>,
+    handle_timeout: Option<ActionHook>,
+    handle_error: Option<ErrorHook>,
+}
+
+/// Configures a server before it binds. Made by `TcpServer::builder(factory)` and its siblings;
+/// finished by the transport's `bind` (or `from_listener` / `from_socket`).
+///
+/// ```no_run
+/// use socketserver::{Dispatch, Handler, HandlerResult, Request, TcpServer};
+/// # struct Echo;
+/// # impl Handler for Echo { fn handle(&mut self, _: &mut Request) -> HandlerResult { Ok(()) } }
+///
+/// let server = TcpServer::builder(|| Echo)
+///     .dispatch(Dispatch::Pool { workers: 16 })
+///     .verify_request(|peer| peer.inet().is_some_and(|a| a.ip().is_loopback()))
+///     .bind("127.0.0.1:9000")?;
+/// server.serve_forever();
+/// # Ok::<(), socketserver::Error>(())
+/// ```
+pub struct Builder<T: Transport> {
+    pub(crate) service: T::Service,
+    pub(crate) socket: SocketOptions,
+    common: Common,
+}
+
+impl<T: Transport> Builder<T> {
+    pub(crate) fn with_service(service: T::Service) -> Self {
+        Builder {
+            service,
+            socket: SocketOptions::default(),
+            common: Common {
+                dispatch: Dispatch::default(),
+                block_on_close: true,
+                max_connections: None,
+                reject_when_full: false,
+                poll_interval: Duration::from_millis(500),
+                stack_size: None,
+                idle_timeout: None,
+                verify_request: None,
+                service_actions: None,
+                handle_timeout: None,
+                handle_error: None,
+            },
+        }
+    }
+
+    /// How requests run: [`Dispatch::Sync`], [`Dispatch::Thread`] (default) or
+    /// [`Dispatch::Pool`].
+    pub fn dispatch(mut self, dispatch: Dispatch) -> Self {
+        self.common.dispatch = dispatch;
+        self
+    }
+
+    /// Whether closing (or dropping) the server waits for in-flight requests (Python's
+    /// `block_on_close`, default true). False is Python's `daemon_threads = True`: close returns
+    /// at once and the requests finish on their own.
+    pub fn block_on_close(mut self, block: bool) -> Self {
+        self.common.block_on_close = block;
+        self
+    }
+
+    /// Caps concurrent requests in [`Dispatch::Thread`] mode. At the cap the server stops
+    /// accepting (the excess waits in the kernel backlog), unless
+    /// [`reject_when_full`](Self::reject_when_full) is set. Pool mode is capped by its workers.
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.common.max_connections = Some(max);
+        self
+    }
+
+    /// At the connection cap, accept and close new connections at once (counted in
+    /// [`Stats::limit_rejected`](crate::Stats::limit_rejected)) instead of leaving them in the
+    /// backlog. Sheds load quickly when clients can retry elsewhere.
+    pub fn reject_when_full(mut self, reject: bool) -> Self {
+        self.common.reject_when_full = reject;
+        self
+    }
+
+    /// How often `serve_forever` calls the `service_actions` hook when idle (Python's
+    /// `poll_interval`, default 0.5 s). Without that hook the loop never wakes needlessly.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.common.poll_interval = interval;
+        self
+    }
+
+    /// Stack size of request threads and pool workers (default: Rust's, 2 MiB of address space;
+    /// only touched pages cost memory).
+    pub fn thread_stack_size(mut self, bytes: usize) -> Self {
+        self.common.stack_size = Some(bytes);
+        self
+    }
+
+    /// Python's `verify_request`: called on the accepting thread with each client's address;
+    /// returning false closes the connection (or drops the datagram) without running a handler.
+    pub fn verify_request(mut self, hook: impl Fn(&Addr) -> bool + Send + Sync + 'static) -> Self {
+        self.common.verify_request = Some(Box::new(hook));
+        self
+    }
+
+    /// Python's `service_actions`: called on the serving thread once per loop pass, at least
+    /// every [`poll_interval`](Self::poll_interval).
+    pub fn service_actions(mut self, hook: impl Fn() + Send + Sync + 'static) -> Self {
+        self.common.service_actions = Some(Box::new(hook));
+        self
+    }
+
+    /// Python's `handle_timeout`: called when [`Server::handle_request`] times out.
+    pub fn handle_timeout(mut self, hook: impl Fn() + Send + Sync + 'static) -> Self {
+        self.common.handle_timeout = Some(Box::new(hook));
+        self
+    }
+
+    /// Python's `handle_error`: called on the request's thread when a handler returns an error
+    /// or panics, with the client's address. The default logs it at error level.
+    pub fn handle_error(
+        mut self,
+        hook: impl Fn(&Addr, &HandlerFailure) + Send + Sync + 'static,
+    ) -> Self {
+        self.common.handle_error = Some(Box::new(hook));
+        self
+    }
+
+    /// Sets `SO_REUSEADDR` before binding (default true, as `std` does; Python's `TCPServer`
+    /// defaults to false). IP sockets only.
+    pub fn reuse_address(mut self, reuse: bool) -> Self {
+        self.socket.reuse_address = reuse;
+        self
+    }
+
+    /// Sets `SO_REUSEPORT` before binding, so several servers can share a port (default false).
+    /// IP sockets only.
+    pub fn reuse_port(mut self, reuse: bool) -> Self {
+        self.socket.reuse_port = reuse;
+        self
+    }
+
+    /// Restricts an IPv6 socket to IPv6 (`IPV6_V6ONLY`); by default the system's setting.
+    pub fn only_v6(mut self, only: bool) -> Self {
+        self.socket.only_v6 = Some(only);
+        self
+    }
+
+    /// The listen backlog; by default the system maximum (`somaxconn`), not Python's old 5.
+    pub fn backlog(mut self, backlog: u32) -> Self {
+        self.socket.backlog = Some(backlog);
+        self
+    }
+
+    pub(crate) fn set_idle_timeout(&mut self, t: Duration) {
+        self.common.idle_timeout = Some(t);
+    }
+
+    pub(crate) fn tracks_activity(&self) -> bool {
+        self.common.idle_timeout.is_some()
+    }
+
+    /// Starts a server on a bound listener: the worker pool, the idle reaper.
+    pub(crate) fn build(mut self, listener: T::Listener) -> crate::Result<Server<T>> {
+        let c = self.common;
+        let limit = match c.dispatch {
+            Dispatch::Sync => None,
+            Dispatch::Thread => c.max_connections,
+            Dispatch::Pool { workers } => Some(workers),
+        };
+        if limit == Some(0) {
+            return Err(crate::Error::config(
+                "workers and max_connections must be at least 1",
+            ));
+        }
+        self.service.prepare(limit)?;
+        let local = listener.local_addr();
+        let control =
+            Control::new(local.clone(), limit).map_err(|e| crate::Error::bind(Some(&local), e))?;
+        let shared = Arc::new(Shared {
+            service: self.service,
+            ctx: Ctx {
+                handle: ServerHandle { control },
+                handle_error: c.handle_error,
+            },
+        });
+        let dispatcher = match c.dispatch {
+            Dispatch::Sync => Dispatcher::Sync,
+            Dispatch::Thread => Dispatcher::Thread {
+                stack_size: c.stack_size,
+            },
+            Dispatch::Pool { workers } => {
+                let s = shared.clone();
+                let run = Arc::new(move |job| s.run(job));
+                Dispatcher::Pool(
+                    Pool::new(workers, c.stack_size, run)
+                        .map_err(|e| crate::Error::bind(Some(&local), e))?,
+                )
+            }
+        };
+        let reaper = match c.idle_timeout {
+            Some(t) => Some(
+                IdleReaper::start(shared.ctx.handle.control.clone(), t)
+                    .map_err(|e| crate::Error::bind(Some(&local), e))?,
+            ),
+            None => None,
+        };
+        Ok(Server {
+            listener: Some(listener),
+            shared,
+            dispatcher: Some(dispatcher),
+            reaper,
+            block_on_close: c.block_on_close,
+            reject_when_full: c.reject_when_full && c.dispatch == Dispatch::Thread,
+            poll_interval: c.poll_interval,
+            verify_request: c.verify_request,
+            service_actions: c.service_actions,
+            handle_timeout: c.handle_timeout,
+        })
+    }
+}
+
+/// A server: a bound socket, a handler factory, and a dispatch mode.
+///
+/// Name it by its transport: [`TcpServer`](crate::TcpServer),
+/// [`UnixStreamServer`](crate::UnixStreamServer), [`UdpServer`](crate::UdpServer),
+/// [`UnixDatagramServer`](crate::UnixDatagramServer). They share everything documented here;
+/// only how they bind differs.
+///
+/// The socket is bound and listening once the server exists (Python's `bind_and_activate`), so
+/// clients can connect before [`serve_forever`](Self::serve_forever) starts. Dropping the server
+/// is Python's `server_close`: see [`close`](Self::close).
+pub struct Server<T: Transport> {
+    listener: Option<T::Listener>,
+    shared: Arc<Shared<T::Service>>,
+    dispatcher: Option<Dispatcher<<T::Listener as Listener>::Request>>,
+    reaper: Option<IdleReaper>,
+    block_on_close: bool,
+    reject_when_full: bool,
+    poll_interval: Duration,
+    verify_request: Option<VerifyHook>,
+    service_actions: Option<ActionHook>,
+    handle_timeout: Option<ActionHook>,
+}
+
+enum Next<R> {
+    Request(R, Permit),
+    Shutdown,
+    Timeout,
+}
+
+enum Wake {
+    Ready,
+    Shutdown,
+    Timeout,
+}
+
+/// Exponential backoff for accept errors that retrying at once cannot fix (out of descriptors,
+/// out of memory): Python retries at once and spins the CPU; tiny_http gives up for good.
+#[derive(Default)]
+struct Backoff {
+    failures: u64,
+    delay: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(5);
+    const MAX: Duration = Duration::from_secs(1);
+
+    fn next(&mut self) -> Duration {
+        self.failures += 1;
+        self.delay = if self.delay.is_zero() {
+            Self::FIRST
+        } else {
+            (self.delay * 2).min(Self::MAX)
+        };
+        self.delay
+    }
+
+    fn reset(&mut self) {
+        if self.failures > 0 {
+            log::info!("accepting again after {} failed attempts", self.failures);
+        }
+        *self = Backoff::default();
+    }
+}
+
+/// Resets the shutdown request when `serve_forever` returns, so the server can serve again.
+struct Rearm<'a>(&'a Control);
+
+impl Drop for Rearm<'_> {
+    fn drop(&mut self) {
+        self.0.clear_shutdown();
+    }
+}
+
+fn wait(listener: Option<BorrowedFd<'_>>, control: &Control, deadline: Option<Instant>) -> Wake {
+    let waker = PollFd::from_borrowed_fd(control.waker_fd(), PollFlags::IN);
+    let mut fds = match listener {
+        Some(fd) => vec![waker, PollFd::from_borrowed_fd(fd, PollFlags::IN)],
+        None => vec![waker],
+    };
+    let timeout = deadline.map(|d| {
+        let left = d.saturating_duration_since(Instant::now());
+        Timespec::try_from(left).unwrap_or(Timespec {
+            tv_sec: i64::MAX,
+            tv_nsec: 0,
+        })
+    });
+    match rustix::event::poll(&mut fds, timeout.as_ref()) {
+        Ok(0) => Wake::Timeout,
+        Ok(_) if !fds[0].revents().is_empty() => Wake::Shutdown,
+        Ok(_) | Err(Errno::INTR) => Wake::Ready,
+        Err(e) => {
+            log::error!("poll failed: {e}; retrying");
+            thread::sleep(Backoff::FIRST);
+            Wake::Ready
+        }
+    }
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::PermissionDenied
+            | io::ErrorKind::Interrupted
+    ) {
+        return true;
+    }
+    // accept(2) on Linux: pending network errors are passed on by accept; treat them as EAGAIN.
+    let errno = Errno::from_io_error(e);
+    [
+        Errno::PROTO,
+        Errno::NETDOWN,
+        Errno::NOPROTOOPT,
+        Errno::HOSTDOWN,
+        Errno::HOSTUNREACH,
+        Errno::OPNOTSUPP,
+        Errno::NETUNREACH,
+        Errno::TIMEDOUT,
+    ]
+    .iter()
+    .any(|t| errno == Some(*t))
+}
+
+impl<T: Transport> Server<T> {
+    /// A handle to this server, for other threads: shutdown, drain, counters.
+    pub fn handle(&self) -> ServerHandle {
+        self.shared.ctx.handle.clone()
+    }
+
+    /// The address the server is bound to (for IP, with the real port when bound to port 0).
+    pub fn local_addr(&self) -> &Addr {
+        &self.control().local_addr
+    }
+
+    /// Asks `serve_forever` to return; see [`ServerHandle::shutdown`].
+    pub fn shutdown(&self) {
+        self.control().request_shutdown();
+    }
+
+    /// A snapshot of the server's counters.
+    pub fn stats(&self) -> crate::Stats {
+        self.control().stats()
+    }
+
+    fn control(&self) -> &Arc<Control> {
+        &self.shared.ctx.handle.control
+    }
+
+    /// Serves requests until [`shutdown`](ServerHandle::shutdown) is called, from any thread.
+    ///
+    /// It returns within milliseconds of the request (the accept loop waits on the socket and a
+    /// wake-up pipe, not on a timer), and returns at once if shutdown was requested before it
+    /// started. After it returns, the server can serve again. Accept errors never end it: those
+    /// that retrying cannot fix (out of descriptors) are logged and retried with backoff.
+    pub fn serve_forever(&self) {
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        let control = self.control();
+        let _rearm = Rearm(control);
+        let mut backoff = Backoff::default();
+        while !control.shutdown_requested() {
+            if let Some(hook) = &self.service_actions {
+                if let Err(p) = catch_unwind(AssertUnwindSafe(hook)) {
+                    log::error!("service_actions hook panicked: {}", panic_message(&*p));
+                }
+            }
+            let deadline = self
+                .service_actions
+                .as_ref()
+                .map(|_| Instant::now() + self.poll_interval);
+            if let Next::Request(req, permit) = self.next(listener, deadline, &mut backoff) {
+                self.process(req, permit, &mut backoff);
+            }
+        }
+    }
+
+    /// Python's `handle_request`: waits up to `timeout` (forever with `None`) for one request
+    /// and dispatches it. On timeout calls the `handle_timeout` hook. Returns whether a request
+    /// was dispatched (false also when a shutdown is pending).
+    pub fn handle_request(&self, timeout: Option<Duration>) -> bool {
+        let Some(listener) = &self.listener else {
+            return false;
+        };
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut backoff = Backoff::default();
+        loop {
+            match self.next(listener, deadline, &mut backoff) {
+                Next::Request(req, permit) => {
+                    if self.process(req, permit, &mut backoff) {
+                        return true;
+                    }
+                }
+                Next::Timeout => {
+                    if let Some(hook) = &self.handle_timeout
+                        && let Err(p) = catch_unwind(AssertUnwindSafe(hook))
+                    {
+                        log::error!("handle_timeout hook panicked: {}", panic_message(&*p));
+                    }
+                    return false;
+                }
+                Next::Shutdown => return false,
+            }
+        }
+    }
+
+    /// Waits for a free slot, then for a request. `Timeout` when `deadline` passes first.
+    fn next(
+        &self,
+        listener: &T::Listener,
+        deadline: Option<Instant>,
+        backoff: &mut Backoff,
+    ) -> Next<<T::Listener as Listener>::Request> {
+        let control = self.control();
+        let permit = if self.reject_when_full {
+            None
+        } else {
+            match control.acquire(deadline) {
+                Some(p) => Some(p),
+                None if control.shutdown_requested() => return Next::Shutdown,
+                None => return Next::Timeout,
+            }
+        };
+        loop {
+            if control.shutdown_requested() {
+                return Next::Shutdown;
+            }
+            let err = match listener.accept(control) {
+                Ok(req) => {
+                    backoff.reset();
+                    let permit = match permit {
+                        Some(p) => p,
+                        None => match control.try_acquire() {
+                            Some(p) => p,
+                            None => {
+                                Counters::bump(&control.counters.limit_rejected);
+                                log::debug!("connection limit reached: closing {}", req.peer());
+                                req.reject();
+                                continue;
+                            }
+                        },
+                    };
+                    return Next::Request(req, permit);
+                }
+                Err(e) => e,
+            };
+            let pause = match err.kind() {
+                io::ErrorKind::WouldBlock => None,
+                io::ErrorKind::Interrupted => continue,
+                _ if is_transient(&err) => {
+                    Counters::bump(&control.counters.accept_errors);
+                    log::debug!("accept on {}: {err}; skipped", control.local_addr);
+                    continue;
+                }
+                _ => {
+                    Counters::bump(&control.counters.accept_errors);
+                    let delay = backoff.next();
+                    if backoff.failures == 1 {
+                        log::warn!(
+                            "accept on {} failed: {err}; retrying with backoff",
+                            control.local_addr
+                        );
+                    } else {
+                        log::debug!("accept failed again: {err}; next try in {delay:?}");
+                    }
+                    Some(Instant::now() + delay)
+                }
+            };
+            let (fd, until) = match pause {
+                // Out of descriptors, the listener stays readable: wait on the waker only.
+                Some(p) => (None, Some(deadline.map_or(p, |d| d.min(p)))),
+                None => (Some(listener.fd()), deadline),
+            };
+            match wait(fd, control, until) {
+                Wake::Shutdown => return Next::Shutdown,
+                Wake::Timeout if deadline.is_some_and(|d| Instant::now() >= d) => {
+                    return Next::Timeout;
+                }
+                Wake::Timeout | Wake::Ready => {}
+            }
+        }
+    }
+
+    /// Verifies and dispatches one request. False if it was not dispatched.
+    fn process(
+        &self,
+        req: <T::Listener as Listener>::Request,
+        permit: Permit,
+        backoff: &mut Backoff,
+    ) -> bool {
+        let control = self.control();
+        Counters::bump(&control.counters.accepted);
+        if let Some(verify) = &self.verify_request {
+            let ok = catch_unwind(AssertUnwindSafe(|| verify(req.peer()))).unwrap_or_else(|p| {
+                log::error!("verify_request hook panicked: {}", panic_message(&*p));
+                false
+            });
+            if !ok {
+                Counters::bump(&control.counters.rejected);
+                log::debug!("verify_request rejected {}", req.peer());
+                req.reject();
+                return false;
+            }
+        }
+        let ticket = control.register(req.stream().cloned());
+        let job = (req, permit, ticket);
+        match self.dispatcher.as_ref() {
+            None | Some(Dispatcher::Sync) => self.shared.run(job),
+            Some(Dispatcher::Pool(pool)) => pool.submit(job),
+            Some(Dispatcher::Thread { stack_size }) => {
+                let peer = job.0.peer().clone();
+                let shared = self.shared.clone();
+                let mut b = thread::Builder::new();
+                if let Some(s) = stack_size {
+                    b = b.stack_size(*s);
+                }
+                // On failure the closure, and with it the request, is dropped: the socket closes.
+                if let Err(e) = b.spawn(move || shared.run(job)) {
+                    Counters::bump(&control.counters.accept_errors);
+                    log::error!("cannot start a thread for {peer}: {e}; connection closed");
+                    let delay = backoff.next();
+                    wait(None, control, Some(Instant::now() + delay));
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Python's `server_close`: releases the socket (and removes a Unix socket's file), stops
+    /// the worker pool, and, with `block_on_close` (the default), waits for every in-flight
+    /// request to finish. Dropping the server does the same.
+    pub fn close(self) {}
+
+    fn close_inner(&mut self) {
+        drop(self.listener.take());
+        let join = self.block_on_close;
+        if let Some(Dispatcher::Pool(pool)) = self.dispatcher.take() {
+            pool.close(join);
+        }
+        if join {
+            self.control().wait_idle(None);
+        }
+        drop(self.reaper.take());
+    }
+}
+
+impl<T: Transport> Drop for Server<T> {
+    fn drop(&mut self) {
+        self.close_inner();
+    }
+}
+
+impl<T: Transport> AsFd for Server<T> {
+    /// The listening (or datagram) socket, Python's `fileno()`.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.listener {
+            Some(l) => l.fd(),
+            None => unreachable!("the listener is only taken when the server is dropped"),
+        }
+    }
+}
+
+impl<T: Transport> fmt::Debug for Server<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", self.local_addr())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Shuts down connections that have been silent longer than the idle timeout.
+struct IdleReaper {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl IdleReaper {
+    fn start(control: Arc<Control>, idle: Duration) -> io::Result<IdleReaper> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let idle_ms = idle.as_millis() as u64;
+        let s = stop.clone();
+        let thread = thread::Builder::new()
+            .name("socketserver-idle".into())
+            .spawn(move || {
+                let (m, cv) = &*s;
+                let mut stopped = lock(m);
+                while !*stopped {
+                    stopped = cv
+                        .wait_timeout(stopped, tick)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    let now = now_millis();
+                    let n = control.cut_where(|s| {
+                        s.last_active()
+                            .is_some_and(|t| now.saturating_sub(t) > idle_ms)
+                            && s.mark_cut()
+                    });
+                    if n > 0 {
+                        control
+                            .counters
+                            .idle_closed
+                            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                        log::info!("closed {n} connection(s) idle for over {idle:?}");
+                    }
+                }
+            })?;
+        Ok(IdleReaper {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for IdleReaper {
+    fn drop(&mut self) {
+        *lock(&self.stop.0) = true;
+        self.stop.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Datagram transports: receiving UDP and Unix-domain datagrams, and serving each one through a
+//! [`DatagramHandler`]'s lifecycle, sending the reply it wrote.
+
+use std::ffi::OsStr;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags};
+use rustix::net::{RecvFlags, SocketAddrAny, SocketAddrUnix};
+
+use super::socket::OwnedPath;
+use super::{Incoming, Listener, Service};
+use crate::control::{Control, Counters};
+use crate::server::Ctx;
+use crate::{Addr, DatagramHandler, DatagramRequest, lifecycle};
+
+/// Python's `UDPServer.max_packet_size`.
+pub(crate) const DEFAULT_MAX_PACKET_SIZE: usize = 8192;
+
+pub(crate) enum Sock {
+    Udp(UdpSocket),
+    Unix(UnixDatagram),
+}
+
+impl Sock {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Sock::Udp(s) => s.as_fd(),
+            Sock::Unix(s) => s.as_fd(),
+        }
+    }
+
+    /// Sends one datagram to `to`. The socket is non-blocking (the acceptor polls it), so a full
+    /// send queue is waited out here, up to `timeout`.
+    pub(crate) fn send_to(&self, buf: &[u8], to: &Addr, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let sent = match (self, to) {
+                (Sock::Udp(s), Addr::Inet(a)) => s.send_to(buf, a),
+                (Sock::Unix(s), Addr::Unix(Some(p))) => s.send_to(buf, p),
+                (Sock::Unix(_), Addr::Unix(None)) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrNotAvailable,
+                        "the client socket is unnamed: a Unix datagram client must bind a path \
+                         to get replies",
+                    ));
+                }
+                _ => return Err(io::Error::from(io::ErrorKind::InvalidInput)),
+            };
+            match sent {
+                Ok(n) if n == buf.len() => return Ok(()),
+                Ok(n) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        format!("datagram sent short: {n} of {} bytes", buf.len()),
+                    ));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let left = deadline
+                        .checked_duration_since(Instant::now())
+                        .ok_or_else(|| io::Error::from(io::ErrorKind::TimedOut))?;
+                    let mut fds = [PollFd::from_borrowed_fd(self.fd(), PollFlags::OUT)];
+                    let ts = left.try_into().ok();
+                    match rustix::event::poll(&mut fds, ts.as_ref()) {
+                        Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A bound datagram socket, UDP or Unix-domain; removes its socket file when dropped.
+pub struct DatagramSocket {
+    pub(crate) sock: Arc<Sock>,
+    pub(crate) max_packet_size: usize,
+    pub(crate) _path: Option<OwnedPath>,
+}
+
+/// A received datagram waiting for a worker.
+pub struct Received {
+    packet: Vec<u8>,
+    peer: Addr,
+    sock: Arc<Sock>,
+}
+
+impl Incoming for Received {
+    fn peer(&self) -> &Addr {
+        &self.peer
+    }
+
+    fn reject(self) {}
+}
+
+fn peer_addr(a: Option<SocketAddrAny>) -> Addr {
+    let Some(a) = a else {
+        return Addr::Unix(None);
+    };
+    if let Ok(inet) = SocketAddr::try_from(a.clone()) {
+        return Addr::Inet(inet);
+    }
+    let path = SocketAddrUnix::try_from(a)
+        .ok()
+        .and_then(|u| u.path_bytes().map(|b| PathBuf::from(OsStr::from_bytes(b))));
+    Addr::Unix(path.filter(|p| !p.as_os_str().is_empty()))
+}
+
+impl Listener for DatagramSocket {
+    type Request = Received;
+
+    fn accept(&self, control: &Control) -> io::Result<Received> {
+        let mut packet = Vec::with_capacity(self.max_packet_size);
+        let (_, len, from) = rustix::net::recvfrom(
+            self.sock.fd(),
+            rustix::buffer::spare_capacity(&mut packet),
+            RecvFlags::TRUNC,
+        )?;
+        let peer = peer_addr(from);
+        if len > self.max_packet_size {
+            Counters::bump(&control.counters.oversized);
+            log::warn!(
+                "datagram of {len} bytes from {peer} exceeds max_packet_size ({} bytes): dropped",
+                self.max_packet_size
+            );
+            // Not a request: the accept loop checks for shutdown and receives again.
+            return Err(io::Error::from(io::ErrorKind::Interrupted));
+        }
+        Ok(Received {
+            packet,
+            peer,
+            sock: self.sock.clone(),
+        })
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.sock.fd()
+    }
+
+    fn local_addr(&self) -> Addr {
+        match &*self.sock {
+            Sock::Udp(s) => s.local_addr().map_or(Addr::Unix(None), Addr::Inet),
+            Sock::Unix(s) => s
+                .local_addr()
+                .map_or(Addr::Unix(None), |a| Addr::from_unix(&a)),
+        }
+    }
+}
+
+/// Serves datagrams: the handler's lifecycle, then the reply it wrote.
+pub struct DatagramService<H> {
+    pub(crate) factory: Box<dyn Fn() -> H + Send + Sync>,
+    pub(crate) send_empty_reply: bool,
+    pub(crate) reply_timeout: Duration,
+    pub(crate) max_packet_size: usize,
+}
+
+impl<H> DatagramService<H> {
+    pub(crate) fn new(factory: Box<dyn Fn() -> H + Send + Sync>) -> Self {
+        DatagramService {
+            factory,
+            send_empty_reply: false,
+            reply_timeout: Duration::from_secs(5),
+            max_packet_size: DEFAULT_MAX_PACKET_SIZE,
+        }
+    }
+}
+
+impl<H: DatagramHandler> Service for DatagramService<H> {
+    type Request = Received;
+
+    fn serve(&self, r: Received, ctx: &Ctx) {
+        let Some(mut handler) = lifecycle::make(&*self.factory, &r.peer, ctx) else {
+            return;
+        };
+        let mut req = DatagramRequest::new(r.packet, r.peer, r.sock, ctx.handle.clone());
+        if !lifecycle::run(&mut handler, &mut req, ctx) {
+            return;
+        }
+        if req.wfile.is_empty() && !self.send_empty_reply {
+            return;
+        }
+        if let Err(e) = req.send_timeout(&req.wfile, self.reply_timeout) {
+            log::warn!("cannot send reply to {}: {e}", req.peer_addr());
+        }
+    }
+}

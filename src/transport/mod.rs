@@ -1,0 +1,126 @@
+//! What differs between TCP, Unix-stream, UDP and Unix-datagram servers: how a request arrives
+//! (the [`Listener`]) and how it is served (the [`Service`]). Everything else, the accept loop,
+//! dispatch, shutdown and hooks, is the shared core in `server.rs`.
+
+use std::io;
+use std::marker::PhantomData;
+use std::os::fd::BorrowedFd;
+
+use crate::control::Control;
+use crate::server::Ctx;
+use crate::{Addr, Stream};
+
+pub(crate) mod datagram;
+pub(crate) mod socket;
+pub(crate) mod stream;
+
+/// Where requests come from: a listening socket (one request per accepted connection) or a
+/// datagram socket (one request per datagram).
+pub trait Listener: Send + Sync + 'static {
+    /// One unit of work for a handler.
+    type Request: Incoming;
+
+    /// Takes the next request without blocking (`WouldBlock` when there is none).
+    fn accept(&self, control: &Control) -> io::Result<Self::Request>;
+
+    /// The descriptor to poll for readability.
+    fn fd(&self) -> BorrowedFd<'_>;
+
+    /// The bound address.
+    fn local_addr(&self) -> Addr;
+}
+
+/// A request on its way from the acceptor to a worker.
+pub trait Incoming: Send + 'static {
+    /// The client's address.
+    fn peer(&self) -> &Addr;
+
+    /// The connection's socket, for requests that have one (so a drain can cut it).
+    fn stream(&self) -> Option<&Stream> {
+        None
+    }
+
+    /// Drops the request without serving it (Python's `shutdown_request`).
+    fn reject(self);
+}
+
+/// Serves one request on a worker thread: authentication, handler lifecycle, reply, close.
+pub trait Service: Send + Sync + 'static {
+    /// The request type it serves.
+    type Request: Incoming;
+
+    /// Serves `req` to completion. Never panics: handler panics are caught and reported.
+    fn serve(&self, req: Self::Request, ctx: &Ctx);
+
+    /// Checks the configuration and readies the service once the dispatch limit is known.
+    fn prepare(&mut self, limit: Option<usize>) -> crate::Result<()> {
+        let _ = limit;
+        Ok(())
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// A kind of server: which socket it listens on and which handler trait serves its requests.
+///
+/// Sealed: the implementations are [`Tcp`], [`Unix`], [`Udp`] and [`UnixDatagram`], which name the
+/// server types [`TcpServer`](crate::TcpServer), [`UnixStreamServer`](crate::UnixStreamServer),
+/// [`UdpServer`](crate::UdpServer) and [`UnixDatagramServer`](crate::UnixDatagramServer).
+pub trait Transport: sealed::Sealed + Send + Sync + Sized + 'static {
+    /// The listening socket.
+    type Listener: Listener;
+    /// What serves each request.
+    type Service: Service<Request = <Self::Listener as Listener>::Request>;
+}
+
+/// Marks a transport whose requests are connections (TCP, Unix streams): these take
+/// [`Handler`](crate::Handler)s, authentication and per-connection timeouts.
+pub trait StreamTransport: Transport<Service = stream::StreamService<Self::Handler>> {
+    /// The handler type serving each connection.
+    type Handler: crate::Handler;
+}
+
+/// Marks a transport whose requests are datagrams (UDP, Unix datagrams): these take
+/// [`DatagramHandler`](crate::DatagramHandler)s.
+pub trait DatagramTransport: Transport<Service = datagram::DatagramService<Self::Handler>> {
+    /// The handler type serving each datagram.
+    type Handler: crate::DatagramHandler;
+}
+
+macro_rules! transport {
+    ($(#[$doc:meta])* $name:ident, $listener:ty, $service:ident, $bound:path, $kind:ident) => {
+        $(#[$doc])*
+        pub struct $name<H>(PhantomData<fn() -> H>);
+        impl<H> sealed::Sealed for $name<H> {}
+        impl<H: $bound> Transport for $name<H> {
+            type Listener = $listener;
+            type Service = $service<H>;
+        }
+        impl<H: $bound> $kind for $name<H> {
+            type Handler = H;
+        }
+    };
+}
+
+use datagram::DatagramService;
+use stream::StreamService;
+
+transport!(
+    /// TCP over IPv4 or IPv6: [`TcpServer`](crate::TcpServer).
+    Tcp, stream::TcpAcceptor, StreamService, crate::Handler, StreamTransport
+);
+transport!(
+    /// Unix-domain stream sockets: [`UnixStreamServer`](crate::UnixStreamServer).
+    Unix, stream::UnixAcceptor, StreamService, crate::Handler, StreamTransport
+);
+transport!(
+    /// UDP over IPv4 or IPv6: [`UdpServer`](crate::UdpServer).
+    Udp, datagram::DatagramSocket, DatagramService, crate::DatagramHandler, DatagramTransport
+);
+transport!(
+    /// Unix-domain datagram sockets: [`UnixDatagramServer`](crate::UnixDatagramServer).
+    UnixDatagram, datagram::DatagramSocket, DatagramService, crate::DatagramHandler,
+    DatagramTransport
+);
