@@ -380,6 +380,9 @@ impl ServerHandle {
     /// [`Server::close`](crate::Server::close) or cut them with
     /// [`shutdown_graceful`](Self::shutdown_graceful). Called before `serve_forever` starts, it
     /// makes `serve_forever` return at once.
+    ///
+    /// With [`Dispatch::Sync`](crate::Dispatch::Sync) a request runs on the serving thread
+    /// itself, so `serve_forever` returns when the request being served (if any) ends.
     pub fn shutdown(&self) {
         self.control.request_shutdown();
     }

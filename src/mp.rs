@@ -237,10 +237,10 @@ fn verify_response(key: &[u8], message: &[u8], response: &[u8]) -> Result<()> {
             .with_detail("response has an unsupported length or digest prefix")
     })?;
     let digest = digest.unwrap_or(Digest::Md5);
-    if mac.len() != digest.len() {
+    if mac.len() != digest.output_len() {
         return Err(Error::new(Kind::AuthFailed).with_detail(format!(
             "expected a {digest} MAC of {} bytes, got {}",
-            digest.len(),
+            digest.output_len(),
             mac.len()
         )));
     }

@@ -481,10 +481,10 @@ impl<T: Transport> Server<T> {
         let _rearm = Rearm(control);
         let mut backoff = Backoff::default();
         while !control.shutdown_requested() {
-            if let Some(hook) = &self.service_actions {
-                if let Err(p) = catch_unwind(AssertUnwindSafe(hook)) {
-                    log::error!("service_actions hook panicked: {}", panic_message(&*p));
-                }
+            if let Some(hook) = &self.service_actions
+                && let Err(p) = catch_unwind(AssertUnwindSafe(hook))
+            {
+                log::error!("service_actions hook panicked: {}", panic_message(&*p));
             }
             let deadline = self
                 .service_actions

@@ -38,7 +38,7 @@ impl Digest {
     ];
 
     /// The MAC length in bytes.
-    pub fn len(self) -> usize {
+    pub fn output_len(self) -> usize {
         match self {
             Digest::Md5 => 16,
             Digest::Sha256 | Digest::Sha3_256 => 32,
@@ -136,7 +136,7 @@ mod tests {
         assert!(!Digest::Sha256.verify(b"Jefe", &[b"what do ya want for nothing?"], &bad));
         assert!(!Digest::Sha256.verify(b"Jefe", &[b"x"], &sha[..16]));
         for d in Digest::ALL {
-            assert_eq!(d.mac(b"k", &[b"m"]).len(), d.len());
+            assert_eq!(d.mac(b"k", &[b"m"]).len(), d.output_len());
             assert_eq!(d.name().parse::<Digest>().unwrap(), d);
         }
     }

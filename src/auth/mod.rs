@@ -261,7 +261,7 @@ fn serve_hmac<S: Read + Write>(mut io: S, key: &[u8], digest: Digest) -> Result<
     rand::rng().fill_bytes(&mut challenge);
     io.write_all(&challenge)?;
     let mut reply = [0u8; 2 * mac::MAX_MAC_LEN];
-    let reply = &mut reply[..2 * digest.len()];
+    let reply = &mut reply[..2 * digest.output_len()];
     io.read_exact(reply).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             Error::new(Kind::AuthFailed).with_detail("connection closed before a full digest")
@@ -270,7 +270,7 @@ fn serve_hmac<S: Read + Write>(mut io: S, key: &[u8], digest: Digest) -> Result<
         }
     })?;
     let mut tag = [0u8; mac::MAX_MAC_LEN];
-    let tag = &mut tag[..digest.len()];
+    let tag = &mut tag[..digest.output_len()];
     if hex::decode_to_slice(&*reply, tag).is_err() {
         return Err(Error::new(Kind::AuthFailed).with_detail("reply is not a hex digest"));
     }

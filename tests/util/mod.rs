@@ -37,7 +37,10 @@ impl<T: Transport> Running<T> {
         self.handle.shutdown();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !t.is_finished() {
-            assert!(Instant::now() < deadline, "serve_forever did not return within 10 s of shutdown");
+            assert!(
+                Instant::now() < deadline,
+                "serve_forever did not return within 10 s of shutdown"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
         Some(t.join().expect("serve_forever panicked"))
@@ -241,4 +244,30 @@ pub fn pythons() -> Vec<Python> {
         );
     }
     found
+}
+
+/// A handler made of a closure, for tests that need one-off behaviour.
+pub struct FnHandler<F>(pub F);
+
+impl<F> socketserver::Handler for FnHandler<F>
+where
+    F: FnMut(&mut socketserver::Request) -> HandlerResult + Send + 'static,
+{
+    fn handle(&mut self, req: &mut socketserver::Request) -> HandlerResult {
+        (self.0)(req)
+    }
+}
+
+/// Connects to a TCP server's address with a 10 s read timeout, so a test cannot hang.
+pub fn connect(addr: &socketserver::Addr) -> std::net::TcpStream {
+    let s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Reads until end-of-file (bounded by the socket's timeout); returns what arrived.
+pub fn read_to_eof(mut s: impl std::io::Read) -> std::io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    s.read_to_end(&mut v)?;
+    Ok(v)
 }

@@ -1,0 +1,668 @@
+//! `TcpServer`: CPython's test_socketserver behaviours for TCP, and what Python gets wrong.
+
+mod util;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv6Addr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use socketserver::{Dispatch, Handler, HandlerFailure, HandlerResult, Request, TcpServer};
+use util::{FnHandler, connect, eventually, line_echo, serve, three_round_trips};
+
+const MODES: [Dispatch; 3] = [
+    Dispatch::Sync,
+    Dispatch::Thread,
+    Dispatch::Pool { workers: 4 },
+];
+
+#[test]
+fn three_round_trips_in_every_mode_v4_and_v6() {
+    util::init_logs();
+    for mode in MODES {
+        for host in ["127.0.0.1:0", "[::1]:0"] {
+            let server = match TcpServer::builder(line_echo).dispatch(mode).bind(host) {
+                Ok(s) => s,
+                Err(e) if host.starts_with('[') => {
+                    eprintln!("SKIPPED: IPv6 loopback unavailable: {e}");
+                    continue;
+                }
+                Err(e) => panic!("{e}"),
+            };
+            let addr = server.local_addr().clone();
+            let running = serve(server);
+            three_round_trips(connect(&addr));
+            // A second client after the first hung up: the server goes on.
+            three_round_trips(connect(&addr));
+            let server = running.stop();
+            assert_eq!(server.stats().accepted, 2, "{mode:?} {host}");
+        }
+    }
+}
+
+#[test]
+fn address_is_the_bound_one_with_the_real_port() {
+    let server = TcpServer::bind("127.0.0.1:0", line_echo).unwrap();
+    let addr = server.local_addr().inet().unwrap();
+    assert_ne!(addr.port(), 0);
+    assert_eq!(addr.ip().to_string(), "127.0.0.1");
+    assert_eq!(server.handle().local_addr(), server.local_addr());
+    let running = serve(server);
+    let c = connect(&socketserver::Addr::Inet(addr));
+    assert_eq!(c.peer_addr().unwrap(), addr);
+    drop(running);
+}
+
+#[test]
+fn shutdown_right_after_start_always_stops_twenty_servers() {
+    for mode in MODES {
+        let runs: Vec<_> = (0..20)
+            .map(|_| {
+                let s = TcpServer::builder(line_echo)
+                    .dispatch(mode)
+                    .bind("127.0.0.1:0")
+                    .unwrap();
+                let r = serve(s);
+                r.handle.shutdown();
+                r
+            })
+            .collect();
+        for r in runs {
+            assert!(
+                eventually(Duration::from_secs(5), || r.is_finished()),
+                "{mode:?}: serve_forever did not stop"
+            );
+        }
+    }
+}
+
+#[test]
+fn shutdown_before_serve_forever_returns_at_once_and_server_can_serve_again() {
+    let server = TcpServer::bind("127.0.0.1:0", line_echo).unwrap();
+    server.shutdown();
+    let t = Instant::now();
+    server.serve_forever();
+    assert!(t.elapsed() < Duration::from_secs(1));
+    // The request was consumed: serving again works, as in Python.
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    three_round_trips(connect(&addr));
+    drop(running);
+}
+
+#[test]
+fn close_without_serving() {
+    let server = TcpServer::bind("127.0.0.1:0", line_echo).unwrap();
+    let addr = server.local_addr().inet().unwrap();
+    server.close();
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "listener still open after close"
+    );
+}
+
+#[test]
+fn failing_binds_leak_no_descriptor() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    // Warm up anything lazily opened (the logger, /proc), then count.
+    let _ = TcpServer::builder(line_echo)
+        .reuse_address(false)
+        .bind(addr);
+    let before = util::open_fds();
+    for _ in 0..1024 {
+        let e = TcpServer::builder(line_echo)
+            .reuse_address(false)
+            .bind(addr)
+            .unwrap_err();
+        assert!(e.is_bind(), "{e}");
+        assert_eq!(e.addr().and_then(|a| a.inet()), Some(addr), "{e}");
+    }
+    assert!(
+        util::open_fds() <= before,
+        "descriptors leaked: {before} -> {}",
+        util::open_fds()
+    );
+}
+
+#[test]
+fn drop_closes_the_listener_and_frees_the_port() {
+    let server = TcpServer::bind("127.0.0.1:0", line_echo).unwrap();
+    let addr = server.local_addr().inet().unwrap();
+    let running = serve(server);
+    drop(running);
+    assert!(TcpStream::connect(addr).is_err());
+    let again = TcpServer::bind(addr, line_echo).expect("rebind the freed port");
+    drop(again);
+}
+
+#[test]
+fn failing_and_panicking_handlers_are_reported_and_the_server_goes_on() {
+    for mode in MODES {
+        let reports = Arc::new(Mutex::new(Vec::new()));
+        let r = reports.clone();
+        let server = TcpServer::builder(|| {
+            FnHandler(|req: &mut Request| {
+                let mut b = [0u8; 1];
+                req.read_exact(&mut b)?;
+                match b[0] {
+                    b'e' => Err("boom".into()),
+                    b'p' => panic!("kaboom"),
+                    _ => {
+                        req.write_all(b"ok")?;
+                        Ok(())
+                    }
+                }
+            })
+        })
+        .dispatch(mode)
+        .handle_error(move |peer, f| {
+            let kind = match f {
+                HandlerFailure::Error(e) => format!("error {e}"),
+                HandlerFailure::Panic(m) => format!("panic {m}"),
+                _ => "other".into(),
+            };
+            r.lock().unwrap().push((peer.clone(), kind));
+        })
+        .bind("127.0.0.1:0")
+        .unwrap();
+        let addr = server.local_addr().clone();
+        let running = serve(server);
+        for (byte, expect) in [(b'e', ""), (b'p', ""), (b'x', "ok")] {
+            let mut c = connect(&addr);
+            c.write_all(&[byte]).unwrap();
+            let got = util::read_to_eof(&mut c).unwrap();
+            assert_eq!(got, expect.as_bytes(), "{mode:?}");
+        }
+        let stats = running.handle.stats();
+        assert_eq!((stats.handler_errors, stats.panics), (1, 1), "{mode:?}");
+        let reports = reports.lock().unwrap();
+        let kinds: Vec<&str> = reports.iter().map(|(_, k)| k.as_str()).collect();
+        assert_eq!(kinds, ["error boom", "panic kaboom"], "{mode:?}");
+        assert!(
+            reports
+                .iter()
+                .all(|(p, _)| p.inet().unwrap().ip().is_loopback())
+        );
+    }
+}
+
+/// Records the order in which lifecycle methods ran.
+struct Lifecycle {
+    log: Arc<Mutex<Vec<&'static str>>>,
+    fail_setup: bool,
+    fail_handle: bool,
+}
+
+impl Handler for Lifecycle {
+    fn setup(&mut self, _: &mut Request) -> HandlerResult {
+        self.log.lock().unwrap().push("setup");
+        if self.fail_setup {
+            return Err("setup failed".into());
+        }
+        Ok(())
+    }
+    fn handle(&mut self, _: &mut Request) -> HandlerResult {
+        self.log.lock().unwrap().push("handle");
+        if self.fail_handle {
+            panic!("handle panicked");
+        }
+        Ok(())
+    }
+    fn finish(&mut self, _: &mut Request) -> HandlerResult {
+        self.log.lock().unwrap().push("finish");
+        Ok(())
+    }
+}
+
+#[test]
+fn finish_runs_after_a_failed_handle_but_not_after_a_failed_setup() {
+    for (fail_setup, fail_handle, expect) in [
+        (false, false, vec!["setup", "handle", "finish"]),
+        (false, true, vec!["setup", "handle", "finish"]),
+        (true, false, vec!["setup"]),
+    ] {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l = log.clone();
+        let server = TcpServer::builder(move || Lifecycle {
+            log: l.clone(),
+            fail_setup,
+            fail_handle,
+        })
+        .dispatch(Dispatch::Sync)
+        .bind("127.0.0.1:0")
+        .unwrap();
+        let addr = server.local_addr().clone();
+        let running = serve(server);
+        util::read_to_eof(connect(&addr)).unwrap();
+        drop(running);
+        assert_eq!(*log.lock().unwrap(), expect);
+    }
+}
+
+#[test]
+fn verify_request_false_closes_once_and_never_runs_the_handler() {
+    for mode in MODES {
+        let ran = Arc::new(AtomicUsize::new(0));
+        let asked = Arc::new(AtomicUsize::new(0));
+        let (r, a) = (ran.clone(), asked.clone());
+        let server = TcpServer::builder(move || {
+            let r = r.clone();
+            FnHandler(move |_: &mut Request| {
+                r.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+        })
+        .dispatch(mode)
+        .verify_request(move |peer| {
+            assert!(peer.inet().is_some());
+            a.fetch_add(1, Ordering::SeqCst);
+            false
+        })
+        .bind("127.0.0.1:0")
+        .unwrap();
+        let addr = server.local_addr().clone();
+        let running = serve(server);
+        let mut c = connect(&addr);
+        let mut buf = [0u8; 8];
+        assert_eq!(c.read(&mut buf).unwrap(), 0, "closed without a byte");
+        let server = running.stop();
+        assert_eq!(ran.load(Ordering::SeqCst), 0, "{mode:?}: handler ran");
+        assert_eq!(asked.load(Ordering::SeqCst), 1);
+        let s = server.stats();
+        assert_eq!((s.accepted, s.rejected, s.active), (1, 1, 0), "{mode:?}");
+    }
+}
+
+#[test]
+fn finished_threads_are_reaped() {
+    util::init_logs();
+    let server = TcpServer::builder(line_echo)
+        .dispatch(Dispatch::Thread)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let baseline = util::thread_count();
+    for _ in 0..500 {
+        let mut c = connect(&addr);
+        c.write_all(b"x\n").unwrap();
+        let mut l = String::new();
+        BufReader::new(&c).read_line(&mut l).unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || util::thread_count() <= baseline),
+        "threads not reaped: {baseline} before, {} after",
+        util::thread_count()
+    );
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .active
+        == 0));
+}
+
+#[test]
+fn shutdown_from_inside_a_handler_in_every_mode() {
+    for mode in MODES {
+        let server = TcpServer::builder(|| {
+            FnHandler(|req: &mut Request| {
+                req.server().shutdown();
+                req.write_all(b"bye")?;
+                Ok(())
+            })
+        })
+        .dispatch(mode)
+        .bind("127.0.0.1:0")
+        .unwrap();
+        let addr = server.local_addr().clone();
+        let (tx, rx) = mpsc::channel();
+        let t = std::thread::spawn(move || {
+            server.serve_forever();
+            tx.send(()).unwrap();
+            server
+        });
+        assert_eq!(util::read_to_eof(connect(&addr)).unwrap(), b"bye");
+        rx.recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("{mode:?}: serve_forever did not return"));
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn pool_back_pressure_leaves_the_excess_in_the_backlog() {
+    const N: usize = 3;
+    let gate = Arc::new(Barrier::new(N + 1));
+    let started = Arc::new(AtomicUsize::new(0));
+    let (g, s) = (gate.clone(), started.clone());
+    let server = TcpServer::builder(move || {
+        let (g, s) = (g.clone(), s.clone());
+        FnHandler(move |req: &mut Request| {
+            let n = s.fetch_add(1, Ordering::SeqCst);
+            if n < N {
+                g.wait(); // the first N block until the test lets them go
+            }
+            req.write_all(b"served")?;
+            Ok(())
+        })
+    })
+    .dispatch(Dispatch::Pool { workers: N })
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let busy: Vec<TcpStream> = (0..N).map(|_| connect(&addr)).collect();
+    assert!(eventually(Duration::from_secs(5), || started
+        .load(Ordering::SeqCst)
+        == N));
+    let mut extra = connect(&addr);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        N,
+        "connection N+1 was served while all workers were busy"
+    );
+    assert_eq!(
+        running.handle.stats().accepted,
+        N as u64,
+        "N+1 was accepted instead of left in the backlog"
+    );
+    gate.wait(); // free the workers
+    assert_eq!(util::read_to_eof(&mut extra).unwrap(), b"served");
+    for b in busy {
+        assert_eq!(util::read_to_eof(b).unwrap(), b"served");
+    }
+    assert_eq!(running.handle.stats().accepted, N as u64 + 1);
+}
+
+#[test]
+fn thread_mode_connection_cap_applies_back_pressure_too() {
+    let release = Arc::new(Barrier::new(2));
+    let r = release.clone();
+    let server = TcpServer::builder(move || {
+        let r = r.clone();
+        FnHandler(move |req: &mut Request| {
+            let mut b = [0u8; 1];
+            if req.read(&mut b)? == 1 && b[0] == b'w' {
+                r.wait();
+            }
+            req.write_all(b"done")?;
+            Ok(())
+        })
+    })
+    .max_connections(1)
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let mut first = connect(&addr);
+    first.write_all(b"w").unwrap();
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .active
+        == 1));
+    let mut second = connect(&addr);
+    second.write_all(b"x").unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(
+        running.handle.stats().accepted,
+        1,
+        "second connection accepted past the cap"
+    );
+    release.wait();
+    assert_eq!(util::read_to_eof(&mut first).unwrap(), b"done");
+    assert_eq!(util::read_to_eof(&mut second).unwrap(), b"done");
+}
+
+#[test]
+fn reject_when_full_sheds_connections_at_the_cap() {
+    let release = Arc::new(Barrier::new(2));
+    let r = release.clone();
+    let server = TcpServer::builder(move || {
+        let r = r.clone();
+        FnHandler(move |_: &mut Request| {
+            r.wait();
+            Ok(())
+        })
+    })
+    .max_connections(1)
+    .reject_when_full(true)
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let first = connect(&addr);
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .active
+        == 1));
+    let second = connect(&addr);
+    assert_eq!(
+        util::read_to_eof(second).unwrap(),
+        b"",
+        "shed connection closed at once"
+    );
+    assert_eq!(running.handle.stats().limit_rejected, 1);
+    release.wait();
+    util::read_to_eof(first).unwrap();
+}
+
+#[test]
+fn shutdown_latency_with_idle_connections_is_under_10ms() {
+    let mut samples = Vec::new();
+    for mode in MODES {
+        for _ in 0..3 {
+            let server = TcpServer::builder(line_echo)
+                .dispatch(mode)
+                .bind("127.0.0.1:0")
+                .unwrap();
+            let addr = server.local_addr().clone();
+            let handle = server.handle();
+            let (tx, rx) = mpsc::channel();
+            let t = std::thread::spawn(move || {
+                server.serve_forever();
+                tx.send(Instant::now()).unwrap();
+                server
+            });
+            // Idle clients, each with a live handler blocked reading. A sync server's only
+            // thread would be inside the first handler, and returns when that handler does (as in
+            // Python), so there the idle connections wait in the backlog instead.
+            let mut idle = Vec::new();
+            if mode != Dispatch::Sync {
+                idle = (0..3).map(|_| connect(&addr)).collect();
+                let mut probe = connect(&addr);
+                probe.write_all(b"ping\n").unwrap();
+                let mut l = String::new();
+                BufReader::new(&probe).read_line(&mut l).unwrap();
+                idle.push(probe);
+                assert!(eventually(Duration::from_secs(5), || handle.stats().active == 4));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            let asked = Instant::now();
+            handle.shutdown();
+            let returned = rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("serve_forever returned");
+            samples.push((mode, returned - asked));
+            drop(idle);
+            let server = t.join().unwrap();
+            drop(server);
+        }
+    }
+    eprintln!("shutdown latency: {samples:?}");
+    for mode in MODES {
+        let best = samples
+            .iter()
+            .filter(|(m, _)| *m == mode)
+            .map(|(_, d)| *d)
+            .min()
+            .unwrap();
+        assert!(
+            best < Duration::from_millis(10),
+            "{mode:?}: shutdown took {best:?}"
+        );
+    }
+}
+
+#[test]
+fn handle_request_serves_one_or_times_out_and_calls_handle_timeout() {
+    let timeouts = Arc::new(AtomicUsize::new(0));
+    let t = timeouts.clone();
+    let server = TcpServer::builder(line_echo)
+        .dispatch(Dispatch::Sync)
+        .handle_timeout(move || {
+            t.fetch_add(1, Ordering::SeqCst);
+        })
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let start = Instant::now();
+    assert!(!server.handle_request(Some(Duration::from_millis(50))));
+    assert!(start.elapsed() >= Duration::from_millis(50));
+    assert_eq!(timeouts.load(Ordering::SeqCst), 1);
+    let addr = server.local_addr().clone();
+    let client = std::thread::spawn(move || three_round_trips(connect(&addr)));
+    assert!(server.handle_request(Some(Duration::from_secs(10))));
+    client.join().unwrap();
+    assert_eq!(timeouts.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn service_actions_runs_every_poll_interval_while_idle() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let server = TcpServer::builder(line_echo)
+        .poll_interval(Duration::from_millis(10))
+        .service_actions(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+        })
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let running = serve(server);
+    assert!(eventually(Duration::from_secs(5), || calls
+        .load(Ordering::SeqCst)
+        >= 5));
+    drop(running);
+}
+
+#[test]
+fn serves_a_listener_bound_elsewhere() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = TcpServer::builder(line_echo)
+        .from_listener(listener)
+        .unwrap();
+    assert_eq!(server.local_addr().inet(), Some(addr));
+    let running = serve(server);
+    three_round_trips(connect(&socketserver::Addr::Inet(addr)));
+    drop(running);
+}
+
+#[test]
+fn close_blocks_on_in_flight_requests_unless_told_not_to() {
+    for block in [true, false] {
+        let (started_tx, started_rx) = mpsc::channel();
+        let finished = Arc::new(AtomicUsize::new(0));
+        let f = finished.clone();
+        let server = TcpServer::builder(move || {
+            let (tx, f) = (started_tx.clone(), f.clone());
+            FnHandler(move |_: &mut Request| {
+                tx.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+                f.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+        })
+        .block_on_close(block)
+        .bind("127.0.0.1:0")
+        .unwrap();
+        let addr = server.local_addr().clone();
+        let running = serve(server);
+        let _c = connect(&addr);
+        started_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let server = running.stop();
+        let t = Instant::now();
+        drop(server);
+        if block {
+            assert_eq!(
+                finished.load(Ordering::SeqCst),
+                1,
+                "close returned before the handler ended"
+            );
+        } else {
+            assert!(
+                t.elapsed() < Duration::from_millis(200),
+                "close blocked: {:?}",
+                t.elapsed()
+            );
+            assert!(eventually(Duration::from_secs(5), || finished
+                .load(Ordering::SeqCst)
+                == 1));
+        }
+    }
+}
+
+#[test]
+fn stream_request_handler_options_apply() {
+    use socketserver::{StreamHandler, StreamOptions, StreamRequest, StreamRequestHandler};
+    struct Buffered;
+    impl StreamHandler for Buffered {
+        fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+            assert!(s.stream().as_tcp().unwrap().nodelay().unwrap());
+            // Buffered: nothing reaches the client until finish flushes.
+            s.wfile.write_all(b"buffered reply")?;
+            let mut line = String::new();
+            match s.rfile.read_line(&mut line) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    Ok(())
+                }
+                other => Err(format!("expected a read timeout, got {other:?}").into()),
+            }
+        }
+    }
+    let server = TcpServer::builder(|| {
+        StreamRequestHandler::with_options(
+            Buffered,
+            StreamOptions {
+                wbufsize: 1024,
+                timeout: Some(Duration::from_millis(100)),
+                nodelay: true,
+                ..StreamOptions::default()
+            },
+        )
+    })
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let got = util::read_to_eof(connect(&addr)).unwrap();
+    assert_eq!(got, b"buffered reply");
+    assert_eq!(running.handle.stats().handler_errors, 0);
+}
+
+#[test]
+fn reuse_port_lets_two_servers_share_a_port() {
+    let a = TcpServer::builder(line_echo)
+        .reuse_port(true)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let port = a.local_addr().inet().unwrap().port();
+    let b = TcpServer::builder(line_echo)
+        .reuse_port(true)
+        .bind(("127.0.0.1", port))
+        .expect("second bind with SO_REUSEPORT");
+    assert_eq!(b.local_addr().inet().unwrap().port(), port);
+    let c = TcpServer::builder(line_echo)
+        .reuse_port(false)
+        .bind(("127.0.0.1", port));
+    assert!(c.is_err());
+    let _ = Ipv6Addr::LOCALHOST;
+}
