@@ -1,0 +1,464 @@
+//! `Auth`: the tutorial's HMAC challenge-response as server middleware and as a client, against
+//! itself, against real CPython, and against clients that misbehave.
+
+mod util;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use socketserver::{
+    Addr, Auth, CHALLENGE_LEN, Digest, Dispatch, HandlerResult, Request, TcpServer,
+    answer_challenge, connect_with_auth,
+};
+use util::{FnHandler, connect, eventually, serve};
+
+const KEY: &[u8] = b"alex_s";
+
+/// An echo server behind `auth`, counting how often a handler ran.
+fn echo_server(
+    auth: Auth,
+    mode: Dispatch,
+) -> (
+    util::Running<
+        socketserver::transport::Tcp<
+            FnHandler<impl FnMut(&mut Request) -> HandlerResult + Send + 'static>,
+        >,
+    >,
+    Addr,
+    Arc<AtomicUsize>,
+) {
+    util::init_logs();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    let server = TcpServer::builder(move || {
+        let r = r.clone();
+        FnHandler(move |req: &mut Request| {
+            r.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = req.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                req.write_all(&buf[..n])?;
+            }
+        })
+    })
+    .dispatch(mode)
+    .auth(auth)
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr().clone();
+    (serve(server), addr, ran)
+}
+
+fn read_challenge(s: &mut TcpStream) -> [u8; CHALLENGE_LEN] {
+    let mut c = [0u8; CHALLENGE_LEN];
+    s.read_exact(&mut c).unwrap();
+    c
+}
+
+fn hex_mac(digest: Digest, key: &[u8], challenge: &[u8]) -> String {
+    // Computed independently of the crate, with the hmac crate directly.
+    use hmac::{KeyInit, Mac};
+    let tag = match digest {
+        Digest::Md5 => {
+            let mut m = hmac::Hmac::<md5::Md5>::new_from_slice(key).unwrap();
+            m.update(challenge);
+            m.finalize().into_bytes().to_vec()
+        }
+        _ => {
+            let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+            m.update(challenge);
+            m.finalize().into_bytes().to_vec()
+        }
+    };
+    hex::encode(tag)
+}
+
+/// True if the server closed the connection (EOF or reset) within the read timeout.
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 16];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    }
+}
+
+#[test]
+fn right_key_echoes_in_every_mode_with_both_digests() {
+    for mode in [
+        Dispatch::Sync,
+        Dispatch::Thread,
+        Dispatch::Pool { workers: 2 },
+    ] {
+        for digest in [Digest::Md5, Digest::Sha256] {
+            let (running, addr, ran) = echo_server(Auth::hmac(KEY).digest(digest), mode);
+            let mut s = connect_with_auth(&addr, KEY, digest, Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"hello world\n").unwrap();
+            let mut got = [0u8; 12];
+            s.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"hello world\n");
+            drop(s);
+            let server = running.stop();
+            assert_eq!(ran.load(Ordering::SeqCst), 1, "{mode:?} {digest}");
+            assert_eq!(server.stats().auth_failures, 0);
+        }
+    }
+}
+
+#[test]
+fn wrong_key_never_reaches_the_handler_and_is_counted() {
+    for mode in [
+        Dispatch::Sync,
+        Dispatch::Thread,
+        Dispatch::Pool { workers: 2 },
+    ] {
+        let (running, addr, ran) = echo_server(Auth::hmac(KEY), mode);
+        let mut s =
+            connect_with_auth(&addr, b"wrong", Digest::Sha256, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(b"hello\n");
+        assert!(closed_by_server(&mut s), "{mode:?}: connection not closed");
+        assert!(eventually(Duration::from_secs(5), || running
+            .handle
+            .stats()
+            .auth_failures
+            == 1));
+        assert_eq!(ran.load(Ordering::SeqCst), 0, "{mode:?}: handler ran");
+        // A wrong digest (sha256 answer to an md5 server) is a failure too, and the server goes on.
+        let mut ok = connect_with_auth(&addr, KEY, Digest::Sha256, Duration::from_secs(5)).unwrap();
+        ok.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        ok.read_exact(&mut b).unwrap();
+        drop(ok);
+        drop(running);
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+    }
+}
+
+#[test]
+fn digest_and_data_in_one_write_reach_the_handler_whole() {
+    let (running, addr, _) = echo_server(Auth::hmac(KEY).digest(Digest::Md5), Dispatch::Thread);
+    let mut s = connect(&addr);
+    let challenge = read_challenge(&mut s);
+    let mut first = hex_mac(Digest::Md5, KEY, &challenge).into_bytes();
+    first.extend_from_slice(b"application bytes right after the digest");
+    s.write_all(&first).unwrap();
+    let mut got = vec![0u8; 40];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(got, b"application bytes right after the digest");
+    drop(s); // close joins in-flight handlers (block_on_close): hang up first
+    drop(running);
+}
+
+#[test]
+fn a_replayed_digest_is_rejected() {
+    let (running, addr, ran) = echo_server(Auth::hmac(KEY), Dispatch::Thread);
+    let mut first = connect(&addr);
+    let c1 = read_challenge(&mut first);
+    let captured = hex_mac(Digest::Sha256, KEY, &c1);
+    first.write_all(captured.as_bytes()).unwrap();
+    first.write_all(b"1").unwrap();
+    let mut b = [0u8; 1];
+    first.read_exact(&mut b).unwrap();
+
+    let mut second = connect(&addr);
+    let c2 = read_challenge(&mut second);
+    assert_ne!(c1, c2, "challenges must be fresh");
+    second.write_all(captured.as_bytes()).unwrap();
+    assert!(closed_by_server(&mut second));
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .auth_failures
+        == 1));
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        1,
+        "only the first session reached the handler"
+    );
+}
+
+#[test]
+fn malformed_answers_are_rejected_cleanly() {
+    let (running, addr, ran) = echo_server(Auth::hmac(KEY), Dispatch::Pool { workers: 2 });
+    let cases: [(&str, Vec<u8>, bool); 4] = [
+        ("truncated digest", b"0123456789abcdef".to_vec(), true),
+        ("non-hex garbage", vec![b'z'; 64], false),
+        ("over-long reply", vec![b'A'; 500], false),
+        ("uppercase of a wrong digest", vec![b'F'; 64], false),
+    ];
+    for (i, (what, reply, half_close)) in cases.iter().enumerate() {
+        let mut s = connect(&addr);
+        read_challenge(&mut s);
+        s.write_all(reply).unwrap();
+        if *half_close {
+            s.shutdown(Shutdown::Write).unwrap();
+        }
+        assert!(closed_by_server(&mut s), "{what}: not closed");
+        assert!(
+            eventually(Duration::from_secs(5), || running
+                .handle
+                .stats()
+                .auth_failures
+                == i as u64 + 1),
+            "{what}: not counted"
+        );
+    }
+    assert_eq!(ran.load(Ordering::SeqCst), 0);
+    // Still serving honest clients.
+    let mut ok = connect_with_auth(&addr, KEY, Digest::Sha256, Duration::from_secs(5)).unwrap();
+    ok.write_all(b"k").unwrap();
+    let mut b = [0u8; 1];
+    ok.read_exact(&mut b).unwrap();
+}
+
+#[test]
+fn a_silent_or_trickling_client_times_out() {
+    let timeout = Duration::from_millis(300);
+    let (running, addr, ran) =
+        echo_server(Auth::hmac(KEY).handshake_timeout(timeout), Dispatch::Thread);
+    let mut silent = connect(&addr);
+    read_challenge(&mut silent);
+    let t = Instant::now();
+    assert!(closed_by_server(&mut silent));
+    let waited = t.elapsed();
+    assert!(
+        waited >= timeout - Duration::from_millis(50) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+
+    // One hex character every 100 ms never completes: the deadline covers the whole handshake.
+    let mut trickle = connect(&addr);
+    read_challenge(&mut trickle);
+    let t = Instant::now();
+    let mut closed = false;
+    for _ in 0..64 {
+        if trickle.write_all(b"a").is_err() {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        if t.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+    }
+    assert!(
+        closed || closed_by_server(&mut trickle),
+        "trickling client not cut"
+    );
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .handshake_timeouts
+        == 2));
+    assert_eq!(ran.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn silent_clients_at_the_cap_do_not_starve_an_honest_one() {
+    const K: usize = 3;
+    let timeout = Duration::from_secs(3);
+    for mode in [Dispatch::Thread, Dispatch::Pool { workers: 4 }] {
+        let (running, addr, ran) = echo_server(
+            Auth::hmac(KEY).handshake_timeout(timeout).max_pending(K),
+            mode,
+        );
+        let silent: Vec<TcpStream> = (0..K)
+            .map(|_| {
+                let mut s = connect(&addr);
+                read_challenge(&mut s);
+                s
+            })
+            .collect();
+        let t = Instant::now();
+        let mut honest =
+            connect_with_auth(&addr, KEY, Digest::Sha256, Duration::from_secs(10)).unwrap();
+        honest
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        honest.write_all(b"still served").unwrap();
+        let mut got = [0u8; 12];
+        honest.read_exact(&mut got).unwrap();
+        let took = t.elapsed();
+        eprintln!("{mode:?}: honest client served in {took:?} with {K} silent clients at the cap");
+        assert!(took < timeout, "{mode:?}: took {took:?}");
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+        assert!(running.handle.stats().handshake_evictions >= 1);
+        drop(silent);
+    }
+}
+
+#[test]
+fn an_empty_key_is_rejected_when_the_server_is_built() {
+    let e = TcpServer::builder(util::line_echo)
+        .auth(Auth::hmac(Vec::new()))
+        .bind("127.0.0.1:0")
+        .unwrap_err();
+    assert!(e.is_config(), "{e}");
+    let mut s = std::io::Cursor::new(vec![0u8; 32]);
+    assert!(
+        answer_challenge(&mut s, b"", Digest::Md5)
+            .unwrap_err()
+            .is_config()
+    );
+}
+
+#[test]
+fn client_errors_are_typed() {
+    // Refused: nobody listens.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let free = l.local_addr().unwrap();
+    drop(l);
+    let e = connect_with_auth(free, KEY, Digest::Md5, Duration::from_secs(2)).unwrap_err();
+    assert!(e.is_refused(), "{e}");
+    assert_eq!(e.addr().and_then(Addr::inet), Some(free));
+
+    // Refused: the server closes before the challenge.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let closer = std::thread::spawn(move || drop(l.accept().unwrap()));
+    let e = connect_with_auth(addr, KEY, Digest::Md5, Duration::from_secs(2)).unwrap_err();
+    assert!(e.is_refused(), "{e}");
+    closer.join().unwrap();
+
+    // Timed out: the server never sends a challenge.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = Instant::now();
+    let e = connect_with_auth(addr, KEY, Digest::Md5, Duration::from_millis(200)).unwrap_err();
+    assert!(e.is_timeout(), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert!(e.to_string().contains(&addr.to_string()), "{e}");
+}
+
+const PY_TUTORIAL_CLIENT: &str = r#"
+import hmac, socket, sys
+port, key, digest = int(sys.argv[1]), sys.argv[2].encode(), sys.argv[3]
+sk = socket.socket()
+sk.settimeout(10)
+sk.connect(('127.0.0.1', port))
+msg = b''
+while len(msg) < 32:              # the tutorial's sk.recv(32), made robust
+    chunk = sk.recv(32 - len(msg))
+    if not chunk:
+        break
+    msg += chunk
+res = hmac.new(key, msg, digest).hexdigest()
+sk.send(res.encode('utf-8'))
+try:
+    sk.sendall(b'hello from python\n')
+    data = sk.recv(1024)
+except ConnectionResetError:
+    data = b''
+print('REPLY', data)
+sk.close()
+"#;
+
+#[test]
+fn python_tutorial_client_against_our_server() {
+    let Some(py) = util::python3() else { return };
+    for digest in [Digest::Md5, Digest::Sha256] {
+        let (running, addr, ran) = echo_server(Auth::hmac(KEY).digest(digest), Dispatch::Thread);
+        let port = addr.inet().unwrap().port().to_string();
+        let key = std::str::from_utf8(KEY).unwrap();
+        let out = py.run(
+            PY_TUTORIAL_CLIENT,
+            &[&port, key, digest.name()],
+            Duration::from_secs(20),
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("REPLY b'hello from python\\n'"),
+            "{digest}: {stdout}"
+        );
+        let out = py.run(
+            PY_TUTORIAL_CLIENT,
+            &[&port, "not-the-key", digest.name()],
+            Duration::from_secs(20),
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("REPLY b''"),
+            "{digest}: wrong key was answered: {stdout}"
+        );
+        assert!(eventually(Duration::from_secs(5), || running
+            .handle
+            .stats()
+            .auth_failures
+            == 1));
+        assert_eq!(ran.load(Ordering::SeqCst), 1, "{digest}");
+    }
+}
+
+const PY_TUTORIAL_SERVER: &str = r#"
+import hmac, os, socket, sys
+key, digest = sys.argv[1].encode(), sys.argv[2]
+sk = socket.socket()
+sk.bind(('127.0.0.1', 0))
+sk.listen()
+sk.settimeout(10)
+print(sk.getsockname()[1], flush=True)
+conn, addr = sk.accept()
+conn.settimeout(10)
+msg = os.urandom(32)
+conn.send(msg)
+result = hmac.new(key, msg, digest)
+# The tutorial reads recv(1024), which can swallow what the client sends after the digest;
+# read exactly the digest's length instead.
+client_digest = conn.recv(len(result.hexdigest()))
+if hmac.compare_digest(result.hexdigest(), client_digest.decode('utf-8', 'replace')):
+    print('LEGAL', flush=True)
+    conn.sendall(conn.recv(1024))
+else:
+    print('ILLEGAL', flush=True)
+conn.close()
+sk.close()
+"#;
+
+#[test]
+fn our_client_against_a_python_tutorial_server() {
+    let Some(py) = util::python3() else { return };
+    for digest in [Digest::Md5, Digest::Sha256] {
+        for (key, legal) in [(KEY, true), (&b"wrong key"[..], false)] {
+            let mut child = py.spawn(PY_TUTORIAL_SERVER, &["alex_s", digest.name()]);
+            let mut out = BufReader::new(child.stdout.take().unwrap());
+            let mut port = String::new();
+            out.read_line(&mut port).unwrap();
+            let port: u16 = port.trim().parse().expect("python printed its port");
+            let result = (|| {
+                let mut s =
+                    connect_with_auth(("127.0.0.1", port), key, digest, Duration::from_secs(5))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(b"ping")?;
+                let mut got = Vec::new();
+                s.read_to_end(&mut got)?;
+                Ok::<_, socketserver::Error>(got)
+            })();
+            let mut verdict = String::new();
+            out.read_line(&mut verdict).unwrap();
+            let status = child.wait().unwrap();
+            assert!(status.success());
+            if legal {
+                assert_eq!(verdict.trim(), "LEGAL", "{digest}");
+                assert_eq!(result.unwrap(), b"ping");
+            } else {
+                assert_eq!(verdict.trim(), "ILLEGAL", "{digest}");
+                // No acknowledgement in this protocol: the refusal shows as end-of-file.
+                assert!(result.map_or(true, |got| got.is_empty()));
+            }
+        }
+    }
+}
