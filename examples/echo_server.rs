@@ -44,12 +44,7 @@ fn main() {
         builder = builder.auth(Auth::hmac(key.as_bytes().to_vec()).digest(digest));
         log::info!("clients must authenticate with HMAC-{digest}");
     }
-    let server = builder
-        .bind(addr)
-        .unwrap_or_else(|e| common::fail(USAGE, &e.to_string()));
-    let handle = server.handle();
-    common::stop_on_signal(&handle);
-    log::info!("echo server on {} ({dispatch:?})", server.local_addr());
-    server.serve_forever();
-    common::drain(&handle, Duration::from_secs(5));
+    let server = builder.bind(addr);
+    log::info!("dispatch: {dispatch:?}");
+    common::serve(server, USAGE, "echo server", Duration::from_secs(5));
 }

@@ -45,12 +45,6 @@ fn main() {
         let digest = args.digest(Digest::Md5);
         builder = builder.auth(Auth::hmac(key.as_bytes().to_vec()).digest(digest));
     }
-    let server = builder
-        .bind(args.get_or("addr", "127.0.0.1:9000"))
-        .unwrap_or_else(|e| common::fail(USAGE, &e.to_string()));
-    let handle = server.handle();
-    common::stop_on_signal(&handle);
-    log::info!("hello server on {}", server.local_addr());
-    server.serve_forever();
-    common::drain(&handle, Duration::from_secs(2));
+    let server = builder.bind(args.get_or("addr", "127.0.0.1:9000"));
+    common::serve(server, USAGE, "hello server", Duration::from_secs(2));
 }

@@ -124,3 +124,18 @@ pub fn drain(handle: &ServerHandle, grace: Duration) {
     );
     log::info!("stats: {:?}", handle.stats());
 }
+
+/// Serves until Ctrl-C or SIGTERM, then drains for up to `grace`.
+pub fn serve<T: socketserver::transport::Transport>(
+    server: socketserver::Result<socketserver::Server<T>>,
+    usage: &str,
+    what: &str,
+    grace: Duration,
+) {
+    let server = server.unwrap_or_else(|e| fail(usage, &e.to_string()));
+    let handle = server.handle();
+    stop_on_signal(&handle);
+    log::info!("{what} on {}", server.local_addr());
+    server.serve_forever();
+    drain(&handle, grace);
+}

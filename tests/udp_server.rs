@@ -1,0 +1,238 @@
+//! `UdpServer`: CPython's UDP echo cases, oversized datagrams, the empty-reply decision.
+
+mod util;
+
+use std::net::UdpSocket;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use socketserver::{Addr, DatagramHandler, DatagramRequest, Dispatch, HandlerResult, UdpServer};
+use util::{eventually, serve};
+
+const MODES: [Dispatch; 3] = [
+    Dispatch::Sync,
+    Dispatch::Thread,
+    Dispatch::Pool { workers: 4 },
+];
+
+struct Echo(Arc<AtomicUsize>);
+
+impl DatagramHandler for Echo {
+    fn handle(&mut self, req: &mut DatagramRequest) -> HandlerResult {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        match req.packet() {
+            b"shutdown" => req.server().shutdown(),
+            b"silent" => {}
+            p => {
+                let p = p.to_vec();
+                req.wfile.extend_from_slice(&p);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn client_for(server: &Addr) -> UdpSocket {
+    let bind = if server.inet().unwrap().is_ipv6() {
+        "[::1]:0"
+    } else {
+        "127.0.0.1:0"
+    };
+    let c = UdpSocket::bind(bind).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.connect(server.inet().unwrap()).unwrap();
+    c
+}
+
+fn round_trip(c: &UdpSocket, msg: &[u8]) -> Vec<u8> {
+    c.send(msg).unwrap();
+    let mut buf = [0u8; 9000];
+    let n = c.recv(&mut buf).expect("reply");
+    buf[..n].to_vec()
+}
+
+#[test]
+fn three_round_trips_in_every_mode_v4_and_v6() {
+    util::init_logs();
+    for mode in MODES {
+        for host in ["127.0.0.1:0", "[::1]:0"] {
+            let ran = Arc::new(AtomicUsize::new(0));
+            let r = ran.clone();
+            let server = match UdpServer::builder(move || Echo(r.clone()))
+                .dispatch(mode)
+                .bind(host)
+            {
+                Ok(s) => s,
+                Err(e) if host.starts_with('[') => {
+                    eprintln!("SKIPPED: IPv6 loopback unavailable: {e}");
+                    continue;
+                }
+                Err(e) => panic!("{e}"),
+            };
+            let addr = server.local_addr().clone();
+            assert_ne!(addr.inet().unwrap().port(), 0);
+            let running = serve(server);
+            let c = client_for(&addr);
+            for _ in 0..3 {
+                assert_eq!(round_trip(&c, b"hello world\n"), b"hello world\n");
+            }
+            let server = running.stop();
+            assert_eq!(ran.load(Ordering::SeqCst), 3, "{mode:?}");
+            assert_eq!(server.stats().accepted, 3);
+            let port = addr.inet().unwrap();
+            drop(server);
+            // Closed: the port can be bound again.
+            UdpSocket::bind(port).expect("port released on close");
+        }
+    }
+}
+
+#[test]
+fn shutdown_from_inside_a_handler_in_every_mode() {
+    for mode in MODES {
+        let server = UdpServer::builder(|| Echo(Arc::default()))
+            .dispatch(mode)
+            .bind("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr().clone();
+        let running = serve(server);
+        client_for(&addr).send(b"shutdown").unwrap();
+        assert!(
+            eventually(Duration::from_secs(5), || running.is_finished()),
+            "{mode:?}"
+        );
+    }
+}
+
+#[test]
+fn oversized_datagrams_are_reported_not_truncated() {
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    let server = UdpServer::builder(move || Echo(r.clone()))
+        .max_packet_size(100)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let c = client_for(&addr);
+    c.send(&[b'x'; 101]).unwrap();
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .oversized_datagrams
+        == 1));
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        0,
+        "handler saw a truncated datagram"
+    );
+    // Exactly the maximum is served whole.
+    assert_eq!(round_trip(&c, &[b'y'; 100]), vec![b'y'; 100]);
+}
+
+#[test]
+fn empty_replies_are_not_sent_unless_asked_for() {
+    for send_empty in [false, true] {
+        let server = UdpServer::builder(|| Echo(Arc::default()))
+            .send_empty_reply(send_empty)
+            .bind("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr().clone();
+        let running = serve(server);
+        let c = client_for(&addr);
+        c.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        c.send(b"silent").unwrap();
+        let mut buf = [0u8; 16];
+        match c.recv(&mut buf) {
+            Ok(n) => assert!(send_empty && n == 0, "unexpected reply of {n} bytes"),
+            Err(e) => assert!(!send_empty, "expected an empty reply, got {e}"),
+        }
+        // The server is still answering.
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(round_trip(&c, b"next"), b"next");
+        drop(running);
+    }
+}
+
+#[test]
+fn handler_errors_are_counted_and_no_reply_is_sent() {
+    struct Fails;
+    impl DatagramHandler for Fails {
+        fn handle(&mut self, req: &mut DatagramRequest) -> HandlerResult {
+            req.wfile.extend_from_slice(b"partial");
+            if req.packet() == b"panic" {
+                panic!("datagram handler panicked");
+            }
+            Err("failed".into())
+        }
+    }
+    let server = UdpServer::builder(|| Fails).bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let c = client_for(&addr);
+    c.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    c.send(b"error").unwrap();
+    c.send(b"panic").unwrap();
+    assert!(eventually(Duration::from_secs(5), || {
+        let s = running.handle.stats();
+        s.handler_errors == 1 && s.panics == 1
+    }));
+    let mut buf = [0u8; 16];
+    assert!(
+        c.recv(&mut buf).is_err(),
+        "a failed handler's partial reply was sent"
+    );
+}
+
+#[test]
+fn verify_request_drops_datagrams_from_unwanted_peers() {
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    let server = UdpServer::builder(move || Echo(r.clone()))
+        .verify_request(|_| false)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    client_for(&addr).send(b"hello").unwrap();
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .rejected
+        == 1));
+    assert_eq!(ran.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn python_client_talks_to_the_udp_server() {
+    let Some(py) = util::python3() else { return };
+    let server = UdpServer::builder(|| Echo(Arc::default()))
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let port = server.local_addr().inet().unwrap().port().to_string();
+    let running = serve(server);
+    let out = py.run(
+        r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+for _ in range(3):
+    s.sendto(b"hello world\n", ("127.0.0.1", int(sys.argv[1])))
+    data, _ = s.recvfrom(8192)
+    assert data == b"hello world\n", data
+print("OK")
+"#,
+        &[&port],
+        Duration::from_secs(20),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    drop(running);
+}

@@ -1,0 +1,176 @@
+//! `UnixDatagramServer`: CPython's Unix-datagram echo cases; clients bind their own path.
+
+mod util;
+
+use std::os::unix::net::UnixDatagram;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use socketserver::{DatagramHandler, DatagramRequest, Dispatch, HandlerResult, UnixDatagramServer};
+use util::{eventually, serve, sock_path};
+
+const MODES: [Dispatch; 3] = [
+    Dispatch::Sync,
+    Dispatch::Thread,
+    Dispatch::Pool { workers: 4 },
+];
+
+struct Echo(Arc<AtomicUsize>);
+
+impl DatagramHandler for Echo {
+    fn handle(&mut self, req: &mut DatagramRequest) -> HandlerResult {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        if req.packet() == b"shutdown" {
+            req.server().shutdown();
+        }
+        let p = req.packet().to_vec();
+        req.wfile.extend_from_slice(&p);
+        Ok(())
+    }
+}
+
+/// A client bound to its own path, as Unix datagram clients must be to get replies.
+struct Client {
+    sock: UnixDatagram,
+    path: std::path::PathBuf,
+}
+
+impl Client {
+    fn new(server: &std::path::Path) -> Client {
+        let path = sock_path("dgram-client");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        sock.connect(server).unwrap();
+        Client { sock, path }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[test]
+fn three_round_trips_in_every_mode_and_the_file_goes_on_close() {
+    util::init_logs();
+    for mode in MODES {
+        let path = sock_path("dgram");
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        let server = UnixDatagramServer::builder(move || Echo(r.clone()))
+            .dispatch(mode)
+            .bind(&path)
+            .unwrap();
+        assert_eq!(server.local_addr().path(), Some(path.as_path()));
+        let running = serve(server);
+        let c = Client::new(&path);
+        let mut buf = [0u8; 64];
+        for _ in 0..3 {
+            c.sock.send(b"hello world\n").unwrap();
+            let n = c.sock.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], b"hello world\n");
+        }
+        let server = running.stop();
+        assert_eq!(ran.load(Ordering::SeqCst), 3);
+        drop(server);
+        assert!(!path.exists(), "{mode:?}: socket file left behind");
+    }
+}
+
+#[test]
+fn shutdown_from_inside_a_handler_in_every_mode() {
+    for mode in MODES {
+        let path = sock_path("dgram-stop");
+        let server = UnixDatagramServer::builder(|| Echo(Arc::default()))
+            .dispatch(mode)
+            .bind(&path)
+            .unwrap();
+        let running = serve(server);
+        Client::new(&path).sock.send(b"shutdown").unwrap();
+        assert!(
+            eventually(Duration::from_secs(5), || running.is_finished()),
+            "{mode:?}"
+        );
+    }
+}
+
+#[test]
+fn an_unbound_client_is_served_but_cannot_be_answered_and_the_server_goes_on() {
+    let path = sock_path("dgram-unbound");
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    let server = UnixDatagramServer::builder(move || Echo(r.clone()))
+        .bind(&path)
+        .unwrap();
+    let running = serve(server);
+    let unbound = UnixDatagram::unbound().unwrap();
+    unbound.send_to(b"no return address", &path).unwrap();
+    assert!(eventually(Duration::from_secs(5), || ran
+        .load(Ordering::SeqCst)
+        == 1));
+    let c = Client::new(&path);
+    c.sock.send(b"ping").unwrap();
+    let mut buf = [0u8; 8];
+    let n = c.sock.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"ping");
+    drop(running);
+}
+
+#[test]
+fn oversized_datagrams_are_reported() {
+    let path = sock_path("dgram-big");
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    let server = UnixDatagramServer::builder(move || Echo(r.clone()))
+        .max_packet_size(64)
+        .bind(&path)
+        .unwrap();
+    let running = serve(server);
+    let c = Client::new(&path);
+    c.sock.send(&[0u8; 65]).unwrap();
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .oversized_datagrams
+        == 1));
+    assert_eq!(ran.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn python_client_talks_to_the_unix_datagram_server() {
+    let Some(py) = util::python3() else { return };
+    let path = sock_path("dgram-py");
+    let client_path = sock_path("dgram-py-client");
+    let server = UnixDatagramServer::builder(|| Echo(Arc::default()))
+        .bind(&path)
+        .unwrap();
+    let running = serve(server);
+    let out = py.run(
+        r#"
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.bind(sys.argv[2])
+try:
+    for _ in range(3):
+        s.sendto(b"hello world\n", sys.argv[1])
+        data = s.recv(8192)
+        assert data == b"hello world\n", data
+    print("OK")
+finally:
+    os.unlink(sys.argv[2])
+"#,
+        &[path.to_str().unwrap(), client_path.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    drop(running);
+    assert!(!path.exists());
+}

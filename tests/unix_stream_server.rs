@@ -1,0 +1,221 @@
+//! `UnixStreamServer`: CPython's Unix-stream echo cases, socket file lifecycle, peer
+//! credentials, and authentication over a Unix socket.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use socketserver::{
+    Auth, Digest, Dispatch, HandlerResult, Request, UnixStreamServer, answer_challenge,
+};
+use util::{FnHandler, eventually, line_echo, serve, sock_path, three_round_trips};
+
+const MODES: [Dispatch; 3] = [
+    Dispatch::Sync,
+    Dispatch::Thread,
+    Dispatch::Pool { workers: 4 },
+];
+
+fn connect(path: &std::path::Path) -> UnixStream {
+    let s = UnixStream::connect(path).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+#[test]
+fn three_round_trips_in_every_mode_and_the_file_goes_on_close() {
+    util::init_logs();
+    for mode in MODES {
+        let path = sock_path("stream");
+        let server = UnixStreamServer::builder(line_echo)
+            .dispatch(mode)
+            .bind(&path)
+            .unwrap();
+        assert_eq!(server.local_addr().path(), Some(path.as_path()));
+        let running = serve(server);
+        three_round_trips(connect(&path));
+        three_round_trips(connect(&path));
+        let server = running.stop();
+        assert_eq!(server.stats().accepted, 2);
+        assert!(path.exists());
+        drop(server);
+        assert!(!path.exists(), "{mode:?}: socket file left behind");
+    }
+}
+
+#[test]
+fn shutdown_from_inside_a_handler_in_every_mode() {
+    for mode in MODES {
+        let path = sock_path("stop");
+        let server = UnixStreamServer::builder(|| {
+            FnHandler(|req: &mut Request| {
+                req.server().shutdown();
+                Ok(())
+            })
+        })
+        .dispatch(mode)
+        .bind(&path)
+        .unwrap();
+        let running = serve(server);
+        util::read_to_eof(connect(&path)).unwrap();
+        assert!(
+            eventually(Duration::from_secs(5), || running.is_finished()),
+            "{mode:?}"
+        );
+    }
+}
+
+#[test]
+fn a_stale_socket_file_is_replaced_only_when_asked_and_only_if_dead() {
+    let path = sock_path("stale");
+    // A crashed run: the listener is gone but its file remains (std does not unlink).
+    drop(UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let e = UnixStreamServer::bind(&path, line_echo).unwrap_err();
+    assert!(e.is_bind(), "{e}");
+    assert_eq!(e.addr().and_then(|a| a.path()), Some(path.as_path()));
+    let server = UnixStreamServer::builder(line_echo)
+        .replace_stale(true)
+        .bind(&path)
+        .unwrap();
+    let running = serve(server);
+    three_round_trips(connect(&path));
+
+    // A live server's socket is never taken over.
+    let e = UnixStreamServer::builder(line_echo)
+        .replace_stale(true)
+        .bind(&path)
+        .unwrap_err();
+    assert!(e.to_string().contains("still listening"), "{e}");
+    three_round_trips(connect(&path));
+    drop(running);
+
+    // Nor is a file that is not a socket.
+    let file = sock_path("plain");
+    std::fs::write(&file, b"data").unwrap();
+    assert!(
+        UnixStreamServer::builder(line_echo)
+            .replace_stale(true)
+            .bind(&file)
+            .is_err()
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"data");
+    std::fs::remove_file(&file).unwrap();
+}
+
+#[test]
+fn close_removes_only_its_own_socket_file() {
+    let path = sock_path("own");
+    let first = UnixStreamServer::bind(&path, line_echo).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let second = UnixStreamServer::bind(&path, line_echo).unwrap();
+    drop(first);
+    assert!(
+        path.exists(),
+        "closing the first server removed the second one's socket"
+    );
+    drop(second);
+    assert!(!path.exists());
+}
+
+#[test]
+fn handlers_see_peer_credentials() {
+    let path = sock_path("cred");
+    let seen = Arc::new(Mutex::new(None));
+    let s = seen.clone();
+    let server = UnixStreamServer::builder(move || {
+        let s = s.clone();
+        FnHandler(move |req: &mut Request| {
+            *s.lock().unwrap() = req.peer_credentials();
+            Ok(())
+        })
+    })
+    .bind(&path)
+    .unwrap();
+    let running = serve(server);
+    util::read_to_eof(connect(&path)).unwrap();
+    drop(running);
+    let cred = seen.lock().unwrap().expect("credentials on Linux");
+    assert_eq!(cred.pid as u32, std::process::id());
+    assert_eq!(cred.uid, rustix::process::getuid().as_raw());
+    assert_eq!(cred.gid, rustix::process::getgid().as_raw());
+}
+
+#[test]
+fn auth_works_over_a_unix_stream() {
+    let path = sock_path("auth");
+    let server = UnixStreamServer::builder(line_echo)
+        .auth(Auth::hmac(b"unix-key".to_vec()).digest(Digest::Md5))
+        .bind(&path)
+        .unwrap();
+    let running = serve(server);
+    let mut good = connect(&path);
+    answer_challenge(&mut good, b"unix-key", Digest::Md5).unwrap();
+    three_round_trips(&mut good);
+
+    let mut bad = connect(&path);
+    answer_challenge(&mut bad, b"other", Digest::Md5).unwrap();
+    let _ = bad.write_all(b"hello\n");
+    let mut b = [0u8; 8];
+    assert!(
+        matches!(bad.read(&mut b), Ok(0) | Err(_)),
+        "rejected client got data"
+    );
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .auth_failures
+        == 1));
+    drop(good);
+}
+
+#[test]
+fn python_client_talks_to_the_unix_stream_server() {
+    let Some(py) = util::python3() else { return };
+    let path = sock_path("py");
+    let server = UnixStreamServer::bind(&path, line_echo).unwrap();
+    let running = serve(server);
+    let out = py.run(
+        r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(5)
+s.connect(sys.argv[1])
+f = s.makefile("rwb")
+for _ in range(3):
+    f.write(b"hello world\n"); f.flush()
+    assert f.readline() == b"hello world\n"
+print("OK")
+"#,
+        &[path.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    drop(running);
+    assert!(!path.exists());
+}
+
+#[test]
+fn handler_result_type_is_shared_with_tcp() {
+    // The same handler type serves TCP and Unix streams.
+    fn both<H: socketserver::Handler>(f: impl Fn() -> H + Send + Sync + Clone + 'static) {
+        let tcp = socketserver::TcpServer::bind("127.0.0.1:0", f.clone()).unwrap();
+        let path = sock_path("both");
+        let unix = UnixStreamServer::bind(&path, f).unwrap();
+        let (t, u) = (tcp.local_addr().clone(), serve(unix));
+        let t_running = serve(tcp);
+        three_round_trips(util::connect(&t));
+        three_round_trips(connect(&path));
+        drop((t_running, u));
+    }
+    both(line_echo);
+    let _: fn() -> HandlerResult = || Ok(());
+}
