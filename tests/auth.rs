@@ -9,48 +9,45 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use socketserver::transport::Tcp;
 use socketserver::{
-    Addr, Auth, CHALLENGE_LEN, Digest, Dispatch, HandlerResult, Request, TcpServer,
+    Addr, Auth, CHALLENGE_LEN, Digest, Dispatch, Handler, HandlerResult, Request, TcpServer,
     answer_challenge, connect_with_auth,
 };
-use util::{FnHandler, connect, eventually, serve};
+use util::{connect, eventually, serve};
 
 const KEY: &[u8] = b"alex_s";
 
-/// An echo server behind `auth`, counting how often a handler ran.
+/// Echoes bytes, counting how often a handler ran.
+struct CountingEcho(Arc<AtomicUsize>);
+
+impl Handler for CountingEcho {
+    fn handle(&mut self, req: &mut Request) -> HandlerResult {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = req.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            req.write_all(&buf[..n])?;
+        }
+    }
+}
+
+/// An echo server behind `auth`, and the count of handlers that ran.
 fn echo_server(
     auth: Auth,
     mode: Dispatch,
-) -> (
-    util::Running<
-        socketserver::transport::Tcp<
-            FnHandler<impl FnMut(&mut Request) -> HandlerResult + Send + 'static>,
-        >,
-    >,
-    Addr,
-    Arc<AtomicUsize>,
-) {
+) -> (util::Running<Tcp<CountingEcho>>, Addr, Arc<AtomicUsize>) {
     util::init_logs();
     let ran = Arc::new(AtomicUsize::new(0));
     let r = ran.clone();
-    let server = TcpServer::builder(move || {
-        let r = r.clone();
-        FnHandler(move |req: &mut Request| {
-            r.fetch_add(1, Ordering::SeqCst);
-            let mut buf = [0u8; 4096];
-            loop {
-                let n = req.read(&mut buf)?;
-                if n == 0 {
-                    return Ok(());
-                }
-                req.write_all(&buf[..n])?;
-            }
-        })
-    })
-    .dispatch(mode)
-    .auth(auth)
-    .bind("127.0.0.1:0")
-    .unwrap();
+    let server = TcpServer::builder(move || CountingEcho(r.clone()))
+        .dispatch(mode)
+        .auth(auth)
+        .bind("127.0.0.1:0")
+        .unwrap();
     let addr = server.local_addr().clone();
     (serve(server), addr, ran)
 }
