@@ -171,6 +171,15 @@ impl Error {
         self.inner.kind == Kind::Io
     }
 
+    /// The peer closed the connection cleanly where a message would have started (Python's
+    /// `EOFError`): an [`is_io`](Self::is_io) error of kind `UnexpectedEof`.
+    pub fn is_eof(&self) -> bool {
+        self.is_io()
+            && self
+                .io_error()
+                .is_some_and(|e| e.kind() == io::ErrorKind::UnexpectedEof)
+    }
+
     /// The underlying I/O error, if there is one.
     pub fn io_error(&self) -> Option<&io::Error> {
         self.inner.source.as_ref()

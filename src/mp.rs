@@ -1,6 +1,17 @@
 //! Python's `multiprocessing.connection` wire protocol: length-prefixed messages and the mutual
 //! HMAC handshake of `Listener` / `Client`, in both its 3.11 (legacy) and 3.12+ forms.
 //!
+//! * Framing: a 4-byte big-endian signed length, then the payload; over 2 GiB − 1, the length
+//!   is `-1` followed by an 8-byte big-endian one. Every read is bounded by a maximum checked
+//!   before anything is allocated.
+//! * Handshake (six messages): the listener sends `#CHALLENGE#` + a message, the client
+//!   answers with an HMAC of the message, the listener says `#WELCOME#` or `#FAILURE#`; then the
+//!   same the other way round. Python 3.11 sends 20 random bytes and expects raw HMAC-MD5;
+//!   3.12+ sends `{sha256}` + 40 random bytes and expects `{sha256}` + HMAC-SHA-256 of the
+//!   whole message, prefix included. Like CPython 3.12+, we answer whichever form we are sent
+//!   and accept a raw MD5 answer or any `{md5,sha256,sha384,sha3_256,sha3_384}` one, checked
+//!   in constant time. Handshake messages over 256 bytes are refused ("bad message length").
+//!
 //! Only `send_bytes` / `recv_bytes` are provided: `send()` / `recv()` in Python pickle objects,
 //! and unpickling data from the network is out of scope (and unsafe in Python too).
 
@@ -44,15 +55,47 @@ pub enum MpVersion {
 /// A framed connection speaking `multiprocessing.connection`'s message format: a 4-byte
 /// big-endian length, or `-1` and an 8-byte length for messages over 2 GiB − 1, then the bytes.
 ///
+/// It wraps any stream: a [`TcpStream`] from [`mp_connect`], a server's
+/// [`Request::stream`](crate::Request::stream) after the
+/// [`Auth::multiprocessing`](crate::Auth::multiprocessing) handshake, a Unix socket.
+/// Messages are raw bytes, as Python's `send_bytes` / `recv_bytes` see them. Python's
+/// `send` / `recv` pickle objects; unpickling is not provided (it runs arbitrary code from the
+/// peer), so agree on a format of your own (JSON, bincode, ...) and send it as bytes.
+///
+/// A client (Python: `Listener(("127.0.0.1", 6000), authkey=b"secret")` on the other end):
+///
 /// ```no_run
 /// use socketserver::{MpConnection, mp_connect};
 /// use std::time::Duration;
 ///
-/// // Python: Listener(("127.0.0.1", 6000), authkey=b"secret")
 /// let mut conn = mp_connect("127.0.0.1:6000", b"secret", Duration::from_secs(5))?;
 /// conn.send_bytes(b"hello")?;
 /// let reply = conn.recv_bytes()?;
 /// # Ok::<(), socketserver::Error>(())
+/// ```
+///
+/// A server handler, for a server built with
+/// `.auth(Auth::multiprocessing(b"secret".to_vec()))`; Python's
+/// `Client(("127.0.0.1", 6000), authkey=b"secret")` talks to it:
+///
+/// ```
+/// use socketserver::{Handler, HandlerResult, MpConnection, Request};
+///
+/// struct Echo;
+///
+/// impl Handler for Echo {
+///     fn handle(&mut self, req: &mut Request) -> HandlerResult {
+///         let mut conn = MpConnection::new(req.stream());
+///         loop {
+///             match conn.recv_bytes() {
+///                 Ok(m) => conn.send_bytes(&m)?,
+///                 // The client closed the connection between messages.
+///                 Err(e) if e.is_eof() => return Ok(()),
+///                 Err(e) => return Err(e.into()),
+///             }
+///         }
+///     }
+/// }
 /// ```
 #[derive(Debug)]
 pub struct MpConnection<S> {
@@ -114,9 +157,15 @@ impl<S: Read + Write> MpConnection<S> {
         r.map_err(|e| self.io_err(e))
     }
 
-    /// Receives one message (Python's `recv_bytes`). A length over the maximum is a
-    /// [`is_too_large`](Error::is_too_large) error and a negative length other than `-1` a
-    /// [`is_bad_message`](Error::is_bad_message) one; the connection is unusable after either.
+    /// Receives one message (Python's `recv_bytes`).
+    ///
+    /// A length over the maximum is an [`is_too_large`](Error::is_too_large) error, found
+    /// before anything is allocated; a negative length other than `-1`, or end of file inside
+    /// a message, an [`is_bad_message`](Error::is_bad_message) one. End of file where a message
+    /// would start (the peer closed the connection, Python's `EOFError`) is an
+    /// [`is_io`](Error::is_io) error whose [`io_error`](Error::io_error) has kind
+    /// [`UnexpectedEof`](io::ErrorKind::UnexpectedEof). After any error the connection is out
+    /// of step and should be dropped.
     pub fn recv_bytes(&mut self) -> Result<Vec<u8>> {
         let mut v = Vec::new();
         self.recv_bytes_into(&mut v)?;
@@ -150,15 +199,57 @@ fn write_frame<W: Write>(w: &mut W, buf: &[u8]) -> io::Result<()> {
     }
 }
 
+/// Reads until `buf` is full or the stream ends; returns how many bytes arrived.
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+fn truncated(detail: String) -> Error {
+    Error::new(Kind::BadMessage).with_detail(detail)
+}
+
+/// Python's `_recv_bytes`, stricter: a negative length other than `-1` is an error (Python
+/// reads it as an empty message), and so is a length over `max`, before anything is allocated.
+/// End of file before the first byte of a message is an I/O error of kind `UnexpectedEof`
+/// (Python's `EOFError`); end of file inside a message is a bad message (Python's
+/// "got end of file during message").
 fn read_frame<R: Read>(r: &mut R, buf: &mut Vec<u8>, max: usize) -> Result<()> {
     buf.clear();
     let mut header = [0u8; 4];
-    r.read_exact(&mut header).map_err(|e| Error::io(None, e))?;
+    match read_full(r, &mut header).map_err(|e| Error::io(None, e))? {
+        4 => {}
+        0 => {
+            return Err(Error::io(
+                None,
+                io::Error::new(io::ErrorKind::UnexpectedEof, "end of file before a message"),
+            ));
+        }
+        n => {
+            return Err(truncated(format!(
+                "length prefix truncated: {n} of 4 bytes"
+            )));
+        }
+    }
     let size = match i32::from_be_bytes(header) {
         -1 => {
             let mut long = [0u8; 8];
-            r.read_exact(&mut long).map_err(|e| Error::io(None, e))?;
-            u64::from_be_bytes(long)
+            match read_full(r, &mut long).map_err(|e| Error::io(None, e))? {
+                8 => u64::from_be_bytes(long),
+                n => {
+                    return Err(truncated(format!(
+                        "8-byte length truncated: {n} of 8 bytes"
+                    )));
+                }
+            }
         }
         n if n < 0 => {
             return Err(Error::new(Kind::BadMessage)
@@ -179,8 +270,9 @@ fn read_frame<R: Read>(r: &mut R, buf: &mut Vec<u8>, max: usize) -> Result<()> {
         .read_to_end(buf)
         .map_err(|e| Error::io(None, e))?;
     if got < size {
-        return Err(Error::io(None, io::ErrorKind::UnexpectedEof.into())
-            .with_detail(format!("message truncated: {got} of {size} bytes")));
+        return Err(truncated(format!(
+            "message truncated: {got} of {size} bytes"
+        )));
     }
     Ok(())
 }
@@ -230,7 +322,8 @@ fn create_response(key: &[u8], message: &[u8]) -> Result<Vec<u8>> {
     })
 }
 
-/// Python 3.12's `_verify_challenge`, in constant time.
+/// Python 3.12's `_verify_challenge`: the answer names its digest (raw 16 bytes: MD5), and the
+/// MAC is compared in constant time.
 fn verify_response(key: &[u8], message: &[u8], response: &[u8]) -> Result<()> {
     let (digest, mac) = split_digest(response).ok_or_else(|| {
         Error::new(Kind::AuthFailed)
@@ -250,14 +343,9 @@ fn verify_response(key: &[u8], message: &[u8], response: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Python's `deliver_challenge`: send a challenge, check the answer, say welcome or failure.
-fn deliver_challenge<S: Read + Write>(
-    c: &mut MpConnection<S>,
-    key: &[u8],
-    version: MpVersion,
-    digest: Digest,
-) -> Result<()> {
-    let message = match version {
+/// The random part of a challenge: 20 bare bytes (3.11), or `{digest}` and 40 bytes (3.12+).
+fn challenge_message(version: MpVersion, digest: Digest) -> Vec<u8> {
+    match version {
         MpVersion::Legacy => {
             let mut m = vec![0u8; LEGACY_MESSAGE_LENGTH];
             rand::rng().fill_bytes(&mut m);
@@ -270,12 +358,21 @@ fn deliver_challenge<S: Read + Write>(
             rand::rng().fill_bytes(&mut m[start..]);
             m
         }
-    };
+    }
+}
+
+/// Python's `deliver_challenge`: send `#CHALLENGE#` + `message`, check the answer, say welcome
+/// or failure.
+fn deliver_challenge<S: Read + Write>(
+    c: &mut MpConnection<S>,
+    key: &[u8],
+    message: &[u8],
+) -> Result<()> {
     let mut challenge = CHALLENGE.to_vec();
-    challenge.extend_from_slice(&message);
+    challenge.extend_from_slice(message);
     c.send_bytes(&challenge)?;
     let response = recv_handshake(c)?;
-    match verify_response(key, &message, &response) {
+    match verify_response(key, message, &response) {
         Ok(()) => c.send_bytes(WELCOME),
         Err(e) => {
             // Best effort: the peer may already be gone, and the verdict is what matters.
@@ -309,6 +406,20 @@ fn answer_challenge<S: Read + Write>(c: &mut MpConnection<S>, key: &[u8]) -> Res
     Ok(())
 }
 
+/// `Listener.accept`'s half: deliver `message` as our challenge, then answer the client's.
+fn server_side<S: Read + Write>(c: &mut MpConnection<S>, key: &[u8], message: &[u8]) -> Result<()> {
+    check_key(key)?;
+    deliver_challenge(c, key, message)?;
+    answer_challenge(c, key)
+}
+
+/// `Client`'s half: answer the listener's challenge, then deliver `message` as ours.
+fn client_side<S: Read + Write>(c: &mut MpConnection<S>, key: &[u8], message: &[u8]) -> Result<()> {
+    check_key(key)?;
+    answer_challenge(c, key)?;
+    deliver_challenge(c, key, message)
+}
+
 fn check_key(key: &[u8]) -> Result<()> {
     if key.is_empty() {
         // gh-88118: Python's client freezes on an empty key; refuse it up front.
@@ -317,37 +428,44 @@ fn check_key(key: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// The `Listener` side of the handshake on an open stream: deliver our challenge and verify the
-/// answer, then answer the client's challenge. Six messages; no timeout of its own (the
-/// middleware and [`mp_connect`] wrap the stream in one).
+/// The `Listener` side of the handshake on an open stream: deliver our challenge (in the form
+/// `version` names, asking for HMAC-SHA-256 in the 3.12+ form) and verify the answer, then
+/// answer the client's challenge. Six messages; no timeout of its own: give `stream` one
+/// (the [`Auth::multiprocessing`](crate::Auth::multiprocessing) middleware and [`mp_connect`]
+/// bound the whole handshake by a deadline).
+///
+/// A wrong answer from the client is an [`is_auth_failed`](Error::is_auth_failed) error
+/// ("digest wrong", after `#FAILURE#` was sent); the client refusing our answer an
+/// [`is_auth_rejected`](Error::is_auth_rejected) one ("digest rejected"); a malformed or
+/// oversized handshake message an [`is_bad_message`](Error::is_bad_message) one. Nothing past
+/// the handshake is read from `stream`.
 pub fn mp_server_handshake<S: Read + Write>(
     stream: S,
     key: &[u8],
     version: MpVersion,
 ) -> Result<MpConnection<S>> {
-    check_key(key)?;
     let mut c = MpConnection::new(stream);
-    deliver_challenge(&mut c, key, version, Digest::Sha256)?;
-    answer_challenge(&mut c, key)?;
+    server_side(&mut c, key, &challenge_message(version, Digest::Sha256))?;
     Ok(c)
 }
 
 /// The `Client` side of the handshake on an open stream: answer the listener's challenge, then
-/// deliver ours (3.12+ form unless `version` is legacy).
+/// deliver ours (3.12+ form unless `version` is legacy). Errors as for
+/// [`mp_server_handshake`]; with a wrong key against a Python `Listener`, the error is
+/// [`is_auth_rejected`](Error::is_auth_rejected).
 pub fn mp_client_handshake<S: Read + Write>(
     stream: S,
     key: &[u8],
     version: MpVersion,
 ) -> Result<MpConnection<S>> {
-    check_key(key)?;
     let mut c = MpConnection::new(stream);
-    answer_challenge(&mut c, key)?;
-    deliver_challenge(&mut c, key, version, Digest::Sha256)?;
+    client_side(&mut c, key, &challenge_message(version, Digest::Sha256))?;
     Ok(c)
 }
 
 /// Python's `Client(address, authkey=key)`: connects over TCP and runs the mutual handshake,
-/// all within `timeout`. Afterwards the socket has no timeout.
+/// all within `timeout` (Python's own has no timeout: gh-123736). Afterwards the socket has no
+/// timeout. An empty key is refused (gh-88118).
 pub fn mp_connect(
     addr: impl ToSocketAddrs,
     key: &[u8],
@@ -383,13 +501,325 @@ pub(crate) fn serve<S: Read + Write>(
     digest: Digest,
 ) -> Result<()> {
     let mut c = MpConnection::new(io);
-    deliver_challenge(&mut c, key, version, digest)?;
-    answer_challenge(&mut c, key)
+    server_side(&mut c, key, &challenge_message(version, digest))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scripted peer: reads come from `input`, writes are recorded.
+    struct Script {
+        input: io::Cursor<Vec<u8>>,
+        output: Vec<u8>,
+    }
+
+    impl Script {
+        fn new(frames: &[&str]) -> Script {
+            Script {
+                input: io::Cursor::new(hex::decode(frames.concat()).unwrap()),
+                output: Vec::new(),
+            }
+        }
+
+        fn unread(&self) -> usize {
+            self.input.get_ref().len() - self.input.position() as usize
+        }
+    }
+
+    impl Read for Script {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl Write for Script {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.output.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    // Transcripts recorded from CPython itself. Derivation: a script ran `Listener(...,
+    // authkey=KEY).accept()` in one interpreter and `Client(..., authkey=KEY)` in another, with
+    // `os.urandom` patched to return the bytes START, START+1, ... (START = 0x01 for the
+    // listener, 0x41 for the client; each side called it once) and `Connection._send` wrapped
+    // to record every byte each side sent. Pairs run: 3.12.1/3.12.1 and 3.13.0/3.13.0 (identical
+    // bytes), 3.11.7/3.11.7, 3.12.1 listener/3.11.7 client, 3.11.7 listener/3.12.1 client.
+    // Each string is one `_send` call: 4-byte length, then the payload.
+    const KEY: &[u8] = b"socketserver test key";
+
+    /// 3.12+ listener: `#CHALLENGE#{sha256}` + 01..28.
+    const L_CHALLENGE_312: &str = "0000003b234348414c4c454e4745237b7368613235367d\
+        0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728";
+    /// 3.11 listener: `#CHALLENGE#` + 01..14.
+    const L_CHALLENGE_311: &str =
+        "0000001f234348414c4c454e4745230102030405060708090a0b0c0d0e0f1011121314";
+    /// 3.12+ client: `#CHALLENGE#{sha256}` + 41..68.
+    const C_CHALLENGE_312: &str = "0000003b234348414c4c454e4745237b7368613235367d\
+        4142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f606162636465666768";
+    /// 3.11 client: `#CHALLENGE#` + 41..54.
+    const C_CHALLENGE_311: &str =
+        "0000001f234348414c4c454e4745234142434445464748494a4b4c4d4e4f5051525354";
+    const WELCOME_FRAME: &str = "000000092357454c434f4d4523";
+    const FAILURE_FRAME: &str = "00000009234641494c55524523";
+    /// 3.12+ answer to the 3.12+ listener challenge: `{sha256}` + HMAC-SHA256(KEY, `{sha256}`01..28).
+    const ANSWER_312_TO_312_L: &str = "000000287b7368613235367d\
+        811e55e0619ab1f158dbdc55eac8c5f80b829466f9ecd931bb1b6ef0ce42060a";
+    /// 3.12+ answer to the 3.12+ client challenge: `{sha256}` + HMAC-SHA256(KEY, `{sha256}`41..68).
+    const ANSWER_312_TO_312_C: &str = "000000287b7368613235367d\
+        dbbd6d1f27cc11f0497d13308c62f466dba94b4003cf2cfe99a60c7f5ad7e660";
+    /// Any version's answer to the 3.11 listener challenge: HMAC-MD5(KEY, 01..14).
+    const ANSWER_TO_311_L: &str = "00000010f2866926e6f3a3bf1ba9bbd714f92d83";
+    /// Any version's answer to the 3.11 client challenge: HMAC-MD5(KEY, 41..54).
+    const ANSWER_TO_311_C: &str = "000000103cb498f5e101529ca32887219442656c";
+    /// 3.11 client's answer to the 3.12+ listener challenge: HMAC-MD5(KEY, `{sha256}`01..28).
+    const ANSWER_311_TO_312_L: &str = "000000100d2361484115f17fcb1e2cf6de97b488";
+    /// 3.11 listener's answer to the 3.12+ client challenge: HMAC-MD5(KEY, `{sha256}`41..68).
+    const ANSWER_311_TO_312_C: &str = "00000010a62e1b1a8038b320a66c307a9de16a4a";
+
+    fn modern(start: u8) -> Vec<u8> {
+        let mut m = b"{sha256}".to_vec();
+        m.extend((0..40).map(|i| start + i));
+        m
+    }
+
+    fn legacy(start: u8) -> Vec<u8> {
+        (0..20).map(|i| start + i).collect()
+    }
+
+    fn run_server(message: &[u8], key: &[u8], input: &[&str]) -> (Result<()>, Script) {
+        let mut c = MpConnection::new(Script::new(input));
+        let r = server_side(&mut c, key, message);
+        (r, c.into_inner())
+    }
+
+    fn run_client(message: &[u8], key: &[u8], input: &[&str]) -> (Result<()>, Script) {
+        let mut c = MpConnection::new(Script::new(input));
+        let r = client_side(&mut c, key, message);
+        (r, c.into_inner())
+    }
+
+    fn wire(frames: &[&str]) -> String {
+        frames.concat()
+    }
+
+    #[test]
+    fn modern_listener_transcript_matches_cpython_3_12() {
+        let input = [ANSWER_312_TO_312_L, C_CHALLENGE_312, WELCOME_FRAME];
+        let (r, s) = run_server(&modern(1), KEY, &input);
+        r.unwrap();
+        let want = wire(&[L_CHALLENGE_312, WELCOME_FRAME, ANSWER_312_TO_312_C]);
+        assert_eq!(hex::encode(&s.output), want);
+        assert_eq!(s.unread(), 0);
+    }
+
+    #[test]
+    fn modern_client_transcript_matches_cpython_3_12() {
+        let input = [L_CHALLENGE_312, WELCOME_FRAME, ANSWER_312_TO_312_C];
+        let (r, s) = run_client(&modern(0x41), KEY, &input);
+        r.unwrap();
+        let want = wire(&[ANSWER_312_TO_312_L, C_CHALLENGE_312, WELCOME_FRAME]);
+        assert_eq!(hex::encode(&s.output), want);
+        assert_eq!(s.unread(), 0);
+    }
+
+    #[test]
+    fn legacy_listener_transcript_matches_cpython_3_11() {
+        let input = [ANSWER_TO_311_L, C_CHALLENGE_311, WELCOME_FRAME];
+        let (r, s) = run_server(&legacy(1), KEY, &input);
+        r.unwrap();
+        let want = wire(&[L_CHALLENGE_311, WELCOME_FRAME, ANSWER_TO_311_C]);
+        assert_eq!(hex::encode(&s.output), want);
+    }
+
+    #[test]
+    fn legacy_client_transcript_matches_cpython_3_11() {
+        let input = [L_CHALLENGE_311, WELCOME_FRAME, ANSWER_TO_311_C];
+        let (r, s) = run_client(&legacy(0x41), KEY, &input);
+        r.unwrap();
+        let want = wire(&[ANSWER_TO_311_L, C_CHALLENGE_311, WELCOME_FRAME]);
+        assert_eq!(hex::encode(&s.output), want);
+    }
+
+    #[test]
+    fn modern_listener_with_a_3_11_client_matches_cpython_3_12() {
+        // A 3.11 client answers the {sha256} challenge with raw HMAC-MD5 over all of it, and
+        // sends a bare 20-byte challenge, which a 3.12 listener answers with raw HMAC-MD5.
+        let input = [ANSWER_311_TO_312_L, C_CHALLENGE_311, WELCOME_FRAME];
+        let (r, s) = run_server(&modern(1), KEY, &input);
+        r.unwrap();
+        let want = wire(&[L_CHALLENGE_312, WELCOME_FRAME, ANSWER_TO_311_C]);
+        assert_eq!(hex::encode(&s.output), want);
+    }
+
+    #[test]
+    fn modern_client_with_a_3_11_listener_matches_cpython_3_12() {
+        let input = [L_CHALLENGE_311, WELCOME_FRAME, ANSWER_311_TO_312_C];
+        let (r, s) = run_client(&modern(0x41), KEY, &input);
+        r.unwrap();
+        let want = wire(&[ANSWER_TO_311_L, C_CHALLENGE_312, WELCOME_FRAME]);
+        assert_eq!(hex::encode(&s.output), want);
+    }
+
+    #[test]
+    fn wrong_answer_gets_failure_and_digest_wrong() {
+        // The client's answer was made with KEY; the server holds another key.
+        let input = [ANSWER_312_TO_312_L, C_CHALLENGE_312, WELCOME_FRAME];
+        let (r, s) = run_server(&modern(1), b"another key", &input);
+        let e = r.unwrap_err();
+        assert!(e.is_auth_failed(), "{e:?}");
+        assert!(e.to_string().starts_with("digest wrong"), "{e}");
+        assert_eq!(
+            hex::encode(&s.output),
+            wire(&[L_CHALLENGE_312, FAILURE_FRAME])
+        );
+        // Nothing after the answer was read.
+        assert_eq!(s.unread(), hex::decode(wire(&input[1..])).unwrap().len());
+    }
+
+    #[test]
+    fn failure_verdict_is_digest_rejected() {
+        let (r, s) = run_client(
+            &modern(0x41),
+            b"another key",
+            &[L_CHALLENGE_312, FAILURE_FRAME],
+        );
+        let e = r.unwrap_err();
+        assert!(e.is_auth_rejected(), "{e:?}");
+        assert!(e.to_string().starts_with("digest rejected"), "{e}");
+        assert_eq!(s.output.len(), 4 + 8 + 32);
+        assert_ne!(hex::encode(&s.output), ANSWER_312_TO_312_L);
+    }
+
+    fn frame(payload: &[u8]) -> String {
+        let mut v = Vec::new();
+        write_frame(&mut v, payload).unwrap();
+        hex::encode(v)
+    }
+
+    #[test]
+    fn server_accepts_every_answer_cpython_3_12_accepts() {
+        let message = modern(1);
+        let mut answers = vec![Digest::Md5.mac(KEY, &[&message])];
+        for d in Digest::ALL {
+            let mut a = format!("{{{d}}}").into_bytes();
+            a.extend(d.mac(KEY, &[&message]));
+            answers.push(a);
+        }
+        for answer in answers {
+            let input = [frame(&answer), C_CHALLENGE_312.into(), WELCOME_FRAME.into()];
+            let input: Vec<&str> = input.iter().map(String::as_str).collect();
+            let (r, s) = run_server(&message, KEY, &input);
+            r.unwrap_or_else(|e| panic!("{}: {e}", String::from_utf8_lossy(&answer)));
+            assert!(hex::encode(&s.output).starts_with(&wire(&[L_CHALLENGE_312, WELCOME_FRAME])));
+        }
+        // A legacy challenge may be answered with a stronger, prefixed digest too.
+        let message = legacy(1);
+        let mut answer = b"{sha384}".to_vec();
+        answer.extend(Digest::Sha384.mac(KEY, &[&message]));
+        let (r, _) = run_server(
+            &message,
+            KEY,
+            &[&frame(&answer), C_CHALLENGE_311, WELCOME_FRAME],
+        );
+        r.unwrap();
+    }
+
+    #[test]
+    fn server_rejects_what_cpython_3_12_rejects() {
+        let message = modern(1);
+        let good = Digest::Sha256.mac(KEY, &[&message]);
+        let sha1ish = [b"{sha1}".as_slice(), &good[..20]].concat();
+        let truncated = [b"{sha256}".as_slice(), &good[..31]].concat();
+        let md5_20 = [&Digest::Md5.mac(KEY, &[&message])[..], b"xxxx"].concat();
+        let unprefixed = good.clone();
+        let no_close = [b"{sha256".as_slice(), &good].concat();
+        for bad in [sha1ish, truncated, md5_20, unprefixed, no_close, Vec::new()] {
+            let (r, s) = run_server(&message, KEY, &[&frame(&bad)]);
+            let e = r.unwrap_err();
+            assert!(e.is_auth_failed(), "{}: {e:?}", hex::encode(&bad));
+            assert_eq!(
+                hex::encode(&s.output),
+                wire(&[L_CHALLENGE_312, FAILURE_FRAME])
+            );
+        }
+    }
+
+    #[test]
+    fn client_answers_with_the_digest_the_challenge_names() {
+        let mut message = b"{sha3_384}".to_vec();
+        message.extend([7u8; 40]);
+        let mut challenge = CHALLENGE.to_vec();
+        challenge.extend(&message);
+        let (r, s) = run_client(&legacy(0x41), KEY, &[&frame(&challenge), WELCOME_FRAME]);
+        // The input ran out after the verdict: the answer was accepted and ours was sent.
+        assert!(r.unwrap_err().io_error().is_some());
+        let mut want = b"{sha3_384}".to_vec();
+        want.extend(Digest::Sha3_384.mac(KEY, &[&message]));
+        let want = wire(&[&frame(&want), C_CHALLENGE_311]);
+        assert_eq!(hex::encode(&s.output), want);
+    }
+
+    #[test]
+    fn client_rejects_bad_challenges() {
+        let cases: [(&[u8], &str); 5] = [
+            (b"#WELCOME#", "expected a challenge"),
+            (b"#CHALLENGE#0123456789012345678", "challenge too short"),
+            (b"#CHALLENGE#012345678901234567890", "unsupported"),
+            (b"#CHALLENGE#{sha1}01234567890123456789", "unsupported"),
+            (b"#CHALLENGE#{SHA256}01234567890123456789", "unsupported"),
+        ];
+        for (challenge, detail) in cases {
+            let (r, s) = run_client(&modern(0x41), KEY, &[&frame(challenge)]);
+            let e = r.unwrap_err();
+            assert!(e.is_bad_message(), "{e:?}");
+            assert!(e.to_string().contains(detail), "{e}");
+            assert!(s.output.is_empty());
+        }
+    }
+
+    #[test]
+    fn handshake_messages_over_256_bytes_are_bad_message_length() {
+        let long = frame(&[0u8; 257]);
+        let (r, s) = run_server(&modern(1), KEY, &[&long]);
+        let e = r.unwrap_err();
+        assert!(e.is_bad_message(), "{e:?}");
+        assert!(e.to_string().contains("bad message length"), "{e}");
+        // No verdict: like Python, an oversized answer ends the handshake without #FAILURE#.
+        assert_eq!(hex::encode(&s.output), L_CHALLENGE_312);
+        let (r, _) = run_client(&modern(0x41), KEY, &["ffffffff", "ffffffffffffffff"]);
+        assert!(r.unwrap_err().to_string().contains("bad message length"));
+        // 256 bytes is still allowed (and here simply a wrong answer).
+        let (r, _) = run_server(&modern(1), KEY, &[&frame(&[0u8; 256])]);
+        assert!(r.unwrap_err().is_auth_failed());
+    }
+
+    #[test]
+    fn empty_key_is_refused() {
+        let (r, s) = run_server(&modern(1), b"", &[]);
+        assert!(r.unwrap_err().is_config());
+        assert!(s.output.is_empty());
+        let (r, _) = run_client(&modern(1), b"", &[L_CHALLENGE_312]);
+        assert!(r.unwrap_err().is_config());
+    }
+
+    #[test]
+    fn challenges_have_python_shapes() {
+        let m = challenge_message(MpVersion::Legacy, Digest::Sha256);
+        assert_eq!(m.len(), 20);
+        let m = challenge_message(MpVersion::Modern, Digest::Sha256);
+        assert_eq!(&m[..8], b"{sha256}");
+        assert_eq!(m.len(), 48);
+        assert_ne!(m, challenge_message(MpVersion::Modern, Digest::Sha256));
+        let m = challenge_message(MpVersion::Modern, Digest::Sha3_384);
+        assert_eq!(&m[..10], b"{sha3_384}");
+        assert_eq!(m.len(), 50);
+    }
 
     #[test]
     fn frames_round_trip_and_match_python_layout() {
@@ -400,19 +830,31 @@ mod tests {
         let mut c = MpConnection::new(io::Cursor::new(wire));
         assert_eq!(c.recv_bytes().unwrap(), b"hello");
         assert_eq!(c.recv_bytes().unwrap(), b"");
-        assert!(c.recv_bytes().unwrap_err().io_error().is_some());
+        let e = c.recv_bytes().unwrap_err();
+        assert_eq!(e.io_error().unwrap().kind(), io::ErrorKind::UnexpectedEof);
+        assert!(e.is_io());
+    }
+
+    #[test]
+    fn long_length_form_is_read() {
+        // Python sends -1 and an 8-byte length only over 2 GiB - 1, but reads it for any size.
+        let wire = b"\xff\xff\xff\xff\x00\x00\x00\x00\x00\x00\x00\x03abc".to_vec();
+        let mut c = MpConnection::new(io::Cursor::new(wire));
+        assert_eq!(c.recv_bytes().unwrap(), b"abc");
     }
 
     #[test]
     fn bad_lengths_are_rejected_without_allocating() {
+        let mut buf = Vec::new();
         let mut c = MpConnection::new(io::Cursor::new(b"\xff\xff\xff\xfe".to_vec()));
-        assert!(c.recv_bytes().unwrap_err().is_bad_message());
+        assert!(c.recv_bytes_into(&mut buf).unwrap_err().is_bad_message());
         let huge = [&[0xffu8; 4][..], &u64::MAX.to_be_bytes()].concat();
         let mut c = MpConnection::new(io::Cursor::new(huge));
-        assert!(c.recv_bytes().unwrap_err().is_too_large());
+        assert!(c.recv_bytes_into(&mut buf).unwrap_err().is_too_large());
         let mut c =
             MpConnection::new(io::Cursor::new(b"\x00\x00\x01\x00".to_vec())).with_max_message(255);
-        assert!(c.recv_bytes().unwrap_err().is_too_large());
+        assert!(c.recv_bytes_into(&mut buf).unwrap_err().is_too_large());
+        assert_eq!(buf.capacity(), 0);
     }
 
     #[test]
@@ -421,7 +863,13 @@ mod tests {
         assert_eq!(split_digest(&[0u8; 16]).unwrap().0, None);
         let m = b"{sha256}0123456789012345678901234567890123456789";
         assert_eq!(split_digest(m).unwrap(), (Some(Digest::Sha256), &m[8..]));
+        let m = b"{sha3_384}0123456789012345678901234567890123456789";
+        assert_eq!(split_digest(m).unwrap().0, Some(Digest::Sha3_384));
         assert!(split_digest(b"{sha1}xxxxxxxxxxxxxxxxxxxxxxxxx").is_none());
         assert!(split_digest(b"0123456789012345678901234").is_none());
+        // Python looks for '}' only within the first 10 bytes.
+        assert!(split_digest(b"{sha3_3845}xxxxxxxxxxxxxxxxxxx").is_none());
+        assert!(split_digest(b"{").is_none());
+        assert!(split_digest(b"").is_none());
     }
 }
