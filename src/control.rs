@@ -144,6 +144,7 @@ struct Registry {
 /// The state every thread of one server shares.
 pub struct Control {
     shutdown: AtomicBool,
+    draining: AtomicBool,
     waker: Waker,
     limiter: Option<Limiter>,
     registry: Mutex<Registry>,
@@ -156,6 +157,7 @@ impl Control {
     pub(crate) fn new(local_addr: Addr, limit: Option<usize>) -> io::Result<Arc<Control>> {
         Ok(Arc::new(Control {
             shutdown: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             waker: Waker::new()?,
             limiter: limit.map(|n| Limiter {
                 free: Mutex::new(n),
@@ -305,6 +307,13 @@ impl Control {
     }
 
     pub(crate) fn drain(&self, grace: Duration, cut_wait: Duration) -> DrainReport {
+        self.draining.store(true, Ordering::Release);
+        let report = self.drain_inner(grace, cut_wait);
+        self.draining.store(false, Ordering::Release);
+        report
+    }
+
+    fn drain_inner(&self, grace: Duration, cut_wait: Duration) -> DrainReport {
         self.request_shutdown();
         let completed_before = self.completed();
         let idle = self.wait_idle(Some(Instant::now() + grace));
@@ -390,6 +399,13 @@ impl ServerHandle {
     /// Whether a shutdown has been requested and not yet consumed by `serve_forever` returning.
     pub fn is_shutdown_requested(&self) -> bool {
         self.control.shutdown_requested()
+    }
+
+    /// Whether [`shutdown_graceful`](Self::shutdown_graceful) is in progress. A handler serving
+    /// several requests on one connection should check it between requests and return, so that
+    /// it finishes before the deadline instead of being cut in the middle of a reply.
+    pub fn is_draining(&self) -> bool {
+        self.control.draining.load(Ordering::Acquire)
     }
 
     /// Stops accepting, lets in-flight requests finish until `grace` has passed, then shuts down

@@ -52,6 +52,7 @@ fn address_is_the_bound_one_with_the_real_port() {
     let running = serve(server);
     let c = connect(&socketserver::Addr::Inet(addr));
     assert_eq!(c.peer_addr().unwrap(), addr);
+    drop(c);
     drop(running);
 }
 

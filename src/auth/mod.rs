@@ -132,6 +132,11 @@ impl Auth {
     /// can hold at most this many workers while honest clients, which answer in a round trip,
     /// get through. Default: half the pool in pool mode, half of `max_connections` in capped
     /// thread mode, 64 otherwise.
+    ///
+    /// The limit of this policy: a burst of more than `max` new connections arriving within
+    /// one round trip of an honest client can cut its handshake too (nothing tells the two
+    /// apart before the client answers); that client sees the connection closed and should
+    /// retry. Held silent connections, however many, cannot starve it.
     pub fn max_pending(mut self, max: usize) -> Auth {
         self.max_pending = Some(max);
         self

@@ -58,7 +58,18 @@ impl<T: Transport> Drop for Running<T> {
             self.handle.shutdown();
             return;
         }
-        drop(self.stop_inner());
+        let Some(server) = self.stop_inner() else { return };
+        // Closing joins in-flight handlers (block_on_close); a test that forgot to hang up its
+        // clients would hang here, so close on another thread and fail after 10 s instead.
+        let closer = std::thread::spawn(move || drop(server));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !closer.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "closing the server took over 10 s: a client of the test is still connected"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
 
@@ -270,4 +281,31 @@ pub fn read_to_eof(mut s: impl std::io::Read) -> std::io::Result<Vec<u8>> {
     let mut v = Vec::new();
     s.read_to_end(&mut v)?;
     Ok(v)
+}
+
+/// Resident memory of process `pid` ("self" for this one), in KiB, from /proc.
+pub fn rss_kib(pid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc status")
+}
+
+/// Silences the default panic message for panics whose message contains `marker`, so a test
+/// that panics on purpose thousands of times does not flood stderr. Other panics print as usual.
+pub fn quiet_panics(marker: &'static str) {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        if !msg.contains(marker) {
+            previous(info);
+        }
+    }));
 }

@@ -1,0 +1,178 @@
+//! Descriptor exhaustion (reliability suite): a server in a child process with a low
+//! RLIMIT_NOFILE is driven until `accept` fails with EMFILE. While exhausted it must neither die
+//! nor spin the CPU; once descriptors are freed it must serve again, including the connections
+//! that waited in the backlog. Prints its figures; exits non-zero on failure.
+//!
+//! `harness = false`: this file is its own program. Run by the parent, it re-executes itself as
+//! the child (environment variable `SOCKETSERVER_FD_CHILD`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use socketserver::{Handler, HandlerResult, Request, TcpServer};
+
+const CHILD_ENV: &str = "SOCKETSERVER_FD_CHILD";
+const FD_LIMIT: u64 = 64;
+
+/// Greets, then holds the connection (and its descriptor) until the client hangs up.
+struct Hold;
+
+impl Handler for Hold {
+    fn handle(&mut self, req: &mut Request) -> HandlerResult {
+        req.write_all(b"hi")?;
+        let mut buf = [0u8; 64];
+        while req.read(&mut buf)? > 0 {}
+        Ok(())
+    }
+}
+
+fn child() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    lim.current = Some(FD_LIMIT);
+    setrlimit(Resource::Nofile, lim).expect("lower RLIMIT_NOFILE");
+    let _ = env_logger::builder().is_test(false).try_init();
+    let server = TcpServer::bind("127.0.0.1:0", || Hold).expect("bind");
+    println!("{}", server.local_addr().inet().unwrap().port());
+    std::io::stdout().flush().unwrap();
+    // The parent closes our stdin to stop us.
+    let handle = server.handle();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut sink);
+        handle.shutdown();
+    });
+    server.serve_forever();
+    println!("accept_errors={}", server.stats().accept_errors);
+    // Open connections would make close() wait (block_on_close); the parent has hung up already.
+    drop(server);
+}
+
+/// Kills and reaps the child however the parent ends.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// CPU time (user + system) of `pid` in seconds, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_comm.split(' ').collect();
+    // utime and stime are fields 14 and 15 of stat; after "pid (comm) " they are at 11 and 12.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+fn greeted(s: &mut TcpStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut b = [0u8; 2];
+    matches!(s.read_exact(&mut b), Ok(()) if &b == b"hi")
+}
+
+fn parent() {
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Reaped(
+        Command::new(exe)
+            .env(CHILD_ENV, "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the child server"),
+    );
+    let pid = child.0.id();
+    let mut out = BufReader::new(child.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let port: u16 = line.trim().parse().expect("child printed its port");
+    let addr = ("127.0.0.1", port);
+
+    // Connect until the server stops greeting: its descriptors are used up.
+    let mut served = Vec::new();
+    let mut waiting = Vec::new();
+    while waiting.len() < 5 {
+        assert!(served.len() < 200, "the descriptor limit never bit");
+        let mut s = TcpStream::connect(addr).expect("connect (the backlog takes it)");
+        if greeted(&mut s, Duration::from_millis(300)) {
+            served.push(s);
+        } else {
+            waiting.push(s);
+        }
+    }
+
+    let served_before = served.len();
+
+    // Exhausted: measure the server's CPU use over two seconds.
+    let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu_share = (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64();
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "the server died when out of descriptors"
+    );
+
+    // Free descriptors: the waiting connections must be served, then new ones.
+    let freed = Instant::now();
+    drop(served.drain(..served.len() - 1).collect::<Vec<_>>());
+    for s in &mut waiting {
+        assert!(
+            greeted(s, Duration::from_secs(10)),
+            "a backlogged connection was never served"
+        );
+    }
+    let resumed = freed.elapsed();
+    let mut fresh = TcpStream::connect(addr).unwrap();
+    assert!(
+        greeted(&mut fresh, Duration::from_secs(5)),
+        "no service after recovery"
+    );
+
+    drop((served, waiting, fresh));
+    drop(child.0.stdin.take()); // stop the server
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "child exited with {status}");
+    let accept_errors: u64 = rest
+        .trim()
+        .strip_prefix("accept_errors=")
+        .and_then(|n| n.parse().ok())
+        .expect("child reported its accept errors");
+
+    println!(
+        "descriptor exhaustion: RLIMIT_NOFILE {FD_LIMIT}: served {} connections before accept failed; \
+         server CPU while exhausted {:.1}% over 2 s; backlogged connections served {:?} after \
+         descriptors were freed; {accept_errors} failed accepts logged and retried with backoff",
+        served_before,
+        cpu_share * 100.0,
+        resumed
+    );
+    assert!(
+        accept_errors > 0,
+        "accept never failed: the limit did not bite"
+    );
+    assert!(
+        cpu_share < 0.10,
+        "server spun while out of descriptors: {:.1}% CPU",
+        cpu_share * 100.0
+    );
+    assert!(
+        resumed < Duration::from_secs(3),
+        "recovery took {resumed:?}"
+    );
+}
+
+fn main() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        child();
+    } else {
+        parent();
+        println!("test fd_exhaustion ... ok");
+    }
+}
