@@ -1,0 +1,347 @@
+//! The servers under test: what each one is, how to start it pinned to its core on a free
+//! loopback port, how to read its resident memory, and how to stop it for sure.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use socketserver::Digest;
+
+/// The key every authenticating contender and client share.
+pub const AUTH_KEY: &[u8] = b"socketserver-bench-key";
+
+/// Worker threads of the `echo_server --mode pool` contender: enough for the largest echo
+/// scenario, so that every persistent connection has a worker.
+pub const POOL_WORKERS: usize = 128;
+
+/// Which server program a contender runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `std_echo`: minimal std::net thread-per-connection echo, the baseline.
+    Std,
+    /// `tokio_echo`: tokio multi-thread runtime, a task per connection.
+    Tokio,
+    /// This crate's `echo_server --mode thread`.
+    Thread,
+    /// This crate's `echo_server --mode pool --workers POOL_WORKERS`.
+    Pool,
+    /// `python_echo.py`: Python's `socketserver.ThreadingTCPServer`.
+    Python,
+}
+
+/// One server configuration under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Contender {
+    /// The program.
+    pub kind: Kind,
+    /// The classic HMAC handshake each client must pass first, if any.
+    pub auth: Option<Digest>,
+}
+
+impl Contender {
+    /// A contender without authentication.
+    pub const fn plain(kind: Kind) -> Contender {
+        Contender { kind, auth: None }
+    }
+
+    /// A contender whose clients authenticate with `digest`.
+    pub const fn with_auth(kind: Kind, digest: Digest) -> Contender {
+        Contender {
+            kind,
+            auth: Some(digest),
+        }
+    }
+
+    /// Short name used in tables and the chart.
+    pub fn label(&self) -> String {
+        let base = match self.kind {
+            Kind::Std => "std",
+            Kind::Tokio => "tokio",
+            Kind::Thread => "socketserver thread",
+            Kind::Pool => "socketserver pool",
+            Kind::Python => "python",
+        };
+        match self.auth {
+            None => base.to_owned(),
+            Some(d) => format!("{base} +{}", d.name()),
+        }
+    }
+
+    /// One line on what the contender is, for the legend of the results.
+    pub fn describe(&self) -> String {
+        let what = match self.kind {
+            Kind::Std => {
+                "`std_echo`: std::net, a thread per connection, 16 KiB stack buffer (baseline)"
+                    .to_owned()
+            }
+            Kind::Tokio => {
+                "`tokio_echo`: tokio multi-thread runtime (a worker per CPU it may use: 1 when \
+                 pinned), a task per connection, 16 KiB buffer"
+                    .to_owned()
+            }
+            Kind::Thread => "`echo_server --mode thread` (this crate)".to_owned(),
+            Kind::Pool => {
+                format!("`echo_server --mode pool --workers {POOL_WORKERS}` (this crate)")
+            }
+            Kind::Python => "`python_echo.py`: Python socketserver.ThreadingTCPServer".to_owned(),
+        };
+        match self.auth {
+            None => what,
+            Some(d) => format!("{what}, classic HMAC-{} handshake per connection", d.name()),
+        }
+    }
+}
+
+/// The PID of the server running now (0: none), for [`kill_current`].
+static CURRENT: AtomicU32 = AtomicU32::new(0);
+
+/// Kills the server running now, if any: for a signal handler, when the benchmark itself is
+/// interrupted or terminated and cannot unwind to the server's `Drop`.
+pub fn kill_current() {
+    let pid = CURRENT.swap(0, Ordering::SeqCst);
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+    }
+}
+
+/// Paths of the programs the contenders run.
+#[derive(Debug, Clone)]
+pub struct Programs {
+    /// The crate's `examples/echo_server`.
+    pub echo_server: PathBuf,
+    /// `std_echo` of this benchmark crate.
+    pub std_echo: PathBuf,
+    /// `tokio_echo` of this benchmark crate.
+    pub tokio_echo: PathBuf,
+    /// The Python interpreter (resolved past pyenv-style shims), if there is one.
+    pub python: Option<PathBuf>,
+    /// `bench/python_echo.py`.
+    pub python_script: PathBuf,
+}
+
+/// A contender's server process. Dropping it stops the process (SIGTERM, then SIGKILL) and
+/// reaps it, on every path out, panics included.
+pub struct Server {
+    child: Option<Child>,
+    /// The process whose memory is sampled (taskset execs the server, so the PID is the same).
+    pub pid: u32,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    log: PathBuf,
+}
+
+/// A free loopback port: bind port 0, note the port, release it for the server to take.
+fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Opens a client connection: TCP_NODELAY, 10 s I/O timeouts so that nothing hangs, and the
+/// handshake when the contender asks for one.
+pub fn connect(addr: SocketAddr, auth: Option<Digest>) -> io::Result<TcpStream> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    if let Some(d) = auth {
+        socketserver::answer_challenge(&mut s, AUTH_KEY, d).map_err(io::Error::other)?;
+    }
+    Ok(s)
+}
+
+/// The size of every request and reply.
+pub const MSG: usize = 64;
+
+/// One 64-byte round trip; `seq` makes each request distinct so a wrong echo is caught.
+pub fn round_trip(s: &mut TcpStream, seq: u64) -> io::Result<()> {
+    let mut msg = [b'x'; MSG];
+    msg[..8].copy_from_slice(&seq.to_le_bytes());
+    s.write_all(&msg)?;
+    let mut back = [0u8; MSG];
+    s.read_exact(&mut back)?;
+    if back != msg {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "wrong echo"));
+    }
+    Ok(())
+}
+
+impl Server {
+    /// Starts `c` on a free loopback port (pinned to `core` with taskset if given) and waits
+    /// until it echoes. Its stderr goes to a log file in `logdir`.
+    pub fn start(
+        c: &Contender,
+        p: &Programs,
+        core: Option<usize>,
+        logdir: &Path,
+    ) -> Result<Server, String> {
+        let mut last = String::new();
+        // A port freed by free_port() may be taken by someone else before the server binds it.
+        for _ in 0..3 {
+            match Server::try_start(c, p, core, logdir) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn try_start(
+        c: &Contender,
+        p: &Programs,
+        core: Option<usize>,
+        logdir: &Path,
+    ) -> Result<Server, String> {
+        let port = free_port().map_err(|e| format!("no free port: {e}"))?;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let a = addr.to_string();
+        let key = String::from_utf8_lossy(AUTH_KEY).into_owned();
+        let mut argv: Vec<String> = Vec::new();
+        if let Some(core) = core {
+            argv.extend(["taskset".into(), "-c".into(), core.to_string()]);
+        }
+        let path = |p: &Path| p.display().to_string();
+        match c.kind {
+            Kind::Std => argv.extend([path(&p.std_echo), "--addr".into(), a]),
+            Kind::Tokio => argv.extend([path(&p.tokio_echo), "--addr".into(), a]),
+            Kind::Thread | Kind::Pool => {
+                argv.extend([path(&p.echo_server), "--addr".into(), a]);
+                if c.kind == Kind::Thread {
+                    argv.extend(["--mode".into(), "thread".into()]);
+                } else {
+                    argv.extend([
+                        "--mode".into(),
+                        "pool".into(),
+                        "--workers".into(),
+                        POOL_WORKERS.to_string(),
+                    ]);
+                }
+                if let Some(d) = c.auth {
+                    argv.extend([
+                        "--auth-key".into(),
+                        key,
+                        "--digest".into(),
+                        d.name().to_owned(),
+                    ]);
+                }
+            }
+            Kind::Python => {
+                let py = p.python.as_ref().ok_or("python3 not found")?;
+                argv.extend([path(py), path(&p.python_script), "--addr".into(), a]);
+                match c.auth {
+                    None => {}
+                    Some(Digest::Md5) => argv.extend(["--auth-key".into(), key]),
+                    Some(d) => return Err(format!("python_echo.py speaks MD5 only, not {d}")),
+                }
+            }
+        }
+        let log = logdir.join(format!("{}.log", c.label().replace([' ', '+'], "_")));
+        let err = File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", argv[0]))?;
+        CURRENT.store(child.id(), Ordering::SeqCst);
+        let mut server = Server {
+            pid: child.id(),
+            child: Some(child),
+            addr,
+            log,
+        };
+        server.wait_ready(c.auth, Duration::from_secs(15))?;
+        Ok(server)
+    }
+
+    /// Waits until a client gets an echo back (through the handshake when there is one).
+    fn wait_ready(&mut self, auth: Option<Digest>, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.exited() {
+                return Err(format!("server exited ({status}) {}", self.log_tail()));
+            }
+            let tried = connect(self.addr, auth).and_then(|mut s| round_trip(&mut s, 0));
+            match tried {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!(
+                        "server did not echo within {limit:?}: {e} {}",
+                        self.log_tail()
+                    ));
+                }
+                Err(_) => thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+
+    /// The exit status, if the process has ended.
+    fn exited(&mut self) -> Option<String> {
+        let child = self.child.as_mut()?;
+        match child.try_wait() {
+            Ok(Some(s)) => Some(s.to_string()),
+            Ok(None) => None,
+            Err(e) => Some(e.to_string()),
+        }
+    }
+
+    /// The end of the server's stderr, to explain a failure.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(5)..].join("\n  ");
+        format!("(log {}:\n  {tail})", self.log.display())
+    }
+
+    /// Stops the server and reaps it; an error if it had died on its own before this.
+    pub fn stop(mut self) -> Result<(), String> {
+        let died = self.exited();
+        self.kill();
+        match died {
+            Some(status) => Err(format!(
+                "server died during the run ({status}) {}",
+                self.log_tail()
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn kill(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Ok(None) = child.try_wait() {
+            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while let Ok(None) = child.try_wait() {
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    break;
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let _ = child.wait();
+        let _ = CURRENT.compare_exchange(self.pid, 0, Ordering::SeqCst, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// VmRSS of `pid` in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

@@ -1,0 +1,739 @@
+//! Benchmark: this crate's `echo_server` against a minimal std::net thread-per-connection echo
+//! server, a tokio echo server and Python's `socketserver.ThreadingTCPServer`, on loopback, in
+//! one run on one machine.
+//!
+//! ```text
+//! cargo run --release -p socketserver-bench -- [--quick] [--rounds N] [--secs S] [--idle N]
+//!     [--only echo,connect,idle] [--conns 1,16,128] [--contenders std,tokio,thread,pool,python]
+//!     [--no-pin] [--no-python] [--no-build] [--out DIR]
+//! ```
+//!
+//! It builds the contenders, then for each scenario point runs every contender once per
+//! round, alternating the order (A B … B A …), each on a fresh server process pinned to core 1
+//! while the load generator runs on core 0, and reports the median of the rounds. A run during
+//! which other processes took a tenth of those cores is flagged and, within a budget, run
+//! again. Results go to stdout, `bench/results.md` and `bench/echo.svg` (with `--quick`,
+//! `results-quick.md` and `echo-quick.svg`, so that a quick look never replaces a full run's
+//! committed results).
+
+mod contender;
+mod load;
+mod report;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use socketserver::Digest;
+
+use contender::{Contender, Kind, Programs, Server};
+use report::{Entry, Point, Results};
+
+const USAGE: &str = "\
+usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
+                          [--only echo,connect,idle] [--conns 1,16,128]
+                          [--contenders std,tokio,thread,pool,python]
+                          [--no-pin] [--no-python] [--no-build] [--out DIR]
+
+  --quick       a short run (under a minute): 1 round, 0.5 s windows
+  --rounds N    alternating rounds per point; the median is reported (default 5; idle at most 3)
+  --secs S      measured seconds per echo/connect run (default 1.5)
+  --idle N      idle connections to hold (default 9000)
+  --only LIST   scenarios to run (default echo,connect,idle)
+  --conns LIST  connection counts of the echo scenario (default 1,16,128)
+  --contenders LIST
+                which servers to run (default all: std,tokio,thread,pool,python); std is
+                the baseline of every ratio
+  --no-pin      do not pin the server (core 1) and the load generator (core 0)
+  --no-python   leave out the Python contenders
+  --no-build    use the programs next to this binary instead of building them
+  --out DIR     where results.md and echo.svg go (default: the bench crate's directory;
+                --quick writes results-quick.md and echo-quick.svg)";
+
+/// A run in which other processes took at least this share of the benchmark's cores is
+/// flagged, and run again while the retry budget lasts.
+const BUSY: f64 = 0.10;
+
+/// The run's settings.
+#[derive(Debug, Clone)]
+struct Config {
+    quick: bool,
+    rounds: usize,
+    idle_rounds: usize,
+    window: Duration,
+    warmup: Duration,
+    hold: Duration,
+    idle: usize,
+    echo_conns: Vec<usize>,
+    connect_clients: usize,
+    scenarios: Vec<String>,
+    kinds: Vec<Kind>,
+    pin: bool,
+    python: bool,
+    build: bool,
+    out: PathBuf,
+    args: Vec<String>,
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("error: {msg}\n\n{USAGE}");
+    std::process::exit(2)
+}
+
+fn parse_args() -> Config {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut c = Config {
+        quick: false,
+        rounds: 5,
+        idle_rounds: 3,
+        window: Duration::from_millis(1500),
+        warmup: Duration::from_millis(300),
+        hold: Duration::from_millis(1000),
+        idle: 9000,
+        echo_conns: vec![1, 16, 128],
+        connect_clients: 8,
+        scenarios: vec!["echo".into(), "connect".into(), "idle".into()],
+        kinds: vec![
+            Kind::Std,
+            Kind::Tokio,
+            Kind::Thread,
+            Kind::Pool,
+            Kind::Python,
+        ],
+        pin: true,
+        python: true,
+        build: true,
+        out: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        args: args.clone(),
+    };
+    let (mut rounds, mut secs, mut idle) = (None, None, None);
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .unwrap_or_else(|| fail(&format!("{name} needs a value")))
+        };
+        match a.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "--quick" => c.quick = true,
+            "--no-pin" => c.pin = false,
+            "--no-python" => c.python = false,
+            "--no-build" => c.build = false,
+            "--rounds" => {
+                rounds = Some(
+                    value("--rounds")
+                        .parse::<usize>()
+                        .unwrap_or_else(|_| fail("bad --rounds")),
+                )
+            }
+            "--secs" => {
+                secs = Some(
+                    value("--secs")
+                        .parse::<f64>()
+                        .unwrap_or_else(|_| fail("bad --secs")),
+                )
+            }
+            "--idle" => {
+                idle = Some(
+                    value("--idle")
+                        .parse::<usize>()
+                        .unwrap_or_else(|_| fail("bad --idle")),
+                )
+            }
+            "--out" => c.out = PathBuf::from(value("--out")),
+            "--only" => {
+                c.scenarios = value("--only").split(',').map(str::to_owned).collect();
+                if let Some(bad) = c
+                    .scenarios
+                    .iter()
+                    .find(|s| !["echo", "connect", "idle"].contains(&s.as_str()))
+                {
+                    fail(&format!("unknown scenario {bad:?}"));
+                }
+            }
+            "--conns" => {
+                c.echo_conns = value("--conns")
+                    .split(',')
+                    .map(|n| match n.parse::<usize>() {
+                        Ok(n) if n > 0 => n,
+                        _ => fail(&format!("bad connection count {n:?}")),
+                    })
+                    .collect();
+            }
+            "--contenders" => {
+                c.kinds = value("--contenders")
+                    .split(',')
+                    .map(|k| match k {
+                        "std" => Kind::Std,
+                        "tokio" => Kind::Tokio,
+                        "thread" => Kind::Thread,
+                        "pool" => Kind::Pool,
+                        "python" => Kind::Python,
+                        _ => fail(&format!("unknown contender {k:?}")),
+                    })
+                    .collect();
+            }
+            other => fail(&format!("unexpected argument {other:?}")),
+        }
+    }
+    if c.quick {
+        c.rounds = 1;
+        c.window = Duration::from_millis(500);
+        c.warmup = Duration::from_millis(200);
+        c.hold = Duration::from_millis(300);
+    }
+    if let Some(r) = rounds {
+        c.rounds = r.max(1);
+    }
+    c.idle_rounds = c.rounds.min(3);
+    if let Some(s) = secs {
+        if !(s > 0.0 && s < 600.0) {
+            fail("--secs must be between 0 and 600");
+        }
+        c.window = Duration::from_secs_f64(s);
+    }
+    if let Some(n) = idle {
+        c.idle = n.max(1);
+    }
+    c
+}
+
+/// Runs cargo to build `what`, returning the executables it reports.
+fn cargo_build(root: &Path, what: &[&str]) -> Result<Vec<PathBuf>, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "--message-format=json-render-diagnostics",
+        ])
+        .args(what)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run {cargo}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("cargo build {} failed", what.join(" ")));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    const KEY: &str = "\"executable\":\"";
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let start = l.find(KEY)? + KEY.len();
+            let end = start + l[start..].find('"')?;
+            Some(PathBuf::from(&l[start..end]))
+        })
+        .collect())
+}
+
+/// Builds (or, with `--no-build`, finds) the contenders' programs.
+fn programs(c: &Config) -> Result<Programs, String> {
+    let bench = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = bench.parent().ok_or("bench crate has no parent")?;
+    let (echo_server, std_echo, tokio_echo) = if c.build {
+        eprintln!("building the contenders (release)…");
+        let mut exes = cargo_build(root, &["-p", "socketserver", "--example", "echo_server"])?;
+        exes.extend(cargo_build(root, &["-p", "socketserver-bench", "--bins"])?);
+        let pick = |name: &str| {
+            exes.iter()
+                .find(|p| p.file_name().is_some_and(|f| f == name))
+                .cloned()
+                .ok_or(format!("cargo built no {name}"))
+        };
+        (pick("echo_server")?, pick("std_echo")?, pick("tokio_echo")?)
+    } else {
+        let me = std::env::current_exe().map_err(|e| e.to_string())?;
+        let dir = me.parent().ok_or("no directory")?.to_path_buf();
+        (
+            dir.join("examples/echo_server"),
+            dir.join("std_echo"),
+            dir.join("tokio_echo"),
+        )
+    };
+    for p in [&echo_server, &std_echo, &tokio_echo] {
+        if !p.exists() {
+            return Err(format!(
+                "{} is missing (build it or drop --no-build)",
+                p.display()
+            ));
+        }
+    }
+    let python = if c.python { find_python() } else { None };
+    Ok(Programs {
+        echo_server,
+        std_echo,
+        tokio_echo,
+        python,
+        python_script: bench.join("python_echo.py"),
+    })
+}
+
+/// The real Python interpreter (not a shim script, so the PID we sample is Python's own).
+fn find_python() -> Option<PathBuf> {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let path = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+    (out.status.success() && !path.is_empty()).then(|| PathBuf::from(path))
+}
+
+fn python_version(p: &Programs) -> Option<String> {
+    let out = Command::new(p.python.as_ref()?)
+        .arg("--version")
+        .output()
+        .ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Raises the soft descriptor limit to the hard one (the servers inherit it); returns it.
+fn raise_nofile() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        );
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// Pins this thread (and so every thread it starts later) to `core`.
+fn pin_self(core: usize) -> bool {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(core);
+    rustix::thread::sched_setaffinity(None, &set).is_ok()
+}
+
+fn taskset_works() -> bool {
+    Command::new("taskset")
+        .args(["-c", "0", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Today's date, UTC, as YYYY-MM-DD (civil-from-days, Howard Hinnant's algorithm).
+fn today() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// The contenders of one scenario.
+fn contenders(point: Point, python: bool, kinds: &[Kind]) -> Vec<Contender> {
+    use Kind::*;
+    let p = Contender::plain;
+    let a = Contender::with_auth;
+    let mut v = match point {
+        Point::Echo(_) => vec![p(Std), p(Tokio), p(Thread), p(Pool)],
+        Point::Connect(_) => vec![
+            p(Std),
+            p(Tokio),
+            p(Thread),
+            a(Thread, Digest::Md5),
+            a(Thread, Digest::Sha256),
+            p(Pool),
+            a(Pool, Digest::Md5),
+            a(Pool, Digest::Sha256),
+        ],
+        // A pool of POOL_WORKERS cannot serve thousands of connections at once.
+        Point::Idle(_) => vec![p(Std), p(Tokio), p(Thread)],
+    };
+    if python {
+        v.push(p(Python));
+        if matches!(point, Point::Connect(_)) {
+            v.push(a(Python, Digest::Md5));
+        }
+    }
+    v.retain(|c| kinds.contains(&c.kind));
+    v
+}
+
+/// One contender, one round: a fresh server, the scenario, the server stopped.
+fn run_one(
+    point: Point,
+    c: &Contender,
+    cfg: &Config,
+    progs: &Programs,
+    core: Option<usize>,
+    logdir: &Path,
+) -> Result<load::Sample, String> {
+    let server = Server::start(c, progs, core, logdir)?;
+    let (addr, pid) = (server.addr, server.pid);
+    // The cores whose time other processes could steal: ours and the server's.
+    let cores = core.map(|c| [0, c]);
+    let cores = cores.as_ref().map(|c| &c[..]);
+    let sample = match point {
+        Point::Echo(n) => load::echo(addr, c.auth, n, cfg.warmup, cfg.window, pid, cores),
+        Point::Connect(n) => load::connect(addr, c.auth, n, cfg.warmup, cfg.window, pid, cores),
+        Point::Idle(n) => load::idle(addr, n, cfg.hold, pid, cores),
+    };
+    server.stop()?;
+    Ok(sample)
+}
+
+fn describe(point: Point) -> String {
+    match point {
+        Point::Echo(n) => format!("echo, {n} conns"),
+        Point::Connect(n) => format!("connect, {n} clients"),
+        Point::Idle(n) => format!("idle, {n} conns"),
+    }
+}
+
+/// What the run found out about its machine and programs before measuring.
+struct Setup {
+    cores: usize,
+    pinned: bool,
+    progs: Programs,
+    python: bool,
+    logdir: PathBuf,
+}
+
+/// Everything measured.
+struct Measured {
+    results: Results,
+    reruns: usize,
+    any_failed: bool,
+}
+
+/// Builds the programs, raises the descriptor limit, pins this process.
+fn setup(cfg: &mut Config) -> Result<Setup, String> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let progs = programs(cfg)?;
+    if progs.python.is_none() && cfg.python {
+        eprintln!("python3 not found: the Python contenders are left out");
+    }
+    let python = progs.python.is_some();
+    let nofile = raise_nofile();
+    if cfg.scenarios.iter().any(|s| s == "idle") && nofile < cfg.idle as u64 + 256 {
+        let n = nofile.saturating_sub(256) as usize;
+        eprintln!(
+            "descriptor limit is {nofile}: holding {n} idle connections instead of {}",
+            cfg.idle
+        );
+        cfg.idle = n.max(1);
+    }
+    // Pinned after the build, so that cargo had both cores.
+    let pinned = cfg.pin && cores >= 2 && taskset_works() && pin_self(0);
+    if cfg.pin && !pinned {
+        eprintln!("not pinning (needs 2+ cores and taskset): expect noisier figures");
+    }
+    let logdir = std::env::temp_dir().join(format!("socketserver-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&logdir).map_err(|e| format!("{}: {e}", logdir.display()))?;
+    Ok(Setup {
+        cores,
+        pinned,
+        progs,
+        python,
+        logdir,
+    })
+}
+
+/// The one-line progress report of a run.
+fn progress(point: Point, s: &load::Sample) -> String {
+    let fig = match point {
+        Point::Idle(_) => format!(
+            "{:.0} held, RSS {:.1} MiB ({:.1} KiB/conn)",
+            s.rate,
+            s.rss_kib / 1024.0,
+            s.rss_per_conn / 1024.0
+        ),
+        _ => format!(
+            "{}/s  p50 {}  p99 {}",
+            report::fmt_rate(s.rate),
+            report::fmt_us(s.p50_us),
+            report::fmt_us(s.p99_us)
+        ),
+    };
+    let mut line = fig;
+    if s.errors > 0 {
+        line += &format!("  ({} errors)", s.errors);
+    }
+    if s.foreign >= BUSY {
+        line += &format!(
+            "  (other processes took {:.0}% of the cores)",
+            s.foreign * 100.0
+        );
+    }
+    line
+}
+
+/// Runs every scenario point: rounds of all contenders in alternating order.
+fn measure(cfg: &Config, env: &Setup) -> Measured {
+    let mut plan: Vec<Point> = Vec::new();
+    for s in &cfg.scenarios {
+        match s.as_str() {
+            "echo" => plan.extend(cfg.echo_conns.iter().map(|&n| Point::Echo(n))),
+            "connect" => plan.push(Point::Connect(cfg.connect_clients)),
+            _ => plan.push(Point::Idle(cfg.idle)),
+        }
+    }
+    let rounds_of = |p: Point| match p {
+        Point::Idle(_) => cfg.idle_rounds,
+        _ => cfg.rounds,
+    };
+    let total_runs: usize = plan
+        .iter()
+        .map(|&p| rounds_of(p) * contenders(p, env.python, &cfg.kinds).len())
+        .sum();
+    // Reruns of disturbed runs: at most a fifth more runs (and at least one).
+    let mut retries_left = (total_runs / 5).max(1);
+    let server_core = env.pinned.then_some(1);
+    let mut m = Measured {
+        results: Vec::new(),
+        reruns: 0,
+        any_failed: false,
+    };
+    for point in plan {
+        let list = contenders(point, env.python, &cfg.kinds);
+        let mut entries: Vec<Entry> = list
+            .iter()
+            .map(|&c| Entry {
+                contender: c,
+                samples: Vec::new(),
+                failures: Vec::new(),
+            })
+            .collect();
+        let rounds = rounds_of(point);
+        for round in 0..rounds {
+            // A B C … then … C B A: drift over time hits every contender alike.
+            let order: Vec<usize> = if round % 2 == 0 {
+                (0..list.len()).collect()
+            } else {
+                (0..list.len()).rev().collect()
+            };
+            for i in order {
+                let c = &list[i];
+                let tag = format!(
+                    "[{} | round {}/{rounds}] {:<26}",
+                    describe(point),
+                    round + 1,
+                    c.label()
+                );
+                loop {
+                    let t0 = Instant::now();
+                    let r = run_one(point, c, cfg, &env.progs, server_core, &env.logdir);
+                    let took = t0.elapsed().as_secs_f64();
+                    std::thread::sleep(Duration::from_millis(50));
+                    let s = match r {
+                        Ok(s) => s,
+                        Err(e) => {
+                            m.any_failed = true;
+                            eprintln!("{tag} FAILED: {e}");
+                            entries[i].failures.push(e);
+                            break;
+                        }
+                    };
+                    eprintln!("{tag} {}  [{took:.1} s]", progress(point, &s));
+                    // A run disturbed by other work says little: run it again while the
+                    // retry budget lasts, and keep only the rerun.
+                    if s.foreign >= BUSY && retries_left > 0 {
+                        retries_left -= 1;
+                        m.reruns += 1;
+                        eprintln!("{tag} busy machine: running it again");
+                        std::thread::sleep(Duration::from_millis(500));
+                        continue;
+                    }
+                    entries[i].samples.push(s);
+                    break;
+                }
+            }
+        }
+        m.results.push((point, entries));
+    }
+    m
+}
+
+/// Writes results.md and echo.svg, and prints the tables and targets.
+fn report_all(cfg: &Config, env: &Setup, m: &Measured, elapsed: Duration) -> std::io::Result<()> {
+    let suffix = if cfg.quick { "-quick" } else { "" };
+    let svg_name = format!("echo{suffix}.svg");
+    let mut cmd = String::from("cargo run --release -p socketserver-bench --");
+    for a in &cfg.args {
+        cmd.push(' ');
+        cmd.push_str(a);
+    }
+    let date = today();
+    let cores = env.cores;
+    let pin_note = if env.pinned {
+        "server pinned to core 1, load generator to core 0 (taskset / sched_setaffinity)"
+    } else {
+        "not pinned"
+    };
+    let (busy_median, busy_max) = report::interference(&m.results);
+    let busy_note = format!(
+        "other processes took {:.0}% of the benchmark's cores in the median run, {:.0}% at \
+         most{}; {} run(s) rerun because the machine was busy",
+        busy_median * 100.0,
+        busy_max * 100.0,
+        if busy_max >= BUSY {
+            " — a busy machine: rerun on a quiet one before trusting the ratios"
+        } else {
+            ""
+        },
+        m.reruns
+    );
+    let tables = report::tables(&m.results);
+    let checks = report::targets(&m.results);
+    let targets = report::targets_table(&checks);
+
+    let mut md = String::new();
+    md.push_str("# socketserver benchmark results\n\n");
+    md.push_str(&format!("- date: {date}\n"));
+    md.push_str(&format!(
+        "- machine: {cores} cores, {}, Linux {}\n",
+        cpu_model(),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    ));
+    md.push_str(&format!("- command: `{cmd}`\n"));
+    md.push_str(&format!(
+        "- mode: {}; {} alternating round(s) per point ({} for idle), median reported; \
+         {:.1} s measured after {:.1} s warm-up per echo/connect run; {pin_note}\n",
+        if cfg.quick { "quick" } else { "full" },
+        cfg.rounds,
+        cfg.idle_rounds,
+        cfg.window.as_secs_f64(),
+        cfg.warmup.as_secs_f64()
+    ));
+    if let Some(v) = python_version(&env.progs) {
+        md.push_str(&format!("- {v}\n"));
+    }
+    md.push_str(&format!("- wall time: {:.0} s\n", elapsed.as_secs_f64()));
+    md.push_str(&format!("- quietness: {busy_note}\n\n"));
+    md.push_str(
+        "Each figure is the median over rounds (errors are summed); in parentheses, its ratio to \
+         the `std` baseline. Latency: one round trip (echo); the whole connect → [handshake] → \
+         echo → close cycle (connect); the first echo on each held connection (idle). Server RSS: \
+         peak VmRSS of the server process during the run. RSS per connection: (peak − RSS before \
+         connecting) / connections held. Server CPU / op: the server process's CPU time (user + \
+         system, /proc, 10 ms resolution) over the measured window divided by the operations \
+         in it, which tells efficiency apart from whichever side is the bottleneck.\n\n",
+    );
+    md.push_str(&format!("![echo round trips/s]({svg_name})\n\n"));
+    md.push_str(&tables);
+    md.push_str("### Targets\n\n");
+    md.push_str(
+        "Checked on the medians above. Pinned, an identical server measures within about 5% of \
+         itself, so a result within a few percent of its bound is within noise.\n\n",
+    );
+    md.push_str(&targets);
+    md.push_str("\n### Contenders\n\n");
+    let mut seen: Vec<Contender> = Vec::new();
+    for e in m.results.iter().flat_map(|(_, e)| e) {
+        if !seen.contains(&e.contender) {
+            seen.push(e.contender);
+            md.push_str(&format!(
+                "- {}: {}\n",
+                e.contender.label(),
+                e.contender.describe()
+            ));
+        }
+    }
+    md.push_str("\n### Every round\n\n");
+    md.push_str(&report::raw_rounds(&m.results));
+
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "\n{cmd}  ({date}, {cores} cores, {pin_note}, {:.0} s)\n",
+        elapsed.as_secs_f64()
+    )?;
+    write!(out, "{tables}")?;
+    writeln!(out, "### Targets\n\n{targets}")?;
+    let passed = checks.iter().filter(|c| c.verdict() == "PASS").count();
+    let missed = checks.iter().filter(|c| c.verdict() == "MISS").count();
+    writeln!(out, "{passed} passed, {missed} missed\n")?;
+    writeln!(out, "quietness: {busy_note}")?;
+
+    let md_path = cfg.out.join(format!("results{suffix}.md"));
+    std::fs::write(&md_path, md)?;
+    eprintln!("wrote {}", md_path.display());
+    if m.results.iter().any(|(p, _)| matches!(p, Point::Echo(_))) {
+        let subtitle = format!(
+            "{date} · {cores} cores · median of {} round(s) · {}{}",
+            cfg.rounds,
+            if env.pinned {
+                "server on core 1, load on core 0"
+            } else {
+                "unpinned"
+            },
+            if busy_max >= BUSY {
+                " · BUSY MACHINE: noisy figures"
+            } else {
+                ""
+            }
+        );
+        let svg_path = cfg.out.join(&svg_name);
+        std::fs::write(&svg_path, report::svg(&m.results, &subtitle))?;
+        eprintln!("wrote {}", svg_path.display());
+    }
+    Ok(())
+}
+
+fn main() {
+    let mut cfg = parse_args();
+    let started = Instant::now();
+    // Ctrl-C or SIGTERM mid-run: take the running server down with us.
+    if let Err(e) = ctrlc::set_handler(|| {
+        contender::kill_current();
+        eprintln!("interrupted: server stopped");
+        std::process::exit(130);
+    }) {
+        eprintln!(
+            "warning: cannot handle Ctrl-C ({e}); an interrupted run may leave a server behind"
+        );
+    }
+    let env = setup(&mut cfg).unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(1)
+    });
+    let measured = measure(&cfg, &env);
+    if let Err(e) = report_all(&cfg, &env, &measured, started.elapsed()) {
+        eprintln!("error: cannot write the results: {e}");
+        std::process::exit(1);
+    }
+    if measured.any_failed {
+        eprintln!(
+            "some runs failed; server logs are in {}",
+            env.logdir.display()
+        );
+        std::process::exit(1);
+    }
+    let _ = std::fs::remove_dir_all(&env.logdir);
+}
