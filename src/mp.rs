@@ -19,8 +19,6 @@ use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use rand::Rng;
-
 use crate::auth::deadline::DeadlineIo;
 use crate::error::Kind;
 use crate::{Addr, Digest, Error, Result};
@@ -344,21 +342,21 @@ fn verify_response(key: &[u8], message: &[u8], response: &[u8]) -> Result<()> {
 }
 
 /// The random part of a challenge: 20 bare bytes (3.11), or `{digest}` and 40 bytes (3.12+).
-fn challenge_message(version: MpVersion, digest: Digest) -> Vec<u8> {
-    match version {
+fn challenge_message(version: MpVersion, digest: Digest) -> io::Result<Vec<u8>> {
+    Ok(match version {
         MpVersion::Legacy => {
             let mut m = vec![0u8; LEGACY_MESSAGE_LENGTH];
-            rand::rng().fill_bytes(&mut m);
+            crate::auth::random::fill(&mut m)?;
             m
         }
         MpVersion::Modern => {
             let mut m = format!("{{{}}}", digest.name()).into_bytes();
             let start = m.len();
             m.resize(start + MESSAGE_LENGTH, 0);
-            rand::rng().fill_bytes(&mut m[start..]);
+            crate::auth::random::fill(&mut m[start..])?;
             m
         }
-    }
+    })
 }
 
 /// Python's `deliver_challenge`: send `#CHALLENGE#` + `message`, check the answer, say welcome
@@ -445,7 +443,7 @@ pub fn mp_server_handshake<S: Read + Write>(
     version: MpVersion,
 ) -> Result<MpConnection<S>> {
     let mut c = MpConnection::new(stream);
-    server_side(&mut c, key, &challenge_message(version, Digest::Sha256))?;
+    server_side(&mut c, key, &challenge_message(version, Digest::Sha256)?)?;
     Ok(c)
 }
 
@@ -459,7 +457,7 @@ pub fn mp_client_handshake<S: Read + Write>(
     version: MpVersion,
 ) -> Result<MpConnection<S>> {
     let mut c = MpConnection::new(stream);
-    client_side(&mut c, key, &challenge_message(version, Digest::Sha256))?;
+    client_side(&mut c, key, &challenge_message(version, Digest::Sha256)?)?;
     Ok(c)
 }
 
@@ -486,10 +484,7 @@ pub fn mp_connect_with(
     let (stream, peer) = crate::auth::connect_timeout(addr, timeout)?;
     let left = timeout.saturating_sub(start.elapsed());
     let io = DeadlineIo::new(&stream, left);
-    let c = mp_client_handshake(io, key, version).map_err(|e| e.with_addr(Some(&peer)))?;
-    c.into_inner()
-        .finish()
-        .map_err(|e| Error::io(Some(&peer), e))?;
+    mp_client_handshake(io, key, version).map_err(|e| e.with_addr(Some(&peer)))?;
     Ok(MpConnection::new(stream).with_peer(peer))
 }
 
@@ -501,7 +496,7 @@ pub(crate) fn serve<S: Read + Write>(
     digest: Digest,
 ) -> Result<()> {
     let mut c = MpConnection::new(io);
-    server_side(&mut c, key, &challenge_message(version, digest))
+    server_side(&mut c, key, &challenge_message(version, digest)?)
 }
 
 #[cfg(test)]
@@ -810,13 +805,16 @@ mod tests {
 
     #[test]
     fn challenges_have_python_shapes() {
-        let m = challenge_message(MpVersion::Legacy, Digest::Sha256);
+        let m = challenge_message(MpVersion::Legacy, Digest::Sha256).unwrap();
         assert_eq!(m.len(), 20);
-        let m = challenge_message(MpVersion::Modern, Digest::Sha256);
+        let m = challenge_message(MpVersion::Modern, Digest::Sha256).unwrap();
         assert_eq!(&m[..8], b"{sha256}");
         assert_eq!(m.len(), 48);
-        assert_ne!(m, challenge_message(MpVersion::Modern, Digest::Sha256));
-        let m = challenge_message(MpVersion::Modern, Digest::Sha3_384);
+        assert_ne!(
+            m,
+            challenge_message(MpVersion::Modern, Digest::Sha256).unwrap()
+        );
+        let m = challenge_message(MpVersion::Modern, Digest::Sha3_384).unwrap();
         assert_eq!(&m[..10], b"{sha3_384}");
         assert_eq!(m.len(), 50);
     }

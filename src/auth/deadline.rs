@@ -1,95 +1,86 @@
 //! Reads and writes bounded by one deadline for a whole handshake, so a client that trickles a
 //! byte at a time cannot stretch it.
+//!
+//! Each call first tries the socket without blocking and waits with `poll` only when it would
+//! block: an answer that is already there costs one system call, and the socket's own timeouts
+//! are never touched (setting and clearing them cost four calls per connection).
 
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use crate::Stream;
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::io::Errno;
+use rustix::net::{RecvFlags, SendFlags};
 
-/// A socket whose per-call timeouts can be set.
-pub(crate) trait Timeouts {
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
-    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()>;
-}
-
-macro_rules! timeouts {
-    ($($t:ty),*) => {$(
-        impl Timeouts for $t {
-            fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-                <$t>::set_read_timeout(self, t)
-            }
-            fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-                <$t>::set_write_timeout(self, t)
-            }
-        }
-    )*};
-}
-
-timeouts!(Stream, TcpStream, UnixStream);
-
-/// Wraps a socket so that every read and write fails with `TimedOut` once `deadline` passes.
+/// Wraps a stream socket so that reads and writes fail with `TimedOut` once `deadline` passes.
 pub(crate) struct DeadlineIo<'a, S> {
     sock: &'a S,
     deadline: Instant,
+    /// We wrote since the last read: the peer must answer before there is anything to read,
+    /// so the next read waits first instead of trying a read that would fail with EAGAIN.
+    awaiting_answer: bool,
 }
 
-impl<'a, S: Timeouts> DeadlineIo<'a, S>
-where
-    &'a S: Read + Write,
-{
+impl<'a, S: AsFd> DeadlineIo<'a, S> {
     pub(crate) fn new(sock: &'a S, timeout: Duration) -> DeadlineIo<'a, S> {
         DeadlineIo {
             sock,
             deadline: Instant::now() + timeout,
+            awaiting_answer: false,
         }
     }
 
-    fn left(&self) -> io::Result<Duration> {
-        match self.deadline.checked_duration_since(Instant::now()) {
-            Some(d) if !d.is_zero() => Ok(d),
-            _ => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "handshake deadline passed",
-            )),
+    /// Waits until the socket is ready for `flags`, or fails once the deadline passes.
+    fn wait(&self, flags: PollFlags) -> io::Result<()> {
+        let left = self
+            .deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(timed_out)?;
+        let ts = Timespec::try_from(left).map_err(|_| timed_out())?;
+        let mut fds = [PollFd::new(self.sock, flags)];
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(0) => Err(timed_out()),
+            Ok(_) | Err(Errno::INTR) => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
-
-    /// Clears the timeouts this wrapper set, leaving the socket blocking without limit.
-    pub(crate) fn finish(self) -> io::Result<()> {
-        self.sock.set_read_timeout(None)?;
-        self.sock.set_write_timeout(None)
-    }
 }
 
-fn timed_out(e: io::Error) -> io::Error {
-    if e.kind() == io::ErrorKind::WouldBlock {
-        io::Error::new(io::ErrorKind::TimedOut, "handshake deadline passed")
-    } else {
-        e
-    }
+fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "handshake deadline passed")
 }
 
-impl<'a, S: Timeouts> Read for DeadlineIo<'a, S>
-where
-    &'a S: Read + Write,
-{
+impl<S: AsFd> Read for DeadlineIo<'_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.sock.set_read_timeout(Some(self.left()?))?;
-        let mut s = self.sock;
-        s.read(buf).map_err(timed_out)
+        if std::mem::take(&mut self.awaiting_answer) {
+            self.wait(PollFlags::IN)?;
+        }
+        loop {
+            match rustix::net::recv(self.sock, &mut *buf, RecvFlags::DONTWAIT) {
+                Ok((n, _)) => return Ok(n),
+                Err(Errno::AGAIN) => self.wait(PollFlags::IN)?,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 
-impl<'a, S: Timeouts> Write for DeadlineIo<'a, S>
-where
-    &'a S: Read + Write,
-{
+impl<S: AsFd> Write for DeadlineIo<'_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.sock.set_write_timeout(Some(self.left()?))?;
-        let mut s = self.sock;
-        s.write(buf).map_err(timed_out)
+        loop {
+            match rustix::net::send(self.sock, buf, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
+                Ok(n) => {
+                    self.awaiting_answer = true;
+                    return Ok(n);
+                }
+                Err(Errno::AGAIN) => self.wait(PollFlags::OUT)?,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {

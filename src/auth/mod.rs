@@ -9,10 +9,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rand::Rng;
-
 pub(crate) mod deadline;
 pub(crate) mod mac;
+pub(crate) mod random;
 
 use crate::control::{Control, Counters, lock};
 use crate::error::Kind;
@@ -231,12 +230,7 @@ impl AuthServer {
         let result = match self.auth.protocol {
             Protocol::Hmac(d) => serve_hmac(io, &self.auth.key, d),
             Protocol::Multiprocessing(v, d) => mp::serve(io, &self.auth.key, v, d),
-        }
-        .and_then(|()| {
-            stream.set_read_timeout(None)?;
-            stream.set_write_timeout(None)?;
-            Ok(())
-        });
+        };
         let counters = &control.counters;
         match result {
             Ok(()) => return true,
@@ -263,7 +257,7 @@ impl AuthServer {
 /// more: what follows is the handler's), verified in constant time.
 fn serve_hmac<S: Read + Write>(mut io: S, key: &[u8], digest: Digest) -> Result<()> {
     let mut challenge = [0u8; CHALLENGE_LEN];
-    rand::rng().fill_bytes(&mut challenge);
+    random::fill(&mut challenge)?;
     io.write_all(&challenge)?;
     let mut reply = [0u8; 2 * mac::MAX_MAC_LEN];
     let reply = &mut reply[..2 * digest.output_len()];
@@ -361,6 +355,5 @@ pub fn connect_with_auth(
     let (stream, peer) = connect_timeout(addr, timeout)?;
     let mut io = DeadlineIo::new(&stream, timeout.saturating_sub(start.elapsed()));
     answer_challenge(&mut io, key, digest).map_err(|e| e.with_addr(Some(&peer)))?;
-    io.finish().map_err(|e| Error::io(Some(&peer), e))?;
     Ok(stream)
 }
