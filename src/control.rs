@@ -52,8 +52,14 @@ impl Waker {
 /// idle workers and thread mode for its connection limit: the acceptor takes a permit *before*
 /// accepting, so the excess waits in the kernel backlog, not in a queue of ours.
 struct Limiter {
-    free: Mutex<usize>,
+    state: Mutex<Slots>,
     freed: Condvar,
+}
+
+/// Free slots, and how many threads wait for one (notifying nobody is a wasted system call).
+struct Slots {
+    free: usize,
+    waiting: usize,
 }
 
 /// A slot under the connection limit, given back when the request ends.
@@ -64,8 +70,11 @@ pub(crate) struct Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(l) = &self.control.limiter {
-            *lock(&l.free) += 1;
-            l.freed.notify_one();
+            let mut slots = lock(&l.state);
+            slots.free += 1;
+            if slots.waiting > 0 {
+                l.freed.notify_one();
+            }
         }
     }
 }
@@ -139,6 +148,8 @@ struct Registry {
     next_id: u64,
     live: HashMap<u64, Option<Stream>>,
     completed: u64,
+    /// Threads in `wait_idle`; only they need to hear of a request ending.
+    waiters: usize,
 }
 
 /// The state every thread of one server shares.
@@ -160,13 +171,17 @@ impl Control {
             draining: AtomicBool::new(false),
             waker: Waker::new()?,
             limiter: limit.map(|n| Limiter {
-                free: Mutex::new(n),
+                state: Mutex::new(Slots {
+                    free: n,
+                    waiting: 0,
+                }),
                 freed: Condvar::new(),
             }),
             registry: Mutex::new(Registry {
                 next_id: 0,
                 live: HashMap::new(),
                 completed: 0,
+                waiters: 0,
             }),
             registry_changed: Condvar::new(),
             counters: Counters::default(),
@@ -183,7 +198,7 @@ impl Control {
         self.waker.wake();
         if let Some(l) = &self.limiter {
             // Taking the lock orders this notify after any waiter's flag check.
-            drop(lock(&l.free));
+            drop(lock(&l.state));
             l.freed.notify_all();
         }
     }
@@ -209,27 +224,32 @@ impl Control {
                 control: self.clone(),
             });
         };
-        let mut free = lock(&l.free);
+        let mut slots = lock(&l.state);
         loop {
             if self.shutdown_requested() {
                 return None;
             }
-            if *free > 0 {
-                *free -= 1;
+            if slots.free > 0 {
+                slots.free -= 1;
                 return Some(Permit {
                     control: self.clone(),
                 });
             }
-            free = match deadline {
-                None => l.freed.wait(free).unwrap_or_else(|e| e.into_inner()),
-                Some(d) => {
-                    let left = d.checked_duration_since(Instant::now())?;
+            let left = match deadline {
+                None => None,
+                Some(d) => Some(d.checked_duration_since(Instant::now())?),
+            };
+            slots.waiting += 1;
+            slots = match left {
+                None => l.freed.wait(slots).unwrap_or_else(|e| e.into_inner()),
+                Some(left) => {
                     l.freed
-                        .wait_timeout(free, left)
+                        .wait_timeout(slots, left)
                         .unwrap_or_else(|e| e.into_inner())
                         .0
                 }
             };
+            slots.waiting -= 1;
         }
     }
 
@@ -240,9 +260,9 @@ impl Control {
                 control: self.clone(),
             });
         };
-        let mut free = lock(&l.free);
-        (*free > 0).then(|| {
-            *free -= 1;
+        let mut slots = lock(&l.state);
+        (slots.free > 0).then(|| {
+            slots.free -= 1;
             Permit {
                 control: self.clone(),
             }
@@ -270,21 +290,27 @@ impl Control {
     pub(crate) fn wait_idle(&self, deadline: Option<Instant>) -> bool {
         let mut r = lock(&self.registry);
         while !r.live.is_empty() {
-            r = match deadline {
+            let left = match deadline {
+                None => None,
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    None => return false,
+                    left => left,
+                },
+            };
+            r.waiters += 1;
+            r = match left {
                 None => self
                     .registry_changed
                     .wait(r)
                     .unwrap_or_else(|e| e.into_inner()),
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    None => return false,
-                    Some(left) => {
-                        self.registry_changed
-                            .wait_timeout(r, left)
-                            .unwrap_or_else(|e| e.into_inner())
-                            .0
-                    }
-                },
+                Some(left) => {
+                    self.registry_changed
+                        .wait_timeout(r, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
             };
+            r.waiters -= 1;
         }
         true
     }
@@ -367,8 +393,9 @@ impl Drop for Ticket {
         let mut r = lock(&self.control.registry);
         r.live.remove(&self.id);
         r.completed += 1;
-        drop(r);
-        self.control.registry_changed.notify_all();
+        if r.waiters > 0 {
+            self.control.registry_changed.notify_all();
+        }
     }
 }
 
