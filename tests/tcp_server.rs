@@ -667,3 +667,79 @@ fn reuse_port_lets_two_servers_share_a_port() {
     assert!(c.is_err());
     let _ = Ipv6Addr::LOCALHOST;
 }
+
+#[test]
+fn idle_timeout_closes_silent_connections_and_spares_busy_ones() {
+    let server = TcpServer::builder(|| {
+        FnHandler(|req: &mut Request| {
+            let mut buf = [0u8; 64];
+            loop {
+                let n = req.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                req.write_all(&buf[..n])?;
+            }
+        })
+    })
+    .idle_timeout(Duration::from_millis(300))
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let mut silent = connect(&addr);
+    let mut busy = connect(&addr);
+    let start = Instant::now();
+    // The busy client talks every 50 ms for a second; the silent one says nothing.
+    while start.elapsed() < Duration::from_secs(1) {
+        busy.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        busy.read_exact(&mut b).expect("busy connection was cut");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut b = [0u8; 1];
+    assert_eq!(
+        silent.read(&mut b).unwrap(),
+        0,
+        "silent connection still open"
+    );
+    assert_eq!(running.handle.stats().idle_closed, 1);
+    drop((silent, busy));
+}
+
+#[test]
+fn read_timeout_reaches_the_handler_as_an_error() {
+    let outcome = Arc::new(Mutex::new(None));
+    let o = outcome.clone();
+    let server = TcpServer::builder(move || {
+        let o = o.clone();
+        FnHandler(move |req: &mut Request| {
+            let mut b = [0u8; 1];
+            let t = Instant::now();
+            let r = req.read(&mut b);
+            *o.lock().unwrap() = Some((r.map_err(|e| e.kind()), t.elapsed()));
+            Ok(())
+        })
+    })
+    .read_timeout(Duration::from_millis(150))
+    .write_timeout(Duration::from_millis(150))
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let c = connect(&addr);
+    assert_eq!(util::read_to_eof(&c).unwrap(), b"");
+    drop((c, running));
+    let (result, waited) = outcome.lock().unwrap().take().expect("handler ran");
+    assert!(
+        matches!(
+            result,
+            Err(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+        ),
+        "{result:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(100) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+}
