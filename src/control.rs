@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use rustix::pipe::{PipeFlags, pipe_with};
 
+use crate::wait::{deadline_after, wait_until};
+
 use crate::{Addr, Stream};
 
 /// Locks a mutex whose data stays consistent even if a holder panicked (we never panic while
@@ -137,7 +139,8 @@ pub struct Stats {
 pub struct DrainReport {
     /// Requests that finished on their own before the deadline.
     pub finished: u64,
-    /// Requests still running at the deadline, whose sockets were shut down.
+    /// Requests still running at the deadline. Those on a connection had their socket shut
+    /// down; a datagram request has none to cut and is only waited for.
     pub cut: u64,
     /// Of those cut, requests still running when the drain gave up waiting for them (a handler
     /// that ignores its socket, say).
@@ -150,6 +153,9 @@ struct Registry {
     completed: u64,
     /// Threads in `wait_idle`; only they need to hear of a request ending.
     waiters: usize,
+    /// Running `serve_forever` / `handle_request` calls. A request they have accepted but not
+    /// yet registered is invisible to `live`, so a drain waits for them to leave first.
+    serving: usize,
 }
 
 /// The state every thread of one server shares.
@@ -182,6 +188,7 @@ impl Control {
                 live: HashMap::new(),
                 completed: 0,
                 waiters: 0,
+                serving: 0,
             }),
             registry_changed: Condvar::new(),
             counters: Counters::default(),
@@ -203,8 +210,18 @@ impl Control {
         }
     }
 
-    /// Re-arms the server after `serve_forever` returned, as Python does, so it can serve again.
-    pub(crate) fn clear_shutdown(&self) {
+    /// Marks a serve loop as running until the returned guard drops. When the last
+    /// `serve_forever` leaves (`rearm`), the shutdown request is consumed, as in Python, so the
+    /// server can serve again.
+    pub(crate) fn serving(&self, rearm: bool) -> Serving<'_> {
+        lock(&self.registry).serving += 1;
+        Serving {
+            control: self,
+            rearm,
+        }
+    }
+
+    fn clear_shutdown(&self) {
         self.shutdown.store(false, Ordering::Release);
         self.waker.clear();
         if self.shutdown_requested() {
@@ -235,21 +252,14 @@ impl Control {
                     control: self.clone(),
                 });
             }
-            let left = match deadline {
-                None => None,
-                Some(d) => Some(d.checked_duration_since(Instant::now())?),
-            };
             slots.waiting += 1;
-            slots = match left {
-                None => l.freed.wait(slots).unwrap_or_else(|e| e.into_inner()),
-                Some(left) => {
-                    l.freed
-                        .wait_timeout(slots, left)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
-                }
-            };
+            let woken = wait_until(&l.freed, slots, deadline);
+            // Re-lock to undo the count even when the deadline had passed.
+            slots = woken.unwrap_or_else(|| lock(&l.state));
             slots.waiting -= 1;
+            if deadline.is_some_and(|d| Instant::now() >= d) && slots.free == 0 {
+                return None;
+            }
         }
     }
 
@@ -286,31 +296,18 @@ impl Control {
         lock(&self.registry).live.len()
     }
 
-    /// Waits until no request is in flight or the deadline passes; true if none is.
+    /// Waits until no request is in flight and no serve loop runs, or the deadline passes; true
+    /// if the server went idle.
     pub(crate) fn wait_idle(&self, deadline: Option<Instant>) -> bool {
         let mut r = lock(&self.registry);
-        while !r.live.is_empty() {
-            let left = match deadline {
-                None => None,
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    None => return false,
-                    left => left,
-                },
-            };
+        while !r.live.is_empty() || r.serving > 0 {
             r.waiters += 1;
-            r = match left {
-                None => self
-                    .registry_changed
-                    .wait(r)
-                    .unwrap_or_else(|e| e.into_inner()),
-                Some(left) => {
-                    self.registry_changed
-                        .wait_timeout(r, left)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
-                }
-            };
+            let woken = wait_until(&self.registry_changed, r, deadline);
+            r = woken.unwrap_or_else(|| lock(&self.registry));
             r.waiters -= 1;
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return r.live.is_empty() && r.serving == 0;
+            }
         }
         true
     }
@@ -333,16 +330,17 @@ impl Control {
     }
 
     pub(crate) fn drain(&self, grace: Duration, cut_wait: Duration) -> DrainReport {
+        struct Draining<'a>(&'a AtomicBool);
+        impl Drop for Draining<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
         self.draining.store(true, Ordering::Release);
-        let report = self.drain_inner(grace, cut_wait);
-        self.draining.store(false, Ordering::Release);
-        report
-    }
-
-    fn drain_inner(&self, grace: Duration, cut_wait: Duration) -> DrainReport {
+        let _draining = Draining(&self.draining);
         self.request_shutdown();
         let completed_before = self.completed();
-        let idle = self.wait_idle(Some(Instant::now() + grace));
+        let idle = self.wait_idle(deadline_after(grace));
         let completed_at_deadline = self.completed();
         let finished = completed_at_deadline - completed_before;
         if idle {
@@ -354,7 +352,7 @@ impl Control {
         }
         let running = self.active() as u64;
         self.cut_where(|_| true);
-        self.wait_idle(Some(Instant::now() + cut_wait));
+        self.wait_idle(deadline_after(cut_wait));
         DrainReport {
             finished,
             cut: running,
@@ -378,6 +376,26 @@ impl Control {
             accept_errors: get(&c.accept_errors),
             oversized_datagrams: get(&c.oversized),
             idle_closed: get(&c.idle_closed),
+        }
+    }
+}
+
+/// A running serve loop; see [`Control::serving`].
+pub(crate) struct Serving<'a> {
+    control: &'a Control,
+    rearm: bool,
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        let c = self.control;
+        let mut r = lock(&c.registry);
+        r.serving -= 1;
+        if r.serving == 0 && self.rearm {
+            c.clear_shutdown();
+        }
+        if r.waiters > 0 {
+            c.registry_changed.notify_all();
         }
     }
 }

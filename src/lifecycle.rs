@@ -70,9 +70,10 @@ pub(crate) fn make<H>(
 /// Runs `setup`, then `handle` and `finish` (`finish` even when `handle` failed; neither when
 /// `setup` failed). Returns true if all three succeeded.
 ///
-/// Unwind safety: after a panic the handler and the request are dropped without further use, so
-/// no broken invariant of theirs is observed; state the handler shares with others is behind
-/// locks, which poison.
+/// Unwind safety: after `setup` panics, the handler and request are dropped unused; after
+/// `handle` panics, only `finish` sees them (as in Python, whose `finish` runs in a `finally`),
+/// and `finish` is written to clean up after a failed `handle`. State shared with other
+/// connections is behind locks, which poison.
 pub(crate) fn run<R: HasPeer, H: Lifecycle<R>>(h: &mut H, req: &mut R, ctx: &Ctx) -> bool {
     if !step(h, req, ctx, "setup", H::setup) {
         return false;

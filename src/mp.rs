@@ -17,9 +17,8 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::auth::deadline::DeadlineIo;
 use crate::error::Kind;
 use crate::{Addr, Digest, Error, Result};
 
@@ -361,7 +360,7 @@ fn challenge_message(version: MpVersion, digest: Digest) -> io::Result<Vec<u8>> 
 
 /// Python's `deliver_challenge`: send `#CHALLENGE#` + `message`, check the answer, say welcome
 /// or failure.
-fn deliver_challenge<S: Read + Write>(
+fn deliver_mp_challenge<S: Read + Write>(
     c: &mut MpConnection<S>,
     key: &[u8],
     message: &[u8],
@@ -381,7 +380,7 @@ fn deliver_challenge<S: Read + Write>(
 }
 
 /// Python's `answer_challenge`: answer the peer's challenge and read its verdict.
-fn answer_challenge<S: Read + Write>(c: &mut MpConnection<S>, key: &[u8]) -> Result<()> {
+fn answer_mp_challenge<S: Read + Write>(c: &mut MpConnection<S>, key: &[u8]) -> Result<()> {
     let message = recv_handshake(c)?;
     let Some(challenge) = message.strip_prefix(CHALLENGE) else {
         return Err(Error::new(Kind::BadMessage)
@@ -407,15 +406,15 @@ fn answer_challenge<S: Read + Write>(c: &mut MpConnection<S>, key: &[u8]) -> Res
 /// `Listener.accept`'s half: deliver `message` as our challenge, then answer the client's.
 fn server_side<S: Read + Write>(c: &mut MpConnection<S>, key: &[u8], message: &[u8]) -> Result<()> {
     check_key(key)?;
-    deliver_challenge(c, key, message)?;
-    answer_challenge(c, key)
+    deliver_mp_challenge(c, key, message)?;
+    answer_mp_challenge(c, key)
 }
 
 /// `Client`'s half: answer the listener's challenge, then deliver `message` as ours.
 fn client_side<S: Read + Write>(c: &mut MpConnection<S>, key: &[u8], message: &[u8]) -> Result<()> {
     check_key(key)?;
-    answer_challenge(c, key)?;
-    deliver_challenge(c, key, message)
+    answer_mp_challenge(c, key)?;
+    deliver_mp_challenge(c, key, message)
 }
 
 fn check_key(key: &[u8]) -> Result<()> {
@@ -480,11 +479,9 @@ pub fn mp_connect_with(
     version: MpVersion,
 ) -> Result<MpConnection<TcpStream>> {
     check_key(key)?;
-    let start = Instant::now();
-    let (stream, peer) = crate::auth::connect_timeout(addr, timeout)?;
-    let left = timeout.saturating_sub(start.elapsed());
-    let io = DeadlineIo::new(&stream, left);
-    mp_client_handshake(io, key, version).map_err(|e| e.with_addr(Some(&peer)))?;
+    let (stream, peer, ()) = crate::auth::connect_and(addr, timeout, |io| {
+        mp_client_handshake(io, key, version).map(drop)
+    })?;
     Ok(MpConnection::new(stream).with_peer(peer))
 }
 

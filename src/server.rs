@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 
 use crate::control::{Control, Counters, Permit, Ticket, lock};
@@ -18,6 +18,7 @@ use crate::pool::Pool;
 use crate::stream::now_millis;
 use crate::transport::socket::SocketOptions;
 use crate::transport::{Incoming, Listener, Service, Transport};
+use crate::wait::{Polled, deadline_after, poll_until};
 use crate::{Addr, HandlerFailure, ServerHandle};
 
 /// How a server runs its requests.
@@ -173,7 +174,8 @@ impl<T: Transport> Builder<T> {
 
     /// At the connection cap, accept and close new connections at once (counted in
     /// [`Stats::limit_rejected`](crate::Stats::limit_rejected)) instead of leaving them in the
-    /// backlog. Sheds load quickly when clients can retry elsewhere.
+    /// backlog. Sheds load quickly when clients can retry elsewhere. Thread mode only: a pool
+    /// always leaves the excess in the backlog.
     pub fn reject_when_full(mut self, reject: bool) -> Self {
         self.common.reject_when_full = reject;
         self
@@ -223,10 +225,12 @@ impl<T: Transport> Builder<T> {
         self
     }
 
-    /// Sets `SO_REUSEADDR` before binding (default true, as `std` does; Python's `TCPServer`
-    /// defaults to false). IP sockets only.
+    /// Sets `SO_REUSEADDR` before binding. Default: on for TCP, as `std` does (a restarted
+    /// server can bind while old connections linger in TIME_WAIT; Python's `TCPServer` defaults
+    /// to off); off for UDP, where it would let a second server bind the same port and take
+    /// part of its traffic. IP sockets only.
     pub fn reuse_address(mut self, reuse: bool) -> Self {
-        self.socket.reuse_address = reuse;
+        self.socket.reuse_address = Some(reuse);
         self
     }
 
@@ -273,7 +277,7 @@ impl<T: Transport> Builder<T> {
         self.service.prepare(limit)?;
         let local = listener.local_addr();
         let control =
-            Control::new(local.clone(), limit).map_err(|e| crate::Error::bind(Some(&local), e))?;
+            Control::new(local.clone(), limit).map_err(|e| crate::Error::io(Some(&local), e))?;
         let shared = Arc::new(Shared {
             service: self.service,
             ctx: Ctx {
@@ -291,14 +295,14 @@ impl<T: Transport> Builder<T> {
                 let run = Arc::new(move |job| s.run(job));
                 Dispatcher::Pool(
                     Pool::new(workers, c.stack_size, run)
-                        .map_err(|e| crate::Error::bind(Some(&local), e))?,
+                        .map_err(|e| crate::Error::io(Some(&local), e))?,
                 )
             }
         };
         let reaper = match c.idle_timeout {
             Some(t) => Some(
                 IdleReaper::start(shared.ctx.handle.control.clone(), t)
-                    .map_err(|e| crate::Error::bind(Some(&local), e))?,
+                    .map_err(|e| crate::Error::io(Some(&local), e))?,
             ),
             None => None,
         };
@@ -382,32 +386,17 @@ impl Backoff {
     }
 }
 
-/// Resets the shutdown request when `serve_forever` returns, so the server can serve again.
-struct Rearm<'a>(&'a Control);
-
-impl Drop for Rearm<'_> {
-    fn drop(&mut self) {
-        self.0.clear_shutdown();
-    }
-}
-
+/// Waits for the listener (if given) to be readable, for a shutdown request, or for `deadline`.
 fn wait(listener: Option<BorrowedFd<'_>>, control: &Control, deadline: Option<Instant>) -> Wake {
     let waker = PollFd::from_borrowed_fd(control.waker_fd(), PollFlags::IN);
     let mut fds = match listener {
         Some(fd) => vec![waker, PollFd::from_borrowed_fd(fd, PollFlags::IN)],
         None => vec![waker],
     };
-    let timeout = deadline.map(|d| {
-        let left = d.saturating_duration_since(Instant::now());
-        Timespec::try_from(left).unwrap_or(Timespec {
-            tv_sec: i64::MAX,
-            tv_nsec: 0,
-        })
-    });
-    match rustix::event::poll(&mut fds, timeout.as_ref()) {
-        Ok(0) => Wake::Timeout,
-        Ok(_) if !fds[0].revents().is_empty() => Wake::Shutdown,
-        Ok(_) | Err(Errno::INTR) => Wake::Ready,
+    match poll_until(&mut fds, deadline) {
+        Ok(Polled::TimedOut) => Wake::Timeout,
+        Ok(Polled::Ready) if !fds[0].revents().is_empty() => Wake::Shutdown,
+        Ok(Polled::Ready) => Wake::Ready,
         Err(e) => {
             log::error!("poll failed: {e}; retrying");
             thread::sleep(Backoff::FIRST);
@@ -478,7 +467,7 @@ impl<T: Transport> Server<T> {
             return;
         };
         let control = self.control();
-        let _rearm = Rearm(control);
+        let _serving = control.serving(true);
         let mut backoff = Backoff::default();
         while !control.shutdown_requested() {
             if let Some(hook) = &self.service_actions
@@ -489,7 +478,7 @@ impl<T: Transport> Server<T> {
             let deadline = self
                 .service_actions
                 .as_ref()
-                .map(|_| Instant::now() + self.poll_interval);
+                .and_then(|_| deadline_after(self.poll_interval));
             if let Next::Request(req, permit) = self.next(listener, deadline, &mut backoff) {
                 self.process(req, permit, &mut backoff);
             }
@@ -497,31 +486,26 @@ impl<T: Transport> Server<T> {
     }
 
     /// Python's `handle_request`: waits up to `timeout` (forever with `None`) for one request
-    /// and dispatches it. On timeout calls the `handle_timeout` hook. Returns whether a request
-    /// was dispatched (false also when a shutdown is pending).
+    /// and dispatches it; on timeout calls the `handle_timeout` hook. Returns whether the
+    /// request was dispatched: false on timeout, when a shutdown is pending, and for a request
+    /// that `verify_request` rejected (it still counts as the one request handled).
     pub fn handle_request(&self, timeout: Option<Duration>) -> bool {
         let Some(listener) = &self.listener else {
             return false;
         };
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut backoff = Backoff::default();
-        loop {
-            match self.next(listener, deadline, &mut backoff) {
-                Next::Request(req, permit) => {
-                    if self.process(req, permit, &mut backoff) {
-                        return true;
-                    }
+        let _serving = self.control().serving(false);
+        let deadline = timeout.and_then(deadline_after);
+        match self.next(listener, deadline, &mut Backoff::default()) {
+            Next::Request(req, permit) => self.process(req, permit, &mut Backoff::default()),
+            Next::Timeout => {
+                if let Some(hook) = &self.handle_timeout
+                    && let Err(p) = catch_unwind(AssertUnwindSafe(hook))
+                {
+                    log::error!("handle_timeout hook panicked: {}", panic_message(&*p));
                 }
-                Next::Timeout => {
-                    if let Some(hook) = &self.handle_timeout
-                        && let Err(p) = catch_unwind(AssertUnwindSafe(hook))
-                    {
-                        log::error!("handle_timeout hook panicked: {}", panic_message(&*p));
-                    }
-                    return false;
-                }
-                Next::Shutdown => return false,
+                false
             }
+            Next::Shutdown => false,
         }
     }
 
@@ -549,6 +533,7 @@ impl<T: Transport> Server<T> {
             let err = match listener.accept(control) {
                 Ok(req) => {
                     backoff.reset();
+                    Counters::bump(&control.counters.accepted);
                     let permit = match permit {
                         Some(p) => p,
                         None => match control.try_acquire() {
@@ -610,7 +595,6 @@ impl<T: Transport> Server<T> {
         backoff: &mut Backoff,
     ) -> bool {
         let control = self.control();
-        Counters::bump(&control.counters.accepted);
         if let Some(verify) = &self.verify_request {
             let ok = catch_unwind(AssertUnwindSafe(|| verify(req.peer()))).unwrap_or_else(|p| {
                 log::error!("verify_request hook panicked: {}", panic_message(&*p));

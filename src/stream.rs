@@ -40,12 +40,49 @@ enum Sock {
 /// The peer process of a Unix-domain connection, as the kernel reports it (`SO_PEERCRED`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Credentials {
-    /// Process ID of the peer when it connected.
+    /// Process ID of the peer when it connected; 0 when the peer is in a PID namespace this
+    /// process cannot see (a client outside the server's container, say).
     pub pid: i32,
     /// Effective user ID of the peer.
     pub uid: u32,
     /// Effective group ID of the peer.
     pub gid: u32,
+}
+
+/// `getsockopt(SO_PEERCRED)` into libc's `ucred`. (rustix's version stores the pid in a
+/// `NonZeroI32`, which the kernel's pid 0 for a peer in another PID namespace would make
+/// undefined behaviour.)
+#[cfg(any(target_os = "linux", target_os = "android"))]
+#[allow(unsafe_code)]
+fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<Credentials> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `fd` is borrowed, so it stays open for the call. `cred` is a live, aligned,
+    // writable `ucred`, and `len` is its exact size: the kernel writes at most `len` bytes into
+    // it and stores the length written in `len`. All three fields are plain integers, for which
+    // every bit pattern is a valid value, so whatever the kernel writes is a valid `ucred`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Credentials {
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
+    })
 }
 
 fn clock_base() -> Instant {
@@ -79,7 +116,9 @@ impl Stream {
         Stream::new(Sock::Unix(s), track_activity)
     }
 
-    /// The TCP socket, if this is a TCP connection.
+    /// The TCP socket, if this is a TCP connection. Reads and writes made on it directly do not
+    /// count as activity for [`Builder::idle_timeout`](crate::Builder::idle_timeout); only those
+    /// through the `Stream` do.
     pub fn as_tcp(&self) -> Option<&TcpStream> {
         match &self.inner.sock {
             Sock::Tcp(s) => Some(s),
@@ -87,7 +126,9 @@ impl Stream {
         }
     }
 
-    /// The Unix-domain socket, if this is a Unix-domain connection.
+    /// The Unix-domain socket, if this is a Unix-domain connection. As with
+    /// [`as_tcp`](Self::as_tcp), direct reads and writes do not count as activity for the idle
+    /// timeout.
     pub fn as_unix(&self) -> Option<&UnixStream> {
         match &self.inner.sock {
             Sock::Unix(s) => Some(s),
@@ -159,12 +200,7 @@ impl Stream {
     pub fn peer_credentials(&self) -> Option<Credentials> {
         #[cfg(any(target_os = "linux", target_os = "android"))]
         if let Sock::Unix(s) = &self.inner.sock {
-            let c = rustix::net::sockopt::socket_peercred(s).ok()?;
-            return Some(Credentials {
-                pid: c.pid.as_raw_nonzero().get(),
-                uid: c.uid.as_raw(),
-                gid: c.gid.as_raw(),
-            });
+            return peer_cred(s.as_fd()).ok();
         }
         None
     }

@@ -9,14 +9,17 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 use rustix::net::{RecvFlags, SendFlags};
+
+use crate::wait::{Polled, deadline_after, poll_until};
 
 /// Wraps a stream socket so that reads and writes fail with `TimedOut` once `deadline` passes.
 pub(crate) struct DeadlineIo<'a, S> {
     sock: &'a S,
-    deadline: Instant,
+    /// `None`: a timeout too large to represent, i.e. none.
+    deadline: Option<Instant>,
     /// We wrote since the last read: the peer must answer before there is anything to read,
     /// so the next read waits first instead of trying a read that would fail with EAGAIN.
     awaiting_answer: bool,
@@ -26,24 +29,17 @@ impl<'a, S: AsFd> DeadlineIo<'a, S> {
     pub(crate) fn new(sock: &'a S, timeout: Duration) -> DeadlineIo<'a, S> {
         DeadlineIo {
             sock,
-            deadline: Instant::now() + timeout,
+            deadline: deadline_after(timeout),
             awaiting_answer: false,
         }
     }
 
     /// Waits until the socket is ready for `flags`, or fails once the deadline passes.
     fn wait(&self, flags: PollFlags) -> io::Result<()> {
-        let left = self
-            .deadline
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-            .ok_or_else(timed_out)?;
-        let ts = Timespec::try_from(left).map_err(|_| timed_out())?;
         let mut fds = [PollFd::new(self.sock, flags)];
-        match rustix::event::poll(&mut fds, Some(&ts)) {
-            Ok(0) => Err(timed_out()),
-            Ok(_) | Err(Errno::INTR) => Ok(()),
-            Err(e) => Err(e.into()),
+        match poll_until(&mut fds, self.deadline)? {
+            Polled::Ready => Ok(()),
+            Polled::TimedOut => Err(timed_out()),
         }
     }
 }

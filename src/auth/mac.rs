@@ -64,41 +64,48 @@ impl Digest {
 
     /// HMAC of the concatenation of `parts` under `key`.
     pub(crate) fn mac(self, key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
-        fn run<M: Mac + KeyInit>(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+        match self.run(key, parts, Op::Compute) {
+            Out::Tag(tag) => tag,
+            Out::Verified(_) => unreachable!("Op::Compute yields a tag"),
+        }
+    }
+
+    /// Whether `tag` is the HMAC of `parts` under `key`, checked by the hmac crate in constant
+    /// time.
+    pub(crate) fn verify(self, key: &[u8], parts: &[&[u8]], tag: &[u8]) -> bool {
+        matches!(self.run(key, parts, Op::Verify(tag)), Out::Verified(true))
+    }
+
+    /// Keys this digest's HMAC, feeds it `parts`, and computes or verifies the tag.
+    fn run(self, key: &[u8], parts: &[&[u8]], op: Op<'_>) -> Out {
+        fn with<M: Mac + KeyInit>(key: &[u8], parts: &[&[u8]], op: Op<'_>) -> Out {
             let mut m = <M as KeyInit>::new_from_slice(key).expect("HMAC accepts any key length");
             for p in parts {
                 m.update(p);
             }
-            m.finalize().into_bytes().to_vec()
-        }
-        match self {
-            Digest::Md5 => run::<Hmac<md5::Md5>>(key, parts),
-            Digest::Sha256 => run::<Hmac<sha2::Sha256>>(key, parts),
-            Digest::Sha384 => run::<Hmac<sha2::Sha384>>(key, parts),
-            Digest::Sha3_256 => run::<SimpleHmac<sha3::Sha3_256>>(key, parts),
-            Digest::Sha3_384 => run::<SimpleHmac<sha3::Sha3_384>>(key, parts),
-        }
-    }
-
-    /// Whether `tag` is the HMAC of `parts` under `key`, compared in constant time.
-    pub(crate) fn verify(self, key: &[u8], parts: &[&[u8]], tag: &[u8]) -> bool {
-        fn run<M: Mac + KeyInit>(key: &[u8], parts: &[&[u8]], tag: &[u8]) -> bool {
-            let Ok(mut m) = <M as KeyInit>::new_from_slice(key) else {
-                return false;
-            };
-            for p in parts {
-                m.update(p);
+            match op {
+                Op::Compute => Out::Tag(m.finalize().into_bytes().to_vec()),
+                Op::Verify(tag) => Out::Verified(m.verify_slice(tag).is_ok()),
             }
-            m.verify_slice(tag).is_ok()
         }
         match self {
-            Digest::Md5 => run::<Hmac<md5::Md5>>(key, parts, tag),
-            Digest::Sha256 => run::<Hmac<sha2::Sha256>>(key, parts, tag),
-            Digest::Sha384 => run::<Hmac<sha2::Sha384>>(key, parts, tag),
-            Digest::Sha3_256 => run::<SimpleHmac<sha3::Sha3_256>>(key, parts, tag),
-            Digest::Sha3_384 => run::<SimpleHmac<sha3::Sha3_384>>(key, parts, tag),
+            Digest::Md5 => with::<Hmac<md5::Md5>>(key, parts, op),
+            Digest::Sha256 => with::<Hmac<sha2::Sha256>>(key, parts, op),
+            Digest::Sha384 => with::<Hmac<sha2::Sha384>>(key, parts, op),
+            Digest::Sha3_256 => with::<SimpleHmac<sha3::Sha3_256>>(key, parts, op),
+            Digest::Sha3_384 => with::<SimpleHmac<sha3::Sha3_384>>(key, parts, op),
         }
     }
+}
+
+enum Op<'a> {
+    Compute,
+    Verify(&'a [u8]),
+}
+
+enum Out {
+    Tag(Vec<u8>),
+    Verified(bool),
 }
 
 impl std::fmt::Display for Digest {

@@ -16,6 +16,7 @@ pub(crate) mod random;
 use crate::control::{Control, Counters, lock};
 use crate::error::Kind;
 use crate::mp::{self, MpVersion};
+use crate::wait::deadline_after;
 use crate::{Addr, Error, Result, Stream};
 use deadline::DeadlineIo;
 pub use mac::Digest;
@@ -32,7 +33,10 @@ enum Protocol {
 /// Authentication for a stream server: which handshake, the key, and its limits.
 ///
 /// Enable it with [`Builder::auth`](crate::Builder::auth). The handshake runs on the
-/// connection's worker thread (never on the accepting thread) before the handler's `setup`;
+/// connection's worker thread (never on the accepting thread, except in
+/// [`Dispatch::Sync`](crate::Dispatch::Sync) mode, where every request runs on the one serving
+/// thread: there a silent client holds the server for the handshake timeout, so serve untrusted
+/// networks in thread or pool mode) before the handler's `setup`;
 /// a client that fails it is logged with its address (never the key), counted in
 /// [`Stats::auth_failures`](crate::Stats::auth_failures), and disconnected without the handler
 /// ever running.
@@ -130,7 +134,7 @@ impl Auth {
     /// [`Stats::handshake_evictions`](crate::Stats::handshake_evictions)), so silent connections
     /// can hold at most this many workers while honest clients, which answer in a round trip,
     /// get through. Default: half the pool in pool mode, half of `max_connections` in capped
-    /// thread mode, 64 otherwise.
+    /// thread mode (but at least 4, or all of them when fewer), 64 otherwise.
     ///
     /// The limit of this policy: a burst of more than `max` new connections arriving within
     /// one round trip of an honest client can cut its handshake too (nothing tells the two
@@ -172,12 +176,21 @@ struct PendingGuard<'a> {
     entry: Arc<Pending>,
 }
 
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
+impl PendingGuard<'_> {
+    /// Leaves the table; false if a newer connection evicted this handshake first (its socket
+    /// is then shut down, so even a correct answer must not reach the handler).
+    fn leave(&self) -> bool {
         let mut t = lock(&self.server.pending);
         if let Some(i) = t.queue.iter().position(|p| p.id == self.entry.id) {
             t.queue.remove(i);
         }
+        !self.entry.evicted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.leave();
     }
 }
 
@@ -232,11 +245,12 @@ impl AuthServer {
             Protocol::Multiprocessing(v, d) => mp::serve(io, &self.auth.key, v, d),
         };
         let counters = &control.counters;
+        let kept = guard.leave();
         match result {
-            Ok(()) => return true,
-            Err(_) if guard.entry.evicted.load(Ordering::Relaxed) => {
+            _ if !kept => {
                 log::info!("handshake with {peer} cut: too many unfinished handshakes");
             }
+            Ok(()) => return true,
             Err(e) if e.is_timeout() => {
                 Counters::bump(&counters.handshake_timeouts);
                 log::warn!(
@@ -274,7 +288,7 @@ fn serve_hmac<S: Read + Write>(mut io: S, key: &[u8], digest: Digest) -> Result<
         return Err(Error::new(Kind::AuthFailed).with_detail("reply is not a hex digest"));
     }
     if !digest.verify(key, &[&challenge], tag) {
-        return Err(Error::new(Kind::AuthFailed).with_detail("digest wrong"));
+        return Err(Error::new(Kind::AuthFailed));
     }
     Ok(())
 }
@@ -306,12 +320,15 @@ pub fn answer_challenge<S: Read + Write>(stream: &mut S, key: &[u8], digest: Dig
     Ok(())
 }
 
-/// Connects to `addr`, trying each resolved address until `timeout` runs out.
-pub(crate) fn connect_timeout(
+/// Connects to `addr` (trying each resolved address) and runs `handshake` on the new stream,
+/// all within `timeout`. The stream is left without socket timeouts.
+pub(crate) fn connect_and<T>(
     addr: impl ToSocketAddrs,
     timeout: Duration,
-) -> Result<(TcpStream, Addr)> {
-    let deadline = Instant::now() + timeout;
+    handshake: impl FnOnce(DeadlineIo<'_, TcpStream>) -> Result<T>,
+) -> Result<(TcpStream, Addr, T)> {
+    let start = Instant::now();
+    let deadline = deadline_after(timeout);
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
         .map_err(|e| Error::io(None, e))?
@@ -322,11 +339,19 @@ pub(crate) fn connect_timeout(
     );
     for a in addrs {
         let peer = Addr::Inet(a);
-        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-            return Err(Error::new(Kind::Timeout).with_addr(Some(&peer)));
+        let connected = match deadline {
+            None => TcpStream::connect(a),
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                None => return Err(Error::new(Kind::Timeout).with_addr(Some(&peer))),
+                Some(left) => TcpStream::connect_timeout(&a, left),
+            },
         };
-        match TcpStream::connect_timeout(&a, left) {
-            Ok(s) => return Ok((s, peer)),
+        match connected {
+            Ok(stream) => {
+                let io = DeadlineIo::new(&stream, timeout.saturating_sub(start.elapsed()));
+                let out = handshake(io).map_err(|e| e.with_addr(Some(&peer)))?;
+                return Ok((stream, peer, out));
+            }
             Err(e) => last = Error::io(Some(&peer), e),
         }
     }
@@ -351,9 +376,8 @@ pub fn connect_with_auth(
     digest: Digest,
     timeout: Duration,
 ) -> Result<TcpStream> {
-    let start = Instant::now();
-    let (stream, peer) = connect_timeout(addr, timeout)?;
-    let mut io = DeadlineIo::new(&stream, timeout.saturating_sub(start.elapsed()));
-    answer_challenge(&mut io, key, digest).map_err(|e| e.with_addr(Some(&peer)))?;
+    let (stream, _, ()) = connect_and(addr, timeout, |mut io| {
+        answer_challenge(&mut io, key, digest)
+    })?;
     Ok(stream)
 }

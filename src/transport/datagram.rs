@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags};
 use rustix::net::{RecvFlags, SocketAddrAny, SocketAddrUnix};
@@ -18,6 +18,7 @@ use super::socket::OwnedPath;
 use super::{Incoming, Listener, Service};
 use crate::control::{Control, Counters};
 use crate::server::Ctx;
+use crate::wait::{Polled, deadline_after, poll_until};
 use crate::{Addr, DatagramHandler, DatagramRequest, lifecycle};
 
 /// Python's `UDPServer.max_packet_size`.
@@ -36,10 +37,12 @@ impl Sock {
         }
     }
 
-    /// Sends one datagram to `to`. The socket is non-blocking (the acceptor polls it), so a full
-    /// send queue is waited out here, up to `timeout`.
+    /// Sends one datagram to `to`. The socket is non-blocking (the acceptor polls it): a full UDP
+    /// send buffer is waited out here, up to `timeout`. A Unix datagram peer whose queue is full
+    /// is not reading; `poll` cannot tell when it will (it reports our own buffer as writable),
+    /// so the datagram is dropped with an error rather than retried in a spin.
     pub(crate) fn send_to(&self, buf: &[u8], to: &Addr, timeout: Duration) -> io::Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             let sent = match (self, to) {
                 (Sock::Udp(s), Addr::Inet(a)) => s.send_to(buf, a),
@@ -62,14 +65,15 @@ impl Sock {
                     ));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let left = deadline
-                        .checked_duration_since(Instant::now())
-                        .ok_or_else(|| io::Error::from(io::ErrorKind::TimedOut))?;
+                    if let Sock::Unix(_) = self {
+                        return Err(io::Error::new(
+                            io::ErrorKind::WouldBlock,
+                            "the client's socket queue is full (it is not reading): reply dropped",
+                        ));
+                    }
                     let mut fds = [PollFd::from_borrowed_fd(self.fd(), PollFlags::OUT)];
-                    let ts = left.try_into().ok();
-                    match rustix::event::poll(&mut fds, ts.as_ref()) {
-                        Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                        Err(e) => return Err(e.into()),
+                    if poll_until(&mut fds, deadline)? == Polled::TimedOut {
+                        return Err(io::Error::from(io::ErrorKind::TimedOut));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

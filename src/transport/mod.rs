@@ -15,7 +15,9 @@ pub(crate) mod socket;
 pub(crate) mod stream;
 
 /// Where requests come from: a listening socket (one request per accepted connection) or a
-/// datagram socket (one request per datagram).
+/// datagram socket (one request per datagram). Internal: named by [`Transport`], implemented
+/// only here.
+#[doc(hidden)]
 pub trait Listener: Send + Sync + 'static {
     /// One unit of work for a handler.
     type Request: Incoming;
@@ -30,7 +32,8 @@ pub trait Listener: Send + Sync + 'static {
     fn local_addr(&self) -> Addr;
 }
 
-/// A request on its way from the acceptor to a worker.
+/// A request on its way from the acceptor to a worker. Internal.
+#[doc(hidden)]
 pub trait Incoming: Send + 'static {
     /// The client's address.
     fn peer(&self) -> &Addr;
@@ -45,6 +48,8 @@ pub trait Incoming: Send + 'static {
 }
 
 /// Serves one request on a worker thread: authentication, handler lifecycle, reply, close.
+/// Internal.
+#[doc(hidden)]
 pub trait Service: Send + Sync + 'static {
     /// The request type it serves.
     type Request: Incoming;

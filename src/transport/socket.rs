@@ -10,26 +10,16 @@ use socket2::{Domain, SockAddr, Socket, Type};
 use crate::{Addr, Error, Result};
 
 /// Socket options applied before `bind`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct SocketOptions {
-    pub reuse_address: bool,
+    /// `None`: on for streams (as std does), off for datagrams (two UDP sockets with
+    /// SO_REUSEADDR may bind the same port and split its traffic).
+    pub reuse_address: Option<bool>,
     pub reuse_port: bool,
     pub only_v6: Option<bool>,
     /// `None`: the system maximum.
     pub backlog: Option<u32>,
     pub replace_stale: bool,
-}
-
-impl Default for SocketOptions {
-    fn default() -> Self {
-        SocketOptions {
-            reuse_address: true,
-            reuse_port: false,
-            only_v6: None,
-            backlog: None,
-            replace_stale: false,
-        }
-    }
 }
 
 impl SocketOptions {
@@ -47,7 +37,7 @@ pub(crate) fn bind_inet(addr: SocketAddr, ty: Type, o: &SocketOptions) -> Result
     let at = Addr::Inet(addr);
     let fail = |e: io::Error| Error::bind(Some(&at), e);
     let sock = Socket::new(Domain::for_address(addr), ty, None).map_err(fail)?;
-    if o.reuse_address {
+    if o.reuse_address.unwrap_or(ty == Type::STREAM) {
         sock.set_reuse_address(true).map_err(fail)?;
     }
     if o.reuse_port {

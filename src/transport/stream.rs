@@ -150,7 +150,9 @@ impl<H: Handler> Service for StreamService<H> {
 
     fn prepare(&mut self, limit: Option<usize>) -> crate::Result<()> {
         if let Some(auth) = self.auth_config.take() {
-            let cap = limit.map_or(64, |n| n / 2);
+            // Half the workers may sit in handshakes, but never fewer than 4 (or all of a
+            // smaller pool): honest clients arriving together must not evict each other.
+            let cap = limit.map_or(64, |n| (n / 2).max(n.min(4)));
             self.auth = Some(AuthServer::new(auth, cap)?);
         }
         Ok(())

@@ -1,0 +1,58 @@
+//! Waiting with deadlines: the one place that turns an optional deadline into a `poll` timeout
+//! or a condition-variable wait, so that no caller can overflow an `Instant` or spin.
+
+use std::io;
+use std::sync::{Condvar, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, Timespec};
+use rustix::io::Errno;
+
+/// The instant `after` from now; `None` (no deadline) when that is beyond what `Instant` can
+/// represent, so `Duration::MAX` means "forever" instead of a panic.
+pub(crate) fn deadline_after(after: Duration) -> Option<Instant> {
+    Instant::now().checked_add(after)
+}
+
+/// What a wait ended with.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Polled {
+    /// Something is ready, or a signal interrupted the wait: look again.
+    Ready,
+    /// The deadline passed.
+    TimedOut,
+}
+
+/// Waits until one of `fds` is ready or `deadline` passes (`None`: no deadline).
+pub(crate) fn poll_until(fds: &mut [PollFd<'_>], deadline: Option<Instant>) -> io::Result<Polled> {
+    let timeout = deadline.map(|d| {
+        let left = d.saturating_duration_since(Instant::now());
+        Timespec::try_from(left).unwrap_or(Timespec {
+            tv_sec: i64::MAX,
+            tv_nsec: 0,
+        })
+    });
+    match rustix::event::poll(fds, timeout.as_ref()) {
+        Ok(0) => Ok(Polled::TimedOut),
+        Ok(_) | Err(Errno::INTR) => Ok(Polled::Ready),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Waits on `cv` until notified or `deadline` passes. `None` if the deadline had already passed;
+/// otherwise the guard, re-locked (the caller re-checks its condition either way).
+pub(crate) fn wait_until<'a, T>(
+    cv: &Condvar,
+    guard: MutexGuard<'a, T>,
+    deadline: Option<Instant>,
+) -> Option<MutexGuard<'a, T>> {
+    Some(match deadline {
+        None => cv.wait(guard).unwrap_or_else(|e| e.into_inner()),
+        Some(d) => {
+            let left = d.checked_duration_since(Instant::now())?;
+            cv.wait_timeout(guard, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0
+        }
+    })
+}
