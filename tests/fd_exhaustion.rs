@@ -99,7 +99,7 @@ fn parent() {
     while waiting.len() < 5 {
         assert!(served.len() < 200, "the descriptor limit never bit");
         let mut s = TcpStream::connect(addr).expect("connect (the backlog takes it)");
-        if greeted(&mut s, Duration::from_millis(300)) {
+        if greeted(&mut s, Duration::from_secs(1)) {
             served.push(s);
         } else {
             waiting.push(s);

@@ -5,7 +5,7 @@
 mod util;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -15,24 +15,15 @@ use socketserver::{
     Addr, Auth, CHALLENGE_LEN, Digest, Dispatch, Handler, HandlerResult, Request, TcpServer,
     connect_with_auth,
 };
-use util::{FnHandler, connect, eventually, serve};
+use util::{ByteEcho, FnHandler, connect, eventually, line_echo, serve};
 
 const KEY: &[u8] = b"reliability-key";
 
-/// Echoes bytes until the client hangs up.
-struct Echo;
-
-impl Handler for Echo {
-    fn handle(&mut self, req: &mut Request) -> HandlerResult {
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = req.read(&mut buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            req.write_all(&buf[..n])?;
-        }
-    }
+/// These tests measure the whole process (threads, descriptors, memory, CPU): they run one at
+/// a time, each holding this lock.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn honest_request(addr: &Addr) -> Result<Duration, socketserver::Error> {
@@ -48,12 +39,13 @@ fn honest_request(addr: &Addr) -> Result<Duration, socketserver::Error> {
 
 #[test]
 fn slowloris_silent_connections_do_not_starve_honest_clients() {
+    let _serial = serial();
     util::init_logs();
     const SILENT: usize = 200;
     const CAP: usize = 8;
     let timeout = Duration::from_secs(2);
     for mode in [Dispatch::Thread, Dispatch::Pool { workers: 16 }] {
-        let server = TcpServer::builder(|| Echo)
+        let server = TcpServer::builder(ByteEcho::default)
             .dispatch(mode)
             .auth(Auth::hmac(KEY).handshake_timeout(timeout).max_pending(CAP))
             .bind("127.0.0.1:0")
@@ -94,6 +86,7 @@ fn slowloris_silent_connections_do_not_starve_honest_clients() {
 
 #[test]
 fn panic_storm_leaves_the_server_standing() {
+    let _serial = serial();
     util::init_logs();
     util::quiet_panics("storm");
     const PANICS: usize = 10_000;
@@ -205,6 +198,7 @@ impl Handler for SlowReplies {
 
 #[test]
 fn graceful_drain_under_load_never_half_answers() {
+    let _serial = serial();
     util::init_logs();
     const CLIENTS: usize = 8;
     let requests_read = Arc::new(AtomicU64::new(0));
@@ -282,7 +276,10 @@ fn graceful_drain_under_load_never_half_answers() {
 
 #[test]
 fn drain_cuts_what_overstays_the_deadline() {
-    let server = TcpServer::builder(|| Echo).bind("127.0.0.1:0").unwrap();
+    let _serial = serial();
+    let server = TcpServer::builder(ByteEcho::default)
+        .bind("127.0.0.1:0")
+        .unwrap();
     let addr = server.local_addr().clone();
     let handle = server.handle();
     let running = serve(server);
@@ -305,6 +302,7 @@ fn drain_cuts_what_overstays_the_deadline() {
 
 #[test]
 fn churn_of_100k_connections_keeps_threads_and_memory_flat() {
+    let _serial = serial();
     util::init_logs();
     const TOTAL: usize = 100_000;
     const CLIENTS: usize = 4;
@@ -429,6 +427,7 @@ proptest! {
         bytes in proptest::collection::vec(any::<u8>(), 0..300),
         splits in proptest::collection::vec(1usize..64, 0..6),
     ) {
+        let _serial = serial();
         for target in [hmac_target(), mp_target()] {
             let before = target.handled.load(Ordering::SeqCst);
             feed(&target.addr, &bytes, &splits);
@@ -440,6 +439,7 @@ proptest! {
     fn the_right_digest_split_anywhere_does_reach_the_handler(
         splits in proptest::collection::vec(1usize..40, 0..6),
     ) {
+        let _serial = serial();
         let target = hmac_target();
         let before = target.handled.load(Ordering::SeqCst);
         let mut s = connect(&target.addr);
@@ -489,6 +489,7 @@ fn record_answer(challenge: &[u8]) -> Vec<u8> {
 
 #[test]
 fn handshake_fuzz_figure() {
+    let _serial = serial();
     // A summary line for the README figures: the property tests above assert; this reports.
     let t = hmac_target();
     let before = t.handled.load(Ordering::SeqCst);
@@ -503,4 +504,60 @@ fn handshake_fuzz_figure() {
         "handshake fuzz (deterministic sweep): 200 garbage handshakes, {rng_bytes} bytes, handler reached {reached} times"
     );
     assert_eq!(reached, 0);
+}
+
+// CPython test_socketserver ports that count process-wide descriptors and threads.
+
+#[test]
+fn failing_binds_leak_no_descriptor() {
+    let _serial = serial();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    // Warm up anything lazily opened (the logger, /proc), then count.
+    let _ = TcpServer::builder(line_echo)
+        .reuse_address(false)
+        .bind(addr);
+    let before = util::open_fds();
+    for _ in 0..1024 {
+        let e = TcpServer::builder(line_echo)
+            .reuse_address(false)
+            .bind(addr)
+            .unwrap_err();
+        assert!(e.is_bind(), "{e}");
+        assert_eq!(e.addr().and_then(|a| a.inet()), Some(addr), "{e}");
+    }
+    assert!(
+        util::open_fds() <= before,
+        "descriptors leaked: {before} -> {}",
+        util::open_fds()
+    );
+}
+
+#[test]
+fn finished_threads_are_reaped() {
+    let _serial = serial();
+    util::init_logs();
+    let server = TcpServer::builder(line_echo)
+        .dispatch(Dispatch::Thread)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let baseline = util::thread_count();
+    for _ in 0..500 {
+        let mut c = connect(&addr);
+        c.write_all(b"x\n").unwrap();
+        let mut l = String::new();
+        BufReader::new(&c).read_line(&mut l).unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || util::thread_count() <= baseline),
+        "threads not reaped: {baseline} before, {} after",
+        util::thread_count()
+    );
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .active
+        == 0));
 }

@@ -8,30 +8,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use socketserver::{Addr, DatagramHandler, DatagramRequest, Dispatch, HandlerResult, UdpServer};
-use util::{eventually, serve};
+use util::{DatagramEcho, eventually, serve};
 
 const MODES: [Dispatch; 3] = [
     Dispatch::Sync,
     Dispatch::Thread,
     Dispatch::Pool { workers: 4 },
 ];
-
-struct Echo(Arc<AtomicUsize>);
-
-impl DatagramHandler for Echo {
-    fn handle(&mut self, req: &mut DatagramRequest) -> HandlerResult {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        match req.packet() {
-            b"shutdown" => req.server().shutdown(),
-            b"silent" => {}
-            p => {
-                let p = p.to_vec();
-                req.wfile.extend_from_slice(&p);
-            }
-        }
-        Ok(())
-    }
-}
 
 fn client_for(server: &Addr) -> UdpSocket {
     let bind = if server.inet().unwrap().is_ipv6() {
@@ -59,7 +42,7 @@ fn three_round_trips_in_every_mode_v4_and_v6() {
         for host in ["127.0.0.1:0", "[::1]:0"] {
             let ran = Arc::new(AtomicUsize::new(0));
             let r = ran.clone();
-            let server = match UdpServer::builder(move || Echo(r.clone()))
+            let server = match UdpServer::builder(move || DatagramEcho(r.clone()))
                 .dispatch(mode)
                 .bind(host)
             {
@@ -91,7 +74,7 @@ fn three_round_trips_in_every_mode_v4_and_v6() {
 #[test]
 fn shutdown_from_inside_a_handler_in_every_mode() {
     for mode in MODES {
-        let server = UdpServer::builder(|| Echo(Arc::default()))
+        let server = UdpServer::builder(DatagramEcho::default)
             .dispatch(mode)
             .bind("127.0.0.1:0")
             .unwrap();
@@ -109,7 +92,7 @@ fn shutdown_from_inside_a_handler_in_every_mode() {
 fn oversized_datagrams_are_reported_not_truncated() {
     let ran = Arc::new(AtomicUsize::new(0));
     let r = ran.clone();
-    let server = UdpServer::builder(move || Echo(r.clone()))
+    let server = UdpServer::builder(move || DatagramEcho(r.clone()))
         .max_packet_size(100)
         .bind("127.0.0.1:0")
         .unwrap();
@@ -134,14 +117,17 @@ fn oversized_datagrams_are_reported_not_truncated() {
 #[test]
 fn empty_replies_are_not_sent_unless_asked_for() {
     for send_empty in [false, true] {
-        let server = UdpServer::builder(|| Echo(Arc::default()))
+        let server = UdpServer::builder(DatagramEcho::default)
             .send_empty_reply(send_empty)
             .bind("127.0.0.1:0")
             .unwrap();
         let addr = server.local_addr().clone();
         let running = serve(server);
         let c = client_for(&addr);
-        c.set_read_timeout(Some(Duration::from_millis(300)))
+        // Expecting an empty reply, wait generously; expecting none, 300 ms (a reply arriving
+        // later would still show up in the round trip below and fail it).
+        let wait = if send_empty { 5_000 } else { 300 };
+        c.set_read_timeout(Some(Duration::from_millis(wait)))
             .unwrap();
         c.send(b"silent").unwrap();
         let mut buf = [0u8; 16];
@@ -191,7 +177,7 @@ fn handler_errors_are_counted_and_no_reply_is_sent() {
 fn verify_request_drops_datagrams_from_unwanted_peers() {
     let ran = Arc::new(AtomicUsize::new(0));
     let r = ran.clone();
-    let server = UdpServer::builder(move || Echo(r.clone()))
+    let server = UdpServer::builder(move || DatagramEcho(r.clone()))
         .verify_request(|_| false)
         .bind("127.0.0.1:0")
         .unwrap();
@@ -209,7 +195,7 @@ fn verify_request_drops_datagrams_from_unwanted_peers() {
 #[test]
 fn python_client_talks_to_the_udp_server() {
     let Some(py) = util::python3() else { return };
-    let server = UdpServer::builder(|| Echo(Arc::default()))
+    let server = UdpServer::builder(DatagramEcho::default)
         .bind("127.0.0.1:0")
         .unwrap();
     let port = server.local_addr().inet().unwrap().port().to_string();
@@ -235,4 +221,17 @@ print("OK")
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
     drop(running);
+}
+
+#[test]
+fn a_second_udp_server_cannot_take_the_same_port() {
+    let first = UdpServer::bind("127.0.0.1:0", DatagramEcho::default).unwrap();
+    let addr = first.local_addr().inet().unwrap();
+    let second = UdpServer::bind(addr, DatagramEcho::default);
+    assert!(
+        second.is_err(),
+        "two UDP servers bound {addr} and would split its traffic"
+    );
+    // Explicitly asked for, SO_REUSEADDR is still available.
+    let _ = UdpServer::builder(DatagramEcho::default).reuse_address(true);
 }

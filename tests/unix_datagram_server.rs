@@ -7,28 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use socketserver::{DatagramHandler, DatagramRequest, Dispatch, HandlerResult, UnixDatagramServer};
-use util::{eventually, serve, sock_path};
+use socketserver::{Dispatch, UnixDatagramServer};
+use util::{DatagramEcho, eventually, serve, sock_path};
 
 const MODES: [Dispatch; 3] = [
     Dispatch::Sync,
     Dispatch::Thread,
     Dispatch::Pool { workers: 4 },
 ];
-
-struct Echo(Arc<AtomicUsize>);
-
-impl DatagramHandler for Echo {
-    fn handle(&mut self, req: &mut DatagramRequest) -> HandlerResult {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        if req.packet() == b"shutdown" {
-            req.server().shutdown();
-        }
-        let p = req.packet().to_vec();
-        req.wfile.extend_from_slice(&p);
-        Ok(())
-    }
-}
 
 /// A client bound to its own path, as Unix datagram clients must be to get replies.
 struct Client {
@@ -59,7 +45,7 @@ fn three_round_trips_in_every_mode_and_the_file_goes_on_close() {
         let path = sock_path("dgram");
         let ran = Arc::new(AtomicUsize::new(0));
         let r = ran.clone();
-        let server = UnixDatagramServer::builder(move || Echo(r.clone()))
+        let server = UnixDatagramServer::builder(move || DatagramEcho(r.clone()))
             .dispatch(mode)
             .bind(&path)
             .unwrap();
@@ -83,7 +69,7 @@ fn three_round_trips_in_every_mode_and_the_file_goes_on_close() {
 fn shutdown_from_inside_a_handler_in_every_mode() {
     for mode in MODES {
         let path = sock_path("dgram-stop");
-        let server = UnixDatagramServer::builder(|| Echo(Arc::default()))
+        let server = UnixDatagramServer::builder(DatagramEcho::default)
             .dispatch(mode)
             .bind(&path)
             .unwrap();
@@ -101,7 +87,7 @@ fn an_unbound_client_is_served_but_cannot_be_answered_and_the_server_goes_on() {
     let path = sock_path("dgram-unbound");
     let ran = Arc::new(AtomicUsize::new(0));
     let r = ran.clone();
-    let server = UnixDatagramServer::builder(move || Echo(r.clone()))
+    let server = UnixDatagramServer::builder(move || DatagramEcho(r.clone()))
         .bind(&path)
         .unwrap();
     let running = serve(server);
@@ -123,7 +109,7 @@ fn oversized_datagrams_are_reported() {
     let path = sock_path("dgram-big");
     let ran = Arc::new(AtomicUsize::new(0));
     let r = ran.clone();
-    let server = UnixDatagramServer::builder(move || Echo(r.clone()))
+    let server = UnixDatagramServer::builder(move || DatagramEcho(r.clone()))
         .max_packet_size(64)
         .bind(&path)
         .unwrap();
@@ -143,7 +129,7 @@ fn python_client_talks_to_the_unix_datagram_server() {
     let Some(py) = util::python3() else { return };
     let path = sock_path("dgram-py");
     let client_path = sock_path("dgram-py-client");
-    let server = UnixDatagramServer::builder(|| Echo(Arc::default()))
+    let server = UnixDatagramServer::builder(DatagramEcho::default)
         .bind(&path)
         .unwrap();
     let running = serve(server);
@@ -173,4 +159,24 @@ finally:
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
     drop(running);
     assert!(!path.exists());
+}
+
+#[test]
+fn replies_to_a_client_that_never_reads_are_dropped_without_holding_threads() {
+    let path = sock_path("dgram-deaf");
+    let server = UnixDatagramServer::builder(DatagramEcho::default)
+        .bind(&path)
+        .unwrap();
+    let running = serve(server);
+    let deaf = Client::new(&path); // bound, but never reads: its queue fills up
+    for _ in 0..100 {
+        deaf.sock.send(b"hello").unwrap();
+    }
+    let t = std::time::Instant::now();
+    assert!(eventually(Duration::from_secs(5), || {
+        let s = running.handle.stats();
+        s.accepted == 100 && s.active == 0
+    }));
+    // Each reply that did not fit is dropped at once, not retried for the 5 s reply timeout.
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
 }

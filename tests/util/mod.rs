@@ -58,7 +58,9 @@ impl<T: Transport> Drop for Running<T> {
             self.handle.shutdown();
             return;
         }
-        let Some(server) = self.stop_inner() else { return };
+        let Some(server) = self.stop_inner() else {
+            return;
+        };
         // Closing joins in-flight handlers (block_on_close); a test that forgot to hang up its
         // clients would hang here, so close on another thread and fail after 10 s instead.
         let closer = std::thread::spawn(move || drop(server));
@@ -308,4 +310,42 @@ pub fn quiet_panics(marker: &'static str) {
             previous(info);
         }
     }));
+}
+
+/// Echoes bytes until the client hangs up, counting the connections it served.
+#[derive(Clone, Default)]
+pub struct ByteEcho(pub std::sync::Arc<AtomicUsize>);
+
+impl socketserver::Handler for ByteEcho {
+    fn handle(&mut self, req: &mut socketserver::Request) -> HandlerResult {
+        use std::io::Read;
+        self.0.fetch_add(1, Ordering::SeqCst);
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = req.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            req.write_all(&buf[..n])?;
+        }
+    }
+}
+
+/// Echoes each datagram, counting them; `shutdown` stops the server and `silent` gets no reply.
+#[derive(Clone, Default)]
+pub struct DatagramEcho(pub std::sync::Arc<AtomicUsize>);
+
+impl socketserver::DatagramHandler for DatagramEcho {
+    fn handle(&mut self, req: &mut socketserver::DatagramRequest) -> HandlerResult {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        match req.packet() {
+            b"shutdown" => req.server().shutdown(),
+            b"silent" => {}
+            p => {
+                let p = p.to_vec();
+                req.wfile.extend_from_slice(&p);
+            }
+        }
+        Ok(())
+    }
 }
