@@ -200,7 +200,7 @@ fn python_client_talks_to_the_udp_server() {
         .unwrap();
     let port = server.local_addr().inet().unwrap().port().to_string();
     let running = serve(server);
-    let out = py.run(
+    py.run_ok(
         r#"
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -212,14 +212,7 @@ for _ in range(3):
 print("OK")
 "#,
         &[&port],
-        Duration::from_secs(20),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
     drop(running);
 }
 

@@ -35,14 +35,7 @@ impl<T: Transport> Running<T> {
     fn stop_inner(&mut self) -> Option<Server<T>> {
         let t = self.thread.take()?;
         self.handle.shutdown();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !t.is_finished() {
-            assert!(
-                Instant::now() < deadline,
-                "serve_forever did not return within 10 s of shutdown"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        finish_within(&t, "serve_forever did not return within 10 s of shutdown");
         Some(t.join().expect("serve_forever panicked"))
     }
 
@@ -64,15 +57,19 @@ impl<T: Transport> Drop for Running<T> {
         // Closing joins in-flight handlers (block_on_close); a test that forgot to hang up its
         // clients would hang here, so close on another thread and fail after 10 s instead.
         let closer = std::thread::spawn(move || drop(server));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !closer.is_finished() {
-            assert!(
-                Instant::now() < deadline,
-                "closing the server took over 10 s: a client of the test is still connected"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        finish_within(
+            &closer,
+            "closing the server took over 10 s: a client of the test is still connected",
+        );
     }
+}
+
+/// Fails the test with `why` unless thread `t` finishes within 10 s.
+fn finish_within<R>(t: &JoinHandle<R>, why: &str) {
+    assert!(
+        eventually(Duration::from_secs(10), || t.is_finished()),
+        "{why}"
+    );
 }
 
 /// Runs `serve_forever` on a new thread.
@@ -185,6 +182,18 @@ impl Python {
             std::thread::sleep(Duration::from_millis(5));
         }
         child.wait_with_output().expect("python output")
+    }
+
+    /// Runs `script` (bounded by 20 s) and asserts that it succeeded and printed `OK`.
+    pub fn run_ok(&self, script: &str, args: &[&str]) {
+        let out = self.run(script, args, Duration::from_secs(20));
+        assert!(
+            out.status.success(),
+            "python {} failed: {}",
+            self.version,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
     }
 
     /// Starts `script` in the background; the caller must kill/wait it.
