@@ -160,15 +160,7 @@ pub struct Python {
 impl Python {
     /// Runs `script` with `args`, killing it after `timeout`. Returns its output.
     pub fn run(&self, script: &str, args: &[&str], timeout: Duration) -> Output {
-        let mut child = Command::new(&self.exe)
-            .arg("-c")
-            .arg(script)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start python");
+        let mut child = self.spawn(script, args);
         let deadline = Instant::now() + timeout;
         while child.try_wait().expect("wait python").is_none() {
             if Instant::now() >= deadline {
