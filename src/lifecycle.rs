@@ -1,11 +1,10 @@
 //! The handler lifecycle shared by every transport: make the handler, `setup` → `handle` →
 //! `finish`, catch panics, count and report failures.
 
-use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use crate::control::Counters;
-use crate::server::Ctx;
+use crate::worker::{Ctx, panic_message};
 use crate::{
     Addr, DatagramHandler, DatagramRequest, Handler, HandlerFailure, HandlerResult, Request,
 };
@@ -38,16 +37,6 @@ impl<H: DatagramHandler> Lifecycle<DatagramRequest> for H {
     }
     fn finish(&mut self, req: &mut DatagramRequest) -> HandlerResult {
         DatagramHandler::finish(self, req)
-    }
-}
-
-pub(crate) fn panic_message(p: &(dyn Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "(non-string panic payload)".to_owned()
     }
 }
 

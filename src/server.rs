@@ -12,85 +12,17 @@ use std::time::{Duration, Instant};
 use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 
-use crate::control::{Control, Counters, Permit, Ticket, lock};
-use crate::lifecycle::panic_message;
-use crate::pool::Pool;
+use crate::control::{Control, Counters, Permit, lock};
+use crate::dispatch::{Dispatch, Dispatcher, Shared};
 use crate::stream::now_millis;
 use crate::transport::socket::SocketOptions;
 use crate::transport::{Incoming, Listener, Service, Transport};
 use crate::wait::{Polled, deadline_after, poll_until};
+use crate::worker::{Ctx, ErrorHook, panic_message};
 use crate::{Addr, HandlerFailure, ServerHandle};
-
-/// How a server runs its requests.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Dispatch {
-    /// One request at a time, on the thread that calls `serve_forever` (Python's `TCPServer`).
-    Sync,
-    /// A new thread per request (Python's `ThreadingTCPServer`), optionally capped with
-    /// [`Builder::max_connections`]. Finished threads are reaped as they end. The default.
-    #[default]
-    Thread,
-    /// A fixed pool of worker threads. When all are busy the server stops accepting, so the
-    /// excess waits in the kernel's listen backlog.
-    Pool {
-        /// Number of worker threads (at least 1).
-        workers: usize,
-    },
-}
 
 type VerifyHook = Box<dyn Fn(&Addr) -> bool + Send + Sync>;
 type ActionHook = Box<dyn Fn() + Send + Sync>;
-type ErrorHook = Box<dyn Fn(&Addr, &HandlerFailure) + Send + Sync>;
-
-/// What a worker needs besides the service: the server handle and the error hook.
-pub struct Ctx {
-    pub(crate) handle: ServerHandle,
-    handle_error: Option<ErrorHook>,
-}
-
-impl Ctx {
-    pub(crate) fn control(&self) -> &Control {
-        &self.handle.control
-    }
-
-    /// Python's `handle_error`: the hook if one is set, else a log line with the peer address.
-    pub(crate) fn report(&self, peer: &Addr, stage: &str, failure: HandlerFailure) {
-        match &self.handle_error {
-            Some(hook) => {
-                if let Err(p) = catch_unwind(AssertUnwindSafe(|| hook(peer, &failure))) {
-                    log::error!(
-                        "handle_error hook panicked ({}) on {stage}() {failure} from {peer}",
-                        panic_message(&*p)
-                    );
-                }
-            }
-            None => log::error!("{stage}() failed for request from {peer}: {failure}"),
-        }
-    }
-}
-
-struct Shared<S> {
-    service: S,
-    ctx: Ctx,
-}
-
-type Job<R> = (R, Permit, Ticket);
-
-impl<S: Service> Shared<S> {
-    fn run(&self, (req, permit, ticket): Job<S::Request>) {
-        self.service.serve(req, &self.ctx);
-        // The ticket first: whoever the permit wakes sees this request as finished.
-        drop(ticket);
-        drop(permit);
-    }
-}
-
-enum Dispatcher<R> {
-    Sync,
-    Thread { stack_size: Option<usize> },
-    Pool(Pool<Job<R>>),
-}
 
 /// Settings every server kind shares.
 struct Common {
@@ -264,11 +196,7 @@ impl<T: Transport> Builder<T> {
     /// Starts a server on a bound listener: the worker pool, the idle reaper.
     pub(crate) fn build(mut self, listener: T::Listener) -> crate::Result<Server<T>> {
         let c = self.common;
-        let limit = match c.dispatch {
-            Dispatch::Sync => None,
-            Dispatch::Thread => c.max_connections,
-            Dispatch::Pool { workers } => Some(workers),
-        };
+        let limit = c.dispatch.limit(c.max_connections);
         if limit == Some(0) {
             return Err(crate::Error::config(
                 "workers and max_connections must be at least 1",
@@ -285,20 +213,8 @@ impl<T: Transport> Builder<T> {
                 handle_error: c.handle_error,
             },
         });
-        let dispatcher = match c.dispatch {
-            Dispatch::Sync => Dispatcher::Sync,
-            Dispatch::Thread => Dispatcher::Thread {
-                stack_size: c.stack_size,
-            },
-            Dispatch::Pool { workers } => {
-                let s = shared.clone();
-                let run = Arc::new(move |job| s.run(job));
-                Dispatcher::Pool(
-                    Pool::new(workers, c.stack_size, run)
-                        .map_err(|e| crate::Error::io(Some(&local), e))?,
-                )
-            }
-        };
+        let dispatcher = Dispatcher::start(c.dispatch, c.stack_size, shared.clone())
+            .map_err(|e| crate::Error::io(Some(&local), e))?;
         let reaper = match c.idle_timeout {
             Some(t) => Some(
                 IdleReaper::start(shared.ctx.handle.control.clone(), t)
@@ -334,7 +250,7 @@ impl<T: Transport> Builder<T> {
 pub struct Server<T: Transport> {
     listener: Option<T::Listener>,
     shared: Arc<Shared<T::Service>>,
-    dispatcher: Option<Dispatcher<<T::Listener as Listener>::Request>>,
+    dispatcher: Option<Dispatcher<T::Service>>,
     reaper: Option<IdleReaper>,
     block_on_close: bool,
     reject_when_full: bool,
@@ -608,26 +524,15 @@ impl<T: Transport> Server<T> {
             }
         }
         let ticket = control.register(req.stream().cloned());
-        let job = (req, permit, ticket);
-        match self.dispatcher.as_ref() {
-            None | Some(Dispatcher::Sync) => self.shared.run(job),
-            Some(Dispatcher::Pool(pool)) => pool.submit(job),
-            Some(Dispatcher::Thread { stack_size }) => {
-                let peer = job.0.peer().clone();
-                let shared = self.shared.clone();
-                let mut b = thread::Builder::new();
-                if let Some(s) = stack_size {
-                    b = b.stack_size(*s);
-                }
-                // On failure the closure, and with it the request, is dropped: the socket closes.
-                if let Err(e) = b.spawn(move || shared.run(job)) {
-                    Counters::bump(&control.counters.accept_errors);
-                    log::error!("cannot start a thread for {peer}: {e}; connection closed");
-                    let delay = backoff.next();
-                    wait(None, control, Some(Instant::now() + delay));
-                    return false;
-                }
-            }
+        let Some(dispatcher) = &self.dispatcher else {
+            return false;
+        };
+        if let Err(e) = dispatcher.dispatch((req, permit, ticket)) {
+            Counters::bump(&control.counters.accept_errors);
+            log::error!("{e}; connection closed");
+            let delay = backoff.next();
+            wait(None, control, Some(Instant::now() + delay));
+            return false;
         }
         true
     }
@@ -640,8 +545,8 @@ impl<T: Transport> Server<T> {
     fn close_inner(&mut self) {
         drop(self.listener.take());
         let join = self.block_on_close;
-        if let Some(Dispatcher::Pool(pool)) = self.dispatcher.take() {
-            pool.close(join);
+        if let Some(dispatcher) = self.dispatcher.take() {
+            dispatcher.close(join);
         }
         if join {
             self.control().wait_idle(None);

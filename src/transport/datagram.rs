@@ -3,85 +3,24 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::net::SocketAddr;
+use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustix::event::{PollFd, PollFlags};
 use rustix::net::{RecvFlags, SocketAddrAny, SocketAddrUnix};
 
 use super::socket::OwnedPath;
 use super::{Incoming, Listener, Service};
 use crate::control::{Control, Counters};
-use crate::server::Ctx;
-use crate::wait::{Polled, deadline_after, poll_until};
+use crate::datagram::Sock;
+use crate::worker::Ctx;
 use crate::{Addr, DatagramHandler, DatagramRequest, lifecycle};
 
 /// Python's `UDPServer.max_packet_size`.
 pub(crate) const DEFAULT_MAX_PACKET_SIZE: usize = 8192;
-
-pub(crate) enum Sock {
-    Udp(UdpSocket),
-    Unix(UnixDatagram),
-}
-
-impl Sock {
-    fn fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Sock::Udp(s) => s.as_fd(),
-            Sock::Unix(s) => s.as_fd(),
-        }
-    }
-
-    /// Sends one datagram to `to`. The socket is non-blocking (the acceptor polls it): a full UDP
-    /// send buffer is waited out here, up to `timeout`. A Unix datagram peer whose queue is full
-    /// is not reading; `poll` cannot tell when it will (it reports our own buffer as writable),
-    /// so the datagram is dropped with an error rather than retried in a spin.
-    pub(crate) fn send_to(&self, buf: &[u8], to: &Addr, timeout: Duration) -> io::Result<()> {
-        let deadline = deadline_after(timeout);
-        loop {
-            let sent = match (self, to) {
-                (Sock::Udp(s), Addr::Inet(a)) => s.send_to(buf, a),
-                (Sock::Unix(s), Addr::Unix(Some(p))) => s.send_to(buf, p),
-                (Sock::Unix(_), Addr::Unix(None)) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::AddrNotAvailable,
-                        "the client socket is unnamed: a Unix datagram client must bind a path \
-                         to get replies",
-                    ));
-                }
-                _ => return Err(io::Error::from(io::ErrorKind::InvalidInput)),
-            };
-            match sent {
-                Ok(n) if n == buf.len() => return Ok(()),
-                Ok(n) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        format!("datagram sent short: {n} of {} bytes", buf.len()),
-                    ));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Sock::Unix(_) = self {
-                        return Err(io::Error::new(
-                            io::ErrorKind::WouldBlock,
-                            "the client's socket queue is full (it is not reading): reply dropped",
-                        ));
-                    }
-                    let mut fds = [PollFd::from_borrowed_fd(self.fd(), PollFlags::OUT)];
-                    if poll_until(&mut fds, deadline)? == Polled::TimedOut {
-                        return Err(io::Error::from(io::ErrorKind::TimedOut));
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-}
 
 /// A bound datagram socket, UDP or Unix-domain; removes its socket file when dropped.
 pub struct DatagramSocket {

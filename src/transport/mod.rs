@@ -7,7 +7,7 @@ use std::marker::PhantomData;
 use std::os::fd::BorrowedFd;
 
 use crate::control::Control;
-use crate::server::Ctx;
+use crate::worker::Ctx;
 use crate::{Addr, Stream};
 
 pub(crate) mod datagram;

@@ -11,7 +11,7 @@ use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::{Sender, bounded};
 
-use crate::lifecycle::panic_message;
+use crate::worker::panic_message;
 
 pub(crate) struct Pool<J> {
     tx: Option<Sender<J>>,
