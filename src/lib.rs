@@ -49,41 +49,73 @@
 //!
 //! Errors, rejected clients and recoveries are reported through the [`log`] crate; install a
 //! logger (`env_logger`, say) to see them.
+//!
+//! # Architecture
+//!
+//! A connection goes through five layers, each a module of `src/`, and each imports only the
+//! ones after it:
+//!
+//! ```text
+//! accept loop ──> dispatch ──> transport ──> admission ──> lifecycle ──> your handler
+//! server.rs       dispatch/    transport/    admission.rs  lifecycle.rs  handler.rs, datagram.rs
+//! ```
+//!
+//! * **Accept loop** (`server.rs`): [`Builder`] and [`Server`]; waits on the listener and a wake
+//!   pipe, applies the connection limit and `verify_request`, backs off on accept errors.
+//!   `bind.rs` gives each server kind its `bind`.
+//! * **Dispatch** (`dispatch/`): which thread runs a request ([`Dispatch`]: the serving thread,
+//!   a thread of its own, or a worker of the pool in `dispatch/pool.rs`).
+//! * **Transports** (`transport/`): what differs between TCP, Unix, UDP and Unix datagrams: the
+//!   listener (`stream.rs`, `datagram.rs`; binding in `socket.rs`) and the service that serves
+//!   each request.
+//! * **Admission** (`admission.rs`): the stages between accept and the handler, in a fixed
+//!   order (PROXY header, TLS, then authentication), under one deadline (`deadline.rs`) and one
+//!   cap on unfinished handshakes.
+//! * **Lifecycle** (`lifecycle.rs`): Python's `setup` → `handle` → `finish`, panics caught and
+//!   reported through `worker.rs`, which holds what every worker shares.
+//! * **Protocols**: the two handshakes, server and client side, in `auth/` (`hmac.rs`,
+//!   `mp.rs`), and `multiprocessing.connection`'s framing in `mp/`.
+//! * **Shared state** (`control.rs`): [`ServerHandle`], [`Stats`], the limits, the registry of
+//!   in-flight requests that a drain or the idle reaper cuts.
 
 #![deny(missing_docs)]
 // One `unsafe` block, in `stream.rs` (SO_PEERCRED), carries its proof; nothing else may.
 #![deny(unsafe_code)]
 
 mod addr;
+mod admission;
 mod auth;
+mod bind;
 mod control;
 mod datagram;
+mod deadline;
+mod dispatch;
 mod error;
 mod handler;
 mod lifecycle;
 mod mp;
-mod pool;
 mod server;
-mod servers;
 mod stream;
 pub mod transport;
 mod wait;
+mod worker;
 
 pub use addr::Addr;
-pub use auth::{Auth, CHALLENGE_LEN, Digest, answer_challenge, connect_with_auth};
+pub use auth::{
+    Auth, CHALLENGE_LEN, Digest, MpVersion, answer_challenge, connect_with_auth,
+    mp_client_handshake, mp_connect, mp_connect_with, mp_server_handshake,
+};
+pub use bind::{TcpServer, UdpServer, UnixDatagramServer, UnixStreamServer};
 pub use control::{DrainReport, ServerHandle, Stats};
 pub use datagram::{DatagramHandler, DatagramRequest};
+pub use dispatch::Dispatch;
 pub use error::{Error, Result};
 pub use handler::{
     Handler, HandlerError, HandlerFailure, HandlerResult, Request, StreamHandler, StreamOptions,
     StreamRequest, StreamRequestHandler,
 };
-pub use mp::{
-    DEFAULT_MAX_MESSAGE, MpConnection, MpVersion, mp_client_handshake, mp_connect, mp_connect_with,
-    mp_server_handshake,
-};
-pub use server::{Builder, Dispatch, Server};
-pub use servers::{TcpServer, UdpServer, UnixDatagramServer, UnixStreamServer};
+pub use mp::{DEFAULT_MAX_MESSAGE, MpConnection};
+pub use server::{Builder, Server};
 pub use stream::{Credentials, Stream};
 
 /// The README's examples, compiled as doctests so they cannot drift from the API.

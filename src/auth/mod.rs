@@ -1,28 +1,25 @@
-//! The authentication middleware: a challenge-response handshake run on the connection's own
-//! thread before the handler, bounded in time and in how many may be unfinished at once.
+//! Authentication protocols, both challenge-response handshakes in one place: the classic HMAC
+//! handshake of the Python tutorial (`hmac.rs`) and `multiprocessing.connection`'s mutual one
+//! (`mp.rs`), server and client sides, over the HMAC digests of `mac.rs` and challenges from
+//! `random.rs`. The server side runs as a stage of the admission pipeline (`admission.rs`),
+//! which owns its deadline and the cap on unfinished handshakes.
 
-use std::collections::VecDeque;
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-pub(crate) mod deadline;
+mod hmac;
 pub(crate) mod mac;
+mod mp;
 pub(crate) mod random;
 
-use crate::control::{Control, Counters, lock};
+use crate::deadline::DeadlineIo;
 use crate::error::Kind;
-use crate::mp::{self, MpVersion};
 use crate::wait::deadline_after;
 use crate::{Addr, Error, Result, Stream};
-use deadline::DeadlineIo;
+pub use hmac::{CHALLENGE_LEN, answer_challenge, connect_with_auth};
 pub use mac::Digest;
-
-/// Length of the classic handshake's challenge (`os.urandom(32)` in the tutorial).
-pub const CHALLENGE_LEN: usize = 32;
+pub use mp::{MpVersion, mp_client_handshake, mp_connect, mp_connect_with, mp_server_handshake};
 
 #[derive(Clone, Debug)]
 enum Protocol {
@@ -151,173 +148,31 @@ impl Auth {
     }
 }
 
-/// One unfinished handshake, visible to newer ones that may need to evict it.
-struct Pending {
-    id: u64,
-    stream: Stream,
-    evicted: AtomicBool,
-}
-
-struct PendingTable {
-    cap: usize,
-    next_id: u64,
-    queue: VecDeque<Arc<Pending>>,
-}
-
-/// The server side of [`Auth`], built with the server.
-pub(crate) struct AuthServer {
-    auth: Auth,
-    pending: Mutex<PendingTable>,
-}
-
-/// Removes a handshake from the pending table when it ends, however it ends.
-struct PendingGuard<'a> {
-    server: &'a AuthServer,
-    entry: Arc<Pending>,
-}
-
-impl PendingGuard<'_> {
-    /// Leaves the table; false if a newer connection evicted this handshake first (its socket
-    /// is then shut down, so even a correct answer must not reach the handler).
-    fn leave(&self) -> bool {
-        let mut t = lock(&self.server.pending);
-        if let Some(i) = t.queue.iter().position(|p| p.id == self.entry.id) {
-            t.queue.remove(i);
-        }
-        !self.entry.evicted.load(Ordering::Relaxed)
+impl Auth {
+    /// The most unfinished handshakes, if set with [`max_pending`](Self::max_pending).
+    pub(crate) fn max_pending_set(&self) -> Option<usize> {
+        self.max_pending
     }
-}
 
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        self.leave();
-    }
-}
-
-impl AuthServer {
-    pub(crate) fn new(auth: Auth, default_cap: usize) -> Result<AuthServer> {
-        if auth.key.is_empty() {
+    /// Refuses a configuration that could never admit anyone.
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.key.is_empty() {
             return Err(Error::config("authentication key must not be empty"));
         }
-        if auth.timeout.is_zero() {
+        if self.timeout.is_zero() {
             return Err(Error::config("handshake timeout must be positive"));
         }
-        let cap = auth.max_pending.unwrap_or(default_cap).max(1);
-        Ok(AuthServer {
-            auth,
-            pending: Mutex::new(PendingTable {
-                cap,
-                next_id: 0,
-                queue: VecDeque::new(),
-            }),
-        })
+        Ok(())
     }
 
-    fn enter(&self, stream: &Stream, control: &Control) -> PendingGuard<'_> {
-        let mut t = lock(&self.pending);
-        while t.queue.len() >= t.cap {
-            let Some(old) = t.queue.pop_front() else {
-                break;
-            };
-            old.evicted.store(true, Ordering::Relaxed);
-            let _ = old.stream.shutdown(Shutdown::Both);
-            Counters::bump(&control.counters.handshake_evictions);
-        }
-        let entry = Arc::new(Pending {
-            id: t.next_id,
-            stream: stream.clone(),
-            evicted: AtomicBool::new(false),
-        });
-        t.next_id += 1;
-        t.queue.push_back(entry.clone());
-        PendingGuard {
-            server: self,
-            entry,
+    /// Runs the server side of the handshake over a connection whose I/O is bounded by the
+    /// admission deadline.
+    pub(crate) fn serve(&self, io: DeadlineIo<'_, Stream>) -> Result<()> {
+        match self.protocol {
+            Protocol::Hmac(d) => hmac::serve(io, &self.key, d),
+            Protocol::Multiprocessing(v, d) => mp::serve(io, &self.key, v, d),
         }
     }
-
-    /// Runs the handshake; true if the client may proceed to the handler.
-    pub(crate) fn admit(&self, stream: &Stream, peer: &Addr, control: &Control) -> bool {
-        let guard = self.enter(stream, control);
-        let io = DeadlineIo::new(stream, self.auth.timeout);
-        let result = match self.auth.protocol {
-            Protocol::Hmac(d) => serve_hmac(io, &self.auth.key, d),
-            Protocol::Multiprocessing(v, d) => mp::serve(io, &self.auth.key, v, d),
-        };
-        let counters = &control.counters;
-        let kept = guard.leave();
-        match result {
-            _ if !kept => {
-                log::info!("handshake with {peer} cut: too many unfinished handshakes");
-            }
-            Ok(()) => return true,
-            Err(e) if e.is_timeout() => {
-                Counters::bump(&counters.handshake_timeouts);
-                log::warn!(
-                    "handshake with {peer} timed out after {:?}",
-                    self.auth.timeout
-                );
-            }
-            Err(e) => {
-                Counters::bump(&counters.auth_failures);
-                log::warn!("authentication failed for {peer}: {e}");
-            }
-        }
-        false
-    }
-}
-
-/// The classic server side: 32 random bytes out, exactly the hex digest's length back (never
-/// more: what follows is the handler's), verified in constant time.
-fn serve_hmac<S: Read + Write>(mut io: S, key: &[u8], digest: Digest) -> Result<()> {
-    let mut challenge = [0u8; CHALLENGE_LEN];
-    random::fill(&mut challenge)?;
-    io.write_all(&challenge)?;
-    let mut reply = [0u8; 2 * mac::MAX_MAC_LEN];
-    let reply = &mut reply[..2 * digest.output_len()];
-    io.read_exact(reply).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            Error::new(Kind::AuthFailed).with_detail("connection closed before a full digest")
-        } else {
-            e.into()
-        }
-    })?;
-    let mut tag = [0u8; mac::MAX_MAC_LEN];
-    let tag = &mut tag[..digest.output_len()];
-    if hex::decode_to_slice(&*reply, tag).is_err() {
-        return Err(Error::new(Kind::AuthFailed).with_detail("reply is not a hex digest"));
-    }
-    if !digest.verify(key, &[&challenge], tag) {
-        return Err(Error::new(Kind::AuthFailed));
-    }
-    Ok(())
-}
-
-/// The classic handshake's client side on any stream (the tutorial's `auth(sk)`): reads the
-/// 32-byte challenge and writes the lowercase hex HMAC of it.
-///
-/// The protocol has no acknowledgement: with a wrong key, the server just closes the
-/// connection, which shows as end-of-file or a reset on the first read after this.
-/// A server that closes before sending the challenge (full, or rejecting this client) gives an
-/// [`is_refused`](Error::is_refused) error.
-pub fn answer_challenge<S: Read + Write>(stream: &mut S, key: &[u8], digest: Digest) -> Result<()> {
-    if key.is_empty() {
-        return Err(Error::config("authentication key must not be empty"));
-    }
-    let mut challenge = [0u8; CHALLENGE_LEN];
-    stream
-        .read_exact(&mut challenge)
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => {
-                Error::new(Kind::Refused)
-                    .with_detail("connection closed before the challenge")
-                    .with_source(e)
-            }
-            _ => Error::io(None, e),
-        })?;
-    let answer = hex::encode(digest.mac(key, &[&challenge]));
-    stream.write_all(answer.as_bytes())?;
-    Ok(())
 }
 
 /// Connects to `addr` (trying each resolved address) and runs `handshake` on the new stream,
@@ -356,28 +211,4 @@ pub(crate) fn connect_and<T>(
         }
     }
     Err(last)
-}
-
-/// Connects to a server using the classic handshake and authenticates, all within `timeout`.
-/// The returned stream has no timeouts set.
-///
-/// ```no_run
-/// use std::io::{Read, Write};
-/// use std::time::Duration;
-/// use socketserver::{Digest, connect_with_auth};
-///
-/// let mut s = connect_with_auth("127.0.0.1:9000", b"secret", Digest::Sha256, Duration::from_secs(5))?;
-/// s.write_all(b"hello\n")?;
-/// # Ok::<(), socketserver::Error>(())
-/// ```
-pub fn connect_with_auth(
-    addr: impl ToSocketAddrs,
-    key: &[u8],
-    digest: Digest,
-    timeout: Duration,
-) -> Result<TcpStream> {
-    let (stream, _, ()) = connect_and(addr, timeout, |mut io| {
-        answer_challenge(&mut io, key, digest)
-    })?;
-    Ok(stream)
 }

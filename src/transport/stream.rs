@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use super::socket::OwnedPath;
 use super::{Incoming, Listener, Service};
-use crate::auth::{Auth, AuthServer};
+use crate::admission::Pipeline;
 use crate::control::Control;
 use crate::lifecycle;
-use crate::server::Ctx;
+use crate::worker::Ctx;
 use crate::{Addr, Handler, Request, Stream};
 
 /// An accepted connection waiting for a worker.
@@ -114,11 +114,10 @@ impl Listener for UnixAcceptor {
     }
 }
 
-/// Serves connections: timeouts, then the authentication handshake (if any), then the handler.
+/// Serves connections: admission (the handshakes, if any), timeouts, then the handler.
 pub struct StreamService<H> {
     pub(crate) factory: Box<dyn Fn() -> H + Send + Sync>,
-    pub(crate) auth_config: Option<Auth>,
-    auth: Option<AuthServer>,
+    pub(crate) admission: Pipeline,
     pub(crate) read_timeout: Option<Duration>,
     pub(crate) write_timeout: Option<Duration>,
 }
@@ -127,8 +126,7 @@ impl<H> StreamService<H> {
     pub(crate) fn new(factory: Box<dyn Fn() -> H + Send + Sync>) -> Self {
         StreamService {
             factory,
-            auth_config: None,
-            auth: None,
+            admission: Pipeline::default(),
             read_timeout: None,
             write_timeout: None,
         }
@@ -149,20 +147,12 @@ impl<H: Handler> Service for StreamService<H> {
     type Request = Accepted;
 
     fn prepare(&mut self, limit: Option<usize>) -> crate::Result<()> {
-        if let Some(auth) = self.auth_config.take() {
-            // Half the workers may sit in handshakes, but never fewer than 4 (or all of a
-            // smaller pool): honest clients arriving together must not evict each other.
-            let cap = limit.map_or(64, |n| (n / 2).max(n.min(4)));
-            self.auth = Some(AuthServer::new(auth, cap)?);
-        }
-        Ok(())
+        self.admission.prepare(limit)
     }
 
     fn serve(&self, conn: Accepted, ctx: &Ctx) {
         let Accepted { stream, peer } = conn;
-        if let Some(auth) = &self.auth
-            && !auth.admit(&stream, &peer, ctx.control())
-        {
+        if !self.admission.admit(&stream, &peer, ctx.control()) {
             return close(&stream, &peer);
         }
         if let Err(e) = self.apply_timeouts(&stream) {

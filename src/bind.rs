@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use socket2::Type;
 
-use crate::transport::datagram::{DatagramService, DatagramSocket, Sock};
+use crate::datagram::Sock;
+use crate::transport::datagram::{DatagramService, DatagramSocket};
 use crate::transport::socket::{bind_inet, bind_unix};
 use crate::transport::stream::{StreamService, TcpAcceptor, UnixAcceptor};
 use crate::transport::{DatagramTransport, StreamTransport, Tcp, Udp, Unix, UnixDatagram};
@@ -238,7 +239,9 @@ impl<T: StreamTransport> Builder<T> {
     /// Requires every client to pass `auth`'s handshake before its handler runs. An empty key is
     /// rejected when the server is built.
     pub fn auth(mut self, auth: Auth) -> Self {
-        self.service.auth_config = Some(auth);
+        let admission = &mut self.service.admission;
+        admission.set_limits(auth.timeout(), auth.max_pending_set());
+        admission.add(Box::new(auth));
         self
     }
 

@@ -27,9 +27,14 @@ pub(crate) struct DeadlineIo<'a, S> {
 
 impl<'a, S: AsFd> DeadlineIo<'a, S> {
     pub(crate) fn new(sock: &'a S, timeout: Duration) -> DeadlineIo<'a, S> {
+        DeadlineIo::until(sock, deadline_after(timeout))
+    }
+
+    /// Bounded by `deadline` (`None`: no deadline).
+    pub(crate) fn until(sock: &'a S, deadline: Option<Instant>) -> DeadlineIo<'a, S> {
         DeadlineIo {
             sock,
-            deadline: deadline_after(timeout),
+            deadline,
             awaiting_answer: false,
         }
     }
