@@ -27,7 +27,7 @@ fn main() {
         Some(key) => connect_with_auth(addr, key.as_bytes(), args.digest(Digest::Sha256), timeout),
         None => TcpStream::connect(addr).map_err(Into::into),
     }
-    .unwrap_or_else(|e| common::fail(USAGE, &format!("cannot connect: {e}")));
+    .unwrap_or_else(|e| common::die(&format!("cannot connect to {addr}: {e}")));
     stream.set_read_timeout(Some(timeout)).ok();
     let messages: Vec<String> = std::env::args()
         .collect::<Vec<_>>()
@@ -46,9 +46,9 @@ fn main() {
         let mut reply = String::new();
         let sent = writer.write_all(format!("{line}\n").as_bytes());
         match sent.and_then(|()| reader.read_line(&mut reply)) {
-            Ok(0) => common::fail(USAGE, "server closed the connection"),
+            Ok(0) => common::die("server closed the connection"),
             Ok(_) => print!("{reply}"),
-            Err(e) => common::fail(USAGE, &format!("i/o error: {e}")),
+            Err(e) => common::die(&format!("i/o error: {e}")),
         }
     }
 }

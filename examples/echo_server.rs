@@ -52,5 +52,5 @@ fn main() {
     }
     let server = builder.bind(addr);
     log::info!("dispatch: {dispatch:?}");
-    common::serve(server, USAGE, "echo server", Duration::from_secs(5));
+    common::serve(server, "echo server", Duration::from_secs(5));
 }

@@ -46,5 +46,5 @@ fn main() {
         builder = builder.auth(Auth::hmac(key.as_bytes().to_vec()).digest(digest));
     }
     let server = builder.bind(args.get_or("addr", "127.0.0.1:9000"));
-    common::serve(server, USAGE, "hello server", Duration::from_secs(2));
+    common::serve(server, "hello server", Duration::from_secs(2));
 }

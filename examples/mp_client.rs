@@ -90,17 +90,11 @@ fn parse() -> Options {
     o
 }
 
-/// A runtime failure (not a usage error): the message alone, exit status 1.
-fn die(msg: &str) -> ! {
-    eprintln!("error: {msg}");
-    std::process::exit(1)
-}
-
 fn main() {
     common::init_logging();
     let o = parse();
     let mut conn = mp_connect_with(&*o.addr, o.key.as_bytes(), o.timeout, o.version)
-        .unwrap_or_else(|e| die(&format!("cannot connect: {e}")));
+        .unwrap_or_else(|e| common::die(&format!("cannot connect to {}: {e}", o.addr)));
     conn.get_ref().set_read_timeout(Some(o.timeout)).ok();
     conn.get_ref().set_write_timeout(Some(o.timeout)).ok();
     let messages: Box<dyn Iterator<Item = String>> = if o.messages.is_empty() {
@@ -112,7 +106,7 @@ fn main() {
         let reply = conn
             .send_bytes(m.as_bytes())
             .and_then(|()| conn.recv_bytes())
-            .unwrap_or_else(|e| die(&e.to_string()));
+            .unwrap_or_else(|e| common::die(&e.to_string()));
         println!("{}", String::from_utf8_lossy(&reply));
     }
 }

@@ -76,7 +76,7 @@ fn main() {
         .dispatch(dispatch)
         .auth(Auth::multiprocessing(key.as_bytes().to_vec()).mp_version(version))
         .bind(addr)
-        .unwrap_or_else(|e| common::fail(USAGE, &e.to_string()));
+        .unwrap_or_else(|e| common::die(&format!("cannot start the server: {e}")));
     let handle = server.handle();
     common::stop_on_signal(&handle);
     log::info!(

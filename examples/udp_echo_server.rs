@@ -32,5 +32,5 @@ fn main() {
         .dispatch(args.dispatch())
         .max_packet_size(args.parse_or("max-packet-size", 8192))
         .bind(args.get_or("addr", "127.0.0.1:9000"));
-    common::serve(server, USAGE, "UDP echo server", Duration::from_secs(2));
+    common::serve(server, "UDP echo server", Duration::from_secs(2));
 }

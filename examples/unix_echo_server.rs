@@ -59,12 +59,12 @@ fn main() {
             .dispatch(args.dispatch())
             .replace_stale(args.switch("replace-stale"))
             .bind(path);
-        common::serve(server, USAGE, "Unix datagram echo server", grace);
+        common::serve(server, "Unix datagram echo server", grace);
     } else {
         let server = UnixStreamServer::builder(|| Echo)
             .dispatch(args.dispatch())
             .replace_stale(args.switch("replace-stale"))
             .bind(path);
-        common::serve(server, USAGE, "Unix stream echo server", grace);
+        common::serve(server, "Unix stream echo server", grace);
     }
 }

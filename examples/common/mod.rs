@@ -93,9 +93,17 @@ impl Args {
     }
 }
 
+/// A usage error: the message and the usage text, exit status 2.
 pub fn fail(usage: &str, msg: &str) -> ! {
     eprintln!("error: {msg}\n\n{usage}");
     exit(2)
+}
+
+/// A runtime failure after the flags parsed (cannot bind, cannot connect): the message
+/// alone, no usage text, exit status 1.
+pub fn die(msg: &str) -> ! {
+    eprintln!("error: {msg}");
+    exit(1)
 }
 
 /// Logs at info unless `RUST_LOG` says otherwise.
@@ -125,14 +133,14 @@ pub fn drain(handle: &ServerHandle, grace: Duration) {
     log::info!("stats: {:?}", handle.stats());
 }
 
-/// Serves until Ctrl-C or SIGTERM, then drains for up to `grace`.
+/// Serves until Ctrl-C or SIGTERM, then drains for up to `grace`. A server that could not
+/// start ends the process through [`die`].
 pub fn serve<T: socketserver::transport::Transport>(
     server: socketserver::Result<socketserver::Server<T>>,
-    usage: &str,
     what: &str,
     grace: Duration,
 ) {
-    let server = server.unwrap_or_else(|e| fail(usage, &e.to_string()));
+    let server = server.unwrap_or_else(|e| die(&format!("cannot start the {what}: {e}")));
     let handle = server.handle();
     stop_on_signal(&handle);
     log::info!("{what} on {}", server.local_addr());
