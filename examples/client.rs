@@ -11,30 +11,34 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::time::Duration;
 
-use socketserver::{Digest, connect_with_auth};
+use clap::Parser;
+use socketserver::connect_with_auth;
 
-const USAGE: &str = "usage: client [--addr HOST:PORT] [--auth-key KEY] [--digest md5|sha256] \
-[--message TEXT]... [--timeout SECS]";
+/// A line client: sends each message and prints the line that comes back.
+#[derive(Parser)]
+#[command(name = "client")]
+struct Cli {
+    #[command(flatten)]
+    addr: common::AddrArgs,
+    #[command(flatten)]
+    auth: common::AuthArgs,
+    #[command(flatten)]
+    client: common::ClientArgs,
+}
 
 fn main() {
+    let cli: Cli = common::parse();
     common::init_logging();
-    let args = common::Args::parse(USAGE, &[]);
-    let addr = args.get_or("addr", "127.0.0.1:9000");
-    let timeout = Duration::from_secs_f64(args.parse_or("timeout", 5.0));
-    let stream = match args.get("auth-key") {
-        Some(key) => connect_with_auth(addr, key.as_bytes(), args.digest(Digest::Sha256), timeout),
+    let addr = &*cli.addr.addr;
+    let timeout = cli.client.timeout;
+    let stream = match &cli.auth.auth_key {
+        Some(key) => connect_with_auth(addr, key.as_bytes(), cli.auth.digest, timeout),
         None => TcpStream::connect(addr).map_err(Into::into),
     }
-    .unwrap_or_else(|e| common::fail(USAGE, &format!("cannot connect: {e}")));
+    .unwrap_or_else(|e| common::die(&format!("cannot connect to {addr}: {e}")));
     stream.set_read_timeout(Some(timeout)).ok();
-    let messages: Vec<String> = std::env::args()
-        .collect::<Vec<_>>()
-        .windows(2)
-        .filter(|w| w[0] == "--message")
-        .map(|w| w[1].clone())
-        .collect();
+    let messages = cli.client.message;
     let lines: Box<dyn Iterator<Item = String>> = if messages.is_empty() {
         Box::new(std::io::stdin().lock().lines().map_while(Result::ok))
     } else {
@@ -46,9 +50,9 @@ fn main() {
         let mut reply = String::new();
         let sent = writer.write_all(format!("{line}\n").as_bytes());
         match sent.and_then(|()| reader.read_line(&mut reply)) {
-            Ok(0) => common::fail(USAGE, "server closed the connection"),
+            Ok(0) => common::die("server closed the connection"),
             Ok(_) => print!("{reply}"),
-            Err(e) => common::fail(USAGE, &format!("i/o error: {e}")),
+            Err(e) => common::die(&format!("i/o error: {e}")),
         }
     }
 }

@@ -13,10 +13,20 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::time::Duration;
 
-use socketserver::{Auth, Digest, Handler, HandlerResult, Request, TcpServer};
+use clap::Parser;
+use socketserver::{Handler, HandlerResult, Request, TcpServer};
 
-const USAGE: &str = "usage: echo_server [--addr HOST:PORT] [--mode sync|thread|pool] \
-[--workers N] [--auth-key KEY] [--digest md5|sha256]";
+/// An echo server: every byte a client sends comes straight back.
+#[derive(Parser)]
+#[command(name = "echo_server")]
+struct Cli {
+    #[command(flatten)]
+    addr: common::AddrArgs,
+    #[command(flatten)]
+    dispatch: common::DispatchArgs,
+    #[command(flatten)]
+    auth: common::AuthArgs,
+}
 
 struct Echo;
 
@@ -40,17 +50,15 @@ impl Handler for Echo {
 }
 
 fn main() {
+    let cli: Cli = common::parse();
     common::init_logging();
-    let args = common::Args::parse(USAGE, &[]);
-    let addr = args.get_or("addr", "127.0.0.1:9000");
-    let dispatch = args.dispatch();
+    let dispatch = cli.dispatch.dispatch();
     let mut builder = TcpServer::builder(|| Echo).dispatch(dispatch);
-    if let Some(key) = args.get("auth-key") {
-        let digest = args.digest(Digest::Sha256);
-        builder = builder.auth(Auth::hmac(key.as_bytes().to_vec()).digest(digest));
-        log::info!("clients must authenticate with HMAC-{digest}");
+    if let Some(auth) = cli.auth.auth() {
+        builder = builder.auth(auth);
+        log::info!("clients must authenticate with HMAC-{}", cli.auth.digest);
     }
-    let server = builder.bind(addr);
+    let server = builder.bind(&*cli.addr.addr);
     log::info!("dispatch: {dispatch:?}");
-    common::serve(server, USAGE, "echo server", Duration::from_secs(5));
+    common::serve(server, "echo server", Duration::from_secs(5));
 }

@@ -12,9 +12,18 @@ mod common;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use socketserver::{Auth, Digest, Handler, HandlerResult, Request, TcpServer};
+use clap::Parser;
+use socketserver::{Handler, HandlerResult, Request, TcpServer};
 
-const USAGE: &str = "usage: hello_server [--addr HOST:PORT] [--auth-key KEY] [--digest md5|sha256]";
+/// The seed tutorial's server: greets every client with `hello` and logs what it sends back.
+#[derive(Parser)]
+#[command(name = "hello_server")]
+struct Cli {
+    #[command(flatten)]
+    addr: common::AddrArgs,
+    #[command(flatten)]
+    auth: common::AuthArgs,
+}
 
 struct Hello;
 
@@ -38,13 +47,13 @@ impl Handler for Hello {
 }
 
 fn main() {
+    // MD5 by default: the tutorial's Python client computes its HMAC with it.
+    let cli: Cli = common::parse_with(|c| c.mut_arg("digest", |a| a.default_value("md5")));
     common::init_logging();
-    let args = common::Args::parse(USAGE, &[]);
     let mut builder = TcpServer::builder(|| Hello);
-    if let Some(key) = args.get("auth-key") {
-        let digest = args.digest(Digest::Md5);
-        builder = builder.auth(Auth::hmac(key.as_bytes().to_vec()).digest(digest));
+    if let Some(auth) = cli.auth.auth() {
+        builder = builder.auth(auth);
     }
-    let server = builder.bind(args.get_or("addr", "127.0.0.1:9000"));
-    common::serve(server, USAGE, "hello server", Duration::from_secs(2));
+    let server = builder.bind(&*cli.addr.addr);
+    common::serve(server, "hello server", Duration::from_secs(2));
 }

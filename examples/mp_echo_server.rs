@@ -22,12 +22,25 @@ mod common;
 
 use std::time::Duration;
 
+use clap::Parser;
 use socketserver::{
-    Auth, DEFAULT_MAX_MESSAGE, Handler, HandlerResult, MpConnection, MpVersion, Request, TcpServer,
+    Auth, DEFAULT_MAX_MESSAGE, Handler, HandlerResult, MpConnection, Request, TcpServer,
 };
 
-const USAGE: &str = "usage: mp_echo_server --auth-key KEY [--addr HOST:PORT] [--legacy] \
-[--mode sync|thread|pool] [--workers N] [--max-message BYTES]";
+/// A `multiprocessing.connection` echo server for Python's `Client(addr, authkey=KEY)`.
+#[derive(Parser)]
+#[command(name = "mp_echo_server")]
+struct Cli {
+    #[command(flatten)]
+    auth: common::MpAuthArgs,
+    #[command(flatten)]
+    addr: common::AddrArgs,
+    #[command(flatten)]
+    dispatch: common::DispatchArgs,
+    /// Largest message accepted
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_MESSAGE)]
+    max_message: usize,
+}
 
 struct MpEcho {
     max_message: usize,
@@ -59,24 +72,16 @@ impl Handler for MpEcho {
 }
 
 fn main() {
+    let cli: Cli = common::parse_with(common::mp_addr);
     common::init_logging();
-    let args = common::Args::parse(USAGE, &["legacy"]);
-    let addr = args.get_or("addr", "127.0.0.1:6000");
-    let Some(key) = args.get("auth-key") else {
-        common::fail(USAGE, "--auth-key is required");
-    };
-    let version = if args.switch("legacy") {
-        MpVersion::Legacy
-    } else {
-        MpVersion::Modern
-    };
-    let max_message = args.parse_or("max-message", DEFAULT_MAX_MESSAGE);
-    let dispatch = args.dispatch();
+    let version = cli.auth.version();
+    let max_message = cli.max_message;
+    let dispatch = cli.dispatch.dispatch();
     let server = TcpServer::builder(move || MpEcho { max_message })
         .dispatch(dispatch)
-        .auth(Auth::multiprocessing(key.as_bytes().to_vec()).mp_version(version))
-        .bind(addr)
-        .unwrap_or_else(|e| common::fail(USAGE, &e.to_string()));
+        .auth(Auth::multiprocessing(cli.auth.auth_key.into_bytes()).mp_version(version))
+        .bind(&*cli.addr.addr)
+        .unwrap_or_else(|e| common::die(&format!("cannot start the server: {e}")));
     let handle = server.handle();
     common::stop_on_signal(&handle);
     log::info!(

@@ -10,10 +10,21 @@ mod common;
 
 use std::time::Duration;
 
+use clap::Parser;
 use socketserver::{DatagramHandler, DatagramRequest, HandlerResult, UdpServer};
 
-const USAGE: &str = "usage: udp_echo_server [--addr HOST:PORT] [--mode sync|thread|pool] \
-[--workers N] [--max-packet-size BYTES]";
+/// A UDP echo server: every datagram comes back to its sender.
+#[derive(Parser)]
+#[command(name = "udp_echo_server")]
+struct Cli {
+    #[command(flatten)]
+    addr: common::AddrArgs,
+    #[command(flatten)]
+    dispatch: common::DispatchArgs,
+    /// Largest datagram served; a longer one is dropped and logged
+    #[arg(long, value_name = "BYTES", default_value_t = 8192)]
+    max_packet_size: usize,
+}
 
 struct Echo;
 
@@ -26,11 +37,11 @@ impl DatagramHandler for Echo {
 }
 
 fn main() {
+    let cli: Cli = common::parse();
     common::init_logging();
-    let args = common::Args::parse(USAGE, &[]);
     let server = UdpServer::builder(|| Echo)
-        .dispatch(args.dispatch())
-        .max_packet_size(args.parse_or("max-packet-size", 8192))
-        .bind(args.get_or("addr", "127.0.0.1:9000"));
-    common::serve(server, USAGE, "UDP echo server", Duration::from_secs(2));
+        .dispatch(cli.dispatch.dispatch())
+        .max_packet_size(cli.max_packet_size)
+        .bind(&*cli.addr.addr);
+    common::serve(server, "UDP echo server", Duration::from_secs(2));
 }

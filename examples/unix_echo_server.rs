@@ -11,15 +11,31 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::Parser;
 use socketserver::{
     DatagramHandler, DatagramRequest, Handler, HandlerResult, Request, UnixDatagramServer,
     UnixStreamServer,
 };
 
-const USAGE: &str = "usage: unix_echo_server --path PATH [--dgram] [--replace-stale] \
-[--mode sync|thread|pool] [--workers N]";
+/// An echo server on a Unix-domain socket, stream or datagram.
+#[derive(Parser)]
+#[command(name = "unix_echo_server")]
+struct Cli {
+    /// Socket file to create (removed on exit)
+    #[arg(long, value_name = "PATH")]
+    path: PathBuf,
+    /// Serve datagrams instead of a stream (clients must bind a path of their own for replies)
+    #[arg(long)]
+    dgram: bool,
+    /// Take over a socket file that a crashed run left behind
+    #[arg(long)]
+    replace_stale: bool,
+    #[command(flatten)]
+    dispatch: common::DispatchArgs,
+}
 
 struct Echo;
 
@@ -48,23 +64,20 @@ impl DatagramHandler for Echo {
 }
 
 fn main() {
+    let cli: Cli = common::parse();
     common::init_logging();
-    let args = common::Args::parse(USAGE, &["dgram", "replace-stale"]);
-    let Some(path) = args.get("path") else {
-        common::fail(USAGE, "--path is required");
-    };
     let grace = Duration::from_secs(2);
-    if args.switch("dgram") {
+    if cli.dgram {
         let server = UnixDatagramServer::builder(|| Echo)
-            .dispatch(args.dispatch())
-            .replace_stale(args.switch("replace-stale"))
-            .bind(path);
-        common::serve(server, USAGE, "Unix datagram echo server", grace);
+            .dispatch(cli.dispatch.dispatch())
+            .replace_stale(cli.replace_stale)
+            .bind(&cli.path);
+        common::serve(server, "Unix datagram echo server", grace);
     } else {
         let server = UnixStreamServer::builder(|| Echo)
-            .dispatch(args.dispatch())
-            .replace_stale(args.switch("replace-stale"))
-            .bind(path);
-        common::serve(server, USAGE, "Unix stream echo server", grace);
+            .dispatch(cli.dispatch.dispatch())
+            .replace_stale(cli.replace_stale)
+            .bind(&cli.path);
+        common::serve(server, "Unix stream echo server", grace);
     }
 }

@@ -1,101 +1,164 @@
-//! Flag parsing, logging and Ctrl-C handling shared by the examples.
+//! Flag groups, logging and Ctrl-C handling shared by the examples.
+//!
+//! Each example declares its command line as a `#[derive(clap::Parser)]` struct that flattens
+//! the groups below, so a flag that several examples take is defined once, here.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::process::exit;
 use std::time::Duration;
 
-use socketserver::{Digest, Dispatch, ServerHandle};
+use clap::builder::{NonEmptyStringValueParser, RangedU64ValueParser};
+use clap::{ArgMatches, Command, CommandFactory};
+use socketserver::{Auth, Digest, Dispatch, ServerHandle};
 
-/// `--name value` flags and bare `--switch`es.
-pub struct Args {
-    values: HashMap<String, String>,
-    switches: Vec<String>,
-    usage: &'static str,
+/// `--addr HOST:PORT`. The multiprocessing examples change the default with [`mp_addr`].
+#[derive(clap::Args, Debug)]
+pub struct AddrArgs {
+    /// Host and port: where a server listens, where a client connects
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9000")]
+    pub addr: String,
 }
 
-impl Args {
-    /// Parses the command line; `switches` name the flags that take no value.
-    pub fn parse(usage: &'static str, switches: &[&str]) -> Args {
-        let mut values = HashMap::new();
-        let mut on = Vec::new();
-        let mut it = std::env::args().skip(1);
-        while let Some(a) = it.next() {
-            if a == "-h" || a == "--help" {
-                println!("{usage}");
-                exit(0);
-            }
-            let Some(name) = a.strip_prefix("--") else {
-                fail(usage, &format!("unexpected argument {a:?}"));
-            };
-            if switches.contains(&name) {
-                on.push(name.to_owned());
-                continue;
-            }
-            let (name, value) = match name.split_once('=') {
-                Some((n, v)) => (n.to_owned(), v.to_owned()),
-                None => match it.next() {
-                    Some(v) => (name.to_owned(), v),
-                    None => fail(usage, &format!("--{name} needs a value")),
-                },
-            };
-            values.insert(name, value);
-        }
-        Args {
-            values,
-            switches: on,
-            usage,
-        }
-    }
+/// For [`parse_with`]: the multiprocessing examples' `--addr` defaults to port 6000.
+pub fn mp_addr(c: Command) -> Command {
+    c.mut_arg("addr", |a| a.default_value("127.0.0.1:6000"))
+}
 
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.values.get(name).map(String::as_str)
-    }
+/// How a server runs its requests: `--mode sync|thread|pool` and `--workers N`.
+#[derive(clap::Args, Debug)]
+pub struct DispatchArgs {
+    /// How requests are dispatched
+    #[arg(long, value_enum, default_value_t = Mode::Thread)]
+    pub mode: Mode,
+    /// Worker threads of `--mode pool`
+    #[arg(long, value_name = "N", default_value_t = 8,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    pub workers: usize,
+}
 
-    pub fn get_or<'a>(&'a self, name: &str, default: &'a str) -> &'a str {
-        self.get(name).unwrap_or(default)
-    }
+/// The values of `--mode`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Mode {
+    /// One request at a time, on the serving thread (Python's TCPServer)
+    Sync,
+    /// A new thread per request (Python's ThreadingTCPServer)
+    Thread,
+    /// A fixed pool of `--workers` threads
+    Pool,
+}
 
-    pub fn switch(&self, name: &str) -> bool {
-        self.switches.iter().any(|s| s == name)
-    }
-
-    pub fn parse_or<T: std::str::FromStr>(&self, name: &str, default: T) -> T {
-        match self.get(name) {
-            None => default,
-            Some(v) => v
-                .parse()
-                .unwrap_or_else(|_| fail(self.usage, &format!("bad value for --{name}: {v:?}"))),
-        }
-    }
-
-    pub fn digest(&self, default: Digest) -> Digest {
-        match self.get("digest") {
-            None => default,
-            Some(d) => d
-                .parse()
-                .unwrap_or_else(|e| fail(self.usage, &format!("--digest: {e}"))),
-        }
-    }
-
-    /// `--mode sync|thread|pool` with `--workers N`.
+impl DispatchArgs {
     pub fn dispatch(&self) -> Dispatch {
-        let workers = self.parse_or("workers", 8usize);
-        match self.get_or("mode", "thread") {
-            "sync" => Dispatch::Sync,
-            "thread" => Dispatch::Thread,
-            "pool" => Dispatch::Pool { workers },
-            m => fail(
-                self.usage,
-                &format!("--mode must be sync, thread or pool, not {m:?}"),
-            ),
+        match self.mode {
+            Mode::Sync => Dispatch::Sync,
+            Mode::Thread => Dispatch::Thread,
+            Mode::Pool => Dispatch::Pool {
+                workers: self.workers,
+            },
         }
     }
 }
 
-pub fn fail(usage: &str, msg: &str) -> ! {
-    eprintln!("error: {msg}\n\n{usage}");
-    exit(2)
+/// The HMAC handshake: `--auth-key KEY` and `--digest NAME`. `--digest` defaults to sha256;
+/// `hello_server` changes that to md5 with [`parse_with`].
+#[derive(clap::Args, Debug)]
+pub struct AuthArgs {
+    /// Shared key of the HMAC handshake; without it, no authentication
+    #[arg(long, value_name = "KEY", allow_hyphen_values = true,
+          value_parser = NonEmptyStringValueParser::new())]
+    pub auth_key: Option<String>,
+    /// HMAC digest of the handshake (with --auth-key): md5, sha256, sha384, sha3_256 or sha3_384
+    #[arg(long, value_name = "DIGEST", default_value_t = Digest::Sha256,
+          value_parser = parse_digest)]
+    pub digest: Digest,
+}
+
+impl AuthArgs {
+    /// The server side of the handshake, if `--auth-key` was given.
+    pub fn auth(&self) -> Option<Auth> {
+        let key = self.auth_key.as_ref()?;
+        Some(Auth::hmac(key.as_bytes().to_vec()).digest(self.digest))
+    }
+}
+
+/// `socketserver::Digest`'s own names (`FromStr`), as a clap value parser.
+fn parse_digest(s: &str) -> Result<Digest, String> {
+    s.parse().map_err(|e: socketserver::Error| e.to_string())
+}
+
+/// The `multiprocessing.connection` handshake: a required `--auth-key KEY` and `--legacy`.
+#[derive(clap::Args, Debug)]
+pub struct MpAuthArgs {
+    /// The shared authkey (Python's `authkey=`)
+    #[arg(long, value_name = "KEY", allow_hyphen_values = true,
+          value_parser = NonEmptyStringValueParser::new())]
+    pub auth_key: String,
+    /// Send Python 3.11's challenge byte for byte (the default, 3.12+'s, is answered by 3.11
+    /// too)
+    #[arg(long)]
+    pub legacy: bool,
+}
+
+impl MpAuthArgs {
+    pub fn version(&self) -> socketserver::MpVersion {
+        if self.legacy {
+            socketserver::MpVersion::Legacy
+        } else {
+            socketserver::MpVersion::Modern
+        }
+    }
+}
+
+/// What a client sends: `--message TEXT` (repeatable) and `--timeout SECS`.
+#[derive(clap::Args, Debug)]
+pub struct ClientArgs {
+    /// A message to send (repeatable); with none, each line of standard input
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
+    pub message: Vec<String>,
+    /// Seconds to wait for the handshake and for each reply
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs,
+          allow_negative_numbers = true)]
+    pub timeout: Duration,
+}
+
+/// A positive number of seconds, fractions allowed.
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        _ => Err("must be a positive number of seconds".into()),
+    }
+}
+
+/// Parses the command line into `P`. Usage errors print clap's message and exit with status
+/// 2; `--help` prints the generated help and exits 0.
+pub fn parse<P: clap::Parser>() -> P {
+    parse_with(|c| c)
+}
+
+/// Like [`parse`], after `adjust` changes what this example does differently from the shared
+/// flag groups: a default, as in [`mp_addr`] or
+/// `|c| c.mut_arg("digest", |a| a.default_value("md5"))`.
+pub fn parse_with<P: clap::Parser>(adjust: impl FnOnce(Command) -> Command) -> P {
+    from_matches(&matches_with::<P>(adjust))
+}
+
+/// The raw matches, for an example that needs more than the typed fields (argument order).
+/// A repeated single-valued flag keeps its last value, as the examples always did.
+pub fn matches_with<P: CommandFactory>(adjust: impl FnOnce(Command) -> Command) -> ArgMatches {
+    adjust(P::command().args_override_self(true)).get_matches()
+}
+
+/// `P` from matches that [`matches_with`] returned.
+pub fn from_matches<P: clap::Parser>(matches: &ArgMatches) -> P {
+    P::from_arg_matches(matches).unwrap_or_else(|e| e.format(&mut P::command()).exit())
+}
+
+/// A runtime failure after the flags parsed (cannot bind, cannot connect): the message
+/// alone, no usage text, exit status 1.
+pub fn die(msg: &str) -> ! {
+    eprintln!("error: {msg}");
+    exit(1)
 }
 
 /// Logs at info unless `RUST_LOG` says otherwise.
@@ -125,14 +188,14 @@ pub fn drain(handle: &ServerHandle, grace: Duration) {
     log::info!("stats: {:?}", handle.stats());
 }
 
-/// Serves until Ctrl-C or SIGTERM, then drains for up to `grace`.
+/// Serves until Ctrl-C or SIGTERM, then drains for up to `grace`. A server that could not
+/// start ends the process through [`die`].
 pub fn serve<T: socketserver::transport::Transport>(
     server: socketserver::Result<socketserver::Server<T>>,
-    usage: &str,
     what: &str,
     grace: Duration,
 ) {
-    let server = server.unwrap_or_else(|e| fail(usage, &e.to_string()));
+    let server = server.unwrap_or_else(|e| die(&format!("cannot start the {what}: {e}")));
     let handle = server.handle();
     stop_on_signal(&handle);
     log::info!("{what} on {}", server.local_addr());
