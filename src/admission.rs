@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::control::{Control, Counters, lock};
 use crate::deadline::DeadlineIo;
+use crate::log_limit::limited;
 use crate::wait::deadline_after;
 use crate::{Addr, Auth, Result, Stream};
 
@@ -145,16 +146,23 @@ impl Pipeline {
         let kept = guard.leave();
         match (result, failed) {
             _ if !kept => {
-                log::info!("handshake with {peer} cut: too many unfinished handshakes");
+                limited!(
+                    info,
+                    "handshake with {peer} cut: too many unfinished handshakes"
+                );
             }
             (Ok(()), _) => return true,
             (Err(e), _) if e.is_timeout() => {
                 Counters::bump(&counters.handshake_timeouts);
-                log::warn!("handshake with {peer} timed out after {:?}", self.timeout);
+                limited!(
+                    warn,
+                    "handshake with {peer} timed out after {:?}",
+                    self.timeout
+                );
             }
             (Err(e), Some(StageKind::Auth) | None) => {
                 Counters::bump(&counters.auth_failures);
-                log::warn!("authentication failed for {peer}: {e}");
+                limited!(warn, "authentication failed for {peer}: {e}");
             }
         }
         false

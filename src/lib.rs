@@ -93,6 +93,7 @@ mod dispatch;
 mod error;
 mod handler;
 mod lifecycle;
+mod log_limit;
 mod mp;
 mod server;
 mod stream;

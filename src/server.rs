@@ -14,6 +14,7 @@ use rustix::io::Errno;
 
 use crate::control::{Control, Counters, Permit, lock};
 use crate::dispatch::{Dispatch, Dispatcher, Shared};
+use crate::log_limit::limited;
 use crate::stream::now_millis;
 use crate::transport::socket::SocketOptions;
 use crate::transport::{Incoming, Listener, Service, Transport};
@@ -529,7 +530,7 @@ impl<T: Transport> Server<T> {
         };
         if let Err(e) = dispatcher.dispatch((req, permit, ticket)) {
             Counters::bump(&control.counters.accept_errors);
-            log::error!("{e}; connection closed");
+            limited!(error, "{e}; connection closed");
             let delay = backoff.next();
             wait(None, control, Some(Instant::now() + delay));
             return false;

@@ -8,6 +8,7 @@ use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use crate::control::Control;
+use crate::log_limit::limited;
 use crate::{Addr, HandlerFailure, ServerHandle};
 
 /// Python's `handle_error`, as a hook.
@@ -29,13 +30,14 @@ impl Ctx {
         match &self.handle_error {
             Some(hook) => {
                 if let Err(p) = catch_unwind(AssertUnwindSafe(|| hook(peer, &failure))) {
-                    log::error!(
+                    limited!(
+                        error,
                         "handle_error hook panicked ({}) on {stage}() {failure} from {peer}",
                         panic_message(&*p)
                     );
                 }
             }
-            None => log::error!("{stage}() failed for request from {peer}: {failure}"),
+            None => limited!(error, "{stage}() failed for request from {peer}: {failure}"),
         }
     }
 }

@@ -16,6 +16,7 @@ use super::socket::OwnedPath;
 use super::{Incoming, Listener, Service};
 use crate::control::{Control, Counters};
 use crate::datagram::Sock;
+use crate::log_limit::limited;
 use crate::worker::Ctx;
 use crate::{Addr, DatagramHandler, DatagramRequest, lifecycle};
 
@@ -70,7 +71,8 @@ impl Listener for DatagramSocket {
         let peer = peer_addr(from);
         if len > self.max_packet_size {
             Counters::bump(&control.counters.oversized);
-            log::warn!(
+            limited!(
+                warn,
                 "datagram of {len} bytes from {peer} exceeds max_packet_size ({} bytes): dropped",
                 self.max_packet_size
             );
@@ -132,7 +134,7 @@ impl<H: DatagramHandler> Service for DatagramService<H> {
             return;
         }
         if let Err(e) = req.send_timeout(&req.wfile, self.reply_timeout) {
-            log::warn!("cannot send reply to {}: {e}", req.peer_addr());
+            limited!(warn, "cannot send reply to {}: {e}", req.peer_addr());
         }
     }
 }

@@ -12,6 +12,7 @@ use super::{Incoming, Listener, Service};
 use crate::admission::Pipeline;
 use crate::control::Control;
 use crate::lifecycle;
+use crate::log_limit::limited;
 use crate::worker::Ctx;
 use crate::{Addr, Handler, Request, Stream};
 
@@ -156,7 +157,7 @@ impl<H: Handler> Service for StreamService<H> {
             return close(&stream, &peer);
         }
         if let Err(e) = self.apply_timeouts(&stream) {
-            log::warn!("cannot set timeouts on connection from {peer}: {e}");
+            limited!(warn, "cannot set timeouts on connection from {peer}: {e}");
             return close(&stream, &peer);
         }
         let Some(mut handler) = lifecycle::make(&*self.factory, &peer, ctx) else {
