@@ -757,3 +757,53 @@ fn huge_timeouts_mean_no_timeout_rather_than_a_panic() {
     assert_eq!((report.cut, report.still_running), (0, 0));
     assert!(!server.handle().is_draining());
 }
+
+#[test]
+fn thread_mode_reuses_finished_threads_for_new_connections() {
+    // Connections one after another: each finds the previous one's thread waiting for work,
+    // instead of paying for a new thread every time. Every connection still gets a thread of
+    // its own (the second, opened while the first is held, is served at once).
+    let ids = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let seen = ids.clone();
+    let server = TcpServer::builder(move || {
+        let seen = seen.clone();
+        FnHandler(move |req: &mut Request| {
+            seen.lock().unwrap().insert(std::thread::current().id());
+            req.write_all(b"x")?;
+            let mut buf = [0u8; 1];
+            let _ = req.read(&mut buf)?;
+            Ok(())
+        })
+    })
+    .dispatch(Dispatch::Thread)
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let greet = |c: &mut TcpStream| {
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).unwrap();
+    };
+    for _ in 0..50 {
+        let mut c = connect(&addr);
+        greet(&mut c);
+        drop(c);
+        // Let the handler see end-of-file, finish, and go back to waiting.
+        assert!(eventually(Duration::from_secs(5), || running
+            .handle
+            .stats()
+            .active
+            == 0));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let sequential = ids.lock().unwrap().len();
+    assert!(
+        sequential <= 5,
+        "50 sequential connections used {sequential} threads"
+    );
+    let mut held = connect(&addr);
+    greet(&mut held);
+    let mut second = connect(&addr);
+    greet(&mut second);
+    drop((held, second));
+}

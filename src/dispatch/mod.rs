@@ -5,15 +5,16 @@
 
 use std::io;
 use std::sync::Arc;
-use std::thread;
 
 use crate::control::{Permit, Ticket};
 use crate::transport::{Incoming, Service};
 use crate::worker::Ctx;
 
 mod pool;
+mod threads;
 
 use pool::Pool;
+use threads::Threads;
 
 /// How a server runs its requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -21,9 +22,10 @@ use pool::Pool;
 pub enum Dispatch {
     /// One request at a time, on the thread that calls `serve_forever` (Python's `TCPServer`).
     Sync,
-    /// A new thread per request (Python's `ThreadingTCPServer`), optionally capped with
-    /// [`Builder::max_connections`](crate::Builder::max_connections). Finished threads are
-    /// reaped as they end. The default.
+    /// A thread per request (Python's `ThreadingTCPServer`), optionally capped with
+    /// [`Builder::max_connections`](crate::Builder::max_connections). The default. A thread
+    /// whose request ends waits a few seconds for the next one before it exits, so a busy
+    /// server does not pay for a new thread on every connection, and an idle one keeps none.
     #[default]
     Thread,
     /// A fixed pool of worker threads. When all are busy the server stops accepting, so the
@@ -71,7 +73,7 @@ pub(crate) struct Dispatcher<S: Service> {
 
 enum Mode<R> {
     Sync,
-    Thread { stack_size: Option<usize> },
+    Thread(Threads<Job<R>>),
     Pool(Pool<Job<R>>),
 }
 
@@ -82,17 +84,12 @@ impl<S: Service> Dispatcher<S> {
         stack_size: Option<usize>,
         shared: Arc<Shared<S>>,
     ) -> io::Result<Dispatcher<S>> {
+        let s = shared.clone();
+        let run = Arc::new(move |job| s.run(job));
         let mode = match dispatch {
             Dispatch::Sync => Mode::Sync,
-            Dispatch::Thread => Mode::Thread { stack_size },
-            Dispatch::Pool { workers } => {
-                let s = shared.clone();
-                Mode::Pool(Pool::new(
-                    workers,
-                    stack_size,
-                    Arc::new(move |job| s.run(job)),
-                )?)
-            }
+            Dispatch::Thread => Mode::Thread(Threads::new(stack_size, run)),
+            Dispatch::Pool { workers } => Mode::Pool(Pool::new(workers, stack_size, run)?),
         };
         Ok(Dispatcher { shared, mode })
     }
@@ -103,14 +100,9 @@ impl<S: Service> Dispatcher<S> {
         match &self.mode {
             Mode::Sync => self.shared.run(job),
             Mode::Pool(pool) => pool.submit(job),
-            Mode::Thread { stack_size } => {
+            Mode::Thread(threads) => {
                 let peer = job.0.peer().clone();
-                let shared = self.shared.clone();
-                let mut b = thread::Builder::new();
-                if let Some(s) = stack_size {
-                    b = b.stack_size(*s);
-                }
-                b.spawn(move || shared.run(job)).map_err(|e| {
+                threads.submit(job).map_err(|e| {
                     io::Error::new(e.kind(), format!("cannot start a thread for {peer}: {e}"))
                 })?;
             }
