@@ -76,19 +76,25 @@ impl Contender {
     pub fn describe(&self) -> String {
         let what = match self.kind {
             Kind::Std => {
-                "`std_echo`: std::net, a thread per connection, 16 KiB stack buffer (baseline)"
+                "`std_echo`: std::net, a thread per connection, 16 KiB heap BufReader never \
+                 zeroed, TCP_NODELAY (baseline)"
                     .to_owned()
             }
             Kind::Tokio => {
                 "`tokio_echo`: tokio multi-thread runtime (a worker per CPU it may use: 1 when \
-                 pinned), a task per connection, 16 KiB buffer"
+                 pinned), a task per connection, 16 KiB heap buffer never zeroed (read_buf), \
+                 TCP_NODELAY"
                     .to_owned()
             }
             Kind::Thread => "`echo_server --mode thread` (this crate)".to_owned(),
             Kind::Pool => {
                 format!("`echo_server --mode pool --workers {POOL_WORKERS}` (this crate)")
             }
-            Kind::Python => "`python_echo.py`: Python socketserver.ThreadingTCPServer".to_owned(),
+            Kind::Python => {
+                "`python_echo.py`: Python socketserver.ThreadingTCPServer, recv(16384), \
+                 TCP_NODELAY"
+                    .to_owned()
+            }
         };
         match self.auth {
             None => what,
