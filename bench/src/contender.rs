@@ -19,12 +19,23 @@ pub const AUTH_KEY: &[u8] = b"socketserver-bench-key";
 /// scenario, so that every persistent connection has a worker.
 pub const POOL_WORKERS: usize = 128;
 
+/// The tokio runtime a competent tokio user would pick: one core (pinned) makes a multi-thread
+/// runtime one worker plus a thread handing connections across, so a current-thread runtime;
+/// several cores, the multi-thread runtime `#[tokio::main]` gives.
+pub fn tokio_runtime(pinned: bool) -> &'static str {
+    if pinned {
+        "current-thread"
+    } else {
+        "multi-thread"
+    }
+}
+
 /// Which server program a contender runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     /// `std_echo`: minimal std::net thread-per-connection echo, the baseline.
     Std,
-    /// `tokio_echo`: tokio multi-thread runtime, a task per connection.
+    /// `tokio_echo`: a task per connection, on the runtime [`tokio_runtime`] picks.
     Tokio,
     /// This crate's `echo_server --mode thread`.
     Thread,
@@ -81,9 +92,9 @@ impl Contender {
                     .to_owned()
             }
             Kind::Tokio => {
-                "`tokio_echo`: tokio multi-thread runtime (a worker per CPU it may use: 1 when \
-                 pinned), a task per connection, 16 KiB heap buffer never zeroed (read_buf), \
-                 TCP_NODELAY"
+                "`tokio_echo`: a task per connection on a current-thread runtime when pinned to \
+                 one core, on the multi-thread runtime (a worker per core) unpinned; 16 KiB heap \
+                 buffer never zeroed (read_buf), TCP_NODELAY"
                     .to_owned()
             }
             Kind::Thread => "`echo_server --mode thread` (this crate)".to_owned(),
@@ -213,7 +224,13 @@ impl Server {
         let path = |p: &Path| p.display().to_string();
         match c.kind {
             Kind::Std => argv.extend([path(&p.std_echo), "--addr".into(), a]),
-            Kind::Tokio => argv.extend([path(&p.tokio_echo), "--addr".into(), a]),
+            Kind::Tokio => argv.extend([
+                path(&p.tokio_echo),
+                "--addr".into(),
+                a,
+                "--runtime".into(),
+                tokio_runtime(core.is_some()).into(),
+            ]),
             Kind::Thread | Kind::Pool => {
                 argv.extend([path(&p.echo_server), "--addr".into(), a]);
                 if c.kind == Kind::Thread {
