@@ -15,8 +15,8 @@ use socketserver::Digest;
 /// The key every authenticating contender and client share.
 pub const AUTH_KEY: &[u8] = b"socketserver-bench-key";
 
-/// Worker threads of the `echo_server --mode pool` contender: enough for the largest echo
-/// scenario, so that every persistent connection has a worker.
+/// Worker threads of the `echo_server --mode pool` and `std_echo --pool` contenders: enough for
+/// the largest echo scenario, so that every persistent connection has a worker.
 pub const POOL_WORKERS: usize = 128;
 
 /// The tokio runtime a competent tokio user would pick: one core (pinned) makes a multi-thread
@@ -35,6 +35,9 @@ pub fn tokio_runtime(pinned: bool) -> &'static str {
 pub enum Kind {
     /// `std_echo`: minimal std::net thread-per-connection echo, the baseline.
     Std,
+    /// `std_echo --pool POOL_WORKERS`: pre-spawned std threads each looping `accept()` on the
+    /// shared listener, the fair peer of [`Kind::Pool`].
+    StdPool,
     /// `tokio_echo`: a task per connection, on the runtime [`tokio_runtime`] picks.
     Tokio,
     /// This crate's `echo_server --mode thread`.
@@ -72,6 +75,7 @@ impl Contender {
     pub fn label(&self) -> String {
         let base = match self.kind {
             Kind::Std => "std",
+            Kind::StdPool => "std pool",
             Kind::Tokio => "tokio",
             Kind::Thread => "socketserver thread",
             Kind::Pool => "socketserver pool",
@@ -91,6 +95,10 @@ impl Contender {
                  zeroed, TCP_NODELAY (baseline)"
                     .to_owned()
             }
+            Kind::StdPool => format!(
+                "`std_echo --pool {POOL_WORKERS}`: std::net, {POOL_WORKERS} pre-spawned threads \
+                 each looping accept() on the shared listener, same buffer and TCP_NODELAY"
+            ),
             Kind::Tokio => {
                 "`tokio_echo`: a task per connection on a current-thread runtime when pinned to \
                  one core, on the multi-thread runtime (a worker per core) unpinned; 16 KiB heap \
@@ -224,6 +232,13 @@ impl Server {
         let path = |p: &Path| p.display().to_string();
         match c.kind {
             Kind::Std => argv.extend([path(&p.std_echo), "--addr".into(), a]),
+            Kind::StdPool => argv.extend([
+                path(&p.std_echo),
+                "--addr".into(),
+                a,
+                "--pool".into(),
+                POOL_WORKERS.to_string(),
+            ]),
             Kind::Tokio => argv.extend([
                 path(&p.tokio_echo),
                 "--addr".into(),

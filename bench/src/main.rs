@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! cargo run --release -p socketserver-bench -- [--quick] [--rounds N] [--secs S] [--idle N]
-//!     [--only echo,connect,idle] [--conns 1,16,128] [--contenders std,tokio,thread,pool,python]
+//!     [--only echo,connect,idle] [--conns 1,16,128]
+//!     [--contenders std,std-pool,tokio,thread,pool,python]
 //!     [--no-pin] [--no-python] [--no-build] [--out DIR]
 //! ```
 //!
@@ -33,7 +34,7 @@ use report::{Entry, Point, Results};
 const USAGE: &str = "\
 usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
                           [--only echo,connect,idle] [--conns 1,16,128]
-                          [--contenders std,tokio,thread,pool,python]
+                          [--contenders std,std-pool,tokio,thread,pool,python]
                           [--no-pin] [--no-python] [--no-build] [--out DIR]
 
   --quick       a short run (under a minute): 1 round, 0.5 s windows
@@ -43,8 +44,8 @@ usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
   --only LIST   scenarios to run (default echo,connect,idle)
   --conns LIST  connection counts of the echo scenario (default 1,16,128)
   --contenders LIST
-                which servers to run (default all: std,tokio,thread,pool,python); std is
-                the baseline of every ratio
+                which servers to run (default all: std,std-pool,tokio,thread,pool,python);
+                std is the baseline of every ratio; std-pool runs in the connect scenario
   --no-pin      do not pin the server (core 1) and the load generator (core 0)
   --no-python   leave out the Python contenders
   --no-build    use the programs next to this binary instead of building them
@@ -96,6 +97,7 @@ fn parse_args() -> Config {
         scenarios: vec!["echo".into(), "connect".into(), "idle".into()],
         kinds: vec![
             Kind::Std,
+            Kind::StdPool,
             Kind::Tokio,
             Kind::Thread,
             Kind::Pool,
@@ -169,6 +171,7 @@ fn parse_args() -> Config {
                     .split(',')
                     .map(|k| match k {
                         "std" => Kind::Std,
+                        "std-pool" => Kind::StdPool,
                         "tokio" => Kind::Tokio,
                         "thread" => Kind::Thread,
                         "pool" => Kind::Pool,
@@ -366,6 +369,7 @@ fn contenders(point: Point, python: bool, kinds: &[Kind]) -> Vec<Contender> {
             p(Thread),
             a(Thread, Digest::Md5),
             a(Thread, Digest::Sha256),
+            p(StdPool),
             p(Pool),
             a(Pool, Digest::Md5),
             a(Pool, Digest::Sha256),

@@ -335,13 +335,17 @@ pub fn targets(res: &Results) -> Vec<Check> {
     for (point, _) in res {
         let Point::Connect(n) = *point else { continue };
         let rate = |c| get(*point, c, |s| s.rate);
-        check(
-            format!("connect {n} clients: {} ≥ std", pool.label()),
-            rate(pool),
-            rate(STD),
-            1.0,
-            true,
-        );
+        // Against a thread spawned per connection, and against the fair peer: a std pool of
+        // the same size, pre-spawned too.
+        for base in [STD, Contender::plain(Kind::StdPool)] {
+            check(
+                format!("connect {n} clients: {} ≥ {}", pool.label(), base.label()),
+                rate(pool),
+                rate(base),
+                1.0,
+                true,
+            );
+        }
         for base in [pool, thread] {
             for d in [Digest::Md5, Digest::Sha256] {
                 let with = Contender::with_auth(base.kind, d);
@@ -411,6 +415,7 @@ pub fn targets_table(checks: &[Check]) -> String {
 fn color(c: &Contender) -> &'static str {
     match c.kind {
         Kind::Std => "#7f7f7f",
+        Kind::StdPool => "#bdbdbd",
         Kind::Tokio => "#e6550d",
         Kind::Thread => "#1f77b4",
         Kind::Pool => "#6baed6",
