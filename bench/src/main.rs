@@ -205,6 +205,16 @@ fn parse_args() -> Config {
     c
 }
 
+/// Creates the output directory if need be and checks that a file can be written there, so that
+/// a bad `--out` fails before the run rather than after it.
+fn prepare_out(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let probe = dir.join(format!(".socketserver-bench-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| format!("cannot write in {}: {e}", dir.display()))
+}
+
 /// Runs cargo to build `what`, returning the executables it reports.
 fn cargo_build(root: &Path, what: &[&str]) -> Result<Vec<PathBuf>, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -722,6 +732,10 @@ fn main() {
         eprintln!(
             "warning: cannot handle Ctrl-C ({e}); an interrupted run may leave a server behind"
         );
+    }
+    if let Err(e) = prepare_out(&cfg.out) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
     }
     let env = setup(&mut cfg).unwrap_or_else(|e| {
         eprintln!("error: {e}");
