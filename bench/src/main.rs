@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use socketserver::Digest;
 
 use contender::{Contender, Kind, Programs, Server};
-use report::{Entry, Point, Results};
+use report::{Entry, Point, Results, Verdict};
 
 const USAGE: &str = "\
 usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
@@ -55,6 +55,14 @@ usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
 /// A run in which other processes took at least this share of the benchmark's cores is
 /// flagged, and run again while the retry budget lasts.
 const BUSY: f64 = 0.10;
+
+/// How the targets are judged, for the results.
+const TARGETS_RULE: &str = "Each target compares a figure of A with the same figure of B. The \
+ratio is that of their medians, with its margin to the bound; the range is what the rounds \
+allow, from A's lowest round over B's highest to A's highest over B's lowest (see every round \
+below). PASS only when the whole range clears the bound, MISS only when all of it misses: \
+otherwise the margin is smaller than the measured spread and the result is within noise. A \
+single round measures no spread and gives no verdict.\n\n";
 
 /// The run's settings.
 #[derive(Debug, Clone)]
@@ -623,7 +631,8 @@ fn report_all(cfg: &Config, env: &Setup, m: &Measured, elapsed: Duration) -> std
     );
     let tables = report::tables(&m.results);
     let checks = report::targets(&m.results);
-    let targets = report::targets_table(&checks);
+    let sweep = if env.pinned { "pinned" } else { "unpinned" };
+    let targets = report::targets_table(&[(sweep, &checks)]);
 
     let mut md = String::new();
     md.push_str("# socketserver benchmark results\n\n");
@@ -662,10 +671,7 @@ fn report_all(cfg: &Config, env: &Setup, m: &Measured, elapsed: Duration) -> std
     md.push_str(&format!("![echo round trips/s]({svg_name})\n\n"));
     md.push_str(&tables);
     md.push_str("### Targets\n\n");
-    md.push_str(
-        "Checked on the medians above. Pinned, an identical server measures within about 5% of \
-         itself, so a result within a few percent of its bound is within noise.\n\n",
-    );
+    md.push_str(TARGETS_RULE);
     md.push_str(&targets);
     md.push_str("\n### Contenders\n\n");
     let mut seen: Vec<Contender> = Vec::new();
@@ -690,9 +696,14 @@ fn report_all(cfg: &Config, env: &Setup, m: &Measured, elapsed: Duration) -> std
     )?;
     write!(out, "{tables}")?;
     writeln!(out, "### Targets\n\n{targets}")?;
-    let passed = checks.iter().filter(|c| c.verdict() == "PASS").count();
-    let missed = checks.iter().filter(|c| c.verdict() == "MISS").count();
-    writeln!(out, "{passed} passed, {missed} missed\n")?;
+    let count = |v| checks.iter().filter(|c| c.verdict() == v).count();
+    writeln!(
+        out,
+        "{} passed, {} missed, {} within noise\n",
+        count(Verdict::Pass),
+        count(Verdict::Miss),
+        count(Verdict::Noise)
+    )?;
     writeln!(out, "quietness: {busy_note}")?;
 
     let md_path = cfg.out.join(format!("results{suffix}.md"));
