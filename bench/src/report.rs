@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use socketserver::Digest;
 
-use crate::contender::{Contender, Kind};
+use crate::contender::{Contender, Kind, tokio_runtime};
 use crate::load::Sample;
 
 /// A scenario at one size.
@@ -50,6 +50,39 @@ pub struct Entry {
 
 /// All points, in the order they ran, each with its contenders.
 pub type Results = Vec<(Point, Vec<Entry>)>;
+
+/// One pass over every scenario, with the servers pinned to a core or free on all of them.
+pub struct Sweep {
+    /// True: each server on core 1, the load generator on core 0.
+    pub pinned: bool,
+    /// What was measured.
+    pub results: Results,
+    /// Runs measured again because other processes were busy.
+    pub reruns: usize,
+}
+
+/// "pinned" or "unpinned".
+pub fn sweep_name(pinned: bool) -> &'static str {
+    if pinned { "pinned" } else { "unpinned" }
+}
+
+impl Sweep {
+    /// How the servers ran in this sweep, and so which tokio runtime served.
+    pub fn title(&self, cores: usize) -> String {
+        let runtime = tokio_runtime(self.pinned);
+        if self.pinned {
+            format!(
+                "Pinned: each server on core 1, the load generator on core 0; tokio on a \
+                 {runtime} runtime"
+            )
+        } else {
+            format!(
+                "Unpinned: servers and load generator free on all {cores} cores; tokio on the \
+                 {runtime} runtime"
+            )
+        }
+    }
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
@@ -263,8 +296,17 @@ fn idle_columns() -> Vec<Column> {
     ]
 }
 
-/// The markdown tables, one per scenario.
-pub fn tables(res: &Results) -> String {
+/// A contender's name in a sweep's tables: tokio's says which runtime served.
+fn row_label(c: &Contender, pinned: bool) -> String {
+    match c.kind {
+        Kind::Tokio => format!("{} ({})", c.label(), tokio_runtime(pinned)),
+        _ => c.label(),
+    }
+}
+
+/// A sweep's markdown tables, one per scenario, under `level` headings.
+pub fn tables(sweep: &Sweep, level: &str) -> String {
+    let res = &sweep.results;
     let mut out = String::new();
     for name in ["echo", "connect", "idle"] {
         let points: Vec<_> = res.iter().filter(|(p, _)| p.scenario() == name).collect();
@@ -286,13 +328,13 @@ pub fn tables(res: &Results) -> String {
             ),
         };
         let headers: Vec<&str> = columns.iter().map(|c| c.header).collect();
-        let _ = writeln!(out, "### {title}\n");
+        let _ = writeln!(out, "{level} {title}\n");
         let _ = writeln!(out, "| contender | {} |", headers.join(" | "));
         let _ = writeln!(out, "|---|{}", "--:|".repeat(columns.len()));
         for (point, entries) in points {
             let base = find(res, *point, STD);
             for e in entries {
-                let label = e.contender.label();
+                let label = row_label(&e.contender, sweep.pinned);
                 let Some(s) = summary(&e.samples) else {
                     let why = e.failures.first().map_or("no data", String::as_str);
                     let why = why.lines().next().unwrap_or("").replace('|', "/");
@@ -320,9 +362,9 @@ pub fn tables(res: &Results) -> String {
 
 /// Each round's figures, the data behind every median, spread and target: round trips or
 /// connections per second (and, for echo, the p99 latency), or RSS per idle connection.
-pub fn raw_rounds(res: &Results) -> String {
+pub fn raw_rounds(sweep: &Sweep) -> String {
     let mut out = String::new();
-    for (point, entries) in res {
+    for (point, entries) in &sweep.results {
         let (name, unit) = match point {
             Point::Echo(n) => (format!("echo {n} conns"), "round trips/s, p99 latency"),
             Point::Connect(n) => (format!("connect {n} clients"), "connections/s"),
@@ -346,7 +388,8 @@ pub fn raw_rounds(res: &Results) -> String {
                     }
                 })
                 .collect();
-            let _ = writeln!(out, "  - {}: {}", e.contender.label(), vals.join(", "));
+            let label = row_label(&e.contender, sweep.pinned);
+            let _ = writeln!(out, "  - {label}: {}", vals.join(", "));
         }
     }
     out
@@ -613,32 +656,47 @@ fn axis(max: f64) -> (f64, f64) {
     ((max / step).ceil() * step, step)
 }
 
-/// A grouped bar chart of echo round trips/s by connection count, one bar per contender.
-pub fn svg(res: &Results, subtitle: &str) -> String {
-    let groups: Vec<(usize, &Vec<Entry>)> = res
-        .iter()
-        .filter_map(|(p, e)| match p {
-            Point::Echo(n) => Some((*n, e)),
-            _ => None,
-        })
-        .collect();
+/// One panel of the chart: a sweep's echo results under its own subtitle.
+pub struct Panel<'a> {
+    /// What the panel shows (pinning, tokio runtime, rounds, quietness).
+    pub subtitle: String,
+    /// The sweep's results; only the echo points are drawn.
+    pub results: &'a Results,
+}
+
+/// Grouped bar charts of echo round trips/s by connection count, one bar per contender (its
+/// median) with a whisker over its rounds' range; one panel per sweep, on a common scale, under
+/// the chart's title and `subtitle`.
+pub fn svg(subtitle: &str, panels: &[Panel]) -> String {
+    let echo_points = |res: &Results| -> Vec<usize> {
+        res.iter()
+            .filter_map(|(p, _)| match p {
+                Point::Echo(n) => Some(*n),
+                _ => None,
+            })
+            .collect()
+    };
     let mut contenders: Vec<Contender> = Vec::new();
-    for (_, entries) in &groups {
-        for e in entries.iter() {
+    for (p, entries) in panels.iter().flat_map(|p| p.results) {
+        for e in entries.iter().filter(|_| matches!(p, Point::Echo(_))) {
             if !contenders.contains(&e.contender) {
                 contenders.push(e.contender);
             }
         }
     }
-    let value = |n: usize, c: Contender| find(res, Point::Echo(n), c).map(|s| s.rate);
-    let max = groups
+    let max = panels
         .iter()
-        .flat_map(|(n, _)| contenders.iter().filter_map(move |c| value(*n, *c)))
-        .fold(0.0, f64::max);
-    let (top, step) = axis(max);
-    let (w, h) = (820.0, 440.0);
-    let (left, right, upper, lower) = (80.0, 20.0, 90.0, 60.0);
-    let (pw, ph) = (w - left - right, h - upper - lower);
+        .flat_map(|p| p.results.iter())
+        .flat_map(|(_, entries)| entries.iter())
+        .filter_map(|e| range(&e.samples, |s| s.rate))
+        .fold(0.0, |m: f64, (_, hi)| m.max(hi));
+    // Room above the highest whisker for its label.
+    let (top, step) = axis(max * 1.08);
+    let (w, ph) = (820.0, 290.0);
+    let (left, right, head, legend, panel_head, panel_foot) = (80.0, 20.0, 52.0, 26.0, 26.0, 40.0);
+    let pw = w - left - right;
+    let panel_h = panel_head + ph + panel_foot;
+    let h = head + legend + panel_h * panels.len() as f64;
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -658,86 +716,122 @@ pub fn svg(res: &Results, subtitle: &str) -> String {
     );
     // Legend.
     let mut lx = left;
+    let ly = head + 8.0;
     for c in &contenders {
         let label = esc(&c.label());
         let _ = writeln!(
             s,
-            r#"<rect x="{lx}" y="58" width="12" height="12" fill="{}"/><text x="{}" y="69" font-size="12">{label}</text>"#,
+            r#"<rect x="{lx}" y="{ly}" width="12" height="12" fill="{}"/><text x="{}" y="{}" font-size="12">{label}</text>"#,
             color(c),
-            lx + 16.0
+            lx + 16.0,
+            ly + 11.0
         );
         lx += 16.0 + 7.5 * c.label().chars().count() as f64 + 18.0;
     }
-    // Axes and grid.
-    let mut t = 0.0;
-    while t <= top + step / 2.0 {
-        let y = upper + ph - t / top * ph;
+    for (pi, panel) in panels.iter().enumerate() {
+        let upper = head + legend + pi as f64 * panel_h + panel_head;
         let _ = writeln!(
             s,
-            r##"<line x1="{left}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" font-size="11" text-anchor="end">{}</text>"##,
-            left + pw,
-            left - 6.0,
-            y + 4.0,
-            if t >= 1e3 {
-                format!("{}k", t / 1e3)
-            } else {
-                format!("{t}")
-            }
+            r##"<text x="{}" y="{}" font-size="12" text-anchor="middle" fill="#333">{}</text>"##,
+            left + pw / 2.0,
+            upper - 10.0,
+            esc(&panel.subtitle)
         );
-        t += step;
-    }
-    let _ = writeln!(
-        s,
-        r##"<line x1="{left}" y1="{upper}" x2="{left}" y2="{}" stroke="#333"/><line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="#333"/>"##,
-        upper + ph,
-        upper + ph,
-        left + pw,
-        upper + ph
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="18" y="{}" font-size="12" text-anchor="middle" transform="rotate(-90 18 {})">round trips / s</text>"#,
-        upper + ph / 2.0,
-        upper + ph / 2.0
-    );
-    // Bars.
-    let gw = pw / groups.len().max(1) as f64;
-    let bw = (gw * 0.8) / contenders.len().max(1) as f64;
-    for (gi, (n, _)) in groups.iter().enumerate() {
-        let gx = left + gi as f64 * gw + gw * 0.1;
-        for (ci, c) in contenders.iter().enumerate() {
-            let Some(v) = value(*n, *c) else { continue };
-            let bh = v / top * ph;
-            let x = gx + ci as f64 * bw;
-            let y = upper + ph - bh;
+        // Axes and grid.
+        let mut t = 0.0;
+        while t <= top + step / 2.0 {
+            let y = upper + ph - t / top * ph;
             let _ = writeln!(
                 s,
-                r#"<rect x="{:.1}" y="{y:.1}" width="{:.1}" height="{bh:.1}" fill="{}"><title>{}: {:.0} round trips/s</title></rect>"#,
-                x + 1.0,
-                bw - 2.0,
-                color(c),
-                esc(&c.label()),
-                v
+                r##"<line x1="{left}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" font-size="11" text-anchor="end">{}</text>"##,
+                left + pw,
+                left - 6.0,
+                y + 4.0,
+                if t >= 1e3 {
+                    format!("{}k", t / 1e3)
+                } else {
+                    format!("{t}")
+                }
             );
+            t += step;
+        }
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" y1="{upper}" x2="{left}" y2="{}" stroke="#333"/><line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="#333"/>"##,
+            upper + ph,
+            upper + ph,
+            left + pw,
+            upper + ph
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="18" y="{}" font-size="12" text-anchor="middle" transform="rotate(-90 18 {})">round trips / s</text>"#,
+            upper + ph / 2.0,
+            upper + ph / 2.0
+        );
+        // Bars and whiskers.
+        let groups = echo_points(panel.results);
+        let gw = pw / groups.len().max(1) as f64;
+        let bw = (gw * 0.8) / contenders.len().max(1) as f64;
+        let y_of = |v: f64| upper + ph - v / top * ph;
+        for (gi, n) in groups.iter().enumerate() {
+            let gx = left + gi as f64 * gw + gw * 0.1;
+            for (ci, c) in contenders.iter().enumerate() {
+                let samples = rounds(panel.results, Point::Echo(*n), *c);
+                let (Some(v), Some((lo, hi))) =
+                    (summary(samples).map(|m| m.rate), range(samples, |s| s.rate))
+                else {
+                    continue;
+                };
+                let x = gx + ci as f64 * bw;
+                let mid = x + bw / 2.0;
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{}: {:.0} round trips/s (rounds {:.0}–{:.0})</title></rect>"#,
+                    x + 1.0,
+                    y_of(v),
+                    bw - 2.0,
+                    v / top * ph,
+                    color(c),
+                    esc(&c.label()),
+                    v,
+                    lo,
+                    hi
+                );
+                if samples.len() > 1 {
+                    let cap = (bw / 4.0).min(5.0);
+                    let _ = writeln!(
+                        s,
+                        r##"<path d="M{:.1} {:.1}H{:.1}M{mid:.1} {:.1}V{:.1}M{:.1} {:.1}H{:.1}" stroke="#222" fill="none"/>"##,
+                        mid - cap,
+                        y_of(lo),
+                        mid + cap,
+                        y_of(lo),
+                        y_of(hi),
+                        mid - cap,
+                        y_of(hi),
+                        mid + cap
+                    );
+                }
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{mid:.1}" y="{:.1}" font-size="10" text-anchor="middle">{}</text>"#,
+                    y_of(v.max(hi)) - 4.0,
+                    fmt_rate(v)
+                );
+            }
+            let label = if *n == 1 {
+                "1 connection".to_owned()
+            } else {
+                format!("{n} connections")
+            };
             let _ = writeln!(
                 s,
-                r#"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle">{}</text>"#,
-                x + bw / 2.0,
-                y - 4.0,
-                fmt_rate(v)
+                r#"<text x="{:.1}" y="{}" font-size="13" text-anchor="middle">{label}</text>"#,
+                left + gi as f64 * gw + gw / 2.0,
+                upper + ph + 22.0
             );
         }
-        let label = if *n == 1 {
-            "1 connection".to_owned()
-        } else {
-            format!("{n} connections")
-        };
-        let _ = writeln!(
-            s,
-            r#"<text x="{:.1}" y="{}" font-size="13" text-anchor="middle">{label}</text>"#,
-            left + gi as f64 * gw + gw / 2.0,
-            upper + ph + 22.0
-        );
     }
     s.push_str("</svg>\n");
     s
@@ -846,12 +940,28 @@ mod tests {
             table.contains("| 0.87 (-13%) | 0.86–0.88 | MISS |"),
             "{table}"
         );
-        let t = tables(&res);
+        let sweep = Sweep {
+            pinned: true,
+            results: res,
+            reruns: 0,
+        };
+        let t = tables(&sweep, "###");
         assert!(
             t.contains("| socketserver thread | 16 | 96 (0.96×) | 96–97 (1%) |"),
             "{t}"
         );
-        assert!(svg(&res, "test").starts_with("<svg"));
+        assert!(t.contains("| tokio (current-thread) | 16 |"), "{t}");
+        let chart = svg(
+            "test",
+            &[Panel {
+                subtitle: "test".into(),
+                results: &sweep.results,
+            }],
+        );
+        assert!(
+            chart.starts_with("<svg") && chart.contains("<path"),
+            "{chart}"
+        );
     }
 
     #[test]
