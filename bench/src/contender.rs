@@ -92,26 +92,29 @@ impl Contender {
         let what = match self.kind {
             Kind::Std => {
                 "`std_echo`: std::net, a thread per connection, 16 KiB heap BufReader never \
-                 zeroed, TCP_NODELAY (baseline)"
+                 zeroed (baseline)"
                     .to_owned()
             }
             Kind::StdPool => format!(
                 "`std_echo --pool {POOL_WORKERS}`: std::net, {POOL_WORKERS} pre-spawned threads \
-                 each looping accept() on the shared listener, same buffer and TCP_NODELAY"
+                 each looping accept() on the shared listener, same buffer"
             ),
             Kind::Tokio => {
                 "`tokio_echo`: a task per connection on a current-thread runtime when pinned to \
                  one core, on the multi-thread runtime (a worker per core) unpinned; 16 KiB heap \
-                 buffer never zeroed (read_buf), TCP_NODELAY"
+                 buffer never zeroed (read_buf)"
                     .to_owned()
             }
-            Kind::Thread => "`echo_server --mode thread` (this crate)".to_owned(),
-            Kind::Pool => {
-                format!("`echo_server --mode pool --workers {POOL_WORKERS}` (this crate)")
-            }
+            Kind::Thread => "`echo_server --mode thread` (this crate): a thread per connection, \
+                             16 KiB heap BufReader never zeroed"
+                .to_owned(),
+            Kind::Pool => format!(
+                "`echo_server --mode pool --workers {POOL_WORKERS}` (this crate): \
+                 {POOL_WORKERS} pre-spawned workers, same buffer"
+            ),
             Kind::Python => {
-                "`python_echo.py`: Python socketserver.ThreadingTCPServer, recv(16384), \
-                 TCP_NODELAY"
+                "`python_echo.py`: Python socketserver.ThreadingTCPServer, a thread per \
+                 connection, recv(16384) (not zeroed)"
                     .to_owned()
             }
         };
@@ -295,6 +298,38 @@ impl Server {
         };
         server.wait_ready(c.auth, Duration::from_secs(15))?;
         Ok(server)
+    }
+
+    /// Whether the server sets TCP_NODELAY on the connections it accepts, seen on the server's
+    /// own socket: after one echo on a connection of ours, each socket descriptor of the server
+    /// is copied into this process (pidfd_getfd, Linux 5.6+, with ptrace rights over the
+    /// server: we are its parent) until the one whose peer is our end. None if that fails.
+    pub fn accepted_nodelay(&self, auth: Option<Digest>) -> Option<bool> {
+        use rustix::process::{PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
+        let mut ours = connect(self.addr, auth).ok()?;
+        round_trip(&mut ours, 0).ok()?;
+        let our_end = ours.local_addr().ok()?;
+        let pid = rustix::process::Pid::from_raw(self.pid as i32)?;
+        let pidfd = pidfd_open(pid, PidfdFlags::empty()).ok()?;
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.pid)).ok()?;
+        for entry in fds.flatten() {
+            let is_socket = std::fs::read_link(entry.path())
+                .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
+            let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            if !is_socket {
+                continue;
+            }
+            let Ok(copy) = pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()) else {
+                continue;
+            };
+            let theirs = TcpStream::from(copy);
+            if theirs.peer_addr().is_ok_and(|a| a == our_end) {
+                return theirs.nodelay().ok();
+            }
+        }
+        None
     }
 
     /// Waits until a client gets an echo back (through the handshake when there is one).

@@ -439,6 +439,7 @@ fn run_one(
     logdir: &Path,
 ) -> Result<load::Sample, String> {
     let server = Server::start(c, progs, core, logdir)?;
+    let nodelay = server.accepted_nodelay(c.auth);
     let (addr, pid) = (server.addr, server.pid);
     // The cores whose time other processes could steal: ours and the server's.
     let cores = core.map(|c| [0, c]);
@@ -449,7 +450,7 @@ fn run_one(
         Point::Idle(n) => load::idle(addr, n, cfg.hold, pid, cores),
     };
     server.stop()?;
-    Ok(sample)
+    Ok(load::Sample { nodelay, ..sample })
 }
 
 fn describe(point: Point) -> String {
@@ -690,6 +691,28 @@ fn report_all(
         .collect();
     let targets = report::targets_table(&sets);
 
+    let mut seen: Vec<Contender> = Vec::new();
+    for e in sweeps.iter().flat_map(|s| &s.results).flat_map(|(_, e)| e) {
+        if !seen.contains(&e.contender) {
+            seen.push(e.contender);
+        }
+    }
+    // Read from each server's accepted socket: a contender without it is not like for like.
+    let without: Vec<String> = seen
+        .iter()
+        .filter(|c| report::nodelay(sweeps, **c) != "yes")
+        .map(|c| format!("{} ({})", c.label(), report::nodelay(sweeps, *c)))
+        .collect();
+    let nodelay_note = if without.is_empty() {
+        "set on accepted connections by every contender (read from the server's socket)".to_owned()
+    } else {
+        format!(
+            "read from each server's accepted socket, not set by: {} — those comparisons are \
+             not like for like",
+            without.join(", ")
+        )
+    };
+
     let mut md = String::new();
     md.push_str("# socketserver benchmark results\n\n");
     md.push_str(&format!("- date: {date}\n"));
@@ -717,6 +740,7 @@ fn report_all(
         md.push_str(&format!("- {v}\n"));
     }
     md.push_str(&format!("- wall time: {:.0} s\n", elapsed.as_secs_f64()));
+    md.push_str(&format!("- TCP_NODELAY: {nodelay_note}\n"));
     for s in sweeps {
         let (note, _) = quietness(s);
         md.push_str(&format!(
@@ -744,17 +768,17 @@ fn report_all(
         md.push_str(&format!("\n## {}\n\n", s.title(cores)));
         md.push_str(&report::tables(s, "###"));
     }
-    md.push_str("## Contenders\n\n");
-    let mut seen: Vec<Contender> = Vec::new();
-    for e in sweeps.iter().flat_map(|s| &s.results).flat_map(|(_, e)| e) {
-        if !seen.contains(&e.contender) {
-            seen.push(e.contender);
-            md.push_str(&format!(
-                "- {}: {}\n",
-                e.contender.label(),
-                e.contender.describe()
-            ));
-        }
+    md.push_str(
+        "## Contenders\n\nTCP_NODELAY: as read from the server's own accepted socket in each \
+         run (pidfd_getfd), not as configured.\n\n",
+    );
+    for c in &seen {
+        md.push_str(&format!(
+            "- {}: {}. TCP_NODELAY: {}\n",
+            c.label(),
+            c.describe(),
+            report::nodelay(sweeps, *c)
+        ));
     }
     md.push_str("\n## Every round\n");
     for s in sweeps {
@@ -783,6 +807,7 @@ fn report_all(
             count(Verdict::Noise)
         )?;
     }
+    writeln!(out, "TCP_NODELAY: {nodelay_note}")?;
     for s in sweeps {
         let (note, _) = quietness(s);
         writeln!(out, "quietness, {}: {note}", report::sweep_name(s.pinned))?;

@@ -113,6 +113,7 @@ pub fn summary(samples: &[Sample]) -> Option<Sample> {
         rss_per_conn: m(|s| s.rss_per_conn),
         foreign: m(|s| s.foreign),
         cpu_us_per_op: m(|s| s.cpu_us_per_op),
+        nodelay: samples.iter().find_map(|s| s.nodelay),
     })
 }
 
@@ -393,6 +394,24 @@ pub fn raw_rounds(sweep: &Sweep) -> String {
         }
     }
     out
+}
+
+/// Whether `c` had TCP_NODELAY on the connections it accepted, over every run of every sweep:
+/// "yes", "no", "mixed", or "unknown" when the server's sockets could not be read.
+pub fn nodelay(sweeps: &[Sweep], c: Contender) -> &'static str {
+    let seen: Vec<bool> = sweeps
+        .iter()
+        .flat_map(|s| &s.results)
+        .flat_map(|(_, entries)| entries)
+        .filter(|e| e.contender == c)
+        .flat_map(|e| e.samples.iter().filter_map(|s| s.nodelay))
+        .collect();
+    match (seen.contains(&true), seen.contains(&false)) {
+        (true, false) => "yes",
+        (false, true) => "no",
+        (true, true) => "mixed",
+        (false, false) => "unknown",
+    }
 }
 
 /// The median and the largest share of the benchmark cores that other processes took during
