@@ -40,11 +40,12 @@ usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
                           [--pin both|on|off] [--no-pin] [--no-python] [--no-build]
                           [--out DIR]
 
-  --quick       a short run (about a minute): 1 round, 0.5 s windows, 3000 idle connections
+  --quick       a short run (about 1.5 minutes): 1 round, so no verdicts; 0.5 s windows,
+                3000 idle connections
   --rounds N    alternating rounds per point; the median and the spread are reported (default 5;
                 idle at most 3)
   --secs S      measured seconds per echo/connect run (default 1.2)
-  --idle N      idle connections to hold (default 9000)
+  --idle N      idle connections to hold (default 9000; 3000 with --quick)
   --only LIST   scenarios to run (default echo,connect,idle)
   --conns LIST  connection counts of the echo scenario (default 1,16,128)
   --contenders LIST
@@ -56,8 +57,8 @@ usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
   --no-pin      the same as --pin off
   --no-python   leave out the Python contenders
   --no-build    use the programs next to this binary instead of building them
-  --out DIR     where results.md and echo.svg go (default: the bench crate's directory;
-                --quick writes results-quick.md and echo-quick.svg)";
+  --out DIR     where results.md and echo.svg go, created if missing (default: the bench
+                crate's directory; --quick writes results-quick.md and echo-quick.svg)";
 
 /// A run in which other processes took at least this share of the benchmark's cores is
 /// flagged, and run again while the retry budget lasts.
