@@ -494,8 +494,12 @@ fn setup(cfg: &mut Config) -> Result<Setup, String> {
     let affinity = rustix::thread::sched_getaffinity(None)
         .map_err(|e| format!("cannot read this process's CPU affinity: {e}"))?;
     let mut sweeps = cfg.sweeps.clone();
-    if sweeps.contains(&true) && !(cores >= 2 && taskset_works()) {
-        eprintln!("cannot pin (needs 2+ cores and taskset): unpinned only");
+    // Pinning is tried here, after the build (so that cargo had every core), and undone: each
+    // sweep sets it for itself.
+    let can_pin =
+        cores >= 2 && taskset_works() && pin_self(Some(0), &affinity) && pin_self(None, &affinity);
+    if sweeps.contains(&true) && !can_pin {
+        eprintln!("cannot pin (needs 2+ cores, taskset and sched_setaffinity): unpinned only");
         sweeps = vec![false];
     }
     let logdir = std::env::temp_dir().join(format!("socketserver-bench-{}", std::process::id()));
