@@ -806,10 +806,11 @@ fn report_all(
         let count = |v| checks.iter().filter(|c| c.verdict() == v).count();
         writeln!(
             out,
-            "{name}: {} passed, {} missed, {} within noise",
+            "{name}: {} passed, {} missed, {} within noise, {} without a verdict (1 round)",
             count(Verdict::Pass),
             count(Verdict::Miss),
-            count(Verdict::Noise)
+            count(Verdict::Noise),
+            count(Verdict::OneRound)
         )?;
     }
     writeln!(out, "TCP_NODELAY: {nodelay_note}")?;
