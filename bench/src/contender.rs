@@ -15,16 +15,30 @@ use socketserver::Digest;
 /// The key every authenticating contender and client share.
 pub const AUTH_KEY: &[u8] = b"socketserver-bench-key";
 
-/// Worker threads of the `echo_server --mode pool` contender: enough for the largest echo
-/// scenario, so that every persistent connection has a worker.
+/// Worker threads of the `echo_server --mode pool` and `std_echo --pool` contenders: enough for
+/// the largest echo scenario, so that every persistent connection has a worker.
 pub const POOL_WORKERS: usize = 128;
+
+/// The tokio runtime a competent tokio user would pick: one core (pinned) makes a multi-thread
+/// runtime one worker plus a thread handing connections across, so a current-thread runtime;
+/// several cores, the multi-thread runtime `#[tokio::main]` gives.
+pub fn tokio_runtime(pinned: bool) -> &'static str {
+    if pinned {
+        "current-thread"
+    } else {
+        "multi-thread"
+    }
+}
 
 /// Which server program a contender runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     /// `std_echo`: minimal std::net thread-per-connection echo, the baseline.
     Std,
-    /// `tokio_echo`: tokio multi-thread runtime, a task per connection.
+    /// `std_echo --pool POOL_WORKERS`: pre-spawned std threads each looping `accept()` on the
+    /// shared listener, the fair peer of [`Kind::Pool`].
+    StdPool,
+    /// `tokio_echo`: a task per connection, on the runtime [`tokio_runtime`] picks.
     Tokio,
     /// This crate's `echo_server --mode thread`.
     Thread,
@@ -61,6 +75,7 @@ impl Contender {
     pub fn label(&self) -> String {
         let base = match self.kind {
             Kind::Std => "std",
+            Kind::StdPool => "std pool",
             Kind::Tokio => "tokio",
             Kind::Thread => "socketserver thread",
             Kind::Pool => "socketserver pool",
@@ -76,19 +91,32 @@ impl Contender {
     pub fn describe(&self) -> String {
         let what = match self.kind {
             Kind::Std => {
-                "`std_echo`: std::net, a thread per connection, 16 KiB stack buffer (baseline)"
+                "`std_echo`: std::net, a thread per connection, 16 KiB heap BufReader never \
+                 zeroed (baseline)"
                     .to_owned()
             }
+            Kind::StdPool => format!(
+                "`std_echo --pool {POOL_WORKERS}`: std::net, {POOL_WORKERS} pre-spawned threads \
+                 each looping accept() on the shared listener, same buffer"
+            ),
             Kind::Tokio => {
-                "`tokio_echo`: tokio multi-thread runtime (a worker per CPU it may use: 1 when \
-                 pinned), a task per connection, 16 KiB buffer"
+                "`tokio_echo`: a task per connection on a current-thread runtime when pinned to \
+                 one core, on the multi-thread runtime (a worker per core) unpinned; 16 KiB heap \
+                 buffer never zeroed (read_buf)"
                     .to_owned()
             }
-            Kind::Thread => "`echo_server --mode thread` (this crate)".to_owned(),
-            Kind::Pool => {
-                format!("`echo_server --mode pool --workers {POOL_WORKERS}` (this crate)")
+            Kind::Thread => "`echo_server --mode thread` (this crate): a thread per connection, \
+                             16 KiB heap BufReader never zeroed"
+                .to_owned(),
+            Kind::Pool => format!(
+                "`echo_server --mode pool --workers {POOL_WORKERS}` (this crate): \
+                 {POOL_WORKERS} pre-spawned workers, same buffer"
+            ),
+            Kind::Python => {
+                "`python_echo.py`: Python socketserver.ThreadingTCPServer, a thread per \
+                 connection, recv(16384) (not zeroed)"
+                    .to_owned()
             }
-            Kind::Python => "`python_echo.py`: Python socketserver.ThreadingTCPServer".to_owned(),
         };
         match self.auth {
             None => what,
@@ -207,7 +235,20 @@ impl Server {
         let path = |p: &Path| p.display().to_string();
         match c.kind {
             Kind::Std => argv.extend([path(&p.std_echo), "--addr".into(), a]),
-            Kind::Tokio => argv.extend([path(&p.tokio_echo), "--addr".into(), a]),
+            Kind::StdPool => argv.extend([
+                path(&p.std_echo),
+                "--addr".into(),
+                a,
+                "--pool".into(),
+                POOL_WORKERS.to_string(),
+            ]),
+            Kind::Tokio => argv.extend([
+                path(&p.tokio_echo),
+                "--addr".into(),
+                a,
+                "--runtime".into(),
+                tokio_runtime(core.is_some()).into(),
+            ]),
             Kind::Thread | Kind::Pool => {
                 argv.extend([path(&p.echo_server), "--addr".into(), a]);
                 if c.kind == Kind::Thread {
@@ -257,6 +298,38 @@ impl Server {
         };
         server.wait_ready(c.auth, Duration::from_secs(15))?;
         Ok(server)
+    }
+
+    /// Whether the server sets TCP_NODELAY on the connections it accepts, seen on the server's
+    /// own socket: after one echo on a connection of ours, each socket descriptor of the server
+    /// is copied into this process (pidfd_getfd, Linux 5.6+, with ptrace rights over the
+    /// server: we are its parent) until the one whose peer is our end. None if that fails.
+    pub fn accepted_nodelay(&self, auth: Option<Digest>) -> Option<bool> {
+        use rustix::process::{PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
+        let mut ours = connect(self.addr, auth).ok()?;
+        round_trip(&mut ours, 0).ok()?;
+        let our_end = ours.local_addr().ok()?;
+        let pid = rustix::process::Pid::from_raw(self.pid as i32)?;
+        let pidfd = pidfd_open(pid, PidfdFlags::empty()).ok()?;
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.pid)).ok()?;
+        for entry in fds.flatten() {
+            let is_socket = std::fs::read_link(entry.path())
+                .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
+            let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            if !is_socket {
+                continue;
+            }
+            let Ok(copy) = pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()) else {
+                continue;
+            };
+            let theirs = TcpStream::from(copy);
+            if theirs.peer_addr().is_ok_and(|a| a == our_end) {
+                return theirs.nodelay().ok();
+            }
+        }
+        None
     }
 
     /// Waits until a client gets an echo back (through the handshake when there is one).

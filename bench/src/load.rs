@@ -39,6 +39,8 @@ pub struct Sample {
     pub foreign: f64,
     /// Echo and connect: server CPU time (user + system) per operation, microseconds.
     pub cpu_us_per_op: f64,
+    /// Whether the server set TCP_NODELAY on a connection it accepted (None: could not tell).
+    pub nodelay: Option<bool>,
 }
 
 const SETUP: u8 = 0;

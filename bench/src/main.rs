@@ -4,15 +4,18 @@
 //!
 //! ```text
 //! cargo run --release -p socketserver-bench -- [--quick] [--rounds N] [--secs S] [--idle N]
-//!     [--only echo,connect,idle] [--conns 1,16,128] [--contenders std,tokio,thread,pool,python]
-//!     [--no-pin] [--no-python] [--no-build] [--out DIR]
+//!     [--only echo,connect,idle] [--conns 1,16,128]
+//!     [--contenders std,std-pool,tokio,thread,pool,python]
+//!     [--pin both|on|off] [--no-pin] [--no-python] [--no-build] [--out DIR]
 //! ```
 //!
-//! It builds the contenders, then for each scenario point runs every contender once per
-//! round, alternating the order (A B … B A …), each on a fresh server process pinned to core 1
-//! while the load generator runs on core 0, and reports the median of the rounds. A run during
-//! which other processes took a tenth of those cores is flagged and, within a budget, run
-//! again. Results go to stdout, `bench/results.md` and `bench/echo.svg` (with `--quick`,
+//! It builds the contenders, then measures two sweeps: pinned (each server on core 1, the load
+//! generator on core 0) and unpinned (both free on every core, as users run servers). In each,
+//! every scenario point runs every contender once per round, alternating the order
+//! (A B … B A …), each on a fresh server process, and reports the median and the spread of the
+//! rounds; a target is PASS or MISS only when its margin exceeds that spread. A run during which
+//! other processes took a tenth of the cores is flagged and, within a budget, run again.
+//! Results go to stdout, `bench/results.md` and `bench/echo.svg` (with `--quick`,
 //! `results-quick.md` and `echo-quick.svg`, so that a quick look never replaces a full run's
 //! committed results).
 
@@ -28,32 +31,46 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use socketserver::Digest;
 
 use contender::{Contender, Kind, Programs, Server};
-use report::{Entry, Point, Results};
+use report::{Entry, Point, Sweep, Verdict};
 
 const USAGE: &str = "\
 usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
                           [--only echo,connect,idle] [--conns 1,16,128]
-                          [--contenders std,tokio,thread,pool,python]
-                          [--no-pin] [--no-python] [--no-build] [--out DIR]
+                          [--contenders std,std-pool,tokio,thread,pool,python]
+                          [--pin both|on|off] [--no-pin] [--no-python] [--no-build]
+                          [--out DIR]
 
-  --quick       a short run (under a minute): 1 round, 0.5 s windows
-  --rounds N    alternating rounds per point; the median is reported (default 5; idle at most 3)
-  --secs S      measured seconds per echo/connect run (default 1.5)
-  --idle N      idle connections to hold (default 9000)
+  --quick       a short run (about 1.5 minutes): 1 round, so no verdicts; 0.5 s windows,
+                3000 idle connections
+  --rounds N    alternating rounds per point; the median and the spread are reported (default 5;
+                idle at most 3)
+  --secs S      measured seconds per echo/connect run (default 1.2)
+  --idle N      idle connections to hold (default 9000; 3000 with --quick)
   --only LIST   scenarios to run (default echo,connect,idle)
   --conns LIST  connection counts of the echo scenario (default 1,16,128)
   --contenders LIST
-                which servers to run (default all: std,tokio,thread,pool,python); std is
-                the baseline of every ratio
-  --no-pin      do not pin the server (core 1) and the load generator (core 0)
+                which servers to run (default all: std,std-pool,tokio,thread,pool,python);
+                std is the baseline of every ratio; std-pool runs in the connect scenario
+  --pin WHICH   both (default): a pinned sweep (server on core 1, load generator on core 0,
+                tokio on a current-thread runtime), then an unpinned one (every core free,
+                tokio multi-thread); on: pinned only; off: unpinned only
+  --no-pin      the same as --pin off
   --no-python   leave out the Python contenders
   --no-build    use the programs next to this binary instead of building them
-  --out DIR     where results.md and echo.svg go (default: the bench crate's directory;
-                --quick writes results-quick.md and echo-quick.svg)";
+  --out DIR     where results.md and echo.svg go, created if missing (default: the bench
+                crate's directory; --quick writes results-quick.md and echo-quick.svg)";
 
 /// A run in which other processes took at least this share of the benchmark's cores is
 /// flagged, and run again while the retry budget lasts.
 const BUSY: f64 = 0.10;
+
+/// How the targets are judged, for the results.
+const TARGETS_RULE: &str = "Each target compares a figure of A with the same figure of B. The \
+ratio is that of their medians, with its margin to the bound; the range is what the rounds \
+allow, from A's lowest round over B's highest to A's highest over B's lowest (see every round \
+below). PASS only when the whole range clears the bound, MISS only when all of it misses: \
+otherwise the margin is smaller than the measured spread and the result is within noise. A \
+single round measures no spread and gives no verdict.\n\n";
 
 /// The run's settings.
 #[derive(Debug, Clone)]
@@ -69,7 +86,8 @@ struct Config {
     connect_clients: usize,
     scenarios: Vec<String>,
     kinds: Vec<Kind>,
-    pin: bool,
+    /// The sweeps to run, in order: true pinned, false unpinned.
+    sweeps: Vec<bool>,
     python: bool,
     build: bool,
     out: PathBuf,
@@ -87,7 +105,7 @@ fn parse_args() -> Config {
         quick: false,
         rounds: 5,
         idle_rounds: 3,
-        window: Duration::from_millis(1500),
+        window: Duration::from_millis(1200),
         warmup: Duration::from_millis(300),
         hold: Duration::from_millis(1000),
         idle: 9000,
@@ -96,12 +114,13 @@ fn parse_args() -> Config {
         scenarios: vec!["echo".into(), "connect".into(), "idle".into()],
         kinds: vec![
             Kind::Std,
+            Kind::StdPool,
             Kind::Tokio,
             Kind::Thread,
             Kind::Pool,
             Kind::Python,
         ],
-        pin: true,
+        sweeps: vec![true, false],
         python: true,
         build: true,
         out: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
@@ -120,7 +139,15 @@ fn parse_args() -> Config {
                 std::process::exit(0);
             }
             "--quick" => c.quick = true,
-            "--no-pin" => c.pin = false,
+            "--no-pin" => c.sweeps = vec![false],
+            "--pin" => {
+                c.sweeps = match value("--pin").as_str() {
+                    "both" => vec![true, false],
+                    "on" => vec![true],
+                    "off" => vec![false],
+                    other => fail(&format!("--pin takes both, on or off, not {other:?}")),
+                }
+            }
             "--no-python" => c.python = false,
             "--no-build" => c.build = false,
             "--rounds" => {
@@ -169,6 +196,7 @@ fn parse_args() -> Config {
                     .split(',')
                     .map(|k| match k {
                         "std" => Kind::Std,
+                        "std-pool" => Kind::StdPool,
                         "tokio" => Kind::Tokio,
                         "thread" => Kind::Thread,
                         "pool" => Kind::Pool,
@@ -185,6 +213,7 @@ fn parse_args() -> Config {
         c.window = Duration::from_millis(500);
         c.warmup = Duration::from_millis(200);
         c.hold = Duration::from_millis(300);
+        c.idle = 3000;
     }
     if let Some(r) = rounds {
         c.rounds = r.max(1);
@@ -200,6 +229,16 @@ fn parse_args() -> Config {
         c.idle = n.max(1);
     }
     c
+}
+
+/// Creates the output directory if need be and checks that a file can be written there, so that
+/// a bad `--out` fails before the run rather than after it.
+fn prepare_out(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let probe = dir.join(format!(".socketserver-bench-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| format!("cannot write in {}: {e}", dir.display()))
 }
 
 /// Runs cargo to build `what`, returning the executables it reports.
@@ -308,10 +347,17 @@ fn raise_nofile() -> u64 {
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
-/// Pins this thread (and so every thread it starts later) to `core`.
-fn pin_self(core: usize) -> bool {
-    let mut set = rustix::thread::CpuSet::new();
-    set.set(core);
+/// Pins this thread (and so every thread it starts later) to `core`, or, with `None`, back to
+/// the cores it was given at the start (`all`).
+fn pin_self(core: Option<usize>, all: &rustix::thread::CpuSet) -> bool {
+    let set = match core {
+        Some(core) => {
+            let mut one = rustix::thread::CpuSet::new();
+            one.set(core);
+            one
+        }
+        None => *all,
+    };
     rustix::thread::sched_setaffinity(None, &set).is_ok()
 }
 
@@ -366,6 +412,7 @@ fn contenders(point: Point, python: bool, kinds: &[Kind]) -> Vec<Contender> {
             p(Thread),
             a(Thread, Digest::Md5),
             a(Thread, Digest::Sha256),
+            p(StdPool),
             p(Pool),
             a(Pool, Digest::Md5),
             a(Pool, Digest::Sha256),
@@ -393,6 +440,7 @@ fn run_one(
     logdir: &Path,
 ) -> Result<load::Sample, String> {
     let server = Server::start(c, progs, core, logdir)?;
+    let nodelay = server.accepted_nodelay(c.auth);
     let (addr, pid) = (server.addr, server.pid);
     // The cores whose time other processes could steal: ours and the server's.
     let cores = core.map(|c| [0, c]);
@@ -403,7 +451,7 @@ fn run_one(
         Point::Idle(n) => load::idle(addr, n, cfg.hold, pid, cores),
     };
     server.stop()?;
-    Ok(sample)
+    Ok(load::Sample { nodelay, ..sample })
 }
 
 fn describe(point: Point) -> String {
@@ -417,17 +465,13 @@ fn describe(point: Point) -> String {
 /// What the run found out about its machine and programs before measuring.
 struct Setup {
     cores: usize,
-    pinned: bool,
+    /// The sweeps that will run (true: pinned), in order.
+    sweeps: Vec<bool>,
+    /// The cores this process may use, restored for the unpinned sweep.
+    affinity: rustix::thread::CpuSet,
     progs: Programs,
     python: bool,
     logdir: PathBuf,
-}
-
-/// Everything measured.
-struct Measured {
-    results: Results,
-    reruns: usize,
-    any_failed: bool,
 }
 
 /// Builds the programs, raises the descriptor limit, pins this process.
@@ -447,16 +491,23 @@ fn setup(cfg: &mut Config) -> Result<Setup, String> {
         );
         cfg.idle = n.max(1);
     }
-    // Pinned after the build, so that cargo had both cores.
-    let pinned = cfg.pin && cores >= 2 && taskset_works() && pin_self(0);
-    if cfg.pin && !pinned {
-        eprintln!("not pinning (needs 2+ cores and taskset): expect noisier figures");
+    let affinity = rustix::thread::sched_getaffinity(None)
+        .map_err(|e| format!("cannot read this process's CPU affinity: {e}"))?;
+    let mut sweeps = cfg.sweeps.clone();
+    // Pinning is tried here, after the build (so that cargo had every core), and undone: each
+    // sweep sets it for itself.
+    let can_pin =
+        cores >= 2 && taskset_works() && pin_self(Some(0), &affinity) && pin_self(None, &affinity);
+    if sweeps.contains(&true) && !can_pin {
+        eprintln!("cannot pin (needs 2+ cores, taskset and sched_setaffinity): unpinned only");
+        sweeps = vec![false];
     }
     let logdir = std::env::temp_dir().join(format!("socketserver-bench-{}", std::process::id()));
     std::fs::create_dir_all(&logdir).map_err(|e| format!("{}: {e}", logdir.display()))?;
     Ok(Setup {
         cores,
-        pinned,
+        sweeps,
+        affinity,
         progs,
         python,
         logdir,
@@ -492,8 +543,10 @@ fn progress(point: Point, s: &load::Sample) -> String {
     line
 }
 
-/// Runs every scenario point: rounds of all contenders in alternating order.
-fn measure(cfg: &Config, env: &Setup) -> Measured {
+/// One sweep: every scenario point, rounds of all contenders in alternating order, with the
+/// servers pinned to core 1 and this process to core 0, or all of them free. Sets `failed` if
+/// a run failed.
+fn measure(cfg: &Config, env: &Setup, pinned: bool, failed: &mut bool) -> Sweep {
     let mut plan: Vec<Point> = Vec::new();
     for s in &cfg.scenarios {
         match s.as_str() {
@@ -512,11 +565,16 @@ fn measure(cfg: &Config, env: &Setup) -> Measured {
         .sum();
     // Reruns of disturbed runs: at most a fifth more runs (and at least one).
     let mut retries_left = (total_runs / 5).max(1);
-    let server_core = env.pinned.then_some(1);
-    let mut m = Measured {
+    // The load generator's threads inherit this thread's affinity.
+    let load_core = pinned.then_some(0);
+    if !pin_self(load_core, &env.affinity) {
+        eprintln!("warning: cannot set the load generator's CPU affinity ({load_core:?})");
+    }
+    let server_core = pinned.then_some(1);
+    let mut m = Sweep {
+        pinned,
         results: Vec::new(),
         reruns: 0,
-        any_failed: false,
     };
     for point in plan {
         let list = contenders(point, env.python, &cfg.kinds);
@@ -539,7 +597,8 @@ fn measure(cfg: &Config, env: &Setup) -> Measured {
             for i in order {
                 let c = &list[i];
                 let tag = format!(
-                    "[{} | round {}/{rounds}] {:<26}",
+                    "[{} | {} | round {}/{rounds}] {:<26}",
+                    report::sweep_name(pinned),
                     describe(point),
                     round + 1,
                     c.label()
@@ -552,7 +611,7 @@ fn measure(cfg: &Config, env: &Setup) -> Measured {
                     let s = match r {
                         Ok(s) => s,
                         Err(e) => {
-                            m.any_failed = true;
+                            *failed = true;
                             eprintln!("{tag} FAILED: {e}");
                             entries[i].failures.push(e);
                             break;
@@ -578,8 +637,32 @@ fn measure(cfg: &Config, env: &Setup) -> Measured {
     m
 }
 
+/// What a sweep says about how quiet the machine was, and whether it was too busy to trust.
+fn quietness(sweep: &Sweep) -> (String, bool) {
+    let (median, max) = report::interference(&sweep.results);
+    let busy = max >= BUSY;
+    let note = format!(
+        "other processes took {:.0}% of the benchmark's cores in the median run, {:.0}% at \
+         most{}; {} run(s) rerun because the machine was busy",
+        median * 100.0,
+        max * 100.0,
+        if busy {
+            " — a busy machine: rerun on a quiet one before trusting the ratios"
+        } else {
+            ""
+        },
+        sweep.reruns
+    );
+    (note, busy)
+}
+
 /// Writes results.md and echo.svg, and prints the tables and targets.
-fn report_all(cfg: &Config, env: &Setup, m: &Measured, elapsed: Duration) -> std::io::Result<()> {
+fn report_all(
+    cfg: &Config,
+    env: &Setup,
+    sweeps: &[Sweep],
+    elapsed: Duration,
+) -> std::io::Result<()> {
     let suffix = if cfg.quick { "-quick" } else { "" };
     let svg_name = format!("echo{suffix}.svg");
     let mut cmd = String::from("cargo run --release -p socketserver-bench --");
@@ -589,27 +672,51 @@ fn report_all(cfg: &Config, env: &Setup, m: &Measured, elapsed: Duration) -> std
     }
     let date = today();
     let cores = env.cores;
-    let pin_note = if env.pinned {
-        "server pinned to core 1, load generator to core 0 (taskset / sched_setaffinity)"
+    let names: Vec<&str> = sweeps
+        .iter()
+        .map(|s| report::sweep_name(s.pinned))
+        .collect();
+    let sweep_note = sweeps
+        .iter()
+        .map(|s| {
+            if s.pinned {
+                "pinned (server on core 1, load generator on core 0: taskset / sched_setaffinity)"
+            } else {
+                "unpinned (server and load generator free on every core)"
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", then ");
+    let checks: Vec<Vec<report::Check>> =
+        sweeps.iter().map(|s| report::targets(&s.results)).collect();
+    let sets: Vec<(&str, &[report::Check])> = names
+        .iter()
+        .zip(&checks)
+        .map(|(n, c)| (*n, c.as_slice()))
+        .collect();
+    let targets = report::targets_table(&sets);
+
+    let mut seen: Vec<Contender> = Vec::new();
+    for e in sweeps.iter().flat_map(|s| &s.results).flat_map(|(_, e)| e) {
+        if !seen.contains(&e.contender) {
+            seen.push(e.contender);
+        }
+    }
+    // Read from each server's accepted socket: a contender without it is not like for like.
+    let without: Vec<String> = seen
+        .iter()
+        .filter(|c| report::nodelay(sweeps, **c) != "yes")
+        .map(|c| format!("{} ({})", c.label(), report::nodelay(sweeps, *c)))
+        .collect();
+    let nodelay_note = if without.is_empty() {
+        "set on accepted connections by every contender (read from the server's socket)".to_owned()
     } else {
-        "not pinned"
+        format!(
+            "read from each server's accepted socket, not set by: {} — those comparisons are \
+             not like for like",
+            without.join(", ")
+        )
     };
-    let (busy_median, busy_max) = report::interference(&m.results);
-    let busy_note = format!(
-        "other processes took {:.0}% of the benchmark's cores in the median run, {:.0}% at \
-         most{}; {} run(s) rerun because the machine was busy",
-        busy_median * 100.0,
-        busy_max * 100.0,
-        if busy_max >= BUSY {
-            " — a busy machine: rerun on a quiet one before trusting the ratios"
-        } else {
-            ""
-        },
-        m.reruns
-    );
-    let tables = report::tables(&m.results);
-    let checks = report::targets(&m.results);
-    let targets = report::targets_table(&checks);
 
     let mut md = String::new();
     md.push_str("# socketserver benchmark results\n\n");
@@ -623,84 +730,128 @@ fn report_all(cfg: &Config, env: &Setup, m: &Measured, elapsed: Duration) -> std
     ));
     md.push_str(&format!("- command: `{cmd}`\n"));
     md.push_str(&format!(
-        "- mode: {}; {} alternating round(s) per point ({} for idle), median reported; \
-         {:.1} s measured after {:.1} s warm-up per echo/connect run; {pin_note}\n",
+        "- mode: {}; {} alternating round(s) per point ({} for idle), median and spread \
+         reported; {:.1} s measured after {:.1} s warm-up per echo/connect run; {} idle \
+         connections\n",
         if cfg.quick { "quick" } else { "full" },
         cfg.rounds,
         cfg.idle_rounds,
         cfg.window.as_secs_f64(),
-        cfg.warmup.as_secs_f64()
+        cfg.warmup.as_secs_f64(),
+        cfg.idle
     ));
+    md.push_str(&format!("- sweeps: {sweep_note}\n"));
     if let Some(v) = python_version(&env.progs) {
         md.push_str(&format!("- {v}\n"));
     }
     md.push_str(&format!("- wall time: {:.0} s\n", elapsed.as_secs_f64()));
-    md.push_str(&format!("- quietness: {busy_note}\n\n"));
+    md.push_str(&format!("- TCP_NODELAY: {nodelay_note}\n"));
+    for s in sweeps {
+        let (note, _) = quietness(s);
+        md.push_str(&format!(
+            "- quietness, {}: {note}\n",
+            report::sweep_name(s.pinned)
+        ));
+    }
     md.push_str(
-        "Each figure is the median over rounds (errors are summed); in parentheses, its ratio to \
-         the `std` baseline. Latency: one round trip (echo); the whole connect → [handshake] → \
-         echo → close cycle (connect); the first echo on each held connection (idle). Server RSS: \
-         peak VmRSS of the server process during the run. RSS per connection: (peak − RSS before \
-         connecting) / connections held. Server CPU / op: the server process's CPU time (user + \
-         system, /proc, 10 ms resolution) over the measured window divided by the operations \
-         in it, which tells efficiency apart from whichever side is the bottleneck.\n\n",
+        "\nEach figure is the median over rounds (errors are summed); in parentheses, its ratio \
+         to the `std` baseline. Spread over rounds: the lowest and highest round, and that \
+         range's width as a share of the median. Latency: one round trip (echo); the whole \
+         connect → [handshake] → echo → close cycle (connect); the first echo on each held \
+         connection (idle). Server RSS: peak VmRSS of the server process during the run. RSS \
+         per connection: (peak − RSS before connecting) / connections held. Server CPU / op: \
+         the server process's CPU time (user + system, /proc, 10 ms resolution) over the \
+         measured window divided by the operations in it, which tells efficiency apart from \
+         whichever side is the bottleneck. Pinned, tokio runs on a current-thread runtime (what \
+         a tokio user would pick for one core); unpinned, on the multi-thread runtime.\n\n",
     );
     md.push_str(&format!("![echo round trips/s]({svg_name})\n\n"));
-    md.push_str(&tables);
-    md.push_str("### Targets\n\n");
-    md.push_str(
-        "Checked on the medians above. Pinned, an identical server measures within about 5% of \
-         itself, so a result within a few percent of its bound is within noise.\n\n",
-    );
+    md.push_str("## Targets\n\n");
+    md.push_str(TARGETS_RULE);
     md.push_str(&targets);
-    md.push_str("\n### Contenders\n\n");
-    let mut seen: Vec<Contender> = Vec::new();
-    for e in m.results.iter().flat_map(|(_, e)| e) {
-        if !seen.contains(&e.contender) {
-            seen.push(e.contender);
-            md.push_str(&format!(
-                "- {}: {}\n",
-                e.contender.label(),
-                e.contender.describe()
-            ));
-        }
+    for s in sweeps {
+        md.push_str(&format!("\n## {}\n\n", s.title(cores)));
+        md.push_str(&report::tables(s, "###"));
     }
-    md.push_str("\n### Every round\n\n");
-    md.push_str(&report::raw_rounds(&m.results));
+    md.push_str(
+        "## Contenders\n\nTCP_NODELAY: as read from the server's own accepted socket in each \
+         run (pidfd_getfd), not as configured.\n\n",
+    );
+    for c in &seen {
+        md.push_str(&format!(
+            "- {}: {}. TCP_NODELAY: {}\n",
+            c.label(),
+            c.describe(),
+            report::nodelay(sweeps, *c)
+        ));
+    }
+    md.push_str("\n## Every round\n");
+    for s in sweeps {
+        md.push_str(&format!("\n### {}\n\n", s.title(cores)));
+        md.push_str(&report::raw_rounds(s));
+    }
 
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "\n{cmd}  ({date}, {cores} cores, {pin_note}, {:.0} s)\n",
+        "\n{cmd}  ({date}, {cores} cores, {:.0} s)",
         elapsed.as_secs_f64()
     )?;
-    write!(out, "{tables}")?;
-    writeln!(out, "### Targets\n\n{targets}")?;
-    let passed = checks.iter().filter(|c| c.verdict() == "PASS").count();
-    let missed = checks.iter().filter(|c| c.verdict() == "MISS").count();
-    writeln!(out, "{passed} passed, {missed} missed\n")?;
-    writeln!(out, "quietness: {busy_note}")?;
+    for s in sweeps {
+        writeln!(out, "\n## {}\n", s.title(cores))?;
+        write!(out, "{}", report::tables(s, "###"))?;
+    }
+    writeln!(out, "## Targets\n\n{targets}")?;
+    for (name, checks) in &sets {
+        let count = |v| checks.iter().filter(|c| c.verdict() == v).count();
+        writeln!(
+            out,
+            "{name}: {} passed, {} missed, {} within noise, {} without a verdict (1 round)",
+            count(Verdict::Pass),
+            count(Verdict::Miss),
+            count(Verdict::Noise),
+            count(Verdict::OneRound)
+        )?;
+    }
+    writeln!(out, "TCP_NODELAY: {nodelay_note}")?;
+    for s in sweeps {
+        let (note, _) = quietness(s);
+        writeln!(out, "quietness, {}: {note}", report::sweep_name(s.pinned))?;
+    }
 
     let md_path = cfg.out.join(format!("results{suffix}.md"));
     std::fs::write(&md_path, md)?;
     eprintln!("wrote {}", md_path.display());
-    if m.results.iter().any(|(p, _)| matches!(p, Point::Echo(_))) {
+    let has_echo = |s: &Sweep| s.results.iter().any(|(p, _)| matches!(p, Point::Echo(_)));
+    if sweeps.iter().any(has_echo) {
+        let panels: Vec<report::Panel> = sweeps
+            .iter()
+            .filter(|s| has_echo(s))
+            .map(|s| report::Panel {
+                subtitle: format!(
+                    "{} · tokio {} runtime{}",
+                    if s.pinned {
+                        "Pinned: server on core 1, load generator on core 0"
+                    } else {
+                        "Unpinned: server and load generator free on every core"
+                    },
+                    contender::tokio_runtime(s.pinned),
+                    if quietness(s).1 {
+                        " · BUSY MACHINE: noisy figures"
+                    } else {
+                        ""
+                    }
+                ),
+                results: &s.results,
+            })
+            .collect();
         let subtitle = format!(
-            "{date} · {cores} cores · median of {} round(s) · {}{}",
-            cfg.rounds,
-            if env.pinned {
-                "server on core 1, load on core 0"
-            } else {
-                "unpinned"
-            },
-            if busy_max >= BUSY {
-                " · BUSY MACHINE: noisy figures"
-            } else {
-                ""
-            }
+            "{date} · {cores} cores · bar: median of {} round(s), whisker: their range · same \
+             buffer and TCP_NODELAY everywhere",
+            cfg.rounds
         );
         let svg_path = cfg.out.join(&svg_name);
-        std::fs::write(&svg_path, report::svg(&m.results, &subtitle))?;
+        std::fs::write(&svg_path, report::svg(&subtitle, &panels))?;
         eprintln!("wrote {}", svg_path.display());
     }
     Ok(())
@@ -719,16 +870,25 @@ fn main() {
             "warning: cannot handle Ctrl-C ({e}); an interrupted run may leave a server behind"
         );
     }
+    if let Err(e) = prepare_out(&cfg.out) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
     let env = setup(&mut cfg).unwrap_or_else(|e| {
         eprintln!("error: {e}");
         std::process::exit(1)
     });
-    let measured = measure(&cfg, &env);
-    if let Err(e) = report_all(&cfg, &env, &measured, started.elapsed()) {
+    let mut failed = false;
+    let sweeps: Vec<Sweep> = env
+        .sweeps
+        .iter()
+        .map(|&pinned| measure(&cfg, &env, pinned, &mut failed))
+        .collect();
+    if let Err(e) = report_all(&cfg, &env, &sweeps, started.elapsed()) {
         eprintln!("error: cannot write the results: {e}");
         std::process::exit(1);
     }
-    if measured.any_failed {
+    if failed {
         eprintln!(
             "some runs failed; server logs are in {}",
             env.logdir.display()
