@@ -173,30 +173,6 @@ fn auth_works_over_a_unix_stream() {
 }
 
 #[test]
-fn python_client_talks_to_the_unix_stream_server() {
-    let Some(py) = util::python3() else { return };
-    let path = sock_path("py");
-    let server = UnixStreamServer::bind(&path, line_echo).unwrap();
-    let running = serve(server);
-    py.run_ok(
-        r#"
-import socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.settimeout(5)
-s.connect(sys.argv[1])
-f = s.makefile("rwb")
-for _ in range(3):
-    f.write(b"hello world\n"); f.flush()
-    assert f.readline() == b"hello world\n"
-print("OK")
-"#,
-        &[path.to_str().unwrap()],
-    );
-    drop(running);
-    assert!(!path.exists());
-}
-
-#[test]
 fn handler_result_type_is_shared_with_tcp() {
     // The same handler type serves TCP and Unix streams.
     fn both<H: socketserver::Handler>(f: impl Fn() -> H + Send + Sync + Clone + 'static) {

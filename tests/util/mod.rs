@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -150,11 +151,20 @@ pub fn sock_path(tag: &str) -> PathBuf {
     p
 }
 
+/// Whether the tests run under CI (`CI` set, and not to `0` or `false`). There a missing
+/// CPython or IPv6 loopback fails the tests instead of skipping them.
+pub fn is_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
 /// A CPython interpreter the interop tests can run.
 #[derive(Clone, Debug)]
 pub struct Python {
+    /// The interpreter itself (`sys.executable`, so a pyenv shim is not in the way).
     pub exe: PathBuf,
+    /// `3.MINOR`.
     pub version: String,
+    pub minor: u32,
 }
 
 impl Python {
@@ -167,7 +177,8 @@ impl Python {
                 let _ = child.kill();
                 let out = child.wait_with_output().expect("python output");
                 panic!(
-                    "python timed out after {timeout:?}; stderr: {}",
+                    "python {} timed out after {timeout:?}; stderr: {}",
+                    self.version,
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
@@ -202,36 +213,38 @@ impl Python {
     }
 }
 
+/// The oldest CPython the interop tests run against.
+pub const MIN_PYTHON_MINOR: u32 = 8;
+
+/// `exe` as a CPython 3.8+, if it runs and is one.
 fn probe(exe: &Path) -> Option<Python> {
     let out = Command::new(exe)
-        .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
+        .args([
+            "-c",
+            "import sys; print('%d %d %s' % (sys.version_info[0], sys.version_info[1], sys.executable))",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
         .output()
         .ok()?;
-    out.status.success().then(|| Python {
-        exe: exe.to_path_buf(),
-        version: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    if !out.status.success() {
+        return None;
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    let mut parts = line.trim().splitn(3, ' ');
+    let (major, minor, real) = (parts.next()?, parts.next()?.parse().ok()?, parts.next()?);
+    (major == "3" && minor >= MIN_PYTHON_MINOR && !real.is_empty()).then(|| Python {
+        exe: PathBuf::from(real),
+        version: format!("3.{minor}"),
+        minor,
     })
 }
 
-/// `python3` from PATH. When `CI` is set a missing interpreter fails the test; elsewhere the
-/// test is skipped with a printed reason.
-pub fn python3() -> Option<Python> {
-    match probe(Path::new("python3")) {
-        Some(p) => Some(p),
-        None if std::env::var_os("CI").is_some() => {
-            panic!("python3 is required when CI is set, and it is missing")
-        }
-        None => {
-            eprintln!("SKIPPED: python3 not found; interop test not run");
-            None
-        }
-    }
-}
-
-/// Every CPython >= 3.11 found: `python3` from PATH (required when `CI` is set) and the
-/// interpreters pyenv manages, one per minor version.
+/// Every CPython 3.8+ found, one per minor version, oldest first: `python3` from PATH and the
+/// interpreters pyenv manages (`$PYENV_ROOT/versions/*/bin/python3`, by default under
+/// `~/.pyenv`). Callers decide what an empty list means (under CI: a failure).
 pub fn pythons() -> Vec<Python> {
-    let mut found: Vec<Python> = python3().into_iter().collect();
+    let mut candidates = vec![PathBuf::from("python3")];
     let root = std::env::var_os("PYENV_ROOT")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pyenv")));
@@ -242,22 +255,126 @@ pub fn pythons() -> Vec<Python> {
             .filter(|p| p.exists())
             .collect();
         exes.sort();
-        for exe in exes {
-            if let Some(p) = probe(&exe) {
-                let minor: Option<u32> = p.version.strip_prefix("3.").and_then(|m| m.parse().ok());
-                if minor.is_some_and(|m| m >= 11) && !found.iter().any(|f| f.version == p.version) {
-                    found.push(p);
-                }
+        candidates.extend(exes);
+    }
+    let mut found: Vec<Python> = Vec::new();
+    for p in candidates.iter().filter_map(|c| probe(c)) {
+        if !found.iter().any(|f| f.minor == p.minor) {
+            found.push(p);
+        }
+    }
+    found.sort_by_key(|p| p.minor);
+    found
+}
+
+/// Whether the IPv6 loopback address `::1` can be bound. Under CI its absence fails the test;
+/// elsewhere the caller skips its IPv6 case (the reason is printed).
+pub fn ipv6_loopback() -> bool {
+    match std::net::TcpListener::bind("[::1]:0") {
+        Ok(_) => true,
+        Err(e) if is_ci() => panic!("::1 is required when CI is set: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPED: IPv6 loopback ::1 unavailable ({e}); IPv6 case not run");
+            false
+        }
+    }
+}
+
+/// The HMAC of `msg` under `key` with `digest`, computed with the hmac crate directly (not with
+/// the crate under test), as raw bytes.
+pub fn hmac(digest: socketserver::Digest, key: &[u8], msg: &[u8]) -> Vec<u8> {
+    use hmac::{KeyInit, Mac};
+    fn mac<M: Mac + KeyInit>(key: &[u8], msg: &[u8]) -> Vec<u8> {
+        let mut m = <M as KeyInit>::new_from_slice(key).unwrap();
+        m.update(msg);
+        m.finalize().into_bytes().to_vec()
+    }
+    use socketserver::Digest;
+    match digest {
+        Digest::Md5 => mac::<hmac::Hmac<md5::Md5>>(key, msg),
+        Digest::Sha256 => mac::<hmac::Hmac<sha2::Sha256>>(key, msg),
+        Digest::Sha384 => mac::<hmac::Hmac<sha2::Sha384>>(key, msg),
+        Digest::Sha3_256 => mac::<hmac::SimpleHmac<sha3::Sha3_256>>(key, msg),
+        Digest::Sha3_384 => mac::<hmac::SimpleHmac<sha3::Sha3_384>>(key, msg),
+        d => panic!("no reference HMAC for {d}"),
+    }
+}
+
+/// `payload` with its 4-byte big-endian length in front, as `multiprocessing.connection` frames
+/// it.
+pub fn framed(payload: &[u8]) -> Vec<u8> {
+    let mut v = (payload.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(payload);
+    v
+}
+
+/// Reads exactly `n` bytes, failing the test otherwise.
+pub fn read_n(s: &mut impl std::io::Read, n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    s.read_exact(&mut v)
+        .unwrap_or_else(|e| panic!("reading {n} bytes: {e}"));
+    v
+}
+
+/// Accepts one connection, waiting at most `limit`; the stream gets read and write timeouts of
+/// `limit` too.
+pub fn accept_within(listener: &std::net::TcpListener, limit: Duration) -> std::net::TcpStream {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + limit;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(limit)).unwrap();
+                s.set_write_timeout(Some(limit)).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "nobody connected");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// A `multiprocessing.connection` echo handler: counts that it ran, then echoes every message
+/// back until the client hangs up.
+pub struct MpEcho {
+    pub handled: Arc<AtomicUsize>,
+}
+
+impl socketserver::Handler for MpEcho {
+    fn handle(&mut self, req: &mut socketserver::Request) -> HandlerResult {
+        self.handled.fetch_add(1, Ordering::SeqCst);
+        let mut conn = socketserver::MpConnection::new(req.stream());
+        let mut buf = Vec::new();
+        loop {
+            match conn.recv_bytes_into(&mut buf) {
+                Ok(()) => conn.send_bytes(&buf)?,
+                Err(e) if e.is_eof() => return Ok(()),
+                Err(e) => return Err(e.into()),
             }
         }
     }
-    if std::env::var_os("CI").is_some() {
-        assert!(
-            found.iter().any(|p| p.version == "3.11"),
-            "CPython 3.11 is required when CI is set; found {found:?}"
-        );
-    }
-    found
+}
+
+/// A TCP server on 127.0.0.1 behind `auth` whose handler is [`MpEcho`], and its handler count.
+pub fn mp_server(
+    auth: socketserver::Auth,
+) -> (
+    Running<socketserver::transport::Tcp<MpEcho>>,
+    std::net::SocketAddr,
+    Arc<AtomicUsize>,
+) {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let h = handled.clone();
+    let server = socketserver::TcpServer::builder(move || MpEcho { handled: h.clone() })
+        .auth(auth)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().inet().unwrap();
+    (serve(server), addr, handled)
 }
 
 /// A handler made of a closure, for tests that need one-off behaviour.
