@@ -132,6 +132,92 @@ fn silent_client_times_out_and_the_handler_never_runs() {
     assert_eq!(running.handle.stats().auth_failures, 0);
 }
 
+/// Reads the server's 3.12+ challenge from `s` and returns the framed answer the key gives.
+fn answer_to_challenge(s: &mut TcpStream) -> Vec<u8> {
+    let frame = read_n(s, 4 + 11 + 8 + 40);
+    assert_eq!(frame[..4 + 19], *b"\x00\x00\x00\x3b#CHALLENGE#{sha256}");
+    mp_answer(&frame[4 + 11..])
+}
+
+/// `{sha256}` and the HMAC-SHA256 of `message` under `KEY`, framed: the 3.12+ answer.
+fn mp_answer(message: &[u8]) -> Vec<u8> {
+    let mac = util::hmac(Digest::Sha256, KEY.as_bytes(), message);
+    framed(&[&b"{sha256}"[..], &mac].concat())
+}
+
+/// Writes `bytes` one at a time, each in its own segment, pausing `pause` after each; false
+/// once a write fails (the server has hung up).
+fn trickle(s: &mut TcpStream, bytes: &[u8], pause: Duration) -> bool {
+    s.set_nodelay(true).unwrap();
+    for b in bytes {
+        if s.write_all(&[*b]).is_err() {
+            return false;
+        }
+        thread::sleep(pause);
+    }
+    true
+}
+
+#[test]
+fn a_handshake_trickled_a_byte_at_a_time_within_the_deadline_succeeds() {
+    let timeout = Duration::from_secs(10);
+    let (running, addr, handled) = mp_server(Auth::multiprocessing(KEY).handshake_timeout(timeout));
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let t = Instant::now();
+    // Each of our three messages a byte at a time, 5 ms apart: the answer to the server's
+    // challenge, our own challenge, and the verdict on the server's answer.
+    let pause = Duration::from_millis(5);
+    let answer = answer_to_challenge(&mut s);
+    assert!(trickle(&mut s, &answer, pause), "cut off");
+    assert_eq!(read_n(&mut s, 13), b"\x00\x00\x00\x09#WELCOME#");
+    let ours = [&b"{sha256}"[..], &[0x33; 40]].concat();
+    let challenge = framed(&[&b"#CHALLENGE#"[..], &ours].concat());
+    assert!(trickle(&mut s, &challenge, pause), "cut off");
+    assert_eq!(read_n(&mut s, 4 + 8 + 32), mp_answer(&ours));
+    assert!(trickle(&mut s, b"\x00\x00\x00\x09#WELCOME#", pause));
+    let took = t.elapsed();
+    // The handler has the connection now.
+    s.write_all(&framed(b"after a slow handshake")).unwrap();
+    assert_eq!(read_n(&mut s, 4 + 22), framed(b"after a slow handshake"));
+    drop(s);
+    assert!(eventually(IO_TIMEOUT, || running.handle.stats().active == 0));
+    let stats = running.handle.stats();
+    assert_eq!(handled.load(Ordering::SeqCst), 1, "{stats:?}");
+    assert_eq!((stats.handshake_timeouts, stats.auth_failures), (0, 0));
+    assert!(
+        took < timeout,
+        "the trickle took {took:?}: no test of the deadline"
+    );
+}
+
+#[test]
+fn a_handshake_trickled_past_the_deadline_times_out() {
+    let timeout = Duration::from_millis(400);
+    let (running, addr, handled) = mp_server(Auth::multiprocessing(KEY).handshake_timeout(timeout));
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let answer = answer_to_challenge(&mut s);
+    // 44 bytes 30 ms apart: each pause far inside the deadline, the whole 1.3 s past it.
+    let t = Instant::now();
+    let finished = trickle(&mut s, &answer, Duration::from_millis(30));
+    let took = t.elapsed();
+    let rest = util::read_to_eof(&mut s).unwrap_or_default();
+    assert!(
+        !finished,
+        "the server took a trickled answer for {took:?} with a {timeout:?} deadline; it sent {rest:?}"
+    );
+    assert!(rest.is_empty(), "no verdict after a timeout: {rest:?}");
+    assert!(
+        eventually(IO_TIMEOUT, || running.handle.stats().handshake_timeouts
+            == 1),
+        "{:?}",
+        running.handle.stats()
+    );
+    assert_eq!(running.handle.stats().auth_failures, 0);
+    assert_eq!(handled.load(Ordering::SeqCst), 0);
+}
+
 #[test]
 fn connect_times_out_against_a_silent_listener() {
     // gh-123736: Python's Client waits forever here.
