@@ -8,9 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use socketserver::{
-    Auth, Digest, Dispatch, HandlerResult, Request, UnixStreamServer, answer_challenge,
-};
+use socketserver::{Auth, Digest, Dispatch, Request, UnixStreamServer, answer_challenge};
 use util::{FnHandler, eventually, line_echo, serve, sock_path, three_round_trips};
 
 const MODES: [Dispatch; 3] = [
@@ -186,5 +184,4 @@ fn handler_result_type_is_shared_with_tcp() {
         drop((t_running, u));
     }
     both(line_echo);
-    let _: fn() -> HandlerResult = || Ok(());
 }
