@@ -143,3 +143,17 @@ fn replies_to_a_client_that_never_reads_are_dropped_without_holding_threads() {
     // Each reply that did not fit is dropped at once, not retried for the 5 s reply timeout.
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
 }
+
+#[test]
+fn the_socket_file_is_its_own_and_a_stale_one_is_replaced_only_when_asked() {
+    util::check_socket_file_ownership(
+        "dgram-file",
+        |path, replace| {
+            UnixDatagramServer::builder(DatagramEcho::default)
+                .replace_stale(replace)
+                .bind(path)
+        },
+        // A crashed run: the socket is gone but its file remains (std does not unlink).
+        |path| drop(UnixDatagram::bind(path).unwrap()),
+    );
+}

@@ -467,3 +467,63 @@ impl socketserver::DatagramHandler for DatagramEcho {
         Ok(())
     }
 }
+
+/// What every Unix-domain server kind promises about its socket file, given how to bind one on a
+/// path (with `replace_stale` as asked) and how to leave a dead socket file there (a crashed
+/// run's): closing removes its own file but never a newer server's on the same path; a stale
+/// socket file is replaced only when asked; a live socket or a plain file never is.
+pub fn check_socket_file_ownership<S>(
+    tag: &str,
+    bind: impl Fn(&Path, bool) -> socketserver::Result<S>,
+    leave_stale: impl Fn(&Path),
+) {
+    use std::os::unix::fs::MetadataExt;
+    let inode = |p: &Path| {
+        std::fs::symlink_metadata(p)
+            .map(|m| (m.dev(), m.ino()))
+            .ok()
+    };
+    let path = sock_path(tag);
+
+    let first = bind(&path, false).expect("bind");
+    std::fs::remove_file(&path).unwrap();
+    let second = bind(&path, false).expect("bind again after the file was removed");
+    let seconds = inode(&path);
+    drop(first);
+    assert_eq!(
+        inode(&path),
+        seconds,
+        "closing the first server removed the second one's socket file"
+    );
+    drop(second);
+    assert!(!path.exists(), "socket file left behind on close");
+
+    leave_stale(&path);
+    assert!(path.exists());
+    let e = bind(&path, false)
+        .err()
+        .expect("bound over a socket file without replace_stale");
+    assert!(e.is_bind(), "{e}");
+    assert_eq!(e.addr().and_then(|a| a.path()), Some(path.as_path()));
+    let live = bind(&path, true).expect("a stale socket file is replaced when asked");
+    let lives = inode(&path);
+    let e = bind(&path, true)
+        .err()
+        .expect("replace_stale took over a live server's socket");
+    assert!(e.to_string().contains("still listening"), "{e}");
+    assert_eq!(
+        inode(&path),
+        lives,
+        "the live server's socket file was touched"
+    );
+    drop(live);
+    assert!(!path.exists(), "socket file left behind on close");
+
+    std::fs::write(&path, b"data").unwrap();
+    assert!(
+        bind(&path, true).is_err(),
+        "replace_stale replaced a plain file"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"data");
+    std::fs::remove_file(&path).unwrap();
+}
