@@ -613,6 +613,68 @@ fn stream_request_handler_options_apply() {
 }
 
 #[test]
+fn wfile_holds_small_writes_until_flushed_only_with_a_wbufsize() {
+    use socketserver::{StreamHandler, StreamOptions, StreamRequest, StreamRequestHandler};
+    const WORDS: [&str; 3] = ["one", "two", "three"];
+    /// Writes each word, then waits for the client's line saying it looked; never flushes.
+    struct Words;
+    impl StreamHandler for Words {
+        fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+            for word in WORDS {
+                s.wfile.write_all(word.as_bytes())?;
+                let mut next = String::new();
+                s.rfile.read_line(&mut next)?;
+            }
+            Ok(())
+        }
+    }
+    for wbufsize in [0, 1024] {
+        let options = StreamOptions {
+            wbufsize,
+            ..StreamOptions::default()
+        };
+        let server = TcpServer::builder(move || StreamRequestHandler::with_options(Words, options))
+            .bind("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr().clone();
+        let running = serve(server);
+        let mut c = connect(&addr);
+        // Unbuffered, each word arrives by itself; buffered, nothing may arrive (waiting 200 ms
+        // for a word that must not come).
+        let wait = if wbufsize == 0 { 10_000 } else { 200 };
+        c.set_read_timeout(Some(Duration::from_millis(wait)))
+            .unwrap();
+        let mut seen = Vec::new();
+        for _ in WORDS {
+            let mut buf = [0u8; 64];
+            let n = c.read(&mut buf).unwrap_or(0);
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            c.write_all(b"next\n").unwrap();
+        }
+        // Whatever is left comes when finish flushes, in one write.
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf).unwrap();
+        let flushed = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert_eq!(util::read_to_eof(&mut c).unwrap(), b"", "{wbufsize}");
+        if wbufsize == 0 {
+            assert_eq!(
+                (seen, flushed),
+                (WORDS.map(String::from).to_vec(), String::new())
+            );
+        } else {
+            assert_eq!(
+                (seen, flushed),
+                (vec![String::new(); 3], "onetwothree".to_string()),
+                "wbufsize {wbufsize}"
+            );
+        }
+        drop(c);
+        assert_eq!(running.stop().stats().handler_errors, 0);
+    }
+}
+
+#[test]
 fn reuse_port_lets_two_servers_share_a_port() {
     let a = TcpServer::builder(line_echo)
         .reuse_port(true)
