@@ -261,37 +261,56 @@ fn a_silent_or_trickling_client_times_out() {
     assert_eq!(ran.load(Ordering::SeqCst), 0);
 }
 
+/// Silent handshakes fill the cap, and more connections keep arriving while an honest client
+/// is in its handshake. The cap evicts the oldest unfinished handshake, so the honest client,
+/// the newest, outlives `CAP - 1` arrivals and is served; the `CAP`-th makes it the oldest and
+/// cuts it. (Evicting the newest instead would cut it at the first arrival.)
 #[test]
-fn silent_clients_at_the_cap_do_not_starve_an_honest_one() {
-    const K: usize = 3;
-    let timeout = Duration::from_secs(3);
-    for mode in [Dispatch::Thread, Dispatch::Pool { workers: 4 }] {
+fn the_cap_evicts_the_oldest_handshake_first() {
+    const CAP: usize = 4;
+    let timeout = Duration::from_secs(10);
+    // A thread per connection, and a pool with no worker to spare: the cap's handshakes plus
+    // the honest one. (With a pool no larger than the cap, no connection past the cap is ever
+    // accepted, so nothing is evicted: silent clients hold every worker until they time out.)
+    for mode in [Dispatch::Thread, Dispatch::Pool { workers: CAP + 1 }] {
         let (running, addr, ran) = echo_server(
-            Auth::hmac(KEY).handshake_timeout(timeout).max_pending(K),
+            Auth::hmac(KEY).handshake_timeout(timeout).max_pending(CAP),
             mode,
         );
-        let silent: Vec<TcpStream> = (0..K)
-            .map(|_| {
-                let mut s = connect(&addr);
-                read_challenge(&mut s);
-                s
-            })
-            .collect();
-        let t = Instant::now();
-        let mut honest =
-            connect_with_auth(&addr, KEY, Digest::Sha256, Duration::from_secs(10)).unwrap();
-        honest
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        honest.write_all(b"still served").unwrap();
-        let mut got = [0u8; 12];
-        honest.read_exact(&mut got).unwrap();
-        let took = t.elapsed();
-        eprintln!("{mode:?}: honest client served in {took:?} with {K} silent clients at the cap");
-        assert!(took < timeout, "{mode:?}: took {took:?}");
-        assert_eq!(ran.load(Ordering::SeqCst), 1);
-        assert!(running.handle.stats().handshake_evictions >= 1);
-        drop(silent);
+        // A connection whose handshake has begun: the server sends the challenge only after
+        // entering the handshake in its table of unfinished ones.
+        let silent = || {
+            let mut s = connect(&addr);
+            read_challenge(&mut s);
+            s
+        };
+        let mut held: Vec<TcpStream> = (0..CAP).map(|_| silent()).collect();
+        for arrivals in [CAP - 1, CAP] {
+            let mut honest = connect(&addr);
+            let challenge = read_challenge(&mut honest);
+            held.extend((0..arrivals).map(|_| silent()));
+            let answer = hex_mac(Digest::Sha256, KEY, &challenge);
+            let served = honest.write_all(answer.as_bytes()).is_ok()
+                && honest.write_all(b"x").is_ok()
+                && honest.read_exact(&mut [0u8; 1]).is_ok();
+            assert_eq!(
+                served,
+                arrivals < CAP,
+                "{mode:?}: cap {CAP}, {arrivals} connections arrived during the honest handshake"
+            );
+            drop(honest); // frees its worker
+        }
+        let stats = running.handle.stats();
+        // The first honest client evicted one to enter; every arrival evicted one (the second
+        // honest client found a free slot: the first had left).
+        assert_eq!(
+            stats.handshake_evictions,
+            (1 + (CAP - 1) + CAP) as u64,
+            "{mode:?}"
+        );
+        assert_eq!((stats.auth_failures, stats.handshake_timeouts), (0, 0));
+        assert_eq!(ran.load(Ordering::SeqCst), 1, "{mode:?}");
+        drop(held);
     }
 }
 
