@@ -404,11 +404,29 @@ fn reject_when_full_sheds_connections_at_the_cap() {
     util::read_to_eof(first).unwrap();
 }
 
+/// No sample may reach this: a lost or late wake-up (Python polls every 0.5 s), not a loaded
+/// machine's scheduling delays (a few ms at worst, measured at load average 20 on 2 cores).
+const SHUTDOWN_LATENCY_MAX: Duration = Duration::from_millis(100);
+/// Nor may the median of any mode: a wake-up that is merely slow every time. (A pipe write or a
+/// condition variable signal takes microseconds; typical samples are 0.05 to 0.1 ms.)
+const SHUTDOWN_LATENCY_MEDIAN: Duration = Duration::from_millis(2);
+
 #[test]
-fn shutdown_latency_with_idle_connections_is_under_10ms() {
+fn shutdown_latency_with_idle_connections_in_every_mode() {
+    // Where serve_forever waits when shutdown is asked for: a sync server with no client, a
+    // thread-mode server and a pool with spare workers in poll on the listener and the wake-up
+    // pipe; a pool whose every worker holds an idle connection on the condition variable of
+    // its worker slots. (A sync server with a client would be inside the handler, and return
+    // when it does, as in Python.)
+    let cases = [
+        (Dispatch::Sync, 0),
+        (Dispatch::Thread, 4),
+        (Dispatch::Pool { workers: 8 }, 4),
+        (Dispatch::Pool { workers: 4 }, 4),
+    ];
     let mut samples = Vec::new();
-    for mode in MODES {
-        for _ in 0..5 {
+    for (mode, clients) in cases {
+        for _ in 0..7 {
             let server = TcpServer::builder(line_echo)
                 .dispatch(mode)
                 .bind("127.0.0.1:0")
@@ -421,42 +439,49 @@ fn shutdown_latency_with_idle_connections_is_under_10ms() {
                 tx.send(Instant::now()).unwrap();
                 server
             });
-            // Idle clients, each with a live handler blocked reading. A sync server's only
-            // thread would be inside the first handler, and returns when that handler does (as in
-            // Python), so there the idle connections wait in the backlog instead.
-            let mut idle = Vec::new();
-            if mode != Dispatch::Sync {
-                idle = (0..3).map(|_| connect(&addr)).collect();
+            // Idle clients, each with a live handler blocked reading; the last one answered, so
+            // the server is surely serving.
+            let mut idle: Vec<TcpStream> = (1..clients).map(|_| connect(&addr)).collect();
+            if clients > 0 {
                 let mut probe = connect(&addr);
                 probe.write_all(b"ping\n").unwrap();
                 let mut l = String::new();
                 BufReader::new(&probe).read_line(&mut l).unwrap();
                 idle.push(probe);
-                assert!(eventually(Duration::from_secs(5), || handle.stats().active == 4));
+                assert!(eventually(Duration::from_secs(5), || handle.stats().active
+                    == clients as u64));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20)); // serve_forever is waiting
             let asked = Instant::now();
             handle.shutdown();
             let returned = rx
                 .recv_timeout(Duration::from_secs(5))
-                .expect("serve_forever returned");
+                .unwrap_or_else(|_| panic!("{mode:?}: serve_forever did not return in 5 s"));
             samples.push((mode, returned - asked));
             drop(idle);
-            let server = t.join().unwrap();
-            drop(server);
+            drop(t.join().unwrap());
         }
     }
     eprintln!("shutdown latency: {samples:?}");
-    for mode in MODES {
-        let best = samples
+    let slow: Vec<_> = samples
+        .iter()
+        .filter(|(_, took)| *took >= SHUTDOWN_LATENCY_MAX)
+        .collect();
+    assert!(
+        slow.is_empty(),
+        "shutdown took {SHUTDOWN_LATENCY_MAX:?} or more: {slow:?}"
+    );
+    for (mode, _) in cases {
+        let mut took: Vec<Duration> = samples
             .iter()
             .filter(|(m, _)| *m == mode)
             .map(|(_, d)| *d)
-            .min()
-            .unwrap();
+            .collect();
+        took.sort();
+        let median = took[took.len() / 2];
         assert!(
-            best < Duration::from_millis(10),
-            "{mode:?}: shutdown took {best:?}"
+            median < SHUTDOWN_LATENCY_MEDIAN,
+            "{mode:?}: median shutdown latency {median:?}; samples {took:?}"
         );
     }
 }
