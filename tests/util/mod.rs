@@ -527,3 +527,39 @@ pub fn check_socket_file_ownership<S>(
     assert_eq!(std::fs::read(&path).unwrap(), b"data");
     std::fs::remove_file(&path).unwrap();
 }
+
+/// A global allocator that counts the bytes allocated and not yet freed, process-wide, so that a
+/// test can tell a leak from allocator slack. A test binary that measures leaks installs it:
+/// `#[global_allocator] static HEAP: util::CountingAlloc = util::CountingAlloc;`
+pub struct CountingAlloc;
+
+static HEAP_LIVE: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+// SAFETY: every call is passed on to the system allocator unchanged; only a counter is added.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        HEAP_LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        HEAP_LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        HEAP_LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        HEAP_LIVE.fetch_add(new as i64 - layout.size() as i64, Ordering::Relaxed);
+        unsafe { std::alloc::System.realloc(ptr, layout, new) }
+    }
+}
+
+/// Heap bytes allocated and not yet freed, as [`CountingAlloc`] counts them (0 where it is not
+/// the global allocator).
+pub fn heap_live_bytes() -> i64 {
+    HEAP_LIVE.load(Ordering::Relaxed)
+}
