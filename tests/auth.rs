@@ -1,5 +1,6 @@
 //! `Auth`: the tutorial's HMAC challenge-response as server middleware and as a client, against
-//! itself, against real CPython, and against clients that misbehave.
+//! itself and against clients that misbehave, and the handshake cap. (Against real CPython:
+//! tests/interop.rs.)
 
 mod util;
 
