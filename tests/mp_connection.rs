@@ -1,65 +1,28 @@
-//! Python's `multiprocessing.connection`: interop with every CPython >= 3.11 found (Client
-//! against our server, our client against Listener), the 3.11 exchange byte for byte, and
-//! malformed or oversized frames.
+//! Python's `multiprocessing.connection` on the wire: the 3.11 exchange byte for byte, deadlines
+//! on the server's handshake, and malformed or oversized frames. (Interop with real CPython is
+//! in tests/interop.rs.)
 
 mod util;
 
-use std::io::{self, BufRead, BufReader, Cursor, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, ExitStatus};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::io::{self, Cursor, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use hmac::{Hmac, KeyInit, Mac};
 use proptest::prelude::*;
 use socketserver::{
-    Auth, Error, Handler, HandlerResult, MpConnection, MpVersion, Request, TcpServer,
-    UnixStreamServer, mp_client_handshake, mp_connect, mp_connect_with, mp_server_handshake,
+    Auth, Digest, Error, MpConnection, MpVersion, TcpServer, mp_client_handshake, mp_connect,
+    mp_connect_with, mp_server_handshake,
 };
-use util::{Python, eventually, serve};
+use util::{accept_within, eventually, framed, mp_server, read_n};
 
 const KEY: &str = "interop secret";
-const WRONG_KEY: &str = "not the secret";
-/// Bounds every Python child: generous, for a loaded 2-core machine.
-const PY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bounds every socket read of a raw peer in these tests.
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
 
-const VERSIONS: [MpVersion; 2] = [MpVersion::Modern, MpVersion::Legacy];
-
-fn minor(py: &Python) -> u32 {
-    py.version
-        .strip_prefix("3.")
-        .and_then(|m| m.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected Python version {}", py.version))
-}
-
 fn hmac_md5(key: &[u8], msg: &[u8]) -> Vec<u8> {
-    let mut m = <Hmac<md5::Md5> as KeyInit>::new_from_slice(key).unwrap();
-    m.update(msg);
-    m.finalize().into_bytes().to_vec()
-}
-
-fn hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
-    let mut m = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key).unwrap();
-    m.update(msg);
-    m.finalize().into_bytes().to_vec()
-}
-
-/// `payload` with its 4-byte big-endian length in front, as Python frames it.
-fn framed(payload: &[u8]) -> Vec<u8> {
-    let mut v = (payload.len() as u32).to_be_bytes().to_vec();
-    v.extend_from_slice(payload);
-    v
-}
-
-fn read_n(s: &mut impl Read, n: usize) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    s.read_exact(&mut v)
-        .unwrap_or_else(|e| panic!("reading {n} bytes: {e}"));
-    v
+    util::hmac(Digest::Md5, key, msg)
 }
 
 /// Whether `e` is the clean end of the connection (end of file where a message would start).
@@ -69,390 +32,6 @@ fn is_eof(e: &Error) -> bool {
             .is_some_and(|io| io.kind() == io::ErrorKind::UnexpectedEof);
     assert_eq!(e.is_eof(), by_hand, "Error::is_eof disagrees for {e}");
     by_hand
-}
-
-/// Our server's handler: counts that it ran, then echoes every message back.
-struct MpEcho {
-    handled: Arc<AtomicUsize>,
-}
-
-impl Handler for MpEcho {
-    fn handle(&mut self, req: &mut Request) -> HandlerResult {
-        self.handled.fetch_add(1, Ordering::SeqCst);
-        let mut conn = MpConnection::new(req.stream());
-        let mut buf = Vec::new();
-        loop {
-            match conn.recv_bytes_into(&mut buf) {
-                Ok(()) => conn.send_bytes(&buf)?,
-                Err(e) if is_eof(&e) => return Ok(()),
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-}
-
-fn mp_server(
-    auth: Auth,
-) -> (
-    util::Running<impl socketserver::transport::Transport>,
-    SocketAddr,
-    Arc<AtomicUsize>,
-) {
-    let handled = Arc::new(AtomicUsize::new(0));
-    let h = handled.clone();
-    let server = TcpServer::builder(move || MpEcho { handled: h.clone() })
-        .auth(auth)
-        .bind("127.0.0.1:0")
-        .unwrap();
-    let addr = server.local_addr().inet().unwrap();
-    (serve(server), addr, handled)
-}
-
-/// A Python child whose stdout lines arrive on a channel; killed and reaped on drop.
-struct Kid {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    stderr: Arc<Mutex<String>>,
-    what: String,
-}
-
-impl Kid {
-    fn spawn(py: &Python, script: &str, args: &[&str]) -> Kid {
-        let mut child = py.spawn(script, args);
-        let out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        Kid {
-            child,
-            lines,
-            stderr,
-            what: format!("python {}", py.version),
-        }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// The next stdout line, waiting at most `PY_TIMEOUT`.
-    fn line(&self) -> String {
-        self.lines.recv_timeout(PY_TIMEOUT).unwrap_or_else(|e| {
-            panic!(
-                "{}: no line on stdout ({e}); stderr:\n{}",
-                self.what,
-                self.stderr()
-            )
-        })
-    }
-
-    /// Waits for the child to exit, at most `PY_TIMEOUT` (it is killed on drop otherwise).
-    fn wait(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + PY_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within {PY_TIMEOUT:?}; stderr:\n{}",
-                self.what,
-                self.stderr()
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Kid {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Accepts one connection, waiting at most `IO_TIMEOUT`; the stream gets read/write timeouts.
-fn accept_within(listener: &TcpListener) -> TcpStream {
-    listener.set_nonblocking(true).unwrap();
-    let deadline = Instant::now() + IO_TIMEOUT;
-    loop {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false).unwrap();
-                s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-                s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-                return s;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                assert!(Instant::now() < deadline, "nobody connected");
-                thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("accept: {e}"),
-        }
-    }
-}
-
-const PY_CLIENT: &str = r#"
-import sys
-from multiprocessing.connection import Client, AuthenticationError
-port, key = int(sys.argv[1]), sys.argv[2].encode()
-try:
-    c = Client(("127.0.0.1", port), authkey=key)
-except AuthenticationError as e:
-    print("AuthenticationError:", e, flush=True)
-    sys.exit(3)
-for m in [b"", b"hello", bytes(range(256)) * 4096]:
-    c.send_bytes(m)
-    r = c.recv_bytes()
-    assert r == m, (len(m), len(r))
-c.close()
-print("OK", flush=True)
-"#;
-
-#[test]
-fn python_client_echoes_through_our_server_both_versions() {
-    util::init_logs();
-    for py in util::pythons() {
-        eprintln!("interop with CPython {} ({})", py.version, py.exe.display());
-        for version in VERSIONS {
-            let auth = Auth::multiprocessing(KEY).mp_version(version);
-            let (running, addr, handled) = mp_server(auth);
-            let port = addr.port().to_string();
-            let out = py.run(PY_CLIENT, &[&port, KEY], PY_TIMEOUT);
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success() && stdout.trim() == "OK",
-                "python {} vs {version:?}: {} {stdout}\n{}",
-                py.version,
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert!(eventually(IO_TIMEOUT, || running.handle.stats().active == 0));
-            let stats = running.handle.stats();
-            assert_eq!(handled.load(Ordering::SeqCst), 1);
-            assert_eq!(stats.auth_failures, 0, "{stats:?}");
-            assert_eq!(stats.handler_errors, 0, "{stats:?}");
-            drop(running);
-        }
-    }
-}
-
-#[test]
-fn python_client_with_wrong_key_is_refused_before_the_handler() {
-    util::init_logs();
-    for py in util::pythons() {
-        eprintln!("interop with CPython {} ({})", py.version, py.exe.display());
-        for version in VERSIONS {
-            let auth = Auth::multiprocessing(KEY).mp_version(version);
-            let (running, addr, handled) = mp_server(auth);
-            let port = addr.port().to_string();
-            let out = py.run(PY_CLIENT, &[&port, WRONG_KEY], PY_TIMEOUT);
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            assert_eq!(
-                out.status.code(),
-                Some(3),
-                "python {} vs {version:?}: {stdout}\n{}",
-                py.version,
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert_eq!(
-                stdout.trim(),
-                "AuthenticationError: digest sent was rejected"
-            );
-            assert!(
-                eventually(IO_TIMEOUT, || running.handle.stats().auth_failures == 1),
-                "{:?}",
-                running.handle.stats()
-            );
-            let server = running.stop();
-            assert_eq!(handled.load(Ordering::SeqCst), 0, "the handler ran");
-            assert_eq!(server.stats().auth_failures, 1);
-        }
-    }
-}
-
-#[test]
-fn python_client_over_a_unix_socket() {
-    util::init_logs();
-    let Some(py) = util::python3() else { return };
-    let path = util::sock_path("mp");
-    let handled = Arc::new(AtomicUsize::new(0));
-    let h = handled.clone();
-    let server = UnixStreamServer::builder(move || MpEcho { handled: h.clone() })
-        .auth(Auth::multiprocessing(KEY))
-        .bind(&path)
-        .unwrap();
-    let running = serve(server);
-    let script = r#"
-import sys
-from multiprocessing.connection import Client
-with Client(sys.argv[1], authkey=sys.argv[2].encode()) as c:
-    c.send_bytes(b"over AF_UNIX")
-    assert c.recv_bytes() == b"over AF_UNIX"
-print("OK")
-"#;
-    let out = py.run(script, &[path.to_str().unwrap(), KEY], PY_TIMEOUT);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "OK",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(eventually(IO_TIMEOUT, || running.handle.stats().active == 0));
-    assert_eq!(handled.load(Ordering::SeqCst), 1);
-    drop(running);
-    let _ = std::fs::remove_file(&path);
-}
-
-const PY_LISTENER: &str = r#"
-import sys
-from multiprocessing.connection import Listener, AuthenticationError
-key, n = sys.argv[1].encode(), int(sys.argv[2])
-with Listener(("127.0.0.1", 0), authkey=key) as l:
-    print(l.address[1], flush=True)
-    for _ in range(n):
-        try:
-            c = l.accept()
-        except AuthenticationError as e:
-            print("AuthenticationError:", e, flush=True)
-            continue
-        count = 0
-        while True:
-            try:
-                m = c.recv_bytes()
-            except EOFError:
-                break
-            c.send_bytes(m)
-            count += 1
-        c.close()
-        print("served", count, flush=True)
-"#;
-
-fn echo_three(conn: &mut MpConnection<TcpStream>) {
-    conn.get_ref().set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    let big: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
-    for m in [&b""[..], b"hello", &big] {
-        conn.send_bytes(m).unwrap();
-        assert_eq!(conn.recv_bytes().unwrap(), m);
-    }
-}
-
-#[test]
-fn our_client_against_python_listener() {
-    util::init_logs();
-    for py in util::pythons() {
-        eprintln!("interop with CPython {} ({})", py.version, py.exe.display());
-        let mut kid = Kid::spawn(&py, PY_LISTENER, &[KEY, "3"]);
-        let port: u16 = kid.line().parse().expect("port");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let timeout = Duration::from_secs(10);
-
-        let mut conn = mp_connect(addr, KEY.as_bytes(), timeout).unwrap();
-        echo_three(&mut conn);
-        drop(conn);
-        assert_eq!(kid.line(), "served 3", "{}", py.version);
-
-        let mut conn = mp_connect_with(addr, KEY.as_bytes(), timeout, MpVersion::Legacy).unwrap();
-        echo_three(&mut conn);
-        drop(conn);
-        assert_eq!(kid.line(), "served 3", "{}", py.version);
-
-        let e = mp_connect(addr, WRONG_KEY.as_bytes(), timeout).unwrap_err();
-        assert!(e.is_auth_rejected(), "{}: {e:?}", py.version);
-        assert!(
-            e.to_string().starts_with("digest rejected with 127.0.0.1:"),
-            "{e}"
-        );
-        assert_eq!(
-            kid.line(),
-            "AuthenticationError: digest received was wrong",
-            "{}",
-            py.version
-        );
-        assert!(kid.wait().success(), "{}", kid.stderr());
-    }
-}
-
-const PY_RAW_CLIENT: &str = r#"
-import sys
-from multiprocessing.connection import Client
-c = Client(("127.0.0.1", int(sys.argv[1])), authkey=sys.argv[2].encode())
-c.send_bytes(b"after")
-print("OK", flush=True)
-"#;
-
-/// A raw Rust peer plays a listener of the given form against the real Python `Client` and
-/// checks every byte Python sends.
-fn python_client_bytes(py: &Python, listener_3_12: bool) {
-    let key = KEY.as_bytes();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port().to_string();
-    let mut kid = Kid::spawn(py, PY_RAW_CLIENT, &[&port, KEY]);
-    let mut s = accept_within(&listener);
-    let py_3_12 = minor(py) >= 12;
-
-    // Our challenge and Python's answer.
-    let message: Vec<u8> = if listener_3_12 {
-        [&b"{sha256}"[..], &[0x5a; 40]].concat()
-    } else {
-        vec![0xa5; 20]
-    };
-    s.write_all(&framed(&[&b"#CHALLENGE#"[..], &message].concat()))
-        .unwrap();
-    let want = if listener_3_12 && py_3_12 {
-        framed(&[&b"{sha256}"[..], &hmac_sha256(key, &message)].concat())
-    } else {
-        // 3.11 always answers raw MD5 (over the whole message, prefix included); 3.12+ does
-        // for a 20-byte challenge.
-        framed(&hmac_md5(key, &message))
-    };
-    assert_eq!(hex::encode(read_n(&mut s, want.len())), hex::encode(&want));
-    s.write_all(b"\x00\x00\x00\x09#WELCOME#").unwrap();
-
-    // Python's challenge, and our answer as the listener we play would give it.
-    let (len, prefix): (usize, &[u8]) = if py_3_12 {
-        (11 + 8 + 40, b"#CHALLENGE#{sha256}")
-    } else {
-        (11 + 20, b"#CHALLENGE#")
-    };
-    let frame = read_n(&mut s, 4 + len);
-    assert_eq!(frame[..4], (len as u32).to_be_bytes(), "{}", py.version);
-    assert_eq!(&frame[4..4 + prefix.len()], prefix, "{}", py.version);
-    let theirs = &frame[4 + 11..];
-    let answer = if listener_3_12 && py_3_12 {
-        [&b"{sha256}"[..], &hmac_sha256(key, theirs)].concat()
-    } else {
-        hmac_md5(key, theirs)
-    };
-    s.write_all(&framed(&answer)).unwrap();
-    assert_eq!(read_n(&mut s, 13), b"\x00\x00\x00\x09#WELCOME#");
-    assert_eq!(read_n(&mut s, 9), b"\x00\x00\x00\x05after");
-    assert_eq!(kid.line(), "OK");
-    assert!(kid.wait().success(), "{}", kid.stderr());
-}
-
-#[test]
-fn python_client_bytes_on_the_wire_match_the_reference() {
-    for py in util::pythons() {
-        eprintln!("interop with CPython {} ({})", py.version, py.exe.display());
-        python_client_bytes(&py, false);
-        python_client_bytes(&py, true);
-    }
 }
 
 /// Plays a Python 3.11 client against `s`, checking each byte the server sends, and returns
@@ -509,7 +88,7 @@ fn legacy_client_speaks_python_3_11_byte_for_byte() {
             c.recv_bytes()
         })
     });
-    let mut s = accept_within(&listener);
+    let mut s = accept_within(&listener, IO_TIMEOUT);
     let r = [0x17u8; 20];
     s.write_all(b"\x00\x00\x00\x1f#CHALLENGE#").unwrap();
     s.write_all(&r).unwrap();
@@ -553,6 +132,92 @@ fn silent_client_times_out_and_the_handler_never_runs() {
     assert_eq!(running.handle.stats().auth_failures, 0);
 }
 
+/// Reads the server's 3.12+ challenge from `s` and returns the framed answer the key gives.
+fn answer_to_challenge(s: &mut TcpStream) -> Vec<u8> {
+    let frame = read_n(s, 4 + 11 + 8 + 40);
+    assert_eq!(frame[..4 + 19], *b"\x00\x00\x00\x3b#CHALLENGE#{sha256}");
+    mp_answer(&frame[4 + 11..])
+}
+
+/// `{sha256}` and the HMAC-SHA256 of `message` under `KEY`, framed: the 3.12+ answer.
+fn mp_answer(message: &[u8]) -> Vec<u8> {
+    let mac = util::hmac(Digest::Sha256, KEY.as_bytes(), message);
+    framed(&[&b"{sha256}"[..], &mac].concat())
+}
+
+/// Writes `bytes` one at a time, each in its own segment, pausing `pause` after each; false
+/// once a write fails (the server has hung up).
+fn trickle(s: &mut TcpStream, bytes: &[u8], pause: Duration) -> bool {
+    s.set_nodelay(true).unwrap();
+    for b in bytes {
+        if s.write_all(&[*b]).is_err() {
+            return false;
+        }
+        thread::sleep(pause);
+    }
+    true
+}
+
+#[test]
+fn a_handshake_trickled_a_byte_at_a_time_within_the_deadline_succeeds() {
+    let timeout = Duration::from_secs(10);
+    let (running, addr, handled) = mp_server(Auth::multiprocessing(KEY).handshake_timeout(timeout));
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let t = Instant::now();
+    // Each of our three messages a byte at a time, 5 ms apart: the answer to the server's
+    // challenge, our own challenge, and the verdict on the server's answer.
+    let pause = Duration::from_millis(5);
+    let answer = answer_to_challenge(&mut s);
+    assert!(trickle(&mut s, &answer, pause), "cut off");
+    assert_eq!(read_n(&mut s, 13), b"\x00\x00\x00\x09#WELCOME#");
+    let ours = [&b"{sha256}"[..], &[0x33; 40]].concat();
+    let challenge = framed(&[&b"#CHALLENGE#"[..], &ours].concat());
+    assert!(trickle(&mut s, &challenge, pause), "cut off");
+    assert_eq!(read_n(&mut s, 4 + 8 + 32), mp_answer(&ours));
+    assert!(trickle(&mut s, b"\x00\x00\x00\x09#WELCOME#", pause));
+    let took = t.elapsed();
+    // The handler has the connection now.
+    s.write_all(&framed(b"after a slow handshake")).unwrap();
+    assert_eq!(read_n(&mut s, 4 + 22), framed(b"after a slow handshake"));
+    drop(s);
+    assert!(eventually(IO_TIMEOUT, || running.handle.stats().active == 0));
+    let stats = running.handle.stats();
+    assert_eq!(handled.load(Ordering::SeqCst), 1, "{stats:?}");
+    assert_eq!((stats.handshake_timeouts, stats.auth_failures), (0, 0));
+    assert!(
+        took < timeout,
+        "the trickle took {took:?}: no test of the deadline"
+    );
+}
+
+#[test]
+fn a_handshake_trickled_past_the_deadline_times_out() {
+    let timeout = Duration::from_millis(400);
+    let (running, addr, handled) = mp_server(Auth::multiprocessing(KEY).handshake_timeout(timeout));
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let answer = answer_to_challenge(&mut s);
+    // 44 bytes 30 ms apart: each pause far inside the deadline, the whole 1.3 s past it.
+    let t = Instant::now();
+    let finished = trickle(&mut s, &answer, Duration::from_millis(30));
+    let took = t.elapsed();
+    let rest = util::read_to_eof(&mut s).unwrap_or_default();
+    assert!(
+        !finished,
+        "the server took a trickled answer for {took:?} with a {timeout:?} deadline; it sent {rest:?}"
+    );
+    assert!(rest.is_empty(), "no verdict after a timeout: {rest:?}");
+    assert!(
+        eventually(IO_TIMEOUT, || running.handle.stats().handshake_timeouts
+            == 1),
+        "{:?}",
+        running.handle.stats()
+    );
+    assert_eq!(running.handle.stats().auth_failures, 0);
+    assert_eq!(handled.load(Ordering::SeqCst), 0);
+}
+
 #[test]
 fn connect_times_out_against_a_silent_listener() {
     // gh-123736: Python's Client waits forever here.
@@ -572,8 +237,8 @@ fn empty_key_is_refused_up_front() {
     let addr = listener.local_addr().unwrap();
     let e = mp_connect(addr, b"", IO_TIMEOUT).unwrap_err();
     assert!(e.is_config(), "{e:?}");
-    let e = TcpServer::builder(|| MpEcho {
-        handled: Arc::default(),
+    let e = TcpServer::builder(|| util::MpEcho {
+        handled: Default::default(),
     })
     .auth(Auth::multiprocessing(Vec::new()))
     .bind("127.0.0.1:0")

@@ -5,7 +5,7 @@
 mod util;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv6Addr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Barrier, Mutex};
@@ -23,17 +23,19 @@ const MODES: [Dispatch; 3] = [
 #[test]
 fn three_round_trips_in_every_mode_v4_and_v6() {
     util::init_logs();
+    let v6 = util::ipv6_loopback();
     for mode in MODES {
         for host in ["127.0.0.1:0", "[::1]:0"] {
-            let server = match TcpServer::builder(line_echo).dispatch(mode).bind(host) {
-                Ok(s) => s,
-                Err(e) if host.starts_with('[') => {
-                    eprintln!("SKIPPED: IPv6 loopback unavailable: {e}");
-                    continue;
-                }
-                Err(e) => panic!("{e}"),
-            };
+            let is_v6 = host.starts_with('[');
+            if is_v6 && !v6 {
+                continue;
+            }
+            let server = TcpServer::builder(line_echo)
+                .dispatch(mode)
+                .bind(host)
+                .unwrap();
             let addr = server.local_addr().clone();
+            assert_eq!(addr.inet().unwrap().is_ipv6(), is_v6, "{addr}");
             let running = serve(server);
             three_round_trips(connect(&addr));
             // A second client after the first hung up: the server goes on.
@@ -402,11 +404,29 @@ fn reject_when_full_sheds_connections_at_the_cap() {
     util::read_to_eof(first).unwrap();
 }
 
+/// No sample may reach this: a lost or late wake-up (Python polls every 0.5 s), not a loaded
+/// machine's scheduling delays (a few ms at worst, measured at load average 20 on 2 cores).
+const SHUTDOWN_LATENCY_MAX: Duration = Duration::from_millis(100);
+/// Nor may the median of any mode: a wake-up that is merely slow every time. (A pipe write or a
+/// condition variable signal takes microseconds; typical samples are 0.05 to 0.1 ms.)
+const SHUTDOWN_LATENCY_MEDIAN: Duration = Duration::from_millis(2);
+
 #[test]
-fn shutdown_latency_with_idle_connections_is_under_10ms() {
+fn shutdown_latency_with_idle_connections_in_every_mode() {
+    // Where serve_forever waits when shutdown is asked for: a sync server with no client, a
+    // thread-mode server and a pool with spare workers in poll on the listener and the wake-up
+    // pipe; a pool whose every worker holds an idle connection on the condition variable of
+    // its worker slots. (A sync server with a client would be inside the handler, and return
+    // when it does, as in Python.)
+    let cases = [
+        (Dispatch::Sync, 0),
+        (Dispatch::Thread, 4),
+        (Dispatch::Pool { workers: 8 }, 4),
+        (Dispatch::Pool { workers: 4 }, 4),
+    ];
     let mut samples = Vec::new();
-    for mode in MODES {
-        for _ in 0..5 {
+    for (mode, clients) in cases {
+        for _ in 0..7 {
             let server = TcpServer::builder(line_echo)
                 .dispatch(mode)
                 .bind("127.0.0.1:0")
@@ -419,42 +439,49 @@ fn shutdown_latency_with_idle_connections_is_under_10ms() {
                 tx.send(Instant::now()).unwrap();
                 server
             });
-            // Idle clients, each with a live handler blocked reading. A sync server's only
-            // thread would be inside the first handler, and returns when that handler does (as in
-            // Python), so there the idle connections wait in the backlog instead.
-            let mut idle = Vec::new();
-            if mode != Dispatch::Sync {
-                idle = (0..3).map(|_| connect(&addr)).collect();
+            // Idle clients, each with a live handler blocked reading; the last one answered, so
+            // the server is surely serving.
+            let mut idle: Vec<TcpStream> = (1..clients).map(|_| connect(&addr)).collect();
+            if clients > 0 {
                 let mut probe = connect(&addr);
                 probe.write_all(b"ping\n").unwrap();
                 let mut l = String::new();
                 BufReader::new(&probe).read_line(&mut l).unwrap();
                 idle.push(probe);
-                assert!(eventually(Duration::from_secs(5), || handle.stats().active == 4));
+                assert!(eventually(Duration::from_secs(5), || handle.stats().active
+                    == clients as u64));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20)); // serve_forever is waiting
             let asked = Instant::now();
             handle.shutdown();
             let returned = rx
                 .recv_timeout(Duration::from_secs(5))
-                .expect("serve_forever returned");
+                .unwrap_or_else(|_| panic!("{mode:?}: serve_forever did not return in 5 s"));
             samples.push((mode, returned - asked));
             drop(idle);
-            let server = t.join().unwrap();
-            drop(server);
+            drop(t.join().unwrap());
         }
     }
     eprintln!("shutdown latency: {samples:?}");
-    for mode in MODES {
-        let best = samples
+    let slow: Vec<_> = samples
+        .iter()
+        .filter(|(_, took)| *took >= SHUTDOWN_LATENCY_MAX)
+        .collect();
+    assert!(
+        slow.is_empty(),
+        "shutdown took {SHUTDOWN_LATENCY_MAX:?} or more: {slow:?}"
+    );
+    for (mode, _) in cases {
+        let mut took: Vec<Duration> = samples
             .iter()
             .filter(|(m, _)| *m == mode)
             .map(|(_, d)| *d)
-            .min()
-            .unwrap();
+            .collect();
+        took.sort();
+        let median = took[took.len() / 2];
         assert!(
-            best < Duration::from_millis(10),
-            "{mode:?}: shutdown took {best:?}"
+            median < SHUTDOWN_LATENCY_MEDIAN,
+            "{mode:?}: median shutdown latency {median:?}; samples {took:?}"
         );
     }
 }
@@ -611,6 +638,68 @@ fn stream_request_handler_options_apply() {
 }
 
 #[test]
+fn wfile_holds_small_writes_until_flushed_only_with_a_wbufsize() {
+    use socketserver::{StreamHandler, StreamOptions, StreamRequest, StreamRequestHandler};
+    const WORDS: [&str; 3] = ["one", "two", "three"];
+    /// Writes each word, then waits for the client's line saying it looked; never flushes.
+    struct Words;
+    impl StreamHandler for Words {
+        fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+            for word in WORDS {
+                s.wfile.write_all(word.as_bytes())?;
+                let mut next = String::new();
+                s.rfile.read_line(&mut next)?;
+            }
+            Ok(())
+        }
+    }
+    for wbufsize in [0, 1024] {
+        let options = StreamOptions {
+            wbufsize,
+            ..StreamOptions::default()
+        };
+        let server = TcpServer::builder(move || StreamRequestHandler::with_options(Words, options))
+            .bind("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr().clone();
+        let running = serve(server);
+        let mut c = connect(&addr);
+        // Unbuffered, each word arrives by itself; buffered, nothing may arrive (waiting 200 ms
+        // for a word that must not come).
+        let wait = if wbufsize == 0 { 10_000 } else { 200 };
+        c.set_read_timeout(Some(Duration::from_millis(wait)))
+            .unwrap();
+        let mut seen = Vec::new();
+        for _ in WORDS {
+            let mut buf = [0u8; 64];
+            let n = c.read(&mut buf).unwrap_or(0);
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            c.write_all(b"next\n").unwrap();
+        }
+        // Whatever is left comes when finish flushes, in one write.
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf).unwrap();
+        let flushed = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert_eq!(util::read_to_eof(&mut c).unwrap(), b"", "{wbufsize}");
+        if wbufsize == 0 {
+            assert_eq!(
+                (seen, flushed),
+                (WORDS.map(String::from).to_vec(), String::new())
+            );
+        } else {
+            assert_eq!(
+                (seen, flushed),
+                (vec![String::new(); 3], "onetwothree".to_string()),
+                "wbufsize {wbufsize}"
+            );
+        }
+        drop(c);
+        assert_eq!(running.stop().stats().handler_errors, 0);
+    }
+}
+
+#[test]
 fn reuse_port_lets_two_servers_share_a_port() {
     let a = TcpServer::builder(line_echo)
         .reuse_port(true)
@@ -626,7 +715,6 @@ fn reuse_port_lets_two_servers_share_a_port() {
         .reuse_port(false)
         .bind(("127.0.0.1", port));
     assert!(c.is_err());
-    let _ = Ipv6Addr::LOCALHOST;
 }
 
 #[test]

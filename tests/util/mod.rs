@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -150,11 +151,20 @@ pub fn sock_path(tag: &str) -> PathBuf {
     p
 }
 
+/// Whether the tests run under CI (`CI` set, and not to `0` or `false`). There a missing
+/// CPython or IPv6 loopback fails the tests instead of skipping them.
+pub fn is_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
 /// A CPython interpreter the interop tests can run.
 #[derive(Clone, Debug)]
 pub struct Python {
+    /// The interpreter itself (`sys.executable`, so a pyenv shim is not in the way).
     pub exe: PathBuf,
+    /// `3.MINOR`.
     pub version: String,
+    pub minor: u32,
 }
 
 impl Python {
@@ -167,7 +177,8 @@ impl Python {
                 let _ = child.kill();
                 let out = child.wait_with_output().expect("python output");
                 panic!(
-                    "python timed out after {timeout:?}; stderr: {}",
+                    "python {} timed out after {timeout:?}; stderr: {}",
+                    self.version,
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
@@ -202,36 +213,38 @@ impl Python {
     }
 }
 
+/// The oldest CPython the interop tests run against.
+pub const MIN_PYTHON_MINOR: u32 = 8;
+
+/// `exe` as a CPython 3.8+, if it runs and is one.
 fn probe(exe: &Path) -> Option<Python> {
     let out = Command::new(exe)
-        .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
+        .args([
+            "-c",
+            "import sys; print('%d %d %s' % (sys.version_info[0], sys.version_info[1], sys.executable))",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
         .output()
         .ok()?;
-    out.status.success().then(|| Python {
-        exe: exe.to_path_buf(),
-        version: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    if !out.status.success() {
+        return None;
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    let mut parts = line.trim().splitn(3, ' ');
+    let (major, minor, real) = (parts.next()?, parts.next()?.parse().ok()?, parts.next()?);
+    (major == "3" && minor >= MIN_PYTHON_MINOR && !real.is_empty()).then(|| Python {
+        exe: PathBuf::from(real),
+        version: format!("3.{minor}"),
+        minor,
     })
 }
 
-/// `python3` from PATH. When `CI` is set a missing interpreter fails the test; elsewhere the
-/// test is skipped with a printed reason.
-pub fn python3() -> Option<Python> {
-    match probe(Path::new("python3")) {
-        Some(p) => Some(p),
-        None if std::env::var_os("CI").is_some() => {
-            panic!("python3 is required when CI is set, and it is missing")
-        }
-        None => {
-            eprintln!("SKIPPED: python3 not found; interop test not run");
-            None
-        }
-    }
-}
-
-/// Every CPython >= 3.11 found: `python3` from PATH (required when `CI` is set) and the
-/// interpreters pyenv manages, one per minor version.
+/// Every CPython 3.8+ found, one per minor version, oldest first: `python3` from PATH and the
+/// interpreters pyenv manages (`$PYENV_ROOT/versions/*/bin/python3`, by default under
+/// `~/.pyenv`). Callers decide what an empty list means (under CI: a failure).
 pub fn pythons() -> Vec<Python> {
-    let mut found: Vec<Python> = python3().into_iter().collect();
+    let mut candidates = vec![PathBuf::from("python3")];
     let root = std::env::var_os("PYENV_ROOT")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pyenv")));
@@ -242,22 +255,126 @@ pub fn pythons() -> Vec<Python> {
             .filter(|p| p.exists())
             .collect();
         exes.sort();
-        for exe in exes {
-            if let Some(p) = probe(&exe) {
-                let minor: Option<u32> = p.version.strip_prefix("3.").and_then(|m| m.parse().ok());
-                if minor.is_some_and(|m| m >= 11) && !found.iter().any(|f| f.version == p.version) {
-                    found.push(p);
-                }
+        candidates.extend(exes);
+    }
+    let mut found: Vec<Python> = Vec::new();
+    for p in candidates.iter().filter_map(|c| probe(c)) {
+        if !found.iter().any(|f| f.minor == p.minor) {
+            found.push(p);
+        }
+    }
+    found.sort_by_key(|p| p.minor);
+    found
+}
+
+/// Whether the IPv6 loopback address `::1` can be bound. Under CI its absence fails the test;
+/// elsewhere the caller skips its IPv6 case (the reason is printed).
+pub fn ipv6_loopback() -> bool {
+    match std::net::TcpListener::bind("[::1]:0") {
+        Ok(_) => true,
+        Err(e) if is_ci() => panic!("::1 is required when CI is set: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPED: IPv6 loopback ::1 unavailable ({e}); IPv6 case not run");
+            false
+        }
+    }
+}
+
+/// The HMAC of `msg` under `key` with `digest`, computed with the hmac crate directly (not with
+/// the crate under test), as raw bytes.
+pub fn hmac(digest: socketserver::Digest, key: &[u8], msg: &[u8]) -> Vec<u8> {
+    use hmac::{KeyInit, Mac};
+    fn mac<M: Mac + KeyInit>(key: &[u8], msg: &[u8]) -> Vec<u8> {
+        let mut m = <M as KeyInit>::new_from_slice(key).unwrap();
+        m.update(msg);
+        m.finalize().into_bytes().to_vec()
+    }
+    use socketserver::Digest;
+    match digest {
+        Digest::Md5 => mac::<hmac::Hmac<md5::Md5>>(key, msg),
+        Digest::Sha256 => mac::<hmac::Hmac<sha2::Sha256>>(key, msg),
+        Digest::Sha384 => mac::<hmac::Hmac<sha2::Sha384>>(key, msg),
+        Digest::Sha3_256 => mac::<hmac::SimpleHmac<sha3::Sha3_256>>(key, msg),
+        Digest::Sha3_384 => mac::<hmac::SimpleHmac<sha3::Sha3_384>>(key, msg),
+        d => panic!("no reference HMAC for {d}"),
+    }
+}
+
+/// `payload` with its 4-byte big-endian length in front, as `multiprocessing.connection` frames
+/// it.
+pub fn framed(payload: &[u8]) -> Vec<u8> {
+    let mut v = (payload.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(payload);
+    v
+}
+
+/// Reads exactly `n` bytes, failing the test otherwise.
+pub fn read_n(s: &mut impl std::io::Read, n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    s.read_exact(&mut v)
+        .unwrap_or_else(|e| panic!("reading {n} bytes: {e}"));
+    v
+}
+
+/// Accepts one connection, waiting at most `limit`; the stream gets read and write timeouts of
+/// `limit` too.
+pub fn accept_within(listener: &std::net::TcpListener, limit: Duration) -> std::net::TcpStream {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + limit;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(limit)).unwrap();
+                s.set_write_timeout(Some(limit)).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "nobody connected");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// A `multiprocessing.connection` echo handler: counts that it ran, then echoes every message
+/// back until the client hangs up.
+pub struct MpEcho {
+    pub handled: Arc<AtomicUsize>,
+}
+
+impl socketserver::Handler for MpEcho {
+    fn handle(&mut self, req: &mut socketserver::Request) -> HandlerResult {
+        self.handled.fetch_add(1, Ordering::SeqCst);
+        let mut conn = socketserver::MpConnection::new(req.stream());
+        let mut buf = Vec::new();
+        loop {
+            match conn.recv_bytes_into(&mut buf) {
+                Ok(()) => conn.send_bytes(&buf)?,
+                Err(e) if e.is_eof() => return Ok(()),
+                Err(e) => return Err(e.into()),
             }
         }
     }
-    if std::env::var_os("CI").is_some() {
-        assert!(
-            found.iter().any(|p| p.version == "3.11"),
-            "CPython 3.11 is required when CI is set; found {found:?}"
-        );
-    }
-    found
+}
+
+/// A TCP server on 127.0.0.1 behind `auth` whose handler is [`MpEcho`], and its handler count.
+pub fn mp_server(
+    auth: socketserver::Auth,
+) -> (
+    Running<socketserver::transport::Tcp<MpEcho>>,
+    std::net::SocketAddr,
+    Arc<AtomicUsize>,
+) {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let h = handled.clone();
+    let server = socketserver::TcpServer::builder(move || MpEcho { handled: h.clone() })
+        .auth(auth)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().inet().unwrap();
+    (serve(server), addr, handled)
 }
 
 /// A handler made of a closure, for tests that need one-off behaviour.
@@ -349,4 +466,100 @@ impl socketserver::DatagramHandler for DatagramEcho {
         }
         Ok(())
     }
+}
+
+/// What every Unix-domain server kind promises about its socket file, given how to bind one on a
+/// path (with `replace_stale` as asked) and how to leave a dead socket file there (a crashed
+/// run's): closing removes its own file but never a newer server's on the same path; a stale
+/// socket file is replaced only when asked; a live socket or a plain file never is.
+pub fn check_socket_file_ownership<S>(
+    tag: &str,
+    bind: impl Fn(&Path, bool) -> socketserver::Result<S>,
+    leave_stale: impl Fn(&Path),
+) {
+    use std::os::unix::fs::MetadataExt;
+    let inode = |p: &Path| {
+        std::fs::symlink_metadata(p)
+            .map(|m| (m.dev(), m.ino()))
+            .ok()
+    };
+    let path = sock_path(tag);
+
+    let first = bind(&path, false).expect("bind");
+    std::fs::remove_file(&path).unwrap();
+    let second = bind(&path, false).expect("bind again after the file was removed");
+    let seconds = inode(&path);
+    drop(first);
+    assert_eq!(
+        inode(&path),
+        seconds,
+        "closing the first server removed the second one's socket file"
+    );
+    drop(second);
+    assert!(!path.exists(), "socket file left behind on close");
+
+    leave_stale(&path);
+    assert!(path.exists());
+    let e = bind(&path, false)
+        .err()
+        .expect("bound over a socket file without replace_stale");
+    assert!(e.is_bind(), "{e}");
+    assert_eq!(e.addr().and_then(|a| a.path()), Some(path.as_path()));
+    let live = bind(&path, true).expect("a stale socket file is replaced when asked");
+    let lives = inode(&path);
+    let e = bind(&path, true)
+        .err()
+        .expect("replace_stale took over a live server's socket");
+    assert!(e.to_string().contains("still listening"), "{e}");
+    assert_eq!(
+        inode(&path),
+        lives,
+        "the live server's socket file was touched"
+    );
+    drop(live);
+    assert!(!path.exists(), "socket file left behind on close");
+
+    std::fs::write(&path, b"data").unwrap();
+    assert!(
+        bind(&path, true).is_err(),
+        "replace_stale replaced a plain file"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"data");
+    std::fs::remove_file(&path).unwrap();
+}
+
+/// A global allocator that counts the bytes allocated and not yet freed, process-wide, so that a
+/// test can tell a leak from allocator slack. A test binary that measures leaks installs it:
+/// `#[global_allocator] static HEAP: util::CountingAlloc = util::CountingAlloc;`
+pub struct CountingAlloc;
+
+static HEAP_LIVE: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+// SAFETY: every call is passed on to the system allocator unchanged; only a counter is added.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        HEAP_LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        HEAP_LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        HEAP_LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        HEAP_LIVE.fetch_add(new as i64 - layout.size() as i64, Ordering::Relaxed);
+        unsafe { std::alloc::System.realloc(ptr, layout, new) }
+    }
+}
+
+/// Heap bytes allocated and not yet freed, as [`CountingAlloc`] counts them (0 where it is not
+/// the global allocator).
+pub fn heap_live_bytes() -> i64 {
+    HEAP_LIVE.load(Ordering::Relaxed)
 }
