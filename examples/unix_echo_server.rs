@@ -6,6 +6,9 @@
 //! cargo run --example unix_echo_server -- --path /tmp/echo.sock [--dgram] [--replace-stale]
 //!     [--mode sync|thread|pool] [--workers 8]
 //! ```
+//!
+//! With `--dgram`, `--mode` defaults to `sync` (replies in order, as Python's
+//! `UnixDatagramServer`); the stream server defaults to `thread`.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -15,9 +18,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use clap::parser::ValueSource;
 use socketserver::{
-    DatagramHandler, DatagramRequest, Handler, HandlerResult, Request, UnixDatagramServer,
-    UnixStreamServer,
+    DatagramHandler, DatagramRequest, Dispatch, Handler, HandlerResult, Request,
+    UnixDatagramServer, UnixStreamServer,
 };
 
 /// An echo server on a Unix-domain socket, stream or datagram.
@@ -64,12 +68,20 @@ impl DatagramHandler for Echo {
 }
 
 fn main() {
-    let cli: Cli = common::parse();
+    let matches = common::matches_with::<Cli>(|c| c);
+    let cli: Cli = common::from_matches(&matches);
     common::init_logging();
     let grace = Duration::from_secs(2);
     if cli.dgram {
+        // Datagrams are served one at a time, in order, unless --mode says otherwise.
+        let mode_given = matches.value_source("mode") == Some(ValueSource::CommandLine);
+        let dispatch = if mode_given {
+            cli.dispatch.dispatch()
+        } else {
+            Dispatch::Sync
+        };
         let server = UnixDatagramServer::builder(|| Echo)
-            .dispatch(cli.dispatch.dispatch())
+            .dispatch(dispatch)
             .replace_stale(cli.replace_stale)
             .bind(&cli.path);
         common::serve(server, "Unix datagram echo server", grace);

@@ -14,7 +14,7 @@ use crate::transport::datagram::{DatagramService, DatagramSocket};
 use crate::transport::socket::{bind_inet, bind_unix};
 use crate::transport::stream::{StreamService, TcpAcceptor, UnixAcceptor};
 use crate::transport::{DatagramTransport, StreamTransport, Tcp, Udp, Unix, UnixDatagram};
-use crate::{Addr, Auth, Builder, DatagramHandler, Error, Handler, Result, Server};
+use crate::{Addr, Auth, Builder, DatagramHandler, Dispatch, Error, Handler, Result, Server};
 
 /// A TCP server (IPv4 or IPv6): Python's `TCPServer` / `ThreadingTCPServer`.
 ///
@@ -41,10 +41,22 @@ pub type TcpServer<H> = Server<Tcp<H>>;
 pub type UnixStreamServer<H> = Server<Unix<H>>;
 
 /// A UDP server: Python's `UDPServer`, one [`DatagramHandler`] per datagram.
+///
+/// Like Python's `UDPServer`, it serves one datagram at a time on the serving thread
+/// ([`Dispatch::Sync`], the default for datagram servers): replies leave in the order the
+/// datagrams arrived, and a burst waits in the socket's receive buffer instead of spawning a
+/// thread per packet. [`Dispatch::Thread`] and [`Dispatch::Pool`] serve datagrams concurrently:
+/// the replies then come back in whatever order the handlers finish, so choose them only for
+/// handlers that block (on a database, say) and clients that match replies to requests
+/// themselves.
+///
+/// Replies are limited to 3× the size of the datagram they answer, since a UDP source address
+/// can be forged: see [`Builder::max_reply_ratio`].
 pub type UdpServer<H> = Server<Udp<H>>;
 
 /// A Unix-domain datagram server: Python's `UnixDatagramServer`. Clients must bind a path of
-/// their own to receive replies.
+/// their own to receive replies. Serves one datagram at a time, in order, like [`UdpServer`]
+/// (see there for what the other [`Dispatch`] modes do to ordering).
 pub type UnixDatagramServer<H> = Server<UnixDatagram<H>>;
 
 fn resolve(addr: impl ToSocketAddrs) -> Result<Vec<std::net::SocketAddr>> {
@@ -166,9 +178,10 @@ impl<H: DatagramHandler> Server<Udp<H>> {
         Self::builder(factory).bind(addr)
     }
 
-    /// A [`Builder`] for a UDP server.
+    /// A [`Builder`] for a UDP server: [`Dispatch::Sync`] unless told otherwise (see
+    /// [`UdpServer`]).
     pub fn builder(factory: impl Fn() -> H + Send + Sync + 'static) -> Builder<Udp<H>> {
-        Builder::with_service(DatagramService::new(Box::new(factory)))
+        Builder::with_service(DatagramService::new(Box::new(factory))).dispatch(Dispatch::Sync)
     }
 }
 
@@ -203,9 +216,10 @@ impl<H: DatagramHandler> Server<UnixDatagram<H>> {
         Self::builder(factory).bind(path)
     }
 
-    /// A [`Builder`] for a Unix-domain datagram server.
+    /// A [`Builder`] for a Unix-domain datagram server: [`Dispatch::Sync`] unless told
+    /// otherwise (see [`UdpServer`]).
     pub fn builder(factory: impl Fn() -> H + Send + Sync + 'static) -> Builder<UnixDatagram<H>> {
-        Builder::with_service(DatagramService::new(Box::new(factory)))
+        Builder::with_service(DatagramService::new(Box::new(factory))).dispatch(Dispatch::Sync)
     }
 }
 

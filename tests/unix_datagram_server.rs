@@ -173,3 +173,29 @@ fn replies_to_a_client_that_never_reads_are_dropped_without_holding_threads() {
     // Each reply that did not fit is dropped at once, not retried for the 5 s reply timeout.
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
 }
+
+#[test]
+fn by_default_datagrams_are_answered_in_order() {
+    // Python's UnixDatagramServer is synchronous; a thread per datagram reorders replies.
+    let path = sock_path("dgram-order");
+    let server = UnixDatagramServer::bind(&path, DatagramEcho::default).unwrap();
+    let running = serve(server);
+    let c = Client::new(&path);
+    let (mut out_of_order, mut highest) = (0, None);
+    let mut buf = [0u8; 16];
+    for start in (0..1000u32).step_by(16) {
+        for i in start..start + 16 {
+            c.sock.send(&i.to_be_bytes()).unwrap();
+        }
+        for _ in 0..16 {
+            let n = c.sock.recv(&mut buf).expect("echo");
+            let i = u32::from_be_bytes(buf[..n].try_into().unwrap());
+            if highest.is_some_and(|h| i < h) {
+                out_of_order += 1;
+            }
+            highest = highest.max(Some(i));
+        }
+    }
+    assert_eq!(out_of_order, 0, "echoes out of order");
+    drop(running);
+}
