@@ -10,7 +10,7 @@ use std::time::Duration;
 use socket2::Type;
 
 use crate::datagram::Sock;
-use crate::transport::datagram::{DatagramService, DatagramSocket};
+use crate::transport::datagram::{DEFAULT_MAX_REPLY_RATIO, DatagramService, DatagramSocket};
 use crate::transport::socket::{bind_inet, bind_unix};
 use crate::transport::stream::{StreamService, TcpAcceptor, UnixAcceptor};
 use crate::transport::{DatagramTransport, StreamTransport, Tcp, Udp, Unix, UnixDatagram};
@@ -181,7 +181,8 @@ impl<H: DatagramHandler> Server<Udp<H>> {
     /// A [`Builder`] for a UDP server: [`Dispatch::Sync`] unless told otherwise (see
     /// [`UdpServer`]).
     pub fn builder(factory: impl Fn() -> H + Send + Sync + 'static) -> Builder<Udp<H>> {
-        Builder::with_service(DatagramService::new(Box::new(factory))).dispatch(Dispatch::Sync)
+        let service = DatagramService::new(Box::new(factory), Some(DEFAULT_MAX_REPLY_RATIO));
+        Builder::with_service(service).dispatch(Dispatch::Sync)
     }
 }
 
@@ -219,7 +220,10 @@ impl<H: DatagramHandler> Server<UnixDatagram<H>> {
     /// A [`Builder`] for a Unix-domain datagram server: [`Dispatch::Sync`] unless told
     /// otherwise (see [`UdpServer`]).
     pub fn builder(factory: impl Fn() -> H + Send + Sync + 'static) -> Builder<UnixDatagram<H>> {
-        Builder::with_service(DatagramService::new(Box::new(factory))).dispatch(Dispatch::Sync)
+        // No amplification guard: the kernel sets a Unix datagram's source, which cannot be
+        // forged.
+        let service = DatagramService::new(Box::new(factory), None);
+        Builder::with_service(service).dispatch(Dispatch::Sync)
     }
 }
 
@@ -305,6 +309,19 @@ impl<T: DatagramTransport> Builder<T> {
     /// Sends the reply even when the handler wrote nothing, as Python does. Default false.
     pub fn send_empty_reply(mut self, send: bool) -> Self {
         self.service.send_empty_reply = send;
+        self
+    }
+
+    /// The amplification guard: everything sent in answer to one datagram (`wfile` and
+    /// [`DatagramRequest::send`](crate::DatagramRequest::send) together) may total at most
+    /// `ratio` times its size; a reply that would go over is dropped, logged (rate-limited) and
+    /// counted in [`Stats::amplification_dropped`](crate::Stats::amplification_dropped). `None`
+    /// turns the guard off. Default: `Some(3)` for UDP, whose source addresses can be forged
+    /// (QUIC's factor, RFC 9000 §8.1); `None` for Unix datagrams, whose cannot. A handler lifts
+    /// it for one request with
+    /// [`allow_any_reply_size`](crate::DatagramRequest::allow_any_reply_size).
+    pub fn max_reply_ratio(mut self, ratio: Option<usize>) -> Self {
+        self.service.max_reply_ratio = ratio;
         self
     }
 }

@@ -199,3 +199,41 @@ fn by_default_datagrams_are_answered_in_order() {
     assert_eq!(out_of_order, 0, "echoes out of order");
     drop(running);
 }
+
+#[test]
+fn unix_datagram_replies_have_no_amplification_guard_unless_asked() {
+    // A Unix datagram's source is set by the kernel: it cannot be forged to reflect replies.
+    struct Large;
+    impl socketserver::DatagramHandler for Large {
+        fn handle(
+            &mut self,
+            req: &mut socketserver::DatagramRequest,
+        ) -> socketserver::HandlerResult {
+            req.wfile = req.packet().repeat(100);
+            Ok(())
+        }
+    }
+    for (ratio, answered) in [(None, true), (Some(3), false)] {
+        let path = sock_path("dgram-amp");
+        let mut builder = UnixDatagramServer::builder(|| Large);
+        if ratio.is_some() {
+            builder = builder.max_reply_ratio(ratio);
+        }
+        let running = serve(builder.bind(&path).unwrap());
+        let c = Client::new(&path);
+        c.sock
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        c.sock.send(b"ping").unwrap();
+        let mut buf = [0u8; 1024];
+        assert_eq!(
+            c.sock.recv(&mut buf).ok(),
+            answered.then_some(400),
+            "{ratio:?}"
+        );
+        assert_eq!(
+            running.stop().stats().amplification_dropped,
+            u64::from(!answered)
+        );
+    }
+}
