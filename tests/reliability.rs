@@ -561,3 +561,77 @@ fn finished_threads_are_reaped() {
         .active
         == 0));
 }
+
+/// Lines each call site of the library may log per second (`BURST` in `src/log_limit.rs`).
+const LOG_LINES_PER_SITE_PER_SECOND: usize = 10;
+
+#[test]
+fn udp_log_flood_is_bounded_by_the_rate_limiter() {
+    use socketserver::{DatagramHandler, DatagramRequest, UdpServer};
+    // Three kinds of bad datagram, each logged by a call site of its own: too large for
+    // max_packet_size (65,000 bytes, no key needed, source forgeable), asking for a reply over
+    // the amplification guard, and failing the handler.
+    struct Victim;
+    impl DatagramHandler for Victim {
+        fn handle(&mut self, req: &mut DatagramRequest) -> HandlerResult {
+            match req.packet() {
+                b"fail" => Err("handler failed on purpose".into()),
+                p => {
+                    req.wfile = p.repeat(4);
+                    Ok(())
+                }
+            }
+        }
+    }
+    const SITES: usize = 3;
+    let _serial = serial();
+    util::in_own_process("udp_log_flood_is_bounded_by_the_rate_limiter", || {
+        let server = UdpServer::bind("127.0.0.1:0", || Victim).unwrap();
+        let addr = server.local_addr().inet().unwrap();
+        let running = serve(server);
+        let blaster = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        blaster.connect(addr).unwrap();
+        let big = vec![b'x'; 65_000];
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < Duration::from_secs(2) {
+            for p in [&big[..], b"amplify", b"fail"] {
+                // A full send buffer drops the datagram, like a network would.
+                if blaster.send(p).is_ok() {
+                    sent += 1;
+                }
+            }
+        }
+        let stats = running.stop().stats();
+        let took = start.elapsed();
+        let lines = util::captured_logs();
+        let seconds = took.as_secs_f64();
+        let summaries = lines
+            .iter()
+            .filter(|l| l.message.contains("more like this in the last second"))
+            .count();
+        println!(
+            "UDP log flood: {sent} bad datagrams sent in {seconds:.1} s ({} oversized, {} replies \
+             over the guard, {} handler errors served): {} log lines, {:.0} lines/s ({summaries} \
+             of them summarising the lines held back); limit {} per call site per second",
+            stats.oversized_datagrams,
+            stats.amplification_dropped,
+            stats.handler_errors,
+            lines.len(),
+            lines.len() as f64 / seconds,
+            LOG_LINES_PER_SITE_PER_SECOND
+        );
+        assert!(
+            stats.oversized_datagrams + stats.amplification_dropped > 1000,
+            "{stats:?}"
+        );
+        // Every call site lets its burst through in each calendar second the flood touched.
+        let bound = SITES * LOG_LINES_PER_SITE_PER_SECOND * (seconds.ceil() as usize + 1);
+        assert!(
+            lines.len() <= bound,
+            "{} lines logged, bound {bound}",
+            lines.len()
+        );
+        assert!(summaries > 0, "no line said how many were held back");
+    });
+}
