@@ -115,6 +115,11 @@ impl Error {
         self.inner.kind
     }
 
+    /// What the error's kind alone does not say ("32 of 64 hex digits received"), if anything.
+    pub(crate) fn detail(&self) -> Option<&str> {
+        self.inner.detail.as_deref()
+    }
+
     /// The peer address or socket path this error concerns, when there is one.
     pub fn addr(&self) -> Option<&Addr> {
         self.inner.addr.as_ref()
