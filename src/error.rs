@@ -156,7 +156,8 @@ impl Error {
         self.inner.kind == Kind::BadMessage
     }
 
-    /// A message longer than the configured maximum.
+    /// A message longer than the configured maximum, or one that found no room left in its
+    /// connection's [`MpBudget`](crate::MpBudget).
     pub fn is_too_large(&self) -> bool {
         self.inner.kind == Kind::TooLarge
     }
