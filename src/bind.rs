@@ -293,6 +293,16 @@ impl<T: Transport> Builder<T> {
         self.socket.replace_stale = replace;
         self
     }
+
+    /// For Unix-domain servers: the permission bits of the socket file, such as `0o660` to let
+    /// only the owner and its group connect (connecting needs write permission). Set before any
+    /// client can connect, and exactly, whatever the umask. By default the file gets what the
+    /// process's umask leaves of `0o777`. Bits beyond `0o7777` are refused when binding. IP
+    /// servers ignore it.
+    pub fn socket_mode(mut self, mode: u32) -> Self {
+        self.socket.mode = Some(mode);
+        self
+    }
 }
 
 use crate::transport::Transport;

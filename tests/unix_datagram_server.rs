@@ -237,3 +237,46 @@ fn unix_datagram_replies_have_no_amplification_guard_unless_asked() {
         );
     }
 }
+
+#[test]
+fn a_client_path_with_a_newline_cannot_split_a_log_line() {
+    util::in_own_process(
+        "a_client_path_with_a_newline_cannot_split_a_log_line",
+        || {
+            struct Fails;
+            impl socketserver::DatagramHandler for Fails {
+                fn handle(
+                    &mut self,
+                    _: &mut socketserver::DatagramRequest,
+                ) -> socketserver::HandlerResult {
+                    Err("refused".into())
+                }
+            }
+            let path = sock_path("dgram-log");
+            let running = serve(UnixDatagramServer::bind(&path, || Fails).unwrap());
+            let dir = std::env::temp_dir().join(format!("ss-nl-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let evil = dir.join("x\nERROR forged by the client");
+            let client = UnixDatagram::bind(&evil).unwrap();
+            client.send_to(b"hello", &path).unwrap();
+            assert!(eventually(Duration::from_secs(5), || running
+                .handle
+                .stats()
+                .handler_errors
+                == 1));
+            drop(running);
+            std::fs::remove_dir_all(&dir).unwrap();
+            let lines = util::captured_logs();
+            let line = lines
+                .iter()
+                .find(|l| l.message.contains("refused"))
+                .unwrap_or_else(|| panic!("handler error not logged: {lines:?}"));
+            assert!(!line.message.contains('\n'), "{:?}", line.message);
+            assert!(
+                line.message.contains("x\\nERROR forged by the client"),
+                "{:?}",
+                line.message
+            );
+        },
+    );
+}
