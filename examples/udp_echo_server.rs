@@ -4,6 +4,9 @@
 //! cargo run --example udp_echo_server -- [--addr 127.0.0.1:9000] [--mode sync|thread|pool]
 //!     [--workers 8] [--max-packet-size 8192]
 //! ```
+//!
+//! `--mode` defaults to `sync`, as Python's `UDPServer` does: replies leave in the order the
+//! datagrams came in.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -37,7 +40,8 @@ impl DatagramHandler for Echo {
 }
 
 fn main() {
-    let cli: Cli = common::parse();
+    // Datagram servers are synchronous by default: concurrent handlers reorder replies.
+    let cli: Cli = common::parse_with(|c| c.mut_arg("mode", |a| a.default_value("sync")));
     common::init_logging();
     let server = UdpServer::builder(|| Echo)
         .dispatch(cli.dispatch.dispatch())

@@ -4,8 +4,11 @@
 //!
 //! ```text
 //! cargo run --example unix_echo_server -- --path /tmp/echo.sock [--dgram] [--replace-stale]
-//!     [--mode sync|thread|pool] [--workers 8]
+//!     [--socket-mode 660] [--mode sync|thread|pool] [--workers 8]
 //! ```
+//!
+//! With `--dgram`, `--mode` defaults to `sync` (replies in order, as Python's
+//! `UnixDatagramServer`); the stream server defaults to `thread`.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -15,9 +18,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use clap::parser::ValueSource;
 use socketserver::{
-    DatagramHandler, DatagramRequest, Handler, HandlerResult, Request, UnixDatagramServer,
-    UnixStreamServer,
+    DatagramHandler, DatagramRequest, Dispatch, Handler, HandlerResult, Request,
+    UnixDatagramServer, UnixStreamServer,
 };
 
 /// An echo server on a Unix-domain socket, stream or datagram.
@@ -33,8 +37,20 @@ struct Cli {
     /// Take over a socket file that a crashed run left behind
     #[arg(long)]
     replace_stale: bool,
+    /// Permission bits of the socket file, in octal (660: owner and group may connect)
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
+    socket_mode: Option<u32>,
     #[command(flatten)]
     dispatch: common::DispatchArgs,
+}
+
+/// An octal permission mode such as `660` or `0o600`.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o7777 => Ok(m),
+        _ => Err("must be an octal permission mode, such as 660".into()),
+    }
 }
 
 struct Echo;
@@ -64,20 +80,34 @@ impl DatagramHandler for Echo {
 }
 
 fn main() {
-    let cli: Cli = common::parse();
+    let matches = common::matches_with::<Cli>(|c| c);
+    let cli: Cli = common::from_matches(&matches);
     common::init_logging();
     let grace = Duration::from_secs(2);
     if cli.dgram {
-        let server = UnixDatagramServer::builder(|| Echo)
-            .dispatch(cli.dispatch.dispatch())
-            .replace_stale(cli.replace_stale)
-            .bind(&cli.path);
+        // Datagrams are served one at a time, in order, unless --mode says otherwise.
+        let mode_given = matches.value_source("mode") == Some(ValueSource::CommandLine);
+        let dispatch = if mode_given {
+            cli.dispatch.dispatch()
+        } else {
+            Dispatch::Sync
+        };
+        let mut builder = UnixDatagramServer::builder(|| Echo)
+            .dispatch(dispatch)
+            .replace_stale(cli.replace_stale);
+        if let Some(mode) = cli.socket_mode {
+            builder = builder.socket_mode(mode);
+        }
+        let server = builder.bind(&cli.path);
         common::serve(server, "Unix datagram echo server", grace);
     } else {
-        let server = UnixStreamServer::builder(|| Echo)
+        let mut builder = UnixStreamServer::builder(|| Echo)
             .dispatch(cli.dispatch.dispatch())
-            .replace_stale(cli.replace_stale)
-            .bind(&cli.path);
+            .replace_stale(cli.replace_stale);
+        if let Some(mode) = cli.socket_mode {
+            builder = builder.socket_mode(mode);
+        }
+        let server = builder.bind(&cli.path);
         common::serve(server, "Unix stream echo server", grace);
     }
 }

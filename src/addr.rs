@@ -1,6 +1,6 @@
 //! One address type for every transport, so handlers and hooks are written once.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 /// [`Handler`](crate::Handler) or a `verify_request` hook works unchanged over TCP and Unix
 /// sockets. An `Addr::Inet` can be passed straight to `TcpStream::connect`, since `Addr`
 /// implements [`ToSocketAddrs`].
+///
+/// Its `Display` escapes what a client could use to forge or hide log text in a Unix path (it
+/// chooses its own): a newline shows as `\n`, never as a line break.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Addr {
     /// An IPv4 or IPv6 socket address.
@@ -47,14 +50,36 @@ impl From<SocketAddr> for Addr {
     }
 }
 
+/// An IP address as `std` shows it; a Unix path as `unix:/run/app.sock`, escaped: a newline in
+/// a client's path must not start a line of its own in the server's log. Control characters are
+/// shown as Rust escapes (`\n`, `\u{1b}`), and so are the invisible characters that reorder
+/// text (Unicode bidirectional controls); a backslash is doubled, so the escapes are
+/// unambiguous.
 impl fmt::Display for Addr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Addr::Inet(a) => a.fmt(f),
-            Addr::Unix(Some(p)) => write!(f, "unix:{}", p.display()),
+            Addr::Unix(Some(p)) => {
+                f.write_str("unix:")?;
+                write_escaped(f, &p.as_os_str().to_string_lossy())
+            }
             Addr::Unix(None) => f.write_str("unix:(unnamed)"),
         }
     }
+}
+
+/// Writes `text` with control characters, bidirectional controls and backslashes escaped.
+fn write_escaped(f: &mut fmt::Formatter<'_>, text: &str) -> fmt::Result {
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}'
+            | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi || c == '\\' {
+            write!(f, "{}", c.escape_default())?;
+        } else {
+            f.write_char(c)?;
+        }
+    }
+    Ok(())
 }
 
 impl ToSocketAddrs for Addr {
@@ -86,5 +111,19 @@ mod tests {
         assert_eq!(unix.path(), Some(Path::new("/tmp/s.sock")));
         assert!(unix.to_socket_addrs().is_err());
         assert_eq!(Addr::Unix(None).to_string(), "unix:(unnamed)");
+    }
+
+    #[test]
+    fn peer_paths_cannot_forge_log_lines() {
+        let show = |p: &str| Addr::Unix(Some(PathBuf::from(p))).to_string();
+        assert_eq!(
+            show("/tmp/x\nERROR forged line"),
+            "unix:/tmp/x\\nERROR forged line"
+        );
+        assert_eq!(show("/tmp/\r\t\x1b[31m"), "unix:/tmp/\\r\\t\\u{1b}[31m");
+        assert_eq!(show("/tmp/a\u{202e}cod.exe"), "unix:/tmp/a\\u{202e}cod.exe");
+        assert_eq!(show("/tmp/back\\n"), "unix:/tmp/back\\\\n");
+        // Ordinary paths, non-ASCII ones included, are shown as they are.
+        assert_eq!(show("/run/café/s.sock"), "unix:/run/café/s.sock");
     }
 }

@@ -156,8 +156,9 @@ impl Pipeline {
                 Counters::bump(&counters.handshake_timeouts);
                 limited!(
                     warn,
-                    "handshake with {peer} timed out after {:?}",
-                    self.timeout
+                    "handshake with {peer} timed out after {:?}{}",
+                    self.timeout,
+                    e.detail().map(|d| format!(": {d}")).unwrap_or_default()
                 );
             }
             (Err(e), Some(StageKind::Auth) | None) => {

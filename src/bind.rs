@@ -10,11 +10,11 @@ use std::time::Duration;
 use socket2::Type;
 
 use crate::datagram::Sock;
-use crate::transport::datagram::{DatagramService, DatagramSocket};
+use crate::transport::datagram::{DEFAULT_MAX_REPLY_RATIO, DatagramService, DatagramSocket};
 use crate::transport::socket::{bind_inet, bind_unix};
 use crate::transport::stream::{StreamService, TcpAcceptor, UnixAcceptor};
 use crate::transport::{DatagramTransport, StreamTransport, Tcp, Udp, Unix, UnixDatagram};
-use crate::{Addr, Auth, Builder, DatagramHandler, Error, Handler, Result, Server};
+use crate::{Addr, Auth, Builder, DatagramHandler, Dispatch, Error, Handler, Result, Server};
 
 /// A TCP server (IPv4 or IPv6): Python's `TCPServer` / `ThreadingTCPServer`.
 ///
@@ -41,10 +41,22 @@ pub type TcpServer<H> = Server<Tcp<H>>;
 pub type UnixStreamServer<H> = Server<Unix<H>>;
 
 /// A UDP server: Python's `UDPServer`, one [`DatagramHandler`] per datagram.
+///
+/// Like Python's `UDPServer`, it serves one datagram at a time on the serving thread
+/// ([`Dispatch::Sync`], the default for datagram servers): replies leave in the order the
+/// datagrams arrived, and a burst waits in the socket's receive buffer instead of spawning a
+/// thread per packet. [`Dispatch::Thread`] and [`Dispatch::Pool`] serve datagrams concurrently:
+/// the replies then come back in whatever order the handlers finish, so choose them only for
+/// handlers that block (on a database, say) and clients that match replies to requests
+/// themselves.
+///
+/// Replies are limited to 3× the size of the datagram they answer, since a UDP source address
+/// can be forged: see [`Builder::max_reply_ratio`].
 pub type UdpServer<H> = Server<Udp<H>>;
 
 /// A Unix-domain datagram server: Python's `UnixDatagramServer`. Clients must bind a path of
-/// their own to receive replies.
+/// their own to receive replies. Serves one datagram at a time, in order, like [`UdpServer`]
+/// (see there for what the other [`Dispatch`] modes do to ordering).
 pub type UnixDatagramServer<H> = Server<UnixDatagram<H>>;
 
 fn resolve(addr: impl ToSocketAddrs) -> Result<Vec<std::net::SocketAddr>> {
@@ -166,9 +178,11 @@ impl<H: DatagramHandler> Server<Udp<H>> {
         Self::builder(factory).bind(addr)
     }
 
-    /// A [`Builder`] for a UDP server.
+    /// A [`Builder`] for a UDP server: [`Dispatch::Sync`] unless told otherwise (see
+    /// [`UdpServer`]).
     pub fn builder(factory: impl Fn() -> H + Send + Sync + 'static) -> Builder<Udp<H>> {
-        Builder::with_service(DatagramService::new(Box::new(factory)))
+        let service = DatagramService::new(Box::new(factory), Some(DEFAULT_MAX_REPLY_RATIO));
+        Builder::with_service(service).dispatch(Dispatch::Sync)
     }
 }
 
@@ -203,9 +217,13 @@ impl<H: DatagramHandler> Server<UnixDatagram<H>> {
         Self::builder(factory).bind(path)
     }
 
-    /// A [`Builder`] for a Unix-domain datagram server.
+    /// A [`Builder`] for a Unix-domain datagram server: [`Dispatch::Sync`] unless told
+    /// otherwise (see [`UdpServer`]).
     pub fn builder(factory: impl Fn() -> H + Send + Sync + 'static) -> Builder<UnixDatagram<H>> {
-        Builder::with_service(DatagramService::new(Box::new(factory)))
+        // No amplification guard: the kernel sets a Unix datagram's source, which cannot be
+        // forged.
+        let service = DatagramService::new(Box::new(factory), None);
+        Builder::with_service(service).dispatch(Dispatch::Sync)
     }
 }
 
@@ -275,6 +293,16 @@ impl<T: Transport> Builder<T> {
         self.socket.replace_stale = replace;
         self
     }
+
+    /// For Unix-domain servers: the permission bits of the socket file, such as `0o660` to let
+    /// only the owner and its group connect (connecting needs write permission). Set before any
+    /// client can connect, and exactly, whatever the umask. By default the file gets what the
+    /// process's umask leaves of `0o777`. Bits beyond `0o7777` are refused when binding. IP
+    /// servers ignore it.
+    pub fn socket_mode(mut self, mode: u32) -> Self {
+        self.socket.mode = Some(mode);
+        self
+    }
 }
 
 use crate::transport::Transport;
@@ -291,6 +319,19 @@ impl<T: DatagramTransport> Builder<T> {
     /// Sends the reply even when the handler wrote nothing, as Python does. Default false.
     pub fn send_empty_reply(mut self, send: bool) -> Self {
         self.service.send_empty_reply = send;
+        self
+    }
+
+    /// The amplification guard: everything sent in answer to one datagram (`wfile` and
+    /// [`DatagramRequest::send`](crate::DatagramRequest::send) together) may total at most
+    /// `ratio` times its size; a reply that would go over is dropped, logged (rate-limited) and
+    /// counted in [`Stats::amplification_dropped`](crate::Stats::amplification_dropped). `None`
+    /// turns the guard off. Default: `Some(3)` for UDP, whose source addresses can be forged
+    /// (QUIC's factor, RFC 9000 §8.1); `None` for Unix datagrams, whose cannot. A handler lifts
+    /// it for one request with
+    /// [`allow_any_reply_size`](crate::DatagramRequest::allow_any_reply_size).
+    pub fn max_reply_ratio(mut self, ratio: Option<usize>) -> Self {
+        self.service.max_reply_ratio = ratio;
         self
     }
 }

@@ -95,6 +95,7 @@ pub(crate) struct Counters {
     pub accept_errors: AtomicU64,
     pub oversized: AtomicU64,
     pub idle_closed: AtomicU64,
+    pub amplification_dropped: AtomicU64,
 }
 
 impl Counters {
@@ -132,6 +133,9 @@ pub struct Stats {
     pub oversized_datagrams: u64,
     /// Connections closed by the idle timeout.
     pub idle_closed: u64,
+    /// Datagram replies dropped by the amplification guard
+    /// ([`Builder::max_reply_ratio`](crate::Builder::max_reply_ratio)).
+    pub amplification_dropped: u64,
 }
 
 /// How a [`ServerHandle::shutdown_graceful`] went.
@@ -376,6 +380,7 @@ impl Control {
             accept_errors: get(&c.accept_errors),
             oversized_datagrams: get(&c.oversized),
             idle_closed: get(&c.idle_closed),
+            amplification_dropped: get(&c.amplification_dropped),
         }
     }
 }

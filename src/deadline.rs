@@ -53,6 +53,15 @@ fn timed_out() -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, "handshake deadline passed")
 }
 
+impl<S: AsFd> DeadlineIo<'_, S> {
+    /// Copies into `buf` what has already arrived, without consuming it or waiting; 0 when
+    /// nothing has (or on any error: the caller only wants a look).
+    pub(crate) fn peek_ready(&self, buf: &mut [u8]) -> usize {
+        rustix::net::recv(self.sock, buf, RecvFlags::DONTWAIT | RecvFlags::PEEK)
+            .map_or(0, |(n, _)| n)
+    }
+}
+
 impl<S: AsFd> Read for DeadlineIo<'_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if std::mem::take(&mut self.awaiting_answer) {

@@ -115,6 +115,11 @@ impl Error {
         self.inner.kind
     }
 
+    /// What the error's kind alone does not say ("32 of 64 hex digits received"), if anything.
+    pub(crate) fn detail(&self) -> Option<&str> {
+        self.inner.detail.as_deref()
+    }
+
     /// The peer address or socket path this error concerns, when there is one.
     pub fn addr(&self) -> Option<&Addr> {
         self.inner.addr.as_ref()
@@ -151,7 +156,8 @@ impl Error {
         self.inner.kind == Kind::BadMessage
     }
 
-    /// A message longer than the configured maximum.
+    /// A message longer than the configured maximum, or one that found no room left in its
+    /// connection's [`MpBudget`](crate::MpBudget).
     pub fn is_too_large(&self) -> bool {
         self.inner.kind == Kind::TooLarge
     }

@@ -115,7 +115,7 @@ pub use handler::{
     Handler, HandlerError, HandlerFailure, HandlerResult, Request, StreamHandler, StreamOptions,
     StreamRequest, StreamRequestHandler,
 };
-pub use mp::{DEFAULT_MAX_MESSAGE, MpConnection};
+pub use mp::{DEFAULT_MAX_MESSAGE, DEFAULT_MP_BUDGET, MpBudget, MpConnection};
 pub use server::{Builder, Server};
 pub use stream::{Credentials, Stream};
 

@@ -82,8 +82,8 @@ impl<T: Transport> Builder<T> {
         }
     }
 
-    /// How requests run: [`Dispatch::Sync`], [`Dispatch::Thread`] (default) or
-    /// [`Dispatch::Pool`].
+    /// How requests run: [`Dispatch::Sync`] (the default of datagram servers),
+    /// [`Dispatch::Thread`] (the default of stream servers) or [`Dispatch::Pool`].
     pub fn dispatch(mut self, dispatch: Dispatch) -> Self {
         self.common.dispatch = dispatch;
         self

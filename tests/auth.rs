@@ -357,3 +357,42 @@ fn client_errors_are_typed() {
     assert!(t.elapsed() < Duration::from_secs(2));
     assert!(e.to_string().contains(&addr.to_string()), "{e}");
 }
+
+#[test]
+fn a_digest_mismatch_is_logged_as_one_not_as_a_bare_timeout() {
+    util::in_own_process(
+        "a_digest_mismatch_is_logged_as_one_not_as_a_bare_timeout",
+        || {
+            let timeout = Duration::from_millis(300);
+            let (running, addr, ran) =
+                echo_server(Auth::hmac(KEY).handshake_timeout(timeout), Dispatch::Thread);
+            // The tutorial's client: MD5, to a server that expects SHA-256 (the default).
+            let mut md5_client = connect(&addr);
+            let challenge = read_challenge(&mut md5_client);
+            md5_client
+                .write_all(hex_mac(Digest::Md5, KEY, &challenge).as_bytes())
+                .unwrap();
+            assert!(closed_by_server(&mut md5_client));
+            assert!(eventually(Duration::from_secs(5), || running
+                .handle
+                .stats()
+                .handshake_timeouts
+                == 1));
+            assert_eq!(ran.load(Ordering::SeqCst), 0);
+            let lines = util::captured_logs();
+            let line = lines
+                .iter()
+                .find(|l| l.message.contains("timed out"))
+                .unwrap_or_else(|| panic!("no timeout logged: {lines:?}"));
+            assert_eq!(line.level, log::Level::Warn);
+            let peer = md5_client.local_addr().unwrap();
+            assert_eq!(
+                line.message,
+                format!(
+                    "handshake with {peer} timed out after {timeout:?}: 32 of 64 hex digits \
+                 received: is the client using MD5 while the server expects SHA-256?"
+                )
+            );
+        },
+    );
+}

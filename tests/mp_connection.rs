@@ -6,7 +6,8 @@ mod util;
 
 use std::io::{self, Cursor, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use socketserver::{
     Auth, Digest, Error, MpConnection, MpVersion, TcpServer, mp_client_handshake, mp_connect,
     mp_connect_with, mp_server_handshake,
 };
-use util::{accept_within, eventually, framed, mp_server, read_n};
+use util::{MpEcho, accept_within, eventually, framed, mp_server, read_n, serve};
 
 const KEY: &str = "interop secret";
 /// Bounds every socket read of a raw peer in these tests.
@@ -448,4 +449,135 @@ proptest! {
         let r = mp_client_handshake(&mut io, KEY.as_bytes(), MpVersion::Legacy);
         prop_assert!(r.is_err(), "random bytes passed the client handshake");
     }
+}
+
+/// Receives one message on `ours` within `budget`, on a thread of its own.
+fn receive_within(
+    ours: std::os::unix::net::UnixStream,
+    budget: &socketserver::MpBudget,
+) -> thread::JoinHandle<Result<Vec<u8>, Error>> {
+    let budget = budget.clone();
+    thread::spawn(move || MpConnection::new(ours).with_budget(budget).recv_bytes())
+}
+
+#[test]
+fn partly_received_messages_share_one_budget_and_give_it_back() {
+    use socketserver::MpBudget;
+    use std::os::unix::net::UnixStream;
+    const KIB: usize = 1024;
+    let budget = MpBudget::new(1024 * KIB);
+    let message: Vec<u8> = (0..800 * KIB).map(|i| i as u8).collect();
+    let wire = framed(&message);
+
+    // A: 700 KiB of an 800 KiB message arrive, then the sender pauses.
+    let (a_ours, mut a_peer) = UnixStream::pair().unwrap();
+    let a = receive_within(a_ours, &budget);
+    let split = 4 + 700 * KIB;
+    let a_sender = {
+        let head = wire[..split].to_vec();
+        let mut peer = a_peer.try_clone().unwrap();
+        thread::spawn(move || peer.write_all(&head).unwrap())
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || budget.in_use() >= 700 * KIB),
+        "{budget:?}"
+    );
+    a_sender.join().unwrap();
+    let held_by_a = budget.in_use();
+
+    // B: another 800 KiB message finds no room beside A's and is refused, typed.
+    let (b_ours, mut b_peer) = UnixStream::pair().unwrap();
+    let b = receive_within(b_ours, &budget);
+    let b_sender = {
+        let wire = wire.clone();
+        thread::spawn(move || {
+            // Fails with a broken pipe once B gives up: expected.
+            let _ = b_peer.write_all(&wire);
+        })
+    };
+    // (Never print a message: 800 KiB of numbers.)
+    let Err(e) = b.join().unwrap() else {
+        panic!("B was not refused")
+    };
+    assert!(e.is_too_large(), "{e}");
+    assert!(e.to_string().contains("in-flight budget"), "{e}");
+    b_sender.join().unwrap();
+    // B's part was given back; A still holds its own.
+    assert_eq!(budget.in_use(), held_by_a);
+
+    // A completes whole, and gives its part back.
+    a_peer.write_all(&wire[split..]).unwrap();
+    assert!(
+        a.join().unwrap().unwrap() == message,
+        "A's message arrived altered"
+    );
+    assert_eq!(budget.in_use(), 0);
+
+    // A failed read gives back too: end of file inside a message.
+    let (c_ours, mut c_peer) = UnixStream::pair().unwrap();
+    let c = receive_within(c_ours, &budget);
+    c_peer.write_all(&wire[..split]).unwrap();
+    drop(c_peer);
+    let Err(e) = c.join().unwrap() else {
+        panic!("C read a truncated message")
+    };
+    assert!(e.is_bad_message(), "{e}");
+    assert_eq!(budget.in_use(), 0);
+
+    // Alone, a message larger than the whole budget still gets through: the budget bounds
+    // messages in flight together, max_message each one.
+    let big: Vec<u8> = vec![7; 3 * 1024 * KIB];
+    let mut conn = MpConnection::new(Cursor::new(framed(&big))).with_budget(budget.clone());
+    assert!(
+        conn.recv_bytes().unwrap() == big,
+        "the big message arrived altered"
+    );
+    assert_eq!(budget.in_use(), 0);
+
+    // By default every connection draws on the one process-wide budget.
+    let conn = MpConnection::new(Cursor::new(Vec::new()));
+    assert_eq!(conn.budget().capacity(), socketserver::DEFAULT_MP_BUDGET);
+}
+
+#[test]
+fn a_header_with_no_body_does_not_hold_its_thread() {
+    // A logged-in client declares a 1 MiB message, sends 10 bytes of it, and goes silent. The
+    // idle timeout cuts it. (With the default minimum data rate of the server's streams, the
+    // explicit idle_timeout becomes unnecessary.)
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let errs = errors.clone();
+    let server = TcpServer::builder(move || MpEcho {
+        handled: Arc::new(AtomicUsize::new(0)),
+    })
+    .auth(Auth::multiprocessing(KEY))
+    .idle_timeout(Duration::from_millis(300))
+    .handle_error(move |_, failure| errs.lock().unwrap().push(failure.to_string()))
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr().inet().unwrap();
+    let running = serve(server);
+    let conn = mp_connect(addr, KEY.as_bytes(), IO_TIMEOUT).unwrap();
+    let mut s = conn.into_inner();
+    s.write_all(&(1024 * 1024u32).to_be_bytes()).unwrap();
+    s.write_all(&[0u8; 10]).unwrap();
+    let t = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut b = [0u8; 1];
+    let closed = matches!(s.read(&mut b), Ok(0) | Err(_)) && t.elapsed() < Duration::from_secs(5);
+    assert!(closed, "connection still open after {:?}", t.elapsed());
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .idle_closed
+        == 1));
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .active
+        == 0));
+    let errors = errors.lock().unwrap();
+    assert!(
+        errors.iter().any(|e| e.contains("message truncated")),
+        "{errors:?}"
+    );
 }

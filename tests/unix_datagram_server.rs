@@ -157,3 +157,110 @@ fn the_socket_file_is_its_own_and_a_stale_one_is_replaced_only_when_asked() {
         |path| drop(UnixDatagram::bind(path).unwrap()),
     );
 }
+
+#[test]
+fn by_default_datagrams_are_answered_in_order() {
+    // Python's UnixDatagramServer is synchronous; a thread per datagram reorders replies.
+    let path = sock_path("dgram-order");
+    let server = UnixDatagramServer::bind(&path, DatagramEcho::default).unwrap();
+    let running = serve(server);
+    let c = Client::new(&path);
+    let (mut out_of_order, mut highest) = (0, None);
+    let mut buf = [0u8; 16];
+    for start in (0..1000u32).step_by(16) {
+        for i in start..start + 16 {
+            c.sock.send(&i.to_be_bytes()).unwrap();
+        }
+        for _ in 0..16 {
+            let n = c.sock.recv(&mut buf).expect("echo");
+            let i = u32::from_be_bytes(buf[..n].try_into().unwrap());
+            if highest.is_some_and(|h| i < h) {
+                out_of_order += 1;
+            }
+            highest = highest.max(Some(i));
+        }
+    }
+    assert_eq!(out_of_order, 0, "echoes out of order");
+    drop(running);
+}
+
+#[test]
+fn unix_datagram_replies_have_no_amplification_guard_unless_asked() {
+    // A Unix datagram's source is set by the kernel: it cannot be forged to reflect replies.
+    struct Large;
+    impl socketserver::DatagramHandler for Large {
+        fn handle(
+            &mut self,
+            req: &mut socketserver::DatagramRequest,
+        ) -> socketserver::HandlerResult {
+            req.wfile = req.packet().repeat(100);
+            Ok(())
+        }
+    }
+    for (ratio, answered) in [(None, true), (Some(3), false)] {
+        let path = sock_path("dgram-amp");
+        let mut builder = UnixDatagramServer::builder(|| Large);
+        if ratio.is_some() {
+            builder = builder.max_reply_ratio(ratio);
+        }
+        let running = serve(builder.bind(&path).unwrap());
+        let c = Client::new(&path);
+        c.sock
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        c.sock.send(b"ping").unwrap();
+        let mut buf = [0u8; 1024];
+        assert_eq!(
+            c.sock.recv(&mut buf).ok(),
+            answered.then_some(400),
+            "{ratio:?}"
+        );
+        assert_eq!(
+            running.stop().stats().amplification_dropped,
+            u64::from(!answered)
+        );
+    }
+}
+
+#[test]
+fn a_client_path_with_a_newline_cannot_split_a_log_line() {
+    util::in_own_process(
+        "a_client_path_with_a_newline_cannot_split_a_log_line",
+        || {
+            struct Fails;
+            impl socketserver::DatagramHandler for Fails {
+                fn handle(
+                    &mut self,
+                    _: &mut socketserver::DatagramRequest,
+                ) -> socketserver::HandlerResult {
+                    Err("refused".into())
+                }
+            }
+            let path = sock_path("dgram-log");
+            let running = serve(UnixDatagramServer::bind(&path, || Fails).unwrap());
+            let dir = std::env::temp_dir().join(format!("ss-nl-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let evil = dir.join("x\nERROR forged by the client");
+            let client = UnixDatagram::bind(&evil).unwrap();
+            client.send_to(b"hello", &path).unwrap();
+            assert!(eventually(Duration::from_secs(5), || running
+                .handle
+                .stats()
+                .handler_errors
+                == 1));
+            drop(running);
+            std::fs::remove_dir_all(&dir).unwrap();
+            let lines = util::captured_logs();
+            let line = lines
+                .iter()
+                .find(|l| l.message.contains("refused"))
+                .unwrap_or_else(|| panic!("handler error not logged: {lines:?}"));
+            assert!(!line.message.contains('\n'), "{:?}", line.message);
+            assert!(
+                line.message.contains("x\\nERROR forged by the client"),
+                "{:?}",
+                line.message
+            );
+        },
+    );
+}

@@ -166,3 +166,85 @@ fn handler_result_type_is_shared_with_tcp() {
     }
     both(line_echo);
 }
+
+#[test]
+fn replace_stale_refuses_at_once_when_a_live_server_has_a_full_backlog() {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let path = sock_path("full");
+    // A live server that is not accepting (yet): its backlog of 1 fills up.
+    let live = UnixStreamServer::builder(line_echo)
+        .backlog(1)
+        .bind(&path)
+        .unwrap();
+    let mut queued = Vec::new();
+    loop {
+        let s = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        match s.connect(&SockAddr::unix(&path).unwrap()) {
+            Ok(()) => queued.push(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(queued.len() < 1000, "the backlog never filled");
+    }
+    let p = path.clone();
+    let attempt = std::thread::spawn(move || {
+        UnixStreamServer::builder(line_echo)
+            .replace_stale(true)
+            .bind(&p)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
+    let answered = eventually(Duration::from_secs(5), || attempt.is_finished());
+    if !answered {
+        drop((live, queued)); // unblocks the probe, so the thread can end
+        panic!("bind with replace_stale blocked on a live server with a full backlog");
+    }
+    let e = attempt.join().unwrap().unwrap_err();
+    assert!(e.contains("still listening"), "{e}");
+    // The live server keeps its file and serves once it runs.
+    drop(queued);
+    let running = serve(live);
+    three_round_trips(connect(&path));
+    drop(running);
+}
+
+#[test]
+fn socket_mode_sets_the_socket_files_permissions_exactly() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode_of = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    // 0o666 is wider than the usual umask (022) allows: the mode is set, not masked.
+    for mode in [0o660, 0o600, 0o666] {
+        let path = sock_path("mode");
+        let server = UnixStreamServer::builder(line_echo)
+            .socket_mode(mode)
+            .bind(&path)
+            .unwrap();
+        let got = mode_of(&path);
+        assert!(
+            got == mode,
+            "stream socket file mode {got:o}, expected {mode:o}"
+        );
+        let running = serve(server);
+        three_round_trips(connect(&path));
+        drop(running);
+        let path = sock_path("dgram-mode");
+        let server = socketserver::UnixDatagramServer::builder(util::DatagramEcho::default)
+            .socket_mode(mode)
+            .bind(&path)
+            .unwrap();
+        let got = mode_of(&path);
+        assert!(
+            got == mode,
+            "datagram socket file mode {got:o}, expected {mode:o}"
+        );
+        drop(server);
+    }
+    let path = sock_path("bad-mode");
+    let e = UnixStreamServer::builder(line_echo)
+        .socket_mode(0o10000)
+        .bind(&path)
+        .unwrap_err();
+    assert!(e.is_config(), "{e}");
+    assert!(!path.exists());
+}

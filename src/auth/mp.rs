@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use super::random;
 use crate::error::Kind;
-use crate::mp::{MpConnection, read_frame};
+use crate::mp::{Limits, MpConnection, read_frame};
 use crate::{Digest, Error, Result};
 
 const CHALLENGE: &[u8] = b"#CHALLENGE#";
@@ -45,7 +45,7 @@ pub enum MpVersion {
 /// Reads one handshake message (at most 256 bytes, like Python's `recv_bytes(256)`).
 fn recv_handshake<S: Read + Write>(c: &mut MpConnection<S>) -> Result<Vec<u8>> {
     let mut v = Vec::new();
-    match read_frame(&mut c.stream, &mut v, HANDSHAKE_MAX) {
+    match read_frame(&mut c.stream, &mut v, Limits::max(HANDSHAKE_MAX)) {
         Ok(()) => Ok(v),
         Err(e) if e.is_too_large() => Err(Error::new(Kind::BadMessage)
             .with_addr(c.peer.as_ref())

@@ -17,19 +17,27 @@ use pool::Pool;
 use threads::Threads;
 
 /// How a server runs its requests.
+///
+/// Stream servers default to [`Thread`](Dispatch::Thread); datagram servers to
+/// [`Sync`](Dispatch::Sync), as in Python, because serving datagrams concurrently reorders
+/// their replies (see [`UdpServer`](crate::UdpServer)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Dispatch {
     /// One request at a time, on the thread that calls `serve_forever` (Python's `TCPServer`).
+    /// Datagrams are answered in the order they arrived. The default of datagram servers.
     Sync,
     /// A thread per request (Python's `ThreadingTCPServer`), optionally capped with
-    /// [`Builder::max_connections`](crate::Builder::max_connections). The default. A thread
-    /// whose request ends waits a few seconds for the next one before it exits, so a busy
-    /// server does not pay for a new thread on every connection, and an idle one keeps none.
+    /// [`Builder::max_connections`](crate::Builder::max_connections). The default of stream
+    /// servers. A thread whose request ends waits a few seconds for the next one before it
+    /// exits, so a busy server does not pay for a new thread on every connection, and an idle
+    /// one keeps none. Datagrams served this way are answered in whatever order their threads
+    /// finish.
     #[default]
     Thread,
     /// A fixed pool of worker threads. When all are busy the server stops accepting, so the
-    /// excess waits in the kernel's listen backlog.
+    /// excess waits in the kernel's listen backlog. Datagrams served this way are answered in
+    /// whatever order the workers finish them.
     Pool {
         /// Number of worker threads (at least 1).
         workers: usize,

@@ -6,13 +6,137 @@
 //! and unpickling data from the network is out of scope (and unsafe in Python too). The
 //! handshake that precedes the messages lives with the other handshake, in `auth/mp.rs`.
 
+use std::fmt;
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use crate::error::Kind;
+use crate::log_limit::limited;
 use crate::{Addr, Error, Result};
 
 /// The default largest message [`MpConnection::recv_bytes`] accepts: 64 MiB.
 pub const DEFAULT_MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// The capacity of the process-wide [`MpBudget`] that every [`MpConnection`] draws on unless
+/// given another: 256 MiB.
+pub const DEFAULT_MP_BUDGET: usize = 256 * 1024 * 1024;
+
+/// How much of a message is read (and taken from the budget) at a time.
+const CHUNK: usize = 64 * 1024;
+
+/// A budget of memory for messages being received, shared by the [`MpConnection`]s that draw
+/// on it: the bytes of every partly received message are taken from it as they arrive (64 KiB
+/// at a time) and given back when the message is complete or its read fails.
+///
+/// Without it, memory is bounded per message ([`MpConnection::with_max_message`]) but not
+/// across connections: 32 authenticated clients, each sending 60 MiB of a declared 64 MiB
+/// message and then nothing, held 2 GB. With it they hold at most the budget; a message that
+/// finds no room is refused with an [`is_too_large`](Error::is_too_large) error (logged,
+/// rate-limited), so the connection that sent it can be closed.
+///
+/// The budget never refuses the only message in flight, so one message up to `max_message`
+/// always gets through, whatever the budget. Every connection draws on one process-wide budget
+/// of [`DEFAULT_MP_BUDGET`] bytes unless [`MpConnection::with_budget`] gives it another; clones
+/// share their budget.
+///
+/// ```
+/// use socketserver::{MpBudget, MpConnection};
+/// # let stream = std::io::Cursor::new(Vec::<u8>::new());
+///
+/// let budget = MpBudget::new(32 * 1024 * 1024); // shared by the connections given a clone
+/// let conn = MpConnection::new(stream).with_budget(budget.clone());
+/// assert_eq!(budget.in_use(), 0);
+/// ```
+#[derive(Clone)]
+pub struct MpBudget {
+    inner: Arc<BudgetInner>,
+}
+
+struct BudgetInner {
+    capacity: usize,
+    in_use: AtomicUsize,
+}
+
+impl MpBudget {
+    /// A budget of `bytes`, shared by the connections given a clone of it.
+    pub fn new(bytes: usize) -> MpBudget {
+        MpBudget {
+            inner: Arc::new(BudgetInner {
+                capacity: bytes,
+                in_use: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// The process-wide budget of [`DEFAULT_MP_BUDGET`] bytes that connections draw on by
+    /// default.
+    pub fn process_default() -> MpBudget {
+        static DEFAULT: OnceLock<MpBudget> = OnceLock::new();
+        DEFAULT
+            .get_or_init(|| MpBudget::new(DEFAULT_MP_BUDGET))
+            .clone()
+    }
+
+    /// The most bytes partly received messages may hold together.
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity
+    }
+
+    /// The bytes partly received messages hold now.
+    pub fn in_use(&self) -> usize {
+        self.inner.in_use.load(Ordering::Relaxed)
+    }
+
+    /// Takes `more` bytes for a message that already holds `held`: granted if they fit, or if
+    /// no other message holds any.
+    fn take(&self, held: usize, more: usize) -> bool {
+        let capacity = self.inner.capacity;
+        self.inner
+            .in_use
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                let after = used.checked_add(more)?;
+                (after <= capacity || used == held).then_some(after)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.inner.in_use.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Debug for MpBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MpBudget")
+            .field("capacity", &self.capacity())
+            .field("in_use", &self.in_use())
+            .finish()
+    }
+}
+
+/// What one message being received holds of a budget; given back when dropped, however the
+/// read ends.
+struct Reservation<'a> {
+    budget: &'a MpBudget,
+    held: usize,
+}
+
+impl Reservation<'_> {
+    fn grow(&mut self, more: usize) -> bool {
+        let granted = self.budget.take(self.held, more);
+        if granted {
+            self.held += more;
+        }
+        granted
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.budget.give_back(self.held);
+    }
+}
 
 /// A framed connection speaking `multiprocessing.connection`'s message format: a 4-byte
 /// big-endian length, or `-1` and an 8-byte length for messages over 2 GiB − 1, then the bytes.
@@ -63,17 +187,32 @@ pub const DEFAULT_MAX_MESSAGE: usize = 64 * 1024 * 1024;
 pub struct MpConnection<S> {
     pub(crate) stream: S,
     max_message: usize,
+    budget: MpBudget,
     pub(crate) peer: Option<Addr>,
 }
 
 impl<S: Read + Write> MpConnection<S> {
-    /// Frames `stream`, accepting messages up to [`DEFAULT_MAX_MESSAGE`] bytes.
+    /// Frames `stream`, accepting messages up to [`DEFAULT_MAX_MESSAGE`] bytes, received within
+    /// the process-wide [`MpBudget`].
     pub fn new(stream: S) -> Self {
         MpConnection {
             stream,
             max_message: DEFAULT_MAX_MESSAGE,
+            budget: MpBudget::process_default(),
             peer: None,
         }
+    }
+
+    /// Receives messages within `budget`, shared with the other connections given a clone of
+    /// it, instead of the process-wide one.
+    pub fn with_budget(mut self, budget: MpBudget) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// The budget this connection receives messages within.
+    pub fn budget(&self) -> &MpBudget {
+        &self.budget
     }
 
     /// Sets the largest message `recv_bytes` accepts; a longer length prefix is an error, found
@@ -122,7 +261,8 @@ impl<S: Read + Write> MpConnection<S> {
     /// Receives one message (Python's `recv_bytes`).
     ///
     /// A length over the maximum is an [`is_too_large`](Error::is_too_large) error, found
-    /// before anything is allocated; a negative length other than `-1`, or end of file inside
+    /// before anything is allocated; so is a message that finds no room left in the connection's
+    /// [`MpBudget`] as it arrives. A negative length other than `-1`, or end of file inside
     /// a message, an [`is_bad_message`](Error::is_bad_message) one. End of file where a message
     /// would start (the peer closed the connection, Python's `EOFError`) is an
     /// [`is_io`](Error::is_io) error whose [`io_error`](Error::io_error) has kind
@@ -136,7 +276,12 @@ impl<S: Read + Write> MpConnection<S> {
 
     /// Receives one message into `buf` (cleared first), reusing its allocation.
     pub fn recv_bytes_into(&mut self, buf: &mut Vec<u8>) -> Result<()> {
-        let r = read_frame(&mut self.stream, buf, self.max_message);
+        let limits = Limits {
+            max: self.max_message,
+            budget: Some(&self.budget),
+            peer: self.peer.as_ref(),
+        };
+        let r = read_frame(&mut self.stream, buf, limits);
         r.map_err(|e| e.with_addr(self.peer.as_ref()))
     }
 }
@@ -179,12 +324,34 @@ fn truncated(detail: String) -> Error {
     Error::new(Kind::BadMessage).with_detail(detail)
 }
 
+/// What bounds one message read.
+pub(crate) struct Limits<'a> {
+    /// The largest message accepted.
+    pub max: usize,
+    /// What the bytes of a partly received message are taken from; `None` for messages too
+    /// small to matter (the handshake's).
+    pub budget: Option<&'a MpBudget>,
+    /// Who sends, for the log line of a refused message.
+    pub peer: Option<&'a Addr>,
+}
+
+impl Limits<'_> {
+    /// Bounded by `max` alone.
+    pub(crate) fn max(max: usize) -> Limits<'static> {
+        Limits {
+            max,
+            budget: None,
+            peer: None,
+        }
+    }
+}
+
 /// Python's `_recv_bytes`, stricter: a negative length other than `-1` is an error (Python
 /// reads it as an empty message), and so is a length over `max`, before anything is allocated.
 /// End of file before the first byte of a message is an I/O error of kind `UnexpectedEof`
 /// (Python's `EOFError`); end of file inside a message is a bad message (Python's
 /// "got end of file during message").
-pub(crate) fn read_frame<R: Read>(r: &mut R, buf: &mut Vec<u8>, max: usize) -> Result<()> {
+pub(crate) fn read_frame<R: Read>(r: &mut R, buf: &mut Vec<u8>, limits: Limits<'_>) -> Result<()> {
     buf.clear();
     let mut header = [0u8; 4];
     match read_full(r, &mut header).map_err(|e| Error::io(None, e))? {
@@ -219,22 +386,47 @@ pub(crate) fn read_frame<R: Read>(r: &mut R, buf: &mut Vec<u8>, max: usize) -> R
         }
         n => n as u64,
     };
+    let max = limits.max;
     if size > max as u64 {
         return Err(Error::new(Kind::TooLarge).with_detail(format!(
             "bad message length: {size} bytes, more than the maximum of {max}"
         )));
     }
     let size = size as usize;
-    // Grow as bytes arrive, so a lying length prefix costs no more memory than what was sent.
-    buf.reserve(size.min(64 * 1024));
-    let got = r
-        .take(size as u64)
-        .read_to_end(buf)
-        .map_err(|e| Error::io(None, e))?;
-    if got < size {
-        return Err(truncated(format!(
-            "message truncated: {got} of {size} bytes"
-        )));
+    let mut reservation = limits.budget.map(|budget| Reservation { budget, held: 0 });
+    // Grow as bytes arrive, a chunk at a time, each taken from the budget before it is read:
+    // a lying length prefix costs no more memory than what was sent, and all the connections
+    // together hold no more than the budget.
+    while buf.len() < size {
+        let chunk = (size - buf.len()).min(CHUNK);
+        if let Some(res) = &mut reservation
+            && !res.grow(chunk)
+        {
+            let budget = res.budget;
+            let e = Error::new(Kind::TooLarge).with_detail(format!(
+                "no room for a message of {size} bytes after {} of them: the {} bytes of the \
+                 in-flight budget are held by messages being received",
+                buf.len(),
+                budget.capacity()
+            ));
+            let from = limits
+                .peer
+                .map(|p| format!(" from {p}"))
+                .unwrap_or_default();
+            limited!(warn, "message{from} refused: {e}");
+            return Err(e);
+        }
+        buf.reserve(chunk);
+        let got = r
+            .take(chunk as u64)
+            .read_to_end(buf)
+            .map_err(|e| Error::io(None, e))?;
+        if got < chunk {
+            return Err(truncated(format!(
+                "message truncated: {} of {size} bytes",
+                buf.len()
+            )));
+        }
     }
     Ok(())
 }

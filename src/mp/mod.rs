@@ -4,7 +4,7 @@
 
 mod frame;
 
-pub(crate) use frame::read_frame;
 #[cfg(test)]
 pub(crate) use frame::write_frame;
-pub use frame::{DEFAULT_MAX_MESSAGE, MpConnection};
+pub use frame::{DEFAULT_MAX_MESSAGE, DEFAULT_MP_BUDGET, MpBudget, MpConnection};
+pub(crate) use frame::{Limits, read_frame};

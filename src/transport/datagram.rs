@@ -23,6 +23,11 @@ use crate::{Addr, DatagramHandler, DatagramRequest, lifecycle};
 /// Python's `UDPServer.max_packet_size`.
 pub(crate) const DEFAULT_MAX_PACKET_SIZE: usize = 8192;
 
+/// The amplification guard of UDP servers: replies to a datagram total at most this many times
+/// its size. QUIC's limit for a server that has not validated its client's address (RFC 9000
+/// §8.1).
+pub(crate) const DEFAULT_MAX_REPLY_RATIO: usize = 3;
+
 /// A bound datagram socket, UDP or Unix-domain; removes its socket file when dropped.
 pub struct DatagramSocket {
     pub(crate) sock: Arc<Sock>,
@@ -106,15 +111,22 @@ pub struct DatagramService<H> {
     pub(crate) send_empty_reply: bool,
     pub(crate) reply_timeout: Duration,
     pub(crate) max_packet_size: usize,
+    /// Replies to a datagram total at most this many times its size; `None`: no limit.
+    pub(crate) max_reply_ratio: Option<usize>,
 }
 
 impl<H> DatagramService<H> {
-    pub(crate) fn new(factory: Box<dyn Fn() -> H + Send + Sync>) -> Self {
+    /// A service with Python's defaults, and `max_reply_ratio` as its amplification guard.
+    pub(crate) fn new(
+        factory: Box<dyn Fn() -> H + Send + Sync>,
+        max_reply_ratio: Option<usize>,
+    ) -> Self {
         DatagramService {
             factory,
             send_empty_reply: false,
             reply_timeout: Duration::from_secs(5),
             max_packet_size: DEFAULT_MAX_PACKET_SIZE,
+            max_reply_ratio,
         }
     }
 }
@@ -126,11 +138,21 @@ impl<H: DatagramHandler> Service for DatagramService<H> {
         let Some(mut handler) = lifecycle::make(&*self.factory, &r.peer, ctx) else {
             return;
         };
-        let mut req = DatagramRequest::new(r.packet, r.peer, r.sock, ctx.handle.clone());
+        let mut req = DatagramRequest::new(
+            r.packet,
+            r.peer,
+            r.sock,
+            ctx.handle.clone(),
+            self.max_reply_ratio,
+        );
         if !lifecycle::run(&mut handler, &mut req, ctx) {
             return;
         }
         if req.wfile.is_empty() && !self.send_empty_reply {
+            return;
+        }
+        // Over the amplification guard's budget, the reply is counted, logged and dropped.
+        if req.take_reply_budget(req.wfile.len()).is_err() {
             return;
         }
         if let Err(e) = req.send_timeout(&req.wfile, self.reply_timeout) {

@@ -2,11 +2,14 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use rustix::event::{PollFd, PollFlags};
 use socket2::{Domain, SockAddr, Socket, Type};
 
+use crate::wait::{Polled, deadline_after, poll_until};
 use crate::{Addr, Error, Result};
 
 /// Socket options applied before `bind`.
@@ -20,6 +23,8 @@ pub(crate) struct SocketOptions {
     /// `None`: the system maximum.
     pub backlog: Option<u32>,
     pub replace_stale: bool,
+    /// Permission bits of a Unix socket file; `None`: what the umask gives.
+    pub mode: Option<u32>,
 }
 
 impl SocketOptions {
@@ -84,7 +89,20 @@ pub(crate) fn bind_unix(path: &Path, ty: Type, o: &SocketOptions) -> Result<(Soc
     if o.replace_stale {
         remove_stale(path, ty).map_err(fail)?;
     }
+    if let Some(mode) = o.mode
+        && mode & !0o7777 != 0
+    {
+        return Err(Error::config(format!(
+            "socket mode {mode:#o} for {at} has bits beyond 0o7777"
+        )));
+    }
     let sock = Socket::new(Domain::UNIX, ty, None).map_err(fail)?;
+    if let Some(mode) = o.mode {
+        // Linux creates the file with the socket's own mode (less the umask): set it first, so
+        // that the file is never, even for an instant, more open than asked. (Where fchmod on
+        // a socket fails or is ignored, the chmod below still sets the mode before `listen`.)
+        let _ = rustix::fs::fchmod(&sock, rustix::fs::Mode::from_raw_mode(mode));
+    }
     sock.bind(&SockAddr::unix(path).map_err(fail)?)
         .map_err(fail)?;
     let meta = std::fs::symlink_metadata(path).map_err(fail)?;
@@ -93,12 +111,21 @@ pub(crate) fn bind_unix(path: &Path, ty: Type, o: &SocketOptions) -> Result<(Soc
         dev: meta.dev(),
         ino: meta.ino(),
     };
+    if let Some(mode) = o.mode {
+        // Exactly `mode`, whatever the umask took away; before `listen`, so no client
+        // connects in between. (On error, `owned` removes the file.)
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(fail)?;
+    }
     if ty == Type::STREAM {
         sock.listen(o.backlog()).map_err(fail)?;
     }
     sock.set_nonblocking(true).map_err(fail)?;
     Ok((sock, owned))
 }
+
+/// How long the stale-socket probe waits for its connection to be accepted or refused. Linux
+/// answers at once, even for a full backlog; other systems may take a moment.
+const STALE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn remove_stale(path: &Path, ty: Type) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
@@ -112,16 +139,61 @@ fn remove_stale(path: &Path, ty: Type) -> io::Result<()> {
             "path exists and is not a socket; not replacing it",
         ));
     }
+    // Never a blocking connect: a live server whose backlog is full would hold it forever.
     let probe = Socket::new(Domain::UNIX, ty, None)?;
-    match probe.connect(&SockAddr::unix(path)?) {
-        Ok(()) => Err(io::Error::new(
+    probe.set_nonblocking(true)?;
+    let live = |why: &str| {
+        io::Error::new(
             io::ErrorKind::AddrInUse,
-            "a server is still listening on this socket",
-        )),
+            format!("a server is still listening on this socket{why}"),
+        )
+    };
+    let mut connected = probe.connect(&SockAddr::unix(path)?);
+    if let Err(e) = &connected
+        && e.raw_os_error() == Some(libc::EINPROGRESS)
+    {
+        // Not Linux (which answers at once): wait for the verdict, a while.
+        let mut fds = [PollFd::new(&probe, PollFlags::OUT)];
+        if poll_until(&mut fds, deadline_after(STALE_PROBE_TIMEOUT))? == Polled::TimedOut {
+            // Neither accepted nor refused in time: it may be alive, so it is left alone.
+            return Err(live(" (or did not answer in time)"));
+        }
+        connected = match probe.take_error()? {
+            None => Ok(()),
+            Some(e) => Err(e),
+        };
+    }
+    match connected {
+        Ok(()) => Err(live("")),
+        // Linux answers a full backlog with EAGAIN: alive, only busy.
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(live(" (its backlog is full)")),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            log::info!("removing stale socket file {}", path.display());
+            log::info!(
+                "removing stale socket file {}",
+                Addr::Unix(Some(path.into()))
+            );
             std::fs::remove_file(path)
         }
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_socket_file_is_created_with_the_sockets_own_mode() {
+        // What bind_unix relies on to leave no moment with a wider mode: on Linux, bind creates
+        // the file with the mode set on the socket beforehand (less the umask).
+        let path = std::env::temp_dir().join(format!("ss-fchmod-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let sock = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        rustix::fs::fchmod(&sock, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
+        sock.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     }
 }

@@ -563,3 +563,97 @@ unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
 pub fn heap_live_bytes() -> i64 {
     HEAP_LIVE.load(Ordering::Relaxed)
 }
+
+/// The environment variable that tells a re-run test binary which test it runs alone.
+const OWN_PROCESS: &str = "SOCKETSERVER_TEST_OWN_PROCESS";
+
+/// Runs `body` in a child process of its own: this test binary again, running only the test
+/// named `test`, with a logger that records every line for [`captured_logs`]. (A process has
+/// one logger, and in this one the other tests install env_logger.) The child's output is
+/// printed here; its failure, or a run over 120 s, fails the test.
+pub fn in_own_process(test: &str, body: impl FnOnce()) {
+    if std::env::var(OWN_PROCESS).as_deref() == Ok(test) {
+        log::set_logger(&CAPTURE).expect("the child process installs the only logger");
+        log::set_max_level(log::LevelFilter::Debug);
+        body();
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    let child = Command::new(exe)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(OWN_PROCESS, test)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the test binary again");
+    let out = wait_output(child, Duration::from_secs(120));
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{test} failed in its own process: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits for `child` up to `limit`, killing it if it overstays.
+fn wait_output(mut child: std::process::Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("wait for child").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("child output");
+            panic!(
+                "child process killed after {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("child output")
+}
+
+/// One line logged by the library, as [`in_own_process`] records it.
+#[derive(Clone, Debug)]
+pub struct LogLine {
+    pub level: log::Level,
+    pub target: String,
+    pub message: String,
+    pub at: Instant,
+}
+
+static CAPTURED: std::sync::Mutex<Vec<LogLine>> = std::sync::Mutex::new(Vec::new());
+static CAPTURE: Capture = Capture;
+
+struct Capture;
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let line = LogLine {
+            level: record.level(),
+            target: record.target().to_owned(),
+            message: record.args().to_string(),
+            at: Instant::now(),
+        };
+        CAPTURED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(line);
+    }
+
+    fn flush(&self) {}
+}
+
+/// The lines the library (targets `socketserver::*`) logged so far in a test run by
+/// [`in_own_process`].
+pub fn captured_logs() -> Vec<LogLine> {
+    let lines = CAPTURED.lock().unwrap_or_else(|e| e.into_inner());
+    lines
+        .iter()
+        .filter(|l| l.target.starts_with("socketserver"))
+        .cloned()
+        .collect()
+}
