@@ -10,7 +10,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::time::Duration;
 
 use clap::Parser;

@@ -573,19 +573,13 @@ fn stream_request_handler_options_apply() {
     struct Buffered;
     impl StreamHandler for Buffered {
         fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+            // TCP_NODELAY is on by default (Builder::nodelay).
             assert!(s.stream().as_tcp().unwrap().nodelay().unwrap());
             // Buffered: nothing reaches the client until finish flushes.
             s.wfile.write_all(b"buffered reply")?;
             let mut line = String::new();
             match s.rfile.read_line(&mut line) {
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    Ok(())
-                }
+                Err(e) if e.is_timeout() => Ok(()),
                 other => Err(format!("expected a read timeout, got {other:?}").into()),
             }
         }
@@ -595,12 +589,11 @@ fn stream_request_handler_options_apply() {
             Buffered,
             StreamOptions {
                 wbufsize: 1024,
-                timeout: Some(Duration::from_millis(100)),
-                nodelay: true,
                 ..StreamOptions::default()
             },
         )
     })
+    .read_timeout(Duration::from_millis(100))
     .bind("127.0.0.1:0")
     .unwrap();
     let addr = server.local_addr().clone();

@@ -121,6 +121,8 @@ pub struct StreamService<H> {
     pub(crate) admission: Pipeline,
     pub(crate) read_timeout: Option<Duration>,
     pub(crate) write_timeout: Option<Duration>,
+    /// `TCP_NODELAY` for TCP connections, set on the listener (accepted sockets inherit it).
+    pub(crate) nodelay: bool,
 }
 
 impl<H> StreamService<H> {
@@ -130,6 +132,7 @@ impl<H> StreamService<H> {
             admission: Pipeline::default(),
             read_timeout: None,
             write_timeout: None,
+            nodelay: true,
         }
     }
 
