@@ -62,6 +62,14 @@ impl HandlerFailure {
             if let Some(t) = e.downcast_ref::<StreamTimeout>() {
                 return Some(t);
             }
+            // An io::Error's source() skips its own payload, which is where ours sits.
+            if let Some(t) = e
+                .downcast_ref::<io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|p| p.downcast_ref::<StreamTimeout>())
+            {
+                return Some(t);
+            }
             next = e.source();
         }
         None

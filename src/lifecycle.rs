@@ -107,29 +107,27 @@ fn step<R: HasPeer, H>(
     f: fn(&mut H, &mut R) -> HandlerResult,
 ) -> bool {
     let counters = &ctx.control().counters;
-    let failure = match catch_unwind(AssertUnwindSafe(|| f(h, req))) {
+    let (failure, severity) = match catch_unwind(AssertUnwindSafe(|| f(h, req))) {
         Ok(Ok(())) => return true,
         Ok(Err(e)) => {
             let failure = HandlerFailure::Error(e);
-            // A read or write timeout is the peer's doing, not a fault of the handler.
-            Counters::bump(if failure.is_timeout() {
-                &counters.timeouts
+            let severity = if req.was_cut() {
+                // The cut's echo (end of file, a broken pipe): counted and logged by the cut.
+                Severity::AfterCut
+            } else if failure.is_timeout() {
+                // The peer went quiet: not a fault of the handler.
+                Counters::bump(&counters.timeouts);
+                Severity::Timeout
             } else {
-                &counters.handler_errors
-            });
-            failure
+                Counters::bump(&counters.handler_errors);
+                Severity::Failure
+            };
+            (failure, severity)
         }
         Err(p) => {
             Counters::bump(&counters.panics);
-            HandlerFailure::Panic(panic_message(&*p))
+            (HandlerFailure::Panic(panic_message(&*p)), Severity::Failure)
         }
-    };
-    let severity = if req.was_cut() {
-        Severity::AfterCut
-    } else if failure.is_timeout() {
-        Severity::Timeout
-    } else {
-        Severity::Failure
     };
     ctx.report_as(req.peer(), stage, failure, severity);
     false

@@ -30,6 +30,9 @@ struct Inner {
     activity: Option<Activity>,
     /// Set once the server has shut this socket down (idle or too slow), so it is counted once.
     cut: AtomicBool,
+    /// The read and write timeouts as set through the `Stream`, in nanoseconds (0: none set
+    /// here), for the timeout's message: the kernel reads them back rounded to its clock tick.
+    timeouts_ns: [AtomicU64; 2],
 }
 
 /// How long a connection may keep its worker waiting on the peer: the idle timeout and the
@@ -132,6 +135,9 @@ struct Activity {
     /// Bytes read and written so far.
     read: AtomicU64,
     written: AtomicU64,
+    /// `read` when the server last wrote: bytes past it are the request in progress. Set by
+    /// every write, so that a request sent right after a reply is timed from its first byte.
+    request_start: AtomicU64,
     /// What the reaper saw at its last look; only the reaper locks it.
     watch: Mutex<Watch>,
 }
@@ -142,8 +148,6 @@ struct Watch {
     written: u64,
     /// How long the connection has been blocked on its peer with no byte moving.
     stalled: Duration,
-    /// The read counter when the server last wrote: bytes past it are the request in progress.
-    request_start: u64,
     /// Time spent blocked reading since the request in progress began.
     waited: Duration,
 }
@@ -155,6 +159,7 @@ impl Activity {
             writing: AtomicU32::new(0),
             read: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            request_start: AtomicU64::new(0),
             watch: Mutex::new(Watch::default()),
         }
     }
@@ -168,9 +173,9 @@ impl Activity {
         let writing = self.writing.load(Ordering::Relaxed) > 0;
         let read = self.read.load(Ordering::Relaxed);
         let written = self.written.load(Ordering::Relaxed);
+        let request_start = self.request_start.load(Ordering::Relaxed);
         if written != w.written {
-            // Our reply ends the request in progress.
-            w.request_start = read;
+            // Our reply ended the request that was in progress.
             w.waited = Duration::ZERO;
         }
         if read != w.read || written != w.written || !(reading || writing) {
@@ -178,7 +183,7 @@ impl Activity {
         } else {
             w.stalled = w.stalled.saturating_add(elapsed);
         }
-        let request = read - w.request_start;
+        let request = read.saturating_sub(request_start);
         if reading && request > 0 {
             w.waited = w.waited.saturating_add(elapsed);
         }
@@ -203,8 +208,8 @@ impl Activity {
 /// Which way a timed-out call went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Direction {
-    Read,
-    Write,
+    Read = 0,
+    Write = 1,
 }
 
 /// What a read or write through a [`Stream`] fails with when the socket's own timeout
@@ -324,6 +329,7 @@ impl Stream {
                 sock,
                 activity: track_activity.then(Activity::new),
                 cut: AtomicBool::new(false),
+                timeouts_ns: [AtomicU64::new(0), AtomicU64::new(0)],
             }),
         }
     }
@@ -381,7 +387,9 @@ impl Stream {
         match &self.inner.sock {
             Sock::Tcp(s) => s.set_read_timeout(t),
             Sock::Unix(s) => s.set_read_timeout(t),
-        }
+        }?;
+        self.remember_timeout(Direction::Read, t);
+        Ok(())
     }
 
     /// Sets how long a write may block (`SO_SNDTIMEO`); `None` blocks forever. A write that
@@ -390,6 +398,26 @@ impl Stream {
         match &self.inner.sock {
             Sock::Tcp(s) => s.set_write_timeout(t),
             Sock::Unix(s) => s.set_write_timeout(t),
+        }?;
+        self.remember_timeout(Direction::Write, t);
+        Ok(())
+    }
+
+    fn remember_timeout(&self, direction: Direction, t: Option<Duration>) {
+        let ns = t.map_or(0, |t| u64::try_from(t.as_nanos()).unwrap_or(u64::MAX));
+        self.inner.timeouts_ns[direction as usize].store(ns, Ordering::Relaxed);
+    }
+
+    /// The timeout of `direction` as it was set, else as the kernel reports it.
+    fn timeout_of(&self, direction: Direction) -> Option<Duration> {
+        match self.inner.timeouts_ns[direction as usize].load(Ordering::Relaxed) {
+            0 => match direction {
+                Direction::Read => self.read_timeout(),
+                Direction::Write => self.write_timeout(),
+            }
+            .ok()
+            .flatten(),
+            ns => Some(Duration::from_nanos(ns)),
         }
     }
 
@@ -473,6 +501,10 @@ impl Stream {
                 let result = call(&self.inner.sock);
                 if let Ok(n) = result {
                     moved.fetch_add(n as u64, Ordering::Relaxed);
+                    if direction == Direction::Write {
+                        let read = a.read.load(Ordering::Relaxed);
+                        a.request_start.store(read, Ordering::Relaxed);
+                    }
                 }
                 blocked.fetch_sub(1, Ordering::Relaxed);
                 result
@@ -492,15 +524,11 @@ impl Stream {
         if nonblocking {
             return e;
         }
-        let after = match direction {
-            Direction::Read => self.read_timeout(),
-            Direction::Write => self.write_timeout(),
-        };
         io::Error::new(
             io::ErrorKind::TimedOut,
             StreamTimeout {
                 direction,
-                after: after.ok().flatten(),
+                after: self.timeout_of(direction),
             },
         )
     }
