@@ -364,3 +364,41 @@ impl<T: DatagramTransport> Builder<T> {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{HandlerResult, Request};
+
+    struct Nothing;
+    impl Handler for Nothing {
+        fn handle(&mut self, _: &mut Request) -> HandlerResult {
+            Ok(())
+        }
+    }
+    impl DatagramHandler for Nothing {
+        fn handle(&mut self, _: &mut crate::DatagramRequest) -> HandlerResult {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn stream_servers_limit_activity_by_default_and_datagram_servers_have_none() {
+        let expected = ActivityLimits {
+            idle: Some(Duration::from_secs(60)),
+            min_rate: Some(MinDataRate::new(500, Duration::from_secs(10))),
+        };
+        assert_eq!(*TcpServer::builder(|| Nothing).activity_mut(), expected);
+        assert_eq!(
+            *UnixStreamServer::builder(|| Nothing).activity_mut(),
+            expected
+        );
+        assert_eq!(TcpServer::builder(|| Nothing).service.nodelay, true);
+        let off = TcpServer::builder(|| Nothing)
+            .idle_timeout(None)
+            .min_data_rate(None);
+        assert!(!off.tracks_activity());
+        assert!(!UdpServer::builder(|| Nothing).tracks_activity());
+        assert!(!UnixDatagramServer::builder(|| Nothing).tracks_activity());
+    }
+}

@@ -586,7 +586,9 @@ fn silent_sockets_cannot_hold_the_pool() {
     let mut honest = connect(&addr);
     honest.write_all(b"honest").unwrap();
     let mut got = [0u8; 6];
-    honest.read_exact(&mut got).expect("honest client not served");
+    honest
+        .read_exact(&mut got)
+        .expect("honest client not served");
     let waited = t.elapsed();
     assert_eq!(&got, b"honest");
     let stats = running.handle.stats();
@@ -634,7 +636,7 @@ fn an_endless_line_costs_no_memory() {
     let took = t.elapsed();
     let cut = c.write(&chunk).is_err() || util::read_to_eof(&mut c).is_ok_and(|r| r.is_empty());
     println!(
-        "endless line: the server closed the connection after {} KiB sent in {took:?}; RSS grew \
+        "endless line: {} KiB sent in {took:?}, then the connection was closed: {cut}; RSS grew \
          {peak_growth} KiB at most (limit {LIMIT_KIB} KiB)",
         sent / 1024
     );

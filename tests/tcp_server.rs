@@ -750,3 +750,59 @@ fn huge_timeouts_mean_no_timeout_rather_than_a_panic() {
     assert_eq!((report.cut, report.still_running), (0, 0));
     assert!(!server.handle().is_draining());
 }
+
+#[test]
+fn idle_timeout_frees_a_worker_blocked_writing_to_a_client_that_never_reads() {
+    let server = TcpServer::builder(|| {
+        FnHandler(|req: &mut Request| {
+            let chunk = vec![b'x'; 256 * 1024];
+            loop {
+                req.write_all(&chunk)?;
+            }
+        })
+    })
+    .idle_timeout(Duration::from_millis(300))
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let c = connect(&addr);
+    let t = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(10), || running
+            .handle
+            .stats()
+            .idle_closed
+            == 1),
+        "{:?}",
+        running.handle.stats()
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .active
+        == 0));
+    // The failed write that follows the cut is the cut's echo, not a handler error.
+    assert_eq!(running.handle.stats().handler_errors, 0);
+    drop(c);
+}
+
+#[test]
+fn idle_timeout_none_leaves_silent_connections_alone() {
+    let server = TcpServer::builder(util::ByteEcho::default)
+        .idle_timeout(None)
+        .min_data_rate(None)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let mut c = connect(&addr);
+    std::thread::sleep(Duration::from_millis(300));
+    c.write_all(b"still here").unwrap();
+    let mut got = [0u8; 10];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"still here");
+    assert_eq!(running.handle.stats().idle_closed, 0);
+    drop(c);
+}
