@@ -393,7 +393,7 @@ mod tests {
             *UnixStreamServer::builder(|| Nothing).activity_mut(),
             expected
         );
-        assert_eq!(TcpServer::builder(|| Nothing).service.nodelay, true);
+        assert!(TcpServer::builder(|| Nothing).service.nodelay);
         let off = TcpServer::builder(|| Nothing)
             .idle_timeout(None)
             .min_data_rate(None);

@@ -168,7 +168,8 @@ impl Activity {
     /// meanwhile, and whether it broke a limit. Time counts against the peer only while a read
     /// or write is blocked on it, never while the handler computes.
     fn check(&self, elapsed: Duration, limits: &ActivityLimits) -> Option<Cut> {
-        let mut w = crate::control::lock(&self.watch);
+        // Only the reaper locks it, and never panics holding it.
+        let mut w = self.watch.lock().unwrap_or_else(|e| e.into_inner());
         let reading = self.reading.load(Ordering::Relaxed) > 0;
         let writing = self.writing.load(Ordering::Relaxed) > 0;
         let read = self.read.load(Ordering::Relaxed);

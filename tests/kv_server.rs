@@ -102,7 +102,7 @@ impl Client {
     /// True when the server has closed the connection.
     fn closed(&mut self) -> bool {
         let mut rest = Vec::new();
-        matches!(std::io::Read::read_to_end(&mut self.0, &mut rest), Ok(_)) && rest.is_empty()
+        std::io::Read::read_to_end(&mut self.0, &mut rest).is_ok() && rest.is_empty()
     }
 }
 

@@ -170,7 +170,9 @@ fn read_until_and_read_line_are_bounded_and_leave_the_buffer_usable() {
 
 #[test]
 fn a_read_timeout_is_an_error_whose_is_timeout_is_true() {
-    struct WaitForLine(Arc<Mutex<Option<(bool, Option<Addr>, String)>>>);
+    /// is_timeout(), addr() and the message of the error the handler saw.
+    type Outcome = (bool, Option<Addr>, String);
+    struct WaitForLine(Arc<Mutex<Option<Outcome>>>);
     impl StreamHandler for WaitForLine {
         fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
             let mut line = String::new();
