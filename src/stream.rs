@@ -79,7 +79,7 @@ impl ActivityLimits {
 /// (the rate averaged over the request, after the grace).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MinDataRate {
-    /// Bytes per second the client must average once the grace period is over.
+    /// Bytes per second the client must average once the grace period is over (0: any rate).
     pub bytes_per_second: u64,
     /// How long a request may take before the rate applies.
     pub grace: Duration,
@@ -107,7 +107,7 @@ impl MinDataRate {
     fn allowance(&self, bytes: u64) -> Duration {
         let per_byte = match self.bytes_per_second {
             0 => return Duration::MAX,
-            r => Duration::from_secs_f64(bytes as f64 / r as f64),
+            r => Duration::try_from_secs_f64(bytes as f64 / r as f64).unwrap_or(Duration::MAX),
         };
         self.grace.saturating_add(per_byte)
     }

@@ -806,3 +806,14 @@ fn idle_timeout_none_leaves_silent_connections_alone() {
     assert_eq!(running.handle.stats().idle_closed, 0);
     drop(c);
 }
+
+#[test]
+fn a_zero_socket_timeout_is_refused_when_the_server_is_built() {
+    for builder in [
+        TcpServer::builder(line_echo).read_timeout(Duration::ZERO),
+        TcpServer::builder(line_echo).write_timeout(Duration::ZERO),
+    ] {
+        let e = builder.bind("127.0.0.1:0").unwrap_err();
+        assert!(e.is_config(), "{e}");
+    }
+}

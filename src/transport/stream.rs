@@ -151,6 +151,13 @@ impl<H: Handler> Service for StreamService<H> {
     type Request = Accepted;
 
     fn prepare(&mut self, limit: Option<usize>) -> crate::Result<()> {
+        // The OS refuses a zero socket timeout; say so once, at build, rather than on every
+        // connection.
+        if self.read_timeout == Some(Duration::ZERO) || self.write_timeout == Some(Duration::ZERO) {
+            return Err(crate::Error::config(
+                "a read or write timeout of zero: use None for no timeout",
+            ));
+        }
         self.admission.prepare(limit)
     }
 
