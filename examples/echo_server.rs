@@ -3,14 +3,17 @@
 //! ```text
 //! cargo run --release --example echo_server -- [--addr 127.0.0.1:9000] [--mode sync|thread|pool]
 //!     [--workers 8] [--auth-key KEY [--digest md5|sha256]]
+//!     [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
 //! ```
+//! A client that keeps a worker waiting (silent for `--idle-timeout` seconds, or sending slower
+//! than `--min-rate` bytes/s) is disconnected, so a few idle sockets cannot hold a pool.
 //! Ctrl-C (or SIGTERM) stops accepting, lets open connections finish for a few seconds, then
 //! closes the rest.
 
 #[path = "common/mod.rs"]
 mod common;
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::time::Duration;
 
 use clap::Parser;
@@ -26,6 +29,8 @@ struct Cli {
     dispatch: common::DispatchArgs,
     #[command(flatten)]
     auth: common::AuthArgs,
+    #[command(flatten)]
+    limits: common::TimeoutArgs,
 }
 
 /// The README's first example, as it is: bytes come back as soon as they arrive.
@@ -51,12 +56,14 @@ fn main() {
     let cli: Cli = common::parse();
     common::init_logging();
     let dispatch = cli.dispatch.dispatch();
-    let mut builder = TcpServer::builder(|| StreamRequestHandler::new(Echo)).dispatch(dispatch);
+    let mut builder = cli
+        .limits
+        .apply(TcpServer::builder(|| StreamRequestHandler::new(Echo)).dispatch(dispatch));
     if let Some(auth) = cli.auth.auth() {
         builder = builder.auth(auth);
         log::info!("clients must authenticate with HMAC-{}", cli.auth.digest);
     }
     let server = builder.bind(&*cli.addr.addr);
-    log::info!("dispatch: {dispatch:?}");
+    log::info!("dispatch: {dispatch:?}; {}", cli.limits.describe());
     common::serve(server, "echo server", Duration::from_secs(5));
 }

@@ -4,7 +4,9 @@
 //!
 //! ```text
 //! cargo run --example hello_server -- [--addr 127.0.0.1:9000] [--auth-key KEY] [--digest md5|sha256]
+//!     [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
 //! ```
+//! A client silent for `--idle-timeout` seconds is disconnected (logged at info).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -23,6 +25,8 @@ struct Cli {
     addr: common::AddrArgs,
     #[command(flatten)]
     auth: common::AuthArgs,
+    #[command(flatten)]
+    limits: common::TimeoutArgs,
 }
 
 struct Hello;
@@ -50,7 +54,8 @@ fn main() {
     // MD5 by default: the tutorial's Python client computes its HMAC with it.
     let cli: Cli = common::parse_with(|c| c.mut_arg("digest", |a| a.default_value("md5")));
     common::init_logging();
-    let mut builder = TcpServer::builder(|| Hello);
+    let mut builder = cli.limits.apply(TcpServer::builder(|| Hello));
+    log::info!("{}", cli.limits.describe());
     if let Some(auth) = cli.auth.auth() {
         builder = builder.auth(auth);
     }

@@ -4,7 +4,11 @@
 //! ```text
 //! cargo run --example mp_echo_server -- --auth-key KEY [--addr 127.0.0.1:6000] [--legacy]
 //!     [--mode sync|thread|pool] [--workers 8] [--max-message BYTES]
+//!     [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
 //! ```
+//! After login the connection is bounded like any other: silent for `--idle-timeout` seconds, or
+//! a message (a frame header whose body never comes, say) arriving slower than `--min-rate`
+//! bytes/s, and it is closed.
 //! `--legacy` sends Python 3.11's challenge byte for byte (the default, 3.12+'s, is answered
 //! by 3.11 clients too). From Python:
 //!
@@ -40,6 +44,8 @@ struct Cli {
     /// Largest message accepted
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_MESSAGE)]
     max_message: usize,
+    #[command(flatten)]
+    limits: common::TimeoutArgs,
 }
 
 struct MpEcho {
@@ -77,7 +83,9 @@ fn main() {
     let version = cli.auth.version();
     let max_message = cli.max_message;
     let dispatch = cli.dispatch.dispatch();
-    let server = TcpServer::builder(move || MpEcho { max_message })
+    let server = cli
+        .limits
+        .apply(TcpServer::builder(move || MpEcho { max_message }))
         .dispatch(dispatch)
         .auth(Auth::multiprocessing(cli.auth.auth_key.into_bytes()).mp_version(version))
         .bind(&*cli.addr.addr)
@@ -85,8 +93,9 @@ fn main() {
     let handle = server.handle();
     common::stop_on_signal(&handle);
     log::info!(
-        "multiprocessing echo server on {} ({dispatch:?}, {version:?} handshake)",
-        server.local_addr()
+        "multiprocessing echo server on {} ({dispatch:?}, {version:?} handshake; {})",
+        server.local_addr(),
+        cli.limits.describe()
     );
     server.serve_forever();
     common::drain(&handle, Duration::from_secs(5));

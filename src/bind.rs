@@ -10,6 +10,7 @@ use std::time::Duration;
 use socket2::Type;
 
 use crate::datagram::Sock;
+use crate::stream::{ActivityLimits, MinDataRate};
 use crate::transport::datagram::{DEFAULT_MAX_REPLY_RATIO, DatagramService, DatagramSocket};
 use crate::transport::socket::{bind_inet, bind_unix};
 use crate::transport::stream::{StreamService, TcpAcceptor, UnixAcceptor};
@@ -101,7 +102,7 @@ impl<H: Handler> Server<Tcp<H>> {
 
     /// A [`Builder`] for a TCP server whose connections are served by handlers from `factory`.
     pub fn builder(factory: impl Fn() -> H + Send + Sync + 'static) -> Builder<Tcp<H>> {
-        Builder::with_service(StreamService::new(Box::new(factory)))
+        stream_builder(Box::new(factory))
     }
 }
 
@@ -118,6 +119,11 @@ impl<H: Handler> Builder<Tcp<H>> {
         let at = listener.local_addr().ok().map(Addr::Inet);
         listener
             .set_nonblocking(true)
+            .map_err(|e| Error::bind(at.as_ref(), e))?;
+        // Accepted sockets inherit TCP_NODELAY from the listener (Linux, the BSDs, macOS), so
+        // setting it here costs no system call per connection.
+        socket2::SockRef::from(&listener)
+            .set_tcp_nodelay(self.service.nodelay)
             .map_err(|e| Error::bind(at.as_ref(), e))?;
         let track_activity = self.tracks_activity();
         self.build(TcpAcceptor {
@@ -138,7 +144,7 @@ impl<H: Handler> Server<Unix<H>> {
 
     /// A [`Builder`] for a Unix-domain stream server.
     pub fn builder(factory: impl Fn() -> H + Send + Sync + 'static) -> Builder<Unix<H>> {
-        Builder::with_service(StreamService::new(Box::new(factory)))
+        stream_builder(Box::new(factory))
     }
 }
 
@@ -263,26 +269,90 @@ impl<T: StreamTransport> Builder<T> {
         self
     }
 
-    /// Read timeout of every connection (`SO_RCVTIMEO`): a read that waits longer fails with
-    /// `WouldBlock`/`TimedOut` in the handler. Default none.
-    pub fn read_timeout(mut self, timeout: Duration) -> Self {
-        self.service.read_timeout = Some(timeout);
+    /// How long one read may wait for data (`SO_RCVTIMEO`), as Python's
+    /// `StreamRequestHandler.timeout` does; default none (the idle timeout and the minimum data
+    /// rate bound a silent peer already). A read that waits longer fails in the handler with an
+    /// `io::Error` of kind `TimedOut` ("no data for 30s"), or a [`crate::Error`] whose
+    /// [`is_timeout`](crate::Error::is_timeout) is true from the bounded reads of
+    /// [`RFile`](crate::RFile). A handler that returns it is logged at info ("no data from
+    /// PEER for 30s"), counted in [`Stats::timeouts`](crate::Stats::timeouts), and its
+    /// `handle_error` hook sees [`HandlerFailure::is_timeout`](crate::HandlerFailure::is_timeout).
+    ///
+    /// These three are the crate's one timeout concept for stream connections: `read_timeout`
+    /// and `write_timeout` bound one call and surface in the handler; `idle_timeout` and
+    /// [`min_data_rate`](Self::min_data_rate) bound the connection and are enforced by the
+    /// server. `None` turns a timeout off.
+    pub fn read_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.service.read_timeout = timeout.into();
         self
     }
 
-    /// Write timeout of every connection (`SO_SNDTIMEO`). Default none.
-    pub fn write_timeout(mut self, timeout: Duration) -> Self {
-        self.service.write_timeout = Some(timeout);
+    /// How long one write may wait for the peer to make room (`SO_SNDTIMEO`); default none.
+    /// Fails like [`read_timeout`](Self::read_timeout), kind `TimedOut`.
+    pub fn write_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.service.write_timeout = timeout.into();
         self
     }
 
-    /// Closes connections with no bytes read or written for this long, whatever the handler is
-    /// doing (a background reaper shuts their sockets down, so a blocked handler returns).
-    /// Counted in [`Stats::idle_closed`](crate::Stats::idle_closed). Default none.
-    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
-        self.set_idle_timeout(timeout);
+    /// Closes a connection that keeps its worker blocked on the peer, reading or writing, with
+    /// no byte moving for this long. Default 60 s; `None` (or `Duration::MAX`) turns it off.
+    ///
+    /// A reaper thread shuts the socket down, so the blocked handler returns (a read sees end of
+    /// file), and logs the peer at info; counted in
+    /// [`Stats::idle_closed`](crate::Stats::idle_closed). Only time spent blocked on the peer
+    /// counts: a handler that computes for minutes is never cut. This is what stops a few silent
+    /// connections from holding every worker of a [`Dispatch::Pool`](crate::Dispatch::Pool).
+    ///
+    /// Why 60 s: it is nginx's `client_header_timeout` and `client_body_timeout` and Apache's
+    /// `Timeout`, and a little under nginx's `keepalive_timeout` (75 s), since here it also ends
+    /// keep-alive waits between requests (Go's `IdleTimeout`, which Go leaves off by default and
+    /// every guide tells you to set). Long enough for a person at `nc`, short enough that held
+    /// sockets free their workers within a minute. Protocols with long silences (a client that
+    /// waits on a server push, say) should turn it off or send keep-alives.
+    pub fn idle_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.activity_mut().idle = timeout.into();
         self
     }
+
+    /// The minimum rate at which a client must send a request it has started: see
+    /// [`MinDataRate`]. Default [`MinDataRate::DEFAULT`], 500 bytes/s after 10 s; `None` turns
+    /// it off.
+    ///
+    /// A client cut for it is logged at info and counted in
+    /// [`Stats::slow_closed`](crate::Stats::slow_closed). This catches what the idle timeout
+    /// cannot: a request trickled a byte every few seconds, or a `multiprocessing` frame header
+    /// whose body never comes. Turn it off (or lower it) for a server that receives a slow
+    /// one-way stream without answering, such as a log shipper: only the server's writes end a
+    /// request.
+    pub fn min_data_rate(mut self, rate: impl Into<Option<MinDataRate>>) -> Self {
+        self.activity_mut().min_rate = rate.into();
+        self
+    }
+
+    /// Sets `TCP_NODELAY` on accepted TCP connections. Default true, as Go does; no effect on
+    /// Unix-domain sockets.
+    ///
+    /// With it on, every write leaves at once instead of waiting (Nagle's algorithm) for the
+    /// peer to acknowledge the previous segment, which with delayed ACKs costs ~40 ms per
+    /// reply that is written in more than one piece. The trade-off: a handler that writes many
+    /// tiny pieces sends as many tiny segments. Formatted writes (`write!` on a
+    /// [`Request`](crate::Request), [`WFile`](crate::WFile) or [`Stream`](crate::Stream))
+    /// leave in one write whatever this setting; for many small unformatted writes give `wfile`
+    /// a buffer ([`StreamOptions::wbufsize`](crate::StreamOptions::wbufsize)) and flush per reply,
+    /// or turn this off.
+    pub fn nodelay(mut self, nodelay: bool) -> Self {
+        self.service.nodelay = nodelay;
+        self
+    }
+}
+
+/// A stream server's builder, with the activity limits stream servers have by default.
+fn stream_builder<T: StreamTransport>(
+    factory: Box<dyn Fn() -> T::Handler + Send + Sync>,
+) -> Builder<T> {
+    let mut builder = Builder::with_service(StreamService::new(factory));
+    *builder.activity_mut() = ActivityLimits::STREAM_DEFAULT;
+    builder
 }
 
 impl<T: Transport> Builder<T> {
@@ -333,5 +403,43 @@ impl<T: DatagramTransport> Builder<T> {
     pub fn max_reply_ratio(mut self, ratio: Option<usize>) -> Self {
         self.service.max_reply_ratio = ratio;
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{HandlerResult, Request};
+
+    struct Nothing;
+    impl Handler for Nothing {
+        fn handle(&mut self, _: &mut Request) -> HandlerResult {
+            Ok(())
+        }
+    }
+    impl DatagramHandler for Nothing {
+        fn handle(&mut self, _: &mut crate::DatagramRequest) -> HandlerResult {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn stream_servers_limit_activity_by_default_and_datagram_servers_have_none() {
+        let expected = ActivityLimits {
+            idle: Some(Duration::from_secs(60)),
+            min_rate: Some(MinDataRate::new(500, Duration::from_secs(10))),
+        };
+        assert_eq!(*TcpServer::builder(|| Nothing).activity_mut(), expected);
+        assert_eq!(
+            *UnixStreamServer::builder(|| Nothing).activity_mut(),
+            expected
+        );
+        assert!(TcpServer::builder(|| Nothing).service.nodelay);
+        let off = TcpServer::builder(|| Nothing)
+            .idle_timeout(None)
+            .min_data_rate(None);
+        assert!(!off.tracks_activity());
+        assert!(!UdpServer::builder(|| Nothing).tracks_activity());
+        assert!(!UnixDatagramServer::builder(|| Nothing).tracks_activity());
     }
 }

@@ -96,6 +96,8 @@ pub(crate) struct Counters {
     pub oversized: AtomicU64,
     pub idle_closed: AtomicU64,
     pub amplification_dropped: AtomicU64,
+    pub slow_closed: AtomicU64,
+    pub timeouts: AtomicU64,
 }
 
 impl Counters {
@@ -131,11 +133,19 @@ pub struct Stats {
     pub accept_errors: u64,
     /// Datagrams longer than the maximum packet size, dropped and logged.
     pub oversized_datagrams: u64,
-    /// Connections closed by the idle timeout.
+    /// Connections closed by the idle timeout
+    /// ([`Builder::idle_timeout`](crate::Builder::idle_timeout)).
     pub idle_closed: u64,
     /// Datagram replies dropped by the amplification guard
     /// ([`Builder::max_reply_ratio`](crate::Builder::max_reply_ratio)).
     pub amplification_dropped: u64,
+    /// Connections closed for sending a request slower than the minimum data rate
+    /// ([`Builder::min_data_rate`](crate::Builder::min_data_rate)).
+    pub slow_closed: u64,
+    /// Handlers that ended on a read or write timeout
+    /// ([`Builder::read_timeout`](crate::Builder::read_timeout), `write_timeout`): logged at
+    /// info, and not counted in `handler_errors`.
+    pub timeouts: u64,
 }
 
 /// How a [`ServerHandle::shutdown_graceful`] went.
@@ -381,6 +391,8 @@ impl Control {
             oversized_datagrams: get(&c.oversized),
             idle_closed: get(&c.idle_closed),
             amplification_dropped: get(&c.amplification_dropped),
+            slow_closed: get(&c.slow_closed),
+            timeouts: get(&c.timeouts),
         }
     }
 }

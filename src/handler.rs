@@ -2,10 +2,10 @@
 //! `StreamRequestHandler` (buffered `rfile` / `wfile`), for every stream transport.
 
 use std::fmt;
-use std::io::{self, BufReader, BufWriter, IoSlice, IoSliceMut, Read, Write};
-use std::time::Duration;
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 
-use crate::{Addr, Credentials, ServerHandle, Stream};
+use crate::stream::{Direction, StreamTimeout, write_fmt_once};
+use crate::{Addr, Credentials, RFile, ServerHandle, Stream, WFile};
 
 /// What a handler method returns on failure: any error, boxed.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -21,6 +21,74 @@ pub enum HandlerFailure {
     Error(HandlerError),
     /// A handler method (or the handler factory) panicked; this is the panic message.
     Panic(String),
+}
+
+impl HandlerFailure {
+    /// Whether the handler failed on a timeout: a read or write timeout of its connection
+    /// ([`Builder::read_timeout`](crate::Builder::read_timeout)), or any error of kind
+    /// `TimedOut` / `WouldBlock` or [`Error::is_timeout`](crate::Error::is_timeout), anywhere in
+    /// the error's `source()` chain. The server logs these at info, not as errors.
+    pub fn is_timeout(&self) -> bool {
+        let HandlerFailure::Error(e) = self else {
+            return false;
+        };
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&**e);
+        while let Some(e) = next {
+            if let Some(io) = e.downcast_ref::<io::Error>()
+                && matches!(
+                    io.kind(),
+                    io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                )
+            {
+                return true;
+            }
+            if e.downcast_ref::<crate::Error>()
+                .is_some_and(|e| e.is_timeout())
+            {
+                return true;
+            }
+            next = e.source();
+        }
+        false
+    }
+
+    /// The connection timeout behind this failure, if it is one of [`Stream`]'s.
+    pub(crate) fn stream_timeout(&self) -> Option<&StreamTimeout> {
+        let HandlerFailure::Error(e) = self else {
+            return None;
+        };
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&**e);
+        while let Some(e) = next {
+            if let Some(t) = e.downcast_ref::<StreamTimeout>() {
+                return Some(t);
+            }
+            // An io::Error's source() skips its own payload, which is where ours sits.
+            if let Some(t) = e
+                .downcast_ref::<io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|p| p.downcast_ref::<StreamTimeout>())
+            {
+                return Some(t);
+            }
+            next = e.source();
+        }
+        None
+    }
+
+    /// What a timeout failure means, for the log: "no data from PEER for 30s".
+    pub(crate) fn describe_timeout(&self, peer: &Addr) -> String {
+        match self.stream_timeout() {
+            Some(StreamTimeout {
+                direction: Direction::Read,
+                after: Some(t),
+            }) => format!("no data from {peer} for {t:?}"),
+            Some(StreamTimeout {
+                direction: Direction::Write,
+                after: Some(t),
+            }) => format!("{peer} read nothing for {t:?}"),
+            _ => format!("timed out waiting on {peer}: {self}"),
+        }
+    }
 }
 
 impl fmt::Display for HandlerFailure {
@@ -43,23 +111,26 @@ impl fmt::Display for HandlerFailure {
 /// and the server carries on.
 ///
 /// ```
-/// use std::io::{BufRead, BufReader, Write};
+/// use std::io::{Read, Write};
 /// use socketserver::{Handler, HandlerResult, Request};
 ///
 /// struct Echo;
 ///
 /// impl Handler for Echo {
 ///     fn handle(&mut self, req: &mut Request) -> HandlerResult {
-///         let mut lines = BufReader::new(req.stream().clone());
-///         let mut line = String::new();
-///         while lines.read_line(&mut line)? > 0 {
-///             req.write_all(line.as_bytes())?;
-///             line.clear();
+///         let mut buf = [0u8; 4096];
+///         loop {
+///             let n = req.read(&mut buf)?;
+///             if n == 0 {
+///                 return Ok(()); // the client hung up
+///             }
+///             req.write_all(&buf[..n])?;
 ///         }
-///         Ok(())
 ///     }
 /// }
 /// ```
+///
+/// For lines, use a [`StreamHandler`], whose `rfile` bounds their length.
 pub trait Handler: Send + 'static {
     /// Runs before [`handle`](Self::handle). If it fails, neither `handle` nor `finish` runs.
     fn setup(&mut self, req: &mut Request) -> HandlerResult {
@@ -79,6 +150,8 @@ pub trait Handler: Send + 'static {
 
 /// One accepted connection, as a [`Handler`] sees it: the stream (also readable and writable
 /// through the `Request` itself), the peer address, and a handle to the server.
+///
+/// `write!(req, ...)` formats the whole message, then writes it in one call (one segment).
 pub struct Request {
     pub(crate) stream: Stream,
     pub(crate) peer: Addr,
@@ -143,9 +216,18 @@ impl Write for Request {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+
+    fn write_fmt(&mut self, args: fmt::Arguments<'_>) -> io::Result<()> {
+        write_fmt_once(self, args)
+    }
 }
 
-/// Buffering and socket options of a [`StreamRequestHandler`], with Python's defaults.
+/// Buffering of a [`StreamRequestHandler`] and the longest line it reads.
+///
+/// Python's `StreamRequestHandler.timeout` and `disable_nagle_algorithm` are server settings
+/// here, shared by every handler type: [`Builder::read_timeout`](crate::Builder::read_timeout)
+/// (with `write_timeout`, `idle_timeout` and `min_data_rate`) and
+/// [`Builder::nodelay`](crate::Builder::nodelay), on by default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StreamOptions {
     /// Capacity of `rfile`, the buffered reader. Default 8 KiB.
@@ -154,10 +236,10 @@ pub struct StreamOptions {
     /// straight to the socket. With a buffer, flush it when a reply is complete; `finish` flushes
     /// whatever is left.
     pub wbufsize: usize,
-    /// Read and write timeout applied to the socket in `setup`. Default none.
-    pub timeout: Option<Duration>,
-    /// Set `TCP_NODELAY` (Python's `disable_nagle_algorithm`). Default false.
-    pub nodelay: bool,
+    /// The longest line `rfile`'s line reads accept, counting its newline; a longer one fails
+    /// with an [`is_too_large`](crate::Error::is_too_large) error after this many bytes. Default
+    /// 64 KiB (Python's `http.server` uses the same limit for request lines and headers).
+    pub max_line: usize,
 }
 
 impl Default for StreamOptions {
@@ -165,8 +247,7 @@ impl Default for StreamOptions {
         StreamOptions {
             rbufsize: 8 * 1024,
             wbufsize: 0,
-            timeout: None,
-            nodelay: false,
+            max_line: 64 * 1024,
         }
     }
 }
@@ -174,10 +255,11 @@ impl Default for StreamOptions {
 /// A connection with a buffered reader (`rfile`) and writer (`wfile`), as a [`StreamHandler`]
 /// sees it.
 pub struct StreamRequest {
-    /// Buffered reader over the connection.
-    pub rfile: BufReader<Stream>,
+    /// Buffered reader over the connection; its line reads are bounded by
+    /// [`StreamOptions::max_line`].
+    pub rfile: RFile,
     /// Writer over the connection (buffered when `wbufsize` > 0); flushed after `finish`.
-    pub wfile: BufWriter<Stream>,
+    pub wfile: WFile,
     peer: Addr,
     server: ServerHandle,
 }
@@ -209,17 +291,17 @@ impl StreamRequest {
 /// `StreamRequestHandler`. Wrap it in [`StreamRequestHandler`] to get a [`Handler`].
 ///
 /// ```
-/// use std::io::{BufRead, Write};
+/// use std::io::Write;
 /// use socketserver::{StreamHandler, StreamRequest, HandlerResult};
 ///
 /// struct LineEcho;
 ///
 /// impl StreamHandler for LineEcho {
 ///     fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
-///         let mut line = Vec::new();
-///         while s.rfile.read_until(b'\n', &mut line)? > 0 {
-///             s.wfile.write_all(&line)?;
-///             line.clear();
+///         // Each line at most StreamOptions::max_line bytes (64 KiB): an endless line is an
+///         // error, not an endless allocation.
+///         for line in s.rfile.lines() {
+///             writeln!(s.wfile, "{}", line?)?;
 ///         }
 ///         Ok(())
 ///     }
@@ -242,8 +324,8 @@ pub trait StreamHandler: Send + 'static {
     }
 }
 
-/// Adapts a [`StreamHandler`] into a [`Handler`]: applies the [`StreamOptions`] to the socket,
-/// builds `rfile` and `wfile`, and flushes `wfile` after `finish`.
+/// Adapts a [`StreamHandler`] into a [`Handler`]: builds `rfile` and `wfile` with the
+/// [`StreamOptions`], and flushes `wfile` after `finish`.
 ///
 /// ```no_run
 /// # use socketserver::{StreamHandler, StreamRequest, HandlerResult};
@@ -288,16 +370,9 @@ impl<H: StreamHandler> StreamRequestHandler<H> {
 impl<H: StreamHandler> Handler for StreamRequestHandler<H> {
     fn setup(&mut self, req: &mut Request) -> HandlerResult {
         let o = self.options;
-        if o.timeout.is_some() {
-            req.stream.set_read_timeout(o.timeout)?;
-            req.stream.set_write_timeout(o.timeout)?;
-        }
-        if o.nodelay {
-            req.stream.set_nodelay(true)?;
-        }
         let s = self.state.insert(StreamRequest {
-            rfile: BufReader::with_capacity(o.rbufsize, req.stream.clone()),
-            wfile: BufWriter::with_capacity(o.wbufsize, req.stream.clone()),
+            rfile: RFile::new(req.stream.clone(), o.rbufsize, o.max_line, req.peer.clone()),
+            wfile: WFile::new(req.stream.clone(), o.wbufsize),
             peer: req.peer.clone(),
             server: req.server.clone(),
         });

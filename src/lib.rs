@@ -5,7 +5,7 @@
 //! [`DatagramHandler`] for UDP), bind a server, call [`serve_forever`](Server::serve_forever).
 //!
 //! ```no_run
-//! use std::io::{BufRead, Write};
+//! use std::io::Write;
 //! use socketserver::{Dispatch, HandlerResult, StreamHandler, StreamRequest, StreamRequestHandler,
 //!                    TcpServer};
 //!
@@ -86,6 +86,7 @@ mod addr;
 mod admission;
 mod auth;
 mod bind;
+mod buffered;
 mod control;
 mod datagram;
 mod deadline;
@@ -107,6 +108,7 @@ pub use auth::{
     mp_client_handshake, mp_connect, mp_connect_with, mp_server_handshake,
 };
 pub use bind::{TcpServer, UdpServer, UnixDatagramServer, UnixStreamServer};
+pub use buffered::{Lines, RFile, WFile};
 pub use control::{DrainReport, ServerHandle, Stats};
 pub use datagram::{DatagramHandler, DatagramRequest};
 pub use dispatch::Dispatch;
@@ -117,7 +119,7 @@ pub use handler::{
 };
 pub use mp::{DEFAULT_MAX_MESSAGE, DEFAULT_MP_BUDGET, MpBudget, MpConnection};
 pub use server::{Builder, Server};
-pub use stream::{Credentials, Stream};
+pub use stream::{Credentials, MinDataRate, Stream};
 
 /// The README's examples, compiled as doctests so they cannot drift from the API.
 #[cfg(doctest)]

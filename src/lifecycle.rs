@@ -4,7 +4,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use crate::control::Counters;
-use crate::worker::{Ctx, panic_message};
+use crate::worker::{Ctx, Severity, panic_message};
 use crate::{
     Addr, DatagramHandler, DatagramRequest, Handler, HandlerFailure, HandlerResult, Request,
 };
@@ -75,11 +75,21 @@ pub(crate) fn run<R: HasPeer, H: Lifecycle<R>>(h: &mut H, req: &mut R, ctx: &Ctx
 /// Requests know their peer, for the error report.
 pub(crate) trait HasPeer {
     fn peer(&self) -> &Addr;
+
+    /// Whether the server cut the connection (idle timeout, minimum data rate): the handler's
+    /// failure is then the cut's echo (a broken pipe), already logged and counted.
+    fn was_cut(&self) -> bool {
+        false
+    }
 }
 
 impl HasPeer for Request {
     fn peer(&self) -> &Addr {
         &self.peer
+    }
+
+    fn was_cut(&self) -> bool {
+        self.stream.was_cut()
     }
 }
 
@@ -97,17 +107,28 @@ fn step<R: HasPeer, H>(
     f: fn(&mut H, &mut R) -> HandlerResult,
 ) -> bool {
     let counters = &ctx.control().counters;
-    let failure = match catch_unwind(AssertUnwindSafe(|| f(h, req))) {
+    let (failure, severity) = match catch_unwind(AssertUnwindSafe(|| f(h, req))) {
         Ok(Ok(())) => return true,
         Ok(Err(e)) => {
-            Counters::bump(&counters.handler_errors);
-            HandlerFailure::Error(e)
+            let failure = HandlerFailure::Error(e);
+            let severity = if req.was_cut() {
+                // The cut's echo (end of file, a broken pipe): counted and logged by the cut.
+                Severity::AfterCut
+            } else if failure.is_timeout() {
+                // The peer went quiet: not a fault of the handler.
+                Counters::bump(&counters.timeouts);
+                Severity::Timeout
+            } else {
+                Counters::bump(&counters.handler_errors);
+                Severity::Failure
+            };
+            (failure, severity)
         }
         Err(p) => {
             Counters::bump(&counters.panics);
-            HandlerFailure::Panic(panic_message(&*p))
+            (HandlerFailure::Panic(panic_message(&*p)), Severity::Failure)
         }
     };
-    ctx.report(req.peer(), stage, failure);
+    ctx.report_as(req.peer(), stage, failure, severity);
     false
 }

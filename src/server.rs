@@ -15,7 +15,7 @@ use rustix::io::Errno;
 use crate::control::{Control, Counters, Permit, lock};
 use crate::dispatch::{Dispatch, Dispatcher, Shared};
 use crate::log_limit::limited;
-use crate::stream::now_millis;
+use crate::stream::{ActivityLimits, Cut};
 use crate::transport::socket::SocketOptions;
 use crate::transport::{Incoming, Listener, Service, Transport};
 use crate::wait::{Polled, deadline_after, poll_until};
@@ -33,7 +33,7 @@ struct Common {
     reject_when_full: bool,
     poll_interval: Duration,
     stack_size: Option<usize>,
-    idle_timeout: Option<Duration>,
+    activity: ActivityLimits,
     verify_request: Option<VerifyHook>,
     service_actions: Option<ActionHook>,
     handle_timeout: Option<ActionHook>,
@@ -73,7 +73,7 @@ impl<T: Transport> Builder<T> {
                 reject_when_full: false,
                 poll_interval: Duration::from_millis(500),
                 stack_size: None,
-                idle_timeout: None,
+                activity: ActivityLimits::default(),
                 verify_request: None,
                 service_actions: None,
                 handle_timeout: None,
@@ -186,12 +186,13 @@ impl<T: Transport> Builder<T> {
         self
     }
 
-    pub(crate) fn set_idle_timeout(&mut self, t: Duration) {
-        self.common.idle_timeout = Some(t);
+    /// The idle timeout and minimum data rate, which the reaper enforces (stream servers only).
+    pub(crate) fn activity_mut(&mut self) -> &mut ActivityLimits {
+        &mut self.common.activity
     }
 
     pub(crate) fn tracks_activity(&self) -> bool {
-        self.common.idle_timeout.is_some()
+        self.common.activity.is_on()
     }
 
     /// Starts a server on a bound listener: the worker pool, the idle reaper.
@@ -216,12 +217,12 @@ impl<T: Transport> Builder<T> {
         });
         let dispatcher = Dispatcher::start(c.dispatch, c.stack_size, shared.clone())
             .map_err(|e| crate::Error::io(Some(&local), e))?;
-        let reaper = match c.idle_timeout {
-            Some(t) => Some(
-                IdleReaper::start(shared.ctx.handle.control.clone(), t)
+        let reaper = match c.activity.is_on() {
+            true => Some(
+                IdleReaper::start(shared.ctx.handle.control.clone(), c.activity)
                     .map_err(|e| crate::Error::io(Some(&local), e))?,
             ),
-            None => None,
+            false => None,
         };
         Ok(Server {
             listener: Some(listener),
@@ -580,47 +581,80 @@ impl<T: Transport> fmt::Debug for Server<T> {
     }
 }
 
-/// Shuts down connections that have been silent longer than the idle timeout.
+/// Shuts down connections that keep their worker waiting on the peer too long: blocked with no
+/// byte moving for the idle timeout, or sending a request slower than the minimum data rate.
+/// It reads counters that each `Stream` keeps with atomics (see `Stream::check_activity`), so
+/// the cost on the data path is a few uncontended atomic additions per system call.
 struct IdleReaper {
     stop: Arc<(Mutex<bool>, Condvar)>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl IdleReaper {
-    fn start(control: Arc<Control>, idle: Duration) -> io::Result<IdleReaper> {
+    fn start(control: Arc<Control>, limits: ActivityLimits) -> io::Result<IdleReaper> {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
-        let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        let idle_ms = idle.as_millis() as u64;
+        let tick = limits.tick();
         let s = stop.clone();
         let thread = thread::Builder::new()
             .name("socketserver-idle".into())
             .spawn(move || {
                 let (m, cv) = &*s;
                 let mut stopped = lock(m);
+                let mut last = Instant::now();
                 while !*stopped {
                     stopped = cv
                         .wait_timeout(stopped, tick)
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
-                    let now = now_millis();
-                    let n = control.cut_where(|s| {
-                        s.last_active()
-                            .is_some_and(|t| now.saturating_sub(t) > idle_ms)
-                            && s.mark_cut()
+                    let now = Instant::now();
+                    let elapsed = now - last;
+                    last = now;
+                    control.cut_where(|s| {
+                        let Some(cut) = s.check_activity(elapsed, &limits) else {
+                            return false;
+                        };
+                        if !s.mark_cut() {
+                            return false;
+                        }
+                        report_cut(&control, s, cut);
+                        true
                     });
-                    if n > 0 {
-                        control
-                            .counters
-                            .idle_closed
-                            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                        log::info!("closed {n} connection(s) idle for over {idle:?}");
-                    }
                 }
             })?;
         Ok(IdleReaper {
             stop,
             thread: Some(thread),
         })
+    }
+}
+
+/// Counts a cut by its reason and says which peer it was and why.
+fn report_cut(control: &Control, s: &crate::Stream, cut: Cut) {
+    let peer = s
+        .peer_addr()
+        .map_or_else(|_| "a peer that has gone".to_owned(), |a| a.to_string());
+    match cut {
+        Cut::Idle(idle) => {
+            Counters::bump(&control.counters.idle_closed);
+            limited!(
+                info,
+                "closed connection from {peer}: nothing sent or read for {idle:?} (idle timeout)"
+            );
+        }
+        Cut::TooSlow {
+            bytes,
+            waited,
+            rate,
+        } => {
+            Counters::bump(&control.counters.slow_closed);
+            limited!(
+                info,
+                "closed connection from {peer}: {bytes} bytes of a request in {waited:.1?}, under \
+                 the minimum of {} bytes/s after {:?}",
+                rate.bytes_per_second,
+                rate.grace
+            );
+        }
     }
 }
 

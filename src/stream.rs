@@ -1,12 +1,12 @@
 //! A cheaply cloneable handle to an accepted stream socket, TCP or Unix.
 
+use std::fmt;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::Addr;
@@ -25,11 +25,239 @@ pub struct Stream {
 
 struct Inner {
     sock: Sock,
-    /// Milliseconds since [`clock_base`] at the last read or write; 0 when not tracked.
-    last_active: AtomicU64,
-    track_activity: bool,
-    /// Set once the server has shut this socket down (idle timeout), so it is counted once.
+    /// What the server's reaper watches; `None` when the server enforces no activity limits,
+    /// and then reads and writes touch nothing but the socket.
+    activity: Option<Activity>,
+    /// Set once the server has shut this socket down (idle or too slow), so it is counted once.
     cut: AtomicBool,
+    /// The read and write timeouts as set through the `Stream`, in nanoseconds (0: none set
+    /// here), for the timeout's message: the kernel reads them back rounded to its clock tick.
+    timeouts_ns: [AtomicU64; 2],
+}
+
+/// How long a connection may keep its worker waiting on the peer: the idle timeout and the
+/// minimum data rate of [`Builder`](crate::Builder), enforced by the server's reaper thread.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ActivityLimits {
+    pub(crate) idle: Option<Duration>,
+    pub(crate) min_rate: Option<MinDataRate>,
+}
+
+impl ActivityLimits {
+    /// The defaults of stream servers; see [`Builder::idle_timeout`](crate::Builder::idle_timeout)
+    /// and [`Builder::min_data_rate`](crate::Builder::min_data_rate) for why these values.
+    pub(crate) const STREAM_DEFAULT: ActivityLimits = ActivityLimits {
+        idle: Some(Duration::from_secs(60)),
+        min_rate: Some(MinDataRate::DEFAULT),
+    };
+
+    /// Whether there is anything to enforce (and so any activity to track).
+    pub(crate) fn is_on(&self) -> bool {
+        self.idle.is_some() || self.min_rate.is_some()
+    }
+
+    /// How often the reaper looks: a quarter of the shortest limit, between 10 ms and 1 s, so a
+    /// connection is cut at most a quarter (and never more than a second) late.
+    pub(crate) fn tick(&self) -> Duration {
+        let shortest = [self.idle, self.min_rate.map(|r| r.grace)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(Duration::from_secs(1));
+        (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
+}
+
+/// The minimum rate at which a client must send a request it has started, once a grace period
+/// has passed: Apache's `mod_reqtimeout` `MinRate`, Kestrel's `MinRequestBodyDataRate`. Set with
+/// [`Builder::min_data_rate`](crate::Builder::min_data_rate).
+///
+/// A request is in progress from the first byte that arrives after the server's last write
+/// until the server writes again (its reply). Only time the handler spends blocked reading
+/// counts, not time it spends computing, and the server's write ends the request. The client
+/// is cut when that time exceeds `grace` plus one second per `bytes_per_second` bytes received
+/// (the rate averaged over the request, after the grace).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MinDataRate {
+    /// Bytes per second the client must average once the grace period is over (0: any rate).
+    pub bytes_per_second: u64,
+    /// How long a request may take before the rate applies.
+    pub grace: Duration,
+}
+
+impl MinDataRate {
+    /// 500 bytes per second after 10 s: `mod_reqtimeout`'s `MinRate=500` (Apache's default
+    /// configuration), with a grace between Kestrel's 5 s and Apache's 20 s. A request line
+    /// trickled a byte every few seconds (Slowloris) is cut after 10 s; any real client, even
+    /// on a 2G link, sends faster than 500 bytes per second.
+    pub const DEFAULT: MinDataRate = MinDataRate {
+        bytes_per_second: 500,
+        grace: Duration::from_secs(10),
+    };
+
+    /// `bytes_per_second` after `grace`.
+    pub const fn new(bytes_per_second: u64, grace: Duration) -> MinDataRate {
+        MinDataRate {
+            bytes_per_second,
+            grace,
+        }
+    }
+
+    /// How long the server may wait for a request of `bytes` bytes so far.
+    fn allowance(&self, bytes: u64) -> Duration {
+        let per_byte = match self.bytes_per_second {
+            0 => return Duration::MAX,
+            r => Duration::try_from_secs_f64(bytes as f64 / r as f64).unwrap_or(Duration::MAX),
+        };
+        self.grace.saturating_add(per_byte)
+    }
+}
+
+/// Why the reaper cut a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cut {
+    /// Blocked on the peer (reading or writing) with no byte moving for the idle timeout.
+    Idle(Duration),
+    /// A request in progress arrived slower than the minimum data rate.
+    TooSlow {
+        bytes: u64,
+        waited: Duration,
+        rate: MinDataRate,
+    },
+}
+
+/// Counters that reads and writes update (atomics, no lock, no clock: a handful of uncontended
+/// atomic additions per system call), and the reaper's view of them.
+struct Activity {
+    /// Threads blocked in a read (or write) through this stream right now.
+    reading: AtomicU32,
+    writing: AtomicU32,
+    /// Bytes read and written so far.
+    read: AtomicU64,
+    written: AtomicU64,
+    /// `read` when the server last wrote: bytes past it are the request in progress. Set by
+    /// every write, so that a request sent right after a reply is timed from its first byte.
+    request_start: AtomicU64,
+    /// What the reaper saw at its last look; only the reaper locks it.
+    watch: Mutex<Watch>,
+}
+
+#[derive(Default)]
+struct Watch {
+    read: u64,
+    written: u64,
+    /// How long the connection has been blocked on its peer with no byte moving.
+    stalled: Duration,
+    /// Time spent blocked reading since the request in progress began.
+    waited: Duration,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            reading: AtomicU32::new(0),
+            writing: AtomicU32::new(0),
+            read: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            request_start: AtomicU64::new(0),
+            watch: Mutex::new(Watch::default()),
+        }
+    }
+
+    /// One look by the reaper, `elapsed` after its previous one: what the connection did
+    /// meanwhile, and whether it broke a limit. Time counts against the peer only while a read
+    /// or write is blocked on it, never while the handler computes.
+    fn check(&self, elapsed: Duration, limits: &ActivityLimits) -> Option<Cut> {
+        // Only the reaper locks it, and never panics holding it.
+        let mut w = self.watch.lock().unwrap_or_else(|e| e.into_inner());
+        let reading = self.reading.load(Ordering::Relaxed) > 0;
+        let writing = self.writing.load(Ordering::Relaxed) > 0;
+        let read = self.read.load(Ordering::Relaxed);
+        let written = self.written.load(Ordering::Relaxed);
+        let request_start = self.request_start.load(Ordering::Relaxed);
+        if written != w.written {
+            // Our reply ended the request that was in progress.
+            w.waited = Duration::ZERO;
+        }
+        if read != w.read || written != w.written || !(reading || writing) {
+            w.stalled = Duration::ZERO;
+        } else {
+            w.stalled = w.stalled.saturating_add(elapsed);
+        }
+        let request = read.saturating_sub(request_start);
+        if reading && request > 0 {
+            w.waited = w.waited.saturating_add(elapsed);
+        }
+        w.read = read;
+        w.written = written;
+        if let Some(idle) = limits.idle
+            && w.stalled > idle
+        {
+            return Some(Cut::Idle(idle));
+        }
+        match limits.min_rate {
+            Some(rate) if request > 0 && w.waited > rate.allowance(request) => Some(Cut::TooSlow {
+                bytes: request,
+                waited: w.waited,
+                rate,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Which way a timed-out call went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Direction {
+    Read = 0,
+    Write = 1,
+}
+
+/// What a read or write through a [`Stream`] fails with when the socket's own timeout
+/// (`SO_RCVTIMEO` / `SO_SNDTIMEO`) expires: an `io::Error` of kind `TimedOut` (not the
+/// `WouldBlock` the OS reports, which reads as "try again") that says what happened.
+#[derive(Debug)]
+pub(crate) struct StreamTimeout {
+    pub(crate) direction: Direction,
+    /// The socket's timeout, when it could be read back.
+    pub(crate) after: Option<Duration>,
+}
+
+impl fmt::Display for StreamTimeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.direction, self.after) {
+            (Direction::Read, Some(t)) => write!(f, "no data for {t:?} (read timeout)"),
+            (Direction::Read, None) => f.write_str("no data within the read timeout"),
+            (Direction::Write, Some(t)) => {
+                write!(f, "peer read nothing for {t:?} (write timeout)")
+            }
+            (Direction::Write, None) => f.write_str("peer read nothing within the write timeout"),
+        }
+    }
+}
+
+impl std::error::Error for StreamTimeout {}
+
+/// The largest write handed to the kernel in one call when activity is tracked: a blocking
+/// write returns only once all of it is queued, so this bounds how much the peer must read
+/// before the reaper sees progress (64 KiB per idle timeout, about 1 KiB/s at the default:
+/// a slow reader is fine, one that reads nothing is not).
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// Writes a formatted message with one `write_all`, so that it leaves in one segment:
+/// `write!` would otherwise hand each formatted piece to the socket on its own, and with
+/// Nagle's algorithm on, the second small segment waits for the peer's delayed ACK (40 ms).
+pub(crate) fn write_fmt_once<W: Write + ?Sized>(
+    w: &mut W,
+    args: fmt::Arguments<'_>,
+) -> io::Result<()> {
+    if let Some(s) = args.as_str() {
+        return w.write_all(s.as_bytes());
+    }
+    let mut text = String::new();
+    fmt::write(&mut text, args)
+        .map_err(|_| io::Error::other("a formatting trait implementation returned an error"))?;
+    w.write_all(text.as_bytes())
 }
 
 enum Sock {
@@ -97,13 +325,12 @@ pub(crate) fn now_millis() -> u64 {
 
 impl Stream {
     fn new(sock: Sock, track_activity: bool) -> Stream {
-        let last_active = if track_activity { now_millis() } else { 0 };
         Stream {
             inner: Arc::new(Inner {
                 sock,
-                last_active: AtomicU64::new(last_active),
-                track_activity,
+                activity: track_activity.then(Activity::new),
                 cut: AtomicBool::new(false),
+                timeouts_ns: [AtomicU64::new(0), AtomicU64::new(0)],
             }),
         }
     }
@@ -116,9 +343,10 @@ impl Stream {
         Stream::new(Sock::Unix(s), track_activity)
     }
 
-    /// The TCP socket, if this is a TCP connection. Reads and writes made on it directly do not
-    /// count as activity for [`Builder::idle_timeout`](crate::Builder::idle_timeout); only those
-    /// through the `Stream` do.
+    /// The TCP socket, if this is a TCP connection. Reads and writes made on it directly are
+    /// invisible to [`Builder::idle_timeout`](crate::Builder::idle_timeout) and
+    /// [`Builder::min_data_rate`](crate::Builder::min_data_rate) (only those through the
+    /// `Stream` count), and a timeout there fails with the OS's bare `WouldBlock`.
     pub fn as_tcp(&self) -> Option<&TcpStream> {
         match &self.inner.sock {
             Sock::Tcp(s) => Some(s),
@@ -127,8 +355,8 @@ impl Stream {
     }
 
     /// The Unix-domain socket, if this is a Unix-domain connection. As with
-    /// [`as_tcp`](Self::as_tcp), direct reads and writes do not count as activity for the idle
-    /// timeout.
+    /// [`as_tcp`](Self::as_tcp), direct reads and writes are invisible to the idle timeout and
+    /// the minimum data rate.
     pub fn as_unix(&self) -> Option<&UnixStream> {
         match &self.inner.sock {
             Sock::Unix(s) => Some(s),
@@ -152,20 +380,45 @@ impl Stream {
         }
     }
 
-    /// Sets how long a read may block (`SO_RCVTIMEO`); `None` blocks forever. A read that times
-    /// out fails with `WouldBlock` or `TimedOut`.
+    /// Sets how long a read may block (`SO_RCVTIMEO`); `None` blocks forever. A read through the
+    /// `Stream` that times out fails with an `io::Error` of kind `TimedOut` saying "no data for
+    /// 30s" (the OS's `WouldBlock` would read as "try again"); `socketserver::Error::from(e)`
+    /// turns it into an error whose [`is_timeout`](crate::Error::is_timeout) is true.
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match &self.inner.sock {
             Sock::Tcp(s) => s.set_read_timeout(t),
             Sock::Unix(s) => s.set_read_timeout(t),
-        }
+        }?;
+        self.remember_timeout(Direction::Read, t);
+        Ok(())
     }
 
-    /// Sets how long a write may block (`SO_SNDTIMEO`); `None` blocks forever.
+    /// Sets how long a write may block (`SO_SNDTIMEO`); `None` blocks forever. A write that
+    /// times out fails with kind `TimedOut`, like a read.
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match &self.inner.sock {
             Sock::Tcp(s) => s.set_write_timeout(t),
             Sock::Unix(s) => s.set_write_timeout(t),
+        }?;
+        self.remember_timeout(Direction::Write, t);
+        Ok(())
+    }
+
+    fn remember_timeout(&self, direction: Direction, t: Option<Duration>) {
+        let ns = t.map_or(0, |t| u64::try_from(t.as_nanos()).unwrap_or(u64::MAX));
+        self.inner.timeouts_ns[direction as usize].store(ns, Ordering::Relaxed);
+    }
+
+    /// The timeout of `direction` as it was set, else as the kernel reports it.
+    fn timeout_of(&self, direction: Direction) -> Option<Duration> {
+        match self.inner.timeouts_ns[direction as usize].load(Ordering::Relaxed) {
+            0 => match direction {
+                Direction::Read => self.read_timeout(),
+                Direction::Write => self.write_timeout(),
+            }
+            .ok()
+            .flatten(),
+            ns => Some(Duration::from_nanos(ns)),
         }
     }
 
@@ -177,8 +430,17 @@ impl Stream {
         }
     }
 
+    /// The current write timeout.
+    pub fn write_timeout(&self) -> io::Result<Option<Duration>> {
+        match &self.inner.sock {
+            Sock::Tcp(s) => s.write_timeout(),
+            Sock::Unix(s) => s.write_timeout(),
+        }
+    }
+
     /// Disables Nagle's algorithm (`TCP_NODELAY`) on TCP; Unix sockets have nothing to disable,
-    /// so this succeeds without effect there.
+    /// so this succeeds without effect there. Accepted TCP connections start with it on; see
+    /// [`Builder::nodelay`](crate::Builder::nodelay).
     pub fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
         match &self.inner.sock {
             Sock::Tcp(s) => s.set_nodelay(nodelay),
@@ -205,11 +467,9 @@ impl Stream {
         None
     }
 
-    /// Milliseconds (on [`now_millis`]'s clock) of the last read or write, if tracked.
-    pub(crate) fn last_active(&self) -> Option<u64> {
-        self.inner
-            .track_activity
-            .then(|| self.inner.last_active.load(Ordering::Relaxed))
+    /// One look by the reaper (see [`Activity::check`]); `None` for an untracked stream.
+    pub(crate) fn check_activity(&self, elapsed: Duration, limits: &ActivityLimits) -> Option<Cut> {
+        self.inner.activity.as_ref()?.check(elapsed, limits)
     }
 
     /// Marks the socket as cut by the server; true the first time only.
@@ -217,12 +477,69 @@ impl Stream {
         !self.inner.cut.swap(true, Ordering::Relaxed)
     }
 
+    /// Whether the server has cut this connection (idle or too slow): the handler's failures
+    /// after that are the cut's echo, already reported.
+    pub(crate) fn was_cut(&self) -> bool {
+        self.inner.cut.load(Ordering::Relaxed)
+    }
+
+    /// Runs one read or write system call, counting it for the reaper when tracked, and turns
+    /// the socket timeout's `WouldBlock` into a `TimedOut` that says so.
     #[inline]
-    fn touch(&self) {
-        if self.inner.track_activity {
-            self.inner
-                .last_active
-                .store(now_millis(), Ordering::Relaxed);
+    fn io(
+        &self,
+        direction: Direction,
+        call: impl FnOnce(&Sock) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let result = match &self.inner.activity {
+            None => call(&self.inner.sock),
+            Some(a) => {
+                let (blocked, moved) = match direction {
+                    Direction::Read => (&a.reading, &a.read),
+                    Direction::Write => (&a.writing, &a.written),
+                };
+                blocked.fetch_add(1, Ordering::Relaxed);
+                let result = call(&self.inner.sock);
+                if let Ok(n) = result {
+                    moved.fetch_add(n as u64, Ordering::Relaxed);
+                    if direction == Direction::Write {
+                        let read = a.read.load(Ordering::Relaxed);
+                        a.request_start.store(read, Ordering::Relaxed);
+                    }
+                }
+                blocked.fetch_sub(1, Ordering::Relaxed);
+                result
+            }
+        };
+        result.map_err(|e| self.timed_out(e, direction))
+    }
+
+    /// On a blocking socket, `WouldBlock` can only be the socket timeout expiring.
+    #[cold]
+    fn timed_out(&self, e: io::Error, direction: Direction) -> io::Error {
+        if e.kind() != io::ErrorKind::WouldBlock {
+            return e;
+        }
+        let nonblocking = rustix::fs::fcntl_getfl(self)
+            .map_or(true, |f| f.contains(rustix::fs::OFlags::NONBLOCK));
+        if nonblocking {
+            return e;
+        }
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            StreamTimeout {
+                direction,
+                after: self.timeout_of(direction),
+            },
+        )
+    }
+
+    /// At most [`WRITE_CHUNK`] bytes of `buf` when activity is tracked.
+    #[inline]
+    fn chunk<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
+        match &self.inner.activity {
+            Some(_) if buf.len() > WRITE_CHUNK => &buf[..WRITE_CHUNK],
+            _ => buf,
         }
     }
 }
@@ -248,45 +565,52 @@ impl AsFd for Stream {
 
 impl Read for &Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = match &self.inner.sock {
+        self.io(Direction::Read, |sock| match sock {
             Sock::Tcp(s) => (&*s).read(buf),
             Sock::Unix(s) => (&*s).read(buf),
-        }?;
-        self.touch();
-        Ok(n)
+        })
     }
 
     fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        let n = match &self.inner.sock {
+        self.io(Direction::Read, |sock| match sock {
             Sock::Tcp(s) => (&*s).read_vectored(bufs),
             Sock::Unix(s) => (&*s).read_vectored(bufs),
-        }?;
-        self.touch();
-        Ok(n)
+        })
     }
 }
 
 impl Write for &Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = match &self.inner.sock {
+        let buf = self.chunk(buf);
+        self.io(Direction::Write, |sock| match sock {
             Sock::Tcp(s) => (&*s).write(buf),
             Sock::Unix(s) => (&*s).write(buf),
-        }?;
-        self.touch();
-        Ok(n)
+        })
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let n = match &self.inner.sock {
+        if self.inner.activity.is_some()
+            && bufs.iter().map(|b| b.len()).sum::<usize>() > WRITE_CHUNK
+        {
+            // Partial writes are allowed: the first non-empty slice, chunked.
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &b[..]);
+            return self.write(first);
+        }
+        self.io(Direction::Write, |sock| match sock {
             Sock::Tcp(s) => (&*s).write_vectored(bufs),
             Sock::Unix(s) => (&*s).write_vectored(bufs),
-        }?;
-        self.touch();
-        Ok(n)
+        })
     }
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+
+    fn write_fmt(&mut self, args: fmt::Arguments<'_>) -> io::Result<()> {
+        write_fmt_once(self, args)
     }
 }
 
@@ -311,5 +635,9 @@ impl Write for Stream {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+
+    fn write_fmt(&mut self, args: fmt::Arguments<'_>) -> io::Result<()> {
+        write_fmt_once(self, args)
     }
 }

@@ -27,6 +27,17 @@ impl Ctx {
 
     /// Python's `handle_error`: the hook if one is set, else a log line with the peer address.
     pub(crate) fn report(&self, peer: &Addr, stage: &str, failure: HandlerFailure) {
+        self.report_as(peer, stage, failure, Severity::Failure)
+    }
+
+    /// [`report`](Self::report), with the default log line's level chosen by `severity`.
+    pub(crate) fn report_as(
+        &self,
+        peer: &Addr,
+        stage: &str,
+        failure: HandlerFailure,
+        severity: Severity,
+    ) {
         match &self.handle_error {
             Some(hook) => {
                 if let Err(p) = catch_unwind(AssertUnwindSafe(|| hook(peer, &failure))) {
@@ -37,9 +48,33 @@ impl Ctx {
                     );
                 }
             }
-            None => limited!(error, "{stage}() failed for request from {peer}: {failure}"),
+            None => match severity {
+                Severity::Failure => {
+                    limited!(error, "{stage}() failed for request from {peer}: {failure}")
+                }
+                Severity::Timeout => limited!(
+                    info,
+                    "{}; connection closed",
+                    failure.describe_timeout(peer)
+                ),
+                Severity::AfterCut => limited!(
+                    debug,
+                    "{stage}() after the server cut the connection from {peer}: {failure}"
+                ),
+            },
         }
     }
+}
+
+/// How bad a handler's failure is, for the default report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Severity {
+    /// An error or a panic of the handler: logged as an error.
+    Failure,
+    /// A read or write timeout: the peer went quiet, logged at info.
+    Timeout,
+    /// Anything after the server cut the connection (already logged with its reason): debug.
+    AfterCut,
 }
 
 /// The message of a caught panic, whatever its payload.

@@ -906,3 +906,87 @@ fn mp_messages_held_half_sent_stay_within_the_in_flight_budget() {
     drop(held);
     assert!(eventually(Duration::from_secs(10), || budget.in_use() == 0));
 }
+
+/// Issue 11: with 8 pool workers, 8 connections that send nothing used to hold every worker for
+/// as long as they stayed open. The idle timeout frees them: an honest client waiting in the
+/// backlog is served within the idle timeout plus a second.
+#[test]
+fn silent_sockets_cannot_hold_the_pool() {
+    let _serial = serial();
+    util::init_logs();
+    const WORKERS: usize = 8;
+    let idle = Duration::from_secs(1);
+    let server = TcpServer::builder(ByteEcho::default)
+        .dispatch(Dispatch::Pool { workers: WORKERS })
+        .idle_timeout(idle)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let silent: Vec<TcpStream> = (0..WORKERS).map(|_| connect(&addr)).collect();
+    assert!(eventually(Duration::from_secs(10), || {
+        running.handle.stats().active == WORKERS as u64
+    }));
+    let t = Instant::now();
+    let mut honest = connect(&addr);
+    honest.write_all(b"honest").unwrap();
+    let mut got = [0u8; 6];
+    honest
+        .read_exact(&mut got)
+        .expect("honest client not served");
+    let waited = t.elapsed();
+    assert_eq!(&got, b"honest");
+    let stats = running.handle.stats();
+    println!(
+        "{WORKERS} silent sockets against a pool of {WORKERS}, idle timeout {idle:?}: honest client \
+         served after {waited:?}; {} idle connections closed",
+        stats.idle_closed
+    );
+    assert!(
+        waited < idle + Duration::from_secs(1),
+        "honest client waited {waited:?}"
+    );
+    assert_eq!(stats.idle_closed, WORKERS as u64);
+    drop((silent, honest));
+}
+
+/// Issue 11: the README's line echo, fed one endless line, grew ~550 MB/s. Lines are now bounded
+/// by `StreamOptions::max_line` (64 KiB): the server answers the endless line by closing the
+/// connection, and its memory does not grow.
+#[test]
+fn an_endless_line_costs_no_memory() {
+    let _serial = serial();
+    util::init_logs();
+    const LIMIT_KIB: u64 = 64 * 1024;
+    let server = TcpServer::builder(line_echo)
+        .handle_error(|_, _| {}) // the "line too long" error is the point, not news
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let start_rss = util::rss_kib("self");
+    let mut c = connect(&addr);
+    let chunk = vec![b'x'; 64 * 1024];
+    let t = Instant::now();
+    let mut sent = 0u64;
+    let mut peak_growth = 0;
+    // Never a newline: send until the server hangs up, memory grows past the limit, or 10 s.
+    while t.elapsed() < Duration::from_secs(10) && peak_growth < LIMIT_KIB {
+        match c.write(&chunk) {
+            Ok(n) => sent += n as u64,
+            Err(_) => break,
+        }
+        peak_growth = peak_growth.max(util::rss_kib("self").saturating_sub(start_rss));
+    }
+    let took = t.elapsed();
+    let cut = c.write(&chunk).is_err() || util::read_to_eof(&mut c).is_ok_and(|r| r.is_empty());
+    println!(
+        "endless line: {} KiB sent in {took:?}, then the connection was closed: {cut}; RSS grew \
+         {peak_growth} KiB at most (limit {LIMIT_KIB} KiB)",
+        sent / 1024
+    );
+    assert!(peak_growth < LIMIT_KIB, "RSS grew {peak_growth} KiB");
+    assert!(cut, "the connection is still open after {took:?}");
+    assert!(took < Duration::from_secs(5), "cut only after {took:?}");
+    drop(running);
+}

@@ -600,19 +600,13 @@ fn stream_request_handler_options_apply() {
     struct Buffered;
     impl StreamHandler for Buffered {
         fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+            // TCP_NODELAY is on by default (Builder::nodelay).
             assert!(s.stream().as_tcp().unwrap().nodelay().unwrap());
             // Buffered: nothing reaches the client until finish flushes.
             s.wfile.write_all(b"buffered reply")?;
             let mut line = String::new();
             match s.rfile.read_line(&mut line) {
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    Ok(())
-                }
+                Err(e) if e.is_timeout() => Ok(()),
                 other => Err(format!("expected a read timeout, got {other:?}").into()),
             }
         }
@@ -622,12 +616,11 @@ fn stream_request_handler_options_apply() {
             Buffered,
             StreamOptions {
                 wbufsize: 1024,
-                timeout: Some(Duration::from_millis(100)),
-                nodelay: true,
                 ..StreamOptions::default()
             },
         )
     })
+    .read_timeout(Duration::from_millis(100))
     .bind("127.0.0.1:0")
     .unwrap();
     let addr = server.local_addr().clone();
@@ -894,4 +887,71 @@ fn thread_mode_reuses_finished_threads_for_new_connections() {
     let mut second = connect(&addr);
     greet(&mut second);
     drop((held, second));
+}
+
+#[test]
+fn idle_timeout_frees_a_worker_blocked_writing_to_a_client_that_never_reads() {
+    let server = TcpServer::builder(|| {
+        FnHandler(|req: &mut Request| {
+            let chunk = vec![b'x'; 256 * 1024];
+            loop {
+                req.write_all(&chunk)?;
+            }
+        })
+    })
+    .idle_timeout(Duration::from_millis(300))
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let c = connect(&addr);
+    let t = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(10), || running
+            .handle
+            .stats()
+            .idle_closed
+            == 1),
+        "{:?}",
+        running.handle.stats()
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .active
+        == 0));
+    // The failed write that follows the cut is the cut's echo, not a handler error.
+    assert_eq!(running.handle.stats().handler_errors, 0);
+    drop(c);
+}
+
+#[test]
+fn idle_timeout_none_leaves_silent_connections_alone() {
+    let server = TcpServer::builder(util::ByteEcho::default)
+        .idle_timeout(None)
+        .min_data_rate(None)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let mut c = connect(&addr);
+    std::thread::sleep(Duration::from_millis(300));
+    c.write_all(b"still here").unwrap();
+    let mut got = [0u8; 10];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"still here");
+    assert_eq!(running.handle.stats().idle_closed, 0);
+    drop(c);
+}
+
+#[test]
+fn a_zero_socket_timeout_is_refused_when_the_server_is_built() {
+    for builder in [
+        TcpServer::builder(line_echo).read_timeout(Duration::ZERO),
+        TcpServer::builder(line_echo).write_timeout(Duration::ZERO),
+    ] {
+        let e = builder.bind("127.0.0.1:0").unwrap_err();
+        assert!(e.is_config(), "{e}");
+    }
 }

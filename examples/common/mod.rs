@@ -202,3 +202,63 @@ pub fn serve<T: socketserver::transport::Transport>(
     server.serve_forever();
     drain(&handle, grace);
 }
+
+/// How long a stream server's connections may keep a worker waiting on their client:
+/// `--idle-timeout SECS`, `--min-rate BYTES`, `--read-timeout SECS`. The defaults are the
+/// library's (60 s, 500 bytes/s after 10 s, no read timeout); 0 turns a limit off.
+#[derive(clap::Args, Debug)]
+pub struct TimeoutArgs {
+    /// Close a connection blocked on its client with no byte moving for this long (0: never)
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_limit)]
+    pub idle_timeout: Limit,
+    /// Close a client that sends a request slower than this many bytes/s once it has taken
+    /// 10 s (0: no minimum)
+    #[arg(long, value_name = "BYTES", default_value_t = 500)]
+    pub min_rate: u64,
+    /// Fail a read that waits longer than this (0: no read timeout, the default)
+    #[arg(long, value_name = "SECS", default_value = "0", value_parser = parse_limit)]
+    pub read_timeout: Limit,
+}
+
+/// A duration, or none (0).
+#[derive(Clone, Copy, Debug)]
+pub struct Limit(pub Option<Duration>);
+
+/// A number of seconds, fractions allowed; 0 is none.
+fn parse_limit(s: &str) -> Result<Limit, String> {
+    let secs: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if d.is_zero() => Ok(Limit(None)),
+        Ok(d) => Ok(Limit(Some(d))),
+        Err(_) => Err("must be a number of seconds, 0 or more".into()),
+    }
+}
+
+impl TimeoutArgs {
+    /// Applies the limits to a stream server's builder.
+    pub fn apply<T: socketserver::transport::StreamTransport>(
+        &self,
+        builder: socketserver::Builder<T>,
+    ) -> socketserver::Builder<T> {
+        let rate = (self.min_rate > 0)
+            .then(|| socketserver::MinDataRate::new(self.min_rate, Duration::from_secs(10)));
+        builder
+            .idle_timeout(self.idle_timeout.0)
+            .min_data_rate(rate)
+            .read_timeout(self.read_timeout.0)
+    }
+
+    /// One line for the log.
+    pub fn describe(&self) -> String {
+        let secs = |l: Limit| l.0.map_or("none".to_owned(), |d| format!("{d:?}"));
+        format!(
+            "idle timeout {}, minimum rate {}, read timeout {}",
+            secs(self.idle_timeout),
+            match self.min_rate {
+                0 => "none".to_owned(),
+                r => format!("{r} bytes/s after 10s"),
+            },
+            secs(self.read_timeout)
+        )
+    }
+}

@@ -121,6 +121,8 @@ pub struct StreamService<H> {
     pub(crate) admission: Pipeline,
     pub(crate) read_timeout: Option<Duration>,
     pub(crate) write_timeout: Option<Duration>,
+    /// `TCP_NODELAY` for TCP connections, set on the listener (accepted sockets inherit it).
+    pub(crate) nodelay: bool,
 }
 
 impl<H> StreamService<H> {
@@ -130,6 +132,7 @@ impl<H> StreamService<H> {
             admission: Pipeline::default(),
             read_timeout: None,
             write_timeout: None,
+            nodelay: true,
         }
     }
 
@@ -148,6 +151,13 @@ impl<H: Handler> Service for StreamService<H> {
     type Request = Accepted;
 
     fn prepare(&mut self, limit: Option<usize>) -> crate::Result<()> {
+        // The OS refuses a zero socket timeout; say so once, at build, rather than on every
+        // connection.
+        if self.read_timeout == Some(Duration::ZERO) || self.write_timeout == Some(Duration::ZERO) {
+            return Err(crate::Error::config(
+                "a read or write timeout of zero: use None for no timeout",
+            ));
+        }
         self.admission.prepare(limit)
     }
 

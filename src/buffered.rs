@@ -1,0 +1,288 @@
+//! `rfile` and `wfile`, Python's names for the buffered reader and writer of a
+//! [`StreamRequest`](crate::StreamRequest): line reads bounded by a maximum length, and
+//! formatted writes that leave in one piece.
+
+use std::fmt;
+use std::io::{self, BufRead, BufReader, BufWriter, IoSlice, IoSliceMut, Read, Write};
+
+use crate::error::Kind;
+use crate::stream::write_fmt_once;
+use crate::{Addr, Error, Result, Stream};
+
+/// The buffered reader of a [`StreamRequest`](crate::StreamRequest) (Python's `rfile`).
+///
+/// Its line reads, [`read_line`](Self::read_line), [`read_until`](Self::read_until) and
+/// [`lines`](Self::lines), stop at [`StreamOptions::max_line`](crate::StreamOptions::max_line)
+/// bytes (64 KiB by default) with an error whose [`is_too_large`](Error::is_too_large) is true,
+/// so a client that sends one endless line costs 64 KiB, not all the server's memory. They are
+/// inherent methods, so they are the ones `s.rfile.read_line(..)` and
+/// `for line in s.rfile.lines()` call even with [`BufRead`] in scope. Their errors are this
+/// crate's [`Error`], carrying the peer address: [`is_timeout`](Error::is_timeout) for a read
+/// timeout, and `?` turns them into a [`HandlerError`](crate::HandlerError).
+///
+/// ```
+/// use std::io::Write;
+/// use socketserver::{HandlerResult, StreamHandler, StreamRequest};
+///
+/// struct Upper;
+///
+/// impl StreamHandler for Upper {
+///     fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+///         for line in s.rfile.lines() {
+///             writeln!(s.wfile, "{}", line?.to_uppercase())?;
+///         }
+///         Ok(())
+///     }
+/// }
+/// ```
+///
+/// It also reads like any reader ([`Read`]; [`fill_buf`](Self::fill_buf) and
+/// [`consume`](Self::consume) as in [`BufRead`]), and `&mut RFile` is a [`BufRead`] for code that
+/// takes one, whose own `read_line` and `lines` are std's, unbounded.
+pub struct RFile {
+    inner: BufReader<Stream>,
+    max_line: usize,
+    peer: Addr,
+}
+
+impl RFile {
+    pub(crate) fn new(stream: Stream, capacity: usize, max_line: usize, peer: Addr) -> RFile {
+        RFile {
+            inner: BufReader::with_capacity(capacity, stream),
+            max_line,
+            peer,
+        }
+    }
+
+    /// Reads up to and including the next `byte` (or to end of file) and appends it to `buf`;
+    /// returns how many bytes it appended, 0 at end of file.
+    ///
+    /// A line longer than [`max_line`](Self::max_line) bytes, counting `byte`, fails with an
+    /// [`is_too_large`](Error::is_too_large) error once `max_line` bytes have been appended; the
+    /// rest of the line stays unread (close the connection: it may never end).
+    pub fn read_until(&mut self, byte: u8, buf: &mut Vec<u8>) -> Result<usize> {
+        let mut taken = 0;
+        loop {
+            let available = match self.inner.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io(Some(&self.peer), e)),
+            };
+            if available.is_empty() {
+                return Ok(taken);
+            }
+            let window = &available[..available.len().min(self.max_line - taken)];
+            if let Some(i) = window.iter().position(|&b| b == byte) {
+                buf.extend_from_slice(&window[..=i]);
+                self.inner.consume(i + 1);
+                return Ok(taken + i + 1);
+            }
+            let n = window.len();
+            buf.extend_from_slice(window);
+            self.inner.consume(n);
+            taken += n;
+            if taken >= self.max_line {
+                return Err(Error::new(Kind::TooLarge)
+                    .with_addr(Some(&self.peer))
+                    .with_detail(format!("line longer than {} bytes", self.max_line)));
+            }
+        }
+    }
+
+    /// Reads a line, its `\n` included, and appends it to `buf`; returns how many bytes it
+    /// appended, 0 at end of file. Bounded like [`read_until`](Self::read_until); a line that is
+    /// not UTF-8 fails with an [`is_bad_message`](Error::is_bad_message) error. On any error
+    /// `buf` is left as it was.
+    pub fn read_line(&mut self, buf: &mut String) -> Result<usize> {
+        let mut bytes = std::mem::take(buf).into_bytes();
+        let start = bytes.len();
+        let mut result = self.read_until(b'\n', &mut bytes);
+        if result.is_ok() && std::str::from_utf8(&bytes[start..]).is_err() {
+            result = Err(Error::new(Kind::BadMessage)
+                .with_addr(Some(&self.peer))
+                .with_detail("line is not valid UTF-8"));
+        }
+        if result.is_err() {
+            bytes.truncate(start);
+        }
+        // Valid either way: a String's bytes, followed by nothing or by checked UTF-8.
+        *buf = String::from_utf8(bytes)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        result
+    }
+
+    /// The lines of the connection, without their `\n` or `\r\n`, each bounded like
+    /// [`read_line`](Self::read_line). Ends at end of file, and after the first error.
+    pub fn lines(&mut self) -> Lines<'_> {
+        Lines {
+            rfile: self,
+            done: false,
+        }
+    }
+
+    /// The buffered bytes, reading more from the connection only when there are none: empty at
+    /// end of file. As [`BufRead::fill_buf`].
+    #[inline]
+    pub fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+
+    /// Marks `n` bytes of [`fill_buf`](Self::fill_buf)'s answer as read. As
+    /// [`BufRead::consume`].
+    #[inline]
+    pub fn consume(&mut self, n: usize) {
+        self.inner.consume(n)
+    }
+
+    /// The bytes buffered and not yet read, without reading more.
+    pub fn buffer(&self) -> &[u8] {
+        self.inner.buffer()
+    }
+
+    /// The longest line the line reads accept, counting its newline.
+    pub fn max_line(&self) -> usize {
+        self.max_line
+    }
+
+    /// The connection. Reading it directly skips (and races with) the buffer.
+    pub fn get_ref(&self) -> &Stream {
+        self.inner.get_ref()
+    }
+}
+
+impl Read for RFile {
+    #[inline]
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf)
+    }
+
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        self.inner.read_vectored(bufs)
+    }
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read_exact(buf)
+    }
+}
+
+/// For code that takes a [`BufRead`]: `&mut s.rfile`. (Not `RFile` itself, so that
+/// `s.rfile.lines()` finds the bounded inherent method, not `BufRead::lines`.) Its
+/// `read_line`, `read_until` and `lines` are std's: unbounded.
+impl BufRead for &mut RFile {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.inner.consume(n)
+    }
+}
+
+impl fmt::Debug for RFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RFile")
+            .field("peer", &self.peer)
+            .field("buffered", &self.inner.buffer().len())
+            .field("max_line", &self.max_line)
+            .finish()
+    }
+}
+
+/// The lines of an [`RFile`], from [`RFile::lines`].
+#[derive(Debug)]
+pub struct Lines<'a> {
+    rfile: &'a mut RFile,
+    done: bool,
+}
+
+impl Iterator for Lines<'_> {
+    type Item = Result<String>;
+
+    fn next(&mut self) -> Option<Result<String>> {
+        if self.done {
+            return None;
+        }
+        let mut line = String::new();
+        match self.rfile.read_line(&mut line) {
+            Ok(0) => {
+                self.done = true;
+                None
+            }
+            Ok(_) => {
+                if line.ends_with('\n') {
+                    line.pop();
+                    if line.ends_with('\r') {
+                        line.pop();
+                    }
+                }
+                Some(Ok(line))
+            }
+            Err(e) => {
+                // What follows an over-long line is the rest of it: stop here.
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// The writer of a [`StreamRequest`](crate::StreamRequest) (Python's `wfile`): unbuffered by
+/// default, buffered with [`StreamOptions::wbufsize`](crate::StreamOptions::wbufsize), flushed
+/// after `finish`.
+///
+/// `write!` and `writeln!` format the whole message first and write it in one call, so
+/// `writeln!(s.wfile, "hello {n}")` leaves in one segment, buffered or not.
+pub struct WFile {
+    inner: BufWriter<Stream>,
+}
+
+impl WFile {
+    pub(crate) fn new(stream: Stream, capacity: usize) -> WFile {
+        WFile {
+            inner: BufWriter::with_capacity(capacity, stream),
+        }
+    }
+
+    /// The bytes written and not yet flushed.
+    pub fn buffer(&self) -> &[u8] {
+        self.inner.buffer()
+    }
+
+    /// The connection. Writing it directly skips the buffer (flush first).
+    pub fn get_ref(&self) -> &Stream {
+        self.inner.get_ref()
+    }
+}
+
+impl Write for WFile {
+    #[inline]
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.inner.write_vectored(bufs)
+    }
+
+    #[inline]
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.inner.write_all(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+
+    fn write_fmt(&mut self, args: fmt::Arguments<'_>) -> io::Result<()> {
+        write_fmt_once(self, args)
+    }
+}
+
+impl fmt::Debug for WFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WFile")
+            .field("buffered", &self.inner.buffer().len())
+            .field("capacity", &self.inner.capacity())
+            .finish()
+    }
+}

@@ -1,0 +1,164 @@
+//! The `kv_server` example, run as a program: its protocol, shared state across connections, an
+//! oversized line answered with `ERR line too long` and a close, and a full store.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// `target/<profile>/examples/kv_server`, next to this test's `target/<profile>/deps/`. A plain
+/// `cargo test` has built it; `cargo build --example` (a no-op then) makes sure it is there and
+/// current when only this test was built.
+fn kv_server_exe() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| {
+        let me = std::env::current_exe().expect("test executable");
+        let profile_dir = me
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("target/<profile>/deps");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "--example", "kv_server"]);
+        if profile_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "cargo build --example kv_server failed");
+        profile_dir.join("examples").join("kv_server")
+    })
+}
+
+/// The example running on a free port; killed when dropped.
+struct KvServer {
+    child: Child,
+    addr: String,
+}
+
+impl KvServer {
+    fn start(args: &[&str]) -> KvServer {
+        // Port 0 picks a free port; the example logs the address it bound.
+        let mut child = Command::new(kv_server_exe())
+            .args(["--addr", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start kv_server");
+        let mut log = BufReader::new(child.stderr.take().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut line = String::new();
+        let addr = loop {
+            line.clear();
+            if log.read_line(&mut line).unwrap_or(0) == 0 || Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("kv_server did not say where it listens");
+            }
+            if let Some(at) = line.split("kv server on ").nth(1) {
+                break at.trim().to_owned();
+            }
+        };
+        // Keep draining its log so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in log.lines() {});
+        KvServer { child, addr }
+    }
+
+    fn connect(&self) -> Client {
+        let s = TcpStream::connect(&self.addr).expect("connect to kv_server");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Client(BufReader::new(s))
+    }
+}
+
+impl Drop for KvServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Client(BufReader<TcpStream>);
+
+impl Client {
+    /// Sends one command line, returns the reply line without its newline.
+    fn ask(&mut self, command: &str) -> String {
+        self.0
+            .get_mut()
+            .write_all(format!("{command}\n").as_bytes())
+            .unwrap();
+        self.reply()
+    }
+
+    fn reply(&mut self) -> String {
+        let mut line = String::new();
+        self.0.read_line(&mut line).unwrap();
+        line.trim_end_matches('\n').to_owned()
+    }
+
+    /// True when the server has closed the connection.
+    fn closed(&mut self) -> bool {
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut self.0, &mut rest).is_ok() && rest.is_empty()
+    }
+}
+
+#[test]
+fn the_protocol_over_shared_state() {
+    let server = KvServer::start(&["--mode", "pool", "--workers", "2"]);
+    let mut a = server.connect();
+    let mut b = server.connect();
+    assert_eq!(a.ask("GET greeting"), "NOT_FOUND");
+    assert_eq!(a.ask("SET greeting hello, world with spaces"), "OK");
+    // Another connection sees it: the state is shared.
+    assert_eq!(b.ask("GET greeting"), "VALUE hello, world with spaces");
+    assert_eq!(
+        b.ask("set Greeting other"),
+        "OK",
+        "commands are case-insensitive"
+    );
+    assert_eq!(a.ask("get greeting"), "VALUE hello, world with spaces");
+    assert_eq!(a.ask("DEL greeting"), "OK");
+    assert_eq!(b.ask("DEL greeting"), "NOT_FOUND");
+    assert_eq!(b.ask("GET greeting"), "NOT_FOUND");
+    assert_eq!(b.ask("FLY away"), "ERR unknown command");
+    assert_eq!(b.ask("SET lonely"), "ERR usage: SET key value");
+    assert_eq!(b.ask("GET two keys"), "ERR usage: GET key");
+    assert_eq!(b.ask(""), "ERR unknown command");
+    // CRLF from a telnet-style client.
+    assert_eq!(b.ask("SET crlf yes\r"), "OK");
+    assert_eq!(b.ask("GET crlf"), "VALUE yes");
+}
+
+#[test]
+fn an_oversized_line_gets_an_error_and_a_close() {
+    let server = KvServer::start(&["--max-line", "64"]);
+    let mut c = server.connect();
+    assert_eq!(
+        c.ask(&format!("SET k {}", "v".repeat(57))),
+        "OK",
+        "64 bytes with the newline"
+    );
+    // Endless, as far as the server can tell: 1 MiB and no newline.
+    let long = format!("SET k {}", "v".repeat(1 << 20));
+    let _ = c.0.get_mut().write_all(long.as_bytes());
+    assert_eq!(c.reply(), "ERR line too long");
+    assert!(c.closed());
+    // The server carries on, and the oversized SET changed nothing.
+    let mut d = server.connect();
+    assert_eq!(d.ask("GET k"), format!("VALUE {}", "v".repeat(57)));
+}
+
+#[test]
+fn the_store_is_bounded() {
+    let server = KvServer::start(&["--max-bytes", "20"]);
+    let mut c = server.connect();
+    assert_eq!(c.ask("SET a 0123456789"), "OK"); // 11 bytes
+    assert_eq!(c.ask("SET b 0123456789"), "ERR store full"); // 22 > 20
+    assert_eq!(c.ask("SET a 012345678901234567"), "OK"); // replaces: 19 bytes
+    assert_eq!(c.ask("DEL a"), "OK");
+    assert_eq!(c.ask("SET b 0123456789"), "OK");
+}
