@@ -757,3 +757,16 @@ fn huge_timeouts_mean_no_timeout_rather_than_a_panic() {
     assert_eq!((report.cut, report.still_running), (0, 0));
     assert!(!server.handle().is_draining());
 }
+
+#[test]
+fn a_bind_error_names_the_address_it_could_not_resolve() {
+    // No DNS involved: the port is out of range, so resolution fails locally.
+    let e = TcpServer::bind("127.0.0.1:99999", line_echo).unwrap_err();
+    assert!(e.is_bind(), "{e:?}");
+    let shown = format!("{e:?}");
+    assert!(
+        shown.starts_with("cannot bind 127.0.0.1:99999: "),
+        "Debug (what fn main prints) must read like the message and name the address: {shown}"
+    );
+    assert_eq!(shown, e.to_string());
+}
