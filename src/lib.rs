@@ -92,6 +92,7 @@ mod deadline;
 mod dispatch;
 mod error;
 mod handler;
+mod handler_fn;
 mod lifecycle;
 mod log_limit;
 mod mp;
@@ -115,6 +116,7 @@ pub use handler::{
     Handler, HandlerError, HandlerFailure, HandlerResult, Request, StreamHandler, StreamOptions,
     StreamRequest, StreamRequestHandler,
 };
+pub use handler_fn::{HandlerFn, handler_fn};
 pub use mp::{DEFAULT_MAX_MESSAGE, MpConnection};
 pub use server::{Builder, Server};
 pub use stream::{Credentials, Stream};

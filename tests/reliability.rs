@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 use socketserver::{
     Addr, Auth, CHALLENGE_LEN, Digest, Dispatch, Handler, HandlerResult, Request, TcpServer,
-    connect_with_auth,
+    connect_with_auth, handler_fn,
 };
-use util::{ByteEcho, FnHandler, connect, eventually, line_echo, serve};
+use util::{ByteEcho, connect, eventually, line_echo, serve};
 
 const KEY: &[u8] = b"reliability-key";
 
@@ -93,7 +93,7 @@ fn panic_storm_leaves_the_server_standing() {
     const CLIENTS: usize = 4;
     for mode in [Dispatch::Pool { workers: 4 }, Dispatch::Thread] {
         let server = TcpServer::builder(|| {
-            FnHandler(|req: &mut Request| {
+            handler_fn(|req: &mut Request| {
                 let mut b = [0u8; 1];
                 req.read_exact(&mut b)?;
                 if b[0] == b'p' {
@@ -307,7 +307,7 @@ fn churn_of_100k_connections_keeps_threads_and_memory_flat() {
     const TOTAL: usize = 100_000;
     const CLIENTS: usize = 4;
     let server = TcpServer::builder(|| {
-        FnHandler(|req: &mut Request| {
+        handler_fn(|req: &mut Request| {
             let mut b = [0u8; 2];
             req.read_exact(&mut b)?;
             req.write_all(&b)?;
@@ -376,7 +376,7 @@ fn fuzz_target(auth: fn() -> Auth) -> Fuzzed {
     let h = handled.clone();
     let server = TcpServer::builder(move || {
         let h = h.clone();
-        FnHandler(move |_: &mut Request| {
+        handler_fn(move |_: &mut Request| {
             h.fetch_add(1, Ordering::SeqCst);
             Ok(())
         })

@@ -11,8 +11,10 @@ use std::sync::mpsc;
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use socketserver::{Dispatch, Handler, HandlerFailure, HandlerResult, Request, TcpServer};
-use util::{FnHandler, connect, eventually, line_echo, serve, three_round_trips};
+use socketserver::{
+    Dispatch, Handler, HandlerFailure, HandlerResult, Request, TcpServer, handler_fn,
+};
+use util::{connect, eventually, line_echo, serve, three_round_trips};
 
 const MODES: [Dispatch; 3] = [
     Dispatch::Sync,
@@ -123,7 +125,7 @@ fn failing_and_panicking_handlers_are_reported_and_the_server_goes_on() {
         let reports = Arc::new(Mutex::new(Vec::new()));
         let r = reports.clone();
         let server = TcpServer::builder(|| {
-            FnHandler(|req: &mut Request| {
+            handler_fn(|req: &mut Request| {
                 let mut b = [0u8; 1];
                 req.read_exact(&mut b)?;
                 match b[0] {
@@ -229,7 +231,7 @@ fn verify_request_false_closes_once_and_never_runs_the_handler() {
         let (r, a) = (ran.clone(), asked.clone());
         let server = TcpServer::builder(move || {
             let r = r.clone();
-            FnHandler(move |_: &mut Request| {
+            handler_fn(move |_: &mut Request| {
                 r.fetch_add(1, Ordering::SeqCst);
                 Ok(())
             })
@@ -259,7 +261,7 @@ fn verify_request_false_closes_once_and_never_runs_the_handler() {
 fn shutdown_from_inside_a_handler_in_every_mode() {
     for mode in MODES {
         let server = TcpServer::builder(|| {
-            FnHandler(|req: &mut Request| {
+            handler_fn(|req: &mut Request| {
                 req.server().shutdown();
                 req.write_all(b"bye")?;
                 Ok(())
@@ -290,7 +292,7 @@ fn pool_back_pressure_leaves_the_excess_in_the_backlog() {
     let (g, s) = (gate.clone(), started.clone());
     let server = TcpServer::builder(move || {
         let (g, s) = (g.clone(), s.clone());
-        FnHandler(move |req: &mut Request| {
+        handler_fn(move |req: &mut Request| {
             let n = s.fetch_add(1, Ordering::SeqCst);
             if n < N {
                 g.wait(); // the first N block until the test lets them go
@@ -334,7 +336,7 @@ fn thread_mode_connection_cap_applies_back_pressure_too() {
     let r = release.clone();
     let server = TcpServer::builder(move || {
         let r = r.clone();
-        FnHandler(move |req: &mut Request| {
+        handler_fn(move |req: &mut Request| {
             let mut b = [0u8; 1];
             if req.read(&mut b)? == 1 && b[0] == b'w' {
                 r.wait();
@@ -374,7 +376,7 @@ fn reject_when_full_sheds_connections_at_the_cap() {
     let r = release.clone();
     let server = TcpServer::builder(move || {
         let r = r.clone();
-        FnHandler(move |_: &mut Request| {
+        handler_fn(move |_: &mut Request| {
             r.wait();
             Ok(())
         })
@@ -521,7 +523,7 @@ fn close_blocks_on_in_flight_requests_unless_told_not_to() {
         let (g, f) = (gate.clone(), finished.clone());
         let server = TcpServer::builder(move || {
             let (tx, g, f) = (started_tx.clone(), g.clone(), f.clone());
-            FnHandler(move |_: &mut Request| {
+            handler_fn(move |_: &mut Request| {
                 tx.send(()).unwrap();
                 g.wait(); // released by the test, 300 ms after close begins
                 f.fetch_add(1, Ordering::SeqCst);
@@ -667,7 +669,7 @@ fn read_timeout_reaches_the_handler_as_an_error() {
     let o = outcome.clone();
     let server = TcpServer::builder(move || {
         let o = o.clone();
-        FnHandler(move |req: &mut Request| {
+        handler_fn(move |req: &mut Request| {
             let mut b = [0u8; 1];
             let t = Instant::now();
             let r = req.read(&mut b);

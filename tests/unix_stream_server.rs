@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use socketserver::{
-    Auth, Digest, Dispatch, HandlerResult, Request, UnixStreamServer, answer_challenge,
+    Auth, Digest, Dispatch, HandlerResult, Request, UnixStreamServer, answer_challenge, handler_fn,
 };
-use util::{FnHandler, eventually, line_echo, serve, sock_path, three_round_trips};
+use util::{eventually, line_echo, serve, sock_path, three_round_trips};
 
 const MODES: [Dispatch; 3] = [
     Dispatch::Sync,
@@ -51,7 +51,7 @@ fn shutdown_from_inside_a_handler_in_every_mode() {
     for mode in MODES {
         let path = sock_path("stop");
         let server = UnixStreamServer::builder(|| {
-            FnHandler(|req: &mut Request| {
+            handler_fn(|req: &mut Request| {
                 req.server().shutdown();
                 Ok(())
             })
@@ -128,7 +128,7 @@ fn handlers_see_peer_credentials() {
     let s = seen.clone();
     let server = UnixStreamServer::builder(move || {
         let s = s.clone();
-        FnHandler(move |req: &mut Request| {
+        handler_fn(move |req: &mut Request| {
             *s.lock().unwrap() = req.peer_credentials();
             Ok(())
         })
