@@ -162,6 +162,11 @@ struct Registry {
 pub struct Control {
     shutdown: AtomicBool,
     draining: AtomicBool,
+    /// A duplicate of the listening socket (stream servers only), so that a drain can stop the
+    /// listening while `serve_forever` still holds the server; taken when it does.
+    listening: Mutex<Option<OwnedFd>>,
+    /// Set once a drain has shut the listener down: the server can never accept again.
+    listener_closed: AtomicBool,
     waker: Waker,
     limiter: Option<Limiter>,
     registry: Mutex<Registry>,
@@ -171,10 +176,18 @@ pub struct Control {
 }
 
 impl Control {
-    pub(crate) fn new(local_addr: Addr, limit: Option<usize>) -> io::Result<Arc<Control>> {
+    /// `listening`: a duplicate of the listening socket of a stream server, which a drain shuts
+    /// down ([`stop_listening`](Self::stop_listening)); `None` for a datagram server.
+    pub(crate) fn new(
+        local_addr: Addr,
+        limit: Option<usize>,
+        listening: Option<OwnedFd>,
+    ) -> io::Result<Arc<Control>> {
         Ok(Arc::new(Control {
             shutdown: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            listening: Mutex::new(listening),
+            listener_closed: AtomicBool::new(false),
             waker: Waker::new()?,
             limiter: limit.map(|n| Limiter {
                 state: Mutex::new(Slots {
@@ -208,6 +221,35 @@ impl Control {
             drop(lock(&l.state));
             l.freed.notify_all();
         }
+    }
+
+    /// Stops listening, so that new clients are refused at once (TCP: RST, which the client sees
+    /// as ECONNREFUSED; Unix: ECONNREFUSED) and a load balancer moves on, instead of waiting in
+    /// the backlog of a server that will never accept them. On Linux, `shutdown(SHUT_RD)` on a
+    /// listening TCP socket takes it out of the listening state; connections still queued in
+    /// its backlog are reset, as nginx's and Go's closing of their listeners does (they never
+    /// reached the application, so the client can safely retry). A Unix listener keeps its
+    /// queued connections until the server is closed.
+    ///
+    /// Call only after [`request_shutdown`](Self::request_shutdown): the accept loop then
+    /// takes the accept error that may follow for what it is, the end, not a failure.
+    pub(crate) fn stop_listening(&self) {
+        let Some(fd) = lock(&self.listening).take() else {
+            return;
+        };
+        self.listener_closed.store(true, Ordering::Release);
+        if let Err(e) = rustix::net::shutdown(&fd, rustix::net::Shutdown::Read) {
+            log::warn!(
+                "cannot stop listening on {}: {e}; new clients wait in the backlog until the \
+                 server is closed",
+                self.local_addr
+            );
+        }
+    }
+
+    /// Whether a drain has closed the listener: `serve_forever` then returns at once.
+    pub(crate) fn listener_closed(&self) -> bool {
+        self.listener_closed.load(Ordering::Acquire)
     }
 
     /// Marks a serve loop as running until the returned guard drops. When the last
@@ -339,6 +381,7 @@ impl Control {
         self.draining.store(true, Ordering::Release);
         let _draining = Draining(&self.draining);
         self.request_shutdown();
+        self.stop_listening();
         let completed_before = self.completed();
         let idle = self.wait_idle(deadline_after(grace));
         let completed_at_deadline = self.completed();
@@ -456,6 +499,13 @@ impl ServerHandle {
     /// Stops accepting, lets in-flight requests finish until `grace` has passed, then shuts down
     /// the sockets of those still running (so handlers blocked on them return) and waits up to one
     /// more second for them. Reports how many finished and how many were cut.
+    ///
+    /// The listener of a stream server stops listening at once: a client that connects during
+    /// the drain is refused (`ECONNREFUSED`) within a round trip, rather than hanging in the
+    /// backlog until the server closes, so that it (or a load balancer) retries elsewhere. TCP
+    /// connections that were still queued in the backlog, never accepted, are reset. Unlike
+    /// after [`shutdown`](Self::shutdown), the server cannot serve again after a drain:
+    /// `serve_forever` returns at once; close it.
     ///
     /// This blocks the caller: call it from a signal-handling thread or the thread that owns the
     /// server, not from a handler (it would wait for itself until the deadline).

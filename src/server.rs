@@ -205,8 +205,10 @@ impl<T: Transport> Builder<T> {
         }
         self.service.prepare(limit)?;
         let local = listener.local_addr();
-        let control =
-            Control::new(local.clone(), limit).map_err(|e| crate::Error::io(Some(&local), e))?;
+        let listening =
+            listening_duplicate(listener.fd()).map_err(|e| crate::Error::io(Some(&local), e))?;
+        let control = Control::new(local.clone(), limit, listening)
+            .map_err(|e| crate::Error::io(Some(&local), e))?;
         let shared = Arc::new(Shared {
             service: self.service,
             ctx: Ctx {
@@ -235,6 +237,17 @@ impl<T: Transport> Builder<T> {
             service_actions: c.service_actions,
             handle_timeout: c.handle_timeout,
         })
+    }
+}
+
+/// For a listening (stream) socket, a duplicate that a drain can shut down while
+/// `serve_forever` holds the original; `None` for a datagram socket, which has no backlog to
+/// refuse.
+fn listening_duplicate(fd: BorrowedFd<'_>) -> io::Result<Option<std::os::fd::OwnedFd>> {
+    if rustix::net::sockopt::socket_acceptconn(fd)? {
+        Ok(Some(fd.try_clone_to_owned()?))
+    } else {
+        Ok(None)
     }
 }
 
@@ -377,13 +390,18 @@ impl<T: Transport> Server<T> {
     ///
     /// It returns within milliseconds of the request (the accept loop waits on the socket and a
     /// wake-up pipe, not on a timer), and returns at once if shutdown was requested before it
-    /// started. After it returns, the server can serve again. Accept errors never end it: those
-    /// that retrying cannot fix (out of descriptors) are logged and retried with backoff.
+    /// started. After it returns, the server can serve again, unless a drain
+    /// ([`shutdown_graceful`](ServerHandle::shutdown_graceful)) closed its listener: then it
+    /// returns at once. Accept errors never end it: those that retrying cannot fix (out of
+    /// descriptors) are logged and retried with backoff.
     pub fn serve_forever(&self) {
         let Some(listener) = &self.listener else {
             return;
         };
         let control = self.control();
+        if control.listener_closed() {
+            return;
+        }
         let _serving = control.serving(true);
         let mut backoff = Backoff::default();
         while !control.shutdown_requested() {
@@ -410,6 +428,9 @@ impl<T: Transport> Server<T> {
         let Some(listener) = &self.listener else {
             return false;
         };
+        if self.control().listener_closed() {
+            return false;
+        }
         let _serving = self.control().serving(false);
         let deadline = timeout.and_then(deadline_after);
         match self.next(listener, deadline, &mut Backoff::default()) {
@@ -465,6 +486,8 @@ impl<T: Transport> Server<T> {
                     };
                     return Next::Request(req, permit);
                 }
+                // A drain shut the listener down after asking us to stop: not a failure.
+                Err(_) if control.shutdown_requested() => return Next::Shutdown,
                 Err(e) => e,
             };
             let pause = match err.kind() {

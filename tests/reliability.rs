@@ -561,3 +561,49 @@ fn finished_threads_are_reaped() {
         .active
         == 0));
 }
+
+#[test]
+fn the_listener_refuses_new_clients_during_a_drain() {
+    let _serial = serial();
+    const TRIES: usize = 200;
+    let server = TcpServer::builder(ByteEcho::default)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().inet().unwrap();
+    let running = serve(server);
+    // One keep-alive client in flight keeps the drain open for as long as it stays.
+    let mut held = connect(&Addr::Inet(addr));
+    held.write_all(b"x").unwrap();
+    held.read_exact(&mut [0u8; 1]).unwrap();
+    let h = running.handle.clone();
+    let drain = std::thread::spawn(move || h.shutdown_graceful(Duration::from_secs(30)));
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .is_draining()));
+    let mut refused = 0;
+    let mut worst = Duration::ZERO;
+    for _ in 0..TRIES {
+        let t = Instant::now();
+        let r = TcpStream::connect_timeout(&addr, Duration::from_secs(5));
+        worst = worst.max(t.elapsed());
+        if r.as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            refused += 1;
+        }
+    }
+    drop(held);
+    let report = drain.join().unwrap();
+    println!(
+        "listener during a drain: {refused}/{TRIES} new connects refused (ECONNREFUSED), worst \
+         {worst:?}; the client in flight finished ({report:?})"
+    );
+    assert_eq!(refused, TRIES, "a connect during a drain was not refused");
+    // Loopback refuses within microseconds; the bound only keeps a margin for a loaded machine.
+    assert!(
+        worst < Duration::from_millis(500),
+        "worst refusal {worst:?}"
+    );
+    assert_eq!((report.finished, report.cut), (1, 0));
+    drop(running);
+}

@@ -772,3 +772,79 @@ fn a_bind_error_names_the_address_it_could_not_resolve() {
     );
     assert_eq!(shown, e.to_string());
 }
+
+/// Starts `shutdown_graceful(grace)` on a thread once a client holds a connection, and waits
+/// until the drain is under way.
+fn start_drain(
+    handle: &socketserver::ServerHandle,
+    grace: Duration,
+) -> std::thread::JoinHandle<socketserver::DrainReport> {
+    let h = handle.clone();
+    let drain = std::thread::spawn(move || h.shutdown_graceful(grace));
+    assert!(eventually(Duration::from_secs(5), || handle.is_draining()));
+    drain
+}
+
+#[test]
+fn a_drain_refuses_new_clients_at_once_and_the_server_cannot_serve_again() {
+    util::init_logs();
+    for mode in MODES {
+        let echo = util::ByteEcho::default();
+        let e = echo.clone();
+        let server = TcpServer::builder(move || e.clone())
+            .dispatch(mode)
+            .bind("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr().inet().unwrap();
+        let running = serve(server);
+        // An in-flight connection keeps the drain going while a new client tries to connect.
+        let held = connect(&socketserver::Addr::Inet(addr));
+        assert!(eventually(Duration::from_secs(5), || echo
+            .0
+            .load(Ordering::SeqCst)
+            == 1));
+        let drain = start_drain(&running.handle, Duration::from_secs(30));
+        let t = Instant::now();
+        let refused = TcpStream::connect_timeout(&addr, Duration::from_secs(5));
+        let took = t.elapsed();
+        assert_eq!(
+            refused.as_ref().map_err(|e| e.kind()).err(),
+            Some(std::io::ErrorKind::ConnectionRefused),
+            "{mode:?}: a client connecting during a drain must be refused, got {refused:?}"
+        );
+        assert!(
+            took < Duration::from_secs(1),
+            "{mode:?}: refused only after {took:?}"
+        );
+        // The client in flight finishes on its own; the drain reports it.
+        drop(held);
+        let report = drain.join().unwrap();
+        assert_eq!((report.finished, report.cut), (1, 0), "{mode:?}");
+        let server = running.stop();
+        assert_eq!(
+            server.stats().accept_errors,
+            0,
+            "{mode:?}: closing the listener is no accept failure"
+        );
+        // After a drain the server cannot serve again: serve_forever returns at once.
+        let t = Instant::now();
+        server.serve_forever();
+        assert!(!server.handle_request(Some(Duration::from_secs(5))));
+        assert!(t.elapsed() < Duration::from_secs(1), "{mode:?}");
+        assert!(TcpStream::connect(addr).is_err(), "{mode:?}");
+    }
+}
+
+#[test]
+fn a_plain_shutdown_keeps_the_listener_so_the_server_can_serve_again() {
+    let server = TcpServer::bind("127.0.0.1:0", line_echo).unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    running.handle.shutdown();
+    let server = running.stop();
+    // A client that connects between two serve_forever calls waits in the backlog, as in Python.
+    let waiting = connect(&addr);
+    let running = serve(server);
+    three_round_trips(waiting);
+    drop(running);
+}

@@ -212,3 +212,43 @@ fn handler_result_type_is_shared_with_tcp() {
     both(line_echo);
     let _: fn() -> HandlerResult = || Ok(());
 }
+
+#[test]
+fn a_drain_refuses_new_unix_clients_at_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    util::init_logs();
+    let path = sock_path("drain-refuses");
+    let started = Arc::new(AtomicUsize::new(0));
+    let s = started.clone();
+    let server = UnixStreamServer::bind(&path, move || {
+        let s = s.clone();
+        handler_fn(move |req: &mut Request| {
+            s.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 64];
+            while req.read(&mut buf)? > 0 {}
+            Ok(())
+        })
+    })
+    .unwrap();
+    let running = serve(server);
+    let held = UnixStream::connect(&path).unwrap();
+    assert!(eventually(Duration::from_secs(5), || started
+        .load(Ordering::SeqCst)
+        == 1));
+    let h = running.handle.clone();
+    let drain = std::thread::spawn(move || h.shutdown_graceful(Duration::from_secs(30)));
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .is_draining()));
+    let refused = UnixStream::connect(&path);
+    assert_eq!(
+        refused.as_ref().map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "a client connecting during a drain must be refused, got {refused:?}"
+    );
+    drop(held);
+    let report = drain.join().unwrap();
+    assert_eq!((report.finished, report.cut), (1, 0));
+    drop(running);
+    assert!(!path.exists(), "socket file left behind");
+}
