@@ -7,6 +7,7 @@ use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use rustix::pipe::{PipeFlags, pipe_with};
@@ -153,9 +154,10 @@ struct Registry {
     completed: u64,
     /// Threads in `wait_idle`; only they need to hear of a request ending.
     waiters: usize,
-    /// Running `serve_forever` / `handle_request` calls. A request they have accepted but not
-    /// yet registered is invisible to `live`, so a drain waits for them to leave first.
-    serving: usize,
+    /// The threads running `serve_forever` / `handle_request`, one entry per call. A request
+    /// they have accepted but not yet registered is invisible to `live`, so a drain waits for
+    /// them to leave first; `shutdown_and_wait` must not wait on its own thread.
+    serving: Vec<ThreadId>,
 }
 
 /// The state every thread of one server shares.
@@ -201,7 +203,7 @@ impl Control {
                 live: HashMap::new(),
                 completed: 0,
                 waiters: 0,
-                serving: 0,
+                serving: Vec::new(),
             }),
             registry_changed: Condvar::new(),
             counters: Counters::default(),
@@ -256,7 +258,7 @@ impl Control {
     /// `serve_forever` leaves (`rearm`), the shutdown request is consumed, as in Python, so the
     /// server can serve again.
     pub(crate) fn serving(&self, rearm: bool) -> Serving<'_> {
-        lock(&self.registry).serving += 1;
+        lock(&self.registry).serving.push(thread::current().id());
         Serving {
             control: self,
             rearm,
@@ -342,13 +344,13 @@ impl Control {
     /// if the server went idle.
     pub(crate) fn wait_idle(&self, deadline: Option<Instant>) -> bool {
         let mut r = lock(&self.registry);
-        while !r.live.is_empty() || r.serving > 0 {
+        while !r.live.is_empty() || !r.serving.is_empty() {
             r.waiters += 1;
             let woken = wait_until(&self.registry_changed, r, deadline);
             r = woken.unwrap_or_else(|| lock(&self.registry));
             r.waiters -= 1;
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                return r.live.is_empty() && r.serving == 0;
+                return r.live.is_empty() && r.serving.is_empty();
             }
         }
         true
@@ -365,6 +367,25 @@ impl Control {
             }
         }
         n
+    }
+
+    /// Waits until no serve loop runs; false at once, without waiting, if this thread runs one
+    /// (it would wait for itself).
+    pub(crate) fn wait_serving_done(&self) -> bool {
+        let me = thread::current().id();
+        let mut r = lock(&self.registry);
+        if r.serving.contains(&me) {
+            return false;
+        }
+        while !r.serving.is_empty() {
+            r.waiters += 1;
+            r = self
+                .registry_changed
+                .wait(r)
+                .unwrap_or_else(|e| e.into_inner());
+            r.waiters -= 1;
+        }
+        true
     }
 
     fn completed(&self) -> u64 {
@@ -433,8 +454,11 @@ impl Drop for Serving<'_> {
     fn drop(&mut self) {
         let c = self.control;
         let mut r = lock(&c.registry);
-        r.serving -= 1;
-        if r.serving == 0 && self.rearm {
+        let me = thread::current().id();
+        if let Some(i) = r.serving.iter().position(|t| *t == me) {
+            r.serving.swap_remove(i);
+        }
+        if r.serving.is_empty() && self.rearm {
             c.clear_shutdown();
         }
         if r.waiters > 0 {
@@ -480,8 +504,25 @@ impl ServerHandle {
     ///
     /// With [`Dispatch::Sync`](crate::Dispatch::Sync) a request runs on the serving thread
     /// itself, so `serve_forever` returns when the request being served (if any) ends.
+    ///
+    /// Unlike Python's `shutdown()`, it does not wait for `serve_forever` to return (which is
+    /// what makes Python's deadlock when called from a handler of a synchronous server): use
+    /// [`shutdown_and_wait`](Self::shutdown_and_wait) to wait.
     pub fn shutdown(&self) {
         self.control.request_shutdown();
+    }
+
+    /// Python's `shutdown()`: asks `serve_forever` to return, as [`shutdown`](Self::shutdown)
+    /// does, then waits until every `serve_forever` and `handle_request` call of this server has
+    /// returned. Requests in flight go on, as with `shutdown`.
+    ///
+    /// Python's blocks forever when called on the thread that runs `serve_forever` (a handler
+    /// of a synchronous server, say): it waits for itself. This one detects that case and does
+    /// not wait: it requests the shutdown and returns false; the loop returns when the current
+    /// request ends. Otherwise it returns true once no serve loop runs (at once if none did).
+    pub fn shutdown_and_wait(&self) -> bool {
+        self.control.request_shutdown();
+        self.control.wait_serving_done()
     }
 
     /// Whether a shutdown has been requested and not yet consumed by `serve_forever` returning.

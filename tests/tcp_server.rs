@@ -848,3 +848,71 @@ fn a_plain_shutdown_keeps_the_listener_so_the_server_can_serve_again() {
     three_round_trips(waiting);
     drop(running);
 }
+
+#[test]
+fn shutdown_and_wait_returns_once_serve_forever_has_returned() {
+    // A synchronous server returns from serve_forever only when its request ends: the wait
+    // must last exactly that long.
+    let server = TcpServer::builder(util::ByteEcho::default)
+        .dispatch(Dispatch::Sync)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let handle = server.handle();
+    let returned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let r = returned.clone();
+    let serving = std::thread::spawn(move || {
+        server.serve_forever();
+        r.store(true, Ordering::SeqCst);
+        server
+    });
+    let mut held = connect(&addr);
+    held.write_all(b"x").unwrap();
+    held.read_exact(&mut [0u8; 1]).unwrap();
+    let h = handle.clone();
+    let waiter = std::thread::spawn(move || h.shutdown_and_wait());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !waiter.is_finished(),
+        "shutdown_and_wait returned while serve_forever was still running"
+    );
+    drop(held);
+    assert!(waiter.join().unwrap(), "it waited, so it reports true");
+    assert!(
+        returned.load(Ordering::SeqCst),
+        "shutdown_and_wait returned before serve_forever did"
+    );
+    drop(serving.join().unwrap());
+    // With no serve loop running it returns at once.
+    assert!(handle.shutdown_and_wait());
+}
+
+#[test]
+fn shutdown_and_wait_from_a_handler_never_deadlocks() {
+    for mode in MODES {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let server = TcpServer::builder(move || {
+            let tx = tx.lock().unwrap().clone();
+            handler_fn(move |req: &mut Request| {
+                let waited = req.server().shutdown_and_wait();
+                let _ = tx.send(waited);
+                Ok(())
+            })
+        })
+        .dispatch(mode)
+        .bind("127.0.0.1:0")
+        .unwrap();
+        let addr = server.local_addr().clone();
+        let running = serve(server);
+        let c = connect(&addr);
+        let waited = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("{mode:?}: shutdown_and_wait in a handler deadlocked"));
+        // On the serving thread (sync mode) it cannot wait for itself; elsewhere it can.
+        assert_eq!(waited, mode != Dispatch::Sync, "{mode:?}");
+        assert!(eventually(Duration::from_secs(5), || running.is_finished()));
+        drop(c);
+        drop(running);
+    }
+}
