@@ -80,14 +80,11 @@ fn main() {
     let server = TcpServer::builder(move || MpEcho { max_message })
         .dispatch(dispatch)
         .auth(Auth::multiprocessing(cli.auth.auth_key.into_bytes()).mp_version(version))
-        .bind(&*cli.addr.addr)
-        .unwrap_or_else(|e| common::die(&format!("cannot start the server: {e}")));
-    let handle = server.handle();
-    common::stop_on_signal(&handle);
-    log::info!(
-        "multiprocessing echo server on {} ({dispatch:?}, {version:?} handshake)",
-        server.local_addr()
+        .bind(&*cli.addr.addr);
+    log::info!("{dispatch:?}, {version:?} handshake");
+    common::serve(
+        server,
+        "multiprocessing echo server",
+        Duration::from_secs(5),
     );
-    server.serve_forever();
-    common::drain(&handle, Duration::from_secs(5));
 }

@@ -135,6 +135,10 @@ pub struct Stats {
     pub idle_closed: u64,
 }
 
+/// How long a drain waits for the requests it cut to return (a handler blocked on its socket
+/// returns at once; one that ignores it is given up on).
+pub(crate) const CUT_WAIT: Duration = Duration::from_secs(1);
+
 /// How a [`ServerHandle::shutdown_graceful`] went.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DrainReport {
@@ -152,6 +156,9 @@ struct Registry {
     next_id: u64,
     live: HashMap<u64, Option<Stream>>,
     completed: u64,
+    /// `completed` when the current drain started, so that its report counts what finished
+    /// since then, whoever started it.
+    drain_base: u64,
     /// Threads in `wait_idle`; only they need to hear of a request ending.
     waiters: usize,
     /// The threads running `serve_forever` / `handle_request`, one entry per call. A request
@@ -169,6 +176,9 @@ pub struct Control {
     listening: Mutex<Option<OwnedFd>>,
     /// Set once a drain has shut the listener down: the server can never accept again.
     listener_closed: AtomicBool,
+    /// Set by [`cut_now`](Self::cut_now): a drain stops waiting and cuts what is left, and
+    /// closing the server no longer waits for handlers.
+    cut_requested: AtomicBool,
     waker: Waker,
     limiter: Option<Limiter>,
     registry: Mutex<Registry>,
@@ -190,6 +200,7 @@ impl Control {
             draining: AtomicBool::new(false),
             listening: Mutex::new(listening),
             listener_closed: AtomicBool::new(false),
+            cut_requested: AtomicBool::new(false),
             waker: Waker::new()?,
             limiter: limit.map(|n| Limiter {
                 state: Mutex::new(Slots {
@@ -202,6 +213,7 @@ impl Control {
                 next_id: 0,
                 live: HashMap::new(),
                 completed: 0,
+                drain_base: 0,
                 waiters: 0,
                 serving: Vec::new(),
             }),
@@ -340,11 +352,15 @@ impl Control {
         lock(&self.registry).live.len()
     }
 
-    /// Waits until no request is in flight and no serve loop runs, or the deadline passes; true
-    /// if the server went idle.
-    pub(crate) fn wait_idle(&self, deadline: Option<Instant>) -> bool {
+    /// Waits until no request is in flight and no serve loop runs, or the deadline passes, or
+    /// (with `until_cut`) [`cut_now`](Self::cut_now) is called; true if the server went idle.
+    pub(crate) fn wait_idle(&self, deadline: Option<Instant>, until_cut: bool) -> bool {
         let mut r = lock(&self.registry);
-        while !r.live.is_empty() || !r.serving.is_empty() {
+        loop {
+            let idle = r.live.is_empty() && r.serving.is_empty();
+            if idle || (until_cut && self.cut_requested()) {
+                return idle;
+            }
             r.waiters += 1;
             let woken = wait_until(&self.registry_changed, r, deadline);
             r = woken.unwrap_or_else(|| lock(&self.registry));
@@ -353,7 +369,25 @@ impl Control {
                 return r.live.is_empty() && r.serving.is_empty();
             }
         }
-        true
+    }
+
+    /// Ends a drain's grace period now: the drain cuts what is still running at once, and
+    /// closing the server no longer waits for handlers (a second Ctrl-C).
+    #[cfg(feature = "signals")]
+    pub(crate) fn cut_now(&self) {
+        self.cut_requested.store(true, Ordering::Release);
+        let r = lock(&self.registry);
+        if r.waiters > 0 {
+            self.registry_changed.notify_all();
+        }
+    }
+
+    pub(crate) fn cut_requested(&self) -> bool {
+        self.cut_requested.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// Shuts down the sockets of the in-flight connections that `pick` selects; returns how many.
@@ -388,8 +422,17 @@ impl Control {
         true
     }
 
-    fn completed(&self) -> u64 {
-        lock(&self.registry).completed
+    /// Starts a drain, or joins the one under way: new clients are refused and the serve
+    /// loops asked to return.
+    pub(crate) fn begin_drain(&self) {
+        {
+            let mut r = lock(&self.registry);
+            if !self.draining.swap(true, Ordering::AcqRel) {
+                r.drain_base = r.completed;
+            }
+        }
+        self.request_shutdown();
+        self.stop_listening();
     }
 
     pub(crate) fn drain(&self, grace: Duration, cut_wait: Duration) -> DrainReport {
@@ -399,14 +442,13 @@ impl Control {
                 self.0.store(false, Ordering::Release);
             }
         }
-        self.draining.store(true, Ordering::Release);
+        self.begin_drain();
         let _draining = Draining(&self.draining);
-        self.request_shutdown();
-        self.stop_listening();
-        let completed_before = self.completed();
-        let idle = self.wait_idle(deadline_after(grace));
-        let completed_at_deadline = self.completed();
-        let finished = completed_at_deadline - completed_before;
+        let idle = self.wait_idle(deadline_after(grace), true);
+        let finished = {
+            let r = lock(&self.registry);
+            r.completed - r.drain_base
+        };
         if idle {
             return DrainReport {
                 finished,
@@ -416,7 +458,7 @@ impl Control {
         }
         let running = self.active() as u64;
         self.cut_where(|_| true);
-        self.wait_idle(deadline_after(cut_wait));
+        self.wait_idle(deadline_after(cut_wait), false);
         DrainReport {
             finished,
             cut: running,
@@ -534,7 +576,7 @@ impl ServerHandle {
     /// several requests on one connection should check it between requests and return, so that
     /// it finishes before the deadline instead of being cut in the middle of a reply.
     pub fn is_draining(&self) -> bool {
-        self.control.draining.load(Ordering::Acquire)
+        self.control.is_draining()
     }
 
     /// Stops accepting, lets in-flight requests finish until `grace` has passed, then shuts down
@@ -551,7 +593,7 @@ impl ServerHandle {
     /// This blocks the caller: call it from a signal-handling thread or the thread that owns the
     /// server, not from a handler (it would wait for itself until the deadline).
     pub fn shutdown_graceful(&self, grace: Duration) -> DrainReport {
-        self.control.drain(grace, Duration::from_secs(1))
+        self.control.drain(grace, CUT_WAIT)
     }
 
     /// A snapshot of the server's counters.

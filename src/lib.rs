@@ -79,7 +79,8 @@
 //!   in-flight requests that a drain or the idle reaper cuts.
 
 #![deny(missing_docs)]
-// One `unsafe` block, in `stream.rs` (SO_PEERCRED), carries its proof; nothing else may.
+// Two `unsafe` blocks carry their proofs: `stream.rs` (SO_PEERCRED) and `signals.rs` (reading
+// a signal's disposition); nothing else may.
 #![deny(unsafe_code)]
 
 mod addr;
@@ -97,6 +98,8 @@ mod lifecycle;
 mod log_limit;
 mod mp;
 mod server;
+#[cfg(feature = "signals")]
+mod signals;
 mod stream;
 pub mod transport;
 mod wait;

@@ -420,6 +420,51 @@ impl<T: Transport> Server<T> {
         }
     }
 
+    /// Serves until SIGINT (Ctrl-C) or SIGTERM, then drains: Python's `serve_forever` ended by
+    /// `KeyboardInterrupt`, made graceful. Returns how the drain went.
+    ///
+    /// The first signal stops accepting at once (new clients are refused, see
+    /// [`shutdown_graceful`](ServerHandle::shutdown_graceful)) and lets in-flight requests
+    /// finish for up to `grace`; a second one cuts everything still running at once, and
+    /// closing the server then no longer waits for handlers. If `serve_forever` ends another
+    /// way (a [`shutdown`](ServerHandle::shutdown) from a handler, say), the same drain follows.
+    /// Either way the server cannot serve again: drop it.
+    ///
+    /// The signals are handled only while this runs; when it returns they do what they did
+    /// before (by default, terminate the process). It may run for several servers at once,
+    /// on different threads: each signal reaches all of them. Requires the `signals` cargo
+    /// feature (on by default). Fails only if the signal handling cannot be set up (out of
+    /// descriptors, or no thread can be started).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use socketserver::{TcpServer, handler_fn};
+    ///
+    /// fn main() -> socketserver::Result<()> {
+    ///     let server = TcpServer::bind("127.0.0.1:9000", || handler_fn(|_req| Ok(())))?;
+    ///     let report = server.serve_until_signal(Duration::from_secs(5))?;
+    ///     eprintln!("{} finished, {} cut", report.finished, report.cut);
+    ///     Ok(())
+    /// }
+    /// ```
+    #[cfg(feature = "signals")]
+    pub fn serve_until_signal(&self, grace: Duration) -> crate::Result<crate::DrainReport> {
+        let control = self.control();
+        let fail = |e| crate::Error::io(Some(&control.local_addr), e);
+        let watch = crate::signals::Watch::install().map_err(fail)?;
+        thread::scope(|scope| {
+            let watcher = thread::Builder::new()
+                .name("socketserver-signals".into())
+                .spawn_scoped(scope, || watch.run(control, grace))
+                .map_err(fail)?;
+            self.serve_forever();
+            let report = control.drain(grace, crate::control::CUT_WAIT);
+            watch.stop();
+            let _ = watcher.join();
+            Ok(report)
+        })
+    }
+
     /// Python's `handle_request`: waits up to `timeout` (forever with `None`) for one request
     /// and dispatches it; on timeout calls the `handle_timeout` hook. Returns whether the
     /// request was dispatched: false on timeout, when a shutdown is pending, and for a request
@@ -568,12 +613,14 @@ impl<T: Transport> Server<T> {
 
     fn close_inner(&mut self) {
         drop(self.listener.take());
-        let join = self.block_on_close;
+        // After a second Ctrl-C (`cut_now`), what is still running has been cut and given its
+        // second: the process is on its way out and must not wait for a handler that ignores it.
+        let join = self.block_on_close && !self.control().cut_requested();
         if let Some(dispatcher) = self.dispatcher.take() {
             dispatcher.close(join);
         }
         if join {
-            self.control().wait_idle(None);
+            self.control().wait_idle(None, false);
         }
         drop(self.reaper.take());
     }
