@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example echo_server -- [--addr 127.0.0.1:9000] [--mode sync|thread|pool]
-//!     [--workers 8] [--auth-key KEY [--digest md5|sha256]]
+//!     [--workers 8] [--max-connections N] [--max-per-source N] [--auth-key KEY [--digest md5|sha256]]
 //! ```
 //! Ctrl-C (or SIGTERM) stops accepting, lets open connections finish for a few seconds, then
 //! closes the rest.
@@ -24,6 +24,8 @@ struct Cli {
     addr: common::AddrArgs,
     #[command(flatten)]
     dispatch: common::DispatchArgs,
+    #[command(flatten)]
+    limits: common::LimitArgs,
     #[command(flatten)]
     auth: common::AuthArgs,
 }
@@ -51,7 +53,8 @@ fn main() {
     let cli: Cli = common::parse();
     common::init_logging();
     let dispatch = cli.dispatch.dispatch();
-    let mut builder = TcpServer::builder(|| StreamRequestHandler::new(Echo)).dispatch(dispatch);
+    let builder = TcpServer::builder(|| StreamRequestHandler::new(Echo)).dispatch(dispatch);
+    let mut builder = cli.limits.apply(builder);
     if let Some(auth) = cli.auth.auth() {
         builder = builder.auth(auth);
         log::info!("clients must authenticate with HMAC-{}", cli.auth.digest);

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cargo run --example hello_server -- [--addr 127.0.0.1:9000] [--auth-key KEY] [--digest md5|sha256]
+//!     [--max-connections N] [--max-per-source N]
 //! ```
 
 #[path = "common/mod.rs"]
@@ -21,6 +22,8 @@ use socketserver::{Handler, HandlerResult, Request, TcpServer};
 struct Cli {
     #[command(flatten)]
     addr: common::AddrArgs,
+    #[command(flatten)]
+    limits: common::LimitArgs,
     #[command(flatten)]
     auth: common::AuthArgs,
 }
@@ -50,7 +53,7 @@ fn main() {
     // MD5 by default: the tutorial's Python client computes its HMAC with it.
     let cli: Cli = common::parse_with(|c| c.mut_arg("digest", |a| a.default_value("md5")));
     common::init_logging();
-    let mut builder = TcpServer::builder(|| Hello);
+    let mut builder = cli.limits.apply(TcpServer::builder(|| Hello));
     if let Some(auth) = cli.auth.auth() {
         builder = builder.auth(auth);
     }

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! cargo run --example mp_echo_server -- --auth-key KEY [--addr 127.0.0.1:6000] [--legacy]
-//!     [--mode sync|thread|pool] [--workers 8] [--max-message BYTES]
+//!     [--mode sync|thread|pool] [--workers 8] [--max-message BYTES] [--max-connections N]
+//!     [--max-per-source N]
 //! ```
 //! `--legacy` sends Python 3.11's challenge byte for byte (the default, 3.12+'s, is answered
 //! by 3.11 clients too). From Python:
@@ -31,6 +32,8 @@ use socketserver::{
 #[derive(Parser)]
 #[command(name = "mp_echo_server")]
 struct Cli {
+    #[command(flatten)]
+    limits: common::LimitArgs,
     #[command(flatten)]
     auth: common::MpAuthArgs,
     #[command(flatten)]
@@ -77,8 +80,10 @@ fn main() {
     let version = cli.auth.version();
     let max_message = cli.max_message;
     let dispatch = cli.dispatch.dispatch();
-    let server = TcpServer::builder(move || MpEcho { max_message })
-        .dispatch(dispatch)
+    let builder = TcpServer::builder(move || MpEcho { max_message }).dispatch(dispatch);
+    let server = cli
+        .limits
+        .apply(builder)
         .auth(Auth::multiprocessing(cli.auth.auth_key.into_bytes()).mp_version(version))
         .bind(&*cli.addr.addr);
     log::info!("{dispatch:?}, {version:?} handshake");

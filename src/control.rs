@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::Shutdown;
+use std::net::{IpAddr, Shutdown};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -88,6 +88,7 @@ pub(crate) struct Counters {
     pub accepted: AtomicU64,
     pub rejected: AtomicU64,
     pub limit_rejected: AtomicU64,
+    pub per_source_rejected: AtomicU64,
     pub auth_failures: AtomicU64,
     pub handshake_timeouts: AtomicU64,
     pub handshake_evictions: AtomicU64,
@@ -117,6 +118,9 @@ pub struct Stats {
     /// Connections closed at once because the connection limit was reached
     /// ([`Builder::reject_when_full`](crate::Builder::reject_when_full)).
     pub limit_rejected: u64,
+    /// Connections closed at once because their client address already had
+    /// [`Builder::max_per_source`](crate::Builder::max_per_source) connections open.
+    pub per_source_rejected: u64,
     /// Clients that failed authentication (wrong, malformed or truncated answer).
     pub auth_failures: u64,
     /// Clients that did not finish the handshake within the handshake timeout.
@@ -155,6 +159,8 @@ pub struct DrainReport {
 struct Registry {
     next_id: u64,
     live: HashMap<u64, Option<Stream>>,
+    /// Open connections per client address, under `max_per_source` (only when it is set).
+    sources: HashMap<IpAddr, usize>,
     completed: u64,
     /// `completed` when the current drain started, so that its report counts what finished
     /// since then, whoever started it.
@@ -181,6 +187,10 @@ pub struct Control {
     cut_requested: AtomicBool,
     waker: Waker,
     limiter: Option<Limiter>,
+    /// The cap `limiter` enforces (`None`: sync mode, or no system limit known).
+    max_connections: Option<usize>,
+    /// Most connections at once from one client IP address.
+    max_per_source: Option<usize>,
     registry: Mutex<Registry>,
     registry_changed: Condvar,
     pub(crate) counters: Counters,
@@ -188,11 +198,14 @@ pub struct Control {
 }
 
 impl Control {
-    /// `listening`: a duplicate of the listening socket of a stream server, which a drain shuts
-    /// down ([`stop_listening`](Self::stop_listening)); `None` for a datagram server.
+    /// `limit`: the most requests in flight (`None`: sync mode, one at a time);
+    /// `max_per_source`: the most connections from one client IP address; `listening`: a
+    /// duplicate of the listening socket of a stream server, which a drain shuts down
+    /// ([`stop_listening`](Self::stop_listening)), `None` for a datagram server.
     pub(crate) fn new(
         local_addr: Addr,
         limit: Option<usize>,
+        max_per_source: Option<usize>,
         listening: Option<OwnedFd>,
     ) -> io::Result<Arc<Control>> {
         Ok(Arc::new(Control {
@@ -209,9 +222,12 @@ impl Control {
                 }),
                 freed: Condvar::new(),
             }),
+            max_connections: limit,
+            max_per_source,
             registry: Mutex::new(Registry {
                 next_id: 0,
                 live: HashMap::new(),
+                sources: HashMap::new(),
                 completed: 0,
                 drain_base: 0,
                 waiters: 0,
@@ -336,16 +352,47 @@ impl Control {
     }
 
     /// Records a request as in flight until the ticket is dropped; `stream` lets a drain or the
-    /// idle reaper shut its socket down.
-    pub(crate) fn register(self: &Arc<Self>, stream: Option<Stream>) -> Ticket {
+    /// idle reaper shut its socket down. `source` is the client's IP address for a connection:
+    /// `None` (refused) if that address already has `max_per_source` connections open.
+    ///
+    /// The count is kept per address as the accept loop saw it. A PROXY-protocol stage, which
+    /// learns the real client address later, is meant to move the ticket's count from the
+    /// proxy's address to the client's (and refuse it if that one is full); trusted proxies
+    /// must then be exempt here.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        stream: Option<Stream>,
+        source: Option<IpAddr>,
+    ) -> Option<Ticket> {
         let mut r = lock(&self.registry);
+        let source = match (source, self.max_per_source) {
+            (Some(ip), Some(max)) => {
+                let open = r.sources.entry(ip).or_insert(0);
+                if *open >= max {
+                    return None;
+                }
+                *open += 1;
+                Some(ip)
+            }
+            _ => None,
+        };
         let id = r.next_id;
         r.next_id += 1;
         r.live.insert(id, stream);
-        Ticket {
+        Some(Ticket {
             control: self.clone(),
             id,
-        }
+            source,
+        })
+    }
+
+    /// The cap on requests in flight (`None` in sync mode).
+    pub(crate) fn max_connections(&self) -> Option<usize> {
+        self.max_connections
+    }
+
+    pub(crate) fn max_per_source(&self) -> Option<usize> {
+        self.max_per_source
     }
 
     pub(crate) fn active(&self) -> usize {
@@ -474,6 +521,7 @@ impl Control {
             active: self.active() as u64,
             rejected: get(&c.rejected),
             limit_rejected: get(&c.limit_rejected),
+            per_source_rejected: get(&c.per_source_rejected),
             auth_failures: get(&c.auth_failures),
             handshake_timeouts: get(&c.handshake_timeouts),
             handshake_evictions: get(&c.handshake_evictions),
@@ -513,12 +561,22 @@ impl Drop for Serving<'_> {
 pub(crate) struct Ticket {
     control: Arc<Control>,
     id: u64,
+    /// The client address counted against `max_per_source`, if any.
+    source: Option<IpAddr>,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         let mut r = lock(&self.control.registry);
         r.live.remove(&self.id);
+        if let Some(ip) = self.source
+            && let Some(open) = r.sources.get_mut(&ip)
+        {
+            *open -= 1;
+            if *open == 0 {
+                r.sources.remove(&ip);
+            }
+        }
         r.completed += 1;
         if r.waiters > 0 {
             self.control.registry_changed.notify_all();
@@ -599,6 +657,21 @@ impl ServerHandle {
     /// A snapshot of the server's counters.
     pub fn stats(&self) -> Stats {
         self.control.stats()
+    }
+
+    /// The cap on requests in flight: in thread mode
+    /// [`Builder::max_connections`](crate::Builder::max_connections), or the default derived
+    /// from the system's limits; in pool mode the number of workers. `None` in sync mode (one
+    /// request at a time, on the serving thread), and in thread mode if no system limit could
+    /// be read.
+    pub fn max_connections(&self) -> Option<usize> {
+        self.control.max_connections()
+    }
+
+    /// The most connections at once from one client IP address
+    /// ([`Builder::max_per_source`](crate::Builder::max_per_source)); `None`: no such cap.
+    pub fn max_per_source(&self) -> Option<usize> {
+        self.control.max_per_source()
     }
 
     /// The address the server is bound to (for TCP, with the real port when bound to port 0).

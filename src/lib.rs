@@ -95,6 +95,7 @@ mod error;
 mod handler;
 mod handler_fn;
 mod lifecycle;
+mod limits;
 mod log_limit;
 mod mp;
 mod server;

@@ -916,3 +916,111 @@ fn shutdown_and_wait_from_a_handler_never_deadlocks() {
         drop(running);
     }
 }
+
+#[test]
+fn thread_mode_has_a_connection_cap_by_default_and_the_others_report_theirs() {
+    let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    let server = TcpServer::bind("127.0.0.1:0", line_echo).unwrap();
+    let cap = server
+        .max_connections()
+        .expect("thread mode without max_connections must still be capped");
+    // Derived from the system's limits, with headroom: a real machine allows more than 16.
+    assert!(cap >= 16, "{cap}");
+    assert!(
+        nofile.is_none_or(|n| (cap as u64) < n),
+        "{cap} vs {nofile:?}"
+    );
+    assert_eq!(server.handle().max_connections(), Some(cap));
+    assert_eq!(server.handle().max_per_source(), None, "off unless set");
+    let set = TcpServer::builder(line_echo)
+        .max_connections(7)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    assert_eq!(set.max_connections(), Some(7));
+    let pool = TcpServer::builder(line_echo)
+        .dispatch(Dispatch::Pool { workers: 3 })
+        .bind("127.0.0.1:0")
+        .unwrap();
+    assert_eq!(pool.max_connections(), Some(3));
+    let sync = TcpServer::builder(line_echo)
+        .dispatch(Dispatch::Sync)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    assert_eq!(sync.max_connections(), None);
+    assert!(
+        TcpServer::builder(line_echo)
+            .max_per_source(0)
+            .bind("127.0.0.1:0")
+            .unwrap_err()
+            .is_config()
+    );
+}
+
+/// A client connected from `source` (any address of 127.0.0.0/8) to `to`.
+fn connect_from(source: &str, to: &socketserver::Addr) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let from: std::net::SocketAddr = format!("{source}:0").parse().unwrap();
+    sock.bind(&from.into()).unwrap();
+    sock.connect(&to.inet().unwrap().into()).unwrap();
+    let s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Whether the server echoes on `c` (false: it closed the connection).
+fn echoes(c: &mut TcpStream) -> bool {
+    if c.write_all(b"x").is_err() {
+        return false;
+    }
+    let mut b = [0u8; 1];
+    matches!(c.read(&mut b), Ok(1))
+}
+
+#[test]
+fn max_per_source_closes_one_address_s_excess_and_spares_other_addresses() {
+    util::init_logs();
+    for mode in [Dispatch::Thread, Dispatch::Pool { workers: 8 }] {
+        let server = TcpServer::builder(util::ByteEcho::default)
+            .dispatch(mode)
+            .max_per_source(2)
+            .bind("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr().clone();
+        let running = serve(server);
+        let mut first = connect_from("127.0.0.1", &addr);
+        let mut second = connect_from("127.0.0.1", &addr);
+        assert!(echoes(&mut first) && echoes(&mut second), "{mode:?}");
+        let mut third = connect_from("127.0.0.1", &addr);
+        assert!(
+            !echoes(&mut third),
+            "{mode:?}: a third connection from one address was served"
+        );
+        assert_eq!(running.handle.stats().per_source_rejected, 1, "{mode:?}");
+        // Another address is not affected by the first one's count.
+        let mut other = connect_from("127.0.0.2", &addr);
+        assert!(echoes(&mut other), "{mode:?}: another address was refused");
+        // A slot freed by the first address is its own again.
+        drop(first);
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                let mut again = connect_from("127.0.0.1", &addr);
+                echoes(&mut again)
+            }),
+            "{mode:?}: the address never got its slot back"
+        );
+        drop((second, third, other));
+        drop(running);
+    }
+}
+
+#[test]
+fn without_max_per_source_one_address_may_hold_many_connections() {
+    let server = TcpServer::bind("127.0.0.1:0", util::ByteEcho::default).unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let mut clients: Vec<TcpStream> = (0..40).map(|_| connect(&addr)).collect();
+    assert!(clients.iter_mut().all(echoes));
+    assert_eq!(running.handle.stats().per_source_rejected, 0);
+    drop(clients);
+    drop(running);
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::builder::{NonEmptyStringValueParser, RangedU64ValueParser};
 use clap::{ArgMatches, Command, CommandFactory};
-use socketserver::{Auth, Digest, Dispatch, Server};
+use socketserver::{Auth, Builder, Digest, Dispatch, Server};
 
 /// `--addr HOST:PORT`. The multiprocessing examples change the default with [`mp_addr`].
 #[derive(clap::Args, Debug)]
@@ -55,6 +55,38 @@ impl DispatchArgs {
             Mode::Pool => Dispatch::Pool {
                 workers: self.workers,
             },
+        }
+    }
+}
+
+/// Connection caps of a stream server: `--max-connections N` and `--max-per-source N`.
+#[derive(clap::Args, Debug)]
+pub struct LimitArgs {
+    /// Most connections served at once in --mode thread (default: derived from the system's
+    /// limits, logged at start)
+    #[arg(long, value_name = "N",
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_connections: Option<usize>,
+    /// Most connections at once from one client IP address; more are closed at once (default:
+    /// no per-address cap, since clients behind one NAT or proxy share an address)
+    #[arg(long, value_name = "N",
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_per_source: Option<usize>,
+}
+
+impl LimitArgs {
+    /// Applies the caps that were given to `builder`.
+    pub fn apply<T: socketserver::transport::Transport>(&self, builder: Builder<T>) -> Builder<T> {
+        let builder = match self.max_connections {
+            Some(n) => builder.max_connections(n),
+            None => builder,
+        };
+        match self.max_per_source {
+            Some(n) => {
+                log::info!("at most {n} connections per client address");
+                builder.max_per_source(n)
+            }
+            None => builder,
         }
     }
 }
