@@ -335,6 +335,11 @@ impl Control {
         }
     }
 
+    /// Slots free right now under the limit; `None` without a limit.
+    pub(crate) fn free_slots(&self) -> Option<usize> {
+        self.limiter.as_ref().map(|l| lock(&l.state).free)
+    }
+
     /// Takes a slot only if one is free right now.
     pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
         let Some(l) = &self.limiter else {

@@ -339,8 +339,8 @@ mod tests {
                 Some(&self.0)
             }
         }
-        let root = io::Error::new(io::ErrorKind::Other, "disk on fire");
-        let e = Error::io(None, io::Error::new(io::ErrorKind::Other, Outer(root)));
+        let root = io::Error::other("disk on fire");
+        let e = Error::io(None, io::Error::other(Outer(root)));
         assert_eq!(format!("{e}"), "i/o error: handshake aborted");
         assert_eq!(
             format!("{e:?}"),
