@@ -18,7 +18,8 @@ pub struct HandlerFn<F>(F);
 ///
 /// let server = TcpServer::bind("127.0.0.1:9000", || {
 ///     handler_fn(|req| {
-///         writeln!(req, "hello, {}", req.peer_addr())?;
+///         let peer = req.peer_addr().clone();
+///         writeln!(req, "hello, {peer}")?;
 ///         Ok(())
 ///     })
 /// })?;
