@@ -21,9 +21,9 @@ use pool::Pool;
 pub enum Dispatch {
     /// One request at a time, on the thread that calls `serve_forever` (Python's `TCPServer`).
     Sync,
-    /// A new thread per request (Python's `ThreadingTCPServer`), optionally capped with
-    /// [`Builder::max_connections`](crate::Builder::max_connections). Finished threads are
-    /// reaped as they end. The default.
+    /// A new thread per request (Python's `ThreadingTCPServer`), capped by
+    /// [`Builder::max_connections`](crate::Builder::max_connections), whose default is what
+    /// the system's limits allow. Finished threads are reaped as they end. The default.
     #[default]
     Thread,
     /// A fixed pool of worker threads. When all are busy the server stops accepting, so the
