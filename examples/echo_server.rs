@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example echo_server -- [--addr 127.0.0.1:9000] [--mode sync|thread|pool]
-//!     [--workers 8] [--auth-key KEY [--digest md5|sha256]]
+//!     [--workers 8] [--max-connections N] [--max-per-source N] [--auth-key KEY [--digest md5|sha256]]
 //!     [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
 //! ```
 //! A client that keeps a worker waiting (silent for `--idle-timeout` seconds, or sending slower
@@ -28,9 +28,11 @@ struct Cli {
     #[command(flatten)]
     dispatch: common::DispatchArgs,
     #[command(flatten)]
+    limits: common::LimitArgs,
+    #[command(flatten)]
     auth: common::AuthArgs,
     #[command(flatten)]
-    limits: common::TimeoutArgs,
+    timeouts: common::TimeoutArgs,
 }
 
 /// The README's first example, as it is: bytes come back as soon as they arrive.
@@ -56,14 +58,13 @@ fn main() {
     let cli: Cli = common::parse();
     common::init_logging();
     let dispatch = cli.dispatch.dispatch();
-    let mut builder = cli
-        .limits
-        .apply(TcpServer::builder(|| StreamRequestHandler::new(Echo)).dispatch(dispatch));
+    let builder = TcpServer::builder(|| StreamRequestHandler::new(Echo)).dispatch(dispatch);
+    let mut builder = cli.timeouts.apply(cli.limits.apply(builder));
     if let Some(auth) = cli.auth.auth() {
         builder = builder.auth(auth);
         log::info!("clients must authenticate with HMAC-{}", cli.auth.digest);
     }
     let server = builder.bind(&*cli.addr.addr);
-    log::info!("dispatch: {dispatch:?}; {}", cli.limits.describe());
+    log::info!("dispatch: {dispatch:?}; {}", cli.timeouts.describe());
     common::serve(server, "echo server", Duration::from_secs(5));
 }

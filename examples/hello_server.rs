@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! cargo run --example hello_server -- [--addr 127.0.0.1:9000] [--auth-key KEY] [--digest md5|sha256]
-//!     [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
+//!     [--max-connections N] [--max-per-source N] [--idle-timeout 60] [--min-rate 500]
+//!     [--read-timeout 0]
 //! ```
 //! A client silent for `--idle-timeout` seconds is disconnected (logged at info).
 
@@ -24,9 +25,11 @@ struct Cli {
     #[command(flatten)]
     addr: common::AddrArgs,
     #[command(flatten)]
+    limits: common::LimitArgs,
+    #[command(flatten)]
     auth: common::AuthArgs,
     #[command(flatten)]
-    limits: common::TimeoutArgs,
+    timeouts: common::TimeoutArgs,
 }
 
 struct Hello;
@@ -54,8 +57,10 @@ fn main() {
     // MD5 by default: the tutorial's Python client computes its HMAC with it.
     let cli: Cli = common::parse_with(|c| c.mut_arg("digest", |a| a.default_value("md5")));
     common::init_logging();
-    let mut builder = cli.limits.apply(TcpServer::builder(|| Hello));
-    log::info!("{}", cli.limits.describe());
+    let mut builder = cli
+        .timeouts
+        .apply(cli.limits.apply(TcpServer::builder(|| Hello)));
+    log::info!("{}", cli.timeouts.describe());
     if let Some(auth) = cli.auth.auth() {
         builder = builder.auth(auth);
     }

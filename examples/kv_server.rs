@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! cargo run --example kv_server -- [--addr 127.0.0.1:9000] [--mode sync|thread|pool]
-//!     [--workers 8] [--max-line 65536] [--max-bytes 67108864]
-//!     [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
+//!     [--workers 8] [--max-line 65536] [--max-bytes 67108864] [--max-connections N]
+//!     [--max-per-source N] [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
 //! ```
 //!
 //! One command per line, one reply per command:
@@ -53,7 +53,9 @@ struct Cli {
     #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024 * 1024)]
     max_bytes: usize,
     #[command(flatten)]
-    limits: common::TimeoutArgs,
+    limits: common::LimitArgs,
+    #[command(flatten)]
+    timeouts: common::TimeoutArgs,
 }
 
 /// The shared state: the map, and how many bytes of keys and values it holds.
@@ -169,10 +171,13 @@ fn main() {
         )
     })
     .dispatch(dispatch);
-    let server = cli.limits.apply(builder).bind(&*cli.addr.addr);
+    let server = cli
+        .timeouts
+        .apply(cli.limits.apply(builder))
+        .bind(&*cli.addr.addr);
     log::info!(
         "dispatch: {dispatch:?}; lines up to {max_line} bytes; store up to {max_bytes} bytes; {}",
-        cli.limits.describe()
+        cli.timeouts.describe()
     );
     common::serve(server, "kv server", Duration::from_secs(5));
 }

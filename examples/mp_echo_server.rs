@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! cargo run --example mp_echo_server -- --auth-key KEY [--addr 127.0.0.1:6000] [--legacy]
-//!     [--mode sync|thread|pool] [--workers 8] [--max-message BYTES]
-//!     [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
+//!     [--mode sync|thread|pool] [--workers 8] [--max-message BYTES] [--max-connections N]
+//!     [--max-per-source N] [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
 //! ```
 //! After login the connection is bounded like any other: silent for `--idle-timeout` seconds, or
 //! a message (a frame header whose body never comes, say) arriving slower than `--min-rate`
@@ -36,6 +36,8 @@ use socketserver::{
 #[command(name = "mp_echo_server")]
 struct Cli {
     #[command(flatten)]
+    limits: common::LimitArgs,
+    #[command(flatten)]
     auth: common::MpAuthArgs,
     #[command(flatten)]
     addr: common::AddrArgs,
@@ -45,7 +47,7 @@ struct Cli {
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_MESSAGE)]
     max_message: usize,
     #[command(flatten)]
-    limits: common::TimeoutArgs,
+    timeouts: common::TimeoutArgs,
 }
 
 struct MpEcho {
@@ -83,20 +85,19 @@ fn main() {
     let version = cli.auth.version();
     let max_message = cli.max_message;
     let dispatch = cli.dispatch.dispatch();
+    let builder = TcpServer::builder(move || MpEcho { max_message }).dispatch(dispatch);
     let server = cli
-        .limits
-        .apply(TcpServer::builder(move || MpEcho { max_message }))
-        .dispatch(dispatch)
+        .timeouts
+        .apply(cli.limits.apply(builder))
         .auth(Auth::multiprocessing(cli.auth.auth_key.into_bytes()).mp_version(version))
-        .bind(&*cli.addr.addr)
-        .unwrap_or_else(|e| common::die(&format!("cannot start the server: {e}")));
-    let handle = server.handle();
-    common::stop_on_signal(&handle);
+        .bind(&*cli.addr.addr);
     log::info!(
-        "multiprocessing echo server on {} ({dispatch:?}, {version:?} handshake; {})",
-        server.local_addr(),
-        cli.limits.describe()
+        "{dispatch:?}, {version:?} handshake; {}",
+        cli.timeouts.describe()
     );
-    server.serve_forever();
-    common::drain(&handle, Duration::from_secs(5));
+    common::serve(
+        server,
+        "multiprocessing echo server",
+        Duration::from_secs(5),
+    );
 }

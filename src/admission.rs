@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rustix::event::{PollFd, PollFlags, Timespec};
+
 use crate::control::{Control, Counters, lock};
 use crate::deadline::DeadlineIo;
 use crate::log_limit::limited;
@@ -89,6 +91,7 @@ impl Default for Pipeline {
             max_pending: None,
             pending: Mutex::new(PendingTable {
                 cap: 1,
+                cut_when_full: None,
                 next_id: 0,
                 queue: VecDeque::new(),
             }),
@@ -111,15 +114,28 @@ impl Pipeline {
         self.max_pending = max_pending;
     }
 
-    /// Checks the stages and sizes the cap once the dispatch limit is known: half the workers
-    /// may sit in admission, but never fewer than 4 (or all of a smaller pool), so that honest
-    /// clients arriving together do not evict each other; 64 when nothing limits the workers.
+    /// Checks the stages and sizes the cap once the dispatch limit is known.
+    ///
+    /// A cap the user set is applied as it is. Otherwise, with a limit of `n` workers (pool) or
+    /// connections (capped thread mode), handshakes may take any worker, and the oldest
+    /// unfinished one is cut when a new connection takes the last free worker, once at least
+    /// half of them (at least 4, or all of a smaller pool) are handshakes: silent connections
+    /// then always leave a worker for the next client, and an honest client has as many newer
+    /// connections as possible to answer within (`n` - 1 under a flood, where a fixed cap of
+    /// `n / 2` gave it half that), while a busy server with a few handshakes cuts none. 64 when
+    /// nothing limits the workers.
     pub(crate) fn prepare(&mut self, limit: Option<usize>) -> Result<()> {
         for s in &self.stages {
             s.check()?;
         }
-        let default = limit.map_or(64, |n| (n / 2).max(n.min(4)));
-        lock(&self.pending).cap = self.max_pending.unwrap_or(default).max(1);
+        let (cap, cut_when_full) = match (self.max_pending, limit) {
+            (Some(max), _) => (max, None),
+            (None, Some(n)) => (n, Some((n / 2).max(n.min(4)))),
+            (None, None) => (64, None),
+        };
+        let mut t = lock(&self.pending);
+        t.cap = cap.max(1);
+        t.cut_when_full = cut_when_full;
         Ok(())
     }
 
@@ -171,14 +187,16 @@ impl Pipeline {
 
     /// Registers an admission under the cap, cutting the oldest unfinished ones to make room.
     fn enter(&self, stream: &Stream, control: &Control) -> PendingGuard<'_> {
+        // This connection holds its slot already: none free means it took the last one.
+        let took_last_slot = control.free_slots() == Some(0);
         let mut t = lock(&self.pending);
+        if took_last_slot && t.cut_when_full.is_some_and(|at| t.queue.len() >= at) {
+            t.evict_oldest(control, false);
+        }
         while t.queue.len() >= t.cap {
-            let Some(old) = t.queue.pop_front() else {
+            if !t.evict_oldest(control, true) {
                 break;
-            };
-            old.evicted.store(true, Ordering::Relaxed);
-            let _ = old.stream.shutdown(Shutdown::Both);
-            Counters::bump(&control.counters.handshake_evictions);
+            }
         }
         let entry = Arc::new(Pending {
             id: t.next_id,
@@ -194,6 +212,20 @@ impl Pipeline {
     }
 }
 
+/// Whether the client has sent bytes that wait to be read on `stream` (its answer, say), and
+/// has not hung up: a connection at end of file is as good as gone and may be cut.
+fn has_input(stream: &Stream) -> bool {
+    let mut fds = [PollFd::new(stream, PollFlags::IN | PollFlags::RDHUP)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(rustix::event::poll(&mut fds, Some(&now)), Ok(n) if n > 0)
+        && !fds[0]
+            .revents()
+            .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR)
+}
+
 /// One unfinished admission, visible to newer ones that may need to evict it.
 struct Pending {
     id: u64,
@@ -203,8 +235,32 @@ struct Pending {
 
 struct PendingTable {
     cap: usize,
+    /// With `Some(at)`: when a connection takes the last free slot and at least `at`
+    /// admissions are unfinished, the oldest is cut, so that a slot frees for the next client.
+    cut_when_full: Option<usize>,
     next_id: u64,
     queue: VecDeque<Arc<Pending>>,
+}
+
+impl PendingTable {
+    /// Cuts the oldest unfinished admission whose client has not answered yet; false if there
+    /// is none. A client whose answer is already waiting to be read is spared: under a flood,
+    /// its worker may simply not have run yet, and cutting it would punish the one client that
+    /// did everything right. Only when every unfinished admission has answered, and the cap
+    /// must hold, is the oldest of them cut.
+    fn evict_oldest(&mut self, control: &Control, must: bool) -> bool {
+        let silent = self.queue.iter().position(|p| !has_input(&p.stream));
+        let Some(at) = silent.or(if must { Some(0) } else { None }) else {
+            return false;
+        };
+        let Some(old) = self.queue.remove(at) else {
+            return false;
+        };
+        old.evicted.store(true, Ordering::Relaxed);
+        let _ = old.stream.shutdown(Shutdown::Both);
+        Counters::bump(&control.counters.handshake_evictions);
+        true
+    }
 }
 
 /// Removes an admission from the pending table when it ends, however it ends.
@@ -228,5 +284,106 @@ impl PendingGuard<'_> {
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
         self.leave();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// A server-side stream and its client, over loopback.
+    fn connection(listener: &TcpListener) -> (Stream, TcpStream) {
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (Stream::tcp(server, false), client)
+    }
+
+    fn cut(p: &PendingGuard<'_>) -> bool {
+        p.entry.evicted.load(Ordering::Relaxed)
+    }
+
+    fn setup(workers: usize, max_pending: Option<usize>) -> (Pipeline, Arc<Control>, TcpListener) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let local = Addr::Inet(listener.local_addr().unwrap());
+        let control = Control::new(local, Some(workers), None, None).unwrap();
+        let mut pipeline = Pipeline::default();
+        pipeline.set_limits(Duration::from_secs(5), max_pending);
+        pipeline.prepare(Some(workers)).unwrap();
+        (pipeline, control, listener)
+    }
+
+    #[test]
+    fn a_pool_with_free_workers_cuts_no_handshake() {
+        // 8 workers: the old fixed cap (4) cut the oldest at the fifth handshake.
+        let (pipeline, control, listener) = setup(8, None);
+        let conns: Vec<_> = (0..7).map(|_| connection(&listener)).collect();
+        let mut permits = Vec::new();
+        let mut pending = Vec::new();
+        for (s, _) in &conns {
+            permits.push(control.try_acquire().unwrap());
+            pending.push(pipeline.enter(s, &control));
+        }
+        assert!(
+            pending.iter().all(|p| !cut(p)),
+            "a handshake was cut with a worker free"
+        );
+    }
+
+    #[test]
+    fn taking_the_last_worker_cuts_the_oldest_silent_handshake() {
+        let (pipeline, control, listener) = setup(8, None);
+        let conns: Vec<_> = (0..8).map(|_| connection(&listener)).collect();
+        let mut permits = Vec::new();
+        let mut pending = Vec::new();
+        for (s, _) in &conns {
+            permits.push(control.try_acquire().unwrap());
+            pending.push(pipeline.enter(s, &control));
+        }
+        let cut_now: Vec<bool> = pending.iter().map(cut).collect();
+        assert_eq!(
+            cut_now,
+            [true, false, false, false, false, false, false, false]
+        );
+    }
+
+    #[test]
+    fn a_client_that_has_answered_is_spared_for_a_silent_one() {
+        // A cap of 2 set by the user: the third handshake cuts one, and not the client whose
+        // answer already waits to be read (its worker just has not run yet).
+        let (pipeline, control, listener) = setup(8, Some(2));
+        let (answered, mut answering_client) = connection(&listener);
+        let (silent, _silent_client) = connection(&listener);
+        let (third, _third_client) = connection(&listener);
+        let first = pipeline.enter(&answered, &control);
+        let second = pipeline.enter(&silent, &control);
+        answering_client.write_all(b"answer").unwrap();
+        assert!(
+            (0..200).any(|_| {
+                std::thread::sleep(Duration::from_millis(5));
+                has_input(&answered)
+            }),
+            "the answer never arrived"
+        );
+        let newest = pipeline.enter(&third, &control);
+        assert!(!cut(&first), "the client that answered was cut");
+        assert!(cut(&second) && !cut(&newest));
+    }
+
+    #[test]
+    fn a_client_that_hung_up_is_cut_before_one_that_is_still_answering() {
+        let (pipeline, control, listener) = setup(8, Some(2));
+        let (gone, gone_client) = connection(&listener);
+        let (answering, _answering_client) = connection(&listener);
+        let (third, _third_client) = connection(&listener);
+        let first = pipeline.enter(&gone, &control);
+        let second = pipeline.enter(&answering, &control);
+        drop(gone_client);
+        std::thread::sleep(Duration::from_millis(50));
+        let newest = pipeline.enter(&third, &control);
+        assert!(cut(&first), "the connection at end of file was spared");
+        assert!(!cut(&second) && !cut(&newest));
     }
 }

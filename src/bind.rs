@@ -1,5 +1,6 @@
 //! The four server kinds: how each binds. Everything after binding is the shared core.
 
+use std::fmt;
 use std::net::{TcpListener, ToSocketAddrs, UdpSocket};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixDatagram as StdUnixDatagram, UnixListener};
@@ -60,23 +61,33 @@ pub type UdpServer<H> = Server<Udp<H>>;
 /// (see there for what the other [`Dispatch`] modes do to ordering).
 pub type UnixDatagramServer<H> = Server<UnixDatagram<H>>;
 
-fn resolve(addr: impl ToSocketAddrs) -> Result<Vec<std::net::SocketAddr>> {
-    let addrs: Vec<_> = addr
-        .to_socket_addrs()
-        .map_err(|e| Error::bind(None, e))?
-        .collect();
+/// Resolves `addr` to the socket addresses to try. A failure names the address as the caller
+/// wrote it (`nosuchhost:9000`), since there is no socket address to show.
+fn resolve(addr: impl ToSocketAddrs + fmt::Debug) -> Result<Vec<std::net::SocketAddr>> {
+    let fail = |e| Error::unresolved(describe(&addr), e);
+    let addrs: Vec<_> = addr.to_socket_addrs().map_err(fail)?.collect();
     if addrs.is_empty() {
-        return Err(Error::bind(
-            None,
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind"),
-        ));
+        return Err(fail(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "no address to bind",
+        )));
     }
     Ok(addrs)
 }
 
+/// How an address argument reads in an error: a string without its quotes, anything else
+/// (`("host", 80)`, a `SocketAddr`) as its `Debug` form.
+fn describe(addr: &impl fmt::Debug) -> String {
+    let text = format!("{addr:?}");
+    match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(inner) => inner.to_owned(),
+        None => text,
+    }
+}
+
 /// Binds the first of the resolved addresses that works.
 fn bind_first<T>(
-    addr: impl ToSocketAddrs,
+    addr: impl ToSocketAddrs + fmt::Debug,
     mut bind: impl FnMut(std::net::SocketAddr) -> Result<T>,
 ) -> Result<T> {
     let mut last = None;
@@ -94,7 +105,7 @@ impl<H: Handler> Server<Tcp<H>> {
     /// [`local_addr`](Server::local_addr)) with default settings: a thread per connection.
     /// `factory` makes one handler per connection.
     pub fn bind(
-        addr: impl ToSocketAddrs,
+        addr: impl ToSocketAddrs + fmt::Debug,
         factory: impl Fn() -> H + Send + Sync + 'static,
     ) -> Result<Self> {
         Self::builder(factory).bind(addr)
@@ -108,7 +119,7 @@ impl<H: Handler> Server<Tcp<H>> {
 
 impl<H: Handler> Builder<Tcp<H>> {
     /// Binds and listens on `addr`. A failed bind closes the socket it made: no descriptor leaks.
-    pub fn bind(self, addr: impl ToSocketAddrs) -> Result<Server<Tcp<H>>> {
+    pub fn bind(self, addr: impl ToSocketAddrs + fmt::Debug) -> Result<Server<Tcp<H>>> {
         let sock = bind_first(addr, |a| bind_inet(a, Type::STREAM, &self.socket))?;
         self.from_listener(sock.into())
     }
@@ -178,7 +189,7 @@ impl<H: Handler> Builder<Unix<H>> {
 impl<H: DatagramHandler> Server<Udp<H>> {
     /// Binds a UDP server on `addr` with default settings.
     pub fn bind(
-        addr: impl ToSocketAddrs,
+        addr: impl ToSocketAddrs + fmt::Debug,
         factory: impl Fn() -> H + Send + Sync + 'static,
     ) -> Result<Self> {
         Self::builder(factory).bind(addr)
@@ -194,7 +205,7 @@ impl<H: DatagramHandler> Server<Udp<H>> {
 
 impl<H: DatagramHandler> Builder<Udp<H>> {
     /// Binds on `addr`.
-    pub fn bind(self, addr: impl ToSocketAddrs) -> Result<Server<Udp<H>>> {
+    pub fn bind(self, addr: impl ToSocketAddrs + fmt::Debug) -> Result<Server<Udp<H>>> {
         let sock = bind_first(addr, |a| bind_inet(a, Type::DGRAM, &self.socket))?;
         self.from_socket(sock.into())
     }

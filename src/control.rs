@@ -3,10 +3,11 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::Shutdown;
+use std::net::{IpAddr, Shutdown};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use rustix::pipe::{PipeFlags, pipe_with};
@@ -87,6 +88,7 @@ pub(crate) struct Counters {
     pub accepted: AtomicU64,
     pub rejected: AtomicU64,
     pub limit_rejected: AtomicU64,
+    pub per_source_rejected: AtomicU64,
     pub auth_failures: AtomicU64,
     pub handshake_timeouts: AtomicU64,
     pub handshake_evictions: AtomicU64,
@@ -119,6 +121,9 @@ pub struct Stats {
     /// Connections closed at once because the connection limit was reached
     /// ([`Builder::reject_when_full`](crate::Builder::reject_when_full)).
     pub limit_rejected: u64,
+    /// Connections closed at once because their client address already had
+    /// [`Builder::max_per_source`](crate::Builder::max_per_source) connections open.
+    pub per_source_rejected: u64,
     /// Clients that failed authentication (wrong, malformed or truncated answer).
     pub auth_failures: u64,
     /// Clients that did not finish the handshake within the handshake timeout.
@@ -148,6 +153,10 @@ pub struct Stats {
     pub timeouts: u64,
 }
 
+/// How long a drain waits for the requests it cut to return (a handler blocked on its socket
+/// returns at once; one that ignores it is given up on).
+pub(crate) const CUT_WAIT: Duration = Duration::from_secs(1);
+
 /// How a [`ServerHandle::shutdown_graceful`] went.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DrainReport {
@@ -164,20 +173,38 @@ pub struct DrainReport {
 struct Registry {
     next_id: u64,
     live: HashMap<u64, Option<Stream>>,
+    /// Open connections per client address, under `max_per_source` (only when it is set).
+    sources: HashMap<IpAddr, usize>,
     completed: u64,
+    /// `completed` when the current drain started, so that its report counts what finished
+    /// since then, whoever started it.
+    drain_base: u64,
     /// Threads in `wait_idle`; only they need to hear of a request ending.
     waiters: usize,
-    /// Running `serve_forever` / `handle_request` calls. A request they have accepted but not
-    /// yet registered is invisible to `live`, so a drain waits for them to leave first.
-    serving: usize,
+    /// The threads running `serve_forever` / `handle_request`, one entry per call. A request
+    /// they have accepted but not yet registered is invisible to `live`, so a drain waits for
+    /// them to leave first; `shutdown_and_wait` must not wait on its own thread.
+    serving: Vec<ThreadId>,
 }
 
 /// The state every thread of one server shares.
 pub struct Control {
     shutdown: AtomicBool,
     draining: AtomicBool,
+    /// A duplicate of the listening socket (stream servers only), so that a drain can stop the
+    /// listening while `serve_forever` still holds the server; taken when it does.
+    listening: Mutex<Option<OwnedFd>>,
+    /// Set once a drain has shut the listener down: the server can never accept again.
+    listener_closed: AtomicBool,
+    /// Set by [`cut_now`](Self::cut_now): a drain stops waiting and cuts what is left, and
+    /// closing the server no longer waits for handlers.
+    cut_requested: AtomicBool,
     waker: Waker,
     limiter: Option<Limiter>,
+    /// The cap `limiter` enforces (`None`: sync mode, or no system limit known).
+    max_connections: Option<usize>,
+    /// Most connections at once from one client IP address.
+    max_per_source: Option<usize>,
     registry: Mutex<Registry>,
     registry_changed: Condvar,
     pub(crate) counters: Counters,
@@ -185,10 +212,22 @@ pub struct Control {
 }
 
 impl Control {
-    pub(crate) fn new(local_addr: Addr, limit: Option<usize>) -> io::Result<Arc<Control>> {
+    /// `limit`: the most requests in flight (`None`: sync mode, one at a time);
+    /// `max_per_source`: the most connections from one client IP address; `listening`: a
+    /// duplicate of the listening socket of a stream server, which a drain shuts down
+    /// ([`stop_listening`](Self::stop_listening)), `None` for a datagram server.
+    pub(crate) fn new(
+        local_addr: Addr,
+        limit: Option<usize>,
+        max_per_source: Option<usize>,
+        listening: Option<OwnedFd>,
+    ) -> io::Result<Arc<Control>> {
         Ok(Arc::new(Control {
             shutdown: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            listening: Mutex::new(listening),
+            listener_closed: AtomicBool::new(false),
+            cut_requested: AtomicBool::new(false),
             waker: Waker::new()?,
             limiter: limit.map(|n| Limiter {
                 state: Mutex::new(Slots {
@@ -197,12 +236,16 @@ impl Control {
                 }),
                 freed: Condvar::new(),
             }),
+            max_connections: limit,
+            max_per_source,
             registry: Mutex::new(Registry {
                 next_id: 0,
                 live: HashMap::new(),
+                sources: HashMap::new(),
                 completed: 0,
+                drain_base: 0,
                 waiters: 0,
-                serving: 0,
+                serving: Vec::new(),
             }),
             registry_changed: Condvar::new(),
             counters: Counters::default(),
@@ -224,11 +267,40 @@ impl Control {
         }
     }
 
+    /// Stops listening, so that new clients are refused at once (TCP: RST, which the client sees
+    /// as ECONNREFUSED; Unix: ECONNREFUSED) and a load balancer moves on, instead of waiting in
+    /// the backlog of a server that will never accept them. On Linux, `shutdown(SHUT_RD)` on a
+    /// listening TCP socket takes it out of the listening state; connections still queued in
+    /// its backlog are reset, as nginx's and Go's closing of their listeners does (they never
+    /// reached the application, so the client can safely retry). A Unix listener keeps its
+    /// queued connections until the server is closed.
+    ///
+    /// Call only after [`request_shutdown`](Self::request_shutdown): the accept loop then
+    /// takes the accept error that may follow for what it is, the end, not a failure.
+    pub(crate) fn stop_listening(&self) {
+        let Some(fd) = lock(&self.listening).take() else {
+            return;
+        };
+        self.listener_closed.store(true, Ordering::Release);
+        if let Err(e) = rustix::net::shutdown(&fd, rustix::net::Shutdown::Read) {
+            log::warn!(
+                "cannot stop listening on {}: {e}; new clients wait in the backlog until the \
+                 server is closed",
+                self.local_addr
+            );
+        }
+    }
+
+    /// Whether a drain has closed the listener: `serve_forever` then returns at once.
+    pub(crate) fn listener_closed(&self) -> bool {
+        self.listener_closed.load(Ordering::Acquire)
+    }
+
     /// Marks a serve loop as running until the returned guard drops. When the last
     /// `serve_forever` leaves (`rearm`), the shutdown request is consumed, as in Python, so the
     /// server can serve again.
     pub(crate) fn serving(&self, rearm: bool) -> Serving<'_> {
-        lock(&self.registry).serving += 1;
+        lock(&self.registry).serving.push(thread::current().id());
         Serving {
             control: self,
             rearm,
@@ -277,6 +349,11 @@ impl Control {
         }
     }
 
+    /// Slots free right now under the limit; `None` without a limit.
+    pub(crate) fn free_slots(&self) -> Option<usize> {
+        self.limiter.as_ref().map(|l| lock(&l.state).free)
+    }
+
     /// Takes a slot only if one is free right now.
     pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
         let Some(l) = &self.limiter else {
@@ -294,36 +371,89 @@ impl Control {
     }
 
     /// Records a request as in flight until the ticket is dropped; `stream` lets a drain or the
-    /// idle reaper shut its socket down.
-    pub(crate) fn register(self: &Arc<Self>, stream: Option<Stream>) -> Ticket {
+    /// idle reaper shut its socket down. `source` is the client's IP address for a connection:
+    /// `None` (refused) if that address already has `max_per_source` connections open.
+    ///
+    /// The count is kept per address as the accept loop saw it. A PROXY-protocol stage, which
+    /// learns the real client address later, is meant to move the ticket's count from the
+    /// proxy's address to the client's (and refuse it if that one is full); trusted proxies
+    /// must then be exempt here.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        stream: Option<Stream>,
+        source: Option<IpAddr>,
+    ) -> Option<Ticket> {
         let mut r = lock(&self.registry);
+        let source = match (source, self.max_per_source) {
+            (Some(ip), Some(max)) => {
+                let open = r.sources.entry(ip).or_insert(0);
+                if *open >= max {
+                    return None;
+                }
+                *open += 1;
+                Some(ip)
+            }
+            _ => None,
+        };
         let id = r.next_id;
         r.next_id += 1;
         r.live.insert(id, stream);
-        Ticket {
+        Some(Ticket {
             control: self.clone(),
             id,
-        }
+            source,
+        })
+    }
+
+    /// The cap on requests in flight (`None` in sync mode).
+    pub(crate) fn max_connections(&self) -> Option<usize> {
+        self.max_connections
+    }
+
+    pub(crate) fn max_per_source(&self) -> Option<usize> {
+        self.max_per_source
     }
 
     pub(crate) fn active(&self) -> usize {
         lock(&self.registry).live.len()
     }
 
-    /// Waits until no request is in flight and no serve loop runs, or the deadline passes; true
-    /// if the server went idle.
-    pub(crate) fn wait_idle(&self, deadline: Option<Instant>) -> bool {
+    /// Waits until no request is in flight and no serve loop runs, or the deadline passes, or
+    /// (with `until_cut`) [`cut_now`](Self::cut_now) is called; true if the server went idle.
+    pub(crate) fn wait_idle(&self, deadline: Option<Instant>, until_cut: bool) -> bool {
         let mut r = lock(&self.registry);
-        while !r.live.is_empty() || r.serving > 0 {
+        loop {
+            let idle = r.live.is_empty() && r.serving.is_empty();
+            if idle || (until_cut && self.cut_requested()) {
+                return idle;
+            }
             r.waiters += 1;
             let woken = wait_until(&self.registry_changed, r, deadline);
             r = woken.unwrap_or_else(|| lock(&self.registry));
             r.waiters -= 1;
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                return r.live.is_empty() && r.serving == 0;
+                return r.live.is_empty() && r.serving.is_empty();
             }
         }
-        true
+    }
+
+    /// Ends a drain's grace period now: the drain cuts what is still running at once, and
+    /// closing the server no longer waits for handlers (a second Ctrl-C).
+    #[cfg(feature = "signals")]
+    pub(crate) fn cut_now(&self) {
+        self.cut_requested.store(true, Ordering::Release);
+        let r = lock(&self.registry);
+        if r.waiters > 0 {
+            self.registry_changed.notify_all();
+        }
+    }
+
+    pub(crate) fn cut_requested(&self) -> bool {
+        self.cut_requested.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// Shuts down the sockets of the in-flight connections that `pick` selects; returns how many.
@@ -339,8 +469,36 @@ impl Control {
         n
     }
 
-    fn completed(&self) -> u64 {
-        lock(&self.registry).completed
+    /// Waits until no serve loop runs; false at once, without waiting, if this thread runs one
+    /// (it would wait for itself).
+    pub(crate) fn wait_serving_done(&self) -> bool {
+        let me = thread::current().id();
+        let mut r = lock(&self.registry);
+        if r.serving.contains(&me) {
+            return false;
+        }
+        while !r.serving.is_empty() {
+            r.waiters += 1;
+            r = self
+                .registry_changed
+                .wait(r)
+                .unwrap_or_else(|e| e.into_inner());
+            r.waiters -= 1;
+        }
+        true
+    }
+
+    /// Starts a drain, or joins the one under way: new clients are refused and the serve
+    /// loops asked to return.
+    pub(crate) fn begin_drain(&self) {
+        {
+            let mut r = lock(&self.registry);
+            if !self.draining.swap(true, Ordering::AcqRel) {
+                r.drain_base = r.completed;
+            }
+        }
+        self.request_shutdown();
+        self.stop_listening();
     }
 
     pub(crate) fn drain(&self, grace: Duration, cut_wait: Duration) -> DrainReport {
@@ -350,13 +508,13 @@ impl Control {
                 self.0.store(false, Ordering::Release);
             }
         }
-        self.draining.store(true, Ordering::Release);
+        self.begin_drain();
         let _draining = Draining(&self.draining);
-        self.request_shutdown();
-        let completed_before = self.completed();
-        let idle = self.wait_idle(deadline_after(grace));
-        let completed_at_deadline = self.completed();
-        let finished = completed_at_deadline - completed_before;
+        let idle = self.wait_idle(deadline_after(grace), true);
+        let finished = {
+            let r = lock(&self.registry);
+            r.completed - r.drain_base
+        };
         if idle {
             return DrainReport {
                 finished,
@@ -366,7 +524,7 @@ impl Control {
         }
         let running = self.active() as u64;
         self.cut_where(|_| true);
-        self.wait_idle(deadline_after(cut_wait));
+        self.wait_idle(deadline_after(cut_wait), false);
         DrainReport {
             finished,
             cut: running,
@@ -382,6 +540,7 @@ impl Control {
             active: self.active() as u64,
             rejected: get(&c.rejected),
             limit_rejected: get(&c.limit_rejected),
+            per_source_rejected: get(&c.per_source_rejected),
             auth_failures: get(&c.auth_failures),
             handshake_timeouts: get(&c.handshake_timeouts),
             handshake_evictions: get(&c.handshake_evictions),
@@ -407,8 +566,11 @@ impl Drop for Serving<'_> {
     fn drop(&mut self) {
         let c = self.control;
         let mut r = lock(&c.registry);
-        r.serving -= 1;
-        if r.serving == 0 && self.rearm {
+        let me = thread::current().id();
+        if let Some(i) = r.serving.iter().position(|t| *t == me) {
+            r.serving.swap_remove(i);
+        }
+        if r.serving.is_empty() && self.rearm {
             c.clear_shutdown();
         }
         if r.waiters > 0 {
@@ -421,12 +583,22 @@ impl Drop for Serving<'_> {
 pub(crate) struct Ticket {
     control: Arc<Control>,
     id: u64,
+    /// The client address counted against `max_per_source`, if any.
+    source: Option<IpAddr>,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         let mut r = lock(&self.control.registry);
         r.live.remove(&self.id);
+        if let Some(ip) = self.source
+            && let Some(open) = r.sources.get_mut(&ip)
+        {
+            *open -= 1;
+            if *open == 0 {
+                r.sources.remove(&ip);
+            }
+        }
         r.completed += 1;
         if r.waiters > 0 {
             self.control.registry_changed.notify_all();
@@ -454,8 +626,25 @@ impl ServerHandle {
     ///
     /// With [`Dispatch::Sync`](crate::Dispatch::Sync) a request runs on the serving thread
     /// itself, so `serve_forever` returns when the request being served (if any) ends.
+    ///
+    /// Unlike Python's `shutdown()`, it does not wait for `serve_forever` to return (which is
+    /// what makes Python's deadlock when called from a handler of a synchronous server): use
+    /// [`shutdown_and_wait`](Self::shutdown_and_wait) to wait.
     pub fn shutdown(&self) {
         self.control.request_shutdown();
+    }
+
+    /// Python's `shutdown()`: asks `serve_forever` to return, as [`shutdown`](Self::shutdown)
+    /// does, then waits until every `serve_forever` and `handle_request` call of this server has
+    /// returned. Requests in flight go on, as with `shutdown`.
+    ///
+    /// Python's blocks forever when called on the thread that runs `serve_forever` (a handler
+    /// of a synchronous server, say): it waits for itself. This one detects that case and does
+    /// not wait: it requests the shutdown and returns false; the loop returns when the current
+    /// request ends. Otherwise it returns true once no serve loop runs (at once if none did).
+    pub fn shutdown_and_wait(&self) -> bool {
+        self.control.request_shutdown();
+        self.control.wait_serving_done()
     }
 
     /// Whether a shutdown has been requested and not yet consumed by `serve_forever` returning.
@@ -467,22 +656,44 @@ impl ServerHandle {
     /// several requests on one connection should check it between requests and return, so that
     /// it finishes before the deadline instead of being cut in the middle of a reply.
     pub fn is_draining(&self) -> bool {
-        self.control.draining.load(Ordering::Acquire)
+        self.control.is_draining()
     }
 
     /// Stops accepting, lets in-flight requests finish until `grace` has passed, then shuts down
     /// the sockets of those still running (so handlers blocked on them return) and waits up to one
     /// more second for them. Reports how many finished and how many were cut.
     ///
+    /// The listener of a stream server stops listening at once: a client that connects during
+    /// the drain is refused (`ECONNREFUSED`) within a round trip, rather than hanging in the
+    /// backlog until the server closes, so that it (or a load balancer) retries elsewhere. TCP
+    /// connections that were still queued in the backlog, never accepted, are reset. Unlike
+    /// after [`shutdown`](Self::shutdown), the server cannot serve again after a drain:
+    /// `serve_forever` returns at once; close it.
+    ///
     /// This blocks the caller: call it from a signal-handling thread or the thread that owns the
     /// server, not from a handler (it would wait for itself until the deadline).
     pub fn shutdown_graceful(&self, grace: Duration) -> DrainReport {
-        self.control.drain(grace, Duration::from_secs(1))
+        self.control.drain(grace, CUT_WAIT)
     }
 
     /// A snapshot of the server's counters.
     pub fn stats(&self) -> Stats {
         self.control.stats()
+    }
+
+    /// The cap on requests in flight: in thread mode
+    /// [`Builder::max_connections`](crate::Builder::max_connections), or the default derived
+    /// from the system's limits; in pool mode the number of workers. `None` in sync mode (one
+    /// request at a time, on the serving thread), and in thread mode if no system limit could
+    /// be read.
+    pub fn max_connections(&self) -> Option<usize> {
+        self.control.max_connections()
+    }
+
+    /// The most connections at once from one client IP address
+    /// ([`Builder::max_per_source`](crate::Builder::max_per_source)); `None`: no such cap.
+    pub fn max_per_source(&self) -> Option<usize> {
+        self.control.max_per_source()
     }
 
     /// The address the server is bound to (for TCP, with the real port when bound to port 0).

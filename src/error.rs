@@ -21,6 +21,9 @@ pub struct Error {
 struct Inner {
     kind: Kind,
     addr: Option<Addr>,
+    /// The address as the caller wrote it, when it could not be resolved to an [`Addr`] (an
+    /// unknown host name, say): shown in the message where the address would be.
+    unresolved: Option<String>,
     detail: Option<String>,
     source: Option<io::Error>,
 }
@@ -69,6 +72,7 @@ impl Error {
             inner: Box::new(Inner {
                 kind,
                 addr: None,
+                unresolved: None,
                 detail: None,
                 source: None,
             }),
@@ -98,6 +102,14 @@ impl Error {
 
     pub(crate) fn bind(addr: Option<&Addr>, source: io::Error) -> Error {
         Error::new(Kind::Bind).with_addr(addr).with_source(source)
+    }
+
+    /// A bind that failed before any socket existed: `what` (the address as given, e.g.
+    /// `nosuchhost:9000`) could not be resolved.
+    pub(crate) fn unresolved(what: String, source: io::Error) -> Error {
+        let mut e = Error::new(Kind::Bind).with_source(source);
+        e.inner.unresolved = Some(what);
+        e
     }
 
     /// Classifies an I/O error met while talking to `addr`: timeouts and refusals get their own
@@ -195,13 +207,15 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.inner.kind.describe())?;
+        let prep = if self.inner.kind == Kind::Bind {
+            ""
+        } else {
+            " with"
+        };
         if let Some(addr) = &self.inner.addr {
-            let prep = if self.inner.kind == Kind::Bind {
-                ""
-            } else {
-                " with"
-            };
             write!(f, "{prep} {addr}")?;
+        } else if let Some(what) = &self.inner.unresolved {
+            write!(f, "{prep} {what}")?;
         }
         if let Some(detail) = &self.inner.detail {
             write!(f, ": {detail}")?;
@@ -213,20 +227,40 @@ impl fmt::Display for Error {
     }
 }
 
+/// `{:?}` reads like the message, so that `fn main() -> socketserver::Result<()>` prints
+/// `Error: cannot bind 127.0.0.1:80: Permission denied (os error 13)`, followed by any deeper
+/// cause the message does not already show. `{:#?}` gives the fields.
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut d = f.debug_struct("Error");
-        d.field("kind", &self.inner.kind);
-        if let Some(addr) = &self.inner.addr {
-            d.field("addr", addr);
+        if f.alternate() {
+            let mut d = f.debug_struct("Error");
+            d.field("kind", &self.inner.kind);
+            if let Some(addr) = &self.inner.addr {
+                d.field("addr", addr);
+            }
+            if let Some(what) = &self.inner.unresolved {
+                d.field("unresolved", what);
+            }
+            if let Some(detail) = &self.inner.detail {
+                d.field("detail", detail);
+            }
+            if let Some(source) = &self.inner.source {
+                d.field("source", source);
+            }
+            return d.finish();
         }
-        if let Some(detail) = &self.inner.detail {
-            d.field("detail", detail);
+        let mut shown = self.to_string();
+        // An io::Error's message already includes its wrapped error's, and its `source()` skips
+        // to that error's own cause: append only what the message does not contain yet.
+        let mut cause = StdError::source(self);
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !shown.contains(&text) {
+                shown = format!("{shown}: {text}");
+            }
+            cause = c.source();
         }
-        if let Some(source) = &self.inner.source {
-            d.field("source", source);
-        }
-        d.finish()
+        f.write_str(&shown)
     }
 }
 
@@ -277,5 +311,59 @@ mod tests {
         assert!(e.is_auth() && e.is_auth_rejected() && !e.is_auth_failed());
         assert_eq!(e.to_string(), "digest rejected with 127.0.0.1:1");
         assert_eq!(io::Error::from(e).kind(), io::ErrorKind::PermissionDenied);
+    }
+
+    #[test]
+    fn debug_reads_like_the_message_for_fn_main() {
+        let at = Addr::Inet("127.0.0.1:80".parse().unwrap());
+        let e = Error::bind(Some(&at), io::Error::from_raw_os_error(13));
+        // What `fn main() -> socketserver::Result<()>` prints after "Error: ".
+        assert_eq!(
+            format!("{e:?}"),
+            "cannot bind 127.0.0.1:80: Permission denied (os error 13)"
+        );
+        assert_eq!(format!("{e:?}"), e.to_string());
+        // The structured form stays available.
+        let pretty = format!("{e:#?}");
+        assert!(
+            pretty.contains("kind: Bind") && pretty.contains("source:"),
+            "{pretty}"
+        );
+    }
+
+    #[test]
+    fn debug_appends_a_deeper_cause_the_message_does_not_show() {
+        #[derive(Debug)]
+        struct Outer(io::Error);
+        impl fmt::Display for Outer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("handshake aborted")
+            }
+        }
+        impl StdError for Outer {
+            fn source(&self) -> Option<&(dyn StdError + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let root = io::Error::other("disk on fire");
+        let e = Error::io(None, io::Error::other(Outer(root)));
+        assert_eq!(format!("{e}"), "i/o error: handshake aborted");
+        assert_eq!(
+            format!("{e:?}"),
+            "i/o error: handshake aborted: disk on fire"
+        );
+    }
+
+    #[test]
+    fn an_unresolved_address_is_named_in_the_message() {
+        let e = Error::unresolved(
+            "nosuchhost.invalid:9000".into(),
+            io::Error::other("failed to lookup address information"),
+        );
+        assert!(e.is_bind() && e.addr().is_none());
+        assert_eq!(
+            e.to_string(),
+            "cannot bind nosuchhost.invalid:9000: failed to lookup address information"
+        );
     }
 }

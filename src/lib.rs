@@ -37,11 +37,15 @@
 //! * `shutdown()` wakes the accept loop at once (no 0.5 s polling) and never deadlocks, even from
 //!   a handler of a synchronous server.
 //! * A bounded worker pool ([`Dispatch::Pool`]) that leaves excess connections in the kernel
-//!   backlog, and a connection cap for thread-per-connection mode.
+//!   backlog, and a connection cap for thread-per-connection mode, derived by default from what
+//!   the system allows; an optional cap per client address
+//!   ([`max_per_source`](Builder::max_per_source)).
 //! * Accept errors such as running out of file descriptors back off and recover instead of
 //!   spinning the CPU; handler panics are caught, logged with the peer address, and counted.
-//! * [`shutdown_graceful`](ServerHandle::shutdown_graceful) drains in-flight requests up to a
-//!   deadline; [`Stats`] counts what happened.
+//! * [`shutdown_graceful`](ServerHandle::shutdown_graceful) stops listening at once and
+//!   drains in-flight requests up to a deadline; `Server::serve_until_signal` does it on Ctrl-C
+//!   or SIGTERM (cargo feature `signals`, on by default); [`Stats`] counts what happened.
+//! * [`handler_fn`] makes a handler of a closure.
 //! * [`Auth`]: the tutorial's HMAC challenge-response and `multiprocessing.connection`'s mutual
 //!   handshake, run on the worker thread with a timeout and a cap on unfinished handshakes.
 //!
@@ -61,8 +65,9 @@
 //! ```
 //!
 //! * **Accept loop** (`server.rs`): [`Builder`] and [`Server`]; waits on the listener and a wake
-//!   pipe, applies the connection limit and `verify_request`, backs off on accept errors.
-//!   `bind.rs` gives each server kind its `bind`.
+//!   pipe, applies the connection limit (thread mode's default derived in `limits.rs`),
+//!   `verify_request` and the per-source cap, backs off on accept errors. `bind.rs` gives each
+//!   server kind its `bind`; `signals.rs` watches SIGINT and SIGTERM for `serve_until_signal`.
 //! * **Dispatch** (`dispatch/`): which thread runs a request ([`Dispatch`]: the serving thread,
 //!   a thread of its own, or a worker of the pool in `dispatch/pool.rs`).
 //! * **Transports** (`transport/`): what differs between TCP, Unix, UDP and Unix datagrams: the
@@ -79,7 +84,8 @@
 //!   in-flight requests that a drain or the idle reaper cuts.
 
 #![deny(missing_docs)]
-// One `unsafe` block, in `stream.rs` (SO_PEERCRED), carries its proof; nothing else may.
+// Two `unsafe` blocks carry their proofs: `stream.rs` (SO_PEERCRED) and `signals.rs` (reading
+// a signal's disposition); nothing else may.
 #![deny(unsafe_code)]
 
 mod addr;
@@ -93,10 +99,14 @@ mod deadline;
 mod dispatch;
 mod error;
 mod handler;
+mod handler_fn;
 mod lifecycle;
+mod limits;
 mod log_limit;
 mod mp;
 mod server;
+#[cfg(feature = "signals")]
+mod signals;
 mod stream;
 pub mod transport;
 mod wait;
@@ -117,6 +127,7 @@ pub use handler::{
     Handler, HandlerError, HandlerFailure, HandlerResult, Request, StreamHandler, StreamOptions,
     StreamRequest, StreamRequestHandler,
 };
+pub use handler_fn::{HandlerFn, handler_fn};
 pub use mp::{DEFAULT_MAX_MESSAGE, DEFAULT_MP_BUDGET, MpBudget, MpConnection};
 pub use server::{Builder, Server};
 pub use stream::{Credentials, MinDataRate, Stream};

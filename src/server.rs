@@ -30,6 +30,7 @@ struct Common {
     dispatch: Dispatch,
     block_on_close: bool,
     max_connections: Option<usize>,
+    max_per_source: Option<usize>,
     reject_when_full: bool,
     poll_interval: Duration,
     stack_size: Option<usize>,
@@ -70,6 +71,7 @@ impl<T: Transport> Builder<T> {
                 dispatch: Dispatch::default(),
                 block_on_close: true,
                 max_connections: None,
+                max_per_source: None,
                 reject_when_full: false,
                 poll_interval: Duration::from_millis(500),
                 stack_size: None,
@@ -100,8 +102,34 @@ impl<T: Transport> Builder<T> {
     /// Caps concurrent requests in [`Dispatch::Thread`] mode. At the cap the server stops
     /// accepting (the excess waits in the kernel backlog), unless
     /// [`reject_when_full`](Self::reject_when_full) is set. Pool mode is capped by its workers.
+    ///
+    /// Default: what the system lets this process have, with headroom: the fewest of the
+    /// connections its descriptor limit (`RLIMIT_NOFILE`) allows, and of the threads its
+    /// memory-map limit (`vm.max_map_count`, four mappings per thread) and task limits
+    /// (`kernel.pid_max`, `kernel.threads-max`, `RLIMIT_NPROC`) allow. Without a cap, a crowd of
+    /// idle clients would spawn threads until spawning fails and connections are dropped. The
+    /// server logs the value and its reason when it starts;
+    /// [`ServerHandle::max_connections`](crate::ServerHandle::max_connections) reports it.
     pub fn max_connections(mut self, max: usize) -> Self {
         self.common.max_connections = Some(max);
+        self
+    }
+
+    /// Caps the connections one client IP address may have open at once, so that one client
+    /// cannot take every slot under [`max_connections`](Self::max_connections) (or every
+    /// worker). A connection over the cap is closed at once, logged (rate-limited) and counted
+    /// in [`Stats::per_source_rejected`](crate::Stats::per_source_rejected). IPv4-mapped IPv6
+    /// addresses count as their IPv4 address. Stream servers over IP only: Unix-domain clients
+    /// are local processes that the socket file's permissions already select, and datagram
+    /// sources can be forged.
+    ///
+    /// Default: no per-source cap, as in nginx (`limit_conn`), OpenSSH
+    /// (`PerSourceMaxStartups`) and Go's `net/http`. A default cap would silently refuse
+    /// clients wherever many share one address: users behind a NAT, a load balancer or
+    /// reverse proxy in front of the server, a load test from one host. Set it when clients
+    /// reach the server directly; 16 is a common choice.
+    pub fn max_per_source(mut self, max: usize) -> Self {
+        self.common.max_per_source = Some(max);
         self
     }
 
@@ -198,16 +226,24 @@ impl<T: Transport> Builder<T> {
     /// Starts a server on a bound listener: the worker pool, the idle reaper.
     pub(crate) fn build(mut self, listener: T::Listener) -> crate::Result<Server<T>> {
         let c = self.common;
-        let limit = c.dispatch.limit(c.max_connections);
-        if limit == Some(0) {
+        let set_limit = c.dispatch.limit(c.max_connections);
+        if set_limit == Some(0) || c.max_per_source == Some(0) {
             return Err(crate::Error::config(
-                "workers and max_connections must be at least 1",
+                "workers, max_connections and max_per_source must be at least 1",
             ));
         }
-        self.service.prepare(limit)?;
+        // The handshake cap follows what the user set: a derived thread-mode cap of thousands
+        // would let as many silent connections sit in admission.
+        self.service.prepare(set_limit)?;
+        let limit = match (c.dispatch, set_limit) {
+            (Dispatch::Thread, None) => default_max_connections(),
+            _ => set_limit,
+        };
         let local = listener.local_addr();
-        let control =
-            Control::new(local.clone(), limit).map_err(|e| crate::Error::io(Some(&local), e))?;
+        let listening =
+            listening_duplicate(listener.fd()).map_err(|e| crate::Error::io(Some(&local), e))?;
+        let control = Control::new(local.clone(), limit, c.max_per_source, listening)
+            .map_err(|e| crate::Error::io(Some(&local), e))?;
         let shared = Arc::new(Shared {
             service: self.service,
             ctx: Ctx {
@@ -236,6 +272,29 @@ impl<T: Transport> Builder<T> {
             service_actions: c.service_actions,
             handle_timeout: c.handle_timeout,
         })
+    }
+}
+
+/// Thread mode's cap when the user set none: derived from the system's limits, and logged
+/// with its reason, since it decides when clients start waiting in the backlog.
+fn default_max_connections() -> Option<usize> {
+    let derived = crate::limits::SystemLimits::read().max_connections()?;
+    log::info!(
+        "max_connections {} (thread mode default: {}); Builder::max_connections changes it",
+        derived.max,
+        derived.reason
+    );
+    Some(derived.max)
+}
+
+/// For a listening (stream) socket, a duplicate that a drain can shut down while
+/// `serve_forever` holds the original; `None` for a datagram socket, which has no backlog to
+/// refuse.
+fn listening_duplicate(fd: BorrowedFd<'_>) -> io::Result<Option<std::os::fd::OwnedFd>> {
+    if rustix::net::sockopt::socket_acceptconn(fd)? {
+        Ok(Some(fd.try_clone_to_owned()?))
+    } else {
+        Ok(None)
     }
 }
 
@@ -370,6 +429,11 @@ impl<T: Transport> Server<T> {
         self.control().stats()
     }
 
+    /// The cap on requests in flight; see [`ServerHandle::max_connections`].
+    pub fn max_connections(&self) -> Option<usize> {
+        self.control().max_connections()
+    }
+
     fn control(&self) -> &Arc<Control> {
         &self.shared.ctx.handle.control
     }
@@ -378,13 +442,18 @@ impl<T: Transport> Server<T> {
     ///
     /// It returns within milliseconds of the request (the accept loop waits on the socket and a
     /// wake-up pipe, not on a timer), and returns at once if shutdown was requested before it
-    /// started. After it returns, the server can serve again. Accept errors never end it: those
-    /// that retrying cannot fix (out of descriptors) are logged and retried with backoff.
+    /// started. After it returns, the server can serve again, unless a drain
+    /// ([`shutdown_graceful`](ServerHandle::shutdown_graceful)) closed its listener: then it
+    /// returns at once. Accept errors never end it: those that retrying cannot fix (out of
+    /// descriptors) are logged and retried with backoff.
     pub fn serve_forever(&self) {
         let Some(listener) = &self.listener else {
             return;
         };
         let control = self.control();
+        if control.listener_closed() {
+            return;
+        }
         let _serving = control.serving(true);
         let mut backoff = Backoff::default();
         while !control.shutdown_requested() {
@@ -403,14 +472,63 @@ impl<T: Transport> Server<T> {
         }
     }
 
+    /// Serves until SIGINT (Ctrl-C) or SIGTERM, then drains: Python's `serve_forever` ended by
+    /// `KeyboardInterrupt`, made graceful. Returns how the drain went.
+    ///
+    /// The first signal stops accepting at once (new clients are refused, see
+    /// [`shutdown_graceful`](ServerHandle::shutdown_graceful)) and lets in-flight requests
+    /// finish for up to `grace`; a second one cuts everything still running at once, and
+    /// closing the server then no longer waits for handlers. If `serve_forever` ends another
+    /// way (a [`shutdown`](ServerHandle::shutdown) from a handler, say), the same drain follows.
+    /// Either way the server cannot serve again: drop it.
+    ///
+    /// The signals are handled only while this runs; when it returns they do what they did
+    /// before (by default, terminate the process). It may run for several servers at once,
+    /// on different threads: each signal reaches all of them. Requires the `signals` cargo
+    /// feature (on by default). Fails only if the signal handling cannot be set up (out of
+    /// descriptors, or no thread can be started).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use socketserver::{TcpServer, handler_fn};
+    ///
+    /// fn main() -> socketserver::Result<()> {
+    ///     let server = TcpServer::bind("127.0.0.1:9000", || handler_fn(|_req| Ok(())))?;
+    ///     let report = server.serve_until_signal(Duration::from_secs(5))?;
+    ///     eprintln!("{} finished, {} cut", report.finished, report.cut);
+    ///     Ok(())
+    /// }
+    /// ```
+    #[cfg(feature = "signals")]
+    pub fn serve_until_signal(&self, grace: Duration) -> crate::Result<crate::DrainReport> {
+        let control = self.control();
+        let fail = |e| crate::Error::io(Some(&control.local_addr), e);
+        let watch = crate::signals::Watch::install().map_err(fail)?;
+        thread::scope(|scope| {
+            let watcher = thread::Builder::new()
+                .name("socketserver-signals".into())
+                .spawn_scoped(scope, || watch.run(control, grace))
+                .map_err(fail)?;
+            self.serve_forever();
+            let report = control.drain(grace, crate::control::CUT_WAIT);
+            watch.stop();
+            let _ = watcher.join();
+            Ok(report)
+        })
+    }
+
     /// Python's `handle_request`: waits up to `timeout` (forever with `None`) for one request
     /// and dispatches it; on timeout calls the `handle_timeout` hook. Returns whether the
     /// request was dispatched: false on timeout, when a shutdown is pending, and for a request
-    /// that `verify_request` rejected (it still counts as the one request handled).
+    /// that `verify_request` or `max_per_source` rejected (it still counts as the one request
+    /// handled).
     pub fn handle_request(&self, timeout: Option<Duration>) -> bool {
         let Some(listener) = &self.listener else {
             return false;
         };
+        if self.control().listener_closed() {
+            return false;
+        }
         let _serving = self.control().serving(false);
         let deadline = timeout.and_then(deadline_after);
         match self.next(listener, deadline, &mut Backoff::default()) {
@@ -466,6 +584,8 @@ impl<T: Transport> Server<T> {
                     };
                     return Next::Request(req, permit);
                 }
+                // A drain shut the listener down after asking us to stop: not a failure.
+                Err(_) if control.shutdown_requested() => return Next::Shutdown,
                 Err(e) => e,
             };
             let pause = match err.kind() {
@@ -525,7 +645,23 @@ impl<T: Transport> Server<T> {
                 return false;
             }
         }
-        let ticket = control.register(req.stream().cloned());
+        // Connections count against max_per_source by IP address; datagrams do not.
+        let source = req
+            .stream()
+            .and(req.peer().inet())
+            .map(|a| a.ip().to_canonical());
+        let Some(ticket) = control.register(req.stream().cloned(), source) else {
+            Counters::bump(&control.counters.per_source_rejected);
+            limited!(
+                warn,
+                "{} already has {} connections open (max_per_source): closing {}",
+                source.map_or_else(String::new, |ip| ip.to_string()),
+                control.max_per_source().unwrap_or_default(),
+                req.peer()
+            );
+            req.reject();
+            return false;
+        };
         let Some(dispatcher) = &self.dispatcher else {
             return false;
         };
@@ -546,12 +682,14 @@ impl<T: Transport> Server<T> {
 
     fn close_inner(&mut self) {
         drop(self.listener.take());
-        let join = self.block_on_close;
+        // After a second Ctrl-C (`cut_now`), what is still running has been cut and given its
+        // second: the process is on its way out and must not wait for a handler that ignores it.
+        let join = self.block_on_close && !self.control().cut_requested();
         if let Some(dispatcher) = self.dispatcher.take() {
             dispatcher.close(join);
         }
         if join {
-            self.control().wait_idle(None);
+            self.control().wait_idle(None, false);
         }
         drop(self.reaper.take());
     }

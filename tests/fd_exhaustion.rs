@@ -34,7 +34,12 @@ fn child() {
     lim.current = Some(FD_LIMIT);
     setrlimit(Resource::Nofile, lim).expect("lower RLIMIT_NOFILE");
     let _ = env_logger::builder().is_test(false).try_init();
-    let server = TcpServer::bind("127.0.0.1:0", || Hold).expect("bind");
+    // A cap above the descriptor limit on purpose: the default cap (derived from that limit)
+    // would keep accept from ever failing, and this scenario is about what happens when it does.
+    let server = TcpServer::builder(|| Hold)
+        .max_connections(10_000)
+        .bind("127.0.0.1:0")
+        .expect("bind");
     println!("{}", server.local_addr().inet().unwrap().port());
     std::io::stdout().flush().unwrap();
     // The parent closes our stdin to stop us.

@@ -10,8 +10,8 @@ use std::io::{Read, Write};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use socketserver::{Addr, Request, TcpServer};
-use util::{FnHandler, connect, serve};
+use socketserver::{Addr, Request, TcpServer, handler_fn};
+use util::{connect, serve};
 
 /// Every log record of this process: level and message.
 fn records() -> &'static Mutex<Vec<(log::Level, String)>> {
@@ -60,7 +60,7 @@ fn a_read_timeout_is_logged_at_info_and_counted_as_a_timeout() {
     let r = raw.clone();
     let server = TcpServer::builder(move || {
         let r = r.clone();
-        FnHandler(move |req: &mut Request| {
+        handler_fn(move |req: &mut Request| {
             let mut b = [0u8; 1];
             let e = req.read(&mut b).unwrap_err();
             *r.lock().unwrap() = Some((
@@ -101,7 +101,7 @@ fn a_read_timeout_is_logged_at_info_and_counted_as_a_timeout() {
 fn a_write_timeout_is_reported_the_same_way() {
     capture_logs();
     let server = TcpServer::builder(|| {
-        FnHandler(|req: &mut Request| {
+        handler_fn(|req: &mut Request| {
             // The client never reads: the socket buffers fill, then a write times out.
             let chunk = vec![b'x'; 64 * 1024];
             loop {
@@ -138,7 +138,7 @@ fn handle_error_hooks_tell_timeouts_apart() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
     let server = TcpServer::builder(|| {
-        FnHandler(|req: &mut Request| {
+        handler_fn(|req: &mut Request| {
             let mut b = [0u8; 1];
             req.read_exact(&mut b)?;
             if b[0] == b'e' {

@@ -7,8 +7,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use socketserver::{Addr, MinDataRate, MpConnection, Request, TcpServer};
-use util::{FnHandler, connect, eventually, line_echo, serve};
+use socketserver::{Addr, MinDataRate, MpConnection, Request, TcpServer, handler_fn};
+use util::{connect, eventually, line_echo, serve};
 
 /// 100 bytes/s after 300 ms, with the idle timeout far away so that only the rate can cut.
 const RATE: MinDataRate = MinDataRate::new(100, Duration::from_millis(300));
@@ -84,7 +84,7 @@ fn time_the_handler_spends_computing_does_not_count() {
     // Reads one byte of the request, then computes for three times the allowance before it
     // answers: the client is not to blame, and is not cut.
     let server = TcpServer::builder(|| {
-        FnHandler(|req: &mut Request| {
+        handler_fn(|req: &mut Request| {
             let mut b = [0u8; 1];
             req.read_exact(&mut b)?;
             std::thread::sleep(Duration::from_millis(1000));
@@ -110,7 +110,7 @@ fn time_the_handler_spends_computing_does_not_count() {
 #[test]
 fn an_mp_frame_header_without_its_body_is_cut() {
     let server = TcpServer::builder(|| {
-        FnHandler(|req: &mut Request| {
+        handler_fn(|req: &mut Request| {
             let mut conn = MpConnection::new(req.stream());
             loop {
                 let m = conn.recv_bytes()?;

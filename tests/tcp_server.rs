@@ -11,8 +11,10 @@ use std::sync::mpsc;
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use socketserver::{Dispatch, Handler, HandlerFailure, HandlerResult, Request, TcpServer};
-use util::{FnHandler, connect, eventually, line_echo, serve, three_round_trips};
+use socketserver::{
+    Dispatch, Handler, HandlerFailure, HandlerResult, Request, TcpServer, handler_fn,
+};
+use util::{connect, eventually, line_echo, serve, three_round_trips};
 
 const MODES: [Dispatch; 3] = [
     Dispatch::Sync,
@@ -125,7 +127,7 @@ fn failing_and_panicking_handlers_are_reported_and_the_server_goes_on() {
         let reports = Arc::new(Mutex::new(Vec::new()));
         let r = reports.clone();
         let server = TcpServer::builder(|| {
-            FnHandler(|req: &mut Request| {
+            handler_fn(|req: &mut Request| {
                 let mut b = [0u8; 1];
                 req.read_exact(&mut b)?;
                 match b[0] {
@@ -231,7 +233,7 @@ fn verify_request_false_closes_once_and_never_runs_the_handler() {
         let (r, a) = (ran.clone(), asked.clone());
         let server = TcpServer::builder(move || {
             let r = r.clone();
-            FnHandler(move |_: &mut Request| {
+            handler_fn(move |_: &mut Request| {
                 r.fetch_add(1, Ordering::SeqCst);
                 Ok(())
             })
@@ -261,7 +263,7 @@ fn verify_request_false_closes_once_and_never_runs_the_handler() {
 fn shutdown_from_inside_a_handler_in_every_mode() {
     for mode in MODES {
         let server = TcpServer::builder(|| {
-            FnHandler(|req: &mut Request| {
+            handler_fn(|req: &mut Request| {
                 req.server().shutdown();
                 req.write_all(b"bye")?;
                 Ok(())
@@ -292,7 +294,7 @@ fn pool_back_pressure_leaves_the_excess_in_the_backlog() {
     let (g, s) = (gate.clone(), started.clone());
     let server = TcpServer::builder(move || {
         let (g, s) = (g.clone(), s.clone());
-        FnHandler(move |req: &mut Request| {
+        handler_fn(move |req: &mut Request| {
             let n = s.fetch_add(1, Ordering::SeqCst);
             if n < N {
                 g.wait(); // the first N block until the test lets them go
@@ -336,7 +338,7 @@ fn thread_mode_connection_cap_applies_back_pressure_too() {
     let r = release.clone();
     let server = TcpServer::builder(move || {
         let r = r.clone();
-        FnHandler(move |req: &mut Request| {
+        handler_fn(move |req: &mut Request| {
             let mut b = [0u8; 1];
             if req.read(&mut b)? == 1 && b[0] == b'w' {
                 r.wait();
@@ -376,7 +378,7 @@ fn reject_when_full_sheds_connections_at_the_cap() {
     let r = release.clone();
     let server = TcpServer::builder(move || {
         let r = r.clone();
-        FnHandler(move |_: &mut Request| {
+        handler_fn(move |_: &mut Request| {
             r.wait();
             Ok(())
         })
@@ -548,7 +550,7 @@ fn close_blocks_on_in_flight_requests_unless_told_not_to() {
         let (g, f) = (gate.clone(), finished.clone());
         let server = TcpServer::builder(move || {
             let (tx, g, f) = (started_tx.clone(), g.clone(), f.clone());
-            FnHandler(move |_: &mut Request| {
+            handler_fn(move |_: &mut Request| {
                 tx.send(()).unwrap();
                 g.wait(); // released by the test, 300 ms after close begins
                 f.fetch_add(1, Ordering::SeqCst);
@@ -748,7 +750,7 @@ fn read_timeout_reaches_the_handler_as_an_error() {
     let o = outcome.clone();
     let server = TcpServer::builder(move || {
         let o = o.clone();
-        FnHandler(move |req: &mut Request| {
+        handler_fn(move |req: &mut Request| {
             let mut b = [0u8; 1];
             let t = Instant::now();
             let r = req.read(&mut b);
@@ -848,7 +850,7 @@ fn thread_mode_reuses_finished_threads_for_new_connections() {
     let seen = ids.clone();
     let server = TcpServer::builder(move || {
         let seen = seen.clone();
-        FnHandler(move |req: &mut Request| {
+        handler_fn(move |req: &mut Request| {
             seen.lock().unwrap().insert(std::thread::current().id());
             req.write_all(b"x")?;
             let mut buf = [0u8; 1];
@@ -892,7 +894,7 @@ fn thread_mode_reuses_finished_threads_for_new_connections() {
 #[test]
 fn idle_timeout_frees_a_worker_blocked_writing_to_a_client_that_never_reads() {
     let server = TcpServer::builder(|| {
-        FnHandler(|req: &mut Request| {
+        handler_fn(|req: &mut Request| {
             let chunk = vec![b'x'; 256 * 1024];
             loop {
                 req.write_all(&chunk)?;
@@ -954,4 +956,269 @@ fn a_zero_socket_timeout_is_refused_when_the_server_is_built() {
         let e = builder.bind("127.0.0.1:0").unwrap_err();
         assert!(e.is_config(), "{e}");
     }
+}
+
+#[test]
+fn a_bind_error_names_the_address_it_could_not_resolve() {
+    // No DNS involved: the port is out of range, so resolution fails locally.
+    let e = TcpServer::bind("127.0.0.1:99999", line_echo).unwrap_err();
+    assert!(e.is_bind(), "{e:?}");
+    let shown = format!("{e:?}");
+    assert!(
+        shown.starts_with("cannot bind 127.0.0.1:99999: "),
+        "Debug (what fn main prints) must read like the message and name the address: {shown}"
+    );
+    assert_eq!(shown, e.to_string());
+}
+
+/// Starts `shutdown_graceful(grace)` on a thread once a client holds a connection, and waits
+/// until the drain is under way.
+fn start_drain(
+    handle: &socketserver::ServerHandle,
+    grace: Duration,
+) -> std::thread::JoinHandle<socketserver::DrainReport> {
+    let h = handle.clone();
+    let drain = std::thread::spawn(move || h.shutdown_graceful(grace));
+    assert!(eventually(Duration::from_secs(5), || handle.is_draining()));
+    drain
+}
+
+#[test]
+fn a_drain_refuses_new_clients_at_once_and_the_server_cannot_serve_again() {
+    util::init_logs();
+    for mode in MODES {
+        let echo = util::ByteEcho::default();
+        let e = echo.clone();
+        let server = TcpServer::builder(move || e.clone())
+            .dispatch(mode)
+            .bind("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr().inet().unwrap();
+        let running = serve(server);
+        // An in-flight connection keeps the drain going while a new client tries to connect.
+        let held = connect(&socketserver::Addr::Inet(addr));
+        assert!(eventually(Duration::from_secs(5), || echo
+            .0
+            .load(Ordering::SeqCst)
+            == 1));
+        let drain = start_drain(&running.handle, Duration::from_secs(30));
+        let t = Instant::now();
+        let refused = TcpStream::connect_timeout(&addr, Duration::from_secs(5));
+        let took = t.elapsed();
+        assert_eq!(
+            refused.as_ref().map_err(|e| e.kind()).err(),
+            Some(std::io::ErrorKind::ConnectionRefused),
+            "{mode:?}: a client connecting during a drain must be refused, got {refused:?}"
+        );
+        assert!(
+            took < Duration::from_secs(1),
+            "{mode:?}: refused only after {took:?}"
+        );
+        // The client in flight finishes on its own; the drain reports it.
+        drop(held);
+        let report = drain.join().unwrap();
+        assert_eq!((report.finished, report.cut), (1, 0), "{mode:?}");
+        let server = running.stop();
+        assert_eq!(
+            server.stats().accept_errors,
+            0,
+            "{mode:?}: closing the listener is no accept failure"
+        );
+        // After a drain the server cannot serve again: serve_forever returns at once.
+        let t = Instant::now();
+        server.serve_forever();
+        assert!(!server.handle_request(Some(Duration::from_secs(5))));
+        assert!(t.elapsed() < Duration::from_secs(1), "{mode:?}");
+        assert!(TcpStream::connect(addr).is_err(), "{mode:?}");
+    }
+}
+
+#[test]
+fn a_plain_shutdown_keeps_the_listener_so_the_server_can_serve_again() {
+    let server = TcpServer::bind("127.0.0.1:0", line_echo).unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    running.handle.shutdown();
+    let server = running.stop();
+    // A client that connects between two serve_forever calls waits in the backlog, as in Python.
+    let waiting = connect(&addr);
+    let running = serve(server);
+    three_round_trips(waiting);
+    drop(running);
+}
+
+#[test]
+fn shutdown_and_wait_returns_once_serve_forever_has_returned() {
+    // A synchronous server returns from serve_forever only when its request ends: the wait
+    // must last exactly that long.
+    let server = TcpServer::builder(util::ByteEcho::default)
+        .dispatch(Dispatch::Sync)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let handle = server.handle();
+    let returned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let r = returned.clone();
+    let serving = std::thread::spawn(move || {
+        server.serve_forever();
+        r.store(true, Ordering::SeqCst);
+        server
+    });
+    let mut held = connect(&addr);
+    held.write_all(b"x").unwrap();
+    held.read_exact(&mut [0u8; 1]).unwrap();
+    let h = handle.clone();
+    let waiter = std::thread::spawn(move || h.shutdown_and_wait());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !waiter.is_finished(),
+        "shutdown_and_wait returned while serve_forever was still running"
+    );
+    drop(held);
+    assert!(waiter.join().unwrap(), "it waited, so it reports true");
+    assert!(
+        returned.load(Ordering::SeqCst),
+        "shutdown_and_wait returned before serve_forever did"
+    );
+    drop(serving.join().unwrap());
+    // With no serve loop running it returns at once.
+    assert!(handle.shutdown_and_wait());
+}
+
+#[test]
+fn shutdown_and_wait_from_a_handler_never_deadlocks() {
+    for mode in MODES {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let server = TcpServer::builder(move || {
+            let tx = tx.lock().unwrap().clone();
+            handler_fn(move |req: &mut Request| {
+                let waited = req.server().shutdown_and_wait();
+                let _ = tx.send(waited);
+                Ok(())
+            })
+        })
+        .dispatch(mode)
+        .bind("127.0.0.1:0")
+        .unwrap();
+        let addr = server.local_addr().clone();
+        let running = serve(server);
+        let c = connect(&addr);
+        let waited = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("{mode:?}: shutdown_and_wait in a handler deadlocked"));
+        // On the serving thread (sync mode) it cannot wait for itself; elsewhere it can.
+        assert_eq!(waited, mode != Dispatch::Sync, "{mode:?}");
+        assert!(eventually(Duration::from_secs(5), || running.is_finished()));
+        drop(c);
+        drop(running);
+    }
+}
+
+#[test]
+fn thread_mode_has_a_connection_cap_by_default_and_the_others_report_theirs() {
+    let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    let server = TcpServer::bind("127.0.0.1:0", line_echo).unwrap();
+    let cap = server
+        .max_connections()
+        .expect("thread mode without max_connections must still be capped");
+    // Derived from the system's limits, with headroom: a real machine allows more than 16.
+    assert!(cap >= 16, "{cap}");
+    assert!(
+        nofile.is_none_or(|n| (cap as u64) < n),
+        "{cap} vs {nofile:?}"
+    );
+    assert_eq!(server.handle().max_connections(), Some(cap));
+    assert_eq!(server.handle().max_per_source(), None, "off unless set");
+    let set = TcpServer::builder(line_echo)
+        .max_connections(7)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    assert_eq!(set.max_connections(), Some(7));
+    let pool = TcpServer::builder(line_echo)
+        .dispatch(Dispatch::Pool { workers: 3 })
+        .bind("127.0.0.1:0")
+        .unwrap();
+    assert_eq!(pool.max_connections(), Some(3));
+    let sync = TcpServer::builder(line_echo)
+        .dispatch(Dispatch::Sync)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    assert_eq!(sync.max_connections(), None);
+    assert!(
+        TcpServer::builder(line_echo)
+            .max_per_source(0)
+            .bind("127.0.0.1:0")
+            .unwrap_err()
+            .is_config()
+    );
+}
+
+/// A client connected from `source` (any address of 127.0.0.0/8) to `to`.
+fn connect_from(source: &str, to: &socketserver::Addr) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let from: std::net::SocketAddr = format!("{source}:0").parse().unwrap();
+    sock.bind(&from.into()).unwrap();
+    sock.connect(&to.inet().unwrap().into()).unwrap();
+    let s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Whether the server echoes on `c` (false: it closed the connection).
+fn echoes(c: &mut TcpStream) -> bool {
+    if c.write_all(b"x").is_err() {
+        return false;
+    }
+    let mut b = [0u8; 1];
+    matches!(c.read(&mut b), Ok(1))
+}
+
+#[test]
+fn max_per_source_closes_one_address_s_excess_and_spares_other_addresses() {
+    util::init_logs();
+    for mode in [Dispatch::Thread, Dispatch::Pool { workers: 8 }] {
+        let server = TcpServer::builder(util::ByteEcho::default)
+            .dispatch(mode)
+            .max_per_source(2)
+            .bind("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr().clone();
+        let running = serve(server);
+        let mut first = connect_from("127.0.0.1", &addr);
+        let mut second = connect_from("127.0.0.1", &addr);
+        assert!(echoes(&mut first) && echoes(&mut second), "{mode:?}");
+        let mut third = connect_from("127.0.0.1", &addr);
+        assert!(
+            !echoes(&mut third),
+            "{mode:?}: a third connection from one address was served"
+        );
+        assert_eq!(running.handle.stats().per_source_rejected, 1, "{mode:?}");
+        // Another address is not affected by the first one's count.
+        let mut other = connect_from("127.0.0.2", &addr);
+        assert!(echoes(&mut other), "{mode:?}: another address was refused");
+        // A slot freed by the first address is its own again.
+        drop(first);
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                let mut again = connect_from("127.0.0.1", &addr);
+                echoes(&mut again)
+            }),
+            "{mode:?}: the address never got its slot back"
+        );
+        drop((second, third, other));
+        drop(running);
+    }
+}
+
+#[test]
+fn without_max_per_source_one_address_may_hold_many_connections() {
+    let server = TcpServer::bind("127.0.0.1:0", util::ByteEcho::default).unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let mut clients: Vec<TcpStream> = (0..40).map(|_| connect(&addr)).collect();
+    assert!(clients.iter_mut().all(echoes));
+    assert_eq!(running.handle.stats().per_source_rejected, 0);
+    drop(clients);
+    drop(running);
 }

@@ -8,8 +8,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use socketserver::{Auth, Digest, Dispatch, Request, UnixStreamServer, answer_challenge};
-use util::{FnHandler, eventually, line_echo, serve, sock_path, three_round_trips};
+use socketserver::{
+    Auth, Digest, Dispatch, Request, UnixStreamServer, answer_challenge, handler_fn,
+};
+use util::{eventually, line_echo, serve, sock_path, three_round_trips};
 
 const MODES: [Dispatch; 3] = [
     Dispatch::Sync,
@@ -49,7 +51,7 @@ fn shutdown_from_inside_a_handler_in_every_mode() {
     for mode in MODES {
         let path = sock_path("stop");
         let server = UnixStreamServer::builder(|| {
-            FnHandler(|req: &mut Request| {
+            handler_fn(|req: &mut Request| {
                 req.server().shutdown();
                 Ok(())
             })
@@ -107,7 +109,7 @@ fn handlers_see_peer_credentials() {
     let s = seen.clone();
     let server = UnixStreamServer::builder(move || {
         let s = s.clone();
-        FnHandler(move |req: &mut Request| {
+        handler_fn(move |req: &mut Request| {
             *s.lock().unwrap() = req.peer_credentials();
             Ok(())
         })
@@ -247,4 +249,44 @@ fn socket_mode_sets_the_socket_files_permissions_exactly() {
         .unwrap_err();
     assert!(e.is_config(), "{e}");
     assert!(!path.exists());
+}
+
+#[test]
+fn a_drain_refuses_new_unix_clients_at_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    util::init_logs();
+    let path = sock_path("drain-refuses");
+    let started = Arc::new(AtomicUsize::new(0));
+    let s = started.clone();
+    let server = UnixStreamServer::bind(&path, move || {
+        let s = s.clone();
+        handler_fn(move |req: &mut Request| {
+            s.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 64];
+            while req.read(&mut buf)? > 0 {}
+            Ok(())
+        })
+    })
+    .unwrap();
+    let running = serve(server);
+    let held = UnixStream::connect(&path).unwrap();
+    assert!(eventually(Duration::from_secs(5), || started
+        .load(Ordering::SeqCst)
+        == 1));
+    let h = running.handle.clone();
+    let drain = std::thread::spawn(move || h.shutdown_graceful(Duration::from_secs(30)));
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .is_draining()));
+    let refused = UnixStream::connect(&path);
+    assert_eq!(
+        refused.as_ref().map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "a client connecting during a drain must be refused, got {refused:?}"
+    );
+    drop(held);
+    let report = drain.join().unwrap();
+    assert_eq!((report.finished, report.cut), (1, 0));
+    drop(running);
+    assert!(!path.exists(), "socket file left behind");
 }

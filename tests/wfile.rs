@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use socketserver::{
     Addr, HandlerResult, Request, StreamHandler, StreamRequest, StreamRequestHandler, TcpServer,
+    handler_fn,
 };
-use util::{FnHandler, connect, serve};
+use util::{connect, serve};
 
 const ROUND_TRIPS: usize = 20;
 /// A stall is ~40 ms (the delayed ACK); a round trip on loopback well under 1 ms. The bound sits
@@ -56,7 +57,7 @@ fn read_request(req: &mut Request) -> std::io::Result<Option<u64>> {
 #[test]
 fn formatted_writes_on_request_leave_in_one_piece_even_with_nagle() {
     let server = TcpServer::builder(|| {
-        FnHandler(|req: &mut Request| {
+        handler_fn(|req: &mut Request| {
             assert!(!req.stream().as_tcp().unwrap().nodelay()?);
             while let Some(n) = read_request(req)? {
                 writeln!(req, "hello {n}")?;
@@ -100,7 +101,7 @@ fn formatted_writes_on_wfile_leave_in_one_piece_even_with_nagle() {
 fn replies_in_pieces_do_not_stall_by_default() {
     // Three unformatted writes per reply: only TCP_NODELAY (on by default) keeps them prompt.
     let server = TcpServer::builder(|| {
-        FnHandler(|req: &mut Request| {
+        handler_fn(|req: &mut Request| {
             assert!(req.stream().as_tcp().unwrap().nodelay()?);
             while let Some(n) = read_request(req)? {
                 req.write_all(b"hello ")?;

@@ -1,4 +1,4 @@
-//! Flag groups, logging and Ctrl-C handling shared by the examples.
+//! Flag groups, logging and serving until Ctrl-C, shared by the examples.
 //!
 //! Each example declares its command line as a `#[derive(clap::Parser)]` struct that flattens
 //! the groups below, so a flag that several examples take is defined once, here.
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::builder::{NonEmptyStringValueParser, RangedU64ValueParser};
 use clap::{ArgMatches, Command, CommandFactory};
-use socketserver::{Auth, Digest, Dispatch, ServerHandle};
+use socketserver::{Auth, Builder, Digest, Dispatch, Server};
 
 /// `--addr HOST:PORT`. The multiprocessing examples change the default with [`mp_addr`].
 #[derive(clap::Args, Debug)]
@@ -55,6 +55,38 @@ impl DispatchArgs {
             Mode::Pool => Dispatch::Pool {
                 workers: self.workers,
             },
+        }
+    }
+}
+
+/// Connection caps of a stream server: `--max-connections N` and `--max-per-source N`.
+#[derive(clap::Args, Debug)]
+pub struct LimitArgs {
+    /// Most connections served at once in --mode thread (default: derived from the system's
+    /// limits, logged at start)
+    #[arg(long, value_name = "N",
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_connections: Option<usize>,
+    /// Most connections at once from one client IP address; more are closed at once (default:
+    /// no per-address cap, since clients behind one NAT or proxy share an address)
+    #[arg(long, value_name = "N",
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_per_source: Option<usize>,
+}
+
+impl LimitArgs {
+    /// Applies the caps that were given to `builder`.
+    pub fn apply<T: socketserver::transport::Transport>(&self, builder: Builder<T>) -> Builder<T> {
+        let builder = match self.max_connections {
+            Some(n) => builder.max_connections(n),
+            None => builder,
+        };
+        match self.max_per_source {
+            Some(n) => {
+                log::info!("at most {n} connections per client address");
+                builder.max_per_source(n)
+            }
+            None => builder,
         }
     }
 }
@@ -166,41 +198,32 @@ pub fn init_logging() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 }
 
-/// On Ctrl-C or SIGTERM, stops the accept loop; `drain` then finishes in-flight requests.
-pub fn stop_on_signal(handle: &ServerHandle) {
-    let h = handle.clone();
-    if let Err(e) = ctrlc::set_handler(move || {
-        log::info!("signal received: shutting down");
-        h.shutdown();
-    }) {
-        log::warn!("cannot install the Ctrl-C handler: {e}");
-    }
-}
-
-/// Lets in-flight requests finish for up to `grace`, then cuts the rest, and logs how it went.
-pub fn drain(handle: &ServerHandle, grace: Duration) {
-    let r = handle.shutdown_graceful(grace);
-    log::info!(
-        "stopped: {} request(s) finished during the drain, {} cut at the {grace:?} deadline",
-        r.finished,
-        r.cut
-    );
-    log::info!("stats: {:?}", handle.stats());
-}
-
-/// Serves until Ctrl-C or SIGTERM, then drains for up to `grace`. A server that could not
+/// Serves until Ctrl-C or SIGTERM ([`Server::serve_until_signal`]), then lets in-flight
+/// requests finish for up to `grace`; a second Ctrl-C stops at once. A server that could not
 /// start ends the process through [`die`].
 pub fn serve<T: socketserver::transport::Transport>(
-    server: socketserver::Result<socketserver::Server<T>>,
+    server: socketserver::Result<Server<T>>,
     what: &str,
     grace: Duration,
 ) {
     let server = server.unwrap_or_else(|e| die(&format!("cannot start the {what}: {e}")));
-    let handle = server.handle();
-    stop_on_signal(&handle);
     log::info!("{what} on {}", server.local_addr());
-    server.serve_forever();
-    drain(&handle, grace);
+    #[cfg(feature = "signals")]
+    match server.serve_until_signal(grace) {
+        Ok(r) => log::info!(
+            "stopped: {} request(s) finished during the drain, {} cut",
+            r.finished,
+            r.cut
+        ),
+        Err(e) => die(&format!("cannot handle Ctrl-C: {e}")),
+    }
+    #[cfg(not(feature = "signals"))]
+    {
+        let _ = grace;
+        log::info!("built without the `signals` feature: Ctrl-C ends the process at once");
+        server.serve_forever();
+    }
+    log::info!("stats: {:?}", server.stats());
 }
 
 /// How long a stream server's connections may keep a worker waiting on their client:

@@ -130,8 +130,11 @@ impl Auth {
     /// new connection finds the cap reached, the oldest unfinished handshake is cut (counted in
     /// [`Stats::handshake_evictions`](crate::Stats::handshake_evictions)), so silent connections
     /// can hold at most this many workers while honest clients, which answer in a round trip,
-    /// get through. Default: half the pool in pool mode, half of `max_connections` in capped
-    /// thread mode (but at least 4, or all of them when fewer), 64 otherwise.
+    /// get through. Default in pool mode and with `max_connections` set: handshakes may take
+    /// any worker (slot), and when a new connection takes the last free one while at least half
+    /// of them (at least 4, or all of a smaller pool) are handshakes, the oldest unfinished
+    /// handshake whose client has not answered yet is cut, so a worker frees for the next
+    /// client; 64 in thread mode without `max_connections`.
     ///
     /// The limit of this policy: a burst of more than `max` new connections arriving within
     /// one round trip of an honest client can cut its handshake too (nothing tells the two

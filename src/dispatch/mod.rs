@@ -27,12 +27,12 @@ pub enum Dispatch {
     /// One request at a time, on the thread that calls `serve_forever` (Python's `TCPServer`).
     /// Datagrams are answered in the order they arrived. The default of datagram servers.
     Sync,
-    /// A thread per request (Python's `ThreadingTCPServer`), optionally capped with
-    /// [`Builder::max_connections`](crate::Builder::max_connections). The default of stream
-    /// servers. A thread whose request ends waits a few seconds for the next one before it
-    /// exits, so a busy server does not pay for a new thread on every connection, and an idle
-    /// one keeps none. Datagrams served this way are answered in whatever order their threads
-    /// finish.
+    /// A thread per request (Python's `ThreadingTCPServer`), capped by
+    /// [`Builder::max_connections`](crate::Builder::max_connections), whose default is what
+    /// the system's limits allow. The default of stream servers. A thread whose request ends
+    /// waits a few seconds for the next one before it exits, so a busy server does not pay for
+    /// a new thread on every connection, and an idle one keeps none. Datagrams served this way
+    /// are answered in whatever order their threads finish.
     #[default]
     Thread,
     /// A fixed pool of worker threads. When all are busy the server stops accepting, so the

@@ -377,18 +377,6 @@ pub fn mp_server(
     (serve(server), addr, handled)
 }
 
-/// A handler made of a closure, for tests that need one-off behaviour.
-pub struct FnHandler<F>(pub F);
-
-impl<F> socketserver::Handler for FnHandler<F>
-where
-    F: FnMut(&mut socketserver::Request) -> HandlerResult + Send + 'static,
-{
-    fn handle(&mut self, req: &mut socketserver::Request) -> HandlerResult {
-        (self.0)(req)
-    }
-}
-
 /// Connects to a TCP server's address with a 10 s read timeout, so a test cannot hang.
 pub fn connect(addr: &socketserver::Addr) -> std::net::TcpStream {
     let s = std::net::TcpStream::connect(addr).expect("connect");
