@@ -3,7 +3,7 @@
 //! formatted writes that leave in one piece.
 
 use std::fmt;
-use std::io::{self, BufRead, BufReader, BufWriter, IoSlice, IoSliceMut, Read, Write};
+use std::io::{self, BufRead, BufWriter, IoSlice, IoSliceMut, Read, Write};
 
 use crate::error::Kind;
 use crate::stream::write_fmt_once;
@@ -40,7 +40,7 @@ use crate::{Addr, Error, Result, Stream};
 /// [`consume`](Self::consume) as in [`BufRead`]), and `&mut RFile` is a [`BufRead`] for code that
 /// takes one, whose own `read_line` and `lines` are std's, unbounded.
 pub struct RFile {
-    inner: BufReader<Stream>,
+    inner: ReadBuffer,
     max_line: usize,
     peer: Addr,
 }
@@ -48,7 +48,7 @@ pub struct RFile {
 impl RFile {
     pub(crate) fn new(stream: Stream, capacity: usize, max_line: usize, peer: Addr) -> RFile {
         RFile {
-            inner: BufReader::with_capacity(capacity, stream),
+            inner: ReadBuffer::new(stream, capacity),
             max_line,
             peer,
         }
@@ -147,6 +147,87 @@ impl RFile {
     /// The connection. Reading it directly skips (and races with) the buffer.
     pub fn get_ref(&self) -> &Stream {
         self.inner.get_ref()
+    }
+}
+
+/// `BufReader<Stream>`, except that its buffer is never zeroed: reads go straight into its
+/// spare capacity ([`Stream::read_spare`]), so an idle connection costs the pages its reads
+/// touched, not the whole buffer (8 KiB by default).
+struct ReadBuffer {
+    stream: Stream,
+    buf: Vec<u8>,
+    /// How much of `buf` has been consumed.
+    pos: usize,
+}
+
+impl ReadBuffer {
+    fn new(stream: Stream, capacity: usize) -> ReadBuffer {
+        ReadBuffer {
+            stream,
+            // At least a byte: a read into no room would look like end of file.
+            buf: Vec::with_capacity(capacity.max(1)),
+            pos: 0,
+        }
+    }
+
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.pos >= self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+            loop {
+                match self.stream.read_spare(&mut self.buf) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    r => {
+                        r?;
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(&self.buf[self.pos..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.buf.len());
+    }
+
+    fn buffer(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    fn get_ref(&self) -> &Stream {
+        &self.stream
+    }
+
+    fn read(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        // Nothing buffered and a large read: skip the buffer, as BufReader does.
+        if self.pos >= self.buf.len() && dst.len() >= self.buf.capacity() {
+            return (&self.stream).read(dst);
+        }
+        let available = self.fill_buf()?;
+        let n = available.len().min(dst.len());
+        dst[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        match bufs.iter_mut().find(|b| !b.is_empty()) {
+            Some(b) => self.read(b),
+            None => Ok(0),
+        }
+    }
+
+    fn read_exact(&mut self, mut dst: &mut [u8]) -> io::Result<()> {
+        while !dst.is_empty() {
+            match self.read(dst) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => dst = &mut dst[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 }
 

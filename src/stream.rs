@@ -563,6 +563,24 @@ impl AsFd for Stream {
     }
 }
 
+impl Stream {
+    /// Reads into the spare capacity of `buf`, appending, without initialising it first.
+    ///
+    /// A `std::io::BufReader` over any reader but std's own sockets and files zeroes its whole
+    /// buffer on the first fill (stable Rust has no way to read into uninitialised memory
+    /// through `Read`), which makes every page of an idle connection's buffer resident. Read
+    /// directly, only the pages the kernel writes to are touched.
+    pub(crate) fn read_spare(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        self.io(Direction::Read, |sock| {
+            let fd = match sock {
+                Sock::Tcp(s) => s.as_fd(),
+                Sock::Unix(s) => s.as_fd(),
+            };
+            rustix::io::read(fd, rustix::buffer::spare_capacity(buf)).map_err(io::Error::from)
+        })
+    }
+}
+
 impl Read for &Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.io(Direction::Read, |sock| match sock {
