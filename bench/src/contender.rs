@@ -105,12 +105,14 @@ impl Contender {
                  buffer never zeroed (read_buf)"
                     .to_owned()
             }
-            Kind::Thread => "`echo_server --mode thread` (this crate): a thread per connection, \
-                             16 KiB heap BufReader never zeroed"
+            Kind::Thread => "`echo_server --mode thread` (this crate): a thread per connection \
+                             (finished threads reused), rfile's 8 KiB heap buffer never zeroed \
+                             (StreamOptions' default, Python's rbufsize; only touched pages \
+                             count)"
                 .to_owned(),
             Kind::Pool => format!(
                 "`echo_server --mode pool --workers {POOL_WORKERS}` (this crate): \
-                 {POOL_WORKERS} pre-spawned workers, same buffer"
+                 {POOL_WORKERS} pre-spawned workers, same rfile"
             ),
             Kind::Python => {
                 "`python_echo.py`: Python socketserver.ThreadingTCPServer, a thread per \
