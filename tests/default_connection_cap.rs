@@ -9,61 +9,28 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use socketserver::{Handler, HandlerResult, Request, TcpServer};
+use socketserver::TcpServer;
+
+mod child_server;
+
+use child_server::{Hold, greeted, lower_fd_limit, serve_until_stdin_closes, spawn_child};
 
 const CHILD_ENV: &str = "SOCKETSERVER_CAP_CHILD";
 const FD_LIMIT: u64 = 64;
 /// More clients than the child has descriptors.
 const CLIENTS: usize = 80;
 
-/// Greets, then holds the connection (its descriptor and thread) until the client hangs up.
-struct Hold;
-
-impl Handler for Hold {
-    fn handle(&mut self, req: &mut Request) -> HandlerResult {
-        req.write_all(b"hi")?;
-        let mut buf = [0u8; 64];
-        while req.read(&mut buf)? > 0 {}
-        Ok(())
-    }
-}
-
 fn child() {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let mut lim = getrlimit(Resource::Nofile);
-    lim.current = Some(FD_LIMIT);
-    setrlimit(Resource::Nofile, lim).expect("lower RLIMIT_NOFILE");
+    lower_fd_limit(FD_LIMIT);
     let server = TcpServer::bind("127.0.0.1:0", || Hold).expect("bind");
     let cap = server
         .max_connections()
         .expect("a default cap in thread mode");
     println!("{} {cap}", server.local_addr().inet().unwrap().port());
     std::io::stdout().flush().unwrap();
-    let handle = server.handle();
-    std::thread::spawn(move || {
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        handle.shutdown();
-    });
-    server.serve_forever();
-    println!("accept_errors={}", server.stats().accept_errors);
-}
-
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn greeted(s: &mut TcpStream, wait: Duration) -> bool {
-    s.set_read_timeout(Some(wait)).unwrap();
-    let mut b = [0u8; 2];
-    matches!(s.read_exact(&mut b), Ok(()) if &b == b"hi")
+    serve_until_stdin_closes(server);
 }
 
 fn threads(pid: u32) -> usize {
@@ -77,14 +44,7 @@ fn main() {
         child();
         return;
     }
-    let mut child = Reaped(
-        Command::new(std::env::current_exe().unwrap())
-            .env(CHILD_ENV, "1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the child server"),
-    );
+    let mut child = spawn_child(CHILD_ENV);
     let pid = child.0.id();
     let mut out = BufReader::new(child.0.stdout.take().unwrap());
     let mut line = String::new();

@@ -8,31 +8,19 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use socketserver::{Handler, HandlerResult, Request, TcpServer};
+use socketserver::TcpServer;
+
+mod child_server;
+
+use child_server::{Hold, greeted, lower_fd_limit, serve_until_stdin_closes, spawn_child};
 
 const CHILD_ENV: &str = "SOCKETSERVER_FD_CHILD";
 const FD_LIMIT: u64 = 64;
 
-/// Greets, then holds the connection (and its descriptor) until the client hangs up.
-struct Hold;
-
-impl Handler for Hold {
-    fn handle(&mut self, req: &mut Request) -> HandlerResult {
-        req.write_all(b"hi")?;
-        let mut buf = [0u8; 64];
-        while req.read(&mut buf)? > 0 {}
-        Ok(())
-    }
-}
-
 fn child() {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let mut lim = getrlimit(Resource::Nofile);
-    lim.current = Some(FD_LIMIT);
-    setrlimit(Resource::Nofile, lim).expect("lower RLIMIT_NOFILE");
+    lower_fd_limit(FD_LIMIT);
     let _ = env_logger::builder().is_test(false).try_init();
     // A cap above the descriptor limit on purpose: the default cap (derived from that limit)
     // would keep accept from ever failing, and this scenario is about what happens when it does.
@@ -43,26 +31,7 @@ fn child() {
     println!("{}", server.local_addr().inet().unwrap().port());
     std::io::stdout().flush().unwrap();
     // The parent closes our stdin to stop us.
-    let handle = server.handle();
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = std::io::stdin().read_to_end(&mut sink);
-        handle.shutdown();
-    });
-    server.serve_forever();
-    println!("accept_errors={}", server.stats().accept_errors);
-    // Open connections would make close() wait (block_on_close); the parent has hung up already.
-    drop(server);
-}
-
-/// Kills and reaps the child however the parent ends.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    serve_until_stdin_closes(server);
 }
 
 /// CPU time (user + system) of `pid` in seconds, from /proc.
@@ -75,22 +44,8 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
-fn greeted(s: &mut TcpStream, wait: Duration) -> bool {
-    s.set_read_timeout(Some(wait)).unwrap();
-    let mut b = [0u8; 2];
-    matches!(s.read_exact(&mut b), Ok(()) if &b == b"hi")
-}
-
 fn parent() {
-    let exe = std::env::current_exe().unwrap();
-    let mut child = Reaped(
-        Command::new(exe)
-            .env(CHILD_ENV, "1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the child server"),
-    );
+    let mut child = spawn_child(CHILD_ENV);
     let pid = child.0.id();
     let mut out = BufReader::new(child.0.stdout.take().unwrap());
     let mut line = String::new();

@@ -1,0 +1,73 @@
+//! What the two child-process tests share (`fd_exhaustion`, `default_connection_cap`): a server
+//! re-executed from the test binary with a low descriptor limit, driven by the parent over
+//! loopback and stopped by closing its stdin.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use socketserver::{Handler, HandlerResult, Request, Server, transport::Transport};
+
+/// Greets, then holds the connection (its descriptor and thread) until the client hangs up.
+pub struct Hold;
+
+impl Handler for Hold {
+    fn handle(&mut self, req: &mut Request) -> HandlerResult {
+        req.write_all(b"hi")?;
+        let mut buf = [0u8; 64];
+        while req.read(&mut buf)? > 0 {}
+        Ok(())
+    }
+}
+
+/// In the child: lowers the soft descriptor limit to `limit`.
+pub fn lower_fd_limit(limit: u64) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    lim.current = Some(limit);
+    setrlimit(Resource::Nofile, lim).expect("lower RLIMIT_NOFILE");
+}
+
+/// In the child: serves until the parent closes our stdin, then reports the failed accepts.
+pub fn serve_until_stdin_closes<T: Transport>(server: Server<T>) {
+    let handle = server.handle();
+    std::thread::spawn(move || {
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        handle.shutdown();
+    });
+    server.serve_forever();
+    println!("accept_errors={}", server.stats().accept_errors);
+    // Open connections would make close() wait (block_on_close); the parent has hung up already.
+    drop(server);
+}
+
+/// In the parent: this test binary again, as the child (`env` set), with piped stdin and stdout.
+pub fn spawn_child(env: &str) -> Reaped {
+    Reaped(
+        Command::new(std::env::current_exe().unwrap())
+            .env(env, "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the child server"),
+    )
+}
+
+/// Kills and reaps the child however the parent ends.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether the server greeted `s` within `wait`.
+pub fn greeted(s: &mut TcpStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut b = [0u8; 2];
+    matches!(s.read_exact(&mut b), Ok(()) if &b == b"hi")
+}
