@@ -69,7 +69,8 @@
 //!   `verify_request` and the per-source cap, backs off on accept errors. `bind.rs` gives each
 //!   server kind its `bind`; `signals.rs` watches SIGINT and SIGTERM for `serve_until_signal`.
 //! * **Dispatch** (`dispatch/`): which thread runs a request ([`Dispatch`]: the serving thread,
-//!   a thread of its own, or a worker of the pool in `dispatch/pool.rs`).
+//!   a thread of its own, reused when it finishes (`dispatch/threads.rs`), or a worker of the
+//!   pool in `dispatch/pool.rs`).
 //! * **Transports** (`transport/`): what differs between TCP, Unix, UDP and Unix datagrams: the
 //!   listener (`stream.rs`, `datagram.rs`; binding in `socket.rs`) and the service that serves
 //!   each request.
@@ -78,10 +79,14 @@
 //!   cap on unfinished handshakes.
 //! * **Lifecycle** (`lifecycle.rs`): Python's `setup` → `handle` → `finish`, panics caught and
 //!   reported through `worker.rs`, which holds what every worker shares.
+//! * **Handler types**: [`Handler`] and [`Request`], [`StreamHandler`] with its bounded `rfile`
+//!   and one-write `wfile` (`buffered.rs`), closures as handlers (`handler_fn.rs`), the
+//!   connection itself with its activity accounting for the idle reaper (`stream.rs`).
 //! * **Protocols**: the two handshakes, server and client side, in `auth/` (`hmac.rs`,
 //!   `mp.rs`), and `multiprocessing.connection`'s framing in `mp/`.
 //! * **Shared state** (`control.rs`): [`ServerHandle`], [`Stats`], the limits, the registry of
-//!   in-flight requests that a drain or the idle reaper cuts.
+//!   in-flight requests that a drain or the idle reaper cuts. Every log line a peer can trigger
+//!   is rate-limited (`log_limit.rs`).
 
 #![deny(missing_docs)]
 // Two `unsafe` blocks carry their proofs: `stream.rs` (SO_PEERCRED) and `signals.rs` (reading
