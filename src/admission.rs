@@ -386,4 +386,28 @@ mod tests {
         assert!(cut(&first), "the connection at end of file was spared");
         assert!(!cut(&second) && !cut(&newest));
     }
+
+    #[test]
+    fn the_cut_threshold_is_half_the_pool_but_at_least_four_and_none_without_a_limit() {
+        let threshold = |limit: Option<usize>| {
+            let mut pipeline = Pipeline::default();
+            pipeline.prepare(limit).unwrap();
+            let t = lock(&pipeline.pending);
+            (t.cap, t.cut_when_full)
+        };
+        assert_eq!(threshold(Some(16)), (16, Some(8)));
+        assert_eq!(threshold(Some(8)), (8, Some(4)));
+        assert_eq!(threshold(Some(5)), (5, Some(4)));
+        assert_eq!(threshold(Some(3)), (3, Some(3)));
+        assert_eq!(threshold(None), (64, None));
+    }
+
+    #[test]
+    fn a_stage_of_a_kind_already_there_replaces_it() {
+        let mut pipeline = Pipeline::default();
+        pipeline.add(Box::new(Auth::hmac(b"first".to_vec())));
+        pipeline.add(Box::new(Auth::hmac(b"second".to_vec())));
+        assert_eq!(pipeline.stages.len(), 1);
+        assert!(pipeline.stages.iter().all(|s| s.kind() == StageKind::Auth));
+    }
 }
