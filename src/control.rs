@@ -456,17 +456,14 @@ impl Control {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Shuts down the sockets of the in-flight connections that `pick` selects; returns how many.
-    pub(crate) fn cut_where(&self, mut pick: impl FnMut(&Stream) -> bool) -> u64 {
+    /// Shuts down the sockets of the in-flight connections that `pick` selects.
+    pub(crate) fn cut_where(&self, mut pick: impl FnMut(&Stream) -> bool) {
         let r = lock(&self.registry);
-        let mut n = 0;
         for s in r.live.values().flatten() {
             if pick(s) {
                 let _ = s.shutdown(Shutdown::Both);
-                n += 1;
             }
         }
-        n
     }
 
     /// Waits until no serve loop runs; false at once, without waiting, if this thread runs one

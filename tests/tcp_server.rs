@@ -1222,3 +1222,30 @@ fn without_max_per_source_one_address_may_hold_many_connections() {
     drop(clients);
     drop(running);
 }
+
+#[test]
+fn a_drain_reports_only_the_requests_that_finished_during_it() {
+    let server = TcpServer::bind("127.0.0.1:0", line_echo).unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    for _ in 0..3 {
+        three_round_trips(connect(&addr));
+    }
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .active
+        == 0));
+    // One request in flight when the drain starts; its client hangs up during the grace period.
+    let mut c = connect(&addr);
+    c.write_all(b"in flight\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&c).read_line(&mut line).unwrap();
+    let hang_up = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        drop(c);
+    });
+    let report = running.handle.shutdown_graceful(Duration::from_secs(5));
+    hang_up.join().unwrap();
+    assert_eq!((report.finished, report.cut), (1, 0), "{report:?}");
+}
