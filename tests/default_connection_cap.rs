@@ -7,7 +7,7 @@
 //! `harness = false`: the descriptor limit is the child's, this program re-executed with
 //! `SOCKETSERVER_CAP_CHILD` set.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -15,7 +15,10 @@ use socketserver::TcpServer;
 
 mod child_server;
 
-use child_server::{Hold, greeted, lower_fd_limit, serve_until_stdin_closes, spawn_child};
+use child_server::{
+    Hold, greeted, lower_fd_limit, serve_until_stdin_closes, spawn_child,
+    stop_and_count_accept_errors,
+};
 
 const CHILD_ENV: &str = "SOCKETSERVER_CAP_CHILD";
 const FD_LIMIT: u64 = 64;
@@ -83,16 +86,7 @@ fn main() {
         .count();
 
     drop((served, waiting));
-    drop(child.0.stdin.take());
-    let mut rest = String::new();
-    out.read_to_string(&mut rest).unwrap();
-    let status = child.0.wait().unwrap();
-    assert!(status.success(), "child exited with {status}");
-    let accept_errors: u64 = rest
-        .trim()
-        .strip_prefix("accept_errors=")
-        .and_then(|n| n.parse().ok())
-        .expect("child reported its accept errors");
+    let accept_errors = stop_and_count_accept_errors(&mut child, &mut out);
 
     println!(
         "default connection cap: RLIMIT_NOFILE {FD_LIMIT} gives max_connections {cap}; {CLIENTS} \

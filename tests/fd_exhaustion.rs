@@ -6,7 +6,7 @@
 //! `harness = false`: this file is its own program. Run by the parent, it re-executes itself as
 //! the child (environment variable `SOCKETSERVER_FD_CHILD`).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,10 @@ use socketserver::TcpServer;
 
 mod child_server;
 
-use child_server::{Hold, greeted, lower_fd_limit, serve_until_stdin_closes, spawn_child};
+use child_server::{
+    Hold, greeted, lower_fd_limit, serve_until_stdin_closes, spawn_child,
+    stop_and_count_accept_errors,
+};
 
 const CHILD_ENV: &str = "SOCKETSERVER_FD_CHILD";
 const FD_LIMIT: u64 = 64;
@@ -94,16 +97,7 @@ fn parent() {
     );
 
     drop((served, waiting, fresh));
-    drop(child.0.stdin.take()); // stop the server
-    let mut rest = String::new();
-    out.read_to_string(&mut rest).unwrap();
-    let status = child.0.wait().unwrap();
-    assert!(status.success(), "child exited with {status}");
-    let accept_errors: u64 = rest
-        .trim()
-        .strip_prefix("accept_errors=")
-        .and_then(|n| n.parse().ok())
-        .expect("child reported its accept errors");
+    let accept_errors = stop_and_count_accept_errors(&mut child, &mut out);
 
     println!(
         "descriptor exhaustion: RLIMIT_NOFILE {FD_LIMIT}: served {} connections before accept failed; \

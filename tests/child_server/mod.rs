@@ -71,3 +71,17 @@ pub fn greeted(s: &mut TcpStream, wait: Duration) -> bool {
     let mut b = [0u8; 2];
     matches!(s.read_exact(&mut b), Ok(()) if &b == b"hi")
 }
+
+/// In the parent: closes the child's stdin (which stops its server), waits for it to exit
+/// cleanly, and returns the failed accepts it reported on `out`, its stdout.
+pub fn stop_and_count_accept_errors(child: &mut Reaped, out: &mut impl Read) -> u64 {
+    drop(child.0.stdin.take());
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "child exited with {status}");
+    rest.trim()
+        .strip_prefix("accept_errors=")
+        .and_then(|n| n.parse().ok())
+        .expect("child reported its accept errors")
+}
