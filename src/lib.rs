@@ -129,8 +129,8 @@ pub use datagram::{DatagramHandler, DatagramRequest};
 pub use dispatch::Dispatch;
 pub use error::{Error, Result};
 pub use handler::{
-    Handler, HandlerError, HandlerFailure, HandlerResult, Request, StreamHandler, StreamOptions,
-    StreamRequest, StreamRequestHandler,
+    Handler, HandlerError, HandlerFailure, HandlerResult, MessageHandler, MessageRequestHandler,
+    Next, Request, StreamHandler, StreamOptions, StreamRequest, StreamRequestHandler,
 };
 pub use handler_fn::{HandlerFn, handler_fn};
 pub use mp::{DEFAULT_MAX_MESSAGE, DEFAULT_MP_BUDGET, MpBudget, MpConnection};
