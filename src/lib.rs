@@ -132,7 +132,7 @@ pub use handler::{
     Handler, HandlerError, HandlerFailure, HandlerResult, MessageHandler, MessageRequestHandler,
     Next, Request, StreamHandler, StreamOptions, StreamRequest, StreamRequestHandler,
 };
-pub use handler_fn::{HandlerFn, handler_fn};
+pub use handler_fn::{HandlerFn, MessageFn, handler_fn, message_fn};
 pub use mp::{DEFAULT_MAX_MESSAGE, DEFAULT_MP_BUDGET, MpBudget, MpConnection};
 pub use server::{Builder, Server};
 pub use stream::{Credentials, MinDataRate, Stream};
