@@ -15,7 +15,7 @@ use socketserver::{
     Addr, Auth, CHALLENGE_LEN, Digest, Dispatch, Handler, HandlerResult, Request, ServerHandle,
     TcpServer, connect_with_auth, handler_fn,
 };
-use util::{ByteEcho, connect, eventually, line_echo, serve};
+use util::{connect, eventually, line_echo, serve};
 
 const KEY: &[u8] = b"reliability-key";
 
