@@ -27,8 +27,8 @@ use socketserver::{
     UnixStreamServer, connect_with_auth, mp_connect, mp_connect_with,
 };
 use util::{
-    ByteEcho, DatagramEcho, MpEcho, Python, accept_within, eventually, framed, line_echo,
-    mp_server, read_n, serve, sock_path,
+    DatagramEcho, MpEcho, Python, accept_within, eventually, framed, line_echo, mp_server, read_n,
+    serve, sock_path,
 };
 
 /// Bounds every Python child: generous, for a loaded 2-core machine.
