@@ -471,5 +471,7 @@ mod tests {
         assert!(process_ticks("self") > 0, "our own CPU time");
         assert!((0.0..=1.0).contains(&w.foreign()));
         assert!(rss_kib(std::process::id()).is_some_and(|k| k > 0));
+        // This test's thread and the harness's main thread at least.
+        assert!(threads(std::process::id()).is_some_and(|n| n >= 2));
     }
 }
