@@ -1,6 +1,7 @@
 //! Benchmark: this crate's `echo_server` against a minimal std::net thread-per-connection echo
 //! server, a tokio echo server and Python's `socketserver.ThreadingTCPServer`, on loopback, in
-//! one run on one machine.
+//! one run on one machine; and, for event dispatch (issue 13), an echo server on net-io 0.4, the
+//! closest blocking peer.
 //!
 //! ```text
 //! cargo run --release -p socketserver-bench -- [--quick] [--rounds N] [--secs S] [--idle N]
