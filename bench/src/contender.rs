@@ -30,9 +30,9 @@ pub const EVENT_WORKERS: usize = 2;
 pub const NETIO_WORKERS: usize = 2 * POOL_WORKERS;
 
 /// What a run of the event contender says when `echo_server` has no `--mode event` yet.
-pub const EVENT_MISSING: &str = "echo_server has no --mode event in this build: \
-Dispatch::Event (issue 13) is not merged yet; leave the event contender out (--contenders \
-without event) or build from a branch that has it";
+pub const EVENT_MISSING: &str = "echo_server has no --mode event in this build: it lacks \
+Dispatch::Event (issue 13); leave the event contender out (list --contenders without event) \
+or build from a tree that has it";
 
 /// The tokio runtime a competent tokio user would pick: one core (pinned) makes a multi-thread
 /// runtime one worker plus a thread handing connections across, so a current-thread runtime;
