@@ -470,7 +470,8 @@ fn a_drain_closes_parked_connections_at_once_and_lets_a_message_in_flight_finish
             s.rfile.read_exact(&mut b)?;
             if b[0] == b'w' {
                 tx.lock().unwrap().send(()).unwrap();
-                rx.lock().unwrap().recv().unwrap();
+                // Bounded, so that a failing test cannot leave its worker stuck.
+                let _ = rx.lock().unwrap().recv_timeout(Duration::from_secs(10));
             }
             s.wfile.write_all(&b)?;
             Ok(Next::Message)
@@ -615,4 +616,45 @@ fn event_mode_refuses_whole_connection_handlers_and_datagram_servers() {
         .bind("127.0.0.1:0")
         .unwrap_err();
     assert!(e.to_string().contains("at least 1"), "{e}");
+}
+
+#[test]
+fn rapid_round_trips_on_many_workers_never_lose_a_wake_up() {
+    // Each reply lets its client send the next message at once, often before the worker that
+    // wrote it has parked the connection: the event then reaches another worker, which must
+    // hand it back rather than drop it (a dropped one stalls the client for good).
+    let _serial = util::serial();
+    util::init_logs();
+    const CLIENTS: usize = 32;
+    const ROUNDS: usize = 400;
+    let server = TcpServer::builder(line_echo)
+        .dispatch(Dispatch::Event { workers: 4 })
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let c = connect(&addr);
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                c.set_nodelay(true).unwrap();
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                let mut w = c;
+                for n in 0..ROUNDS {
+                    let msg = format!("{i} {n}\n");
+                    w.write_all(msg.as_bytes()).unwrap();
+                    let mut got = String::new();
+                    r.read_line(&mut got)
+                        .unwrap_or_else(|e| panic!("client {i} stalled at round {n}: {e}"));
+                    assert_eq!(got, msg);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    drop(running);
 }
