@@ -121,8 +121,8 @@ fn single_key(rest: &str) -> bool {
 }
 
 /// A command line is a message: in `--mode event` the connection waits for its next command
-/// parked (no thread, no buffer), and in every mode a draining server closes it between two
-/// commands, never in the middle of one.
+/// parked (no thread, no buffer), and a drain closes it there at once, never in the middle of a
+/// command; in the other modes a drain lets the command in progress finish within its grace.
 impl MessageHandler for Kv {
     fn handle_message(&mut self, s: &mut StreamRequest) -> Result<Next, HandlerError> {
         let mut line = String::new();

@@ -547,15 +547,16 @@ impl<M: MessageHandler> Handler for MessageRequestHandler<M> {
         self.inner.setup(s)
     }
 
-    /// Outside event mode: the messages one after another, until the client hangs up, the
-    /// handler says [`Next::Close`], or the server drains (between two messages, as event mode
-    /// closes a parked connection).
+    /// Outside event mode: the messages one after another, until the client hangs up or the
+    /// handler says [`Next::Close`]. (A drain cuts a connection that waits here for its next
+    /// message once the grace period ends, as any other; event mode closes parked ones at
+    /// once, since no thread waits there.)
     fn handle(&mut self, _req: &mut Request) -> HandlerResult {
         let (inner, s) = self.state()?;
         while !s.rfile.fill_buf()?.is_empty() {
             let next = inner.handle_message(s)?;
             s.wfile.flush()?;
-            if next == Next::Close || (s.rfile.buffer().is_empty() && s.server.is_draining()) {
+            if next == Next::Close {
                 break;
             }
         }
