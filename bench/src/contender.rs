@@ -20,7 +20,14 @@ pub const AUTH_KEY: &[u8] = b"socketserver-bench-key";
 pub const POOL_WORKERS: usize = 128;
 
 /// Worker threads of the `echo_server --mode event` contender (`--workers`): a connection holds
-/// one only while a message is served, so a few suffice; the value to tune (issue 13).
+/// one only while a message is served, so one per core, as a competent user would pick (and as
+/// tokio's runtimes do): 1 pinned to one core (a second worker there would only take turns
+/// with the first), 2 unpinned on this machine's two cores.
+pub fn event_workers(pinned: bool) -> usize {
+    if pinned { 1 } else { 2 }
+}
+
+/// The most workers [`event_workers`] gives, for bounds that hold in both sweeps.
 pub const EVENT_WORKERS: usize = 2;
 
 /// Worker threads of the `netio_echo` contender. net-io 0.4 runs each connection on a worker of
@@ -61,7 +68,7 @@ pub enum Kind {
     Pool,
     /// `python_echo.py`: Python's `socketserver.ThreadingTCPServer`.
     Python,
-    /// This crate's `echo_server --mode event --workers EVENT_WORKERS`: connections parked in
+    /// This crate's `echo_server --mode event --workers N` ([`event_workers`]): connections parked in
     /// an epoll set between messages (issue 13).
     Event,
     /// `netio_echo`: net-io 0.4's blocking pool of NETIO_WORKERS workers.
@@ -142,7 +149,8 @@ impl Contender {
                     .to_owned()
             }
             Kind::Event => format!(
-                "`echo_server --mode event --workers {EVENT_WORKERS}` (this crate): a worker \
+                "`echo_server --mode event --workers N` (this crate; N = 1 pinned, 2 unpinned: \
+                 a worker per core): a worker \
                  is held only while a message is served, connections parked in an epoll set \
                  in between, read buffer taken on demand"
             ),
@@ -336,7 +344,7 @@ impl Server {
                     "--mode".into(),
                     "event".into(),
                     "--workers".into(),
-                    EVENT_WORKERS.to_string(),
+                    event_workers(core.is_some()).to_string(),
                 ]);
                 if let Some(d) = c.auth {
                     argv.extend([

@@ -111,12 +111,10 @@ impl<J: Send + 'static> Shared<J> {
                 if n == 0 {
                     break;
                 }
-                match self.idle.compare_exchange_weak(
-                    n,
-                    n - 1,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
+                match self
+                    .idle
+                    .compare_exchange_weak(n, n - 1, Ordering::AcqRel, Ordering::Acquire)
+                {
                     Ok(_) => return None,
                     Err(now) => n = now,
                 }
