@@ -148,12 +148,11 @@ impl Contender {
                  connection, recv(16384) (not zeroed)"
                     .to_owned()
             }
-            Kind::Event => format!(
-                "`echo_server --mode event --workers N` (this crate; N = 1 pinned, 2 unpinned: \
-                 a worker per core): a worker \
-                 is held only while a message is served, connections parked in an epoll set \
-                 in between, read buffer taken on demand"
-            ),
+            Kind::Event => "`echo_server --mode event --workers N` (this crate; N = 1 pinned, 2 \
+                            unpinned: a worker per core): a worker is held only while a message \
+                            is served, connections parked in an epoll set in between, read \
+                            buffer taken on demand"
+                .to_owned(),
             Kind::NetIo => format!(
                 "`netio_echo` (net-io 0.4, the closest blocking peer): its only driver in 0.4, \
                  the blocking pool, here {NETIO_WORKERS} workers (net-io refuses a connection \
