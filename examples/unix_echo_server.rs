@@ -107,7 +107,7 @@ fn main() {
         if let Some(mode) = cli.socket_mode {
             builder = builder.socket_mode(mode);
         }
-        let server = builder.bind(&cli.path);
+        let server = common::bind_unix(builder, &cli.path);
         common::serve(server, "Unix stream echo server", grace);
     }
 }

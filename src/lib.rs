@@ -95,6 +95,7 @@
 
 mod addr;
 mod admission;
+mod adopt;
 mod auth;
 mod bind;
 mod buffered;
@@ -109,10 +110,13 @@ mod lifecycle;
 mod limits;
 mod log_limit;
 mod mp;
+#[cfg(feature = "signals")]
+pub mod prefork;
 mod server;
 #[cfg(feature = "signals")]
 mod signals;
 mod stream;
+mod systemd;
 pub mod transport;
 mod wait;
 mod worker;
@@ -136,6 +140,7 @@ pub use handler_fn::{HandlerFn, handler_fn};
 pub use mp::{DEFAULT_MAX_MESSAGE, DEFAULT_MP_BUDGET, MpBudget, MpConnection};
 pub use server::{Builder, Server};
 pub use stream::{Credentials, MinDataRate, Stream};
+pub use systemd::Inherited;
 
 /// The README's examples, compiled as doctests so they cannot drift from the API.
 #[cfg(doctest)]
