@@ -16,7 +16,7 @@ fn adopted<T: crate::transport::Transport>(server: Result<Server<T>>) -> Result<
 
 impl<H: Handler> Builder<Tcp<H>> {
     /// Serves on a listening TCP socket this process inherited (`LISTEN_FDS`: systemd socket
-    /// activation, a [prefork](crate::prefork) supervisor, an upgrade). Fails with
+    /// activation, a prefork supervisor (`socketserver::prefork`), an upgrade). Fails with
     /// [`Error::is_not_inherited`](crate::Error::is_not_inherited) if there is no such socket
     /// and [`Error::is_wrong_socket_kind`](crate::Error::is_wrong_socket_kind) if it is not a
     /// listening TCP socket. Other processes may accept on the same socket, so a drain stops

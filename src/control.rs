@@ -524,6 +524,7 @@ impl Control {
     }
 
     /// Asks the serve loop to return once `n` connections have been accepted.
+    #[cfg(feature = "signals")]
     pub(crate) fn set_accept_limit(&self, n: u64) {
         self.accept_limit.store(n, Ordering::Release);
     }

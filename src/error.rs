@@ -51,7 +51,7 @@ pub(crate) enum Kind {
     /// No inherited socket (`LISTEN_FDS`) answers to the index or name asked for.
     NotInherited,
     /// The inherited socket asked for is not the kind of socket the server serves.
-    WrongSocketKind,
+    WrongSocket,
 }
 
 impl Kind {
@@ -67,7 +67,7 @@ impl Kind {
             Kind::TooLarge => "message too large",
             Kind::Config => "invalid configuration",
             Kind::NotInherited => "no such inherited socket",
-            Kind::WrongSocketKind => "inherited socket of the wrong kind",
+            Kind::WrongSocket => "inherited socket of the wrong kind",
         }
     }
 }
@@ -115,7 +115,7 @@ impl Error {
     }
 
     pub(crate) fn wrong_socket_kind(detail: impl Into<String>) -> Error {
-        Error::new(Kind::WrongSocketKind).with_detail(detail)
+        Error::new(Kind::WrongSocket).with_detail(detail)
     }
 
     /// Puts `what` (the socket asked for) before the detail: "inherited socket #0 (fd 3): ...".
@@ -218,7 +218,7 @@ impl Error {
     /// to a TCP server, a stream socket that is not listening, a pipe); the message says what
     /// it is.
     pub fn is_wrong_socket_kind(&self) -> bool {
-        self.inner.kind == Kind::WrongSocketKind
+        self.inner.kind == Kind::WrongSocket
     }
 
     /// An I/O error that fits none of the other kinds.
@@ -320,7 +320,7 @@ impl From<Error> for io::Error {
             Kind::Refused => io::ErrorKind::ConnectionRefused,
             Kind::AuthFailed | Kind::AuthRejected => io::ErrorKind::PermissionDenied,
             Kind::BadMessage | Kind::TooLarge => io::ErrorKind::InvalidData,
-            Kind::Config | Kind::WrongSocketKind => io::ErrorKind::InvalidInput,
+            Kind::Config | Kind::WrongSocket => io::ErrorKind::InvalidInput,
             Kind::NotInherited => io::ErrorKind::NotFound,
             Kind::Bind | Kind::Io => e
                 .inner

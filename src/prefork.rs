@@ -75,7 +75,7 @@ use rustix::pipe::{PipeFlags, pipe_with};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR2};
 use socket2::Type;
 
-use crate::systemd::{NOTIFY_FD_VAR, Notifier, parse_message};
+use crate::systemd::{NOTIFY_FD_VAR, Notifier};
 use crate::transport::Transport;
 use crate::transport::socket::{OwnedPath, SocketOptions, bind_inet, bind_unix};
 use crate::wait::poll_until;
@@ -1000,6 +1000,15 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
+/// Parses the `KEY=VALUE` lines of a readiness message.
+fn parse_message(msg: &[u8]) -> std::collections::HashMap<String, String> {
+    String::from_utf8_lossy(msg)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
 /// A random-enough 0..=`jitter` for worker `id` (no cryptographic need).
 fn jitter_for(id: u64, jitter: u64) -> u64 {
     if jitter == 0 {
@@ -1112,16 +1121,25 @@ mod tests {
 
     #[test]
     fn stats_survive_the_line_a_worker_reports() {
-        let mut s = Stats::default();
-        s.accepted = 7;
-        s.timeouts = 3;
-        s.panics = 1;
+        let s = Stats {
+            accepted: 7,
+            timeouts: 3,
+            panics: 1,
+            ..Stats::default()
+        };
         let back = parse_stats(&stats_line(&s));
         assert_eq!(back, s);
         let mut sum = back;
         add_stats(&mut sum, &s);
         assert_eq!(sum.accepted, 14);
         assert_eq!(sum.timeouts, 6);
+    }
+
+    #[test]
+    fn readiness_messages_parse_into_fields() {
+        let m = parse_message(b"READY=1\nSTATUS=serving on x: 1 active");
+        assert_eq!(m["READY"], "1");
+        assert_eq!(m["STATUS"], "serving on x: 1 active");
     }
 
     #[test]

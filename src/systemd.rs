@@ -27,7 +27,6 @@
 //! this process, so a child ignores `LISTEN_FDS`, and the descriptors are marked close-on-exec
 //! when adopted. The prefork supervisor removes them from what its children inherit.
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -440,15 +439,6 @@ impl Drop for Readiness {
     }
 }
 
-/// Parses `KEY=VALUE` lines of a readiness message.
-pub(crate) fn parse_message(msg: &[u8]) -> HashMap<String, String> {
-    String::from_utf8_lossy(msg)
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
-}
-
 /// Every inherited socket not adopted yet, with its name: what a prefork supervisor passes on
 /// to its workers.
 #[cfg(feature = "signals")]
@@ -480,12 +470,5 @@ mod tests {
         let file: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
         let e = SocketKind::Tcp.check(&file).unwrap_err();
         assert!(e.to_string().contains("not a socket"), "{e}");
-    }
-
-    #[test]
-    fn readiness_messages_parse_into_fields() {
-        let m = parse_message(b"READY=1\nSTATUS=serving on x: 1 active");
-        assert_eq!(m["READY"], "1");
-        assert_eq!(m["STATUS"], "serving on x: 1 active");
     }
 }
