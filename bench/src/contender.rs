@@ -46,6 +46,9 @@ pub enum Kind {
     Pool,
     /// `python_echo.py`: Python's `socketserver.ThreadingTCPServer`.
     Python,
+    /// This crate's `echo_server --processes 2`: a prefork supervisor and two worker processes
+    /// (thread mode each) on one inherited listener. Meant for the unpinned sweep.
+    Prefork,
 }
 
 /// One server configuration under test.
@@ -80,6 +83,7 @@ impl Contender {
             Kind::Thread => "socketserver thread",
             Kind::Pool => "socketserver pool",
             Kind::Python => "python",
+            Kind::Prefork => "socketserver prefork 2",
         };
         match self.auth {
             None => base.to_owned(),
@@ -119,6 +123,10 @@ impl Contender {
                  connection, recv(16384) (not zeroed)"
                     .to_owned()
             }
+            Kind::Prefork => "`echo_server --processes 2` (this crate): a prefork supervisor and \
+                              two worker processes in thread mode accepting from one inherited \
+                              listener (pinned, all three share the server's one core)"
+                .to_owned(),
         };
         match self.auth {
             None => what,
@@ -272,6 +280,13 @@ impl Server {
                     ]);
                 }
             }
+            Kind::Prefork => argv.extend([
+                path(&p.echo_server),
+                "--addr".into(),
+                a,
+                "--processes".into(),
+                "2".into(),
+            ]),
             Kind::Python => {
                 let py = p.python.as_ref().ok_or("python3 not found")?;
                 argv.extend([path(py), path(&p.python_script), "--addr".into(), a]);

@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release -p socketserver-bench -- [--quick] [--rounds N] [--secs S] [--idle N]
 //!     [--only echo,connect,idle] [--conns 1,16,128]
-//!     [--contenders std,std-pool,tokio,thread,pool,python]
+//!     [--contenders std,std-pool,tokio,thread,pool,python,prefork]
 //!     [--pin both|on|off] [--no-pin] [--no-python] [--no-build] [--out DIR]
 //! ```
 //!
@@ -36,7 +36,7 @@ use report::{Entry, Point, Sweep, Verdict};
 const USAGE: &str = "\
 usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
                           [--only echo,connect,idle] [--conns 1,16,128]
-                          [--contenders std,std-pool,tokio,thread,pool,python]
+                          [--contenders std,std-pool,tokio,thread,pool,python,prefork]
                           [--pin both|on|off] [--no-pin] [--no-python] [--no-build]
                           [--out DIR]
 
@@ -49,7 +49,7 @@ usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
   --only LIST   scenarios to run (default echo,connect,idle)
   --conns LIST  connection counts of the echo scenario (default 1,16,128)
   --contenders LIST
-                which servers to run (default all: std,std-pool,tokio,thread,pool,python);
+                which servers to run (default all: std,std-pool,tokio,thread,pool,python,prefork);
                 std is the baseline of every ratio; std-pool runs in the connect scenario
   --pin WHICH   both (default): a pinned sweep (server on core 1, load generator on core 0,
                 tokio on a current-thread runtime), then an unpinned one (every core free,
@@ -119,6 +119,7 @@ fn parse_args() -> Config {
             Kind::Thread,
             Kind::Pool,
             Kind::Python,
+            Kind::Prefork,
         ],
         sweeps: vec![true, false],
         python: true,
@@ -201,6 +202,7 @@ fn parse_args() -> Config {
                         "thread" => Kind::Thread,
                         "pool" => Kind::Pool,
                         "python" => Kind::Python,
+                        "prefork" => Kind::Prefork,
                         _ => fail(&format!("unknown contender {k:?}")),
                     })
                     .collect();
@@ -405,7 +407,7 @@ fn contenders(point: Point, python: bool, kinds: &[Kind]) -> Vec<Contender> {
     let p = Contender::plain;
     let a = Contender::with_auth;
     let mut v = match point {
-        Point::Echo(_) => vec![p(Std), p(Tokio), p(Thread), p(Pool)],
+        Point::Echo(_) => vec![p(Std), p(Tokio), p(Thread), p(Pool), p(Prefork)],
         Point::Connect(_) => vec![
             p(Std),
             p(Tokio),
@@ -416,6 +418,7 @@ fn contenders(point: Point, python: bool, kinds: &[Kind]) -> Vec<Contender> {
             p(Pool),
             a(Pool, Digest::Md5),
             a(Pool, Digest::Sha256),
+            p(Prefork),
         ],
         // A pool of POOL_WORKERS cannot serve thousands of connections at once.
         Point::Idle(_) => vec![p(Std), p(Tokio), p(Thread)],
