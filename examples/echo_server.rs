@@ -66,8 +66,11 @@ impl StreamHandler for Echo {
 fn main() {
     let cli: Cli = common::parse();
     common::init_logging();
-    cli.processes
-        .supervise_if_asked(&cli.addr.addr, "echo server", Duration::from_secs(5));
+    cli.processes.supervise_if_asked(
+        common::Listen::Tcp(&cli.addr.addr),
+        "echo server",
+        Duration::from_secs(5),
+    );
     let dispatch = cli.dispatch.dispatch();
     let builder = TcpServer::builder(|| StreamRequestHandler::new(Echo)).dispatch(dispatch);
     let mut builder = cli.timeouts.apply(cli.limits.apply(builder));

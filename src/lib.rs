@@ -86,8 +86,9 @@
 //!   `mp.rs`), and `multiprocessing.connection`'s framing in `mp/`.
 //! * **Listeners handed over** (`systemd.rs`, `adopt.rs`): adopting inherited sockets
 //!   (`LISTEN_FDS`) for systemd socket activation, prefork workers and upgrades, checked for
-//!   their kind; readiness messages (`NOTIFY_SOCKET`). `prefork` (`prefork.rs`, feature `signals`): the
-//!   supervisor of worker processes and of binary upgrades, above everything else.
+//!   their kind; readiness messages (`NOTIFY_SOCKET`). `prefork` (`prefork.rs`, feature
+//!   `signals`): the supervisor of worker processes and of binary upgrades, above everything
+//!   else.
 //! * **Shared state** (`control.rs`): [`ServerHandle`], [`Stats`], the limits, the registry of
 //!   in-flight requests that a drain or the idle reaper cuts. Every log line a peer can trigger
 //!   is rate-limited (`log_limit.rs`).

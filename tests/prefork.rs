@@ -19,26 +19,44 @@ fn echo_server() -> &'static Path {
     EXE.get_or_init(|| example_exe("echo_server"))
 }
 
+fn unix_echo_server() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| example_exe("unix_echo_server"))
+}
+
 /// A supervisor started from a private copy of the example.
 struct Supervisor {
     child: Child,
     dir: PathBuf,
     exe: PathBuf,
+    /// The program the copy at `exe` came from.
+    program: &'static Path,
     pid_file: PathBuf,
     addr: SocketAddr,
     log: LogLines,
 }
 
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ss-prefork-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 impl Supervisor {
     fn start(tag: &str, args: &[&str]) -> Supervisor {
-        let dir = std::env::temp_dir().join(format!("ss-prefork-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let exe = dir.join("echo_server");
-        install(&exe, echo_server());
+        let mut all = vec!["--addr", "127.0.0.1:0"];
+        all.extend(args);
+        Supervisor::start_program(temp_dir(tag), echo_server(), &all)
+    }
+
+    /// `program` (a copy in `dir`) with `--processes 2 --pid-file DIR/echo.pid` and `args`.
+    fn start_program(dir: PathBuf, program: &'static Path, args: &[&str]) -> Supervisor {
+        let exe = dir.join(program.file_name().unwrap());
+        install(&exe, program);
         let pid_file = dir.join("echo.pid");
         let mut child = Command::new(&exe)
-            .args(["--addr", "127.0.0.1:0", "--processes", "2", "--pid-file"])
+            .args(["--processes", "2", "--pid-file"])
             .arg(&pid_file)
             .args(args)
             .env("RUST_LOG", "info")
@@ -51,11 +69,18 @@ impl Supervisor {
         let line = log
             .wait_for("supervisor (pid", Duration::from_secs(20))
             .unwrap_or_else(|| panic!("no address logged:\n{}", log.dump()));
-        let addr = line.rsplit(" on ").next().unwrap().parse().unwrap();
+        // A Unix socket path stands for no address: 0.0.0.0:0.
+        let addr = line
+            .rsplit(" on ")
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let s = Supervisor {
             child,
             dir,
             exe,
+            program,
             pid_file,
             addr,
             log,
@@ -205,7 +230,7 @@ fn sigusr2_upgrades_to_the_new_binary_without_a_failed_request() {
     let old_pid = sup.pid();
     let load = EchoLoad::start(sup.addr, 8);
     run_load_for(&load, Duration::from_millis(300));
-    install(&sup.exe, echo_server());
+    install(&sup.exe, sup.program);
     signal(old_pid, "USR2");
     let new_pid = {
         let mut p = None;
@@ -314,4 +339,66 @@ fn a_hundred_worker_restarts_leave_no_zombie_and_no_descriptor() {
         "supervisor descriptors {fds_before} -> {fds_after}"
     );
     sup.stop();
+}
+
+/// One connect → echo → close over a Unix stream socket.
+fn unix_echo(path: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"ping")?;
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back)?;
+    assert_eq!(&back, b"ping");
+    Ok(())
+}
+
+#[test]
+fn a_unix_socket_file_survives_the_old_supervisor_and_belongs_to_the_new() {
+    let dir = temp_dir("unix");
+    let path = dir.join("echo.sock");
+    let sup = Supervisor::start_program(
+        dir.clone(),
+        unix_echo_server(),
+        &["--path", path.to_str().unwrap()],
+    );
+    unix_echo(&path).unwrap();
+    // Clients during the whole upgrade.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (p, st) = (path.clone(), stop.clone());
+    let client = std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0, Vec::new());
+        while !st.load(std::sync::atomic::Ordering::Relaxed) {
+            match unix_echo(&p) {
+                Ok(()) => ok += 1,
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        (ok, failed)
+    });
+    let old_pid = sup.pid();
+    install(&sup.exe, sup.program);
+    signal(old_pid, "USR2");
+    let mut sup = sup;
+    let exited = eventually(Duration::from_secs(20), || {
+        sup.child.try_wait().unwrap().is_some()
+    });
+    assert!(exited, "old supervisor still running:\n{}", sup.log.dump());
+    let new_pid = sup.pid_in_file().expect("pid file of the new supervisor");
+    assert_ne!(new_pid, old_pid);
+    // The old one drained and exited without removing the file the new one serves.
+    assert!(path.exists(), "{}", sup.log.dump());
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = client.join().unwrap();
+    eprintln!("unix upgrade: {ok} ok, {} failed", failed.len());
+    assert!(failed.is_empty(), "{failed:?}");
+    unix_echo(&path).unwrap();
+    // The new supervisor owns the file now: it removes it when it stops.
+    signal(new_pid, "TERM");
+    assert!(
+        eventually(Duration::from_secs(20), || !path.exists()),
+        "{}",
+        sup.log.dump()
+    );
 }

@@ -355,7 +355,7 @@ impl ProcessArgs {
     /// worker itself, and exits when it is done; otherwise returns, to serve as usual (a worker
     /// then adopts its listener through [`bind_tcp`]).
     #[cfg(feature = "signals")]
-    pub fn supervise_if_asked(&self, addr: &str, what: &str, grace: Duration) {
+    pub fn supervise_if_asked(&self, listen: Listen<'_>, what: &str, grace: Duration) {
         use socketserver::prefork::{Prefork, Worker};
         let Some(n) = self.processes else { return };
         if Worker::from_env().is_some() {
@@ -368,10 +368,10 @@ impl ProcessArgs {
         if let Some(f) = &self.pid_file {
             p = p.pid_file(f);
         }
-        let p = if socketserver::Inherited::count() > 0 {
-            p.inherit()
-        } else {
-            p.listen_tcp(addr)
+        let p = match listen {
+            _ if socketserver::Inherited::count() > 0 => p.inherit(),
+            Listen::Tcp(addr) => p.listen_tcp(addr),
+            Listen::Unix(path) => p.listen_unix(path),
         }
         .unwrap_or_else(|e| die(&format!("cannot start the {what}: {e}")));
         for a in p.addrs() {
@@ -387,9 +387,17 @@ impl ProcessArgs {
     }
 
     #[cfg(not(feature = "signals"))]
-    pub fn supervise_if_asked(&self, _addr: &str, _what: &str, _grace: Duration) {
+    pub fn supervise_if_asked(&self, _listen: Listen<'_>, _what: &str, _grace: Duration) {
         if self.processes.is_some() {
             die("--processes needs the `signals` feature");
         }
     }
+}
+
+/// Where a prefork supervisor listens.
+pub enum Listen<'a> {
+    /// `--addr`.
+    Tcp(&'a str),
+    /// A Unix stream socket's `--path`.
+    Unix(&'a std::path::Path),
 }
