@@ -153,15 +153,24 @@ impl Prefork {
     }
 
     /// Takes every socket this process inherited (`LISTEN_FDS`): from systemd socket activation,
-    /// or from the old supervisor of an upgrade.
+    /// or from the old supervisor of an upgrade. After an upgrade this supervisor owns the Unix
+    /// socket files it inherited and removes them when it exits; those of systemd are left to
+    /// systemd.
     pub fn inherit(mut self) -> Result<Prefork> {
+        // From an upgrade, the socket files are ours now (the old supervisor let go of them);
+        // from systemd, they are the manager's.
+        let upgrade = std::env::var_os(UPGRADE_VAR).is_some();
         for (fd, name) in crate::systemd::take_all() {
             let addr = sock_addr(&fd);
+            let path = match &addr {
+                Addr::Unix(Some(p)) if upgrade => OwnedPath::take_over(p).ok(),
+                _ => None,
+            };
             self.listeners.push(Held {
                 fd,
                 name,
                 addr,
-                path: None,
+                path,
             });
         }
         if self.listeners.is_empty() {

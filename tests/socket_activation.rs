@@ -253,3 +253,39 @@ fn a_datagram_socket_handed_to_a_tcp_server_is_a_clear_error() {
         "{line}"
     );
 }
+
+#[test]
+fn a_socket_activated_prefork_supervisor_passes_the_socket_to_its_workers() {
+    if !have_activate() {
+        return;
+    }
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut a = Activated::start(
+        &listen,
+        &["--fdname=main"],
+        &[],
+        "echo_server",
+        &["--addr", "192.0.2.1:9", "--processes", "2"],
+    );
+    // The connection that starts the supervisor waits in the queue for a worker.
+    echo_tcp(listen.parse().unwrap());
+    let msgs = a.messages_for(Duration::from_millis(500));
+    let pid = a.child.id();
+    // Only the supervisor talks to the service manager, once all its workers serve.
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    let ready = &msgs[0].1;
+    assert!(ready.starts_with("READY=1\n"), "{ready}");
+    assert!(ready.contains(&format!("MAINPID={pid}")), "{ready}");
+    assert!(ready.contains("STATUS=2 worker(s) serving"), "{ready}");
+    for _ in 0..20 {
+        echo_tcp(listen.parse().unwrap());
+    }
+    signal(pid, "TERM");
+    assert!(a.wait().success(), "{}", a.log.dump());
+    let summary = a
+        .log
+        .wait_for("supervisor stopped:", Duration::from_secs(2))
+        .unwrap_or_else(|| panic!("{}", a.log.dump()));
+    assert!(summary.contains("2 reported: 21 accepted"), "{summary}");
+}
