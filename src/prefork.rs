@@ -315,8 +315,13 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// `Some` if a prefork supervisor started this process as one of its workers.
+    /// `Some` if a prefork supervisor started this process as one of its workers (a process
+    /// the worker starts in turn inherits the variables, but not the `LISTEN_PID` that names
+    /// the worker, and is not one).
     pub fn from_env() -> Option<Worker> {
+        if !crate::systemd::listen_pid_is_me() {
+            return None;
+        }
         let v = std::env::var(WORKER_VAR).ok()?;
         let mut parts = v.split(',');
         let id = parts.next()?.parse().ok()?;
@@ -1149,6 +1154,27 @@ mod tests {
         let m = parse_message(b"READY=1\nSTATUS=serving on x: 1 active");
         assert_eq!(m["READY"], "1");
         assert_eq!(m["STATUS"], "serving on x: 1 active");
+    }
+
+    #[test]
+    fn a_crash_loop_backs_off_up_to_a_limit() {
+        let mut sup = Supervisor::new(Prefork::new(2)).unwrap();
+        let start = Instant::now();
+        // The first failure is retried at once: a worker killed by accident is back at once.
+        sup.failed_start();
+        assert!(sup.next_spawn <= start);
+        let mut last = Duration::ZERO;
+        for _ in 0..12 {
+            sup.failed_start();
+            let wait = sup.next_spawn.saturating_duration_since(Instant::now());
+            assert!(
+                wait + Duration::from_millis(50) >= last,
+                "{wait:?} after {last:?}"
+            );
+            assert!(wait <= MAX_BACKOFF);
+            last = wait;
+        }
+        assert!(last > Duration::from_secs(5), "{last:?}");
     }
 
     #[test]

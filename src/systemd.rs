@@ -215,12 +215,18 @@ fn fds() -> &'static Mutex<Fds> {
     FDS.get_or_init(|| Mutex::new(read_listen_fds()))
 }
 
+/// Whether `LISTEN_PID` names this process: the descriptors passed with it are ours.
+pub(crate) fn listen_pid_is_me() -> bool {
+    std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id())
+}
+
 /// Reads `LISTEN_FDS`, `LISTEN_PID` and `LISTEN_FDNAMES` and claims the descriptors.
 fn read_listen_fds() -> Fds {
     let var = |n| std::env::var(n).ok();
-    let for_us = var("LISTEN_PID")
-        .and_then(|p| p.parse::<u32>().ok())
-        .is_some_and(|p| p == std::process::id());
+    let for_us = listen_pid_is_me();
     let n: usize = match var("LISTEN_FDS").and_then(|n| n.parse().ok()) {
         Some(n) if for_us => n,
         _ => 0,
@@ -282,10 +288,13 @@ impl Notifier {
     }
 
     fn from_env() -> io::Result<Option<Notifier>> {
-        if let Some(fd) = std::env::var(NOTIFY_FD_VAR)
-            .ok()
-            .and_then(|v| v.parse::<RawFd>().ok())
-            .filter(|fd| *fd >= FIRST_FD)
+        // Like LISTEN_FDS, the descriptor is for the process LISTEN_PID names: a child that
+        // inherited the variables would claim whatever has that number in it.
+        if listen_pid_is_me()
+            && let Some(fd) = std::env::var(NOTIFY_FD_VAR)
+                .ok()
+                .and_then(|v| v.parse::<RawFd>().ok())
+                .filter(|fd| *fd >= FIRST_FD)
             && let Some(fd) = claim_inherited(fd)
         {
             return Ok(Some(Notifier {

@@ -420,3 +420,29 @@ fn a_unix_socket_file_survives_the_old_supervisor_and_belongs_to_the_new() {
         sup.log.dump()
     );
 }
+
+#[test]
+fn sigttin_and_sigttou_add_and_remove_a_worker_under_load() {
+    let sup = Supervisor::start("ttin", &[]);
+    let load = EchoLoad::start(sup.addr, 8);
+    run_load_for(&load, Duration::from_millis(200));
+    signal(sup.pid(), "TTIN");
+    let three = eventually(Duration::from_secs(10), || sup.workers().len() == 3);
+    run_load_for(&load, Duration::from_millis(200));
+    signal(sup.pid(), "TTOU");
+    signal(sup.pid(), "TTOU");
+    let one = eventually(Duration::from_secs(10), || sup.workers().len() == 1);
+    run_load_for(&load, Duration::from_millis(300));
+    // Never fewer than one.
+    signal(sup.pid(), "TTOU");
+    std::thread::sleep(Duration::from_millis(300));
+    let still_one = sup.workers().len();
+    run_load_for(&load, Duration::from_millis(200));
+    let (ok, failed, errors) = load.stop();
+    assert!(three, "no third worker:\n{}", sup.log.dump());
+    assert!(one, "not down to one worker:\n{}", sup.log.dump());
+    assert_eq!(still_one, 1);
+    eprintln!("TTIN/TTOU: {ok} ok, {failed} failed");
+    assert_eq!(failed, 0, "{errors:?}");
+    sup.stop();
+}

@@ -289,3 +289,33 @@ fn a_socket_activated_prefork_supervisor_passes_the_socket_to_its_workers() {
         .unwrap_or_else(|| panic!("{}", a.log.dump()));
     assert!(summary.contains("2 reported: 21 accepted"), "{summary}");
 }
+
+#[test]
+fn udp_activation_answers_the_datagram_that_started_it() {
+    if !have_activate() {
+        return;
+    }
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut a = Activated::start(
+        &listen,
+        &["--datagram"],
+        &[],
+        "udp_echo_server",
+        &["--addr", "192.0.2.1:9"],
+    );
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // It waits in the inherited socket while the server starts.
+    udp.send_to(b"first", &listen).unwrap();
+    let mut buf = [0u8; 16];
+    let n = udp.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"first");
+    let msgs = a.messages_for(Duration::from_millis(200));
+    assert!(
+        msgs.first().is_some_and(|(_, m)| m.starts_with("READY=1")),
+        "{msgs:?}"
+    );
+    signal(a.child.id(), "TERM");
+    assert!(a.wait().success(), "{}", a.log.dump());
+}
