@@ -246,6 +246,8 @@ impl fmt::Display for Error {
         f.write_str(self.inner.kind.describe())?;
         let prep = if self.inner.kind == Kind::Bind {
             ""
+        } else if self.inner.kind == Kind::WrongSocket {
+            " at"
         } else {
             " with"
         };

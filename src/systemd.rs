@@ -110,9 +110,12 @@ impl Inherited {
         match kind.check(&owned) {
             Ok(()) => Ok(owned),
             Err(e) => {
+                let at = bound_to(&owned);
                 // Not ours to close: put it back for whoever asks for the right kind.
                 *fd = Some(owned);
-                Err(e.with_detail_prefix(&self.to_string()))
+                Err(e
+                    .with_detail_prefix(&self.to_string())
+                    .with_addr(at.as_ref()))
             }
         }
     }
@@ -134,6 +137,15 @@ impl std::fmt::Display for Inherited {
             Select::Name(n) => write!(f, "inherited socket named {n:?}"),
         }
     }
+}
+
+/// The address a socket is bound to, for an error message; `None` if it is not a socket.
+fn bound_to(fd: &OwnedFd) -> Option<crate::Addr> {
+    let a = socket2::SockRef::from(fd).local_addr().ok()?;
+    Some(match a.as_socket() {
+        Some(inet) => crate::Addr::Inet(inet),
+        None => crate::Addr::Unix(a.as_pathname().map(std::path::Path::to_path_buf)),
+    })
 }
 
 /// The kinds of socket a server can adopt.
