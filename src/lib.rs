@@ -99,6 +99,8 @@
 #![deny(missing_docs)]
 // Two `unsafe` blocks carry their proofs: `stream.rs` (SO_PEERCRED) and `signals.rs` (reading
 // a signal's disposition); nothing else may.
+// Two more, for listeners handed over: `systemd.rs` (taking ownership of an inherited
+// descriptor) and `prefork.rs` (placing descriptors in a child between fork and exec).
 #![deny(unsafe_code)]
 
 mod addr;
