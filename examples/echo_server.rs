@@ -4,7 +4,14 @@
 //! cargo run --release --example echo_server -- [--addr 127.0.0.1:9000]
 //!     [--mode sync|thread|pool|event] [--workers N] [--max-connections N] [--max-per-source N] [--auth-key KEY [--digest md5|sha256]]
 //!     [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
+//!     [--processes N [--max-requests N [--max-requests-jitter N]] [--pid-file PATH]]
 //! ```
+//! With `--processes N` the process started is a supervisor: it binds once and keeps N worker
+//! processes (this program again) serving the same socket; see `socketserver::prefork` for the
+//! signals it takes (HUP: rolling restart, USR2: upgrade to the binary now at this path).
+//! Started by systemd socket activation (`LISTEN_FDS` set) it serves the inherited socket
+//! instead of `--addr`; with `NOTIFY_SOCKET` set it reports READY=1, STOPPING=1, STATUS= and
+//! watchdog pings.
 //! A client that keeps a worker waiting (silent for `--idle-timeout` seconds, or sending slower
 //! than `--min-rate` bytes/s) is disconnected, so a few idle sockets cannot hold a pool.
 //! `--mode event` parks connections between messages (no thread, no buffer held): each read's
@@ -38,6 +45,8 @@ struct Cli {
     auth: common::AuthArgs,
     #[command(flatten)]
     timeouts: common::TimeoutArgs,
+    #[command(flatten)]
+    processes: common::ProcessArgs,
 }
 
 /// The README's first example, as it is: bytes come back as soon as they arrive.
@@ -75,6 +84,11 @@ impl MessageHandler for EchoMessages {
 fn main() {
     let cli: Cli = common::parse();
     common::init_logging();
+    cli.processes.supervise_if_asked(
+        common::Listen::Tcp(&cli.addr.addr),
+        "echo server",
+        Duration::from_secs(5),
+    );
     if cli.dispatch.is_event() {
         run(cli, || MessageRequestHandler::new(EchoMessages));
     } else {
@@ -90,7 +104,7 @@ fn run<H: Handler>(cli: Cli, factory: impl Fn() -> H + Send + Sync + 'static) {
         builder = builder.auth(auth);
         log::info!("clients must authenticate with HMAC-{}", cli.auth.digest);
     }
-    let server = builder.bind(&*cli.addr.addr);
+    let server = common::bind_tcp(builder, &cli.addr.addr);
     log::info!("dispatch: {dispatch:?}; {}", cli.timeouts.describe());
     common::serve(server, "echo server", Duration::from_secs(5));
 }

@@ -64,6 +64,6 @@ fn main() {
     if let Some(auth) = cli.auth.auth() {
         builder = builder.auth(auth);
     }
-    let server = builder.bind(&*cli.addr.addr);
+    let server = common::bind_tcp(builder, &cli.addr.addr);
     common::serve(server, "hello server", Duration::from_secs(2));
 }

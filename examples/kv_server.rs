@@ -7,6 +7,11 @@
 //!     [--max-per-source N] [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
 //! ```
 //!
+//! The store lives in this process's memory. Run as a prefork worker (under a supervisor, see
+//! `socketserver::prefork`) each worker process would have a store of its own, so this example
+//! does not offer `--processes`: state is per process. Started by systemd socket activation
+//! (`LISTEN_FDS`) it serves the inherited socket; with `NOTIFY_SOCKET` it reports readiness.
+//!
 //! One command per line, one reply per command:
 //!
 //! | command | reply |
@@ -178,10 +183,10 @@ fn main() {
         )
     })
     .dispatch(dispatch);
-    let server = cli
-        .timeouts
-        .apply(cli.limits.apply(builder))
-        .bind(&*cli.addr.addr);
+    let server = common::bind_tcp(
+        cli.timeouts.apply(cli.limits.apply(builder)),
+        &cli.addr.addr,
+    );
     log::info!(
         "dispatch: {dispatch:?}; lines up to {max_line} bytes; store up to {max_bytes} bytes; {}",
         cli.timeouts.describe()

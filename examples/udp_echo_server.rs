@@ -43,9 +43,15 @@ fn main() {
     // Datagram servers are synchronous by default: concurrent handlers reorder replies.
     let cli: Cli = common::parse_with(|c| c.mut_arg("mode", |a| a.default_value("sync")));
     common::init_logging();
-    let server = UdpServer::builder(|| Echo)
+    let builder = UdpServer::builder(|| Echo)
         .dispatch(cli.dispatch.dispatch())
         .max_packet_size(cli.max_packet_size)
-        .bind(&*cli.addr.addr);
+        .sd_notify(true);
+    // Socket activation (`systemd-socket-activate --datagram`): the inherited socket.
+    let server = if socketserver::Inherited::count() > 0 {
+        builder.adopt(socketserver::Inherited::index(0))
+    } else {
+        builder.bind(&*cli.addr.addr)
+    };
     common::serve(server, "UDP echo server", Duration::from_secs(2));
 }

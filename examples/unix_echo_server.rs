@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --example unix_echo_server -- --path /tmp/echo.sock [--dgram] [--replace-stale]
 //!     [--socket-mode 660] [--mode sync|thread|pool] [--workers 8]
+//!     [--processes N ...] (a prefork supervisor, as in echo_server; stream only)
 //! ```
 //!
 //! With `--dgram`, `--mode` defaults to `sync` (replies in order, as Python's
@@ -42,6 +43,8 @@ struct Cli {
     socket_mode: Option<u32>,
     #[command(flatten)]
     dispatch: common::DispatchArgs,
+    #[command(flatten)]
+    processes: common::ProcessArgs,
 }
 
 /// An octal permission mode such as `660` or `0o600`.
@@ -84,6 +87,9 @@ fn main() {
     let cli: Cli = common::from_matches(&matches);
     common::init_logging();
     let grace = Duration::from_secs(2);
+    if cli.dgram && cli.processes.processes.is_some() {
+        common::die("--processes serves a stream socket: leave out --dgram");
+    }
     if cli.dgram {
         // Datagrams are served one at a time, in order, unless --mode says otherwise.
         let mode_given = matches.value_source("mode") == Some(ValueSource::CommandLine);
@@ -101,13 +107,18 @@ fn main() {
         let server = builder.bind(&cli.path);
         common::serve(server, "Unix datagram echo server", grace);
     } else {
+        cli.processes.supervise_if_asked(
+            common::Listen::Unix(&cli.path),
+            "Unix stream echo server",
+            grace,
+        );
         let mut builder = UnixStreamServer::builder(|| Echo)
             .dispatch(cli.dispatch.dispatch())
             .replace_stale(cli.replace_stale);
         if let Some(mode) = cli.socket_mode {
             builder = builder.socket_mode(mode);
         }
-        let server = builder.bind(&cli.path);
+        let server = common::bind_unix(builder, &cli.path);
         common::serve(server, "Unix stream echo server", grace);
     }
 }

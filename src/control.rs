@@ -6,7 +6,7 @@ use std::io;
 use std::net::{IpAddr, Shutdown};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
@@ -209,6 +209,14 @@ pub struct Control {
     registry_changed: Condvar,
     pub(crate) counters: Counters,
     pub(crate) local_addr: Addr,
+    /// Called when a drain begins (readiness: `STOPPING=1`).
+    drain_hook: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// The listener is shared with other processes (adopted from `LISTEN_FDS`): a drain stops
+    /// accepting on it but must not shut it down, which would refuse clients for all of them.
+    shared_listener: AtomicBool,
+    /// After this many accepted connections the serve loop is asked to return (a prefork
+    /// worker's `max_requests_per_worker`); `u64::MAX`: no limit.
+    accept_limit: AtomicU64,
 }
 
 impl Control {
@@ -250,6 +258,9 @@ impl Control {
             registry_changed: Condvar::new(),
             counters: Counters::default(),
             local_addr,
+            drain_hook: OnceLock::new(),
+            shared_listener: AtomicBool::new(false),
+            accept_limit: AtomicU64::new(u64::MAX),
         }))
     }
 
@@ -282,6 +293,10 @@ impl Control {
             return;
         };
         self.listener_closed.store(true, Ordering::Release);
+        if self.shared_listener.load(Ordering::Acquire) {
+            // Other processes accept from the same queue: leave it to them.
+            return;
+        }
         if let Err(e) = rustix::net::shutdown(&fd, rustix::net::Shutdown::Read) {
             log::warn!(
                 "cannot stop listening on {}: {e}; new clients wait in the backlog until the \
@@ -488,12 +503,14 @@ impl Control {
     /// Starts a drain, or joins the one under way: new clients are refused and the serve
     /// loops asked to return.
     pub(crate) fn begin_drain(&self) {
-        {
+        let first = {
             let mut r = lock(&self.registry);
-            if !self.draining.swap(true, Ordering::AcqRel) {
+            let first = !self.draining.swap(true, Ordering::AcqRel);
+            if first {
                 r.drain_base = r.completed;
             }
-        }
+            first
+        };
         self.request_shutdown();
         self.stop_listening();
         // Event-mode connections parked between messages have nothing in flight: close them
@@ -501,6 +518,33 @@ impl Control {
         // connection passes before it parks: either it is seen parked here, or it sees the drain.
         std::sync::atomic::fence(Ordering::SeqCst);
         self.cut_where(|s| s.is_parked());
+        if first && let Some(hook) = self.drain_hook.get() {
+            hook();
+        }
+    }
+
+    /// Sets what a drain calls when it begins (once per server).
+    pub(crate) fn on_drain(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.drain_hook.set(hook);
+    }
+
+    /// Asks the serve loop to return once `n` connections have been accepted.
+    #[cfg(feature = "signals")]
+    pub(crate) fn set_accept_limit(&self, n: u64) {
+        self.accept_limit.store(n, Ordering::Release);
+    }
+
+    /// Counts an accepted connection; at the accept limit, asks the serve loop to return.
+    pub(crate) fn count_accepted(&self) {
+        let n = self.counters.accepted.fetch_add(1, Ordering::Relaxed) + 1;
+        if n == self.accept_limit.load(Ordering::Acquire) {
+            self.request_shutdown();
+        }
+    }
+
+    /// Marks the listener as shared with other processes; see `shared_listener`.
+    pub(crate) fn set_shared_listener(&self) {
+        self.shared_listener.store(true, Ordering::Release);
     }
 
     pub(crate) fn drain(&self, grace: Duration, cut_wait: Duration) -> DrainReport {

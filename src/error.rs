@@ -48,6 +48,10 @@ pub(crate) enum Kind {
     TooLarge,
     /// An invalid configuration, found when the server or client is built.
     Config,
+    /// No inherited socket (`LISTEN_FDS`) answers to the index or name asked for.
+    NotInherited,
+    /// The inherited socket asked for is not the kind of socket the server serves.
+    WrongSocket,
 }
 
 impl Kind {
@@ -62,6 +66,8 @@ impl Kind {
             Kind::BadMessage => "bad message",
             Kind::TooLarge => "message too large",
             Kind::Config => "invalid configuration",
+            Kind::NotInherited => "no such inherited socket",
+            Kind::WrongSocket => "inherited socket of the wrong kind",
         }
     }
 }
@@ -102,6 +108,24 @@ impl Error {
 
     pub(crate) fn bind(addr: Option<&Addr>, source: io::Error) -> Error {
         Error::new(Kind::Bind).with_addr(addr).with_source(source)
+    }
+
+    pub(crate) fn not_inherited(detail: impl Into<String>) -> Error {
+        Error::new(Kind::NotInherited).with_detail(detail)
+    }
+
+    pub(crate) fn wrong_socket_kind(detail: impl Into<String>) -> Error {
+        Error::new(Kind::WrongSocket).with_detail(detail)
+    }
+
+    /// Puts `what` (the socket asked for) before the detail: "inherited socket #0 (fd 3): ...".
+    pub(crate) fn with_detail_prefix(mut self, what: &str) -> Error {
+        let detail = match self.inner.detail.take() {
+            Some(d) => format!("{what}: {d}"),
+            None => what.to_owned(),
+        };
+        self.inner.detail = Some(detail);
+        self
     }
 
     /// A bind that failed before any socket existed: `what` (the address as given, e.g.
@@ -184,6 +208,19 @@ impl Error {
         self.inner.kind == Kind::Config
     }
 
+    /// No inherited socket (`LISTEN_FDS`, see [`Inherited`](crate::Inherited)) answers to the
+    /// index or name asked for, or it was adopted already.
+    pub fn is_not_inherited(&self) -> bool {
+        self.inner.kind == Kind::NotInherited
+    }
+
+    /// The inherited socket asked for is not the kind the server serves (a UDP socket handed
+    /// to a TCP server, a stream socket that is not listening, a pipe); the message says what
+    /// it is.
+    pub fn is_wrong_socket_kind(&self) -> bool {
+        self.inner.kind == Kind::WrongSocket
+    }
+
     /// An I/O error that fits none of the other kinds.
     pub fn is_io(&self) -> bool {
         self.inner.kind == Kind::Io
@@ -209,6 +246,8 @@ impl fmt::Display for Error {
         f.write_str(self.inner.kind.describe())?;
         let prep = if self.inner.kind == Kind::Bind {
             ""
+        } else if self.inner.kind == Kind::WrongSocket {
+            " at"
         } else {
             " with"
         };
@@ -283,7 +322,8 @@ impl From<Error> for io::Error {
             Kind::Refused => io::ErrorKind::ConnectionRefused,
             Kind::AuthFailed | Kind::AuthRejected => io::ErrorKind::PermissionDenied,
             Kind::BadMessage | Kind::TooLarge => io::ErrorKind::InvalidData,
-            Kind::Config => io::ErrorKind::InvalidInput,
+            Kind::Config | Kind::WrongSocket => io::ErrorKind::InvalidInput,
+            Kind::NotInherited => io::ErrorKind::NotFound,
             Kind::Bind | Kind::Io => e
                 .inner
                 .source

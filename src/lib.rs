@@ -87,6 +87,11 @@
 //!   connection itself with its activity accounting for the idle reaper (`stream.rs`).
 //! * **Protocols**: the two handshakes, server and client side, in `auth/` (`hmac.rs`,
 //!   `mp.rs`), and `multiprocessing.connection`'s framing in `mp/`.
+//! * **Listeners handed over** (`systemd.rs`, `adopt.rs`): adopting inherited sockets
+//!   (`LISTEN_FDS`) for systemd socket activation, prefork workers and upgrades, checked for
+//!   their kind; readiness messages (`NOTIFY_SOCKET`). `prefork` (`prefork.rs`, feature
+//!   `signals`): the supervisor of worker processes and of binary upgrades, above everything
+//!   else.
 //! * **Shared state** (`control.rs`): [`ServerHandle`], [`Stats`], the limits, the registry of
 //!   in-flight requests that a drain or the idle reaper cuts. Every log line a peer can trigger
 //!   is rate-limited (`log_limit.rs`).
@@ -94,10 +99,13 @@
 #![deny(missing_docs)]
 // Two `unsafe` blocks carry their proofs: `stream.rs` (SO_PEERCRED) and `signals.rs` (reading
 // a signal's disposition); nothing else may.
+// Two more, for listeners handed over: `systemd.rs` (taking ownership of an inherited
+// descriptor) and `prefork.rs` (placing descriptors in a child between fork and exec).
 #![deny(unsafe_code)]
 
 mod addr;
 mod admission;
+mod adopt;
 mod auth;
 mod bind;
 mod buffered;
@@ -112,10 +120,13 @@ mod lifecycle;
 mod limits;
 mod log_limit;
 mod mp;
+#[cfg(feature = "signals")]
+pub mod prefork;
 mod server;
 #[cfg(feature = "signals")]
 mod signals;
 mod stream;
+mod systemd;
 pub mod transport;
 mod wait;
 mod worker;
@@ -139,6 +150,7 @@ pub use handler_fn::{HandlerFn, MessageFn, handler_fn, message_fn};
 pub use mp::{DEFAULT_MAX_MESSAGE, DEFAULT_MP_BUDGET, MpBudget, MpConnection};
 pub use server::{Builder, Server};
 pub use stream::{Credentials, MinDataRate, Stream};
+pub use systemd::Inherited;
 
 /// The README's examples, compiled as doctests so they cannot drift from the API.
 #[cfg(doctest)]

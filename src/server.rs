@@ -5,7 +5,7 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,7 @@ struct Common {
     service_actions: Option<ActionHook>,
     handle_timeout: Option<ActionHook>,
     handle_error: Option<ErrorHook>,
+    sd_notify: bool,
 }
 
 /// Configures a server before it binds. Made by `TcpServer::builder(factory)` and its siblings;
@@ -80,6 +81,7 @@ impl<T: Transport> Builder<T> {
                 service_actions: None,
                 handle_timeout: None,
                 handle_error: None,
+                sd_notify: false,
             },
         }
     }
@@ -214,6 +216,17 @@ impl<T: Transport> Builder<T> {
         self
     }
 
+    /// Sends systemd readiness messages when the environment asks for them (`NOTIFY_SOCKET`
+    /// set, as under a `Type=notify` unit): `READY=1` with a `STATUS=` stats line when
+    /// [`serve_forever`](Server::serve_forever) starts, `STOPPING=1` when a drain begins, and
+    /// `WATCHDOG=1` with a fresh status line at half of `WATCHDOG_USEC` when that is set. Without
+    /// `NOTIFY_SOCKET` it does nothing. Default false: a library sends nothing unasked. See
+    /// [`Inherited`](crate::Inherited) for the other half of systemd's protocol.
+    pub fn sd_notify(mut self, notify: bool) -> Self {
+        self.common.sd_notify = notify;
+        self
+    }
+
     /// The idle timeout and minimum data rate, which the reaper enforces (stream servers only).
     pub(crate) fn activity_mut(&mut self) -> &mut ActivityLimits {
         &mut self.common.activity
@@ -271,7 +284,7 @@ impl<T: Transport> Builder<T> {
             ),
             false => None,
         };
-        Ok(Server {
+        let server = Server {
             listener: Some(listener),
             shared,
             dispatcher: Some(dispatcher),
@@ -282,7 +295,12 @@ impl<T: Transport> Builder<T> {
             verify_request: c.verify_request,
             service_actions: c.service_actions,
             handle_timeout: c.handle_timeout,
-        })
+            readiness: OnceLock::new(),
+        };
+        if c.sd_notify {
+            server.enable_readiness();
+        }
+        Ok(server)
     }
 }
 
@@ -341,6 +359,8 @@ pub struct Server<T: Transport> {
     verify_request: Option<VerifyHook>,
     service_actions: Option<ActionHook>,
     handle_timeout: Option<ActionHook>,
+    /// Readiness messages (`READY=1`, ...), when asked for and the environment names a socket.
+    readiness: OnceLock<Option<crate::systemd::Readiness>>,
 }
 
 enum Next<R> {
@@ -460,6 +480,20 @@ impl<T: Transport> Server<T> {
         &self.shared.ctx.handle.control
     }
 
+    /// Turns readiness messages on (see [`Builder::sd_notify`]); false if the environment
+    /// names no notify socket.
+    pub(crate) fn enable_readiness(&self) -> bool {
+        self.readiness
+            .get_or_init(|| crate::systemd::Readiness::new(self.control()))
+            .is_some()
+    }
+
+    /// The listener was inherited and other processes may accept on it too: a drain leaves it
+    /// listening.
+    pub(crate) fn mark_adopted(&self) {
+        self.control().set_shared_listener();
+    }
+
     /// Serves requests until [`shutdown`](ServerHandle::shutdown) is called, from any thread.
     ///
     /// It returns within milliseconds of the request (the accept loop waits on the socket and a
@@ -477,6 +511,9 @@ impl<T: Transport> Server<T> {
             return;
         }
         let _serving = control.serving(true);
+        if let Some(Some(r)) = self.readiness.get() {
+            r.serving();
+        }
         let mut backoff = Backoff::default();
         while !control.shutdown_requested() {
             if let Some(hook) = &self.service_actions
@@ -591,7 +628,7 @@ impl<T: Transport> Server<T> {
             let err = match listener.accept(control) {
                 Ok(req) => {
                     backoff.reset();
-                    Counters::bump(&control.counters.accepted);
+                    control.count_accepted();
                     let permit = match permit {
                         Some(p) => p,
                         None => match control.try_acquire() {

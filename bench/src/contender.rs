@@ -73,6 +73,9 @@ pub enum Kind {
     Event,
     /// `netio_echo`: net-io 0.4's blocking pool of NETIO_WORKERS workers.
     NetIo,
+    /// This crate's `echo_server --processes 2`: a prefork supervisor and two worker processes
+    /// (thread mode each) on one inherited listener. Meant for the unpinned sweep.
+    Prefork,
 }
 
 /// One server configuration under test.
@@ -109,6 +112,7 @@ impl Contender {
             Kind::Python => "python",
             Kind::Event => "socketserver event",
             Kind::NetIo => "net-io",
+            Kind::Prefork => "socketserver prefork 2",
         };
         match self.auth {
             None => base.to_owned(),
@@ -166,6 +170,10 @@ impl Contender {
                  its reactor is planned for 0.5. No HMAC contender: net-io leaves \
                  authentication to the crates above it"
             ),
+            Kind::Prefork => "`echo_server --processes 2` (this crate): a prefork supervisor and \
+                              two worker processes in thread mode accepting from one inherited \
+                              listener (pinned, all three share the server's one core)"
+                .to_owned(),
         };
         match self.auth {
             None => what,
@@ -366,6 +374,13 @@ impl Server {
                     NETIO_WORKERS.to_string(),
                 ]);
             }
+            Kind::Prefork => argv.extend([
+                path(&p.echo_server),
+                "--addr".into(),
+                a,
+                "--processes".into(),
+                "2".into(),
+            ]),
             Kind::Python => {
                 let py = p.python.as_ref().ok_or("python3 not found")?;
                 argv.extend([path(py), path(&p.python_script), "--addr".into(), a]);

@@ -168,6 +168,19 @@ fn process_ticks(pid: &str) -> u64 {
     get(11) + get(12)
 }
 
+/// The server's ticks, with those of its child processes (a prefork supervisor's workers),
+/// which would otherwise count as other processes' load.
+fn server_ticks(pid: u32) -> u64 {
+    let mut ticks = process_ticks(&pid.to_string());
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            ticks += children.split_whitespace().map(process_ticks).sum::<u64>();
+        }
+    }
+    ticks
+}
+
 impl CpuWatch {
     /// Starts watching `cores` (all CPUs when `None`) for time not spent by `pid` or us.
     pub fn start(cores: Option<&[usize]>, pid: u32) -> CpuWatch {
@@ -180,21 +193,20 @@ impl CpuWatch {
             server: 0,
         };
         w.busy = cores_busy(w.cores.as_deref());
-        w.server = process_ticks(&pid.to_string());
+        w.server = server_ticks(pid);
         w.ours = w.server + process_ticks("self");
         w
     }
 
     /// CPU time the server used since `start`, microseconds (10 ms resolution).
     pub fn server_us(&self) -> f64 {
-        process_ticks(&self.pid.to_string()).saturating_sub(self.server) as f64 * 10_000.0
+        server_ticks(self.pid).saturating_sub(self.server) as f64 * 10_000.0
     }
 
     /// The share (0..=1) of the watched cores' time that other processes took since `start`.
     pub fn foreign(&self) -> f64 {
         let busy = cores_busy(self.cores.as_deref()).saturating_sub(self.busy);
-        let ours = (process_ticks(&self.pid.to_string()) + process_ticks("self"))
-            .saturating_sub(self.ours);
+        let ours = (server_ticks(self.pid) + process_ticks("self")).saturating_sub(self.ours);
         let n = self.cores.as_ref().map_or_else(
             || std::thread::available_parallelism().map_or(1, |n| n.get()),
             Vec::len,

@@ -6,7 +6,7 @@
 //! ```text
 //! cargo run --release -p socketserver-bench -- [--quick] [--rounds N] [--secs S] [--idle N]
 //!     [--only echo,connect,idle] [--conns 1,16,128]
-//!     [--contenders std,std-pool,tokio,thread,pool,python,event,netio]
+//!     [--contenders std,std-pool,tokio,thread,pool,python,event,netio,prefork]
 //!     [--pin both|on|off] [--no-pin] [--no-python] [--no-build] [--out DIR]
 //! ```
 //!
@@ -38,7 +38,7 @@ use report::{Entry, Point, Sweep, Verdict};
 const USAGE: &str = "\
 usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
                           [--only echo,connect,idle] [--conns 1,16,128]
-                          [--contenders std,std-pool,tokio,thread,pool,python,event,netio]
+                          [--contenders std,std-pool,tokio,thread,pool,python,event,netio,prefork]
                           [--pin both|on|off] [--no-pin] [--no-python] [--no-build]
                           [--out DIR]
 
@@ -53,9 +53,10 @@ usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
   --conns LIST  connection counts of the echo scenario (default 1,16,128)
   --contenders LIST
                 which servers to run (default all:
-                std,std-pool,tokio,thread,pool,python,event,netio); std is the baseline of
-                every ratio; std-pool runs in the connect scenario; event is echo_server
-                --mode event (issue 13); netio is net-io 0.4 (echo and connect)
+                std,std-pool,tokio,thread,pool,python,event,netio,prefork); std is the
+                baseline of every ratio; std-pool runs in the connect scenario; event is
+                echo_server --mode event (issue 13); netio is net-io 0.4 (echo and connect);
+                prefork is echo_server --processes 2 (issue 16, echo and connect)
   --pin WHICH   both (default): a pinned sweep (server on core 1, load generator on core 0,
                 tokio on a current-thread runtime), then an unpinned one (every core free,
                 tokio multi-thread); on: pinned only; off: unpinned only
@@ -126,6 +127,7 @@ fn parse_args() -> Config {
             Kind::Python,
             Kind::Event,
             Kind::NetIo,
+            Kind::Prefork,
         ],
         sweeps: vec![true, false],
         python: true,
@@ -210,6 +212,7 @@ fn parse_args() -> Config {
                         "python" => Kind::Python,
                         "event" => Kind::Event,
                         "netio" | "net-io" => Kind::NetIo,
+                        "prefork" => Kind::Prefork,
                         _ => fail(&format!("unknown contender {k:?}")),
                     })
                     .collect();
@@ -421,7 +424,7 @@ fn contenders(point: Point, python: bool, kinds: &[Kind]) -> Vec<Contender> {
     let p = Contender::plain;
     let a = Contender::with_auth;
     let mut v = match point {
-        Point::Echo(_) => vec![p(Std), p(Tokio), p(Thread), p(Pool)],
+        Point::Echo(_) => vec![p(Std), p(Tokio), p(Thread), p(Pool), p(Prefork)],
         Point::Connect(_) => vec![
             p(Std),
             p(Tokio),
@@ -432,6 +435,7 @@ fn contenders(point: Point, python: bool, kinds: &[Kind]) -> Vec<Contender> {
             p(Pool),
             a(Pool, Digest::Md5),
             a(Pool, Digest::Sha256),
+            p(Prefork),
         ],
         // A pool of POOL_WORKERS cannot serve thousands of connections at once.
         Point::Idle(_) => vec![p(Std), p(Tokio), p(Thread)],

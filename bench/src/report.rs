@@ -610,6 +610,23 @@ pub fn targets(res: &Results) -> Vec<Check> {
             check(what, point, c, STD, |s| s.p99_us, 1.0, false);
         }
     }
+    // Issue 16: isolation in processes must not cost throughput (judged on the unpinned
+    // sweep, where the two workers have the two cores).
+    let prefork = Contender::plain(Kind::Prefork);
+    let prefork_points = points("echo")
+        .into_iter()
+        .filter(|p| p.size() == 128)
+        .chain(points("connect"));
+    for point in prefork_points {
+        let what = format!(
+            "{} {}: {} ≥ 0.95 × {}",
+            point.scenario(),
+            point.size(),
+            prefork.label(),
+            thread.label()
+        );
+        check(what, point, prefork, thread, rate, 0.95, true);
+    }
     out.extend(crate::targets_event::targets(res));
     out
 }
@@ -659,6 +676,7 @@ fn color(c: &Contender) -> &'static str {
         Kind::Python => "#2ca02c",
         Kind::Event => "#08306b",
         Kind::NetIo => "#9467bd",
+        Kind::Prefork => "#8c564b",
     }
 }
 

@@ -222,6 +222,20 @@ pub fn serve<T: socketserver::transport::Transport>(
     let server = server.unwrap_or_else(|e| die(&format!("cannot start the {what}: {e}")));
     log::info!("{what} on {}", server.local_addr());
     #[cfg(feature = "signals")]
+    if let Some(worker) = socketserver::prefork::Worker::from_env() {
+        // A prefork worker: the supervisor started it and reads its report.
+        match worker.serve(&server, grace) {
+            Ok(r) => log::info!(
+                "worker {} stopped: {} request(s) finished during the drain, {} cut",
+                worker.id(),
+                r.finished,
+                r.cut
+            ),
+            Err(e) => die(&format!("cannot handle signals: {e}")),
+        }
+        return;
+    }
+    #[cfg(feature = "signals")]
     match server.serve_until_signal(grace) {
         Ok(r) => log::info!(
             "stopped: {} request(s) finished during the drain, {} cut",
@@ -297,4 +311,106 @@ impl TimeoutArgs {
             secs(self.read_timeout)
         )
     }
+}
+
+/// Serves where the environment says: on the first inherited socket when systemd socket
+/// activation or a prefork supervisor started us (`LISTEN_FDS`), else on `addr`. Readiness
+/// messages go out when `NOTIFY_SOCKET` is set; without those variables this is `bind(addr)`.
+pub fn bind_tcp<H: socketserver::Handler>(
+    builder: Builder<socketserver::transport::Tcp<H>>,
+    addr: &str,
+) -> socketserver::Result<Server<socketserver::transport::Tcp<H>>> {
+    let builder = builder.sd_notify(true);
+    if socketserver::Inherited::count() > 0 {
+        log::debug!("serving the inherited socket #0 instead of --addr");
+        builder.adopt(socketserver::Inherited::index(0))
+    } else {
+        builder.bind(addr)
+    }
+}
+
+/// `bind_tcp` for Unix stream servers: the inherited socket #0, else `path`.
+pub fn bind_unix<H: socketserver::Handler>(
+    builder: Builder<socketserver::transport::Unix<H>>,
+    path: &std::path::Path,
+) -> socketserver::Result<Server<socketserver::transport::Unix<H>>> {
+    let builder = builder.sd_notify(true);
+    if socketserver::Inherited::count() > 0 {
+        builder.adopt(socketserver::Inherited::index(0))
+    } else {
+        builder.bind(path)
+    }
+}
+
+/// Prefork: `--processes N` and what goes with it.
+#[derive(clap::Args, Debug)]
+pub struct ProcessArgs {
+    /// Serve from N worker processes under a supervisor (this process), which binds once and
+    /// restarts workers that die. Signals to the supervisor: TERM/INT drain and stop, HUP
+    /// restarts workers one at a time, TTIN/TTOU add/remove one, USR2 upgrades to the binary
+    /// now at this program's path
+    #[arg(long, value_name = "N",
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    pub processes: Option<usize>,
+    /// With --processes: replace a worker after it has accepted this many connections
+    #[arg(long, value_name = "N")]
+    pub max_requests: Option<u64>,
+    /// With --max-requests: add a random 0..=N to each worker's share
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_requests_jitter: u64,
+    /// With --processes: write the supervisor's pid here once its workers are ready
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<std::path::PathBuf>,
+}
+
+impl ProcessArgs {
+    /// Runs the prefork supervisor when `--processes` was given in a process that is not a
+    /// worker itself, and exits when it is done; otherwise returns, to serve as usual (a worker
+    /// then adopts its listener through [`bind_tcp`]).
+    #[cfg(feature = "signals")]
+    pub fn supervise_if_asked(&self, listen: Listen<'_>, what: &str, grace: Duration) {
+        use socketserver::prefork::{Prefork, Worker};
+        let Some(n) = self.processes else { return };
+        if Worker::from_env().is_some() {
+            return;
+        }
+        let mut p = Prefork::new(n).grace(grace);
+        if let Some(m) = self.max_requests {
+            p = p.max_requests_per_worker(m, self.max_requests_jitter);
+        }
+        if let Some(f) = &self.pid_file {
+            p = p.pid_file(f);
+        }
+        let p = match listen {
+            _ if socketserver::Inherited::count() > 0 => p.inherit(),
+            Listen::Tcp(addr) => p.listen_tcp(addr),
+            Listen::Unix(path) => p.listen_unix(path),
+        }
+        .unwrap_or_else(|e| die(&format!("cannot start the {what}: {e}")));
+        for a in p.addrs() {
+            log::info!("{what} supervisor (pid {}) on {a}", std::process::id());
+        }
+        match p.run() {
+            Ok(summary) => {
+                log::info!("supervisor stopped: {summary}");
+                exit(0)
+            }
+            Err(e) => die(&format!("supervisor: {e}")),
+        }
+    }
+
+    #[cfg(not(feature = "signals"))]
+    pub fn supervise_if_asked(&self, _listen: Listen<'_>, _what: &str, _grace: Duration) {
+        if self.processes.is_some() {
+            die("--processes needs the `signals` feature");
+        }
+    }
+}
+
+/// Where a prefork supervisor listens.
+pub enum Listen<'a> {
+    /// `--addr`.
+    Tcp(&'a str),
+    /// A Unix stream socket's `--path`.
+    Unix(&'a std::path::Path),
 }

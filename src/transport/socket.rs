@@ -68,6 +68,20 @@ pub(crate) struct OwnedPath {
     ino: u64,
 }
 
+impl OwnedPath {
+    /// Takes over the socket file at `path` as it is now: a prefork supervisor that an upgrade
+    /// handed the socket to removes its file when it exits, as the one that bound it would have.
+    #[cfg(feature = "signals")]
+    pub(crate) fn take_over(path: &Path) -> io::Result<OwnedPath> {
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok(OwnedPath {
+            path: path.to_path_buf(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
 impl Drop for OwnedPath {
     fn drop(&mut self) {
         if let Ok(m) = std::fs::symlink_metadata(&self.path)

@@ -681,3 +681,191 @@ pub fn captured_logs() -> Vec<LogLine> {
         .cloned()
         .collect()
 }
+
+/// `target/<profile>/examples/NAME`, next to this test's `target/<profile>/deps/`, built first
+/// with `cargo build --example NAME` (a no-op after a plain `cargo test`).
+pub fn example_exe(name: &str) -> PathBuf {
+    let me = std::env::current_exe().expect("test executable");
+    let profile_dir = me
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args(["build", "--quiet", "--example", name]);
+    if profile_dir.ends_with("release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("run cargo build");
+    assert!(status.success(), "cargo build --example {name} failed");
+    profile_dir.join("examples").join(name)
+}
+
+/// A child process's stderr, collected line by line on a thread, searchable while it runs.
+#[derive(Clone, Default)]
+pub struct LogLines(pub Arc<std::sync::Mutex<Vec<String>>>);
+
+impl LogLines {
+    /// Starts collecting `stderr` (also echoed to ours when `RUST_LOG` is set, to debug).
+    pub fn collect(stderr: impl std::io::Read + Send + 'static) -> LogLines {
+        let lines = LogLines::default();
+        let l = lines.clone();
+        let echo = std::env::var_os("TEST_ECHO_CHILD").is_some();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("child: {line}");
+                }
+                l.0.lock().unwrap().push(line);
+            }
+        });
+        lines
+    }
+
+    /// The lines containing `needle`.
+    pub fn matching(&self, needle: &str) -> Vec<String> {
+        let lines = self.0.lock().unwrap();
+        lines
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+
+    /// Waits up to `limit` for a line containing `needle`; the first such line.
+    pub fn wait_for(&self, needle: &str, limit: Duration) -> Option<String> {
+        let mut found = None;
+        eventually(limit, || {
+            found = self.matching(needle).into_iter().next();
+            found.is_some()
+        });
+        found
+    }
+
+    /// Everything so far, for a failure message.
+    pub fn dump(&self) -> String {
+        self.0.lock().unwrap().join("\n")
+    }
+}
+
+/// `N` clients doing connect → one line echoed → close, over and over, until stopped; counts
+/// what succeeded and what failed (with the first errors, to show).
+pub struct EchoLoad {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    pub ok: Arc<AtomicUsize>,
+    pub failed: Arc<AtomicUsize>,
+    pub errors: Arc<std::sync::Mutex<Vec<String>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl EchoLoad {
+    /// Starts `clients` clients against `addr`.
+    pub fn start(addr: std::net::SocketAddr, clients: usize) -> EchoLoad {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let threads = (0..clients)
+            .map(|c| {
+                let (stop, ok, failed, errors) =
+                    (stop.clone(), ok.clone(), failed.clone(), errors.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let msg = format!("client {c} request {n}\n");
+                        match echo_once(addr, msg.as_bytes()) {
+                            Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                            Err(e) => {
+                                let mut errs = errors.lock().unwrap();
+                                if errs.len() < 20 {
+                                    errs.push(e.to_string());
+                                }
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        EchoLoad {
+            stop,
+            ok,
+            failed,
+            errors,
+            threads,
+        }
+    }
+
+    /// Requests that succeeded so far.
+    pub fn ok(&self) -> usize {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops the clients; (succeeded, failed, first errors).
+    pub fn stop(self) -> (usize, usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        let errors = self.errors.lock().unwrap().clone();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            errors,
+        )
+    }
+}
+
+/// One connect → write `msg` → read it back → close, each step bounded by 5 s.
+pub fn echo_once(addr: std::net::SocketAddr, msg: &[u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back)?;
+    if back != msg {
+        return Err(std::io::Error::other("echo differs"));
+    }
+    Ok(())
+}
+
+/// Child processes of `pid`, with their state letter (`Z`: zombie), from /proc.
+pub fn children_of(pid: u32) -> Vec<(u32, char)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        let mut f = rest.split(' ');
+        let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        if f.next().and_then(|pp| pp.parse::<u32>().ok()) == Some(pid) {
+            out.push((p, state));
+        }
+    }
+    out
+}
+
+/// Open descriptors of process `pid`, from /proc.
+pub fn fds_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Sends `sig` to `pid` (with kill(1), to need no unsafe code here).
+pub fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -{sig} {pid} failed");
+}
