@@ -2,11 +2,13 @@
 //! `finish`, catch panics, count and report failures.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::Instant;
 
 use crate::control::Counters;
+use crate::observe::ConnSpan;
 use crate::worker::{Ctx, Severity, panic_message};
 use crate::{
-    Addr, DatagramHandler, DatagramRequest, Handler, HandlerFailure, HandlerResult, Request,
+    Addr, DatagramHandler, DatagramRequest, Handler, HandlerFailure, HandlerResult, Request, Stream,
 };
 
 /// The three steps of a handler, whatever the request type.
@@ -63,13 +65,38 @@ pub(crate) fn make<H>(
 /// `handle` panics, only `finish` sees them (as in Python, whose `finish` runs in a `finally`),
 /// and `finish` is written to clean up after a failed `handle`. State shared with other
 /// connections is behind locks, which poison.
+///
+/// This is where every request's duration is recorded (`Stats::request_duration`), whatever
+/// the transport and dispatch mode: serving one message of an event-mode connection runs its
+/// steps here too.
 pub(crate) fn run<R: HasPeer, H: Lifecycle<R>>(h: &mut H, req: &mut R, ctx: &Ctx) -> bool {
+    let started = Instant::now();
+    let ok = run_steps(h, req, ctx);
+    ctx.control().record_request(started.elapsed());
+    ok
+}
+
+fn run_steps<R: HasPeer, H: Lifecycle<R>>(h: &mut H, req: &mut R, ctx: &Ctx) -> bool {
     if !step(h, req, ctx, "setup", H::setup) {
         return false;
     }
     let handled = step(h, req, ctx, "handle", H::handle);
     let finished = step(h, req, ctx, "finish", H::finish);
     handled && finished
+}
+
+/// Opens the observation of a connection from `peer` on its worker: its `tracing` span (a
+/// no-op without the feature), entered around admission and the lifecycle.
+pub(crate) fn open(peer: &Addr) -> ConnSpan {
+    ConnSpan::open(peer)
+}
+
+/// Ends it: the bytes the connection moved through its `Stream` go into the server's totals,
+/// and the span gets its close event with the duration and bytes.
+pub(crate) fn closed(ctx: &Ctx, stream: &Stream, span: &ConnSpan) {
+    let (read, written) = stream.bytes_moved();
+    ctx.control().record_bytes(read, written);
+    span.close(read, written);
 }
 
 /// Requests know their peer, for the error report.

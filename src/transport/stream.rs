@@ -13,6 +13,7 @@ use crate::admission::Pipeline;
 use crate::control::Control;
 use crate::lifecycle;
 use crate::log_limit::limited;
+use crate::observe::ConnSpan;
 use crate::worker::Ctx;
 use crate::{Addr, Handler, Request, Stream};
 
@@ -162,8 +163,18 @@ impl<H: Handler> Service for StreamService<H> {
     }
 
     fn serve(&self, conn: Accepted, ctx: &Ctx) {
+        let span = lifecycle::open(&conn.peer);
+        let stream = conn.stream.clone();
+        self.serve_connection(conn, ctx, &span);
+        lifecycle::closed(ctx, &stream, &span);
+    }
+}
+
+impl<H: Handler> StreamService<H> {
+    /// Admission, then the handler's lifecycle, each inside the connection's span.
+    fn serve_connection(&self, conn: Accepted, ctx: &Ctx, span: &ConnSpan) {
         let Accepted { stream, peer } = conn;
-        if !self.admission.admit(&stream, &peer, ctx.control()) {
+        if !span.in_scope(|| self.admission.admit(&stream, &peer, ctx.control())) {
             return close(&stream, &peer);
         }
         if let Err(e) = self.apply_timeouts(&stream) {
@@ -178,7 +189,7 @@ impl<H: Handler> Service for StreamService<H> {
             peer,
             server: ctx.handle.clone(),
         };
-        lifecycle::run(&mut handler, &mut req, ctx);
+        span.in_scope(|| lifecycle::run(&mut handler, &mut req, ctx));
         drop(handler);
         close(&req.stream, &req.peer);
     }
