@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release --example echo_server -- [--addr 127.0.0.1:9000] [--mode sync|thread|pool]
 //!     [--workers 8] [--max-connections N] [--max-per-source N] [--auth-key KEY [--digest md5|sha256]]
-//!     [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
+//!     [--idle-timeout 60] [--min-rate 500] [--read-timeout 0] [--metrics-addr HOST:PORT]
 //! ```
 //! A client that keeps a worker waiting (silent for `--idle-timeout` seconds, or sending slower
 //! than `--min-rate` bytes/s) is disconnected, so a few idle sockets cannot hold a pool.
@@ -33,6 +33,8 @@ struct Cli {
     auth: common::AuthArgs,
     #[command(flatten)]
     timeouts: common::TimeoutArgs,
+    #[command(flatten)]
+    metrics: common::MetricsArgs,
 }
 
 /// The README's first example, as it is: bytes come back as soon as they arrive.
@@ -66,5 +68,6 @@ fn main() {
     }
     let server = builder.bind(&*cli.addr.addr);
     log::info!("dispatch: {dispatch:?}; {}", cli.timeouts.describe());
+    cli.metrics.start(&server);
     common::serve(server, "echo server", Duration::from_secs(5));
 }

@@ -5,6 +5,7 @@
 //! cargo run --example kv_server -- [--addr 127.0.0.1:9000] [--mode sync|thread|pool]
 //!     [--workers 8] [--max-line 65536] [--max-bytes 67108864] [--max-connections N]
 //!     [--max-per-source N] [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
+//!     [--metrics-addr HOST:PORT]
 //! ```
 //!
 //! One command per line, one reply per command:
@@ -56,6 +57,8 @@ struct Cli {
     limits: common::LimitArgs,
     #[command(flatten)]
     timeouts: common::TimeoutArgs,
+    #[command(flatten)]
+    metrics: common::MetricsArgs,
 }
 
 /// The shared state: the map, and how many bytes of keys and values it holds.
@@ -179,5 +182,6 @@ fn main() {
         "dispatch: {dispatch:?}; lines up to {max_line} bytes; store up to {max_bytes} bytes; {}",
         cli.timeouts.describe()
     );
+    cli.metrics.start(&server);
     common::serve(server, "kv server", Duration::from_secs(5));
 }
