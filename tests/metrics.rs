@@ -138,11 +138,16 @@ fn traffic_a() -> Stats {
     h.stats()
 }
 
-/// Server B's traffic: at most 2 connections (excess refused) and 1 per address; one
+/// Server B's traffic (no activity limits): at most 2 connections (excess refused) and 1 per
+/// address; one
 /// connection from 127.0.0.1 and one from 127.0.0.2 held with a 10-byte round trip each, a
 /// second from 127.0.0.1 refused by the per-source cap, one from 127.0.0.3 by the limit.
 fn traffic_b() -> Stats {
+    // No idle timeout or minimum rate: the Stream counts bytes without the reaper's activity
+    // counters (server A counts them there).
     let server = TcpServer::builder(ByteEcho::default)
+        .idle_timeout(None)
+        .min_data_rate(None)
         .max_connections(2)
         .reject_when_full(true)
         .max_per_source(1)

@@ -46,6 +46,9 @@ pub enum Kind {
     Pool,
     /// `python_echo.py`: Python's `socketserver.ThreadingTCPServer`.
     Python,
+    /// [`Kind::Thread`] with metrics on: `echo_server` built with `--features metrics,tracing`
+    /// and run with `--metrics-addr` (the endpoint up; no recorder or subscriber installed).
+    Metrics,
 }
 
 /// One server configuration under test.
@@ -80,6 +83,7 @@ impl Contender {
             Kind::Thread => "socketserver thread",
             Kind::Pool => "socketserver pool",
             Kind::Python => "python",
+            Kind::Metrics => "socketserver thread +metrics",
         };
         match self.auth {
             None => base.to_owned(),
@@ -119,6 +123,10 @@ impl Contender {
                  connection, recv(16384) (not zeroed)"
                     .to_owned()
             }
+            Kind::Metrics => "`echo_server --mode thread --metrics-addr` built with `--features \
+                              metrics,tracing` (this crate): thread mode with the metrics \
+                              endpoint up and both features compiled in"
+                .to_owned(),
         };
         match self.auth {
             None => what,
@@ -153,6 +161,9 @@ pub struct Programs {
     pub python: Option<PathBuf>,
     /// `bench/python_echo.py`.
     pub python_script: PathBuf,
+    /// The crate's `examples/echo_server` built with `--features metrics,tracing`, copied to
+    /// `echo_server_metrics` next to it.
+    pub echo_server_metrics: PathBuf,
 }
 
 /// A contender's server process. Dropping it stops the process (SIGTERM, then SIGKILL) and
@@ -271,6 +282,18 @@ impl Server {
                         d.name().to_owned(),
                     ]);
                 }
+            }
+            Kind::Metrics => {
+                let metrics = free_port().map_err(|e| format!("no free port: {e}"))?;
+                argv.extend([
+                    path(&p.echo_server_metrics),
+                    "--addr".into(),
+                    a,
+                    "--mode".into(),
+                    "thread".into(),
+                    "--metrics-addr".into(),
+                    format!("127.0.0.1:{metrics}"),
+                ]);
             }
             Kind::Python => {
                 let py = p.python.as_ref().ok_or("python3 not found")?;

@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release -p socketserver-bench -- [--quick] [--rounds N] [--secs S] [--idle N]
 //!     [--only echo,connect,idle] [--conns 1,16,128]
-//!     [--contenders std,std-pool,tokio,thread,pool,python]
+//!     [--contenders std,std-pool,tokio,thread,pool,python,metrics]
 //!     [--pin both|on|off] [--no-pin] [--no-python] [--no-build] [--out DIR]
 //! ```
 //!
@@ -36,7 +36,7 @@ use report::{Entry, Point, Sweep, Verdict};
 const USAGE: &str = "\
 usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
                           [--only echo,connect,idle] [--conns 1,16,128]
-                          [--contenders std,std-pool,tokio,thread,pool,python]
+                          [--contenders std,std-pool,tokio,thread,pool,python,metrics]
                           [--pin both|on|off] [--no-pin] [--no-python] [--no-build]
                           [--out DIR]
 
@@ -49,8 +49,10 @@ usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
   --only LIST   scenarios to run (default echo,connect,idle)
   --conns LIST  connection counts of the echo scenario (default 1,16,128)
   --contenders LIST
-                which servers to run (default all: std,std-pool,tokio,thread,pool,python);
-                std is the baseline of every ratio; std-pool runs in the connect scenario
+                which servers to run (default all: std,std-pool,tokio,thread,pool,python,
+                metrics); std is the baseline of every ratio; std-pool runs in the connect
+                scenario; metrics (thread mode built with the metrics and tracing features,
+                --metrics-addr on) in echo and connect
   --pin WHICH   both (default): a pinned sweep (server on core 1, load generator on core 0,
                 tokio on a current-thread runtime), then an unpinned one (every core free,
                 tokio multi-thread); on: pinned only; off: unpinned only
@@ -119,6 +121,7 @@ fn parse_args() -> Config {
             Kind::Thread,
             Kind::Pool,
             Kind::Python,
+            Kind::Metrics,
         ],
         sweeps: vec![true, false],
         python: true,
@@ -201,6 +204,7 @@ fn parse_args() -> Config {
                         "thread" => Kind::Thread,
                         "pool" => Kind::Pool,
                         "python" => Kind::Python,
+                        "metrics" => Kind::Metrics,
                         _ => fail(&format!("unknown contender {k:?}")),
                     })
                     .collect();
@@ -276,6 +280,24 @@ fn programs(c: &Config) -> Result<Programs, String> {
     let root = bench.parent().ok_or("bench crate has no parent")?;
     let (echo_server, std_echo, tokio_echo) = if c.build {
         eprintln!("building the contenders (release)…");
+        // The metrics build first: the default one then takes the example's usual path.
+        let with_features = cargo_build(
+            root,
+            &[
+                "-p",
+                "socketserver",
+                "--example",
+                "echo_server",
+                "--features",
+                "metrics,tracing",
+            ],
+        )?;
+        let built = with_features
+            .iter()
+            .find(|p| p.file_name().is_some_and(|f| f == "echo_server"))
+            .ok_or("cargo built no echo_server with metrics")?;
+        let copy = built.with_file_name("echo_server_metrics");
+        std::fs::copy(built, &copy).map_err(|e| format!("{}: {e}", copy.display()))?;
         let mut exes = cargo_build(root, &["-p", "socketserver", "--example", "echo_server"])?;
         exes.extend(cargo_build(root, &["-p", "socketserver-bench", "--bins"])?);
         let pick = |name: &str| {
@@ -294,7 +316,8 @@ fn programs(c: &Config) -> Result<Programs, String> {
             dir.join("tokio_echo"),
         )
     };
-    for p in [&echo_server, &std_echo, &tokio_echo] {
+    let echo_server_metrics = echo_server.with_file_name("echo_server_metrics");
+    for p in [&echo_server, &std_echo, &tokio_echo, &echo_server_metrics] {
         if !p.exists() {
             return Err(format!(
                 "{} is missing (build it or drop --no-build)",
@@ -309,6 +332,7 @@ fn programs(c: &Config) -> Result<Programs, String> {
         tokio_echo,
         python,
         python_script: bench.join("python_echo.py"),
+        echo_server_metrics,
     })
 }
 
@@ -405,7 +429,7 @@ fn contenders(point: Point, python: bool, kinds: &[Kind]) -> Vec<Contender> {
     let p = Contender::plain;
     let a = Contender::with_auth;
     let mut v = match point {
-        Point::Echo(_) => vec![p(Std), p(Tokio), p(Thread), p(Pool)],
+        Point::Echo(_) => vec![p(Std), p(Tokio), p(Thread), p(Pool), p(Metrics)],
         Point::Connect(_) => vec![
             p(Std),
             p(Tokio),
@@ -416,6 +440,7 @@ fn contenders(point: Point, python: bool, kinds: &[Kind]) -> Vec<Contender> {
             p(Pool),
             a(Pool, Digest::Md5),
             a(Pool, Digest::Sha256),
+            p(Metrics),
         ],
         // A pool of POOL_WORKERS cannot serve thousands of connections at once.
         Point::Idle(_) => vec![p(Std), p(Tokio), p(Thread)],

@@ -599,6 +599,18 @@ pub fn targets(res: &Results) -> Vec<Check> {
             check(what, point, thread, base, |s| s.rss_per_conn, bound, false);
         }
     }
+    // Metrics on (both features compiled in, the endpoint up) against off.
+    let metrics = Contender::plain(Kind::Metrics);
+    for point in points("echo").into_iter().chain(points("connect")) {
+        let what = format!(
+            "{} {}: {} ≥ 0.97 × {}",
+            point.scenario(),
+            point.size(),
+            metrics.label(),
+            thread.label()
+        );
+        check(what, point, metrics, thread, rate, 0.97, true);
+    }
     for point in points("echo").into_iter().filter(|p| p.size() == 128) {
         for c in [thread, pool] {
             let what = format!("echo 128 conns: {} p99 latency ≤ std", c.label());
@@ -651,6 +663,7 @@ fn color(c: &Contender) -> &'static str {
         Kind::Thread => "#1f77b4",
         Kind::Pool => "#6baed6",
         Kind::Python => "#2ca02c",
+        Kind::Metrics => "#9467bd",
     }
 }
 
