@@ -349,6 +349,45 @@ fn the_exposition_of_two_servers_parses_and_counts_the_traffic() {
         .map(|s| ((s.name.clone(), s.labels.clone()), s.value))
         .collect();
     assert_eq!(got, want);
+    // Independently of how Stats computes them: buckets are cumulative (never decreasing in
+    // `le`), the `+Inf` one is the count, and every request of A took at most 5 minutes.
+    for (server, count) in [("server=a", 3.0), ("server=b \"quoted\"", 2.0)] {
+        let mut buckets: Vec<(f64, f64)> = samples
+            .iter()
+            .filter(|s| {
+                s.name == "socketserver_request_duration_seconds_bucket"
+                    && s.labels.ends_with(server)
+            })
+            .map(|s| {
+                let le = s
+                    .labels
+                    .trim_start_matches("le=")
+                    .split(',')
+                    .next()
+                    .unwrap();
+                (le.parse::<f64>().unwrap(), s.value)
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        assert_eq!(buckets.len(), 20, "{server}");
+        assert!(
+            buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+            "{server}: {buckets:?}"
+        );
+        assert_eq!(buckets.last().unwrap(), &(f64::INFINITY, count), "{server}");
+        let count_sample = samples
+            .iter()
+            .find(|s| s.name == "socketserver_request_duration_seconds_count" && s.labels == server)
+            .unwrap();
+        assert_eq!(count_sample.value, count);
+    }
+    assert_eq!(
+        got[&(
+            "socketserver_request_duration_seconds_bucket".to_owned(),
+            "le=300,server=a".to_owned()
+        )],
+        3.0
+    );
     // The +Inf bucket of a histogram is its count (checked above through the cumulative
     // buckets); its sum is the durations' total, in seconds.
     assert_eq!(sums.len(), 2);
