@@ -1,5 +1,5 @@
 //! A `/metrics` endpoint for Prometheus, served over HTTP/1.1 by this crate's own
-//! [`TcpServer`](crate::TcpServer): a side port that a scraper reads, with no HTTP dependency.
+//! [`TcpServer`]: a side port that a scraper reads, with no HTTP dependency.
 //!
 //! It answers `GET /metrics` (and `HEAD`) with the text exposition that `render` returns,
 //! `Content-Type: text/plain; version=0.0.4; charset=utf-8`, a `Content-Length` and
