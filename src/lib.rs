@@ -148,10 +148,10 @@ pub use datagram::{DatagramHandler, DatagramRequest};
 pub use dispatch::Dispatch;
 pub use error::{Error, Result};
 pub use handler::{
-    Handler, HandlerError, HandlerFailure, HandlerResult, Request, StreamHandler, StreamOptions,
-    StreamRequest, StreamRequestHandler,
+    Handler, HandlerError, HandlerFailure, HandlerResult, MessageHandler, MessageRequestHandler,
+    Next, Request, StreamHandler, StreamOptions, StreamRequest, StreamRequestHandler,
 };
-pub use handler_fn::{HandlerFn, handler_fn};
+pub use handler_fn::{HandlerFn, MessageFn, handler_fn, message_fn};
 pub use mp::{DEFAULT_MAX_MESSAGE, DEFAULT_MP_BUDGET, MpBudget, MpConnection};
 pub use server::{Builder, Server};
 pub use stream::{Credentials, MinDataRate, Stream};

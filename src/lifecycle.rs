@@ -1,6 +1,7 @@
 //! The handler lifecycle shared by every transport: make the handler, `setup` → `handle` →
 //! `finish`, catch panics, count and report failures.
 
+use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
@@ -8,7 +9,8 @@ use crate::control::Counters;
 use crate::observe::ConnSpan;
 use crate::worker::{Ctx, Severity, panic_message};
 use crate::{
-    Addr, DatagramHandler, DatagramRequest, Handler, HandlerFailure, HandlerResult, Request, Stream,
+    Addr, DatagramHandler, DatagramRequest, Handler, HandlerError, HandlerFailure, HandlerResult,
+    Next, Request, Stream,
 };
 
 /// The three steps of a handler, whatever the request type.
@@ -66,9 +68,9 @@ pub(crate) fn make<H>(
 /// and `finish` is written to clean up after a failed `handle`. State shared with other
 /// connections is behind locks, which poison.
 ///
-/// This is where every request's duration is recorded (`Stats::request_duration`), whatever
-/// the transport and dispatch mode: serving one message of an event-mode connection runs its
-/// steps here too.
+/// The request's duration is recorded here (`Stats::request_duration`), as each message's is
+/// in [`message`]: the lifecycle is the one place every request passes, whatever the
+/// transport and dispatch mode.
 pub(crate) fn run<R: HasPeer, H: Lifecycle<R>>(h: &mut H, req: &mut R, ctx: &Ctx) -> bool {
     let started = Instant::now();
     let ok = run_steps(h, req, ctx);
@@ -77,16 +79,50 @@ pub(crate) fn run<R: HasPeer, H: Lifecycle<R>>(h: &mut H, req: &mut R, ctx: &Ctx
 }
 
 fn run_steps<R: HasPeer, H: Lifecycle<R>>(h: &mut H, req: &mut R, ctx: &Ctx) -> bool {
-    if !step(h, req, ctx, "setup", H::setup) {
+    if !setup(h, req, ctx) {
         return false;
     }
-    let handled = step(h, req, ctx, "handle", H::handle);
-    let finished = step(h, req, ctx, "finish", H::finish);
+    let handled = step(h, req, ctx, "handle", H::handle).is_some();
+    let finished = finish(h, req, ctx);
     handled && finished
 }
 
+/// Runs `setup` alone (event mode, where messages follow one by one); true if it succeeded.
+pub(crate) fn setup<R: HasPeer, H: Lifecycle<R>>(h: &mut H, req: &mut R, ctx: &Ctx) -> bool {
+    step(h, req, ctx, "setup", H::setup).is_some()
+}
+
+/// Runs `finish` alone; true if it succeeded.
+pub(crate) fn finish<R: HasPeer, H: Lifecycle<R>>(h: &mut H, req: &mut R, ctx: &Ctx) -> bool {
+    step(h, req, ctx, "finish", H::finish).is_some()
+}
+
+/// Event mode: serves one message with the handler's
+/// [`handle_message`](crate::MessageHandler::handle_message) and flushes `wfile`. A failure or
+/// a panic is reported like a failed `handle`, and closes the connection. Its duration is
+/// recorded as one request's.
+pub(crate) fn message<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Next {
+    let started = Instant::now();
+    let next = serve_message(h, req, ctx);
+    ctx.control().record_request(started.elapsed());
+    next
+}
+
+fn serve_message<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Next {
+    let serve = |h: &mut H, _: &mut Request| -> Result<Next, HandlerError> {
+        let (m, s) = h
+            .messages()
+            .ok_or("Dispatch::Event needs a MessageRequestHandler, set up")?;
+        let next = m.handle_message(s)?;
+        s.wfile.flush()?;
+        Ok(next)
+    };
+    step(h, req, ctx, "handle_message", serve).unwrap_or(Next::Close)
+}
+
 /// Opens the observation of a connection from `peer` on its worker: its `tracing` span (a
-/// no-op without the feature), entered around admission and the lifecycle.
+/// no-op without the feature), entered around admission and the lifecycle (around each step,
+/// and each message, in event mode).
 pub(crate) fn open(peer: &Addr) -> ConnSpan {
     ConnSpan::open(peer)
 }
@@ -126,16 +162,16 @@ impl HasPeer for DatagramRequest {
     }
 }
 
-fn step<R: HasPeer, H>(
+fn step<R: HasPeer, H, T>(
     h: &mut H,
     req: &mut R,
     ctx: &Ctx,
     stage: &'static str,
-    f: fn(&mut H, &mut R) -> HandlerResult,
-) -> bool {
+    f: impl FnOnce(&mut H, &mut R) -> Result<T, HandlerError>,
+) -> Option<T> {
     let counters = &ctx.control().counters;
     let (failure, severity) = match catch_unwind(AssertUnwindSafe(|| f(h, req))) {
-        Ok(Ok(())) => return true,
+        Ok(Ok(t)) => return Some(t),
         Ok(Err(e)) => {
             let failure = HandlerFailure::Error(e);
             let severity = if req.was_cut() {
@@ -157,5 +193,5 @@ fn step<R: HasPeer, H>(
         }
     };
     ctx.report_as(req.peer(), stage, failure, severity);
-    false
+    None
 }

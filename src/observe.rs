@@ -167,6 +167,7 @@ impl DurationHistogram {
 /// (the admission outcome: `none` without stages, `ok`, or the failure's reason). Entered on
 /// the worker around admission and the handler's lifecycle (per message in event mode); a
 /// zero-sized no-op without the `tracing` feature.
+#[derive(Clone)]
 pub(crate) struct ConnSpan {
     #[cfg(feature = "tracing")]
     span: tracing::Span,

@@ -16,7 +16,7 @@ use socketserver::{
     AdmissionFailure, Auth, Digest, Dispatch, Handler, HandlerResult, Request, Stats, TcpServer,
     render_prometheus,
 };
-use util::{ByteEcho, PromSample, eventually, serve};
+use util::{PromSample, eventually, serve};
 
 const KEY: &[u8] = b"metrics-key";
 /// How long each handler of server A takes at least, so its durations land above 50 ms.
@@ -145,7 +145,7 @@ fn traffic_a() -> Stats {
 fn traffic_b() -> Stats {
     // No idle timeout or minimum rate: the Stream counts bytes without the reaper's activity
     // counters (server A counts them there).
-    let server = TcpServer::builder(ByteEcho::default)
+    let server = TcpServer::builder(util::byte_echo)
         .idle_timeout(None)
         .min_data_rate(None)
         .max_connections(2)
@@ -400,7 +400,7 @@ fn the_exposition_of_two_servers_parses_and_counts_the_traffic() {
 
 #[test]
 fn server_handle_prometheus_labels_the_server_by_its_address() {
-    let server = TcpServer::bind("127.0.0.1:0", ByteEcho::default).unwrap();
+    let server = TcpServer::bind("127.0.0.1:0", util::byte_echo).unwrap();
     let addr = server.local_addr().clone();
     let running = serve(server);
     let mut s = util::connect(&addr);
@@ -570,4 +570,34 @@ fn the_endpoint_refuses_an_oversized_request_head() {
     let _ = s.read_to_end(&mut reply);
     let reply = String::from_utf8_lossy(&reply);
     assert!(reply.starts_with("HTTP/1.1 431 "), "{reply}");
+}
+
+#[test]
+fn event_mode_records_a_duration_per_message_and_thread_mode_per_connection() {
+    for (mode, requests) in [(Dispatch::Event { workers: 2 }, 3), (Dispatch::Thread, 1)] {
+        let server = TcpServer::builder(util::line_echo)
+            .dispatch(mode)
+            .bind("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr().clone();
+        let running = serve(server);
+        let mut s = util::connect(&addr);
+        for line in [&b"one\n"[..], b"two\n", b"three\n"] {
+            round_trip(&mut s, line);
+        }
+        drop(s);
+        let h = running.handle.clone();
+        assert!(
+            eventually(Duration::from_secs(10), || h.stats().active == 0),
+            "{mode:?}: the connection never closed"
+        );
+        drop(running);
+        let stats = h.stats();
+        assert_eq!(stats.request_duration.count(), requests, "{mode:?}");
+        assert_eq!(
+            (stats.bytes_read, stats.bytes_written),
+            (14, 14),
+            "{mode:?}"
+        );
+    }
 }

@@ -15,7 +15,7 @@ use metrics::{
     SharedString, Unit,
 };
 use socketserver::{Auth, Digest, Dispatch, TcpServer};
-use util::{ByteEcho, eventually, serve};
+use util::{eventually, serve};
 
 /// Values by metric name and labels (`k=v,k=v`, sorted).
 #[derive(Default)]
@@ -157,7 +157,7 @@ fn the_facade_mirrors_the_stats_under_the_documented_names() {
     let key = b"facade-key";
     let refuse = Arc::new(AtomicBool::new(false));
     let r = refuse.clone();
-    let server = TcpServer::builder(ByteEcho::default)
+    let server = TcpServer::builder(util::byte_echo)
         .dispatch(Dispatch::Pool { workers: 2 })
         .auth(Auth::hmac(key.to_vec()).digest(Digest::Sha256))
         .verify_request(move |_| !r.load(Ordering::SeqCst))

@@ -15,7 +15,7 @@ use socketserver::{
     Addr, Auth, CHALLENGE_LEN, Digest, Dispatch, Handler, HandlerResult, Request, ServerHandle,
     TcpServer, connect_with_auth, handler_fn,
 };
-use util::{ByteEcho, connect, eventually, line_echo, serve};
+use util::{connect, eventually, line_echo, serve};
 
 const KEY: &[u8] = b"reliability-key";
 
@@ -53,8 +53,12 @@ fn slowloris_silent_connections_do_not_starve_honest_clients() {
     const SILENT: usize = 200;
     const CAP: usize = 8;
     let timeout = Duration::from_secs(2);
-    for mode in [Dispatch::Thread, Dispatch::Pool { workers: 16 }] {
-        let server = TcpServer::builder(ByteEcho::default)
+    for mode in [
+        Dispatch::Thread,
+        Dispatch::Pool { workers: 16 },
+        Dispatch::Event { workers: 2 },
+    ] {
+        let server = TcpServer::builder(util::byte_echo)
             .dispatch(mode)
             .auth(Auth::hmac(KEY).handshake_timeout(timeout).max_pending(CAP))
             .bind("127.0.0.1:0")
@@ -291,7 +295,7 @@ const DRAIN_CUT_SLACK: Duration = Duration::from_millis(500);
 #[test]
 fn drain_cuts_what_overstays_the_deadline() {
     let _serial = serial();
-    let server = TcpServer::builder(ByteEcho::default)
+    let server = TcpServer::builder(util::byte_echo)
         .bind("127.0.0.1:0")
         .unwrap();
     let addr = server.local_addr().clone();
@@ -916,7 +920,7 @@ fn silent_sockets_cannot_hold_the_pool() {
     util::init_logs();
     const WORKERS: usize = 8;
     let idle = Duration::from_secs(1);
-    let server = TcpServer::builder(ByteEcho::default)
+    let server = TcpServer::builder(util::byte_echo)
         .dispatch(Dispatch::Pool { workers: WORKERS })
         .idle_timeout(idle)
         .bind("127.0.0.1:0")
@@ -995,7 +999,7 @@ fn an_endless_line_costs_no_memory() {
 fn the_listener_refuses_new_clients_during_a_drain() {
     let _serial = serial();
     const TRIES: usize = 200;
-    let server = TcpServer::builder(ByteEcho::default)
+    let server = TcpServer::builder(util::byte_echo)
         .bind("127.0.0.1:0")
         .unwrap();
     let addr = server.local_addr().inet().unwrap();
@@ -1088,7 +1092,7 @@ fn honest_clients_get_through_a_connection_flood_in_pool_mode() {
     // The examples' default pool, and a larger one; the default handshake cap and timeout. Four
     // threads connect as fast as they can and keep 2000 connections each open and silent.
     for workers in [8, 16] {
-        let server = TcpServer::builder(ByteEcho::default)
+        let server = TcpServer::builder(util::byte_echo)
             .dispatch(Dispatch::Pool { workers })
             .auth(Auth::hmac(KEY))
             .bind("127.0.0.1:0")

@@ -283,3 +283,38 @@ fn without_stages_the_admission_outcome_is_none() {
     let (_, span) = conn_span(&l, &peer);
     assert_eq!(span.fields["auth"], "none");
 }
+
+#[test]
+fn an_event_mode_connection_has_its_span_entered_each_time_it_runs() {
+    let log = log();
+    let server = TcpServer::builder(util::line_echo)
+        .dispatch(Dispatch::Event { workers: 2 })
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let mut s = util::connect(&addr);
+    let peer = s.local_addr().unwrap().to_string();
+    for _ in 0..3 {
+        s.write_all(b"ping\n").unwrap();
+        s.read_exact(&mut [0u8; 5]).unwrap();
+    }
+    drop(s);
+    assert!(eventually(Duration::from_secs(10), || {
+        let l = log.lock().unwrap();
+        l.spans
+            .iter()
+            .any(|s| s.closed && s.fields.get("peer") == Some(&peer))
+    }));
+    drop(running);
+    let l = log.lock().unwrap();
+    let (i, span) = conn_span(&l, &peer);
+    assert_eq!(span.fields["auth"], "none");
+    // Parked between messages: entered once per wake-up (at least once per message), and
+    // for the close.
+    assert!(span.enters >= 4, "{span:?}");
+    let events = events_in(&l, i);
+    let close = events.iter().find(|e| e.message == "close").expect("close");
+    assert_eq!(close.fields["bytes_read"], "15");
+    assert_eq!(close.fields["bytes_written"], "15");
+}

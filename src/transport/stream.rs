@@ -8,14 +8,14 @@ use std::os::unix::net::UnixListener;
 use std::time::Duration;
 
 use super::socket::OwnedPath;
-use super::{Incoming, Listener, Service};
-use crate::admission::Pipeline;
+use super::{Incoming, Listener, Service, Step};
+use crate::admission::{Admission, Pipeline};
 use crate::control::Control;
 use crate::lifecycle;
 use crate::log_limit::limited;
 use crate::observe::ConnSpan;
 use crate::worker::Ctx;
-use crate::{Addr, Handler, Request, Stream};
+use crate::{Addr, Handler, Next, Request, Stream};
 
 /// An accepted connection waiting for a worker.
 pub struct Accepted {
@@ -65,6 +65,7 @@ pub struct TcpAcceptor {
 
 impl Listener for TcpAcceptor {
     type Request = Accepted;
+    const STREAMS: bool = true;
 
     fn accept(&self, _: &Control) -> io::Result<Accepted> {
         let (s, peer) = self.listener.accept()?;
@@ -95,6 +96,7 @@ pub struct UnixAcceptor {
 
 impl Listener for UnixAcceptor {
     type Request = Accepted;
+    const STREAMS: bool = true;
 
     fn accept(&self, _: &Control) -> io::Result<Accepted> {
         let (s, peer) = self.listener.accept()?;
@@ -148,10 +150,106 @@ impl<H> StreamService<H> {
     }
 }
 
+impl<H: Handler> StreamService<H> {
+    /// After admission: timeouts, the handler, its `setup`. `None` if the connection must close
+    /// (it is then closed by the caller; `finish` does not run after a failed `setup`).
+    fn start(&self, req: &mut Request, ctx: &Ctx) -> Option<H> {
+        if let Err(e) = self.apply_timeouts(&req.stream) {
+            limited!(
+                warn,
+                "cannot set timeouts on connection from {}: {e}",
+                req.peer
+            );
+            return None;
+        }
+        let mut handler = lifecycle::make(&*self.factory, &req.peer, ctx)?;
+        lifecycle::setup(&mut handler, req, ctx).then_some(handler)
+    }
+}
+
+/// An event-mode connection between its messages.
+pub struct Session<H> {
+    req: Request,
+    phase: Phase<H>,
+    /// The connection's span, entered each time the session runs.
+    span: ConnSpan,
+}
+
+enum Phase<H> {
+    /// Accepted; nothing run yet.
+    Fresh,
+    /// Going through admission (or just through it, or refused).
+    Admitting(Admission),
+    /// Set up; serving messages.
+    Serving(H),
+    /// Closing.
+    Ended,
+}
+
+/// Parks the connection, unless the server is draining (a parked connection is closed at once
+/// then, and one that parks after the drain swept them must close itself).
+fn park<H>(s: &mut Session<H>, ctx: &Ctx) -> Step {
+    s.req.stream.set_parked(true);
+    // Pairs with the fence of `Control::begin_drain`: either the drain sees this connection
+    // parked and cuts it, or this sees the drain.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    if ctx.control().is_draining() {
+        s.req.stream.set_parked(false);
+        return Step::Close;
+    }
+    Step::Park
+}
+
+/// Serves the messages that are whole in the buffer or on the socket, without waiting for the
+/// peer; `Park` once the socket has nothing more (its buffer released when empty).
+fn serve_messages<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Step {
+    // Input was signalled: ask the socket at least once.
+    let mut asked = false;
+    loop {
+        let Some((m, s)) = h.messages() else {
+            return Step::Close;
+        };
+        let buffered = s.rfile.buffer();
+        let whole = !buffered.is_empty() && (m.message_ready(buffered) || s.rfile.is_full());
+        if whole {
+            if lifecycle::message(h, req, ctx) == Next::Close {
+                return Step::Close;
+            }
+            continue;
+        }
+        // The last read left the socket empty, and any byte since is signalled anew.
+        if asked && s.rfile.drained() {
+            s.rfile.park();
+            return Step::Park;
+        }
+        asked = true;
+        match s.rfile.fill_nonblocking() {
+            Ok(0) => return Step::Close,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                s.rfile.park();
+                return Step::Park;
+            }
+            Err(e) => {
+                log::debug!("connection from {}: {e}", req.peer);
+                return Step::Close;
+            }
+        }
+    }
+}
+
 impl<H: Handler> Service for StreamService<H> {
     type Request = Accepted;
+    type Session = Session<H>;
 
-    fn prepare(&mut self, limit: Option<usize>) -> crate::Result<()> {
+    fn prepare(&mut self, limit: Option<usize>, parks: bool) -> crate::Result<()> {
+        if parks && !H::SERVES_MESSAGES {
+            return Err(crate::Error::config(
+                "Dispatch::Event serves one message per call: wrap the handler in a \
+                 MessageRequestHandler (a Handler serves a whole connection, which would hold \
+                 its worker)",
+            ));
+        }
         // The OS refuses a zero socket timeout; say so once, at build, rather than on every
         // connection.
         if self.read_timeout == Some(Duration::ZERO) || self.write_timeout == Some(Duration::ZERO) {
@@ -159,7 +257,46 @@ impl<H: Handler> Service for StreamService<H> {
                 "a read or write timeout of zero: use None for no timeout",
             ));
         }
-        self.admission.prepare(limit)
+        self.admission.prepare(limit, parks)
+    }
+
+    fn session(&self, conn: Accepted, ctx: &Ctx) -> Option<Session<H>> {
+        let span = lifecycle::open(&conn.peer);
+        Some(Session {
+            req: Request {
+                stream: conn.stream,
+                peer: conn.peer,
+                server: ctx.handle.clone(),
+            },
+            phase: Phase::Fresh,
+            span,
+        })
+    }
+
+    fn resume(&self, s: &mut Session<H>, ctx: &Ctx) -> Step {
+        let span = s.span.clone();
+        span.in_scope(|| self.resume_session(s, ctx))
+    }
+
+    fn end(&self, s: Session<H>, ctx: &Ctx) {
+        let Session {
+            mut req,
+            phase,
+            span,
+        } = s;
+        req.stream.set_parked(false);
+        if let Phase::Serving(mut h) = phase {
+            span.in_scope(|| lifecycle::finish(&mut h, &mut req, ctx));
+            drop(h);
+        }
+        close(&req.stream, &req.peer);
+        lifecycle::closed(ctx, &req.stream, &span);
+    }
+
+    fn tick(&self, ctx: &Ctx) {
+        if !self.admission.is_empty() {
+            self.admission.expire(ctx.control());
+        }
     }
 
     fn serve(&self, conn: Accepted, ctx: &Ctx) {
@@ -171,6 +308,45 @@ impl<H: Handler> Service for StreamService<H> {
 }
 
 impl<H: Handler> StreamService<H> {
+    /// Event mode: runs a session as far as it goes without waiting for the peer.
+    fn resume_session(&self, s: &mut Session<H>, ctx: &Ctx) -> Step {
+        s.req.stream.set_parked(false);
+        let control = ctx.control();
+        loop {
+            match std::mem::replace(&mut s.phase, Phase::Ended) {
+                Phase::Fresh => {
+                    let a = self.admission.begin(&s.req.stream, &s.req.peer, control);
+                    s.phase = Phase::Admitting(a);
+                }
+                Phase::Admitting(Admission::Admitted) => match self.start(&mut s.req, ctx) {
+                    Some(h) => s.phase = Phase::Serving(h),
+                    None => return Step::Close,
+                },
+                Phase::Admitting(Admission::Parked(p)) => {
+                    match self
+                        .admission
+                        .resume(p, &s.req.stream, &s.req.peer, control)
+                    {
+                        Admission::Parked(p) => {
+                            s.phase = Phase::Admitting(Admission::Parked(p));
+                            return park(s, ctx);
+                        }
+                        a => s.phase = Phase::Admitting(a),
+                    }
+                }
+                Phase::Admitting(Admission::Refused) | Phase::Ended => return Step::Close,
+                Phase::Serving(mut h) => {
+                    let step = serve_messages(&mut h, &mut s.req, ctx);
+                    s.phase = Phase::Serving(h);
+                    return match step {
+                        Step::Park => park(s, ctx),
+                        Step::Close => Step::Close,
+                    };
+                }
+            }
+        }
+    }
+
     /// Admission, then the handler's lifecycle, each inside the connection's span.
     fn serve_connection(&self, conn: Accepted, ctx: &Ctx, span: &ConnSpan) {
         let Accepted { stream, peer } = conn;
