@@ -1,11 +1,12 @@
 //! Benchmark: this crate's `echo_server` against a minimal std::net thread-per-connection echo
 //! server, a tokio echo server and Python's `socketserver.ThreadingTCPServer`, on loopback, in
-//! one run on one machine.
+//! one run on one machine; and, for event dispatch (issue 13), an echo server on net-io 0.4, the
+//! closest blocking peer.
 //!
 //! ```text
 //! cargo run --release -p socketserver-bench -- [--quick] [--rounds N] [--secs S] [--idle N]
 //!     [--only echo,connect,idle] [--conns 1,16,128]
-//!     [--contenders std,std-pool,tokio,thread,pool,python,metrics]
+//!     [--contenders std,std-pool,tokio,thread,pool,python,event,netio,metrics]
 //!     [--pin both|on|off] [--no-pin] [--no-python] [--no-build] [--out DIR]
 //! ```
 //!
@@ -22,6 +23,8 @@
 mod contender;
 mod load;
 mod report;
+mod targets_event;
+mod targets_metrics;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,7 +39,7 @@ use report::{Entry, Point, Sweep, Verdict};
 const USAGE: &str = "\
 usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
                           [--only echo,connect,idle] [--conns 1,16,128]
-                          [--contenders std,std-pool,tokio,thread,pool,python,metrics]
+                          [--contenders std,std-pool,tokio,thread,pool,python,event,netio,metrics]
                           [--pin both|on|off] [--no-pin] [--no-python] [--no-build]
                           [--out DIR]
 
@@ -45,14 +48,17 @@ usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
   --rounds N    alternating rounds per point; the median and the spread are reported (default 5;
                 idle at most 3)
   --secs S      measured seconds per echo/connect run (default 1.2)
-  --idle N      idle connections to hold (default 9000; 3000 with --quick)
+  --idle N      idle connections to hold (default 9000; 3000 with --quick); 19000 checks
+                issue 13's idle target (the descriptor limit must allow it)
   --only LIST   scenarios to run (default echo,connect,idle)
   --conns LIST  connection counts of the echo scenario (default 1,16,128)
   --contenders LIST
-                which servers to run (default all: std,std-pool,tokio,thread,pool,python,
-                metrics); std is the baseline of every ratio; std-pool runs in the connect
-                scenario; metrics (thread mode built with the metrics and tracing features,
-                --metrics-addr on) in echo and connect
+                which servers to run (default all:
+                std,std-pool,tokio,thread,pool,python,event,netio); std is the baseline of
+                every ratio; std-pool runs in the connect scenario; event is echo_server
+                --mode event (issue 13); netio is net-io 0.4 (echo and connect); metrics
+                is thread mode built with the metrics and tracing features, --metrics-addr
+                on (echo and connect, issue 17)
   --pin WHICH   both (default): a pinned sweep (server on core 1, load generator on core 0,
                 tokio on a current-thread runtime), then an unpinned one (every core free,
                 tokio multi-thread); on: pinned only; off: unpinned only
@@ -121,6 +127,8 @@ fn parse_args() -> Config {
             Kind::Thread,
             Kind::Pool,
             Kind::Python,
+            Kind::Event,
+            Kind::NetIo,
             Kind::Metrics,
         ],
         sweeps: vec![true, false],
@@ -205,6 +213,8 @@ fn parse_args() -> Config {
                         "pool" => Kind::Pool,
                         "python" => Kind::Python,
                         "metrics" => Kind::Metrics,
+                        "event" => Kind::Event,
+                        "netio" | "net-io" => Kind::NetIo,
                         _ => fail(&format!("unknown contender {k:?}")),
                     })
                     .collect();
@@ -278,7 +288,7 @@ fn cargo_build(root: &Path, what: &[&str]) -> Result<Vec<PathBuf>, String> {
 fn programs(c: &Config) -> Result<Programs, String> {
     let bench = Path::new(env!("CARGO_MANIFEST_DIR"));
     let root = bench.parent().ok_or("bench crate has no parent")?;
-    let (echo_server, std_echo, tokio_echo) = if c.build {
+    let (echo_server, std_echo, tokio_echo, netio_echo) = if c.build {
         eprintln!("building the contenders (release)…");
         // The metrics build first: the default one then takes the example's usual path.
         let with_features = cargo_build(
@@ -306,7 +316,12 @@ fn programs(c: &Config) -> Result<Programs, String> {
                 .cloned()
                 .ok_or(format!("cargo built no {name}"))
         };
-        (pick("echo_server")?, pick("std_echo")?, pick("tokio_echo")?)
+        (
+            pick("echo_server")?,
+            pick("std_echo")?,
+            pick("tokio_echo")?,
+            pick("netio_echo")?,
+        )
     } else {
         let me = std::env::current_exe().map_err(|e| e.to_string())?;
         let dir = me.parent().ok_or("no directory")?.to_path_buf();
@@ -314,10 +329,17 @@ fn programs(c: &Config) -> Result<Programs, String> {
             dir.join("examples/echo_server"),
             dir.join("std_echo"),
             dir.join("tokio_echo"),
+            dir.join("netio_echo"),
         )
     };
     let echo_server_metrics = echo_server.with_file_name("echo_server_metrics");
-    for p in [&echo_server, &std_echo, &tokio_echo, &echo_server_metrics] {
+    for p in [
+        &echo_server,
+        &std_echo,
+        &tokio_echo,
+        &netio_echo,
+        &echo_server_metrics,
+    ] {
         if !p.exists() {
             return Err(format!(
                 "{} is missing (build it or drop --no-build)",
@@ -330,6 +352,7 @@ fn programs(c: &Config) -> Result<Programs, String> {
         echo_server,
         std_echo,
         tokio_echo,
+        netio_echo,
         python,
         python_script: bench.join("python_echo.py"),
         echo_server_metrics,
@@ -429,7 +452,7 @@ fn contenders(point: Point, python: bool, kinds: &[Kind]) -> Vec<Contender> {
     let p = Contender::plain;
     let a = Contender::with_auth;
     let mut v = match point {
-        Point::Echo(_) => vec![p(Std), p(Tokio), p(Thread), p(Pool), p(Metrics)],
+        Point::Echo(_) => vec![p(Std), p(Tokio), p(Thread), p(Pool)],
         Point::Connect(_) => vec![
             p(Std),
             p(Tokio),
@@ -440,11 +463,26 @@ fn contenders(point: Point, python: bool, kinds: &[Kind]) -> Vec<Contender> {
             p(Pool),
             a(Pool, Digest::Md5),
             a(Pool, Digest::Sha256),
-            p(Metrics),
         ],
         // A pool of POOL_WORKERS cannot serve thousands of connections at once.
         Point::Idle(_) => vec![p(Std), p(Tokio), p(Thread)],
     };
+    // Issue 13: event dispatch, against tokio (with the same handshake too) and net-io, the
+    // closest blocking peer. net-io 0.4 holds a worker per connection, at most 4,096: no idle.
+    match point {
+        Point::Echo(_) => v.extend([p(Event), p(NetIo)]),
+        Point::Connect(_) => v.extend([
+            a(Tokio, Digest::Md5),
+            p(Event),
+            a(Event, Digest::Md5),
+            p(NetIo),
+        ]),
+        Point::Idle(_) => v.push(p(Event)),
+    }
+    // Issue 17: metrics on against off.
+    if !matches!(point, Point::Idle(_)) {
+        v.push(p(Metrics));
+    }
     if python {
         v.push(p(Python));
         if matches!(point, Point::Connect(_)) {
@@ -543,10 +581,11 @@ fn setup(cfg: &mut Config) -> Result<Setup, String> {
 fn progress(point: Point, s: &load::Sample) -> String {
     let fig = match point {
         Point::Idle(_) => format!(
-            "{:.0} held, RSS {:.1} MiB ({:.1} KiB/conn)",
+            "{:.0} held, RSS {:.1} MiB ({:.1} KiB/conn), {:.0} threads",
             s.rate,
             s.rss_kib / 1024.0,
-            s.rss_per_conn / 1024.0
+            s.rss_per_conn / 1024.0,
+            s.threads
         ),
         _ => format!(
             "{}/s  p50 {}  p99 {}",
@@ -728,9 +767,17 @@ fn report_all(
         }
     }
     // Read from each server's accepted socket: a contender without it is not like for like.
+    // A contender whose every run failed has no socket to read: its failure is reported.
+    let measured = |c: &Contender| {
+        sweeps
+            .iter()
+            .flat_map(|s| &s.results)
+            .flat_map(|(_, e)| e)
+            .any(|e| e.contender == *c && !e.samples.is_empty())
+    };
     let without: Vec<String> = seen
         .iter()
-        .filter(|c| report::nodelay(sweeps, **c) != "yes")
+        .filter(|c| measured(c) && report::nodelay(sweeps, **c) != "yes")
         .map(|c| format!("{} ({})", c.label(), report::nodelay(sweeps, *c)))
         .collect();
     let nodelay_note = if without.is_empty() {

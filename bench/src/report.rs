@@ -114,6 +114,7 @@ pub fn summary(samples: &[Sample]) -> Option<Sample> {
         foreign: m(|s| s.foreign),
         cpu_us_per_op: m(|s| s.cpu_us_per_op),
         nodelay: samples.iter().find_map(|s| s.nodelay),
+        threads: m(|s| s.threads),
     })
 }
 
@@ -281,6 +282,10 @@ fn idle_columns() -> Vec<Column> {
         Column {
             header: "spread over rounds",
             cell: |c| fmt_spread(c.rounds, |s| s.rss_per_conn, fmt_bytes),
+        },
+        Column {
+            header: "server threads",
+            cell: |c| format!("{:.0}", c.s.threads),
         },
         Column {
             header: "check p50",
@@ -530,7 +535,7 @@ impl Check {
 }
 
 /// The rounds of `c` at `point` (empty if it has none).
-fn rounds(res: &Results, point: Point, c: Contender) -> &[Sample] {
+pub(crate) fn rounds(res: &Results, point: Point, c: Contender) -> &[Sample] {
     res.iter()
         .find(|(p, _)| *p == point)
         .and_then(|(_, e)| e.iter().find(|e| e.contender == c))
@@ -599,24 +604,14 @@ pub fn targets(res: &Results) -> Vec<Check> {
             check(what, point, thread, base, |s| s.rss_per_conn, bound, false);
         }
     }
-    // Metrics on (both features compiled in, the endpoint up) against off.
-    let metrics = Contender::plain(Kind::Metrics);
-    for point in points("echo").into_iter().chain(points("connect")) {
-        let what = format!(
-            "{} {}: {} ≥ 0.97 × {}",
-            point.scenario(),
-            point.size(),
-            metrics.label(),
-            thread.label()
-        );
-        check(what, point, metrics, thread, rate, 0.97, true);
-    }
     for point in points("echo").into_iter().filter(|p| p.size() == 128) {
         for c in [thread, pool] {
             let what = format!("echo 128 conns: {} p99 latency ≤ std", c.label());
             check(what, point, c, STD, |s| s.p99_us, 1.0, false);
         }
     }
+    out.extend(crate::targets_event::targets(res));
+    out.extend(crate::targets_metrics::targets(res));
     out
 }
 
@@ -663,7 +658,9 @@ fn color(c: &Contender) -> &'static str {
         Kind::Thread => "#1f77b4",
         Kind::Pool => "#6baed6",
         Kind::Python => "#2ca02c",
-        Kind::Metrics => "#9467bd",
+        Kind::Event => "#08306b",
+        Kind::NetIo => "#9467bd",
+        Kind::Metrics => "#17becf",
     }
 }
 
