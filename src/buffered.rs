@@ -215,8 +215,8 @@ mod pool {
 /// touched, not the whole buffer (8 KiB by default).
 struct ReadBuffer {
     stream: Stream,
-    /// Empty, with no capacity at all, while an event-mode connection is parked with nothing
-    /// buffered ([`RFile::park`]): allocated again by the next read.
+    /// Empty, with no capacity at all, until the first read, and while an event-mode connection
+    /// is parked with nothing buffered ([`RFile::park`]): allocated again by the next read.
     buf: Vec<u8>,
     /// How much of `buf` has been consumed.
     pos: usize,
@@ -234,7 +234,8 @@ impl ReadBuffer {
         let capacity = capacity.max(1);
         ReadBuffer {
             stream,
-            buf: Vec::with_capacity(capacity),
+            // Allocated by the first read: a connection that never sends costs no buffer.
+            buf: Vec::new(),
             pos: 0,
             capacity,
             drained: false,

@@ -548,7 +548,9 @@ impl<M: MessageHandler> Handler for MessageRequestHandler<M> {
     }
 
     /// Outside event mode: the messages one after another, until the client hangs up or the
-    /// handler says [`Next::Close`].
+    /// handler says [`Next::Close`]. (A drain cuts a connection that waits here for its next
+    /// message once the grace period ends, as any other; event mode closes parked ones at
+    /// once, since no thread waits there.)
     fn handle(&mut self, _req: &mut Request) -> HandlerResult {
         let (inner, s) = self.state()?;
         while !s.rfile.fill_buf()?.is_empty() {
