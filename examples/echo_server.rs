@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release --example echo_server -- [--addr 127.0.0.1:9000]
 //!     [--mode sync|thread|pool|event] [--workers N] [--max-connections N] [--max-per-source N] [--auth-key KEY [--digest md5|sha256]]
-//!     [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
+//!     [--idle-timeout 60] [--min-rate 500] [--read-timeout 0] [--metrics-addr HOST:PORT]
 //!     [--processes N [--max-requests N [--max-requests-jitter N]] [--pid-file PATH]]
 //! ```
 //! With `--processes N` the process started is a supervisor: it binds once and keeps N worker
@@ -47,6 +47,8 @@ struct Cli {
     timeouts: common::TimeoutArgs,
     #[command(flatten)]
     processes: common::ProcessArgs,
+    #[command(flatten)]
+    metrics: common::MetricsArgs,
 }
 
 /// The README's first example, as it is: bytes come back as soon as they arrive.
@@ -106,5 +108,6 @@ fn run<H: Handler>(cli: Cli, factory: impl Fn() -> H + Send + Sync + 'static) {
     }
     let server = common::bind_tcp(builder, &cli.addr.addr);
     log::info!("dispatch: {dispatch:?}; {}", cli.timeouts.describe());
+    cli.metrics.start(&server);
     common::serve(server, "echo server", Duration::from_secs(5));
 }

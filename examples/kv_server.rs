@@ -5,6 +5,7 @@
 //! cargo run --example kv_server -- [--addr 127.0.0.1:9000] [--mode sync|thread|pool|event]
 //!     [--workers N] [--max-line 65536] [--max-bytes 67108864] [--max-connections N]
 //!     [--max-per-source N] [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
+//!     [--metrics-addr HOST:PORT]
 //! ```
 //!
 //! The store lives in this process's memory. Run as a prefork worker (under a supervisor, see
@@ -62,6 +63,8 @@ struct Cli {
     limits: common::LimitArgs,
     #[command(flatten)]
     timeouts: common::TimeoutArgs,
+    #[command(flatten)]
+    metrics: common::MetricsArgs,
 }
 
 /// The shared state: the map, and how many bytes of keys and values it holds.
@@ -191,5 +194,6 @@ fn main() {
         "dispatch: {dispatch:?}; lines up to {max_line} bytes; store up to {max_bytes} bytes; {}",
         cli.timeouts.describe()
     );
+    cli.metrics.start(&server);
     common::serve(server, "kv server", Duration::from_secs(5));
 }

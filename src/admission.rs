@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 use rustix::event::{PollFd, PollFlags, Timespec};
 
 use crate::auth::AuthStep;
-use crate::control::{Control, Counters, lock};
+use crate::control::{Control, lock};
 use crate::deadline::DeadlineIo;
 use crate::log_limit::limited;
+use crate::observe::{self, AdmissionFailure};
 use crate::wait::deadline_after;
 use crate::{Addr, Auth, Result, Stream};
 
@@ -33,6 +34,16 @@ use crate::{Addr, Auth, Result, Stream};
 pub(crate) enum StageKind {
     /// The HMAC or `multiprocessing` handshake.
     Auth,
+}
+
+impl StageKind {
+    /// The stage's name in the `tracing` events (a TLS stage must be named `tls`: the span's
+    /// `tls` field is set when it admits a connection).
+    pub(crate) const fn name(self) -> &'static str {
+        match self {
+            StageKind::Auth => "auth",
+        }
+    }
 }
 
 /// One step of admission, run on the connection's worker.
@@ -228,6 +239,7 @@ impl Pipeline {
     /// Runs every stage on a new connection; true if the client may proceed to the handler.
     pub(crate) fn admit(&self, stream: &Stream, peer: &Addr, control: &Control) -> bool {
         if self.stages.is_empty() {
+            observe::record_admission("none", false);
             return true;
         }
         let guard = self.enter(stream, control, None);
@@ -238,7 +250,9 @@ impl Pipeline {
         let mut result = Ok(());
         let mut failed = None;
         for stage in &self.stages {
+            let started = Instant::now();
             result = stage.run(&mut conn);
+            observe::stage_event(stage.kind().name(), result.is_ok(), started.elapsed());
             if result.is_err() {
                 failed = Some(stage.kind());
                 break;
@@ -251,6 +265,7 @@ impl Pipeline {
     /// the peer.
     pub(crate) fn begin(&self, stream: &Stream, peer: &Addr, control: &Control) -> Admission {
         if self.stages.is_empty() {
+            observe::record_admission("none", false);
             return Admission::Admitted;
         }
         let deadline = deadline_after(self.timeout);
@@ -320,10 +335,15 @@ impl Pipeline {
             let Some(s) = self.stages.get(stage) else {
                 break Ok(());
             };
+            let started = Instant::now();
             let progress = match then.take() {
                 Some(rest) => rest(&mut conn),
                 None => s.start(&mut conn),
             };
+            if !matches!(progress, Ok(Progress::Wait(_))) {
+                // The stage's last step (the time it spent parked is not counted).
+                observe::stage_event(s.kind().name(), progress.is_ok(), started.elapsed());
+            }
             match progress {
                 Ok(Progress::Done) => stage += 1,
                 Ok(Progress::Wait(resume)) => {
@@ -362,7 +382,7 @@ impl Pipeline {
             };
             old.evicted.store(true, Ordering::Relaxed);
             let _ = old.stream.shutdown(Shutdown::Both);
-            Counters::bump(&control.counters.handshake_timeouts);
+            control.record_admission_failure(AdmissionFailure::Timeout);
             let peer = old
                 .stream
                 .peer_addr()
@@ -384,17 +404,23 @@ impl Pipeline {
         peer: &Addr,
         control: &Control,
     ) -> bool {
-        let counters = &control.counters;
         match (result, failed) {
             _ if !kept => {
+                // Counted by the eviction.
+                observe::record_admission(AdmissionFailure::Cap.label(), false);
                 limited!(
                     info,
                     "handshake with {peer} cut: too many unfinished handshakes"
                 );
             }
-            (Ok(()), _) => return true,
+            (Ok(()), _) => {
+                let tls = self.stages.iter().any(|s| s.kind().name() == "tls");
+                observe::record_admission("ok", tls);
+                return true;
+            }
             (Err(e), _) if e.is_timeout() => {
-                Counters::bump(&counters.handshake_timeouts);
+                control.record_admission_failure(AdmissionFailure::Timeout);
+                observe::record_admission(AdmissionFailure::Timeout.label(), false);
                 limited!(
                     warn,
                     "handshake with {peer} timed out after {:?}{}",
@@ -403,7 +429,8 @@ impl Pipeline {
                 );
             }
             (Err(e), Some(StageKind::Auth) | None) => {
-                Counters::bump(&counters.auth_failures);
+                control.record_admission_failure(AdmissionFailure::Hmac);
+                observe::record_admission(AdmissionFailure::Hmac.label(), false);
                 limited!(warn, "authentication failed for {peer}: {e}");
             }
         }
@@ -487,7 +514,7 @@ impl PendingTable {
         };
         old.evicted.store(true, Ordering::Relaxed);
         let _ = old.stream.shutdown(Shutdown::Both);
-        Counters::bump(&control.counters.handshake_evictions);
+        control.record_admission_failure(AdmissionFailure::Cap);
         true
     }
 }

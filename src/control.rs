@@ -14,6 +14,7 @@ use rustix::pipe::{PipeFlags, pipe_with};
 
 use crate::wait::{deadline_after, wait_until};
 
+use crate::observe::{AdmissionFailure, DurationHistogram, Histogram};
 use crate::{Addr, Stream};
 
 /// Locks a mutex whose data stays consistent even if a holder panicked (we never panic while
@@ -89,9 +90,8 @@ pub(crate) struct Counters {
     pub rejected: AtomicU64,
     pub limit_rejected: AtomicU64,
     pub per_source_rejected: AtomicU64,
-    pub auth_failures: AtomicU64,
-    pub handshake_timeouts: AtomicU64,
-    pub handshake_evictions: AtomicU64,
+    /// By [`AdmissionFailure`]: bumped only by [`Control::record_admission_failure`].
+    admission_failures: [AtomicU64; AdmissionFailure::ALL.len()],
     pub handler_errors: AtomicU64,
     pub panics: AtomicU64,
     pub accept_errors: AtomicU64,
@@ -100,6 +100,15 @@ pub(crate) struct Counters {
     pub amplification_dropped: AtomicU64,
     pub slow_closed: AtomicU64,
     pub timeouts: AtomicU64,
+    /// Bytes moved on stream connections, added when each one closes
+    /// ([`Control::record_bytes`]).
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    /// Recorded only by [`Control::record_request`], from the lifecycle.
+    request_duration: Histogram,
+    /// The `server` label of the `metrics` facade mirror.
+    #[cfg(feature = "metrics")]
+    label: std::sync::OnceLock<metrics::SharedString>,
 }
 
 impl Counters {
@@ -124,11 +133,17 @@ pub struct Stats {
     /// Connections closed at once because their client address already had
     /// [`Builder::max_per_source`](crate::Builder::max_per_source) connections open.
     pub per_source_rejected: u64,
-    /// Clients that failed authentication (wrong, malformed or truncated answer).
+    /// Clients that failed authentication (wrong, malformed or truncated answer): the
+    /// [`Hmac`](AdmissionFailure::Hmac) count of
+    /// [`admission_failures`](Self::admission_failures).
     pub auth_failures: u64,
-    /// Clients that did not finish the handshake within the handshake timeout.
+    /// Clients that did not finish the handshake within the handshake timeout: the
+    /// [`Timeout`](AdmissionFailure::Timeout) count of
+    /// [`admission_failures`](Self::admission_failures).
     pub handshake_timeouts: u64,
-    /// Unfinished handshakes cut to make room under the handshake cap.
+    /// Unfinished handshakes cut to make room under the handshake cap: the
+    /// [`Cap`](AdmissionFailure::Cap) count of
+    /// [`admission_failures`](Self::admission_failures).
     pub handshake_evictions: u64,
     /// Handlers (`setup`, `handle` or `finish`) that returned an error.
     pub handler_errors: u64,
@@ -151,6 +166,23 @@ pub struct Stats {
     /// ([`Builder::read_timeout`](crate::Builder::read_timeout), `write_timeout`): logged at
     /// info, and not counted in `handler_errors`.
     pub timeouts: u64,
+    /// Bytes read from stream connections (through the [`Stream`]), counted when each
+    /// connection closes (the admission handshakes, which read the socket directly, are not
+    /// counted).
+    pub bytes_read: u64,
+    /// Bytes written to stream connections, counted when each connection closes.
+    pub bytes_written: u64,
+    /// How long requests took, `setup` to the end of `finish`.
+    pub request_duration: DurationHistogram,
+    /// Admission failures, indexed by [`AdmissionFailure::index`].
+    admission: [u64; AdmissionFailure::ALL.len()],
+}
+
+impl Stats {
+    /// Connections that admission refused for `reason`.
+    pub fn admission_failures(&self, reason: AdmissionFailure) -> u64 {
+        self.admission[reason.index()]
+    }
 }
 
 /// How long a drain waits for the requests it cut to return (a handler blocked on its socket
@@ -256,7 +288,7 @@ impl Control {
                 serving: Vec::new(),
             }),
             registry_changed: Condvar::new(),
-            counters: Counters::default(),
+            counters: Counters::with_label(&local_addr),
             local_addr,
             drain_hook: OnceLock::new(),
             shared_listener: AtomicBool::new(false),
@@ -413,6 +445,8 @@ impl Control {
         let id = r.next_id;
         r.next_id += 1;
         r.live.insert(id, stream);
+        drop(r);
+        self.mirror_active(1.0);
         Some(Ticket {
             control: self.clone(),
             id,
@@ -534,14 +568,6 @@ impl Control {
         self.accept_limit.store(n, Ordering::Release);
     }
 
-    /// Counts an accepted connection; at the accept limit, asks the serve loop to return.
-    pub(crate) fn count_accepted(&self) {
-        let n = self.counters.accepted.fetch_add(1, Ordering::Relaxed) + 1;
-        if n == self.accept_limit.load(Ordering::Acquire) {
-            self.request_shutdown();
-        }
-    }
-
     /// Marks the listener as shared with other processes; see `shared_listener`.
     pub(crate) fn set_shared_listener(&self) {
         self.shared_listener.store(true, Ordering::Release);
@@ -587,9 +613,9 @@ impl Control {
             rejected: get(&c.rejected),
             limit_rejected: get(&c.limit_rejected),
             per_source_rejected: get(&c.per_source_rejected),
-            auth_failures: get(&c.auth_failures),
-            handshake_timeouts: get(&c.handshake_timeouts),
-            handshake_evictions: get(&c.handshake_evictions),
+            auth_failures: get(&c.admission_failures[AdmissionFailure::Hmac.index()]),
+            handshake_timeouts: get(&c.admission_failures[AdmissionFailure::Timeout.index()]),
+            handshake_evictions: get(&c.admission_failures[AdmissionFailure::Cap.index()]),
             handler_errors: get(&c.handler_errors),
             panics: get(&c.panics),
             accept_errors: get(&c.accept_errors),
@@ -598,6 +624,10 @@ impl Control {
             amplification_dropped: get(&c.amplification_dropped),
             slow_closed: get(&c.slow_closed),
             timeouts: get(&c.timeouts),
+            bytes_read: get(&c.bytes_read),
+            bytes_written: get(&c.bytes_written),
+            request_duration: c.request_duration.snapshot(),
+            admission: std::array::from_fn(|i| get(&c.admission_failures[i])),
         }
     }
 }
@@ -649,6 +679,8 @@ impl Drop for Ticket {
         if r.waiters > 0 {
             self.control.registry_changed.notify_all();
         }
+        drop(r);
+        self.control.mirror_active(-1.0);
     }
 }
 
@@ -754,5 +786,130 @@ impl std::fmt::Debug for ServerHandle {
             .field("local_addr", &self.control.local_addr)
             .field("shutdown_requested", &self.control.shutdown_requested())
             .finish()
+    }
+}
+
+impl Counters {
+    /// Counters at zero; `server` names them in the `metrics` facade mirror.
+    fn with_label(server: &Addr) -> Counters {
+        let c = Counters::default();
+        #[cfg(feature = "metrics")]
+        {
+            crate::observe::facade::describe();
+            let _ = c.label.set(crate::observe::facade::label(server));
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = server;
+        c
+    }
+
+    /// The facade's `server` label.
+    #[cfg(feature = "metrics")]
+    fn label(&self) -> metrics::SharedString {
+        self.label.get().cloned().unwrap_or_default()
+    }
+}
+
+/// Why the accept loop refused a connection before admission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// `verify_request` returned false.
+    Verify,
+    /// The connection limit was reached (`reject_when_full`).
+    Limit,
+    /// The client address already had `max_per_source` connections open.
+    PerSource,
+}
+
+impl Refusal {
+    pub(crate) const fn label(self) -> &'static str {
+        match self {
+            Refusal::Verify => "verify",
+            Refusal::Limit => "limit",
+            Refusal::PerSource => "per_source",
+        }
+    }
+}
+
+/// Where the accept loop, admission and the lifecycle report what happened: the counters of
+/// [`Stats`] and, with the `metrics` feature, their mirror through the `metrics` facade. Every
+/// call is a few relaxed atomic additions; none locks or allocates (the facade's recorder may).
+impl Control {
+    /// A connection (or datagram) accepted.
+    pub(crate) fn record_accepted(&self) {
+        let n = self.counters.accepted.fetch_add(1, Ordering::Relaxed) + 1;
+        // A prefork worker's `max_requests`: its last connection ends the serve loop.
+        if n == self.accept_limit.load(Ordering::Acquire) {
+            self.request_shutdown();
+        }
+        #[cfg(feature = "metrics")]
+        metrics::counter!(crate::observe::facade::ACCEPTED, "server" => self.counters.label())
+            .increment(1);
+    }
+
+    /// A connection refused by the accept loop, before admission.
+    pub(crate) fn record_refused(&self, why: Refusal) {
+        let c = &self.counters;
+        Counters::bump(match why {
+            Refusal::Verify => &c.rejected,
+            Refusal::Limit => &c.limit_rejected,
+            Refusal::PerSource => &c.per_source_rejected,
+        });
+        #[cfg(feature = "metrics")]
+        metrics::counter!(crate::observe::facade::REJECTED,
+            "server" => c.label(), "reason" => why.label())
+        .increment(1);
+    }
+
+    /// A connection that admission refused, by reason: every stage (PROXY, TLS, HMAC) and
+    /// every limit (deadline, cap) reports here, once per refused connection.
+    pub(crate) fn record_admission_failure(&self, reason: AdmissionFailure) {
+        Counters::bump(&self.counters.admission_failures[reason.index()]);
+        #[cfg(feature = "metrics")]
+        {
+            let label = self.counters.label();
+            metrics::counter!(crate::observe::facade::REJECTED,
+                "server" => label.clone(), "reason" => reason.label())
+            .increment(1);
+            if reason == AdmissionFailure::Hmac {
+                metrics::counter!(crate::observe::facade::AUTH_FAILURES, "server" => label)
+                    .increment(1);
+            }
+        }
+    }
+
+    /// One request served (a connection, a datagram, or one message in event mode), from
+    /// `setup` to the end of `finish`.
+    pub(crate) fn record_request(&self, took: Duration) {
+        self.counters.request_duration.record(took);
+        #[cfg(feature = "metrics")]
+        metrics::histogram!(crate::observe::facade::DURATION, "server" => self.counters.label())
+            .record(took.as_secs_f64());
+    }
+
+    /// The bytes a stream connection moved, added once when it closes (the `Stream` counts
+    /// them per connection, uncontended).
+    pub(crate) fn record_bytes(&self, read: u64, written: u64) {
+        let c = &self.counters;
+        c.bytes_read.fetch_add(read, Ordering::Relaxed);
+        c.bytes_written.fetch_add(written, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        {
+            let label = c.label();
+            metrics::counter!(crate::observe::facade::BYTES_READ, "server" => label.clone())
+                .increment(read);
+            metrics::counter!(crate::observe::facade::BYTES_WRITTEN, "server" => label)
+                .increment(written);
+        }
+    }
+
+    /// The `active` gauge of the facade follows the registry of in-flight requests.
+    #[inline]
+    fn mirror_active(&self, delta: f64) {
+        #[cfg(feature = "metrics")]
+        metrics::gauge!(crate::observe::facade::ACTIVE, "server" => self.counters.label())
+            .increment(delta);
+        #[cfg(not(feature = "metrics"))]
+        let _ = delta;
     }
 }

@@ -56,6 +56,18 @@
 //! Errors, rejected clients and recoveries are reported through the [`log`] crate; install a
 //! logger (`env_logger`, say) to see them.
 //!
+//! # Metrics and tracing
+//!
+//! [`Stats`] counts connections, refusals by reason (before admission, and
+//! [`AdmissionFailure`] after), bytes, and a request-duration histogram;
+//! [`ServerHandle::prometheus`] and [`render_prometheus`] write them in Prometheus's text
+//! format, and [`metrics_http`] serves that page over HTTP from a [`TcpServer`] of its own.
+//! Cargo feature `metrics` mirrors the counters through the `metrics` facade (any exporter);
+//! feature `tracing` opens a `conn` span per connection (`id`, `peer`, `transport`, `tls`,
+//! `auth`) with events for accept, each admission stage and close. Both are off by default,
+//! and then their crates are not compiled at all. The library never installs a subscriber or
+//! a recorder.
+//!
 //! # Architecture
 //!
 //! A connection goes through five layers, each a module of `src/`, and each imports only the
@@ -92,6 +104,10 @@
 //!   their kind; readiness messages (`NOTIFY_SOCKET`). `prefork` (`prefork.rs`, feature
 //!   `signals`): the supervisor of worker processes and of binary upgrades, above everything
 //!   else.
+//! * **Observability** (`observe.rs`, `prometheus.rs`, `metrics_http.rs`): admission-failure
+//!   reasons, the duration histogram, the connection span and the facade mirror, reported
+//!   only from the accept loop, admission and the lifecycle (through `control.rs`'s `record_*`
+//!   functions); the text exposition and its HTTP endpoint.
 //! * **Shared state** (`control.rs`): [`ServerHandle`], [`Stats`], the limits, the registry of
 //!   in-flight requests that a drain or the idle reaper cuts. Every log line a peer can trigger
 //!   is rate-limited (`log_limit.rs`).
@@ -119,9 +135,12 @@ mod handler_fn;
 mod lifecycle;
 mod limits;
 mod log_limit;
+pub mod metrics_http;
 mod mp;
+mod observe;
 #[cfg(feature = "signals")]
 pub mod prefork;
+mod prometheus;
 mod server;
 #[cfg(feature = "signals")]
 mod signals;
@@ -151,6 +170,9 @@ pub use mp::{DEFAULT_MAX_MESSAGE, DEFAULT_MP_BUDGET, MpBudget, MpConnection};
 pub use server::{Builder, Server};
 pub use stream::{Credentials, MinDataRate, Stream};
 pub use systemd::Inherited;
+
+pub use observe::{AdmissionFailure, DurationHistogram};
+pub use prometheus::{PROMETHEUS_CONTENT_TYPE, render_prometheus};
 
 /// The README's examples, compiled as doctests so they cannot drift from the API.
 #[cfg(doctest)]

@@ -3,12 +3,14 @@
 
 use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::Instant;
 
 use crate::control::Counters;
+use crate::observe::ConnSpan;
 use crate::worker::{Ctx, Severity, panic_message};
 use crate::{
     Addr, DatagramHandler, DatagramRequest, Handler, HandlerError, HandlerFailure, HandlerResult,
-    Next, Request,
+    Next, Request, Stream,
 };
 
 /// The three steps of a handler, whatever the request type.
@@ -65,7 +67,18 @@ pub(crate) fn make<H>(
 /// `handle` panics, only `finish` sees them (as in Python, whose `finish` runs in a `finally`),
 /// and `finish` is written to clean up after a failed `handle`. State shared with other
 /// connections is behind locks, which poison.
+///
+/// The request's duration is recorded here (`Stats::request_duration`), as each message's is
+/// in [`message`]: the lifecycle is the one place every request passes, whatever the
+/// transport and dispatch mode.
 pub(crate) fn run<R: HasPeer, H: Lifecycle<R>>(h: &mut H, req: &mut R, ctx: &Ctx) -> bool {
+    let started = Instant::now();
+    let ok = run_steps(h, req, ctx);
+    ctx.control().record_request(started.elapsed());
+    ok
+}
+
+fn run_steps<R: HasPeer, H: Lifecycle<R>>(h: &mut H, req: &mut R, ctx: &Ctx) -> bool {
     if !setup(h, req, ctx) {
         return false;
     }
@@ -86,8 +99,16 @@ pub(crate) fn finish<R: HasPeer, H: Lifecycle<R>>(h: &mut H, req: &mut R, ctx: &
 
 /// Event mode: serves one message with the handler's
 /// [`handle_message`](crate::MessageHandler::handle_message) and flushes `wfile`. A failure or
-/// a panic is reported like a failed `handle`, and closes the connection.
+/// a panic is reported like a failed `handle`, and closes the connection. Its duration is
+/// recorded as one request's.
 pub(crate) fn message<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Next {
+    let started = Instant::now();
+    let next = serve_message(h, req, ctx);
+    ctx.control().record_request(started.elapsed());
+    next
+}
+
+fn serve_message<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Next {
     let serve = |h: &mut H, _: &mut Request| -> Result<Next, HandlerError> {
         let (m, s) = h
             .messages()
@@ -97,6 +118,21 @@ pub(crate) fn message<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Ne
         Ok(next)
     };
     step(h, req, ctx, "handle_message", serve).unwrap_or(Next::Close)
+}
+
+/// Opens the observation of a connection from `peer` on its worker: its `tracing` span (a
+/// no-op without the feature), entered around admission and the lifecycle (around each step,
+/// and each message, in event mode).
+pub(crate) fn open(peer: &Addr) -> ConnSpan {
+    ConnSpan::open(peer)
+}
+
+/// Ends it: the bytes the connection moved through its `Stream` go into the server's totals,
+/// and the span gets its close event with the duration and bytes.
+pub(crate) fn closed(ctx: &Ctx, stream: &Stream, span: &ConnSpan) {
+    let (read, written) = stream.bytes_moved();
+    ctx.control().record_bytes(read, written);
+    span.close(read, written);
 }
 
 /// Requests know their peer, for the error report.

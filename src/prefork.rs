@@ -370,7 +370,8 @@ impl Worker {
     }
 }
 
-/// The counters of [`Stats`], in a fixed order, for the line a worker reports.
+/// The counters of [`Stats`], in a fixed order, for the line a worker reports. (Not the
+/// duration histogram nor the admission failures by reason: the summary sums counters.)
 macro_rules! stats_fields {
     ($m:ident) => {
         $m!(
@@ -389,7 +390,9 @@ macro_rules! stats_fields {
             idle_closed,
             amplification_dropped,
             slow_closed,
-            timeouts
+            timeouts,
+            bytes_read,
+            bytes_written
         )
     };
 }
@@ -1135,12 +1138,8 @@ mod tests {
 
     #[test]
     fn stats_survive_the_line_a_worker_reports() {
-        let s = Stats {
-            accepted: 7,
-            timeouts: 3,
-            panics: 1,
-            ..Stats::default()
-        };
+        let mut s = Stats::default();
+        (s.accepted, s.timeouts, s.panics, s.bytes_read) = (7, 3, 1, 1 << 40);
         let back = parse_stats(&stats_line(&s));
         assert_eq!(back, s);
         let mut sum = back;

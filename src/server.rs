@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 
-use crate::control::{Control, Counters, Permit, lock};
+use crate::control::{Control, Counters, Permit, Refusal, lock};
 use crate::dispatch::{Dispatch, Dispatcher, Shared};
 use crate::log_limit::limited;
 use crate::stream::{ActivityLimits, Cut};
@@ -628,13 +628,14 @@ impl<T: Transport> Server<T> {
             let err = match listener.accept(control) {
                 Ok(req) => {
                     backoff.reset();
-                    control.count_accepted();
+                    control.record_accepted();
+                    crate::observe::accept_event(&control.local_addr, req.peer());
                     let permit = match permit {
                         Some(p) => p,
                         None => match control.try_acquire() {
                             Some(p) => p,
                             None => {
-                                Counters::bump(&control.counters.limit_rejected);
+                                control.record_refused(Refusal::Limit);
                                 log::debug!("connection limit reached: closing {}", req.peer());
                                 req.reject();
                                 continue;
@@ -698,7 +699,7 @@ impl<T: Transport> Server<T> {
                 false
             });
             if !ok {
-                Counters::bump(&control.counters.rejected);
+                control.record_refused(Refusal::Verify);
                 log::debug!("verify_request rejected {}", req.peer());
                 req.reject();
                 return false;
@@ -710,7 +711,7 @@ impl<T: Transport> Server<T> {
             .and(req.peer().inet())
             .map(|a| a.ip().to_canonical());
         let Some(ticket) = control.register(req.stream().cloned(), source) else {
-            Counters::bump(&control.counters.per_source_rejected);
+            control.record_refused(Refusal::PerSource);
             limited!(
                 warn,
                 "{} already has {} connections open (max_per_source): closing {}",

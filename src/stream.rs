@@ -36,6 +36,9 @@ struct Inner {
     /// The read and write timeouts as set through the `Stream`, in nanoseconds (0: none set
     /// here), for the timeout's message: the kernel reads them back rounded to its clock tick.
     timeouts_ns: [AtomicU64; 2],
+    /// Bytes read and written, indexed by [`Direction`], when `activity` is off (it counts them
+    /// itself otherwise, so a system call never pays for two counters).
+    moved: [AtomicU64; 2],
 }
 
 /// How long a connection may keep its worker waiting on the peer: the idle timeout and the
@@ -335,6 +338,7 @@ impl Stream {
                 cut: AtomicBool::new(false),
                 parked: AtomicBool::new(false),
                 timeouts_ns: [AtomicU64::new(0), AtomicU64::new(0)],
+                moved: [AtomicU64::new(0), AtomicU64::new(0)],
             }),
         }
     }
@@ -476,6 +480,20 @@ impl Stream {
         self.inner.activity.as_ref()?.check(elapsed, limits)
     }
 
+    /// Bytes read and written through this stream (and its clones) so far.
+    pub(crate) fn bytes_moved(&self) -> (u64, u64) {
+        match &self.inner.activity {
+            Some(a) => (
+                a.read.load(Ordering::Relaxed),
+                a.written.load(Ordering::Relaxed),
+            ),
+            None => (
+                self.inner.moved[0].load(Ordering::Relaxed),
+                self.inner.moved[1].load(Ordering::Relaxed),
+            ),
+        }
+    }
+
     /// Marks the socket as cut by the server; true the first time only.
     pub(crate) fn mark_cut(&self) -> bool {
         !self.inner.cut.swap(true, Ordering::Relaxed)
@@ -507,7 +525,13 @@ impl Stream {
         call: impl FnOnce(&Sock) -> io::Result<usize>,
     ) -> io::Result<usize> {
         match &self.inner.activity {
-            None => call(&self.inner.sock),
+            None => {
+                let result = call(&self.inner.sock);
+                if let Ok(n) = result {
+                    self.inner.moved[direction as usize].fetch_add(n as u64, Ordering::Relaxed);
+                }
+                result
+            }
             Some(a) => {
                 let (blocked, moved) = match direction {
                     Direction::Read => (&a.reading, &a.read),

@@ -76,6 +76,9 @@ pub enum Kind {
     /// This crate's `echo_server --processes 2`: a prefork supervisor and two worker processes
     /// (thread mode each) on one inherited listener. Meant for the unpinned sweep.
     Prefork,
+    /// [`Kind::Thread`] with metrics on: `echo_server` built with `--features metrics,tracing`
+    /// and run with `--metrics-addr` (the endpoint up; no recorder or subscriber installed).
+    Metrics,
 }
 
 /// One server configuration under test.
@@ -113,6 +116,7 @@ impl Contender {
             Kind::Event => "socketserver event",
             Kind::NetIo => "net-io",
             Kind::Prefork => "socketserver prefork 2",
+            Kind::Metrics => "socketserver thread +metrics",
         };
         match self.auth {
             None => base.to_owned(),
@@ -174,6 +178,10 @@ impl Contender {
                               two worker processes in thread mode accepting from one inherited \
                               listener (pinned, all three share the server's one core)"
                 .to_owned(),
+            Kind::Metrics => "`echo_server --mode thread --metrics-addr` built with `--features \
+                              metrics,tracing` (this crate): thread mode with the metrics \
+                              endpoint up and both features compiled in"
+                .to_owned(),
         };
         match self.auth {
             None => what,
@@ -210,6 +218,9 @@ pub struct Programs {
     pub python: Option<PathBuf>,
     /// `bench/python_echo.py`.
     pub python_script: PathBuf,
+    /// The crate's `examples/echo_server` built with `--features metrics,tracing`, copied to
+    /// `echo_server_metrics` next to it.
+    pub echo_server_metrics: PathBuf,
 }
 
 /// A contender's server process. Dropping it stops the process (SIGTERM, then SIGKILL) and
@@ -381,6 +392,18 @@ impl Server {
                 "--processes".into(),
                 "2".into(),
             ]),
+            Kind::Metrics => {
+                let metrics = free_port().map_err(|e| format!("no free port: {e}"))?;
+                argv.extend([
+                    path(&p.echo_server_metrics),
+                    "--addr".into(),
+                    a,
+                    "--mode".into(),
+                    "thread".into(),
+                    "--metrics-addr".into(),
+                    format!("127.0.0.1:{metrics}"),
+                ]);
+            }
             Kind::Python => {
                 let py = p.python.as_ref().ok_or("python3 not found")?;
                 argv.extend([path(py), path(&p.python_script), "--addr".into(), a]);

@@ -6,7 +6,7 @@
 //! ```text
 //! cargo run --release -p socketserver-bench -- [--quick] [--rounds N] [--secs S] [--idle N]
 //!     [--only echo,connect,idle] [--conns 1,16,128]
-//!     [--contenders std,std-pool,tokio,thread,pool,python,event,netio,prefork]
+//!     [--contenders std,std-pool,tokio,thread,pool,python,event,netio,prefork,metrics]
 //!     [--pin both|on|off] [--no-pin] [--no-python] [--no-build] [--out DIR]
 //! ```
 //!
@@ -24,6 +24,7 @@ mod contender;
 mod load;
 mod report;
 mod targets_event;
+mod targets_metrics;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -38,7 +39,7 @@ use report::{Entry, Point, Sweep, Verdict};
 const USAGE: &str = "\
 usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
                           [--only echo,connect,idle] [--conns 1,16,128]
-                          [--contenders std,std-pool,tokio,thread,pool,python,event,netio,prefork]
+                          [--contenders std,std-pool,tokio,thread,pool,python,event,netio,prefork,metrics]
                           [--pin both|on|off] [--no-pin] [--no-python] [--no-build]
                           [--out DIR]
 
@@ -53,10 +54,12 @@ usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
   --conns LIST  connection counts of the echo scenario (default 1,16,128)
   --contenders LIST
                 which servers to run (default all:
-                std,std-pool,tokio,thread,pool,python,event,netio,prefork); std is the
-                baseline of every ratio; std-pool runs in the connect scenario; event is
+                std,std-pool,tokio,thread,pool,python,event,netio,prefork,metrics); std is
+                the baseline of every ratio; std-pool runs in the connect scenario; event is
                 echo_server --mode event (issue 13); netio is net-io 0.4 (echo and connect);
-                prefork is echo_server --processes 2 (issue 16, echo and connect)
+                prefork is echo_server --processes 2 (issue 16, echo and connect); metrics is
+                thread mode built with the metrics and tracing features, --metrics-addr on
+                (echo and connect, issue 17)
   --pin WHICH   both (default): a pinned sweep (server on core 1, load generator on core 0,
                 tokio on a current-thread runtime), then an unpinned one (every core free,
                 tokio multi-thread); on: pinned only; off: unpinned only
@@ -128,6 +131,7 @@ fn parse_args() -> Config {
             Kind::Event,
             Kind::NetIo,
             Kind::Prefork,
+            Kind::Metrics,
         ],
         sweeps: vec![true, false],
         python: true,
@@ -210,6 +214,7 @@ fn parse_args() -> Config {
                         "thread" => Kind::Thread,
                         "pool" => Kind::Pool,
                         "python" => Kind::Python,
+                        "metrics" => Kind::Metrics,
                         "event" => Kind::Event,
                         "netio" | "net-io" => Kind::NetIo,
                         "prefork" => Kind::Prefork,
@@ -288,6 +293,24 @@ fn programs(c: &Config) -> Result<Programs, String> {
     let root = bench.parent().ok_or("bench crate has no parent")?;
     let (echo_server, std_echo, tokio_echo, netio_echo) = if c.build {
         eprintln!("building the contenders (release)…");
+        // The metrics build first: the default one then takes the example's usual path.
+        let with_features = cargo_build(
+            root,
+            &[
+                "-p",
+                "socketserver",
+                "--example",
+                "echo_server",
+                "--features",
+                "metrics,tracing",
+            ],
+        )?;
+        let built = with_features
+            .iter()
+            .find(|p| p.file_name().is_some_and(|f| f == "echo_server"))
+            .ok_or("cargo built no echo_server with metrics")?;
+        let copy = built.with_file_name("echo_server_metrics");
+        std::fs::copy(built, &copy).map_err(|e| format!("{}: {e}", copy.display()))?;
         let mut exes = cargo_build(root, &["-p", "socketserver", "--example", "echo_server"])?;
         exes.extend(cargo_build(root, &["-p", "socketserver-bench", "--bins"])?);
         let pick = |name: &str| {
@@ -312,7 +335,14 @@ fn programs(c: &Config) -> Result<Programs, String> {
             dir.join("netio_echo"),
         )
     };
-    for p in [&echo_server, &std_echo, &tokio_echo, &netio_echo] {
+    let echo_server_metrics = echo_server.with_file_name("echo_server_metrics");
+    for p in [
+        &echo_server,
+        &std_echo,
+        &tokio_echo,
+        &netio_echo,
+        &echo_server_metrics,
+    ] {
         if !p.exists() {
             return Err(format!(
                 "{} is missing (build it or drop --no-build)",
@@ -328,6 +358,7 @@ fn programs(c: &Config) -> Result<Programs, String> {
         netio_echo,
         python,
         python_script: bench.join("python_echo.py"),
+        echo_server_metrics,
     })
 }
 
@@ -451,6 +482,10 @@ fn contenders(point: Point, python: bool, kinds: &[Kind]) -> Vec<Contender> {
             p(NetIo),
         ]),
         Point::Idle(_) => v.push(p(Event)),
+    }
+    // Issue 17: metrics on against off.
+    if !matches!(point, Point::Idle(_)) {
+        v.push(p(Metrics));
     }
     if python {
         v.push(p(Python));

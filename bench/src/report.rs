@@ -628,6 +628,7 @@ pub fn targets(res: &Results) -> Vec<Check> {
         check(what, point, prefork, thread, rate, 0.95, true);
     }
     out.extend(crate::targets_event::targets(res));
+    out.extend(crate::targets_metrics::targets(res));
     out
 }
 
@@ -677,6 +678,7 @@ fn color(c: &Contender) -> &'static str {
         Kind::Event => "#08306b",
         Kind::NetIo => "#9467bd",
         Kind::Prefork => "#8c564b",
+        Kind::Metrics => "#17becf",
     }
 }
 

@@ -414,3 +414,33 @@ pub enum Listen<'a> {
     /// A Unix stream socket's `--path`.
     Unix(&'a std::path::Path),
 }
+
+/// `--metrics-addr ADDR`: serve the server's counters for Prometheus at `GET /metrics` on a side
+/// port, over HTTP/1.1, from a `TcpServer` of this crate ([`socketserver::metrics_http`]).
+#[derive(clap::Args, Debug)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics (default: no metrics endpoint)
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
+}
+
+impl MetricsArgs {
+    /// Starts the endpoint for `server` on a thread of its own, if `--metrics-addr` was given.
+    /// It lives as long as the process; a server that failed to start gets none.
+    pub fn start<T: socketserver::transport::Transport>(
+        &self,
+        server: &socketserver::Result<Server<T>>,
+    ) {
+        let (Some(addr), Ok(server)) = (&self.metrics_addr, server) else {
+            return;
+        };
+        let handle = server.handle();
+        let endpoint = socketserver::metrics_http::bind(&**addr, move || handle.prometheus())
+            .unwrap_or_else(|e| die(&format!("cannot start the metrics endpoint: {e}")));
+        log::info!("metrics on http://{}/metrics", endpoint.local_addr());
+        std::thread::Builder::new()
+            .name("metrics-http".into())
+            .spawn(move || endpoint.serve_forever())
+            .unwrap_or_else(|e| die(&format!("cannot start the metrics endpoint: {e}")));
+    }
+}

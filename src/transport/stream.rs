@@ -13,6 +13,7 @@ use crate::admission::{Admission, Pipeline};
 use crate::control::Control;
 use crate::lifecycle;
 use crate::log_limit::limited;
+use crate::observe::ConnSpan;
 use crate::worker::Ctx;
 use crate::{Addr, Handler, Next, Request, Stream};
 
@@ -170,6 +171,8 @@ impl<H: Handler> StreamService<H> {
 pub struct Session<H> {
     req: Request,
     phase: Phase<H>,
+    /// The connection's span, entered each time the session runs.
+    span: ConnSpan,
 }
 
 enum Phase<H> {
@@ -258,6 +261,7 @@ impl<H: Handler> Service for StreamService<H> {
     }
 
     fn session(&self, conn: Accepted, ctx: &Ctx) -> Option<Session<H>> {
+        let span = lifecycle::open(&conn.peer);
         Some(Session {
             req: Request {
                 stream: conn.stream,
@@ -265,10 +269,47 @@ impl<H: Handler> Service for StreamService<H> {
                 server: ctx.handle.clone(),
             },
             phase: Phase::Fresh,
+            span,
         })
     }
 
     fn resume(&self, s: &mut Session<H>, ctx: &Ctx) -> Step {
+        let span = s.span.clone();
+        span.in_scope(|| self.resume_session(s, ctx))
+    }
+
+    fn end(&self, s: Session<H>, ctx: &Ctx) {
+        let Session {
+            mut req,
+            phase,
+            span,
+        } = s;
+        req.stream.set_parked(false);
+        if let Phase::Serving(mut h) = phase {
+            span.in_scope(|| lifecycle::finish(&mut h, &mut req, ctx));
+            drop(h);
+        }
+        close(&req.stream, &req.peer);
+        lifecycle::closed(ctx, &req.stream, &span);
+    }
+
+    fn tick(&self, ctx: &Ctx) {
+        if !self.admission.is_empty() {
+            self.admission.expire(ctx.control());
+        }
+    }
+
+    fn serve(&self, conn: Accepted, ctx: &Ctx) {
+        let span = lifecycle::open(&conn.peer);
+        let stream = conn.stream.clone();
+        self.serve_connection(conn, ctx, &span);
+        lifecycle::closed(ctx, &stream, &span);
+    }
+}
+
+impl<H: Handler> StreamService<H> {
+    /// Event mode: runs a session as far as it goes without waiting for the peer.
+    fn resume_session(&self, s: &mut Session<H>, ctx: &Ctx) -> Step {
         s.req.stream.set_parked(false);
         let control = ctx.control();
         loop {
@@ -306,25 +347,10 @@ impl<H: Handler> Service for StreamService<H> {
         }
     }
 
-    fn end(&self, s: Session<H>, ctx: &Ctx) {
-        let Session { mut req, phase } = s;
-        req.stream.set_parked(false);
-        if let Phase::Serving(mut h) = phase {
-            lifecycle::finish(&mut h, &mut req, ctx);
-            drop(h);
-        }
-        close(&req.stream, &req.peer);
-    }
-
-    fn tick(&self, ctx: &Ctx) {
-        if !self.admission.is_empty() {
-            self.admission.expire(ctx.control());
-        }
-    }
-
-    fn serve(&self, conn: Accepted, ctx: &Ctx) {
+    /// Admission, then the handler's lifecycle, each inside the connection's span.
+    fn serve_connection(&self, conn: Accepted, ctx: &Ctx, span: &ConnSpan) {
         let Accepted { stream, peer } = conn;
-        if !self.admission.admit(&stream, &peer, ctx.control()) {
+        if !span.in_scope(|| self.admission.admit(&stream, &peer, ctx.control())) {
             return close(&stream, &peer);
         }
         if let Err(e) = self.apply_timeouts(&stream) {
@@ -339,7 +365,7 @@ impl<H: Handler> Service for StreamService<H> {
             peer,
             server: ctx.handle.clone(),
         };
-        lifecycle::run(&mut handler, &mut req, ctx);
+        span.in_scope(|| lifecycle::run(&mut handler, &mut req, ctx));
         drop(handler);
         close(&req.stream, &req.peer);
     }

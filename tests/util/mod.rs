@@ -682,8 +682,76 @@ pub fn captured_logs() -> Vec<LogLine> {
         .collect()
 }
 
+/// A Python that has `prometheus_client` (the reference parser of the text exposition). Under
+/// CI its absence fails the test; elsewhere the caller skips (the reason is printed).
+pub fn python_with_prometheus_client() -> Option<Python> {
+    let found = pythons().into_iter().rev().find(|p| {
+        let out = p.run(
+            "import prometheus_client.parser",
+            &[],
+            Duration::from_secs(20),
+        );
+        out.status.success()
+    });
+    match found {
+        Some(p) => Some(p),
+        None if is_ci() => panic!(
+            "python3 with prometheus_client is required when CI is set \
+             (pip install prometheus_client)"
+        ),
+        None => {
+            eprintln!("SKIPPED: no python3 with prometheus_client; exposition not parsed");
+            None
+        }
+    }
+}
+
+/// One sample of a parsed exposition: family name, family type, sample name, labels as
+/// `k=v,k=v` sorted by key, value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromSample {
+    pub family: String,
+    pub kind: String,
+    pub name: String,
+    pub labels: String,
+    pub value: f64,
+}
+
+/// Parses a Prometheus text exposition with `prometheus_client.parser.text_string_to_metric_families`
+/// (which fails on anything the format does not allow); returns every sample.
+pub fn parse_prometheus(python: &Python, text: &str) -> Vec<PromSample> {
+    const SCRIPT: &str = r#"
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+for f in text_string_to_metric_families(sys.argv[1]):
+    for s in f.samples:
+        labels = ",".join("%s=%s" % kv for kv in sorted(s.labels.items()))
+        print("\t".join([f.name, f.type, s.name, labels, repr(float(s.value))]))
+"#;
+    let out = python.run(SCRIPT, &[text], Duration::from_secs(20));
+    assert!(
+        out.status.success(),
+        "prometheus_client rejected the exposition: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            assert_eq!(f.len(), 5, "bad parser output line {l:?}");
+            PromSample {
+                family: f[0].to_owned(),
+                kind: f[1].to_owned(),
+                name: f[2].to_owned(),
+                labels: f[3].to_owned(),
+                value: f[4].parse().expect("a float"),
+            }
+        })
+        .collect()
+}
+
 /// `target/<profile>/examples/NAME`, next to this test's `target/<profile>/deps/`, built first
-/// with `cargo build --example NAME` (a no-op after a plain `cargo test`).
+/// with `cargo build --example NAME` (a no-op after a plain `cargo test`, which built it).
 pub fn example_exe(name: &str) -> PathBuf {
     let me = std::env::current_exe().expect("test executable");
     let profile_dir = me
