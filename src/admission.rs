@@ -30,6 +30,9 @@ use crate::{Addr, Auth, Result, Stream};
 /// header and the TLS handshake, when they come, sit before `Auth`, in that order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum StageKind {
+    /// The TLS handshake (feature `tls`).
+    #[cfg(feature = "tls")]
+    Tls,
     /// The HMAC or `multiprocessing` handshake.
     Auth,
 }
@@ -57,7 +60,26 @@ pub(crate) struct Admitting<'a> {
 impl<'a> Admitting<'a> {
     /// The connection's I/O, every call bounded by the one admission deadline.
     pub(crate) fn io(&self) -> DeadlineIo<'a, Stream> {
-        DeadlineIo::until(self.stream, self.deadline)
+        let io = DeadlineIo::until(self.stream, self.deadline);
+        // After a TLS handshake, the stages that follow speak inside TLS.
+        #[cfg(feature = "tls")]
+        let io = io.with_tls(self.stream.tls_session());
+        io
+    }
+}
+
+#[cfg(feature = "tls")]
+impl Stage for crate::Tls {
+    fn kind(&self) -> StageKind {
+        StageKind::Tls
+    }
+
+    fn check(&self) -> Result<()> {
+        crate::Tls::check(self)
+    }
+
+    fn run(&self, conn: &mut Admitting<'_>) -> Result<()> {
+        self.handshake(conn.stream, conn.deadline)
     }
 }
 
@@ -176,6 +198,11 @@ impl Pipeline {
                     self.timeout,
                     e.detail().map(|d| format!(": {d}")).unwrap_or_default()
                 );
+            }
+            #[cfg(feature = "tls")]
+            (Err(e), Some(StageKind::Tls)) => {
+                Counters::bump(&counters.tls_failures);
+                limited!(warn, "TLS handshake with {peer} failed: {e}");
             }
             (Err(e), Some(StageKind::Auth) | None) => {
                 Counters::bump(&counters.auth_failures);

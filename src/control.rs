@@ -100,6 +100,7 @@ pub(crate) struct Counters {
     pub amplification_dropped: AtomicU64,
     pub slow_closed: AtomicU64,
     pub timeouts: AtomicU64,
+    pub tls_failures: AtomicU64,
 }
 
 impl Counters {
@@ -151,6 +152,9 @@ pub struct Stats {
     /// ([`Builder::read_timeout`](crate::Builder::read_timeout), `write_timeout`): logged at
     /// info, and not counted in `handler_errors`.
     pub timeouts: u64,
+    /// Clients whose TLS handshake failed (feature `tls`): plaintext on a TLS port, an unknown
+    /// CA, a bad or missing client certificate, a truncated or malformed ClientHello.
+    pub tls_failures: u64,
 }
 
 /// How long a drain waits for the requests it cut to return (a handler blocked on its socket
@@ -549,6 +553,7 @@ impl Control {
             amplification_dropped: get(&c.amplification_dropped),
             slow_closed: get(&c.slow_closed),
             timeouts: get(&c.timeouts),
+            tls_failures: get(&c.tls_failures),
         }
     }
 }

@@ -48,6 +48,9 @@ pub(crate) enum Kind {
     TooLarge,
     /// An invalid configuration, found when the server or client is built.
     Config,
+    /// The TLS handshake or a TLS record failed: a plaintext client, an unknown CA, a bad
+    /// certificate, a truncated ClientHello.
+    Tls,
 }
 
 impl Kind {
@@ -62,6 +65,7 @@ impl Kind {
             Kind::BadMessage => "bad message",
             Kind::TooLarge => "message too large",
             Kind::Config => "invalid configuration",
+            Kind::Tls => "TLS failure",
         }
     }
 }
@@ -184,6 +188,12 @@ impl Error {
         self.inner.kind == Kind::Config
     }
 
+    /// The TLS handshake or a TLS record failed (feature `tls`): a plaintext peer, an unknown
+    /// CA, a bad certificate, a malformed record.
+    pub fn is_tls(&self) -> bool {
+        self.inner.kind == Kind::Tls
+    }
+
     /// An I/O error that fits none of the other kinds.
     pub fn is_io(&self) -> bool {
         self.inner.kind == Kind::Io
@@ -284,6 +294,7 @@ impl From<Error> for io::Error {
             Kind::AuthFailed | Kind::AuthRejected => io::ErrorKind::PermissionDenied,
             Kind::BadMessage | Kind::TooLarge => io::ErrorKind::InvalidData,
             Kind::Config => io::ErrorKind::InvalidInput,
+            Kind::Tls => io::ErrorKind::InvalidData,
             Kind::Bind | Kind::Io => e
                 .inner
                 .source

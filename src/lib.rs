@@ -113,6 +113,8 @@ mod server;
 #[cfg(feature = "signals")]
 mod signals;
 mod stream;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod transport;
 mod wait;
 mod worker;
@@ -134,8 +136,14 @@ pub use handler::{
 };
 pub use handler_fn::{HandlerFn, handler_fn};
 pub use mp::{DEFAULT_MAX_MESSAGE, DEFAULT_MP_BUDGET, MpBudget, MpConnection};
+/// The rustls this crate was built with (feature `tls`), for [`ServerConfig`](rustls::ServerConfig)s
+/// of your own and client root stores.
+#[cfg(feature = "tls")]
+pub use rustls;
 pub use server::{Builder, Server};
 pub use stream::{Credentials, MinDataRate, Stream};
+#[cfg(feature = "tls")]
+pub use tls::{ClientCert, Tls, TlsInfo, TlsStream, connect_tls};
 
 /// The README's examples, compiled as doctests so they cannot drift from the API.
 #[cfg(doctest)]
