@@ -4,6 +4,7 @@
 //! cargo run --release --example echo_server -- [--addr 127.0.0.1:9000] [--mode sync|thread|pool]
 //!     [--workers 8] [--max-connections N] [--max-per-source N] [--auth-key KEY [--digest md5|sha256]]
 //!     [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
+//!     [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]     (TLS: --features tls)
 //! ```
 //! A client that keeps a worker waiting (silent for `--idle-timeout` seconds, or sending slower
 //! than `--min-rate` bytes/s) is disconnected, so a few idle sockets cannot hold a pool.
@@ -33,6 +34,8 @@ struct Cli {
     auth: common::AuthArgs,
     #[command(flatten)]
     timeouts: common::TimeoutArgs,
+    #[command(flatten)]
+    tls: common::TlsServerArgs,
 }
 
 /// The README's first example, as it is: bytes come back as soon as they arrive.
@@ -59,7 +62,8 @@ fn main() {
     common::init_logging();
     let dispatch = cli.dispatch.dispatch();
     let builder = TcpServer::builder(|| StreamRequestHandler::new(Echo)).dispatch(dispatch);
-    let mut builder = cli.timeouts.apply(cli.limits.apply(builder));
+    let builder = cli.timeouts.apply(cli.limits.apply(builder));
+    let mut builder = cli.tls.apply(builder);
     if let Some(auth) = cli.auth.auth() {
         builder = builder.auth(auth);
         log::info!("clients must authenticate with HMAC-{}", cli.auth.digest);
