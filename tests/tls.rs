@@ -260,6 +260,12 @@ with socket.create_connection((host, port)) as raw:
 "#;
 
 #[test]
+fn the_readme_shows_the_python_client_word_for_word() {
+    let readme = include_str!("../README.md");
+    assert!(readme.contains(&format!("```python\n{}```", PY_CLIENT.trim_start())));
+}
+
+#[test]
 fn the_readme_python_client_speaks_hmac_inside_tls() {
     let Some(py) = python() else { return };
     let pki = Pki::new("readme");
