@@ -291,6 +291,8 @@ fn the_readme_python_client_speaks_hmac_inside_tls() {
         lines[0].starts_with("TLSv1_3 certs=0 sni=localhost"),
         "{stdout}"
     );
+    // No raw socket to write plaintext to by accident.
+    assert!(lines[0].ends_with("raw=none"), "{stdout}");
     assert_eq!(lines[1], "hello over TLS");
     assert_eq!(ran.load(Ordering::SeqCst), 1);
     drop(server);
