@@ -682,6 +682,14 @@ fn reload_changes_the_certificate_for_new_connections_only() {
     drop(r);
     before.close().unwrap();
     after.close().unwrap();
+
+    // A configuration of the user's is never rebuilt from defaults (which would drop its
+    // client verification, say).
+    tls.reload(pki.tls("server").config());
+    let e = tls
+        .reload_pem_files(pki.path("server.pem"), pki.path("server.key"))
+        .unwrap_err();
+    assert!(e.is_config(), "{e}");
     drop(server);
 }
 

@@ -273,7 +273,9 @@ impl Tls {
             .clone()
     }
 
-    /// Swaps in `config` for new connections; in-flight ones keep theirs.
+    /// Swaps in `config` for new connections; in-flight ones keep theirs. From then on the
+    /// configuration is yours: [`reload_pem_files`](Self::reload_pem_files) refuses to rebuild
+    /// it (it would lose whatever your configuration set).
     pub fn reload(&self, config: Arc<ServerConfig>) {
         *self
             .shared
@@ -294,25 +296,27 @@ impl Tls {
         let chain = certs_from_pem_file(cert_chain)?;
         let key = private_key_from_pem_file(key)?;
         let mut parts = crate::control::lock(&self.shared.parts);
-        let settings = match parts.take() {
-            Some((_, _, s)) => s,
-            None => Settings {
-                client_cas: None,
-                alpn: Vec::new(),
-            },
+        // Never rebuild a configuration of the user's from defaults: that would silently drop
+        // its client verification.
+        let Some(old) = parts.take() else {
+            return Err(Error::config(
+                "this Tls was made from a ServerConfig: reload it with Tls::reload",
+            ));
         };
-        let built = build(&chain, &key, &settings);
-        match built {
+        match build(&chain, &key, &old.2) {
             Ok(config) => {
                 *self
                     .shared
                     .current
                     .write()
                     .unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
-                *parts = Some((chain, key, settings));
+                *parts = Some((chain, key, old.2));
                 Ok(())
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                *parts = Some(old);
+                Err(e)
+            }
         }
     }
 
