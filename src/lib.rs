@@ -48,6 +48,9 @@
 //! * [`handler_fn`] makes a handler of a closure.
 //! * [`Auth`]: the tutorial's HMAC challenge-response and `multiprocessing.connection`'s mutual
 //!   handshake, run on the worker thread with a timeout and a cap on unfinished handshakes.
+//! * TLS through rustls (cargo feature `tls`): `Builder::tls`, mutual TLS, certificate reload
+//!   without restart, the handshake as an admission stage on the worker, HMAC inside TLS, and
+//!   `connect_tls` for clients.
 //!
 //! # Logging
 //!
@@ -84,6 +87,9 @@
 //!   connection itself with its activity accounting for the idle reaper (`stream.rs`).
 //! * **Protocols**: the two handshakes, server and client side, in `auth/` (`hmac.rs`,
 //!   `mp.rs`), and `multiprocessing.connection`'s framing in `mp/`.
+//! * **TLS** (`tls/`, feature `tls`): the configuration and client side in `tls/mod.rs`, whose
+//!   handshake is an admission stage; the session a [`Stream`] reads and writes through once it
+//!   is done, fed by whoever owns the socket I/O, in `tls/session.rs`.
 //! * **Shared state** (`control.rs`): [`ServerHandle`], [`Stats`], the limits, the registry of
 //!   in-flight requests that a drain or the idle reaper cuts. Every log line a peer can trigger
 //!   is rate-limited (`log_limit.rs`).

@@ -192,6 +192,47 @@ fn echo(addr: SocketAddr, config: &Arc<ClientConfig>, conns: usize, d: Duration)
     total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Round trips/s over `conns` persistent plaintext connections for `d`.
+fn plain_echo(addr: SocketAddr, conns: usize, d: Duration) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let total = Arc::new(AtomicU64::new(0));
+    let streams: Vec<TcpStream> = (0..conns)
+        .map(|_| {
+            let s = TcpStream::connect(addr).unwrap_or_else(|e| fail(&format!("connect: {e}")));
+            s.set_nodelay(true).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        })
+        .collect();
+    let threads: Vec<_> = streams
+        .into_iter()
+        .map(|mut s| {
+            let (stop, total) = (stop.clone(), total.clone());
+            std::thread::spawn(move || {
+                let mut buf = [7u8; MSG];
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if s.write_all(&buf)
+                        .and_then(|()| s.read_exact(&mut buf))
+                        .is_err()
+                    {
+                        break;
+                    }
+                    n += 1;
+                }
+                total.fetch_add(n, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    std::thread::sleep(d);
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
 /// Connect + handshake + one 64-byte echo + close_notify and close, from 8 threads, per second.
 fn connect_cycle(addr: SocketAddr, config: &Arc<ClientConfig>, d: Duration) -> (f64, f64) {
     let stop = Arc::new(AtomicBool::new(false));
@@ -270,7 +311,7 @@ fn idle(r: &Running, config: Option<&Arc<ClientConfig>>, n: usize) -> f64 {
     (after.saturating_sub(before)) as f64 / n as f64
 }
 
-fn build(root: &Path) -> (PathBuf, PathBuf) {
+fn build(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
     for args in [
         &[
             "build",
@@ -287,6 +328,8 @@ fn build(root: &Path) -> (PathBuf, PathBuf) {
             "socketserver-bench",
             "--bin",
             "tls_echo",
+            "--bin",
+            "std_echo",
         ][..],
     ] {
         let ok = Command::new(env!("CARGO"))
@@ -302,6 +345,7 @@ fn build(root: &Path) -> (PathBuf, PathBuf) {
     (
         target.join("release/examples/echo_server"),
         target.join("release/tls_echo"),
+        target.join("release/std_echo"),
     )
 }
 
@@ -325,7 +369,7 @@ fn main() {
         set.set(0);
         let _ = rustix::thread::sched_setaffinity(None, &set);
     }
-    let (echo_server, tls_echo) = build(root);
+    let (echo_server, tls_echo, std_echo) = build(root);
     let dir = std::env::temp_dir().join(format!("tls-bench-{}", std::process::id()));
     let ca = make_certs(&dir);
     let (cert, key) = (
@@ -429,6 +473,43 @@ fn main() {
             "| {} | {resumed:.0} | {:.0}% | {fresh:.0} | {e1:.0} | {e16:.0} | {e128:.0} | {tls_idle:.1} | {plain_idle} |\n",
             c.label,
             share * 100.0
+        );
+        eprint!("{line}");
+        md.push_str(&line);
+    }
+    // The plaintext path of an echo_server built with the tls feature, beside std: the TLS
+    // branch in Stream's reads and writes must cost nothing measurable.
+    md.push_str(
+        "\nPlaintext echo, `echo_server` built with `--features tls` (no `--tls-cert`) beside \
+         `std_echo`:\n\n| contender | echo rt/s 1 conn | 16 conns | 128 conns |\n|---|---|---|---|\n",
+    );
+    for (label, program, mode) in [
+        ("std", &std_echo, &[][..]),
+        (
+            "socketserver thread (tls built in)",
+            &echo_server,
+            &["--mode", "thread"][..],
+        ),
+        ("std", &std_echo, &[][..]),
+        (
+            "socketserver thread (tls built in)",
+            &echo_server,
+            &["--mode", "thread"][..],
+        ),
+    ] {
+        let mut args = vec!["--addr".to_owned(), "{addr}".to_owned()];
+        args.extend(mode.iter().map(|s| s.to_string()));
+        let c = Contender {
+            label,
+            program: program.clone(),
+            args,
+        };
+        let r = start(&c, pinned);
+        let line = format!(
+            "| {label} | {:.0} | {:.0} | {:.0} |\n",
+            plain_echo(r.addr, 1, d),
+            plain_echo(r.addr, 16, d),
+            plain_echo(r.addr, 128, d)
         );
         eprint!("{line}");
         md.push_str(&line);
