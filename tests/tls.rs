@@ -911,3 +911,27 @@ fn large_lines_echo_over_tls12_and_13_with_a_rustls_client() {
     }
     drop(server);
 }
+
+/// A message handler that closes at once: only its type matters to the test below.
+struct CloseAtOnce;
+
+impl socketserver::MessageHandler for CloseAtOnce {
+    fn handle_message(
+        &mut self,
+        _: &mut StreamRequest,
+    ) -> Result<socketserver::Next, socketserver::HandlerError> {
+        Ok(socketserver::Next::Close)
+    }
+}
+
+#[test]
+fn event_dispatch_with_tls_is_refused_when_the_server_is_built() {
+    let pki = Pki::new("event");
+    let e = TcpServer::builder(|| socketserver::MessageRequestHandler::new(CloseAtOnce))
+        .dispatch(Dispatch::Event { workers: 1 })
+        .tls(pki.tls("server"))
+        .bind("127.0.0.1:0")
+        .map(drop)
+        .unwrap_err();
+    assert!(e.is_config() && e.to_string().contains("TLS"), "{e}");
+}
