@@ -5,6 +5,7 @@
 //!     [--mode sync|thread|pool|event] [--workers N] [--max-connections N] [--max-per-source N] [--auth-key KEY [--digest md5|sha256]]
 //!     [--idle-timeout 60] [--min-rate 500] [--read-timeout 0] [--metrics-addr HOST:PORT]
 //!     [--processes N [--max-requests N [--max-requests-jitter N]] [--pid-file PATH]]
+//!     [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]     (TLS: --features tls)
 //! ```
 //! With `--processes N` the process started is a supervisor: it binds once and keeps N worker
 //! processes (this program again) serving the same socket; see `socketserver::prefork` for the
@@ -49,6 +50,8 @@ struct Cli {
     processes: common::ProcessArgs,
     #[command(flatten)]
     metrics: common::MetricsArgs,
+    #[command(flatten)]
+    tls: common::TlsServerArgs,
 }
 
 /// The README's first example, as it is: bytes come back as soon as they arrive.
@@ -101,7 +104,8 @@ fn main() {
 fn run<H: Handler>(cli: Cli, factory: impl Fn() -> H + Send + Sync + 'static) {
     let dispatch = cli.dispatch.dispatch();
     let builder = TcpServer::builder(factory).dispatch(dispatch);
-    let mut builder = cli.timeouts.apply(cli.limits.apply(builder));
+    let builder = cli.timeouts.apply(cli.limits.apply(builder));
+    let mut builder = cli.tls.apply(builder);
     if let Some(auth) = cli.auth.auth() {
         builder = builder.auth(auth);
         log::info!("clients must authenticate with HMAC-{}", cli.auth.digest);

@@ -32,6 +32,9 @@ use crate::{Addr, Auth, Result, Stream};
 /// header and the TLS handshake, when they come, sit before `Auth`, in that order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum StageKind {
+    /// The TLS handshake (feature `tls`).
+    #[cfg(feature = "tls")]
+    Tls,
     /// The HMAC or `multiprocessing` handshake.
     Auth,
 }
@@ -41,6 +44,8 @@ impl StageKind {
     /// `tls` field is set when it admits a connection).
     pub(crate) const fn name(self) -> &'static str {
         match self {
+            #[cfg(feature = "tls")]
+            StageKind::Tls => "tls",
             StageKind::Auth => "auth",
         }
     }
@@ -106,7 +111,26 @@ pub(crate) struct Admitting<'a> {
 impl<'a> Admitting<'a> {
     /// The connection's I/O, every call bounded by the one admission deadline.
     pub(crate) fn io(&self) -> DeadlineIo<'a, Stream> {
-        DeadlineIo::until(self.stream, self.deadline)
+        let io = DeadlineIo::until(self.stream, self.deadline);
+        // After a TLS handshake, the stages that follow speak inside TLS.
+        #[cfg(feature = "tls")]
+        let io = io.with_tls(self.stream.tls_session());
+        io
+    }
+}
+
+#[cfg(feature = "tls")]
+impl Stage for crate::Tls {
+    fn kind(&self) -> StageKind {
+        StageKind::Tls
+    }
+
+    fn check(&self) -> Result<()> {
+        crate::Tls::check(self)
+    }
+
+    fn run(&self, conn: &mut Admitting<'_>) -> Result<()> {
+        self.handshake(conn.stream, conn.deadline)
     }
 }
 
@@ -218,6 +242,15 @@ impl Pipeline {
     pub(crate) fn prepare(&mut self, limit: Option<usize>, parked: bool) -> Result<()> {
         for s in &self.stages {
             s.check()?;
+        }
+        // A parked connection waits for its socket to be readable, but rustls may hold
+        // decrypted bytes already read: the wait could never end. Event mode needs the session
+        // fed from the event loop (tls/session.rs's `Raw` is the seam), not built yet.
+        #[cfg(feature = "tls")]
+        if parked && self.stages.iter().any(|s| s.kind() == StageKind::Tls) {
+            return Err(crate::Error::config(
+                "TLS is not supported with Dispatch::Event yet: use Thread or Pool",
+            ));
         }
         let (cap, cut_when_full) = match (self.max_pending, limit) {
             (Some(max), _) => (max, None),
@@ -427,6 +460,12 @@ impl Pipeline {
                     self.timeout,
                     e.detail().map(|d| format!(": {d}")).unwrap_or_default()
                 );
+            }
+            #[cfg(feature = "tls")]
+            (Err(e), Some(StageKind::Tls)) => {
+                control.record_admission_failure(AdmissionFailure::Tls);
+                observe::record_admission(AdmissionFailure::Tls.label(), false);
+                limited!(warn, "TLS handshake with {peer} failed: {e}");
             }
             (Err(e), Some(StageKind::Auth) | None) => {
                 control.record_admission_failure(AdmissionFailure::Hmac);

@@ -280,6 +280,15 @@ impl<T: StreamTransport> Builder<T> {
         self
     }
 
+    /// Serves every connection over TLS (feature `tls`): the handshake runs on the worker as
+    /// the admission stage before [`auth`](Self::auth)'s, which then runs inside TLS, bounded by
+    /// the same handshake timeout (5 s, or `auth`'s) and pending cap.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::Tls) -> Self {
+        self.service.admission.add(Box::new(tls));
+        self
+    }
+
     /// How long one read may wait for data (`SO_RCVTIMEO`), as Python's
     /// `StreamRequestHandler.timeout` does; default none (the idle timeout and the minimum data
     /// rate bound a silent peer already). A read that waits longer fails in the handler with an

@@ -166,6 +166,9 @@ pub struct Stats {
     /// ([`Builder::read_timeout`](crate::Builder::read_timeout), `write_timeout`): logged at
     /// info, and not counted in `handler_errors`.
     pub timeouts: u64,
+    /// Clients whose TLS handshake failed (feature `tls`): plaintext on a TLS port, an unknown
+    /// CA, a bad or missing client certificate, a truncated or malformed ClientHello.
+    pub tls_failures: u64,
     /// Bytes read from stream connections (through the [`Stream`]), counted when each
     /// connection closes (the admission handshakes, which read the socket directly, are not
     /// counted).
@@ -628,6 +631,7 @@ impl Control {
             bytes_written: get(&c.bytes_written),
             request_duration: c.request_duration.snapshot(),
             admission: std::array::from_fn(|i| get(&c.admission_failures[i])),
+            tls_failures: get(&c.admission_failures[AdmissionFailure::Tls.index()]),
         }
     }
 }

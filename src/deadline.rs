@@ -23,6 +23,10 @@ pub(crate) struct DeadlineIo<'a, S> {
     /// We wrote since the last read: the peer must answer before there is anything to read,
     /// so the next read waits first instead of trying a read that would fail with EAGAIN.
     awaiting_answer: bool,
+    /// The connection's TLS session, when a TLS handshake ran before: reads and writes then go
+    /// through it, on this socket and under this deadline.
+    #[cfg(feature = "tls")]
+    tls: Option<&'a crate::tls::session::Session>,
 }
 
 impl<'a, S: AsFd> DeadlineIo<'a, S> {
@@ -36,7 +40,16 @@ impl<'a, S: AsFd> DeadlineIo<'a, S> {
             sock,
             deadline,
             awaiting_answer: false,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
+    }
+
+    /// Reads and writes through `tls`, if there is a session.
+    #[cfg(feature = "tls")]
+    pub(crate) fn with_tls(mut self, tls: Option<&'a crate::tls::session::Session>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Waits until the socket is ready for `flags`, or fails once the deadline passes.
@@ -55,8 +68,13 @@ fn timed_out() -> io::Error {
 
 impl<S: AsFd> DeadlineIo<'_, S> {
     /// Copies into `buf` what has already arrived, without consuming it or waiting; 0 when
-    /// nothing has (or on any error: the caller only wants a look).
+    /// nothing has (or on any error: the caller only wants a look). Always 0 under TLS, where
+    /// what has arrived is ciphertext.
     pub(crate) fn peek_ready(&self, buf: &mut [u8]) -> usize {
+        #[cfg(feature = "tls")]
+        if self.tls.is_some() {
+            return 0;
+        }
         rustix::net::recv(self.sock, buf, RecvFlags::DONTWAIT | RecvFlags::PEEK)
             .map_or(0, |(n, _)| n)
     }
@@ -64,6 +82,10 @@ impl<S: AsFd> DeadlineIo<'_, S> {
 
 impl<S: AsFd> Read for DeadlineIo<'_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        #[cfg(feature = "tls")]
+        if let Some(t) = self.tls {
+            return t.read(&*self, buf);
+        }
         if std::mem::take(&mut self.awaiting_answer) {
             self.wait(PollFlags::IN)?;
         }
@@ -80,6 +102,11 @@ impl<S: AsFd> Read for DeadlineIo<'_, S> {
 
 impl<S: AsFd> Write for DeadlineIo<'_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        #[cfg(feature = "tls")]
+        if let Some(t) = self.tls {
+            self.awaiting_answer = true;
+            return t.write(&*self, buf);
+        }
         loop {
             match rustix::net::send(self.sock, buf, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
                 Ok(n) => {
@@ -95,5 +122,32 @@ impl<S: AsFd> Write for DeadlineIo<'_, S> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// The socket under a TLS session during admission: each call bounded by the deadline.
+#[cfg(feature = "tls")]
+impl<S: AsFd> crate::tls::session::Raw for DeadlineIo<'_, S> {
+    fn read_raw(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        loop {
+            let spare = rustix::buffer::spare_capacity(&mut *buf);
+            match rustix::net::recv(self.sock, spare, RecvFlags::DONTWAIT) {
+                Ok((n, _)) => return Ok(n),
+                Err(Errno::AGAIN) => self.wait(PollFlags::IN)?,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn write_raw(&self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match rustix::net::send(self.sock, buf, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
+                Ok(n) => return Ok(n),
+                Err(Errno::AGAIN) => self.wait(PollFlags::OUT)?,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }

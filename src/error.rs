@@ -52,6 +52,9 @@ pub(crate) enum Kind {
     NotInherited,
     /// The inherited socket asked for is not the kind of socket the server serves.
     WrongSocket,
+    /// The TLS handshake or a TLS record failed: a plaintext client, an unknown CA, a bad
+    /// certificate, a truncated ClientHello.
+    Tls,
 }
 
 impl Kind {
@@ -68,6 +71,7 @@ impl Kind {
             Kind::Config => "invalid configuration",
             Kind::NotInherited => "no such inherited socket",
             Kind::WrongSocket => "inherited socket of the wrong kind",
+            Kind::Tls => "TLS failure",
         }
     }
 }
@@ -221,6 +225,12 @@ impl Error {
         self.inner.kind == Kind::WrongSocket
     }
 
+    /// The TLS handshake or a TLS record failed (feature `tls`): a plaintext peer, an unknown
+    /// CA, a bad certificate, a malformed record.
+    pub fn is_tls(&self) -> bool {
+        self.inner.kind == Kind::Tls
+    }
+
     /// An I/O error that fits none of the other kinds.
     pub fn is_io(&self) -> bool {
         self.inner.kind == Kind::Io
@@ -324,6 +334,7 @@ impl From<Error> for io::Error {
             Kind::BadMessage | Kind::TooLarge => io::ErrorKind::InvalidData,
             Kind::Config | Kind::WrongSocket => io::ErrorKind::InvalidInput,
             Kind::NotInherited => io::ErrorKind::NotFound,
+            Kind::Tls => io::ErrorKind::InvalidData,
             Kind::Bind | Kind::Io => e
                 .inner
                 .source

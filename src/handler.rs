@@ -181,6 +181,13 @@ impl Request {
         &self.peer
     }
 
+    /// What was negotiated on a TLS connection (feature `tls`): version, cipher suite, SNI,
+    /// ALPN, the client's certificate chain. `None` on a plaintext one.
+    #[cfg(feature = "tls")]
+    pub fn tls(&self) -> Option<&crate::TlsInfo> {
+        self.stream.tls()
+    }
+
     /// The local address of this connection (for a server bound to `0.0.0.0`, the address the
     /// client reached).
     pub fn local_addr(&self) -> io::Result<Addr> {

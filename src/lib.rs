@@ -50,6 +50,9 @@
 //! * [`handler_fn`] and [`message_fn`] make handlers of closures.
 //! * [`Auth`]: the tutorial's HMAC challenge-response and `multiprocessing.connection`'s mutual
 //!   handshake, run on the worker thread with a timeout and a cap on unfinished handshakes.
+//! * TLS through rustls (cargo feature `tls`): `Builder::tls`, mutual TLS, certificate reload
+//!   without restart, the handshake as an admission stage on the worker, HMAC inside TLS, and
+//!   `connect_tls` for clients.
 //!
 //! # Logging
 //!
@@ -108,6 +111,9 @@
 //!   reasons, the duration histogram, the connection span and the facade mirror, reported
 //!   only from the accept loop, admission and the lifecycle (through `control.rs`'s `record_*`
 //!   functions); the text exposition and its HTTP endpoint.
+//! * **TLS** (`tls/`, feature `tls`): the configuration and client side in `tls/mod.rs`, whose
+//!   handshake is an admission stage; the session a [`Stream`] reads and writes through once it
+//!   is done, fed by whoever owns the socket I/O, in `tls/session.rs`.
 //! * **Shared state** (`control.rs`): [`ServerHandle`], [`Stats`], the limits, the registry of
 //!   in-flight requests that a drain or the idle reaper cuts. Every log line a peer can trigger
 //!   is rate-limited (`log_limit.rs`).
@@ -146,6 +152,8 @@ mod server;
 mod signals;
 mod stream;
 mod systemd;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod transport;
 mod wait;
 mod worker;
@@ -167,12 +175,18 @@ pub use handler::{
 };
 pub use handler_fn::{HandlerFn, MessageFn, handler_fn, message_fn};
 pub use mp::{DEFAULT_MAX_MESSAGE, DEFAULT_MP_BUDGET, MpBudget, MpConnection};
+/// The rustls this crate was built with (feature `tls`), for [`ServerConfig`](rustls::ServerConfig)s
+/// of your own and client root stores.
+#[cfg(feature = "tls")]
+pub use rustls;
 pub use server::{Builder, Server};
 pub use stream::{Credentials, MinDataRate, Stream};
 pub use systemd::Inherited;
 
 pub use observe::{AdmissionFailure, DurationHistogram};
 pub use prometheus::{PROMETHEUS_CONTENT_TYPE, render_prometheus};
+#[cfg(feature = "tls")]
+pub use tls::{ClientCert, Tls, TlsInfo, TlsStream, connect_tls};
 
 /// The README's examples, compiled as doctests so they cannot drift from the API.
 #[cfg(doctest)]

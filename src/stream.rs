@@ -39,6 +39,9 @@ struct Inner {
     /// Bytes read and written, indexed by [`Direction`], when `activity` is off (it counts them
     /// itself otherwise, so a system call never pays for two counters).
     moved: [AtomicU64; 2],
+    /// The TLS session, once the handshake has run: reads and writes then go through it.
+    #[cfg(feature = "tls")]
+    tls: OnceLock<Box<crate::tls::session::Session>>,
 }
 
 /// How long a connection may keep its worker waiting on the peer: the idle timeout and the
@@ -339,6 +342,8 @@ impl Stream {
                 parked: AtomicBool::new(false),
                 timeouts_ns: [AtomicU64::new(0), AtomicU64::new(0)],
                 moved: [AtomicU64::new(0), AtomicU64::new(0)],
+                #[cfg(feature = "tls")]
+                tls: OnceLock::new(),
             }),
         }
     }
@@ -355,7 +360,14 @@ impl Stream {
     /// invisible to [`Builder::idle_timeout`](crate::Builder::idle_timeout) and
     /// [`Builder::min_data_rate`](crate::Builder::min_data_rate) (only those through the
     /// `Stream` count), and a timeout there fails with the OS's bare `WouldBlock`.
+    ///
+    /// `None` on a TLS connection (feature `tls`): bytes written there would bypass the
+    /// session, in plaintext.
     pub fn as_tcp(&self) -> Option<&TcpStream> {
+        #[cfg(feature = "tls")]
+        if self.inner.tls.get().is_some() {
+            return None;
+        }
         match &self.inner.sock {
             Sock::Tcp(s) => Some(s),
             Sock::Unix(_) => None,
@@ -364,8 +376,12 @@ impl Stream {
 
     /// The Unix-domain socket, if this is a Unix-domain connection. As with
     /// [`as_tcp`](Self::as_tcp), direct reads and writes are invisible to the idle timeout and
-    /// the minimum data rate.
+    /// the minimum data rate. `None` on a TLS connection, as for `as_tcp`.
     pub fn as_unix(&self) -> Option<&UnixStream> {
+        #[cfg(feature = "tls")]
+        if self.inner.tls.get().is_some() {
+            return None;
+        }
         match &self.inner.sock {
             Sock::Unix(s) => Some(s),
             Sock::Tcp(_) => None,
@@ -644,6 +660,16 @@ impl Stream {
     /// through `Read`), which makes every page of an idle connection's buffer resident. Read
     /// directly, only the pages the kernel writes to are touched.
     pub(crate) fn read_spare(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        #[cfg(feature = "tls")]
+        if let Some(t) = self.inner.tls.get() {
+            return t.read_spare(&Plain(self), buf);
+        }
+        self.read_spare_plain(buf)
+    }
+
+    /// [`read_spare`](Self::read_spare) on the socket itself, under TLS too.
+    #[inline]
+    fn read_spare_plain(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
         self.io(Direction::Read, |sock| {
             let fd = match sock {
                 Sock::Tcp(s) => s.as_fd(),
@@ -656,6 +682,10 @@ impl Stream {
 
 impl Read for &Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        #[cfg(feature = "tls")]
+        if let Some(t) = self.inner.tls.get() {
+            return t.read(&Plain(self), buf);
+        }
         self.io(Direction::Read, |sock| match sock {
             Sock::Tcp(s) => (&*s).read(buf),
             Sock::Unix(s) => (&*s).read(buf),
@@ -663,6 +693,11 @@ impl Read for &Stream {
     }
 
     fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        #[cfg(feature = "tls")]
+        if let Some(t) = self.inner.tls.get() {
+            let first = bufs.iter_mut().find(|b| !b.is_empty());
+            return first.map_or(Ok(0), |b| t.read(&Plain(self), b));
+        }
         self.io(Direction::Read, |sock| match sock {
             Sock::Tcp(s) => (&*s).read_vectored(bufs),
             Sock::Unix(s) => (&*s).read_vectored(bufs),
@@ -672,28 +707,19 @@ impl Read for &Stream {
 
 impl Write for &Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let buf = self.chunk(buf);
-        self.io(Direction::Write, |sock| match sock {
-            Sock::Tcp(s) => (&*s).write(buf),
-            Sock::Unix(s) => (&*s).write(buf),
-        })
+        #[cfg(feature = "tls")]
+        if let Some(t) = self.inner.tls.get() {
+            return t.write(&Plain(self), buf);
+        }
+        self.write_plain(buf)
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        if self.inner.activity.is_some()
-            && bufs.iter().map(|b| b.len()).sum::<usize>() > WRITE_CHUNK
-        {
-            // Partial writes are allowed: the first non-empty slice, chunked.
-            let first = bufs
-                .iter()
-                .find(|b| !b.is_empty())
-                .map_or(&[][..], |b| &b[..]);
-            return self.write(first);
+        #[cfg(feature = "tls")]
+        if let Some(t) = self.inner.tls.get() {
+            return t.write_vectored(&Plain(self), bufs);
         }
-        self.io(Direction::Write, |sock| match sock {
-            Sock::Tcp(s) => (&*s).write_vectored(bufs),
-            Sock::Unix(s) => (&*s).write_vectored(bufs),
-        })
+        self.write_vectored_plain(bufs)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -702,6 +728,35 @@ impl Write for &Stream {
 
     fn write_fmt(&mut self, args: fmt::Arguments<'_>) -> io::Result<()> {
         write_fmt_once(self, args)
+    }
+}
+
+impl Stream {
+    /// A write on the socket itself, under TLS too.
+    #[inline]
+    fn write_plain(&self, buf: &[u8]) -> io::Result<usize> {
+        let buf = self.chunk(buf);
+        self.io(Direction::Write, |sock| match sock {
+            Sock::Tcp(s) => (&*s).write(buf),
+            Sock::Unix(s) => (&*s).write(buf),
+        })
+    }
+
+    fn write_vectored_plain(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        if self.inner.activity.is_some()
+            && bufs.iter().map(|b| b.len()).sum::<usize>() > WRITE_CHUNK
+        {
+            // Partial writes are allowed: the first non-empty slice, chunked.
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &b[..]);
+            return self.write_plain(first);
+        }
+        self.io(Direction::Write, |sock| match sock {
+            Sock::Tcp(s) => (&*s).write_vectored(bufs),
+            Sock::Unix(s) => (&*s).write_vectored(bufs),
+        })
     }
 }
 
@@ -730,5 +785,64 @@ impl Write for Stream {
 
     fn write_fmt(&mut self, args: fmt::Arguments<'_>) -> io::Result<()> {
         write_fmt_once(self, args)
+    }
+}
+
+/// The socket under a TLS session, with the `Stream`'s accounting and timeouts.
+#[cfg(feature = "tls")]
+struct Plain<'a>(&'a Stream);
+
+#[cfg(feature = "tls")]
+impl crate::tls::session::Raw for Plain<'_> {
+    fn read_raw(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        self.0.read_spare_plain(buf)
+    }
+
+    fn write_raw(&self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_plain(buf)
+    }
+}
+
+#[cfg(feature = "tls")]
+impl Stream {
+    /// What was negotiated on this connection, if it is a TLS one (feature `tls`): version,
+    /// cipher suite, SNI, ALPN, the client's certificates.
+    pub fn tls(&self) -> Option<&crate::TlsInfo> {
+        self.inner.tls.get().map(|t| t.info())
+    }
+
+    /// Moves a session whose handshake is done into the stream.
+    pub(crate) fn set_tls(&self, session: crate::tls::session::Session) {
+        let _ = self.inner.tls.set(Box::new(session));
+    }
+
+    /// The TLS session, for the admission stages that follow the handshake.
+    pub(crate) fn tls_session(&self) -> Option<&crate::tls::session::Session> {
+        self.inner.tls.get().map(|b| &**b)
+    }
+
+    /// Sends `close_notify` on a TLS connection, without blocking: the server finished with it
+    /// cleanly. (A socket too full to take it is one the peer is not reading anyway.)
+    pub(crate) fn close_notify(&self) {
+        struct NoWait<'a>(&'a Stream);
+        impl crate::tls::session::Raw for NoWait<'_> {
+            fn read_raw(&self, _: &mut Vec<u8>) -> io::Result<usize> {
+                Ok(0)
+            }
+            fn write_raw(&self, buf: &[u8]) -> io::Result<usize> {
+                rustix::net::send(
+                    self.0,
+                    buf,
+                    rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL,
+                )
+                .map_err(io::Error::from)
+            }
+        }
+        if let Some(t) = self.inner.tls.get()
+            && !self.was_cut()
+            && let Err(e) = t.close_notify(&NoWait(self))
+        {
+            log::debug!("close_notify not sent: {e}");
+        }
     }
 }

@@ -444,3 +444,75 @@ impl MetricsArgs {
             .unwrap_or_else(|e| die(&format!("cannot start the metrics endpoint: {e}")));
     }
 }
+
+/// TLS for a server: `--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]`. The flags exist
+/// with or without the `tls` cargo feature, so that giving them to a build without it fails
+/// with a message saying so rather than "unexpected argument".
+#[derive(clap::Args, Debug)]
+pub struct TlsServerArgs {
+    /// Serve TLS with this certificate chain (PEM, leaf first); needs --tls-key
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM)
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Require client certificates signed by a CA of this bundle (PEM): mutual TLS
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+}
+
+/// The message for TLS flags given to a build without the `tls` feature.
+pub const NO_TLS: &str =
+    "TLS flags need the `tls` cargo feature: cargo run --features tls --example ...";
+
+impl TlsServerArgs {
+    /// Adds TLS to `builder` when --tls-cert was given; dies on unreadable files.
+    pub fn apply<T: socketserver::transport::StreamTransport>(
+        &self,
+        builder: Builder<T>,
+    ) -> Builder<T> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return builder;
+        };
+        #[cfg(feature = "tls")]
+        {
+            let tls = socketserver::Tls::from_pem_files(cert, key)
+                .and_then(|t| match &self.tls_client_ca {
+                    Some(ca) => t.client_ca_file(ca, socketserver::ClientCert::Required),
+                    None => Ok(t),
+                })
+                .unwrap_or_else(|e| die(&format!("TLS: {e}")));
+            log::info!(
+                "TLS with {}{}",
+                cert.display(),
+                match &self.tls_client_ca {
+                    Some(ca) => format!("; client certificates of {} required", ca.display()),
+                    None => String::new(),
+                }
+            );
+            builder.tls(tls)
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            let _ = (cert, key);
+            die(NO_TLS)
+        }
+    }
+}
+
+/// TLS for a client: `--tls-ca PEM [--tls-cert PEM --tls-key PEM] [--server-name NAME]`.
+#[derive(clap::Args, Debug)]
+pub struct TlsClientArgs {
+    /// Connect over TLS, trusting the CA certificates of this file (PEM)
+    #[arg(long, value_name = "PEM")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate chain (PEM) for a server that requires one; needs --tls-key
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM)
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// The name the server's certificate must carry (default: the host of --addr)
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    pub server_name: Option<String>,
+}

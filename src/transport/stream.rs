@@ -40,6 +40,8 @@ impl Incoming for Accepted {
 /// Python's `shutdown_request`: half-close so the client sees end-of-file after everything we
 /// wrote, then close (when the last handle drops).
 fn close(stream: &Stream, peer: &Addr) {
+    #[cfg(feature = "tls")]
+    stream.close_notify();
     if let Err(e) = stream.shutdown(Shutdown::Write)
         && e.kind() != io::ErrorKind::NotConnected
     {

@@ -1,0 +1,949 @@
+//! TLS (feature `tls`) against real clients: CPython's `ssl` module, `openssl s_client`, and the
+//! crate's own `connect_tls`; certificates generated at test time with rcgen (nothing private is
+//! committed).
+
+mod util;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use socketserver::rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use socketserver::transport::Tcp;
+use socketserver::{
+    Addr, Auth, ClientCert, Digest, Dispatch, HandlerResult, StreamHandler, StreamRequest,
+    StreamRequestHandler, TcpServer, Tls, UnixStreamServer, connect_tls, tls,
+};
+use util::{eventually, serve};
+
+const KEY: &[u8] = b"alex_s";
+
+/// A CA and the certificates it signed, as PEM files in a directory of their own.
+struct Pki {
+    dir: PathBuf,
+}
+
+fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
+}
+
+/// A leaf for `names`, signed by `issuer`; `expired` puts its validity in the past.
+fn leaf(
+    issuer: &CertifiedIssuer<'static, KeyPair>,
+    names: &[&str],
+    usage: ExtendedKeyUsagePurpose,
+    expired: bool,
+) -> (String, String) {
+    let mut p =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    p.distinguished_name.push(
+        DnType::CommonName,
+        names.first().copied().unwrap_or("client"),
+    );
+    p.extended_key_usages = vec![usage];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.use_authority_key_identifier_extension = true;
+    if expired {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+impl Pki {
+    /// `ca.pem` with `server.pem`/`server.key` (localhost, 127.0.0.1), `client.pem`/`client.key`;
+    /// `other-ca.pem` with `stranger.pem`/`stranger.key` (a client of another CA) and
+    /// `server2.pem`/`server2.key` (a server of the other CA); `expired.*` and `wronghost.*`
+    /// servers of the first CA.
+    fn new(tag: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("ss-tls-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let one = ca("socketserver test CA");
+        let two = ca("another CA");
+        let w = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+        w("ca.pem", &one.pem());
+        w("other-ca.pem", &two.pem());
+        let server = ExtendedKeyUsagePurpose::ServerAuth;
+        let client = ExtendedKeyUsagePurpose::ClientAuth;
+        for (name, issuer, names, usage, expired) in [
+            (
+                "server",
+                &one,
+                &["localhost", "127.0.0.1"][..],
+                &server,
+                false,
+            ),
+            ("client", &one, &[][..], &client, false),
+            ("stranger", &two, &[][..], &client, false),
+            (
+                "server2",
+                &two,
+                &["localhost", "127.0.0.1"][..],
+                &server,
+                false,
+            ),
+            ("expired", &one, &["localhost"][..], &server, true),
+            (
+                "wronghost",
+                &one,
+                &["elsewhere.example"][..],
+                &server,
+                false,
+            ),
+        ] {
+            let (cert, key) = leaf(issuer, names, usage.clone(), expired);
+            w(&format!("{name}.pem"), &cert);
+            w(&format!("{name}.key"), &key);
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn p(&self, name: &str) -> String {
+        self.path(name).to_string_lossy().into_owned()
+    }
+
+    fn tls(&self, server: &str) -> Tls {
+        Tls::from_pem_files(
+            self.path(&format!("{server}.pem")),
+            self.path(&format!("{server}.key")),
+        )
+        .unwrap()
+    }
+
+    fn roots(&self, ca: &str) -> socketserver::rustls::RootCertStore {
+        tls::roots_from_pem_file(self.path(ca)).unwrap()
+    }
+
+    fn client_cert(&self, name: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        (
+            tls::certs_from_pem_file(self.path(&format!("{name}.pem"))).unwrap(),
+            PrivateKeyDer::from_pem_file(self.path(&format!("{name}.key"))).unwrap(),
+        )
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Reports what was negotiated in one line, then echoes lines (unless the flag says to hang
+/// up at once, for clients that wait for the server to close).
+struct InfoEcho(Arc<AtomicUsize>, bool);
+
+impl StreamHandler for InfoEcho {
+    fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        let stream = s.stream();
+        let line = match stream.tls() {
+            None => "plain\n".to_owned(),
+            Some(t) => format!(
+                "{:?} certs={} sni={} alpn={} resumed={} raw={}\n",
+                t.version().unwrap(),
+                t.peer_certificates().len(),
+                t.server_name().unwrap_or("-"),
+                t.alpn_protocol()
+                    .map_or("-".into(), |a| String::from_utf8_lossy(a).into_owned()),
+                t.resumed(),
+                if stream.as_tcp().is_some() || stream.as_unix().is_some() {
+                    "exposed"
+                } else {
+                    "none"
+                },
+            ),
+        };
+        s.wfile.write_all(line.as_bytes())?;
+        s.wfile.flush()?;
+        if self.1 {
+            return Ok(());
+        }
+        let mut buf = Vec::new();
+        while s.rfile.read_until(b'\n', &mut buf)? > 0 {
+            s.wfile.write_all(&buf)?;
+            s.wfile.flush()?;
+            buf.clear();
+        }
+        Ok(())
+    }
+}
+
+type Server = util::Running<Tcp<StreamRequestHandler<InfoEcho>>>;
+
+fn server_with(
+    tls: Tls,
+    auth: Option<Auth>,
+    mode: Dispatch,
+) -> (Server, std::net::SocketAddr, Arc<AtomicUsize>) {
+    info_server(tls, auth, mode, false)
+}
+
+/// [`server_with`], whose handler hangs up after its first line when `hang_up`.
+fn info_server(
+    tls: Tls,
+    auth: Option<Auth>,
+    mode: Dispatch,
+    hang_up: bool,
+) -> (Server, std::net::SocketAddr, Arc<AtomicUsize>) {
+    util::init_logs();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    let mut b = TcpServer::builder(move || StreamRequestHandler::new(InfoEcho(r.clone(), hang_up)))
+        .dispatch(mode)
+        .tls(tls);
+    if let Some(a) = auth {
+        b = b.auth(a);
+    }
+    let server = b.bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().inet().unwrap();
+    (serve(server), addr, ran)
+}
+
+fn python() -> Option<util::Python> {
+    let p = util::pythons().pop();
+    assert!(
+        p.is_some() || !util::is_ci(),
+        "CPython is required when CI is set"
+    );
+    if p.is_none() {
+        eprintln!("skipped: no CPython 3.8+");
+    }
+    p
+}
+
+fn openssl() -> bool {
+    let ok = Command::new("openssl")
+        .arg("version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok || !util::is_ci(), "openssl is required when CI is set");
+    if !ok {
+        eprintln!("skipped: no openssl");
+    }
+    ok
+}
+
+/// The README's Python client, word for word (the README shows this body).
+const PY_CLIENT: &str = r#"
+import hashlib, hmac, socket, ssl, sys
+
+host, port, cafile = "localhost", int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context(cafile=cafile)
+with socket.create_connection((host, port)) as raw:
+    with ctx.wrap_socket(raw, server_hostname=host) as s:
+        challenge = s.recv(32)  # the HMAC handshake, inside TLS
+        s.sendall(hmac.new(b"alex_s", challenge, hashlib.sha256).hexdigest().encode())
+        f = s.makefile("rwb")
+        print(f.readline().decode().strip())  # what the server negotiated
+        f.write(b"hello over TLS\n"); f.flush()
+        print(f.readline().decode().strip())
+"#;
+
+#[test]
+fn the_readme_shows_the_python_client_word_for_word() {
+    let readme = include_str!("../README.md");
+    assert!(readme.contains(&format!("```python\n{}```", PY_CLIENT.trim_start())));
+}
+
+#[test]
+fn the_readme_python_client_speaks_hmac_inside_tls() {
+    let Some(py) = python() else { return };
+    let pki = Pki::new("readme");
+    let (server, addr, ran) = server_with(
+        pki.tls("server"),
+        Some(Auth::hmac(KEY)),
+        Dispatch::Pool { workers: 2 },
+    );
+    let out = py.run(
+        PY_CLIENT,
+        &[&addr.port().to_string(), &pki.p("ca.pem")],
+        Duration::from_secs(20),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].starts_with("TLSv1_3 certs=0 sni=localhost"),
+        "{stdout}"
+    );
+    // No raw socket to write plaintext to by accident.
+    assert!(lines[0].ends_with("raw=none"), "{stdout}");
+    assert_eq!(lines[1], "hello over TLS");
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+    drop(server);
+}
+
+/// TLS 1.2 and 1.3, with and without a client certificate, the HMAC handshake inside, from
+/// every CPython found.
+const PY_MATRIX: &str = r#"
+import hashlib, hmac, socket, ssl, sys
+port, cafile, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+    for with_cert in (False, True):
+        ctx = ssl.create_default_context(cafile=cafile)
+        ctx.minimum_version = ctx.maximum_version = version
+        if with_cert:
+            ctx.load_cert_chain(cert, key)
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                challenge = s.recv(32)
+                assert len(challenge) == 32, challenge
+                s.sendall(hmac.new(b"alex_s", challenge, hashlib.sha256).hexdigest().encode())
+                f = s.makefile("rwb")
+                info = f.readline().decode().split()
+                want = {"TLSv1_2": "TLSv1.2", "TLSv1_3": "TLSv1.3"}[info[0]]
+                assert want == s.version(), (info, s.version())
+                assert s.version() == {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}[version]
+                assert (info[1] != "certs=0") == with_cert, info
+                assert info[2] == "sni=localhost", info
+                assert info[5] == "raw=none", info
+                f.write(b"x" * 20000 + b"\n"); f.flush()
+                assert f.readline() == b"x" * 20000 + b"\n"
+                f.close()  # else it holds the connection open: a Sync server waits on it
+print("OK")
+"#;
+
+#[test]
+fn cpython_ssl_clients_tls12_and_13_with_and_without_client_certs_hmac_inside() {
+    let pythons = util::pythons();
+    assert!(
+        !pythons.is_empty() || !util::is_ci(),
+        "CPython is required when CI is set"
+    );
+    let pki = Pki::new("matrix");
+    let tls = pki
+        .tls("server")
+        .client_ca_file(pki.path("ca.pem"), ClientCert::Optional)
+        .unwrap();
+    for mode in [
+        Dispatch::Sync,
+        Dispatch::Thread,
+        Dispatch::Pool { workers: 2 },
+    ] {
+        let (server, addr, ran) = server_with(tls.clone(), Some(Auth::hmac(KEY)), mode);
+        for py in pythons.iter().rev() {
+            py.run_ok(
+                PY_MATRIX,
+                &[
+                    &addr.port().to_string(),
+                    &pki.p("ca.pem"),
+                    &pki.p("client.pem"),
+                    &pki.p("client.key"),
+                ],
+            );
+        }
+        assert_eq!(ran.load(Ordering::SeqCst), 4 * pythons.len());
+        let stats = server.handle.stats();
+        assert_eq!((stats.tls_failures, stats.auth_failures), (0, 0));
+        // CPython closes without close_notify: end of file, as its own `ssl` reads it
+        // (`suppress_ragged_eofs`), not a handler error.
+        assert!(
+            eventually(Duration::from_secs(5), || server
+                .handle
+                .stats()
+                .handler_errors
+                == 0
+                && server.handle.stats().active == 0),
+            "{:?}",
+            server.handle.stats()
+        );
+    }
+}
+
+/// Connects with CPython and `ctx_setup` applied; prints OK when the handshake (or the first
+/// read, where TLS 1.3 reports a refused client certificate) fails with an SSL error.
+const PY_REFUSED: &str = r#"
+import socket, ssl, sys
+port, cafile, host = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+cert = sys.argv[4] if len(sys.argv) > 4 else None
+ctx = ssl.create_default_context(cafile=cafile)
+if cert:
+    ctx.load_cert_chain(cert + ".pem", cert + ".key")
+try:
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        with ctx.wrap_socket(raw, server_hostname=host) as s:
+            data = s.recv(100)
+            if data:
+                print("got", data); sys.exit(1)
+            raise ssl.SSLError("closed")
+except (ssl.SSLError, ConnectionResetError) as e:
+    print("OK")
+"#;
+
+#[test]
+fn a_wrong_ca_an_expired_or_wrong_host_certificate_is_refused_on_both_sides() {
+    let Some(py) = python() else { return };
+    let pki = Pki::new("refused");
+    let tls = pki
+        .tls("server")
+        .client_ca_file(pki.path("ca.pem"), ClientCert::Required)
+        .unwrap();
+    let (server, addr, ran) = server_with(tls, None, Dispatch::Thread);
+    let port = addr.port().to_string();
+    // The client trusts another CA: it refuses the server.
+    py.run_ok(PY_REFUSED, &[&port, &pki.p("other-ca.pem"), "localhost"]);
+    // The client's certificate comes from another CA: the server refuses it.
+    let stranger = pki.p("stranger");
+    py.run_ok(
+        PY_REFUSED,
+        &[&port, &pki.p("ca.pem"), "localhost", &stranger],
+    );
+    // No client certificate where one is required.
+    py.run_ok(PY_REFUSED, &[&port, &pki.p("ca.pem"), "localhost"]);
+    let failures = || server.handle.stats().tls_failures;
+    assert!(
+        eventually(Duration::from_secs(5), || failures() == 3),
+        "tls_failures {}",
+        failures()
+    );
+    assert_eq!(ran.load(Ordering::SeqCst), 0, "a handler ran");
+    drop(server);
+
+    // Expired and wrong-host server certificates: the client refuses them.
+    for bad in ["expired", "wronghost"] {
+        let (server, addr, ran) = server_with(pki.tls(bad), None, Dispatch::Thread);
+        py.run_ok(
+            PY_REFUSED,
+            &[&addr.port().to_string(), &pki.p("ca.pem"), "localhost"],
+        );
+        assert!(eventually(Duration::from_secs(5), || {
+            server.handle.stats().tls_failures == 1
+        }));
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
+    }
+    // And the crate's own client refuses an unknown CA.
+    let (server, addr, _) = server_with(pki.tls("server"), None, Dispatch::Thread);
+    let e = connect_tls(addr, "localhost", pki.roots("other-ca.pem"), None).unwrap_err();
+    assert!(e.is_tls(), "{e}");
+    drop(server);
+}
+
+/// True if the server closed the connection within 10 s (end of file or reset, after at most
+/// an alert record).
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            // An alert record: 0x15, then more until the close.
+            Ok(_) if buf[0] == 0x15 => {}
+            Ok(n) => panic!("unexpected {:?}", &buf[..n]),
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+/// The first bytes of a TLS ClientHello record that announces 512 bytes.
+const TRUNCATED_HELLO: &[u8] = &[
+    0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+];
+
+#[test]
+fn plaintext_truncated_hello_and_a_stalled_handshake_are_closed_and_counted() {
+    let pki = Pki::new("bad-clients");
+    let (server, addr, ran) = server_with(
+        pki.tls("server"),
+        Some(Auth::hmac(KEY).handshake_timeout(Duration::from_millis(300))),
+        Dispatch::Pool { workers: 2 },
+    );
+    // Plaintext on the TLS port.
+    let mut plain = TcpStream::connect(addr).unwrap();
+    plain.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    assert!(closed_by_server(&mut plain));
+    // A ClientHello cut short by the client's close.
+    let mut cut = TcpStream::connect(addr).unwrap();
+    cut.write_all(TRUNCATED_HELLO).unwrap();
+    cut.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(closed_by_server(&mut cut));
+    let stats = server.handle.stats();
+    assert!(
+        eventually(Duration::from_secs(5), || server
+            .handle
+            .stats()
+            .tls_failures
+            == 2),
+        "{stats:?}"
+    );
+    // A ClientHello that stalls: the admission deadline (the Auth's 300 ms) covers TLS too.
+    let mut stalled = TcpStream::connect(addr).unwrap();
+    stalled.write_all(TRUNCATED_HELLO).unwrap();
+    let start = std::time::Instant::now();
+    assert!(closed_by_server(&mut stalled));
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    let stats = server.handle.stats();
+    assert_eq!(
+        (stats.tls_failures, stats.handshake_timeouts),
+        (2, 1),
+        "{stats:?}"
+    );
+    assert_eq!(ran.load(Ordering::SeqCst), 0);
+}
+
+/// TLS, then bytes that are no TLS record written straight to the socket.
+const PY_GARBAGE: &str = r#"
+import os, socket, ssl, sys
+port, cafile = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context(cafile=cafile)
+with socket.create_connection(("127.0.0.1", port)) as raw:
+    with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+        s.makefile("rb").readline()
+        os.write(s.fileno(), b"\x17\x03\x03\x00\x10" + b"garbage!garbage!")
+        s.settimeout(10)
+        try:
+            while s.recv(100):
+                pass
+        except (ssl.SSLError, ConnectionResetError):
+            pass
+print("OK")
+"#;
+
+#[test]
+fn garbage_after_the_handshake_ends_that_connection_only() {
+    let Some(py) = python() else { return };
+    let pki = Pki::new("garbage");
+    let (server, addr, ran) = server_with(pki.tls("server"), None, Dispatch::Thread);
+    py.run_ok(PY_GARBAGE, &[&addr.port().to_string(), &pki.p("ca.pem")]);
+    assert!(eventually(Duration::from_secs(5), || {
+        server.handle.stats().handler_errors == 1
+    }));
+    // The server serves the next client.
+    let mut s = connect_tls(addr, "localhost", pki.roots("ca.pem"), None).unwrap();
+    let mut r = BufReader::new(&mut s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("TLSv1_3"), "{line}");
+    drop(r);
+    s.close().unwrap();
+    assert!(eventually(Duration::from_secs(5), || ran
+        .load(Ordering::SeqCst)
+        == 2));
+}
+
+/// Runs `openssl s_client` with `args`, no input, until the server closes; its stdout.
+fn s_client(addr: std::net::SocketAddr, args: &[&str]) -> String {
+    let out = Command::new("timeout")
+        .args(["20", "openssl", "s_client", "-connect"])
+        .arg(addr.to_string())
+        .args(["-ign_eof"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl s_client");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn openssl_s_client_sees_sni_and_alpn() {
+    if !openssl() {
+        return;
+    }
+    let pki = Pki::new("alpn");
+    let tls = pki
+        .tls("server")
+        .alpn_protocols(vec![b"h2".to_vec(), b"http/1.1".to_vec()])
+        .unwrap();
+    let (server, addr, _) = info_server(tls, None, Dispatch::Thread, true);
+    let ca = pki.p("ca.pem");
+    let out = s_client(
+        addr,
+        &[
+            "-servername",
+            "api.localhost",
+            "-alpn",
+            "foo,http/1.1",
+            "-CAfile",
+            &ca,
+        ],
+    );
+    assert!(out.contains("sni=api.localhost alpn=http/1.1"), "{out}");
+    assert!(out.contains("ALPN protocol: http/1.1"), "{out}");
+    assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
+    drop(server);
+}
+
+#[test]
+fn openssl_s_client_resumes_a_session_from_a_ticket() {
+    if !openssl() {
+        return;
+    }
+    let pki = Pki::new("resume");
+    let (server, addr, _) = info_server(pki.tls("server"), None, Dispatch::Thread, true);
+    let sess = pki.p("session.pem");
+    let ca = pki.p("ca.pem");
+    for version in ["-tls1_2", "-tls1_3"] {
+        let first = s_client(addr, &[version, "-CAfile", &ca, "-sess_out", &sess]);
+        assert!(first.contains("resumed=false"), "{first}");
+        // A ticket (stateless: the server keeps nothing per client), not only the session
+        // cache; TLS 1.3's tickets say less in s_client's output.
+        if version == "-tls1_2" {
+            assert!(
+                first.contains("TLS session ticket lifetime hint"),
+                "{first}"
+            );
+        }
+        let second = s_client(addr, &[version, "-CAfile", &ca, "-sess_in", &sess]);
+        assert!(second.contains("resumed=true"), "{version}: {second}");
+        assert!(second.contains("Reused, TLSv1."), "{version}: {second}");
+    }
+    drop(server);
+}
+
+/// Reads until the server closes; prints OK only if the close came with close_notify
+/// (`suppress_ragged_eofs=False` makes a bare TCP close an SSLEOFError).
+const PY_CLOSE_NOTIFY: &str = r#"
+import socket, ssl, sys
+port, cafile = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context(cafile=cafile)
+with socket.create_connection(("127.0.0.1", port)) as raw:
+    with ctx.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False) as s:
+        s.settimeout(10)
+        data = b""
+        while True:
+            chunk = s.recv(1000)
+            if not chunk:
+                break
+            data += chunk
+        assert data == b"bye\n", data
+print("OK")
+"#;
+
+#[test]
+fn close_notify_reaches_the_client_when_the_handler_finishes() {
+    let Some(py) = python() else { return };
+    let pki = Pki::new("close-notify");
+    util::init_logs();
+    let server = TcpServer::builder(|| {
+        socketserver::handler_fn(|req: &mut socketserver::Request| {
+            let mut s = req.stream().clone();
+            s.write_all(b"bye\n")?;
+            Ok(())
+        })
+    })
+    .tls(pki.tls("server"))
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let port = server.local_addr().inet().unwrap().port().to_string();
+    let server = serve(server);
+    py.run_ok(PY_CLOSE_NOTIFY, &[&port, &pki.p("ca.pem")]);
+    drop(server);
+}
+
+#[test]
+fn reload_changes_the_certificate_for_new_connections_only() {
+    let pki = Pki::new("reload");
+    let tls = pki.tls("server");
+    let (server, addr, _) = server_with(tls.clone(), None, Dispatch::Thread);
+    let mut before = connect_tls(addr, "localhost", pki.roots("ca.pem"), None).unwrap();
+    let mut r = BufReader::new(&mut before);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    drop(r);
+
+    tls.reload_pem_files(pki.path("server2.pem"), pki.path("server2.key"))
+        .unwrap();
+    let e = connect_tls(addr, "localhost", pki.roots("ca.pem"), None).unwrap_err();
+    assert!(e.is_tls(), "{e}");
+    let mut after = connect_tls(addr, "localhost", pki.roots("other-ca.pem"), None).unwrap();
+    // A failed reload keeps the current configuration.
+    assert!(
+        tls.reload_pem_files(pki.path("server.pem"), pki.path("client.key"))
+            .is_err()
+    );
+    let mut r = BufReader::new(&mut after);
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("TLSv1_3"), "{line}");
+    drop(r);
+
+    // The connection from before the reload carries on with its session.
+    before.write_all(b"still here\n").unwrap();
+    let mut r = BufReader::new(&mut before);
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line, "still here\n");
+    drop(r);
+    before.close().unwrap();
+    after.close().unwrap();
+
+    // A configuration of the user's is never rebuilt from defaults (which would drop its
+    // client verification, say).
+    tls.reload(pki.tls("server").config());
+    let e = tls
+        .reload_pem_files(pki.path("server.pem"), pki.path("server.key"))
+        .unwrap_err();
+    assert!(e.is_config(), "{e}");
+    drop(server);
+}
+
+/// A socket that counts the bytes that pass.
+struct Counting {
+    s: TcpStream,
+    read: usize,
+}
+
+impl Read for Counting {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.s.read(buf)?;
+        self.read += n;
+        Ok(n)
+    }
+}
+
+impl Write for Counting {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.s.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.s.flush()
+    }
+}
+
+/// 1000 one-byte writes through the handler's wfile (buffered: `wbufsize` 8 KiB), then a flush.
+struct OneByteWrites;
+
+impl StreamHandler for OneByteWrites {
+    fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+        for _ in 0..1000 {
+            s.wfile.write_all(b"x")?;
+        }
+        s.wfile.flush()?;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_buffered_reply_leaves_as_one_record_not_one_per_write() {
+    let pki = Pki::new("records");
+    util::init_logs();
+    let server = TcpServer::builder(|| {
+        let options = socketserver::StreamOptions {
+            wbufsize: 8192,
+            ..Default::default()
+        };
+        StreamRequestHandler::with_options(OneByteWrites, options)
+    })
+    .tls(pki.tls("server"))
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr().inet().unwrap();
+    let server = serve(server);
+    let config = socketserver::rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(pki.roots("ca.pem"))
+        .with_no_client_auth();
+    let mut conn = socketserver::rustls::ClientConnection::new(
+        Arc::new(config),
+        "localhost".try_into().unwrap(),
+    )
+    .unwrap();
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut sock = Counting { s, read: 0 };
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).unwrap();
+    }
+    let after_handshake = sock.read;
+    let mut tls = socketserver::rustls::Stream::new(&mut conn, &mut sock);
+    let mut got = Vec::new();
+    tls.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), 1000);
+    // One record of 1000 bytes is 1022 on the wire; a record per byte would be 22000. Session
+    // tickets (two, about 250 bytes each) and close_notify (24) come too.
+    let wire = sock.read - after_handshake;
+    assert!(
+        wire < 2000,
+        "{wire} bytes on the wire for 1000 bytes of data"
+    );
+    drop(server);
+}
+
+#[test]
+fn the_crate_client_runs_hmac_and_multiprocessing_inside_tls_with_a_client_cert() {
+    let pki = Pki::new("rust-client");
+    let tls = pki
+        .tls("server")
+        .client_ca_file(pki.path("ca.pem"), ClientCert::Required)
+        .unwrap();
+    let (server, addr, _) = server_with(tls.clone(), Some(Auth::hmac(KEY)), Dispatch::Thread);
+    let mut s = connect_tls(
+        addr,
+        "localhost",
+        pki.roots("ca.pem"),
+        Some(pki.client_cert("client")),
+    )
+    .unwrap();
+    socketserver::answer_challenge(&mut s, KEY, Digest::Sha256).unwrap();
+    let mut r = BufReader::new(&mut s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("TLSv1_3 certs=1 sni=localhost"), "{line}");
+    drop(r);
+    s.close().unwrap();
+    drop(server);
+
+    // The multiprocessing handshake, then framed messages, all inside TLS.
+    let handled = Arc::new(AtomicUsize::new(0));
+    let h = handled.clone();
+    let server = TcpServer::builder(move || util::MpEcho { handled: h.clone() })
+        .tls(tls)
+        .auth(Auth::multiprocessing(KEY))
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().inet().unwrap();
+    let server = serve(server);
+    let s = connect_tls(
+        addr,
+        "localhost",
+        pki.roots("ca.pem"),
+        Some(pki.client_cert("client")),
+    )
+    .unwrap();
+    let mut c = socketserver::mp_client_handshake(s, KEY, socketserver::MpVersion::Modern).unwrap();
+    c.send_bytes(b"framed inside TLS").unwrap();
+    assert_eq!(c.recv_bytes().unwrap(), b"framed inside TLS");
+    c.get_mut().close().unwrap();
+    assert!(eventually(Duration::from_secs(5), || handled
+        .load(Ordering::SeqCst)
+        == 1));
+    drop(server);
+}
+
+/// CPython over a Unix-domain socket.
+const PY_UNIX: &str = r#"
+import socket, ssl, sys
+path, cafile = sys.argv[1], sys.argv[2]
+ctx = ssl.create_default_context(cafile=cafile)
+raw = socket.socket(socket.AF_UNIX)
+raw.connect(path)
+with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+    f = s.makefile("rwb")
+    assert f.readline().startswith(b"TLSv1_3 certs=0 sni=localhost"), "info"
+    f.write(b"unix\n"); f.flush()
+    assert f.readline() == b"unix\n"
+print("OK")
+"#;
+
+#[test]
+fn a_unix_stream_server_serves_tls() {
+    let Some(py) = python() else { return };
+    let pki = Pki::new("unix");
+    let path = util::sock_path("tls");
+    util::init_logs();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    let server =
+        UnixStreamServer::builder(move || StreamRequestHandler::new(InfoEcho(r.clone(), false)))
+            .tls(pki.tls("server"))
+            .bind(&path)
+            .unwrap();
+    let server = serve(server);
+    py.run_ok(PY_UNIX, &[&path.to_string_lossy(), &pki.p("ca.pem")]);
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+    drop(server);
+    assert!(!Path::new(&path).exists());
+}
+
+#[test]
+fn plaintext_servers_are_untouched_by_the_feature() {
+    // The same handler without .tls(): no session, raw access as before.
+    util::init_logs();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    let server = TcpServer::builder(move || StreamRequestHandler::new(InfoEcho(r.clone(), false)))
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr: Addr = server.local_addr().clone();
+    let server = serve(server);
+    let mut s = util::connect(&addr);
+    let mut r = BufReader::new(&mut s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line, "plain\n");
+    drop(r);
+    drop(s);
+    drop(server);
+}
+
+#[test]
+fn large_lines_echo_over_tls12_and_13_with_a_rustls_client() {
+    use socketserver::rustls;
+    let pki = Pki::new("large");
+    let (server, addr, _) = server_with(pki.tls("server"), None, Dispatch::Thread);
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let config = rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(pki.roots("ca.pem"))
+            .with_no_client_auth();
+        let conn = rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap())
+            .unwrap();
+        let sock = TcpStream::connect(addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut s = BufReader::new(rustls::StreamOwned::new(conn, sock));
+        let mut line = String::new();
+        s.read_line(&mut line).unwrap();
+        let big = format!("{}\n", "y".repeat(20000));
+        s.get_mut().write_all(big.as_bytes()).unwrap();
+        line.clear();
+        s.read_line(&mut line).unwrap();
+        assert_eq!(line.len(), big.len(), "{version:?}");
+    }
+    drop(server);
+}
+
+/// A message handler that closes at once: only its type matters to the test below.
+struct CloseAtOnce;
+
+impl socketserver::MessageHandler for CloseAtOnce {
+    fn handle_message(
+        &mut self,
+        _: &mut StreamRequest,
+    ) -> Result<socketserver::Next, socketserver::HandlerError> {
+        Ok(socketserver::Next::Close)
+    }
+}
+
+#[test]
+fn event_dispatch_with_tls_is_refused_when_the_server_is_built() {
+    let pki = Pki::new("event");
+    let e = TcpServer::builder(|| socketserver::MessageRequestHandler::new(CloseAtOnce))
+        .dispatch(Dispatch::Event { workers: 1 })
+        .tls(pki.tls("server"))
+        .bind("127.0.0.1:0")
+        .map(drop)
+        .unwrap_err();
+    assert!(e.is_config() && e.to_string().contains("TLS"), "{e}");
+}
