@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
 
-use crate::control::{Control, Counters, lock};
+use crate::control::{Control, Counters, SourceClaim, lock};
 use crate::deadline::DeadlineIo;
 use crate::log_limit::limited;
 use crate::wait::deadline_after;
@@ -30,6 +30,9 @@ use crate::{Addr, Auth, Result, Stream};
 /// header and the TLS handshake, when they come, sit before `Auth`, in that order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum StageKind {
+    /// The PROXY-protocol header (`proxy/stage.rs`): who the client really is.
+    #[cfg(feature = "proxy-protocol")]
+    Proxy,
     /// The HMAC or `multiprocessing` handshake.
     Auth,
 }
@@ -46,15 +49,47 @@ pub(crate) trait Stage: Send + Sync + 'static {
 
     /// Runs the stage on `conn`; an error refuses the client.
     fn run(&self, conn: &mut Admitting<'_>) -> Result<()>;
+
+    /// Takes the server's `verify_request` hook, to run it once the stage knows the real
+    /// client (after a PROXY header); by default hands it back (the accept loop runs it).
+    fn take_verify(&mut self, hook: VerifyHook) -> Option<VerifyHook> {
+        Some(hook)
+    }
+}
+
+/// A server's `verify_request` hook.
+pub(crate) type VerifyHook = Box<dyn Fn(&Addr) -> bool + Send + Sync>;
+
+/// What admission learnt of a connection, handed on to its request and kept until the
+/// connection ends.
+#[derive(Default)]
+pub(crate) struct Learnt {
+    /// The PROXY header the connection came with.
+    #[cfg(feature = "proxy-protocol")]
+    pub(crate) proxy: Option<Arc<crate::proxy::ProxyInfo>>,
+    /// The connection's place under `max_per_source`, counted for the client a stage found
+    /// (the accept loop counted nobody).
+    pub(crate) source: Option<SourceClaim>,
 }
 
 /// A connection going through admission.
 pub(crate) struct Admitting<'a> {
     stream: &'a Stream,
     deadline: Option<Instant>,
+    control: &'a Arc<Control>,
+    /// The client as admission knows it: the socket's peer until a stage learns better (the
+    /// real client behind a proxy).
+    pub(crate) peer: Addr,
+    /// What the stages learnt so far.
+    pub(crate) learnt: Learnt,
 }
 
 impl<'a> Admitting<'a> {
+    /// The server's shared state: counters, limits.
+    pub(crate) fn control(&self) -> &'a Arc<Control> {
+        self.control
+    }
+
     /// The connection's I/O, every call bounded by the one admission deadline.
     pub(crate) fn io(&self) -> DeadlineIo<'a, Stream> {
         DeadlineIo::until(self.stream, self.deadline)
@@ -139,15 +174,42 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Runs every stage on a new connection; true if the client may proceed to the handler.
-    pub(crate) fn admit(&self, stream: &Stream, peer: &Addr, control: &Control) -> bool {
+    /// Hands `hook` (`verify_request`) to the stage that runs it; back if none does.
+    pub(crate) fn take_verify(&mut self, hook: VerifyHook) -> Option<VerifyHook> {
+        let mut hook = Some(hook);
+        for s in &mut self.stages {
+            hook = s.take_verify(hook?);
+        }
+        hook
+    }
+
+    /// Whether a stage learns who the client is (a PROXY header): the accept loop then leaves
+    /// `verify_request` and the per-source count to it.
+    pub(crate) fn learns_client(&self) -> bool {
+        #[cfg(feature = "proxy-protocol")]
+        return self.stages.iter().any(|s| s.kind() == StageKind::Proxy);
+        #[cfg(not(feature = "proxy-protocol"))]
+        false
+    }
+
+    /// Runs every stage on a new connection from `peer`; what they learnt if the client may
+    /// proceed to the handler (`peer` is then the client they found), `None` if not.
+    pub(crate) fn admit(
+        &self,
+        stream: &Stream,
+        peer: &mut Addr,
+        control: &Arc<Control>,
+    ) -> Option<Learnt> {
         if self.stages.is_empty() {
-            return true;
+            return Some(Learnt::default());
         }
         let guard = self.enter(stream, control);
         let mut conn = Admitting {
             stream,
             deadline: deadline_after(self.timeout),
+            control,
+            peer: peer.clone(),
+            learnt: Learnt::default(),
         };
         let mut result = Ok(());
         let mut failed = None;
@@ -167,7 +229,15 @@ impl Pipeline {
                     "handshake with {peer} cut: too many unfinished handshakes"
                 );
             }
-            (Ok(()), _) => return true,
+            (Ok(()), _) => {
+                *peer = conn.peer;
+                return Some(conn.learnt);
+            }
+            // Counted by the stage, by reason.
+            #[cfg(feature = "proxy-protocol")]
+            (Err(e), Some(StageKind::Proxy)) => {
+                limited!(warn, "connection from {peer} refused: {e}");
+            }
             (Err(e), _) if e.is_timeout() => {
                 Counters::bump(&counters.handshake_timeouts);
                 limited!(
@@ -182,7 +252,7 @@ impl Pipeline {
                 limited!(warn, "authentication failed for {peer}: {e}");
             }
         }
-        false
+        None
     }
 
     /// Registers an admission under the cap, cutting the oldest unfinished ones to make room.

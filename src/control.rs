@@ -100,6 +100,11 @@ pub(crate) struct Counters {
     pub amplification_dropped: AtomicU64,
     pub slow_closed: AtomicU64,
     pub timeouts: AtomicU64,
+    pub proxy_untrusted: AtomicU64,
+    pub proxy_missing: AtomicU64,
+    pub proxy_malformed: AtomicU64,
+    pub proxy_oversized: AtomicU64,
+    pub proxy_timeouts: AtomicU64,
 }
 
 impl Counters {
@@ -151,6 +156,21 @@ pub struct Stats {
     /// ([`Builder::read_timeout`](crate::Builder::read_timeout), `write_timeout`): logged at
     /// info, and not counted in `handler_errors`.
     pub timeouts: u64,
+    /// Connections refused by the PROXY stage because their peer is not a trusted proxy
+    /// ([`ProxyProtocol`](crate::ProxyProtocol)).
+    pub proxy_untrusted: u64,
+    /// Connections from a trusted proxy that did not start with a PROXY header (or ended
+    /// before sending a byte).
+    pub proxy_missing: u64,
+    /// PROXY headers that started right and went wrong: a bad signature, version, command,
+    /// address or TLV, or a connection that ended inside the header.
+    pub proxy_malformed: u64,
+    /// PROXY headers longer than allowed (107 bytes for v1, 16 + 1536 for v2), refused before
+    /// the excess is read.
+    pub proxy_oversized: u64,
+    /// PROXY headers not complete within the handshake deadline (not counted in
+    /// `handshake_timeouts`).
+    pub proxy_timeouts: u64,
 }
 
 /// How long a drain waits for the requests it cut to return (a handler blocked on its socket
@@ -405,6 +425,26 @@ impl Control {
         })
     }
 
+    /// Counts one more connection from `ip` under `max_per_source`, until the claim is
+    /// dropped: for a client that admission found (the real one behind a PROXY header), which
+    /// the accept loop did not count. `None` if `ip` is at the cap; `Some(None)` without a cap.
+    pub(crate) fn claim_source(self: &Arc<Self>, ip: IpAddr) -> Option<Option<SourceClaim>> {
+        let Some(max) = self.max_per_source else {
+            return Some(None);
+        };
+        let ip = ip.to_canonical();
+        let mut r = lock(&self.registry);
+        let open = r.sources.entry(ip).or_insert(0);
+        if *open >= max {
+            return None;
+        }
+        *open += 1;
+        Some(Some(SourceClaim {
+            control: self.clone(),
+            ip,
+        }))
+    }
+
     /// The cap on requests in flight (`None` in sync mode).
     pub(crate) fn max_connections(&self) -> Option<usize> {
         self.max_connections
@@ -549,6 +589,11 @@ impl Control {
             amplification_dropped: get(&c.amplification_dropped),
             slow_closed: get(&c.slow_closed),
             timeouts: get(&c.timeouts),
+            proxy_untrusted: get(&c.proxy_untrusted),
+            proxy_missing: get(&c.proxy_missing),
+            proxy_malformed: get(&c.proxy_malformed),
+            proxy_oversized: get(&c.proxy_oversized),
+            proxy_timeouts: get(&c.proxy_timeouts),
         }
     }
 }
@@ -599,6 +644,25 @@ impl Drop for Ticket {
         r.completed += 1;
         if r.waiters > 0 {
             self.control.registry_changed.notify_all();
+        }
+    }
+}
+
+/// One connection counted against `max_per_source` for a client that admission found; see
+/// [`Control::claim_source`].
+pub(crate) struct SourceClaim {
+    control: Arc<Control>,
+    ip: IpAddr,
+}
+
+impl Drop for SourceClaim {
+    fn drop(&mut self) {
+        let mut r = lock(&self.control.registry);
+        if let Some(open) = r.sources.get_mut(&self.ip) {
+            *open -= 1;
+            if *open == 0 {
+                r.sources.remove(&self.ip);
+            }
         }
     }
 }

@@ -109,6 +109,8 @@ mod lifecycle;
 mod limits;
 mod log_limit;
 mod mp;
+#[cfg(feature = "proxy-protocol")]
+mod proxy;
 mod server;
 #[cfg(feature = "signals")]
 mod signals;
@@ -134,6 +136,8 @@ pub use handler::{
 };
 pub use handler_fn::{HandlerFn, handler_fn};
 pub use mp::{DEFAULT_MAX_MESSAGE, DEFAULT_MP_BUDGET, MpBudget, MpConnection};
+#[cfg(feature = "proxy-protocol")]
+pub use proxy::{Cidr, ProxyInfo, ProxyProtocol, ProxySsl};
 pub use server::{Builder, Server};
 pub use stream::{Credentials, MinDataRate, Stream};
 

@@ -158,6 +158,8 @@ impl<T: Transport> Builder<T> {
 
     /// Python's `verify_request`: called on the accepting thread with each client's address;
     /// returning false closes the connection (or drops the datagram) without running a handler.
+    /// With [`proxy_protocol`](Self::proxy_protocol) it is called after the PROXY header, on the
+    /// connection's worker, with the client the header names.
     pub fn verify_request(mut self, hook: impl Fn(&Addr) -> bool + Send + Sync + 'static) -> Self {
         self.common.verify_request = Some(Box::new(hook));
         self
@@ -202,7 +204,9 @@ impl<T: Transport> Builder<T> {
         self
     }
 
-    /// Restricts an IPv6 socket to IPv6 (`IPV6_V6ONLY`); by default the system's setting.
+    /// Restricts an IPv6 socket to IPv6 (`IPV6_V6ONLY`). Default false, whatever the system's
+    /// setting: a server bound to `[::]:PORT` serves IPv4 clients too, and reports them with
+    /// their IPv4 address (`127.0.0.1:5000`, not `[::ffff:127.0.0.1]:5000`).
     pub fn only_v6(mut self, only: bool) -> Self {
         self.socket.only_v6 = Some(only);
         self
@@ -235,6 +239,10 @@ impl<T: Transport> Builder<T> {
         // The handshake cap follows what the user set: a derived thread-mode cap of thousands
         // would let as many silent connections sit in admission.
         self.service.prepare(set_limit)?;
+        // Behind a PROXY header the client is known only in admission, which then runs
+        // verify_request itself.
+        let verify_request = c.verify_request.and_then(|h| self.service.take_verify(h));
+        let learns_client = self.service.learns_client();
         let limit = match (c.dispatch, set_limit) {
             (Dispatch::Thread, None) => default_max_connections(),
             _ => set_limit,
@@ -268,7 +276,8 @@ impl<T: Transport> Builder<T> {
             block_on_close: c.block_on_close,
             reject_when_full: c.reject_when_full && c.dispatch == Dispatch::Thread,
             poll_interval: c.poll_interval,
-            verify_request: c.verify_request,
+            verify_request,
+            learns_client,
             service_actions: c.service_actions,
             handle_timeout: c.handle_timeout,
         })
@@ -317,6 +326,8 @@ pub struct Server<T: Transport> {
     reject_when_full: bool,
     poll_interval: Duration,
     verify_request: Option<VerifyHook>,
+    /// Admission finds the client (PROXY header) and counts it under `max_per_source`.
+    learns_client: bool,
     service_actions: Option<ActionHook>,
     handle_timeout: Option<ActionHook>,
 }
@@ -649,6 +660,7 @@ impl<T: Transport> Server<T> {
         let source = req
             .stream()
             .and(req.peer().inet())
+            .filter(|_| !self.learns_client)
             .map(|a| a.ip().to_canonical());
         let Some(ticket) = control.register(req.stream().cloned(), source) else {
             Counters::bump(&control.counters.per_source_rejected);

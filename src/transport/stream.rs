@@ -70,7 +70,7 @@ impl Listener for TcpAcceptor {
         make_blocking(&s)?;
         Ok(Accepted {
             stream: Stream::tcp(s, self.track_activity),
-            peer: Addr::Inet(peer),
+            peer: Addr::from_peer(peer),
         })
     }
 
@@ -162,10 +162,11 @@ impl<H: Handler> Service for StreamService<H> {
     }
 
     fn serve(&self, conn: Accepted, ctx: &Ctx) {
-        let Accepted { stream, peer } = conn;
-        if !self.admission.admit(&stream, &peer, ctx.control()) {
+        let Accepted { stream, mut peer } = conn;
+        // Kept to the end: it holds the client's count under max_per_source.
+        let Some(learnt) = self.admission.admit(&stream, &mut peer, &ctx.handle.control) else {
             return close(&stream, &peer);
-        }
+        };
         if let Err(e) = self.apply_timeouts(&stream) {
             limited!(warn, "cannot set timeouts on connection from {peer}: {e}");
             return close(&stream, &peer);
@@ -177,9 +178,20 @@ impl<H: Handler> Service for StreamService<H> {
             stream,
             peer,
             server: ctx.handle.clone(),
+            #[cfg(feature = "proxy-protocol")]
+            proxy: learnt.proxy.clone(),
         };
         lifecycle::run(&mut handler, &mut req, ctx);
         drop(handler);
         close(&req.stream, &req.peer);
+        drop(learnt);
+    }
+
+    fn learns_client(&self) -> bool {
+        self.admission.learns_client()
+    }
+
+    fn take_verify(&mut self, hook: crate::admission::VerifyHook) -> Option<crate::admission::VerifyHook> {
+        self.admission.take_verify(hook)
     }
 }
