@@ -149,6 +149,11 @@ impl Pipeline {
         self.max_pending = max_pending;
     }
 
+    /// The deadline of a whole admission, leaving the cap as it is.
+    pub(crate) fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     /// Checks the stages and sizes the cap once the dispatch limit is known.
     ///
     /// A cap the user set is applied as it is. Otherwise, with a limit of `n` workers (pool) or

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::time::Duration;
 
 use crate::{Addr, Error};
 
@@ -149,6 +150,7 @@ impl From<IpAddr> for Cidr {
 #[derive(Clone, Debug, Default)]
 pub struct ProxyProtocol {
     pub(crate) trusted: Vec<Cidr>,
+    pub(crate) timeout: Option<Duration>,
 }
 
 impl ProxyProtocol {
@@ -183,6 +185,14 @@ impl ProxyProtocol {
     /// Also trusts the proxies in `block`.
     pub fn trust(mut self, block: impl Into<Cidr>) -> ProxyProtocol {
         self.trusted.push(block.into());
+        self
+    }
+
+    /// How long a connection may take to send its header, and any handshake after it: the
+    /// admission deadline, which the PROXY stage shares with [`Auth`](crate::Auth) (whichever
+    /// of the two is given to the builder last sets it). Default: `Auth`'s default, 5 s.
+    pub fn timeout(mut self, timeout: Duration) -> ProxyProtocol {
+        self.timeout = Some(timeout);
         self
     }
 
@@ -223,7 +233,10 @@ mod tests {
         assert!(v6.contains(ip("2001:db8:1::5")) && !v6.contains(ip("2001:db9::")));
         let all: Cidr = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains(ip("203.0.113.9")));
-        assert_eq!("10.1.2.3/8".parse::<Cidr>().unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(
+            "10.1.2.3/8".parse::<Cidr>().unwrap().to_string(),
+            "10.0.0.0/8"
+        );
         assert_eq!(
             "::ffff:10.0.0.0/8".parse::<Cidr>().unwrap(),
             "10.0.0.0/8".parse().unwrap()
@@ -232,7 +245,14 @@ mod tests {
 
     #[test]
     fn malformed_blocks_are_config_errors_that_quote_them() {
-        for bad in ["10.0.0.0/33", "::/129", "10.0.0/8", "x", "10.0.0.0/", "10.0.0.0/a"] {
+        for bad in [
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0/8",
+            "x",
+            "10.0.0.0/",
+            "10.0.0.0/a",
+        ] {
             let e = bad.parse::<Cidr>().unwrap_err();
             assert!(e.is_config(), "{bad}: {e}");
             assert!(e.to_string().contains(bad), "{e}");

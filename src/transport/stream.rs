@@ -164,7 +164,10 @@ impl<H: Handler> Service for StreamService<H> {
     fn serve(&self, conn: Accepted, ctx: &Ctx) {
         let Accepted { stream, mut peer } = conn;
         // Kept to the end: it holds the client's count under max_per_source.
-        let Some(learnt) = self.admission.admit(&stream, &mut peer, &ctx.handle.control) else {
+        let Some(learnt) = self
+            .admission
+            .admit(&stream, &mut peer, &ctx.handle.control)
+        else {
             return close(&stream, &peer);
         };
         if let Err(e) = self.apply_timeouts(&stream) {
@@ -191,7 +194,10 @@ impl<H: Handler> Service for StreamService<H> {
         self.admission.learns_client()
     }
 
-    fn take_verify(&mut self, hook: crate::admission::VerifyHook) -> Option<crate::admission::VerifyHook> {
+    fn take_verify(
+        &mut self,
+        hook: crate::admission::VerifyHook,
+    ) -> Option<crate::admission::VerifyHook> {
         self.admission.take_verify(hook)
     }
 }
