@@ -4,7 +4,10 @@
 //! cargo run --release --example echo_server -- [--addr 127.0.0.1:9000] [--mode sync|thread|pool]
 //!     [--workers 8] [--max-connections N] [--max-per-source N] [--auth-key KEY [--digest md5|sha256]]
 //!     [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
+//!     [--proxy-protocol --trusted-proxy CIDR...]
 //! ```
+//! Behind HAProxy (`send-proxy` or `send-proxy-v2`), `--proxy-protocol --trusted-proxy
+//! 10.0.0.0/8` takes the client's address from the PROXY header of each connection.
 //! A client that keeps a worker waiting (silent for `--idle-timeout` seconds, or sending slower
 //! than `--min-rate` bytes/s) is disconnected, so a few idle sockets cannot hold a pool.
 //! Ctrl-C (or SIGTERM) stops accepting, lets open connections finish for a few seconds, then
@@ -33,6 +36,8 @@ struct Cli {
     auth: common::AuthArgs,
     #[command(flatten)]
     timeouts: common::TimeoutArgs,
+    #[command(flatten)]
+    proxy: common::ProxyArgs,
 }
 
 /// The README's first example, as it is: bytes come back as soon as they arrive.
@@ -59,7 +64,9 @@ fn main() {
     common::init_logging();
     let dispatch = cli.dispatch.dispatch();
     let builder = TcpServer::builder(|| StreamRequestHandler::new(Echo)).dispatch(dispatch);
-    let mut builder = cli.timeouts.apply(cli.limits.apply(builder));
+    let mut builder = cli
+        .proxy
+        .apply(cli.timeouts.apply(cli.limits.apply(builder)));
     if let Some(auth) = cli.auth.auth() {
         builder = builder.auth(auth);
         log::info!("clients must authenticate with HMAC-{}", cli.auth.digest);

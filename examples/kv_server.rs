@@ -5,6 +5,7 @@
 //! cargo run --example kv_server -- [--addr 127.0.0.1:9000] [--mode sync|thread|pool]
 //!     [--workers 8] [--max-line 65536] [--max-bytes 67108864] [--max-connections N]
 //!     [--max-per-source N] [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
+//!     [--proxy-protocol --trusted-proxy CIDR...]
 //! ```
 //!
 //! One command per line, one reply per command:
@@ -56,6 +57,8 @@ struct Cli {
     limits: common::LimitArgs,
     #[command(flatten)]
     timeouts: common::TimeoutArgs,
+    #[command(flatten)]
+    proxy: common::ProxyArgs,
 }
 
 /// The shared state: the map, and how many bytes of keys and values it holds.
@@ -172,8 +175,8 @@ fn main() {
     })
     .dispatch(dispatch);
     let server = cli
-        .timeouts
-        .apply(cli.limits.apply(builder))
+        .proxy
+        .apply(cli.timeouts.apply(cli.limits.apply(builder)))
         .bind(&*cli.addr.addr);
     log::info!(
         "dispatch: {dispatch:?}; lines up to {max_line} bytes; store up to {max_bytes} bytes; {}",
