@@ -645,3 +645,22 @@ pub fn captured_logs() -> Vec<LogLine> {
         .cloned()
         .collect()
 }
+
+/// `target/<profile>/examples/NAME`, next to this test's `target/<profile>/deps/`, built with
+/// `cargo build --example NAME` first (a no-op when `cargo test` has built it already).
+pub fn example_exe(name: &str) -> PathBuf {
+    let me = std::env::current_exe().expect("test executable");
+    let profile_dir = me
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args(["build", "--quiet", "--example", name]);
+    if profile_dir.ends_with("release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("run cargo build");
+    assert!(status.success(), "cargo build --example {name} failed");
+    profile_dir.join("examples").join(name)
+}
