@@ -49,6 +49,14 @@
 //! * [`Auth`]: the tutorial's HMAC challenge-response and `multiprocessing.connection`'s mutual
 //!   handshake, run on the worker thread with a timeout and a cap on unfinished handshakes.
 //!
+//! # Deployment
+//!
+//! Behind a load balancer, `Builder::proxy_protocol` takes the real client's address from a
+//! PROXY-protocol header (v1 or v2, trusted proxies only; cargo feature `proxy-protocol`, on by
+//! default), and a server bound to `[::]` serves IPv4 clients too. `docs/deploy.md` in the
+//! repository is the deployment guide: an HAProxy backend with `send-proxy-v2` and health
+//! checks, systemd socket and service units, rolling restarts, and production settings.
+//!
 //! # Logging
 //!
 //! Errors, rejected clients and recoveries are reported through the [`log`] crate; install a
@@ -76,7 +84,8 @@
 //!   each request.
 //! * **Admission** (`admission.rs`): the stages between accept and the handler, in a fixed
 //!   order (PROXY header, TLS, then authentication), under one deadline (`deadline.rs`) and one
-//!   cap on unfinished handshakes.
+//!   cap on unfinished handshakes. The PROXY stage is `proxy/` (`stage.rs` reads exactly the
+//!   header; `config.rs` and `info.rs` are what users set and handlers see).
 //! * **Lifecycle** (`lifecycle.rs`): Python's `setup` → `handle` → `finish`, panics caught and
 //!   reported through `worker.rs`, which holds what every worker shares.
 //! * **Handler types**: [`Handler`] and [`Request`], [`StreamHandler`] with its bounded `rfile`
@@ -145,3 +154,8 @@ pub use stream::{Credentials, MinDataRate, Stream};
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+/// The deployment guide's example, compiled as a doctest.
+#[cfg(all(doctest, feature = "proxy-protocol", feature = "signals"))]
+#[doc = include_str!("../docs/deploy.md")]
+struct DeployDoctests;

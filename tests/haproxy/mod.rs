@@ -16,10 +16,27 @@ pub struct Haproxy {
     pub port: u16,
 }
 
+/// The `haproxy` program: on the PATH, or in /usr/sbin (where Debian puts it, often off a
+/// user's PATH).
+fn exe() -> &'static str {
+    let runs = |p: &str| {
+        Command::new(p)
+            .arg("-v")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    ["haproxy", "/usr/sbin/haproxy"]
+        .into_iter()
+        .find(|p| runs(p))
+        .unwrap_or("haproxy")
+}
+
 /// Whether `haproxy` can run here. Under CI its absence fails the test (`.ci/run` installs it);
 /// elsewhere the caller skips, saying why.
 pub fn available() -> bool {
-    let found = Command::new("haproxy")
+    let found = Command::new(exe())
         .arg("-v")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -72,7 +89,7 @@ impl Haproxy {
              backend be\n{backend}\n"
         );
         std::fs::write(&conf, text).unwrap();
-        let child = Command::new("haproxy")
+        let child = Command::new(exe())
             .args(["-db", "-f"])
             .arg(&conf)
             .stdin(Stdio::null())
