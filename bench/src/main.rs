@@ -119,6 +119,7 @@ fn parse_args() -> Config {
             Kind::Thread,
             Kind::Pool,
             Kind::Python,
+            Kind::ThreadProxy,
         ],
         sweeps: vec![true, false],
         python: true,
@@ -201,6 +202,7 @@ fn parse_args() -> Config {
                         "thread" => Kind::Thread,
                         "pool" => Kind::Pool,
                         "python" => Kind::Python,
+                        "thread-proxy" => Kind::ThreadProxy,
                         _ => fail(&format!("unknown contender {k:?}")),
                     })
                     .collect();
@@ -410,6 +412,7 @@ fn contenders(point: Point, python: bool, kinds: &[Kind]) -> Vec<Contender> {
             p(Std),
             p(Tokio),
             p(Thread),
+            p(ThreadProxy),
             a(Thread, Digest::Md5),
             a(Thread, Digest::Sha256),
             p(StdPool),
@@ -439,6 +442,7 @@ fn run_one(
     core: Option<usize>,
     logdir: &Path,
 ) -> Result<load::Sample, String> {
+    crate::contender::send_proxy_header(c.kind == Kind::ThreadProxy);
     let server = Server::start(c, progs, core, logdir)?;
     let nodelay = server.accepted_nodelay(c.auth);
     let (addr, pid) = (server.addr, server.pid);
