@@ -69,6 +69,7 @@ pub(crate) struct Learnt {
     pub(crate) proxy: Option<Arc<crate::proxy::ProxyInfo>>,
     /// The connection's place under `max_per_source`, counted for the client a stage found
     /// (the accept loop counted nobody).
+    #[cfg_attr(not(feature = "proxy-protocol"), allow(dead_code))]
     pub(crate) source: Option<SourceClaim>,
 }
 
@@ -76,6 +77,7 @@ pub(crate) struct Learnt {
 pub(crate) struct Admitting<'a> {
     stream: &'a Stream,
     deadline: Option<Instant>,
+    #[cfg_attr(not(feature = "proxy-protocol"), allow(dead_code))]
     control: &'a Arc<Control>,
     /// The client as admission knows it: the socket's peer until a stage learns better (the
     /// real client behind a proxy).
@@ -86,6 +88,7 @@ pub(crate) struct Admitting<'a> {
 
 impl<'a> Admitting<'a> {
     /// The server's shared state: counters, limits.
+    #[cfg_attr(not(feature = "proxy-protocol"), allow(dead_code))]
     pub(crate) fn control(&self) -> &'a Arc<Control> {
         self.control
     }
@@ -150,6 +153,7 @@ impl Pipeline {
     }
 
     /// The deadline of a whole admission, leaving the cap as it is.
+    #[cfg_attr(not(feature = "proxy-protocol"), allow(dead_code))]
     pub(crate) fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
     }

@@ -157,7 +157,7 @@ pub struct Stats {
     /// info, and not counted in `handler_errors`.
     pub timeouts: u64,
     /// Connections refused by the PROXY stage because their peer is not a trusted proxy
-    /// ([`ProxyProtocol`](crate::ProxyProtocol)).
+    /// (`ProxyProtocol`, cargo feature `proxy-protocol`).
     pub proxy_untrusted: u64,
     /// Connections from a trusted proxy that did not start with a PROXY header (or ended
     /// before sending a byte).
@@ -428,6 +428,7 @@ impl Control {
     /// Counts one more connection from `ip` under `max_per_source`, until the claim is
     /// dropped: for a client that admission found (the real one behind a PROXY header), which
     /// the accept loop did not count. `None` if `ip` is at the cap; `Some(None)` without a cap.
+    #[cfg_attr(not(feature = "proxy-protocol"), allow(dead_code))]
     pub(crate) fn claim_source(self: &Arc<Self>, ip: IpAddr) -> Option<Option<SourceClaim>> {
         let Some(max) = self.max_per_source else {
             return Some(None);

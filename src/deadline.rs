@@ -65,6 +65,7 @@ impl<S: AsFd> DeadlineIo<'_, S> {
 impl<S: AsFd> DeadlineIo<'_, S> {
     /// Copies into `buf` what has arrived without consuming it, waiting (until the deadline)
     /// if nothing has; 0 at end of file.
+    #[cfg_attr(not(feature = "proxy-protocol"), allow(dead_code))]
     pub(crate) fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             match rustix::net::recv(self.sock, &mut *buf, RecvFlags::DONTWAIT | RecvFlags::PEEK) {

@@ -158,7 +158,7 @@ impl<T: Transport> Builder<T> {
 
     /// Python's `verify_request`: called on the accepting thread with each client's address;
     /// returning false closes the connection (or drops the datagram) without running a handler.
-    /// With [`proxy_protocol`](Self::proxy_protocol) it is called after the PROXY header, on the
+    /// With `proxy_protocol` (cargo feature `proxy-protocol`) it is called after the PROXY header, on the
     /// connection's worker, with the client the header names.
     pub fn verify_request(mut self, hook: impl Fn(&Addr) -> bool + Send + Sync + 'static) -> Self {
         self.common.verify_request = Some(Box::new(hook));

@@ -9,7 +9,7 @@ mod util;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,9 +24,9 @@ struct Echo {
 }
 
 impl Echo {
-    fn start(exe: &PathBuf, port: u16) -> Echo {
+    fn start(exe: &Path, port: u16) -> Echo {
         let mut e = Echo {
-            exe: exe.clone(),
+            exe: exe.to_path_buf(),
             port,
             child: None,
         };
