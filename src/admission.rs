@@ -245,7 +245,8 @@ impl Pipeline {
             // Counted by the stage, by reason.
             #[cfg(feature = "proxy-protocol")]
             (Err(e), Some(StageKind::Proxy)) => {
-                limited!(warn, "connection from {peer} refused: {e}");
+                // The error names the peer.
+                limited!(warn, "PROXY stage refused a connection: {e}");
             }
             (Err(e), _) if e.is_timeout() => {
                 Counters::bump(&counters.handshake_timeouts);

@@ -173,6 +173,10 @@ pub struct Stats {
     pub proxy_timeouts: u64,
 }
 
+/// How long a drain waits for the serve loop to take what is queued in the backlog and close
+/// the listener itself, before closing it regardless (see [`Control::begin_drain`]).
+const BACKLOG_HANDOFF: Duration = Duration::from_millis(200);
+
 /// How long a drain waits for the requests it cut to return (a handler blocked on its socket
 /// returns at once; one that ignores it is given up on).
 pub(crate) const CUT_WAIT: Duration = Duration::from_secs(1);
@@ -309,6 +313,11 @@ impl Control {
                 self.local_addr
             );
         }
+    }
+
+    /// Whether this is a stream server whose listener a drain has yet to close.
+    pub(crate) fn still_listening(&self) -> bool {
+        lock(&self.listening).is_some()
     }
 
     /// Whether a drain has closed the listener: `serve_forever` then returns at once.
@@ -529,13 +538,25 @@ impl Control {
     /// Starts a drain, or joins the one under way: new clients are refused and the serve
     /// loops asked to return.
     pub(crate) fn begin_drain(&self) {
-        {
+        let loop_elsewhere = {
             let mut r = lock(&self.registry);
             if !self.draining.swap(true, Ordering::AcqRel) {
                 r.drain_base = r.completed;
             }
-        }
+            let me = thread::current().id();
+            r.serving.iter().any(|t| *t != me) && self.still_listening()
+        };
         self.request_shutdown();
+        // A serve loop running on another thread first takes the connections already queued in
+        // the backlog (a balancer handed them over and sent their request: closing the
+        // listener would reset them), then closes the listener itself. Give it a moment; a
+        // loop busy with a request (sync mode) is not waited for longer.
+        if loop_elsewhere {
+            let until = Instant::now() + BACKLOG_HANDOFF;
+            while !self.listener_closed() && Instant::now() < until {
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
         self.stop_listening();
     }
 

@@ -481,6 +481,33 @@ impl<T: Transport> Server<T> {
                 self.process(req, permit, &mut backoff);
             }
         }
+        if control.is_draining() && control.still_listening() {
+            self.take_backlog(listener, &mut backoff);
+        }
+    }
+
+    /// At the start of a drain: serves the connections already queued in the backlog, then
+    /// closes the listener. A load balancer has handed those over and sent their requests;
+    /// closing the listener with them queued would reset them, and the balancer cannot retry
+    /// a request it has sent. What connects after the close is refused, and retried elsewhere.
+    fn take_backlog(&self, listener: &T::Listener, backoff: &mut Backoff) {
+        let control = self.control();
+        while !control.listener_closed() {
+            let Ok(req) = listener.accept(control) else {
+                break;
+            };
+            Counters::bump(&control.counters.accepted);
+            match control.try_acquire() {
+                Some(permit) => {
+                    self.process(req, permit, backoff);
+                }
+                None => {
+                    Counters::bump(&control.counters.limit_rejected);
+                    req.reject();
+                }
+            }
+        }
+        control.stop_listening();
     }
 
     /// Serves until SIGINT (Ctrl-C) or SIGTERM, then drains: Python's `serve_forever` ended by
