@@ -223,6 +223,12 @@ pub struct Control {
     /// Set by [`cut_now`](Self::cut_now): a drain stops waiting and cuts what is left, and
     /// closing the server no longer waits for handlers.
     cut_requested: AtomicBool,
+    /// A serve loop waits for the next connection (rather than running a request, as in sync
+    /// mode): at a drain it can take the backlog at once.
+    accepting: AtomicBool,
+    /// Set by a drain: the serve loop takes what is queued in the backlog, then closes the
+    /// listener ([`begin_drain`](Self::begin_drain)).
+    take_backlog: AtomicBool,
     waker: Waker,
     limiter: Option<Limiter>,
     /// The cap `limiter` enforces (`None`: sync mode, or no system limit known).
@@ -252,6 +258,8 @@ impl Control {
             listening: Mutex::new(listening),
             listener_closed: AtomicBool::new(false),
             cut_requested: AtomicBool::new(false),
+            accepting: AtomicBool::new(false),
+            take_backlog: AtomicBool::new(false),
             waker: Waker::new()?,
             limiter: limit.map(|n| Limiter {
                 state: Mutex::new(Slots {
@@ -295,9 +303,10 @@ impl Control {
     /// as ECONNREFUSED; Unix: ECONNREFUSED) and a load balancer moves on, instead of waiting in
     /// the backlog of a server that will never accept them. On Linux, `shutdown(SHUT_RD)` on a
     /// listening TCP socket takes it out of the listening state; connections still queued in
-    /// its backlog are reset, as nginx's and Go's closing of their listeners does (they never
-    /// reached the application, so the client can safely retry). A Unix listener keeps its
-    /// queued connections until the server is closed.
+    /// its backlog are reset, as nginx's and Go's closing of their listeners does. A running
+    /// serve loop takes those first (see [`begin_drain`](Self::begin_drain)): a proxy that has
+    /// sent a request on one cannot retry it. A Unix listener keeps its queued connections
+    /// until the server is closed.
     ///
     /// Call only after [`request_shutdown`](Self::request_shutdown): the accept loop then
     /// takes the accept error that may follow for what it is, the end, not a failure.
@@ -313,6 +322,16 @@ impl Control {
                 self.local_addr
             );
         }
+    }
+
+    /// Marks a serve loop as waiting for the next connection (true) or handling one (false).
+    pub(crate) fn set_accepting(&self, accepting: bool) {
+        self.accepting.store(accepting, Ordering::Release);
+    }
+
+    /// Whether a drain wants the serve loop to take the backlog and close the listener.
+    pub(crate) fn backlog_wanted(&self) -> bool {
+        self.take_backlog.load(Ordering::Acquire) && self.still_listening()
     }
 
     /// Whether this is a stream server whose listener a drain has yet to close.
@@ -539,24 +558,32 @@ impl Control {
     /// loops asked to return.
     pub(crate) fn begin_drain(&self) {
         let loop_elsewhere = {
-            let mut r = lock(&self.registry);
-            if !self.draining.swap(true, Ordering::AcqRel) {
-                r.drain_base = r.completed;
-            }
+            let r = lock(&self.registry);
             let me = thread::current().id();
-            r.serving.iter().any(|t| *t != me) && self.still_listening()
+            r.serving.iter().any(|t| *t != me)
+                && self.accepting.load(Ordering::Acquire)
+                && self.still_listening()
         };
-        self.request_shutdown();
-        // A serve loop running on another thread first takes the connections already queued in
-        // the backlog (a balancer handed them over and sent their request: closing the
-        // listener would reset them), then closes the listener itself. Give it a moment; a
-        // loop busy with a request (sync mode) is not waited for longer.
+        // A serve loop waiting for connections on another thread first takes those already
+        // queued in the backlog (a balancer handed them over and sent their request: closing
+        // the listener would reset them), then closes the listener itself; give it a moment.
+        // A loop busy with a request (sync mode) is not waited for: new clients must be
+        // refused at once. The drain is under way (`is_draining`) once the listener is closed.
         if loop_elsewhere {
+            self.take_backlog.store(true, Ordering::Release);
+            self.request_shutdown();
             let until = Instant::now() + BACKLOG_HANDOFF;
             while !self.listener_closed() && Instant::now() < until {
                 thread::sleep(Duration::from_millis(1));
             }
         }
+        {
+            let mut r = lock(&self.registry);
+            if !self.draining.swap(true, Ordering::AcqRel) {
+                r.drain_base = r.completed;
+            }
+        }
+        self.request_shutdown();
         self.stop_listening();
     }
 
@@ -748,8 +775,10 @@ impl ServerHandle {
     ///
     /// The listener of a stream server stops listening at once: a client that connects during
     /// the drain is refused (`ECONNREFUSED`) within a round trip, rather than hanging in the
-    /// backlog until the server closes, so that it (or a load balancer) retries elsewhere. TCP
-    /// connections that were still queued in the backlog, never accepted, are reset. Unlike
+    /// backlog until the server closes, so that it (or a load balancer) retries elsewhere. The
+    /// connections already queued in the backlog are served first by `serve_forever`, if it is
+    /// running (those a load balancer has sent a request on could not be retried); without a
+    /// serve loop they are reset. Unlike
     /// after [`shutdown`](Self::shutdown), the server cannot serve again after a drain:
     /// `serve_forever` returns at once; close it.
     ///

@@ -477,11 +477,14 @@ impl<T: Transport> Server<T> {
                 .service_actions
                 .as_ref()
                 .and_then(|_| deadline_after(self.poll_interval));
-            if let Next::Request(req, permit) = self.next(listener, deadline, &mut backoff) {
+            control.set_accepting(true);
+            let next = self.next(listener, deadline, &mut backoff);
+            control.set_accepting(false);
+            if let Next::Request(req, permit) = next {
                 self.process(req, permit, &mut backoff);
             }
         }
-        if control.is_draining() && control.still_listening() {
+        if control.backlog_wanted() {
             self.take_backlog(listener, &mut backoff);
         }
     }
