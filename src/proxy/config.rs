@@ -139,7 +139,8 @@ impl From<IpAddr> for Cidr {
 /// let proxies = ProxyProtocol::trusting(["10.0.0.0/8", "127.0.0.1"])?;
 /// let server = TcpServer::builder(|| handler_fn(|req| {
 ///     // The client behind the proxy, and the proxy itself.
-///     writeln!(req, "you are {} via {:?}", req.peer_addr(), req.proxy_addr())?;
+///     let (client, proxy) = (req.peer_addr().clone(), req.proxy_addr().cloned());
+///     writeln!(req, "you are {client} via {proxy:?}")?;
 ///     Ok(())
 /// }))
 /// .proxy_protocol(proxies)
