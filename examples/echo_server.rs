@@ -1,8 +1,8 @@
 //! An echo server: every byte a client sends comes straight back.
 //!
 //! ```text
-//! cargo run --release --example echo_server -- [--addr 127.0.0.1:9000] [--mode sync|thread|pool]
-//!     [--workers 8] [--max-connections N] [--max-per-source N] [--auth-key KEY [--digest md5|sha256]]
+//! cargo run --release --example echo_server -- [--addr 127.0.0.1:9000]
+//!     [--mode sync|thread|pool|event] [--workers N] [--max-connections N] [--max-per-source N] [--auth-key KEY [--digest md5|sha256]]
 //!     [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
 //!     [--proxy-protocol --trusted-proxy CIDR...]
 //! ```
@@ -10,6 +10,8 @@
 //! 10.0.0.0/8` takes the client's address from the PROXY header of each connection.
 //! A client that keeps a worker waiting (silent for `--idle-timeout` seconds, or sending slower
 //! than `--min-rate` bytes/s) is disconnected, so a few idle sockets cannot hold a pool.
+//! `--mode event` parks connections between messages (no thread, no buffer held): each read's
+//! bytes are one message, echoed by a `MessageHandler`.
 //! Ctrl-C (or SIGTERM) stops accepting, lets open connections finish for a few seconds, then
 //! closes the rest.
 
@@ -20,7 +22,10 @@ use std::io::Write;
 use std::time::Duration;
 
 use clap::Parser;
-use socketserver::{HandlerResult, StreamHandler, StreamRequest, StreamRequestHandler, TcpServer};
+use socketserver::{
+    Handler, HandlerError, HandlerResult, MessageHandler, MessageRequestHandler, Next,
+    StreamHandler, StreamRequest, StreamRequestHandler, TcpServer,
+};
 
 /// An echo server: every byte a client sends comes straight back.
 #[derive(Parser)]
@@ -59,11 +64,32 @@ impl StreamHandler for Echo {
     }
 }
 
+/// The same echo for `--mode event`: what one read brought is a message.
+struct EchoMessages;
+
+impl MessageHandler for EchoMessages {
+    fn handle_message(&mut self, s: &mut StreamRequest) -> Result<Next, HandlerError> {
+        let data = s.rfile.fill_buf()?;
+        s.wfile.write_all(data)?;
+        let n = data.len();
+        s.rfile.consume(n);
+        Ok(Next::Message)
+    }
+}
+
 fn main() {
     let cli: Cli = common::parse();
     common::init_logging();
+    if cli.dispatch.is_event() {
+        run(cli, || MessageRequestHandler::new(EchoMessages));
+    } else {
+        run(cli, || StreamRequestHandler::new(Echo));
+    }
+}
+
+fn run<H: Handler>(cli: Cli, factory: impl Fn() -> H + Send + Sync + 'static) {
     let dispatch = cli.dispatch.dispatch();
-    let builder = TcpServer::builder(|| StreamRequestHandler::new(Echo)).dispatch(dispatch);
+    let builder = TcpServer::builder(factory).dispatch(dispatch);
     let mut builder = cli
         .proxy
         .apply(cli.timeouts.apply(cli.limits.apply(builder)));

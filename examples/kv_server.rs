@@ -2,8 +2,8 @@
 //! build with Python's socketserver.
 //!
 //! ```text
-//! cargo run --example kv_server -- [--addr 127.0.0.1:9000] [--mode sync|thread|pool]
-//!     [--workers 8] [--max-line 65536] [--max-bytes 67108864] [--max-connections N]
+//! cargo run --example kv_server -- [--addr 127.0.0.1:9000] [--mode sync|thread|pool|event]
+//!     [--workers N] [--max-line 65536] [--max-bytes 67108864] [--max-connections N]
 //!     [--max-per-source N] [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
 //!     [--proxy-protocol --trusted-proxy CIDR...]
 //! ```
@@ -35,7 +35,8 @@ use std::time::Duration;
 use clap::Parser;
 use clap::builder::RangedU64ValueParser;
 use socketserver::{
-    HandlerResult, StreamHandler, StreamOptions, StreamRequest, StreamRequestHandler, TcpServer,
+    HandlerError, MessageHandler, MessageRequestHandler, Next, StreamOptions, StreamRequest,
+    TcpServer,
 };
 
 /// A key-value server speaking a line protocol (SET, GET, DEL) over shared state.
@@ -122,35 +123,41 @@ fn single_key(rest: &str) -> bool {
     !rest.is_empty() && !rest.contains(' ')
 }
 
-impl StreamHandler for Kv {
-    fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
-        // Taken before the loop: `lines()` borrows `rfile` for as long as it runs.
-        let (peer, server, max_line) = (
-            s.peer_addr().clone(),
-            s.server().clone(),
-            s.rfile.max_line(),
-        );
-        for line in s.rfile.lines() {
-            let reply = match line {
-                Ok(line) => self.execute(&line),
-                Err(e) if e.is_too_large() => {
-                    log::info!("{peer}: line over {max_line} bytes; closing");
-                    writeln!(s.wfile, "ERR line too long")?;
-                    return Ok(());
-                }
-                Err(e) if e.is_bad_message() => {
-                    writeln!(s.wfile, "ERR line is not UTF-8")?;
-                    return Ok(());
-                }
-                Err(e) => return Err(e.into()),
-            };
-            // One write per reply (write! formats first), so each leaves in one segment.
-            writeln!(s.wfile, "{reply}")?;
-            if server.is_draining() {
-                return Ok(()); // between commands: nothing is cut in half
+/// A command line is a message: in `--mode event` the connection waits for its next command
+/// parked (no thread, no buffer), and a drain closes it there at once, never in the middle of a
+/// command; in the other modes a drain lets the command in progress finish within its grace.
+impl MessageHandler for Kv {
+    fn handle_message(&mut self, s: &mut StreamRequest) -> Result<Next, HandlerError> {
+        let mut line = String::new();
+        match s.rfile.read_line(&mut line) {
+            Ok(0) => return Ok(Next::Close),
+            Ok(_) => {}
+            Err(e) if e.is_too_large() => {
+                log::info!(
+                    "{}: line over {} bytes; closing",
+                    s.peer_addr(),
+                    s.rfile.max_line()
+                );
+                writeln!(s.wfile, "ERR line too long")?;
+                return Ok(Next::Close);
             }
+            Err(e) if e.is_bad_message() => {
+                writeln!(s.wfile, "ERR line is not UTF-8")?;
+                return Ok(Next::Close);
+            }
+            Err(e) => return Err(e.into()),
         }
-        Ok(())
+        let line = line.strip_suffix('\n').unwrap_or(&line);
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        // One write per reply (write! formats first), so each leaves in one segment.
+        writeln!(s.wfile, "{}", self.execute(line))?;
+        Ok(Next::Message)
+    }
+
+    /// Parked until the whole command line is here: a client that sends half a line holds no
+    /// worker (the idle timeout and the minimum rate close it).
+    fn message_ready(&self, buffered: &[u8]) -> bool {
+        buffered.contains(&b'\n')
     }
 }
 
@@ -165,7 +172,7 @@ fn main() {
     };
     let dispatch = cli.dispatch.dispatch();
     let builder = TcpServer::builder(move || {
-        StreamRequestHandler::with_options(
+        MessageRequestHandler::with_options(
             Kv {
                 store: store.clone(),
                 max_bytes,

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
 
+use crate::auth::AuthStep;
 use crate::control::{Control, Counters, SourceClaim, lock};
 use crate::deadline::DeadlineIo;
 use crate::log_limit::limited;
@@ -50,6 +51,13 @@ pub(crate) trait Stage: Send + Sync + 'static {
     /// Runs the stage on `conn`; an error refuses the client.
     fn run(&self, conn: &mut Admitting<'_>) -> Result<()>;
 
+    /// Event mode: runs the stage up to its first wait for the peer, so that the connection
+    /// can park until the answer is there instead of holding a worker while the client thinks
+    /// (or stays silent). The default runs the whole stage, blocking.
+    fn start(&self, conn: &mut Admitting<'_>) -> Result<Progress> {
+        self.run(conn).map(|()| Progress::Done)
+    }
+
     /// Takes the server's `verify_request` hook, to run it once the stage knows the real
     /// client (after a PROXY header); by default hands it back (the accept loop runs it).
     fn take_verify(&mut self, hook: VerifyHook) -> Option<VerifyHook> {
@@ -72,6 +80,36 @@ pub(crate) struct Learnt {
     #[cfg_attr(not(feature = "proxy-protocol"), allow(dead_code))]
     pub(crate) source: Option<SourceClaim>,
 }
+
+/// How far a stage got in event mode.
+pub(crate) enum Progress {
+    /// The stage is over: on to the next one.
+    Done,
+    /// The stage waits for the peer: park until `ready` holds of the bytes received (or the
+    /// peer hangs up, or [`PEEK_MAX`] bytes are there), then run `then`.
+    Wait(Resume),
+}
+
+/// Whether the bytes waiting (peeked, not read) make a whole answer.
+pub(crate) type Ready = Box<dyn Fn(&[u8]) -> bool + Send>;
+
+/// The rest of a stage.
+pub(crate) type Rest = Box<dyn FnOnce(&mut Admitting<'_>) -> Result<Progress> + Send>;
+
+/// The rest of a stage, after a wait for the peer.
+pub(crate) struct Resume {
+    /// Whether the answer is whole.
+    pub(crate) ready: Ready,
+    /// The rest of the stage, run once it is.
+    pub(crate) then: Rest,
+}
+
+/// The default cap on unfinished admissions in event mode.
+pub(crate) const PARKED_CAP: usize = 1024;
+
+/// The most a parked stage peeks at to see whether its answer is whole: more than any
+/// handshake message (`multiprocessing`'s are at most 256 bytes plus a 4-byte length).
+pub(crate) const PEEK_MAX: usize = 512;
 
 /// A connection going through admission.
 pub(crate) struct Admitting<'a> {
@@ -111,6 +149,25 @@ impl Stage for Auth {
     fn run(&self, conn: &mut Admitting<'_>) -> Result<()> {
         self.serve(conn.io())
     }
+
+    fn start(&self, conn: &mut Admitting<'_>) -> Result<Progress> {
+        let step = self.begin(conn.io())?;
+        Ok(auth_progress(self.clone(), step))
+    }
+}
+
+/// An authentication step as the pipeline's progress: waits carry the rest of the handshake.
+fn auth_progress(auth: Auth, step: AuthStep) -> Progress {
+    match step {
+        AuthStep::Done => Progress::Done,
+        AuthStep::Wait(need, state) => Progress::Wait(Resume {
+            ready: Box::new(move |received| need.is_met(received)),
+            then: Box::new(move |conn| {
+                let next = auth.resume(state, conn.io())?;
+                Ok(auth_progress(auth, next))
+            }),
+        }),
+    }
 }
 
 /// The stages of one server, with the deadline and the cap they share.
@@ -118,7 +175,26 @@ pub(crate) struct Pipeline {
     stages: Vec<Box<dyn Stage>>,
     timeout: Duration,
     max_pending: Option<usize>,
-    pending: Mutex<PendingTable>,
+    pending: Arc<Mutex<PendingTable>>,
+}
+
+/// An event-mode admission parked until its peer answers: which stage waits, the rest of it,
+/// and its place under the cap.
+pub(crate) struct Parked {
+    stage: usize,
+    resume: Resume,
+    deadline: Option<Instant>,
+    guard: PendingGuard,
+}
+
+/// Where an event-mode admission stands.
+pub(crate) enum Admission {
+    /// Every stage passed: on to the handler.
+    Admitted,
+    /// Waiting for the peer, on no thread.
+    Parked(Parked),
+    /// Refused (counted and logged): close the connection.
+    Refused,
 }
 
 impl Default for Pipeline {
@@ -127,12 +203,12 @@ impl Default for Pipeline {
             stages: Vec::new(),
             timeout: Auth::DEFAULT_TIMEOUT,
             max_pending: None,
-            pending: Mutex::new(PendingTable {
+            pending: Arc::new(Mutex::new(PendingTable {
                 cap: 1,
                 cut_when_full: None,
                 next_id: 0,
                 queue: VecDeque::new(),
-            }),
+            })),
         }
     }
 }
@@ -168,12 +244,22 @@ impl Pipeline {
     /// connections as possible to answer within (`n` - 1 under a flood, where a fixed cap of
     /// `n / 2` gave it half that), while a busy server with a few handshakes cuts none. 64 when
     /// nothing limits the workers.
-    pub(crate) fn prepare(&mut self, limit: Option<usize>) -> Result<()> {
+    ///
+    /// In event mode (`parked`), an unfinished admission waits on no thread: only its socket
+    /// is held, so the cap is [`PARKED_CAP`], and an honest client caught in a flood of silent
+    /// connections has that many newer ones to answer within.
+    pub(crate) fn prepare(&mut self, limit: Option<usize>, parked: bool) -> Result<()> {
         for s in &self.stages {
             s.check()?;
         }
+        if parked && self.learns_client() {
+            return Err(crate::Error::config(
+                "proxy_protocol is not supported with Dispatch::Event yet: use Thread or Pool",
+            ));
+        }
         let (cap, cut_when_full) = match (self.max_pending, limit) {
             (Some(max), _) => (max, None),
+            (None, _) if parked => (PARKED_CAP, None),
             (None, Some(n)) => (n, Some((n / 2).max(n.min(4)))),
             (None, None) => (64, None),
         };
@@ -181,6 +267,11 @@ impl Pipeline {
         t.cap = cap.max(1);
         t.cut_when_full = cut_when_full;
         Ok(())
+    }
+
+    /// Whether there is any stage to run.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.stages.is_empty()
     }
 
     /// Hands `hook` (`verify_request`) to the stage that runs it; back if none does.
@@ -212,7 +303,7 @@ impl Pipeline {
         if self.stages.is_empty() {
             return Some(Learnt::default());
         }
-        let guard = self.enter(stream, control);
+        let guard = self.enter(stream, control, None);
         let mut conn = Admitting {
             stream,
             deadline: deadline_after(self.timeout),
@@ -229,8 +320,159 @@ impl Pipeline {
                 break;
             }
         }
+        if !self.conclude(result, failed, guard.leave(), peer, control) {
+            return None;
+        }
+        *peer = conn.peer;
+        Some(conn.learnt)
+    }
+
+    /// Event mode: starts admitting a new connection, running the stages until one waits for
+    /// the peer.
+    pub(crate) fn begin(&self, stream: &Stream, peer: &Addr, control: &Arc<Control>) -> Admission {
+        if self.stages.is_empty() {
+            return Admission::Admitted;
+        }
+        let deadline = deadline_after(self.timeout);
+        let guard = self.enter(stream, control, deadline);
+        self.proceed(0, None, deadline, guard, stream, peer, control)
+    }
+
+    /// Event mode: the connection of a parked admission has input (or hung up, or was cut):
+    /// parks it again if its answer is not whole yet, otherwise runs the rest of the stages.
+    pub(crate) fn resume(
+        &self,
+        parked: Parked,
+        stream: &Stream,
+        peer: &Addr,
+        control: &Arc<Control>,
+    ) -> Admission {
+        if parked.guard.is_evicted() {
+            // Cut by the cap or the deadline sweep, which counted and logged it.
+            return Admission::Refused;
+        }
+        let mut peeked = [0u8; PEEK_MAX];
+        let whole = match rustix::net::recv(
+            stream,
+            &mut peeked[..],
+            rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
+        ) {
+            Ok((n, _)) => n == 0 || n == PEEK_MAX || (parked.resume.ready)(&peeked[..n]),
+            Err(rustix::io::Errno::AGAIN) => false,
+            // Reset, say: let the stage read the error and report it as it would.
+            Err(_) => true,
+        };
+        if !whole {
+            return Admission::Parked(parked);
+        }
+        let Parked {
+            stage,
+            resume,
+            deadline,
+            guard,
+        } = parked;
+        self.proceed(
+            stage,
+            Some(resume.then),
+            deadline,
+            guard,
+            stream,
+            peer,
+            control,
+        )
+    }
+
+    /// Runs stages from `stage` on (first finishing it with `then`), until one waits or all
+    /// are done.
+    #[allow(clippy::too_many_arguments)]
+    fn proceed(
+        &self,
+        mut stage: usize,
+        mut then: Option<Rest>,
+        deadline: Option<Instant>,
+        guard: PendingGuard,
+        stream: &Stream,
+        peer: &Addr,
+        control: &Arc<Control>,
+    ) -> Admission {
+        // What a stage learns of the client (a PROXY header) is not carried into event mode's
+        // request yet: `prepare` refuses the PROXY stage there.
+        let mut conn = Admitting {
+            stream,
+            deadline,
+            control,
+            peer: peer.clone(),
+            learnt: Learnt::default(),
+        };
+        let result = loop {
+            let Some(s) = self.stages.get(stage) else {
+                break Ok(());
+            };
+            let progress = match then.take() {
+                Some(rest) => rest(&mut conn),
+                None => s.start(&mut conn),
+            };
+            match progress {
+                Ok(Progress::Done) => stage += 1,
+                Ok(Progress::Wait(resume)) => {
+                    if guard.is_evicted() {
+                        break Ok(());
+                    }
+                    return Admission::Parked(Parked {
+                        stage,
+                        resume,
+                        deadline,
+                        guard,
+                    });
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let failed = self.stages.get(stage).map(|s| s.kind());
+        match self.conclude(result, failed, guard.leave(), peer, control) {
+            true => Admission::Admitted,
+            false => Admission::Refused,
+        }
+    }
+
+    /// Event mode: cuts the parked admissions past their deadline (no read is blocked on them
+    /// to time out); called every few milliseconds by the event loop.
+    pub(crate) fn expire(&self, control: &Control) {
+        let now = Instant::now();
+        let mut t = lock(&self.pending);
+        while let Some(at) = t
+            .queue
+            .iter()
+            .position(|p| p.deadline.is_some_and(|d| d <= now))
+        {
+            let Some(old) = t.queue.remove(at) else {
+                break;
+            };
+            old.evicted.store(true, Ordering::Relaxed);
+            let _ = old.stream.shutdown(Shutdown::Both);
+            Counters::bump(&control.counters.handshake_timeouts);
+            let peer = old
+                .stream
+                .peer_addr()
+                .map_or_else(|_| "a peer that has gone".to_owned(), |a| a.to_string());
+            limited!(
+                warn,
+                "handshake with {peer} timed out after {:?}",
+                self.timeout
+            );
+        }
+    }
+
+    /// Counts and logs how an admission ended; true if the client may proceed.
+    fn conclude(
+        &self,
+        result: Result<()>,
+        failed: Option<StageKind>,
+        kept: bool,
+        peer: &Addr,
+        control: &Control,
+    ) -> bool {
         let counters = &control.counters;
-        let kept = guard.leave();
         match (result, failed) {
             _ if !kept => {
                 limited!(
@@ -238,10 +480,7 @@ impl Pipeline {
                     "handshake with {peer} cut: too many unfinished handshakes"
                 );
             }
-            (Ok(()), _) => {
-                *peer = conn.peer;
-                return Some(conn.learnt);
-            }
+            (Ok(()), _) => return true,
             // Counted by the stage, by reason.
             #[cfg(feature = "proxy-protocol")]
             (Err(e), Some(StageKind::Proxy)) => {
@@ -262,11 +501,11 @@ impl Pipeline {
                 limited!(warn, "authentication failed for {peer}: {e}");
             }
         }
-        None
+        false
     }
 
     /// Registers an admission under the cap, cutting the oldest unfinished ones to make room.
-    fn enter(&self, stream: &Stream, control: &Control) -> PendingGuard<'_> {
+    fn enter(&self, stream: &Stream, control: &Control, deadline: Option<Instant>) -> PendingGuard {
         // This connection holds its slot already: none free means it took the last one.
         let took_last_slot = control.free_slots() == Some(0);
         let mut t = lock(&self.pending);
@@ -282,11 +521,12 @@ impl Pipeline {
             id: t.next_id,
             stream: stream.clone(),
             evicted: AtomicBool::new(false),
+            deadline,
         });
         t.next_id += 1;
         t.queue.push_back(entry.clone());
         PendingGuard {
-            pipeline: self,
+            table: self.pending.clone(),
             entry,
         }
     }
@@ -311,6 +551,9 @@ struct Pending {
     id: u64,
     stream: Stream,
     evicted: AtomicBool,
+    /// When a parked (event-mode) admission times out; `None` for one that runs on a worker,
+    /// whose reads carry the deadline themselves.
+    deadline: Option<Instant>,
 }
 
 struct PendingTable {
@@ -344,16 +587,21 @@ impl PendingTable {
 }
 
 /// Removes an admission from the pending table when it ends, however it ends.
-struct PendingGuard<'a> {
-    pipeline: &'a Pipeline,
+struct PendingGuard {
+    table: Arc<Mutex<PendingTable>>,
     entry: Arc<Pending>,
 }
 
-impl PendingGuard<'_> {
+impl PendingGuard {
+    /// Whether a newer connection (or the deadline sweep) has cut this admission.
+    fn is_evicted(&self) -> bool {
+        self.entry.evicted.load(Ordering::Relaxed)
+    }
+
     /// Leaves the table; false if a newer connection evicted this admission first (its socket
     /// is then shut down, so even a correct answer must not reach the handler).
     fn leave(&self) -> bool {
-        let mut t = lock(&self.pipeline.pending);
+        let mut t = lock(&self.table);
         if let Some(i) = t.queue.iter().position(|p| p.id == self.entry.id) {
             t.queue.remove(i);
         }
@@ -361,7 +609,7 @@ impl PendingGuard<'_> {
     }
 }
 
-impl Drop for PendingGuard<'_> {
+impl Drop for PendingGuard {
     fn drop(&mut self) {
         self.leave();
     }
@@ -381,7 +629,7 @@ mod tests {
         (Stream::tcp(server, false), client)
     }
 
-    fn cut(p: &PendingGuard<'_>) -> bool {
+    fn cut(p: &PendingGuard) -> bool {
         p.entry.evicted.load(Ordering::Relaxed)
     }
 
@@ -391,7 +639,7 @@ mod tests {
         let control = Control::new(local, Some(workers), None, None).unwrap();
         let mut pipeline = Pipeline::default();
         pipeline.set_limits(Duration::from_secs(5), max_pending);
-        pipeline.prepare(Some(workers)).unwrap();
+        pipeline.prepare(Some(workers), false).unwrap();
         (pipeline, control, listener)
     }
 
@@ -404,7 +652,7 @@ mod tests {
         let mut pending = Vec::new();
         for (s, _) in &conns {
             permits.push(control.try_acquire().unwrap());
-            pending.push(pipeline.enter(s, &control));
+            pending.push(pipeline.enter(s, &control, None));
         }
         assert!(
             pending.iter().all(|p| !cut(p)),
@@ -420,7 +668,7 @@ mod tests {
         let mut pending = Vec::new();
         for (s, _) in &conns {
             permits.push(control.try_acquire().unwrap());
-            pending.push(pipeline.enter(s, &control));
+            pending.push(pipeline.enter(s, &control, None));
         }
         let cut_now: Vec<bool> = pending.iter().map(cut).collect();
         assert_eq!(
@@ -437,8 +685,8 @@ mod tests {
         let (answered, mut answering_client) = connection(&listener);
         let (silent, _silent_client) = connection(&listener);
         let (third, _third_client) = connection(&listener);
-        let first = pipeline.enter(&answered, &control);
-        let second = pipeline.enter(&silent, &control);
+        let first = pipeline.enter(&answered, &control, None);
+        let second = pipeline.enter(&silent, &control, None);
         answering_client.write_all(b"answer").unwrap();
         assert!(
             (0..200).any(|_| {
@@ -447,7 +695,7 @@ mod tests {
             }),
             "the answer never arrived"
         );
-        let newest = pipeline.enter(&third, &control);
+        let newest = pipeline.enter(&third, &control, None);
         assert!(!cut(&first), "the client that answered was cut");
         assert!(cut(&second) && !cut(&newest));
     }
@@ -458,11 +706,11 @@ mod tests {
         let (gone, gone_client) = connection(&listener);
         let (answering, _answering_client) = connection(&listener);
         let (third, _third_client) = connection(&listener);
-        let first = pipeline.enter(&gone, &control);
-        let second = pipeline.enter(&answering, &control);
+        let first = pipeline.enter(&gone, &control, None);
+        let second = pipeline.enter(&answering, &control, None);
         drop(gone_client);
         std::thread::sleep(Duration::from_millis(50));
-        let newest = pipeline.enter(&third, &control);
+        let newest = pipeline.enter(&third, &control, None);
         assert!(cut(&first), "the connection at end of file was spared");
         assert!(!cut(&second) && !cut(&newest));
     }
@@ -471,7 +719,7 @@ mod tests {
     fn the_cut_threshold_is_half_the_pool_but_at_least_four_and_none_without_a_limit() {
         let threshold = |limit: Option<usize>| {
             let mut pipeline = Pipeline::default();
-            pipeline.prepare(limit).unwrap();
+            pipeline.prepare(limit, false).unwrap();
             let t = lock(&pipeline.pending);
             (t.cap, t.cut_when_full)
         };

@@ -148,6 +148,66 @@ impl RFile {
     pub fn get_ref(&self) -> &Stream {
         self.inner.get_ref()
     }
+
+    /// Event mode: appends what the socket has without waiting (`WouldBlock` if nothing);
+    /// `Ok(0)` at end of file or with the buffer full.
+    pub(crate) fn fill_nonblocking(&mut self) -> io::Result<usize> {
+        self.inner.fill_nonblocking()
+    }
+
+    /// Whether the buffer holds as much as it can: the next message cannot grow in it.
+    pub(crate) fn is_full(&self) -> bool {
+        let b = &self.inner.buf;
+        b.capacity() > 0 && b.len() - self.inner.pos >= b.capacity()
+    }
+
+    /// Whether the last read emptied the socket (it returned less than it had room for).
+    pub(crate) fn drained(&self) -> bool {
+        self.inner.drained
+    }
+
+    /// Event mode, on parking: with nothing buffered, gives the buffer back (to this thread's
+    /// small pool), so a parked connection holds no buffer.
+    pub(crate) fn park(&mut self) {
+        let r = &mut self.inner;
+        if r.pos >= r.buf.len() && r.buf.capacity() > 0 {
+            r.pos = 0;
+            pool::give(std::mem::take(&mut r.buf));
+        }
+    }
+}
+
+/// Read buffers of parked event-mode connections, kept per worker thread for the next message
+/// (any connection's), so that parking and waking cost no allocation in steady state.
+mod pool {
+    use std::cell::RefCell;
+
+    /// Buffers kept per thread: a worker serves one message at a time, so a few cover
+    /// pipelining and the connections it wakes in one batch.
+    const KEEP: usize = 8;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn take(capacity: usize) -> Vec<u8> {
+        let reused = FREE.with(|f| {
+            let mut f = f.borrow_mut();
+            let at = f.iter().rposition(|b| b.capacity() == capacity)?;
+            Some(f.swap_remove(at))
+        });
+        reused.unwrap_or_else(|| Vec::with_capacity(capacity))
+    }
+
+    pub(super) fn give(mut buf: Vec<u8>) {
+        buf.clear();
+        FREE.with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < KEEP {
+                f.push(buf);
+            }
+        });
+    }
 }
 
 /// `BufReader<Stream>`, except that its buffer is never zeroed: reads go straight into its
@@ -155,36 +215,80 @@ impl RFile {
 /// touched, not the whole buffer (8 KiB by default).
 struct ReadBuffer {
     stream: Stream,
+    /// Empty, with no capacity at all, until the first read, and while an event-mode connection
+    /// is parked with nothing buffered ([`RFile::park`]): allocated again by the next read.
     buf: Vec<u8>,
     /// How much of `buf` has been consumed.
     pos: usize,
+    /// The capacity `buf` gets when it is allocated.
+    capacity: usize,
+    /// Whether the last read returned less than it had room for: the socket had no more then,
+    /// so the next byte to arrive will be signalled (edge-triggered epoll) and an event-mode
+    /// connection can park without asking the socket again.
+    drained: bool,
 }
 
 impl ReadBuffer {
     fn new(stream: Stream, capacity: usize) -> ReadBuffer {
+        // At least a byte: a read into no room would look like end of file.
+        let capacity = capacity.max(1);
         ReadBuffer {
             stream,
-            // At least a byte: a read into no room would look like end of file.
-            buf: Vec::with_capacity(capacity.max(1)),
+            // Allocated by the first read: a connection that never sends costs no buffer.
+            buf: Vec::new(),
             pos: 0,
+            capacity,
+            drained: false,
         }
     }
 
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
         if self.pos >= self.buf.len() {
-            self.buf.clear();
-            self.pos = 0;
+            self.make_room();
             loop {
+                let room = self.buf.spare_capacity_mut().len();
                 match self.stream.read_spare(&mut self.buf) {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     r => {
-                        r?;
+                        self.drained = r? < room;
                         break;
                     }
                 }
             }
         }
         Ok(&self.buf[self.pos..])
+    }
+
+    /// Moves the unread bytes to the front of the buffer (allocating it if it was released),
+    /// so that a read can append after them.
+    fn make_room(&mut self) {
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        if self.buf.capacity() == 0 {
+            self.buf = pool::take(self.capacity);
+        }
+    }
+
+    /// Appends what the socket has without waiting: `WouldBlock` when it has nothing, `Ok(0)`
+    /// at end of file (or when the buffer is full).
+    fn fill_nonblocking(&mut self) -> io::Result<usize> {
+        self.make_room();
+        let room = self.buf.spare_capacity_mut().len();
+        if room == 0 {
+            return Ok(0);
+        }
+        loop {
+            match self.stream.recv_spare_nonblocking(&mut self.buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => {
+                    let n = r?;
+                    self.drained = n < room;
+                    return Ok(n);
+                }
+            }
+        }
     }
 
     fn consume(&mut self, n: usize) {
@@ -201,8 +305,10 @@ impl ReadBuffer {
 
     fn read(&mut self, dst: &mut [u8]) -> io::Result<usize> {
         // Nothing buffered and a large read: skip the buffer, as BufReader does.
-        if self.pos >= self.buf.len() && dst.len() >= self.buf.capacity() {
-            return (&self.stream).read(dst);
+        if self.pos >= self.buf.len() && dst.len() >= self.capacity {
+            let n = (&self.stream).read(dst)?;
+            self.drained = n < dst.len();
+            return Ok(n);
         }
         let available = self.fill_buf()?;
         let n = available.len().min(dst.len());

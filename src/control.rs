@@ -585,6 +585,11 @@ impl Control {
         }
         self.request_shutdown();
         self.stop_listening();
+        // Event-mode connections parked between messages have nothing in flight: close them
+        // now (their workers see the end of file and run `finish`). Pairs with the fence a
+        // connection passes before it parks: either it is seen parked here, or it sees the drain.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.cut_where(|s| s.is_parked());
     }
 
     pub(crate) fn drain(&self, grace: Duration, cut_wait: Duration) -> DrainReport {

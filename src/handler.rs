@@ -146,6 +146,18 @@ pub trait Handler: Send + 'static {
         let _ = req;
         Ok(())
     }
+
+    /// Whether this handler serves one message per call, as [`Dispatch::Event`](crate::Dispatch::Event)
+    /// needs: true only for [`MessageRequestHandler`]. Not for implementing.
+    #[doc(hidden)]
+    const SERVES_MESSAGES: bool = false;
+
+    /// The message handler and its buffered connection, for
+    /// [`Dispatch::Event`](crate::Dispatch::Event), once `setup` has run. Not for implementing.
+    #[doc(hidden)]
+    fn messages(&mut self) -> Option<(&mut dyn MessageHandler, &mut StreamRequest)> {
+        None
+    }
 }
 
 /// One accepted connection, as a [`Handler`] sees it: the stream (also readable and writable
@@ -285,6 +297,17 @@ pub struct StreamRequest {
 }
 
 impl StreamRequest {
+    fn new(req: &Request, o: StreamOptions) -> StreamRequest {
+        StreamRequest {
+            rfile: RFile::new(req.stream.clone(), o.rbufsize, o.max_line, req.peer.clone()),
+            wfile: WFile::new(req.stream.clone(), o.wbufsize),
+            peer: req.peer.clone(),
+            server: req.server.clone(),
+            #[cfg(feature = "proxy-protocol")]
+            proxy: req.proxy.clone(),
+        }
+    }
+
     /// The address of the client.
     pub fn peer_addr(&self) -> &Addr {
         &self.peer
@@ -401,15 +424,7 @@ impl<H: StreamHandler> StreamRequestHandler<H> {
 
 impl<H: StreamHandler> Handler for StreamRequestHandler<H> {
     fn setup(&mut self, req: &mut Request) -> HandlerResult {
-        let o = self.options;
-        let s = self.state.insert(StreamRequest {
-            rfile: RFile::new(req.stream.clone(), o.rbufsize, o.max_line, req.peer.clone()),
-            wfile: WFile::new(req.stream.clone(), o.wbufsize),
-            peer: req.peer.clone(),
-            server: req.server.clone(),
-            #[cfg(feature = "proxy-protocol")]
-            proxy: req.proxy.clone(),
-        });
+        let s = self.state.insert(StreamRequest::new(req, self.options));
         self.inner.setup(s)
     }
 
@@ -424,5 +439,174 @@ impl<H: StreamHandler> Handler for StreamRequestHandler<H> {
         let flushed = s.wfile.flush();
         finished?;
         Ok(flushed?)
+    }
+}
+
+/// What a [`MessageHandler`] wants after a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Keep the connection open and wait for the next message (HTTP's keep-alive).
+    Message,
+    /// Close the connection: `finish` runs, then the socket is shut down and closed.
+    Close,
+}
+
+/// Serves a connection one message at a time: the handler of
+/// [`Dispatch::Event`](crate::Dispatch::Event), which holds a worker thread only while a
+/// message is being served and parks the connection, holding no thread and no buffer, until the
+/// next one arrives (Apache's event MPM, with a blocking API). Wrap it in
+/// [`MessageRequestHandler`] to get a [`Handler`]; in the other dispatch modes it serves its
+/// messages one after another on the connection's thread.
+///
+/// The handler is made per connection, so its fields are per-connection state that survives
+/// between messages. [`handle_message`](Self::handle_message) runs when at least one byte of a
+/// message has arrived (and, with [`message_ready`](Self::message_ready), only once the whole
+/// message has), reads it from `rfile` (blocking reads are allowed, bounded by the server's read
+/// timeout), writes its reply to `wfile`, and says whether to keep the connection. A pipelined
+/// message already in `rfile`'s buffer is served at once, without parking.
+///
+/// ```
+/// use std::io::Write;
+/// use socketserver::{HandlerError, MessageHandler, Next, StreamRequest};
+///
+/// /// Answers each line with its length; `quit` ends the connection.
+/// struct Lengths {
+///     served: u64, // survives between messages
+/// }
+///
+/// impl MessageHandler for Lengths {
+///     fn handle_message(&mut self, s: &mut StreamRequest) -> Result<Next, HandlerError> {
+///         let mut line = String::new();
+///         if s.rfile.read_line(&mut line)? == 0 || line.trim() == "quit" {
+///             return Ok(Next::Close);
+///         }
+///         self.served += 1;
+///         writeln!(s.wfile, "{} {}", self.served, line.trim_end().len())?;
+///         Ok(Next::Message)
+///     }
+///
+///     // A line is a message: wait, parked, until all of it is here.
+///     fn message_ready(&self, buffered: &[u8]) -> bool {
+///         buffered.contains(&b'\n')
+///     }
+/// }
+/// ```
+pub trait MessageHandler: Send + 'static {
+    /// Runs once, before the first message; if it fails, the connection is closed without
+    /// `finish`.
+    fn setup(&mut self, s: &mut StreamRequest) -> HandlerResult {
+        let _ = s;
+        Ok(())
+    }
+
+    /// Serves one message. An error or a panic closes the connection (after `finish`) and is
+    /// reported like a failed `handle`; other connections are not affected.
+    fn handle_message(&mut self, s: &mut StreamRequest) -> Result<Next, HandlerError>;
+
+    /// Runs once when the connection ends, however it ends (the client hung up, the handler
+    /// said [`Next::Close`] or failed, the server drained); `wfile` is flushed after it.
+    fn finish(&mut self, s: &mut StreamRequest) -> HandlerResult {
+        let _ = s;
+        Ok(())
+    }
+
+    /// Whether `buffered`, the start of the next message as received so far, is a whole
+    /// message. In [`Dispatch::Event`](crate::Dispatch::Event) the connection stays parked,
+    /// holding no thread, until this says yes (or `rfile`'s buffer is full), so a client that
+    /// sends half a message and stops costs no worker: the idle timeout and the minimum data
+    /// rate close it. The default, any byte, suits protocols whose messages fit one segment.
+    fn message_ready(&self, buffered: &[u8]) -> bool {
+        !buffered.is_empty()
+    }
+}
+
+/// Adapts a [`MessageHandler`] into a [`Handler`], the one [`Dispatch::Event`](crate::Dispatch::Event)
+/// requires: builds `rfile` and `wfile` with the [`StreamOptions`], and flushes `wfile` after
+/// each message and after `finish`.
+///
+/// ```no_run
+/// # use socketserver::{HandlerError, MessageHandler, Next, StreamRequest};
+/// # struct Lengths;
+/// # impl MessageHandler for Lengths {
+/// #     fn handle_message(&mut self, _: &mut StreamRequest) -> Result<Next, HandlerError> {
+/// #         Ok(Next::Close)
+/// #     }
+/// # }
+/// use socketserver::{Dispatch, MessageRequestHandler, TcpServer};
+///
+/// let server = TcpServer::builder(|| MessageRequestHandler::new(Lengths))
+///     .dispatch(Dispatch::Event { workers: 2 })
+///     .bind("127.0.0.1:0")?;
+/// # Ok::<(), socketserver::Error>(())
+/// ```
+pub struct MessageRequestHandler<M> {
+    inner: M,
+    options: StreamOptions,
+    state: Option<StreamRequest>,
+}
+
+impl<M: MessageHandler> MessageRequestHandler<M> {
+    /// Wraps `inner` with the default [`StreamOptions`].
+    pub fn new(inner: M) -> Self {
+        Self::with_options(inner, StreamOptions::default())
+    }
+
+    /// Wraps `inner` with the given options.
+    pub fn with_options(inner: M, options: StreamOptions) -> Self {
+        MessageRequestHandler {
+            inner,
+            options,
+            state: None,
+        }
+    }
+
+    /// The wrapped handler.
+    pub fn get_ref(&self) -> &M {
+        &self.inner
+    }
+
+    fn state(&mut self) -> Result<(&mut M, &mut StreamRequest), HandlerError> {
+        match &mut self.state {
+            Some(s) => Ok((&mut self.inner, s)),
+            None => Err("MessageRequestHandler used before setup".into()),
+        }
+    }
+}
+
+impl<M: MessageHandler> Handler for MessageRequestHandler<M> {
+    const SERVES_MESSAGES: bool = true;
+
+    fn setup(&mut self, req: &mut Request) -> HandlerResult {
+        let s = self.state.insert(StreamRequest::new(req, self.options));
+        self.inner.setup(s)
+    }
+
+    /// Outside event mode: the messages one after another, until the client hangs up or the
+    /// handler says [`Next::Close`]. (A drain cuts a connection that waits here for its next
+    /// message once the grace period ends, as any other; event mode closes parked ones at
+    /// once, since no thread waits there.)
+    fn handle(&mut self, _req: &mut Request) -> HandlerResult {
+        let (inner, s) = self.state()?;
+        while !s.rfile.fill_buf()?.is_empty() {
+            let next = inner.handle_message(s)?;
+            s.wfile.flush()?;
+            if next == Next::Close {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, _req: &mut Request) -> HandlerResult {
+        let (inner, s) = self.state()?;
+        let finished = inner.finish(s);
+        let flushed = s.wfile.flush();
+        finished?;
+        Ok(flushed?)
+    }
+
+    fn messages(&mut self) -> Option<(&mut dyn MessageHandler, &mut StreamRequest)> {
+        let s = self.state.as_mut()?;
+        Some((&mut self.inner, s))
     }
 }

@@ -45,7 +45,9 @@
 //! * [`shutdown_graceful`](ServerHandle::shutdown_graceful) stops listening at once and
 //!   drains in-flight requests up to a deadline; `Server::serve_until_signal` does it on Ctrl-C
 //!   or SIGTERM (cargo feature `signals`, on by default); [`Stats`] counts what happened.
-//! * [`handler_fn`] makes a handler of a closure.
+//! * [`Dispatch::Event`] parks idle connections in an epoll set between messages
+//!   ([`MessageHandler`]), so 19,000 open connections cost a few threads, not 19,000.
+//! * [`handler_fn`] and [`message_fn`] make handlers of closures.
 //! * [`Auth`]: the tutorial's HMAC challenge-response and `multiprocessing.connection`'s mutual
 //!   handshake, run on the worker thread with a timeout and a cap on unfinished handshakes.
 //!
@@ -77,8 +79,9 @@
 //!   `verify_request` and the per-source cap, backs off on accept errors. `bind.rs` gives each
 //!   server kind its `bind`; `signals.rs` watches SIGINT and SIGTERM for `serve_until_signal`.
 //! * **Dispatch** (`dispatch/`): which thread runs a request ([`Dispatch`]: the serving thread,
-//!   a thread of its own, reused when it finishes (`dispatch/threads.rs`), or a worker of the
-//!   pool in `dispatch/pool.rs`).
+//!   a thread of its own, reused when it finishes (`dispatch/threads.rs`), a worker of the
+//!   pool in `dispatch/pool.rs`, or, one message at a time, a worker of the epoll loop in
+//!   `dispatch/event.rs` that parks connections between messages).
 //! * **Transports** (`transport/`): what differs between TCP, Unix, UDP and Unix datagrams: the
 //!   listener (`stream.rs`, `datagram.rs`; binding in `socket.rs`) and the service that serves
 //!   each request.
@@ -140,10 +143,10 @@ pub use datagram::{DatagramHandler, DatagramRequest};
 pub use dispatch::Dispatch;
 pub use error::{Error, Result};
 pub use handler::{
-    Handler, HandlerError, HandlerFailure, HandlerResult, Request, StreamHandler, StreamOptions,
-    StreamRequest, StreamRequestHandler,
+    Handler, HandlerError, HandlerFailure, HandlerResult, MessageHandler, MessageRequestHandler,
+    Next, Request, StreamHandler, StreamOptions, StreamRequest, StreamRequestHandler,
 };
-pub use handler_fn::{HandlerFn, handler_fn};
+pub use handler_fn::{HandlerFn, MessageFn, handler_fn, message_fn};
 pub use mp::{DEFAULT_MAX_MESSAGE, DEFAULT_MP_BUDGET, MpBudget, MpConnection};
 #[cfg(feature = "proxy-protocol")]
 pub use proxy::{Cidr, ProxyInfo, ProxyProtocol, ProxySsl};

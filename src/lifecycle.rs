@@ -1,12 +1,14 @@
 //! The handler lifecycle shared by every transport: make the handler, `setup` → `handle` →
 //! `finish`, catch panics, count and report failures.
 
+use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use crate::control::Counters;
 use crate::worker::{Ctx, Severity, panic_message};
 use crate::{
-    Addr, DatagramHandler, DatagramRequest, Handler, HandlerFailure, HandlerResult, Request,
+    Addr, DatagramHandler, DatagramRequest, Handler, HandlerError, HandlerFailure, HandlerResult,
+    Next, Request,
 };
 
 /// The three steps of a handler, whatever the request type.
@@ -64,12 +66,37 @@ pub(crate) fn make<H>(
 /// and `finish` is written to clean up after a failed `handle`. State shared with other
 /// connections is behind locks, which poison.
 pub(crate) fn run<R: HasPeer, H: Lifecycle<R>>(h: &mut H, req: &mut R, ctx: &Ctx) -> bool {
-    if !step(h, req, ctx, "setup", H::setup) {
+    if !setup(h, req, ctx) {
         return false;
     }
-    let handled = step(h, req, ctx, "handle", H::handle);
-    let finished = step(h, req, ctx, "finish", H::finish);
+    let handled = step(h, req, ctx, "handle", H::handle).is_some();
+    let finished = finish(h, req, ctx);
     handled && finished
+}
+
+/// Runs `setup` alone (event mode, where messages follow one by one); true if it succeeded.
+pub(crate) fn setup<R: HasPeer, H: Lifecycle<R>>(h: &mut H, req: &mut R, ctx: &Ctx) -> bool {
+    step(h, req, ctx, "setup", H::setup).is_some()
+}
+
+/// Runs `finish` alone; true if it succeeded.
+pub(crate) fn finish<R: HasPeer, H: Lifecycle<R>>(h: &mut H, req: &mut R, ctx: &Ctx) -> bool {
+    step(h, req, ctx, "finish", H::finish).is_some()
+}
+
+/// Event mode: serves one message with the handler's
+/// [`handle_message`](crate::MessageHandler::handle_message) and flushes `wfile`. A failure or
+/// a panic is reported like a failed `handle`, and closes the connection.
+pub(crate) fn message<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Next {
+    let serve = |h: &mut H, _: &mut Request| -> Result<Next, HandlerError> {
+        let (m, s) = h
+            .messages()
+            .ok_or("Dispatch::Event needs a MessageRequestHandler, set up")?;
+        let next = m.handle_message(s)?;
+        s.wfile.flush()?;
+        Ok(next)
+    };
+    step(h, req, ctx, "handle_message", serve).unwrap_or(Next::Close)
 }
 
 /// Requests know their peer, for the error report.
@@ -99,16 +126,16 @@ impl HasPeer for DatagramRequest {
     }
 }
 
-fn step<R: HasPeer, H>(
+fn step<R: HasPeer, H, T>(
     h: &mut H,
     req: &mut R,
     ctx: &Ctx,
     stage: &'static str,
-    f: fn(&mut H, &mut R) -> HandlerResult,
-) -> bool {
+    f: impl FnOnce(&mut H, &mut R) -> Result<T, HandlerError>,
+) -> Option<T> {
     let counters = &ctx.control().counters;
     let (failure, severity) = match catch_unwind(AssertUnwindSafe(|| f(h, req))) {
-        Ok(Ok(())) => return true,
+        Ok(Ok(t)) => return Some(t),
         Ok(Err(e)) => {
             let failure = HandlerFailure::Error(e);
             let severity = if req.was_cut() {
@@ -130,5 +157,5 @@ fn step<R: HasPeer, H>(
         }
     };
     ctx.report_as(req.peer(), stage, failure, severity);
-    false
+    None
 }

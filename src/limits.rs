@@ -75,6 +75,18 @@ impl SystemLimits {
         }
     }
 
+    /// The most event-mode connections (a descriptor each, no thread) the descriptor limit
+    /// allows, keeping a thirty-second of it (at least 32) for the server's own files.
+    pub(crate) fn max_event_connections(&self) -> Option<DerivedCap> {
+        let n = self.nofile?;
+        let reserve = (n / 32).max(32).min(n / 2);
+        let max = n.saturating_sub(reserve).max(1);
+        Some(DerivedCap {
+            max: usize::try_from(max).unwrap_or(usize::MAX),
+            reason: format!("RLIMIT_NOFILE {n} allows {max}"),
+        })
+    }
+
     /// The most connections (each one a thread and a descriptor) these limits allow with
     /// headroom: the smallest of what each limit allows, at least 1. `None` if no limit is
     /// known (no cap is then derived).

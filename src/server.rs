@@ -238,13 +238,24 @@ impl<T: Transport> Builder<T> {
         }
         // The handshake cap follows what the user set: a derived thread-mode cap of thousands
         // would let as many silent connections sit in admission.
-        self.service.prepare(set_limit)?;
+        let parks = matches!(c.dispatch, Dispatch::Event { .. });
+        if parks && !T::Listener::STREAMS {
+            return Err(crate::Error::config(
+                "Dispatch::Event is for stream servers (TCP, Unix streams): a datagram is \
+                 already one message",
+            ));
+        }
+        if c.dispatch == (Dispatch::Event { workers: 0 }) {
+            return Err(crate::Error::config("workers must be at least 1"));
+        }
+        self.service.prepare(set_limit, parks)?;
         // Behind a PROXY header the client is known only in admission, which then runs
         // verify_request itself.
         let verify_request = c.verify_request.and_then(|h| self.service.take_verify(h));
         let learns_client = self.service.learns_client();
         let limit = match (c.dispatch, set_limit) {
             (Dispatch::Thread, None) => default_max_connections(),
+            (Dispatch::Event { .. }, None) => default_event_connections(),
             _ => set_limit,
         };
         let local = listener.local_addr();
@@ -290,6 +301,17 @@ fn default_max_connections() -> Option<usize> {
     let derived = crate::limits::SystemLimits::read().max_connections()?;
     log::info!(
         "max_connections {} (thread mode default: {}); Builder::max_connections changes it",
+        derived.max,
+        derived.reason
+    );
+    Some(derived.max)
+}
+
+/// Event mode's cap when the user set none: what the descriptor limit allows.
+fn default_event_connections() -> Option<usize> {
+    let derived = crate::limits::SystemLimits::read().max_event_connections()?;
+    log::info!(
+        "max_connections {} (event mode default: {}); Builder::max_connections changes it",
         derived.max,
         derived.reason
     );

@@ -30,6 +30,9 @@ struct Inner {
     activity: Option<Activity>,
     /// Set once the server has shut this socket down (idle or too slow), so it is counted once.
     cut: AtomicBool,
+    /// Set while an event-mode connection waits, parked, for its next message: a drain closes
+    /// these at once.
+    parked: AtomicBool,
     /// The read and write timeouts as set through the `Stream`, in nanoseconds (0: none set
     /// here), for the timeout's message: the kernel reads them back rounded to its clock tick.
     timeouts_ns: [AtomicU64; 2],
@@ -330,6 +333,7 @@ impl Stream {
                 sock,
                 activity: track_activity.then(Activity::new),
                 cut: AtomicBool::new(false),
+                parked: AtomicBool::new(false),
                 timeouts_ns: [AtomicU64::new(0), AtomicU64::new(0)],
             }),
         }
@@ -491,7 +495,18 @@ impl Stream {
         direction: Direction,
         call: impl FnOnce(&Sock) -> io::Result<usize>,
     ) -> io::Result<usize> {
-        let result = match &self.inner.activity {
+        self.counted(direction, call)
+            .map_err(|e| self.timed_out(e, direction))
+    }
+
+    /// [`io`](Self::io) without the timeout's translation, for calls that do not wait.
+    #[inline]
+    fn counted(
+        &self,
+        direction: Direction,
+        call: impl FnOnce(&Sock) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        match &self.inner.activity {
             None => call(&self.inner.sock),
             Some(a) => {
                 let (blocked, moved) = match direction {
@@ -510,8 +525,7 @@ impl Stream {
                 blocked.fetch_sub(1, Ordering::Relaxed);
                 result
             }
-        };
-        result.map_err(|e| self.timed_out(e, direction))
+        }
     }
 
     /// On a blocking socket, `WouldBlock` can only be the socket timeout expiring.
@@ -564,6 +578,41 @@ impl AsFd for Stream {
 }
 
 impl Stream {
+    /// Like [`read_spare`](Self::read_spare), without waiting (`MSG_DONTWAIT`): `WouldBlock`
+    /// when the socket has nothing.
+    pub(crate) fn recv_spare_nonblocking(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        use rustix::net::{RecvFlags, recv};
+        self.counted(Direction::Read, |sock| {
+            let fd = match sock {
+                Sock::Tcp(s) => s.as_fd(),
+                Sock::Unix(s) => s.as_fd(),
+            };
+            recv(fd, rustix::buffer::spare_capacity(buf), RecvFlags::DONTWAIT)
+                .map(|(n, _)| n)
+                .map_err(io::Error::from)
+        })
+    }
+
+    /// Marks an event-mode connection as parked (waiting for its next message, on no thread)
+    /// or not. A parked connection counts as blocked on its peer for the idle timeout and the
+    /// minimum data rate, as a thread blocked in a read would.
+    pub(crate) fn set_parked(&self, parked: bool) {
+        if self.inner.parked.swap(parked, Ordering::SeqCst) == parked {
+            return;
+        }
+        if let Some(a) = &self.inner.activity {
+            match parked {
+                true => a.reading.fetch_add(1, Ordering::Relaxed),
+                false => a.reading.fetch_sub(1, Ordering::Relaxed),
+            };
+        }
+    }
+
+    /// Whether the connection is parked (see [`set_parked`](Self::set_parked)).
+    pub(crate) fn is_parked(&self) -> bool {
+        self.inner.parked.load(Ordering::SeqCst)
+    }
+
     /// Reads into the spare capacity of `buf`, appending, without initialising it first.
     ///
     /// A `std::io::BufReader` over any reader but std's own sockets and files zeroes its whole

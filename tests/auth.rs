@@ -26,7 +26,7 @@ fn echo_server(
     util::init_logs();
     let ran = Arc::new(AtomicUsize::new(0));
     let r = ran.clone();
-    let server = TcpServer::builder(move || ByteEcho(r.clone()))
+    let server = TcpServer::builder(move || util::counting_echo(&r))
         .dispatch(mode)
         .auth(auth)
         .bind("127.0.0.1:0")
@@ -57,11 +57,7 @@ fn closed_by_server(s: &mut TcpStream) -> bool {
 
 #[test]
 fn right_key_echoes_in_every_mode_with_both_digests() {
-    for mode in [
-        Dispatch::Sync,
-        Dispatch::Thread,
-        Dispatch::Pool { workers: 2 },
-    ] {
+    for mode in util::STREAM_MODES {
         for digest in [Digest::Md5, Digest::Sha256] {
             let (running, addr, ran) = echo_server(Auth::hmac(KEY).digest(digest), mode);
             let mut s = connect_with_auth(&addr, KEY, digest, Duration::from_secs(5)).unwrap();
@@ -80,11 +76,7 @@ fn right_key_echoes_in_every_mode_with_both_digests() {
 
 #[test]
 fn wrong_key_never_reaches_the_handler_and_is_counted() {
-    for mode in [
-        Dispatch::Sync,
-        Dispatch::Thread,
-        Dispatch::Pool { workers: 2 },
-    ] {
+    for mode in util::STREAM_MODES {
         let (running, addr, ran) = echo_server(Auth::hmac(KEY), mode);
         let mut s =
             connect_with_auth(&addr, b"wrong", Digest::Sha256, Duration::from_secs(5)).unwrap();

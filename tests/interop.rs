@@ -27,8 +27,8 @@ use socketserver::{
     UnixStreamServer, connect_with_auth, mp_connect, mp_connect_with,
 };
 use util::{
-    ByteEcho, DatagramEcho, MpEcho, Python, accept_within, eventually, framed, line_echo,
-    mp_server, read_n, serve, sock_path,
+    DatagramEcho, MpEcho, Python, accept_within, eventually, framed, line_echo, mp_server, read_n,
+    serve, sock_path,
 };
 
 /// Bounds every Python child: generous, for a loaded 2-core machine.
@@ -273,7 +273,7 @@ fn tutorial_client_against_our_server(py: &Python) {
     for digest in [Digest::Md5, Digest::Sha256] {
         let ran = Arc::new(AtomicUsize::new(0));
         let r = ran.clone();
-        let server = TcpServer::builder(move || ByteEcho(r.clone()))
+        let server = TcpServer::builder(move || util::counting_echo(&r))
             .dispatch(Dispatch::Thread)
             .auth(Auth::hmac(HMAC_KEY).digest(digest))
             .bind("127.0.0.1:0")

@@ -106,9 +106,21 @@ impl Client {
     }
 }
 
+/// The modes the example runs its handler in: a pool, and parked between commands.
+const MODES: [&[&str]; 2] = [
+    &["--mode", "pool", "--workers", "2"],
+    &["--mode", "event", "--workers", "2"],
+];
+
 #[test]
 fn the_protocol_over_shared_state() {
-    let server = KvServer::start(&["--mode", "pool", "--workers", "2"]);
+    for mode in MODES {
+        protocol_over_shared_state(mode);
+    }
+}
+
+fn protocol_over_shared_state(mode: &[&str]) {
+    let server = KvServer::start(mode);
     let mut a = server.connect();
     let mut b = server.connect();
     assert_eq!(a.ask("GET greeting"), "NOT_FOUND");
@@ -135,7 +147,13 @@ fn the_protocol_over_shared_state() {
 
 #[test]
 fn an_oversized_line_gets_an_error_and_a_close() {
-    let server = KvServer::start(&["--max-line", "64"]);
+    for mode in MODES {
+        oversized_line(mode);
+    }
+}
+
+fn oversized_line(mode: &[&str]) {
+    let server = KvServer::start(&[mode, &["--max-line", "64"]].concat());
     let mut c = server.connect();
     assert_eq!(
         c.ask(&format!("SET k {}", "v".repeat(57))),

@@ -415,3 +415,15 @@ fn through_haproxy_send_proxy_v1() {
 fn through_haproxy_send_proxy_v2() {
     through_haproxy("send-proxy-v2", 2);
 }
+
+#[test]
+fn event_dispatch_refuses_the_proxy_stage_until_it_carries_the_client() {
+    let built = TcpServer::builder(|| handler_fn(describe as fn(&mut Request) -> HandlerResult))
+        .dispatch(socketserver::Dispatch::Event { workers: 1 })
+        .proxy_protocol(loopback())
+        .bind("127.0.0.1:0");
+    let e = built
+        .err()
+        .expect("event mode with the PROXY stage must not build");
+    assert!(e.is_config(), "{e}");
+}

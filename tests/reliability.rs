@@ -15,7 +15,7 @@ use socketserver::{
     Addr, Auth, CHALLENGE_LEN, Digest, Dispatch, Handler, HandlerResult, Request, ServerHandle,
     TcpServer, connect_with_auth, handler_fn,
 };
-use util::{ByteEcho, connect, eventually, line_echo, serve};
+use util::{connect, eventually, line_echo, serve};
 
 const KEY: &[u8] = b"reliability-key";
 
@@ -25,11 +25,6 @@ static HEAP: util::CountingAlloc = util::CountingAlloc;
 
 /// These tests measure the whole process (threads, descriptors, memory, CPU): they run one at
 /// a time, each holding this lock.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn honest_request(addr: &Addr) -> Result<Duration, socketserver::Error> {
     let t = Instant::now();
     let mut s = connect_with_auth(addr, KEY, Digest::Sha256, Duration::from_secs(10))?;
@@ -48,13 +43,17 @@ const SLOWLORIS_WORST: Duration = Duration::from_millis(250);
 
 #[test]
 fn slowloris_silent_connections_do_not_starve_honest_clients() {
-    let _serial = serial();
+    let _serial = util::serial();
     util::init_logs();
     const SILENT: usize = 200;
     const CAP: usize = 8;
     let timeout = Duration::from_secs(2);
-    for mode in [Dispatch::Thread, Dispatch::Pool { workers: 16 }] {
-        let server = TcpServer::builder(ByteEcho::default)
+    for mode in [
+        Dispatch::Thread,
+        Dispatch::Pool { workers: 16 },
+        Dispatch::Event { workers: 2 },
+    ] {
+        let server = TcpServer::builder(util::byte_echo)
             .dispatch(mode)
             .auth(Auth::hmac(KEY).handshake_timeout(timeout).max_pending(CAP))
             .bind("127.0.0.1:0")
@@ -95,7 +94,7 @@ fn slowloris_silent_connections_do_not_starve_honest_clients() {
 
 #[test]
 fn panic_storm_leaves_the_server_standing() {
-    let _serial = serial();
+    let _serial = util::serial();
     util::init_logs();
     util::quiet_panics("storm");
     const PANICS: usize = 10_000;
@@ -207,7 +206,7 @@ impl Handler for SlowReplies {
 
 #[test]
 fn graceful_drain_under_load_never_half_answers() {
-    let _serial = serial();
+    let _serial = util::serial();
     util::init_logs();
     const CLIENTS: usize = 8;
     let requests_read = Arc::new(AtomicU64::new(0));
@@ -290,8 +289,8 @@ const DRAIN_CUT_SLACK: Duration = Duration::from_millis(500);
 
 #[test]
 fn drain_cuts_what_overstays_the_deadline() {
-    let _serial = serial();
-    let server = TcpServer::builder(ByteEcho::default)
+    let _serial = util::serial();
+    let server = TcpServer::builder(util::byte_echo)
         .bind("127.0.0.1:0")
         .unwrap();
     let addr = server.local_addr().clone();
@@ -334,7 +333,7 @@ const CHURN_RSS_GROWTH_KIB: u64 = 1024;
 
 #[test]
 fn churn_of_100k_connections_keeps_threads_and_memory_flat() {
-    let _serial = serial();
+    let _serial = util::serial();
     util::init_logs();
     const WARM_UP: usize = 20_000;
     const TOTAL: usize = 100_000;
@@ -613,7 +612,7 @@ proptest! {
         bytes in proptest::collection::vec(any::<u8>(), 0..300),
         splits in proptest::collection::vec(1usize..64, 0..6),
     ) {
-        let _serial = serial();
+        let _serial = util::serial();
         for target in [hmac_target(), mp_target()] {
             let before = target.handled.load(Ordering::SeqCst);
             feed(&target.addr, &bytes, &splits);
@@ -631,7 +630,7 @@ proptest! {
         form in proptest::sample::select(MP_FORMS.to_vec()),
         splits in proptest::collection::vec(1usize..24, 0..4),
     ) {
-        let _serial = serial();
+        let _serial = util::serial();
         prop_assert!(hmac_attempt(&Answer::Right, upper, &splits), "the right answer was refused");
         prop_assert!(!hmac_attempt(&wrong, upper, &splits), "a wrong answer got through");
         prop_assert!(mp_attempt(&Answer::Right, form, &splits), "the right answer was refused");
@@ -641,7 +640,7 @@ proptest! {
 
 #[test]
 fn handshake_fuzz_figure() {
-    let _serial = serial();
+    let _serial = util::serial();
     // A summary line for the README figures: the property tests above assert; this reports.
     // Garbage exercises the parser; the well-formed wrong answers, the MAC check.
     let t = hmac_target();
@@ -690,7 +689,7 @@ fn handshake_fuzz_figure() {
 
 #[test]
 fn failing_binds_leak_no_descriptor() {
-    let _serial = serial();
+    let _serial = util::serial();
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
     // Warm up anything lazily opened (the logger, /proc), then count.
@@ -715,7 +714,7 @@ fn failing_binds_leak_no_descriptor() {
 
 #[test]
 fn finished_threads_are_reaped() {
-    let _serial = serial();
+    let _serial = util::serial();
     util::init_logs();
     let server = TcpServer::builder(line_echo)
         .dispatch(Dispatch::Thread)
@@ -764,7 +763,7 @@ fn udp_log_flood_is_bounded_by_the_rate_limiter() {
         }
     }
     const SITES: usize = 3;
-    let _serial = serial();
+    let _serial = util::serial();
     util::in_own_process("udp_log_flood_is_bounded_by_the_rate_limiter", || {
         let server = UdpServer::bind("127.0.0.1:0", || Victim).unwrap();
         let addr = server.local_addr().inet().unwrap();
@@ -827,7 +826,7 @@ fn mp_messages_held_half_sent_stay_within_the_in_flight_budget() {
     const DECLARED: usize = 8 * MIB;
     const SENT: usize = DECLARED - DECLARED / 16;
     const BUDGET: usize = 32 * MIB;
-    let _serial = serial();
+    let _serial = util::serial();
     util::init_logs();
     let budget = MpBudget::new(BUDGET);
     let b = budget.clone();
@@ -912,11 +911,11 @@ fn mp_messages_held_half_sent_stay_within_the_in_flight_budget() {
 /// backlog is served within the idle timeout plus a second.
 #[test]
 fn silent_sockets_cannot_hold_the_pool() {
-    let _serial = serial();
+    let _serial = util::serial();
     util::init_logs();
     const WORKERS: usize = 8;
     let idle = Duration::from_secs(1);
-    let server = TcpServer::builder(ByteEcho::default)
+    let server = TcpServer::builder(util::byte_echo)
         .dispatch(Dispatch::Pool { workers: WORKERS })
         .idle_timeout(idle)
         .bind("127.0.0.1:0")
@@ -955,7 +954,7 @@ fn silent_sockets_cannot_hold_the_pool() {
 /// connection, and its memory does not grow.
 #[test]
 fn an_endless_line_costs_no_memory() {
-    let _serial = serial();
+    let _serial = util::serial();
     util::init_logs();
     const LIMIT_KIB: u64 = 64 * 1024;
     let server = TcpServer::builder(line_echo)
@@ -993,9 +992,9 @@ fn an_endless_line_costs_no_memory() {
 
 #[test]
 fn the_listener_refuses_new_clients_during_a_drain() {
-    let _serial = serial();
+    let _serial = util::serial();
     const TRIES: usize = 200;
-    let server = TcpServer::builder(ByteEcho::default)
+    let server = TcpServer::builder(util::byte_echo)
         .bind("127.0.0.1:0")
         .unwrap();
     let addr = server.local_addr().inet().unwrap();
@@ -1082,13 +1081,13 @@ fn flood(
 
 #[test]
 fn honest_clients_get_through_a_connection_flood_in_pool_mode() {
-    let _serial = serial();
+    let _serial = util::serial();
     util::init_logs();
     const TRIES: usize = 40;
     // The examples' default pool, and a larger one; the default handshake cap and timeout. Four
     // threads connect as fast as they can and keep 2000 connections each open and silent.
     for workers in [8, 16] {
-        let server = TcpServer::builder(ByteEcho::default)
+        let server = TcpServer::builder(util::byte_echo)
             .dispatch(Dispatch::Pool { workers })
             .auth(Auth::hmac(KEY))
             .bind("127.0.0.1:0")

@@ -9,15 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use socketserver::{
-    Auth, Digest, Dispatch, Request, UnixStreamServer, answer_challenge, handler_fn,
+    Auth, Digest, Dispatch, Next, Request, UnixStreamServer, answer_challenge, handler_fn,
+    message_fn,
 };
 use util::{eventually, line_echo, serve, sock_path, three_round_trips};
 
-const MODES: [Dispatch; 3] = [
-    Dispatch::Sync,
-    Dispatch::Thread,
-    Dispatch::Pool { workers: 4 },
-];
+const MODES: [Dispatch; 4] = util::STREAM_MODES;
 
 fn connect(path: &std::path::Path) -> UnixStream {
     let s = UnixStream::connect(path).expect("connect");
@@ -51,16 +48,18 @@ fn shutdown_from_inside_a_handler_in_every_mode() {
     for mode in MODES {
         let path = sock_path("stop");
         let server = UnixStreamServer::builder(|| {
-            handler_fn(|req: &mut Request| {
-                req.server().shutdown();
-                Ok(())
+            message_fn(|s| {
+                s.server().shutdown();
+                Ok(Next::Close)
             })
         })
         .dispatch(mode)
         .bind(&path)
         .unwrap();
         let running = serve(server);
-        util::read_to_eof(connect(&path)).unwrap();
+        let mut c = connect(&path);
+        c.write_all(b"x").unwrap();
+        util::read_to_eof(c).unwrap();
         assert!(
             eventually(Duration::from_secs(5), || running.is_finished()),
             "{mode:?}"

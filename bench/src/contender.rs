@@ -19,6 +19,28 @@ pub const AUTH_KEY: &[u8] = b"socketserver-bench-key";
 /// the largest echo scenario, so that every persistent connection has a worker.
 pub const POOL_WORKERS: usize = 128;
 
+/// Worker threads of the `echo_server --mode event` contender (`--workers`): a connection holds
+/// one only while a message is served, so one per core, as a competent user would pick (and as
+/// tokio's runtimes do): 1 pinned to one core (a second worker there would only take turns
+/// with the first), 2 unpinned on this machine's two cores.
+pub fn event_workers(pinned: bool) -> usize {
+    if pinned { 1 } else { 2 }
+}
+
+/// The most workers [`event_workers`] gives, for bounds that hold in both sweeps.
+pub const EVENT_WORKERS: usize = 2;
+
+/// Worker threads of the `netio_echo` contender. net-io 0.4 runs each connection on a worker of
+/// its blocking pool for the whole connection and refuses (rather than queues) a connection
+/// that finds none free, so the pool is sized above the largest scenario: 128 echo connections
+/// plus the benchmark's own probe connections, which may still be closing when a run starts.
+pub const NETIO_WORKERS: usize = 2 * POOL_WORKERS;
+
+/// What a run of the event contender says when `echo_server` has no `--mode event` yet.
+pub const EVENT_MISSING: &str = "echo_server has no --mode event in this build: it lacks \
+Dispatch::Event (issue 13); leave the event contender out (list --contenders without event) \
+or build from a tree that has it";
+
 /// The tokio runtime a competent tokio user would pick: one core (pinned) makes a multi-thread
 /// runtime one worker plus a thread handing connections across, so a current-thread runtime;
 /// several cores, the multi-thread runtime `#[tokio::main]` gives.
@@ -49,6 +71,11 @@ pub enum Kind {
     /// [`Kind::Thread`] with `--proxy-protocol --trusted-proxy 127.0.0.1/32`; its clients open
     /// each connection with a PROXY v2 header, as HAProxy's `send-proxy-v2` does.
     ThreadProxy,
+    /// This crate's `echo_server --mode event --workers N` ([`event_workers`]): connections parked in
+    /// an epoll set between messages (issue 13).
+    Event,
+    /// `netio_echo`: net-io 0.4's blocking pool of NETIO_WORKERS workers.
+    NetIo,
 }
 
 /// One server configuration under test.
@@ -84,6 +111,8 @@ impl Contender {
             Kind::Pool => "socketserver pool",
             Kind::Python => "python",
             Kind::ThreadProxy => "socketserver thread +proxy",
+            Kind::Event => "socketserver event",
+            Kind::NetIo => "net-io",
         };
         match self.auth {
             None => base.to_owned(),
@@ -127,6 +156,24 @@ impl Contender {
                                   127.0.0.1/32`: the thread contender behind the PROXY stage; \
                                   each client connection starts with a 28-byte v2 header"
                 .to_owned(),
+            Kind::Event => "`echo_server --mode event --workers N` (this crate; N = 1 pinned, 2 \
+                            unpinned: a worker per core): a worker is held only while a message \
+                            is served, connections parked in an epoll set in between, read \
+                            buffer taken on demand"
+                .to_owned(),
+            Kind::NetIo => format!(
+                "`netio_echo` (net-io 0.4, the closest blocking peer): its only driver in 0.4, \
+                 the blocking pool, here {NETIO_WORKERS} workers (net-io refuses a connection \
+                 that finds every worker busy instead of queueing it, so the pool is sized \
+                 above the largest scenario); an accept thread hands each connection to a \
+                 worker, which holds it until it closes; TCP_NODELAY on the listener, a 16 KiB \
+                 heap buffer per worker (zeroed once, reused), net-io's default limits but a \
+                 per-source cap raised for a one-host load generator. Not in the idle \
+                 scenario: a worker per open connection and at most 4,096 workers \
+                 (ServerBuilder::workers), so it cannot hold thousands of idle connections; \
+                 its reactor is planned for 0.5. No HMAC contender: net-io leaves \
+                 authentication to the crates above it"
+            ),
         };
         match self.auth {
             None => what,
@@ -157,6 +204,8 @@ pub struct Programs {
     pub std_echo: PathBuf,
     /// `tokio_echo` of this benchmark crate.
     pub tokio_echo: PathBuf,
+    /// `netio_echo` of this benchmark crate.
+    pub netio_echo: PathBuf,
     /// The Python interpreter (resolved past pyenv-style shims), if there is one.
     pub python: Option<PathBuf>,
     /// `bench/python_echo.py`.
@@ -249,6 +298,10 @@ impl Server {
         for _ in 0..3 {
             match Server::try_start(c, p, core, logdir) {
                 Ok(s) => return Ok(s),
+                // clap's "invalid value 'event' for '--mode <MODE>'": no retry helps.
+                Err(e) if c.kind == Kind::Event && e.contains("invalid value 'event'") => {
+                    return Err(format!("{EVENT_MISSING} {e}"));
+                }
                 Err(e) => last = e,
             }
         }
@@ -279,13 +332,23 @@ impl Server {
                 "--pool".into(),
                 POOL_WORKERS.to_string(),
             ]),
-            Kind::Tokio => argv.extend([
-                path(&p.tokio_echo),
-                "--addr".into(),
-                a,
-                "--runtime".into(),
-                tokio_runtime(core.is_some()).into(),
-            ]),
+            Kind::Tokio => {
+                argv.extend([
+                    path(&p.tokio_echo),
+                    "--addr".into(),
+                    a,
+                    "--runtime".into(),
+                    tokio_runtime(core.is_some()).into(),
+                ]);
+                if let Some(d) = c.auth {
+                    argv.extend([
+                        "--auth-key".into(),
+                        key,
+                        "--digest".into(),
+                        d.name().to_owned(),
+                    ]);
+                }
+            }
             Kind::Thread | Kind::Pool | Kind::ThreadProxy => {
                 argv.extend([path(&p.echo_server), "--addr".into(), a]);
                 if c.kind == Kind::ThreadProxy {
@@ -311,6 +374,37 @@ impl Server {
                         d.name().to_owned(),
                     ]);
                 }
+            }
+            Kind::Event => {
+                argv.extend([
+                    path(&p.echo_server),
+                    "--addr".into(),
+                    a,
+                    "--mode".into(),
+                    "event".into(),
+                    "--workers".into(),
+                    event_workers(core.is_some()).to_string(),
+                ]);
+                if let Some(d) = c.auth {
+                    argv.extend([
+                        "--auth-key".into(),
+                        key,
+                        "--digest".into(),
+                        d.name().to_owned(),
+                    ]);
+                }
+            }
+            Kind::NetIo => {
+                if let Some(d) = c.auth {
+                    return Err(format!("net-io has no HMAC handshake ({d})"));
+                }
+                argv.extend([
+                    path(&p.netio_echo),
+                    "--addr".into(),
+                    a,
+                    "--workers".into(),
+                    NETIO_WORKERS.to_string(),
+                ]);
             }
             Kind::Python => {
                 let py = p.python.as_ref().ok_or("python3 not found")?;
@@ -458,5 +552,12 @@ impl Drop for Server {
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The number of threads of `pid` (`Threads:` in /proc/PID/status).
+pub fn threads(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Threads:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }

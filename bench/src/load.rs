@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use socketserver::Digest;
 
-use crate::contender::{connect as open, round_trip, rss_kib};
+use crate::contender::{connect as open, round_trip, rss_kib, threads};
 
 /// What one run of a scenario against one contender measured.
 #[derive(Clone, Debug, Default)]
@@ -41,16 +41,20 @@ pub struct Sample {
     pub cpu_us_per_op: f64,
     /// Whether the server set TCP_NODELAY on a connection it accepted (None: could not tell).
     pub nodelay: Option<bool>,
+    /// The server's peak number of threads during the run (/proc/PID/status `Threads:`).
+    pub threads: f64,
 }
 
 const SETUP: u8 = 0;
 const MEASURE: u8 = 1;
 const STOP: u8 = 2;
 
-/// Samples a process's VmRSS every 20 ms on a thread and keeps the peak.
+/// Samples a process's VmRSS (and its thread count) every 20 ms on a thread and keeps the
+/// peaks.
 struct RssSampler {
     stop: Arc<AtomicBool>,
     peak: Arc<AtomicU64>,
+    peak_threads: Arc<AtomicU64>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
@@ -58,11 +62,15 @@ impl RssSampler {
     fn start(pid: u32) -> RssSampler {
         let stop = Arc::new(AtomicBool::new(false));
         let peak = Arc::new(AtomicU64::new(rss_kib(pid).unwrap_or(0)));
-        let (s, p) = (stop.clone(), peak.clone());
+        let peak_threads = Arc::new(AtomicU64::new(threads(pid).unwrap_or(0)));
+        let (s, p, pt) = (stop.clone(), peak.clone(), peak_threads.clone());
         let thread = thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 if let Some(kib) = rss_kib(pid) {
                     p.fetch_max(kib, Ordering::Relaxed);
+                }
+                if let Some(n) = threads(pid) {
+                    pt.fetch_max(n, Ordering::Relaxed);
                 }
                 thread::sleep(Duration::from_millis(20));
             }
@@ -70,18 +78,27 @@ impl RssSampler {
         RssSampler {
             stop,
             peak,
+            peak_threads,
             thread: Some(thread),
         }
     }
 
+    /// The most threads the process had while sampled (final once `finish` has run).
+    fn threads(&self) -> f64 {
+        self.peak_threads.load(Ordering::Relaxed) as f64
+    }
+
     /// Stops sampling (after one last sample) and returns the peak, KiB.
-    fn finish(mut self, pid: u32) -> u64 {
+    fn finish(&mut self, pid: u32) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
         if let Some(kib) = rss_kib(pid) {
             self.peak.fetch_max(kib, Ordering::Relaxed);
+        }
+        if let Some(n) = threads(pid) {
+            self.peak_threads.fetch_max(n, Ordering::Relaxed);
         }
         self.peak.load(Ordering::Relaxed)
     }
@@ -275,7 +292,7 @@ fn timed<S: Send + 'static>(
         .collect();
     barrier.wait();
     thread::sleep(warmup);
-    let sampler = RssSampler::start(pid);
+    let mut sampler = RssSampler::start(pid);
     let watch = CpuWatch::start(cores, pid);
     phase.store(MEASURE, Ordering::Relaxed);
     let t0 = Instant::now();
@@ -288,6 +305,7 @@ fn timed<S: Send + 'static>(
     let mut s = Sample {
         rss_kib: rss as f64,
         foreign,
+        threads: sampler.threads(),
         ..Sample::default()
     };
     let mut lat = Vec::new();
@@ -378,7 +396,7 @@ pub fn idle(
 ) -> Sample {
     let base = rss_kib(pid).unwrap_or(0);
     let watch = CpuWatch::start(cores, pid);
-    let sampler = RssSampler::start(pid);
+    let mut sampler = RssSampler::start(pid);
     let mut errors = 0;
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
@@ -425,6 +443,7 @@ pub fn idle(
             0.0
         },
         foreign,
+        threads: sampler.threads(),
         ..Sample::default()
     };
     fill_latency(&mut s, lat);
@@ -452,5 +471,7 @@ mod tests {
         assert!(process_ticks("self") > 0, "our own CPU time");
         assert!((0.0..=1.0).contains(&w.foreign()));
         assert!(rss_kib(std::process::id()).is_some_and(|k| k > 0));
+        // This test's thread and the harness's main thread at least.
+        assert!(threads(std::process::id()).is_some_and(|n| n >= 2));
     }
 }

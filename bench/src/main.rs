@@ -1,11 +1,12 @@
 //! Benchmark: this crate's `echo_server` against a minimal std::net thread-per-connection echo
 //! server, a tokio echo server and Python's `socketserver.ThreadingTCPServer`, on loopback, in
-//! one run on one machine.
+//! one run on one machine; and, for event dispatch (issue 13), an echo server on net-io 0.4, the
+//! closest blocking peer.
 //!
 //! ```text
 //! cargo run --release -p socketserver-bench -- [--quick] [--rounds N] [--secs S] [--idle N]
 //!     [--only echo,connect,idle] [--conns 1,16,128]
-//!     [--contenders std,std-pool,tokio,thread,pool,python]
+//!     [--contenders std,std-pool,tokio,thread,pool,python,event,netio]
 //!     [--pin both|on|off] [--no-pin] [--no-python] [--no-build] [--out DIR]
 //! ```
 //!
@@ -22,6 +23,7 @@
 mod contender;
 mod load;
 mod report;
+mod targets_event;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,7 +38,7 @@ use report::{Entry, Point, Sweep, Verdict};
 const USAGE: &str = "\
 usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
                           [--only echo,connect,idle] [--conns 1,16,128]
-                          [--contenders std,std-pool,tokio,thread,pool,python]
+                          [--contenders std,std-pool,tokio,thread,pool,python,event,netio]
                           [--pin both|on|off] [--no-pin] [--no-python] [--no-build]
                           [--out DIR]
 
@@ -45,12 +47,15 @@ usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
   --rounds N    alternating rounds per point; the median and the spread are reported (default 5;
                 idle at most 3)
   --secs S      measured seconds per echo/connect run (default 1.2)
-  --idle N      idle connections to hold (default 9000; 3000 with --quick)
+  --idle N      idle connections to hold (default 9000; 3000 with --quick); 19000 checks
+                issue 13's idle target (the descriptor limit must allow it)
   --only LIST   scenarios to run (default echo,connect,idle)
   --conns LIST  connection counts of the echo scenario (default 1,16,128)
   --contenders LIST
-                which servers to run (default all: std,std-pool,tokio,thread,pool,python);
-                std is the baseline of every ratio; std-pool runs in the connect scenario
+                which servers to run (default all:
+                std,std-pool,tokio,thread,pool,python,event,netio); std is the baseline of
+                every ratio; std-pool runs in the connect scenario; event is echo_server
+                --mode event (issue 13); netio is net-io 0.4 (echo and connect)
   --pin WHICH   both (default): a pinned sweep (server on core 1, load generator on core 0,
                 tokio on a current-thread runtime), then an unpinned one (every core free,
                 tokio multi-thread); on: pinned only; off: unpinned only
@@ -120,6 +125,8 @@ fn parse_args() -> Config {
             Kind::Pool,
             Kind::Python,
             Kind::ThreadProxy,
+            Kind::Event,
+            Kind::NetIo,
         ],
         sweeps: vec![true, false],
         python: true,
@@ -203,6 +210,8 @@ fn parse_args() -> Config {
                         "pool" => Kind::Pool,
                         "python" => Kind::Python,
                         "thread-proxy" => Kind::ThreadProxy,
+                        "event" => Kind::Event,
+                        "netio" | "net-io" => Kind::NetIo,
                         _ => fail(&format!("unknown contender {k:?}")),
                     })
                     .collect();
@@ -276,7 +285,7 @@ fn cargo_build(root: &Path, what: &[&str]) -> Result<Vec<PathBuf>, String> {
 fn programs(c: &Config) -> Result<Programs, String> {
     let bench = Path::new(env!("CARGO_MANIFEST_DIR"));
     let root = bench.parent().ok_or("bench crate has no parent")?;
-    let (echo_server, std_echo, tokio_echo) = if c.build {
+    let (echo_server, std_echo, tokio_echo, netio_echo) = if c.build {
         eprintln!("building the contenders (release)…");
         let mut exes = cargo_build(root, &["-p", "socketserver", "--example", "echo_server"])?;
         exes.extend(cargo_build(root, &["-p", "socketserver-bench", "--bins"])?);
@@ -286,7 +295,12 @@ fn programs(c: &Config) -> Result<Programs, String> {
                 .cloned()
                 .ok_or(format!("cargo built no {name}"))
         };
-        (pick("echo_server")?, pick("std_echo")?, pick("tokio_echo")?)
+        (
+            pick("echo_server")?,
+            pick("std_echo")?,
+            pick("tokio_echo")?,
+            pick("netio_echo")?,
+        )
     } else {
         let me = std::env::current_exe().map_err(|e| e.to_string())?;
         let dir = me.parent().ok_or("no directory")?.to_path_buf();
@@ -294,9 +308,10 @@ fn programs(c: &Config) -> Result<Programs, String> {
             dir.join("examples/echo_server"),
             dir.join("std_echo"),
             dir.join("tokio_echo"),
+            dir.join("netio_echo"),
         )
     };
-    for p in [&echo_server, &std_echo, &tokio_echo] {
+    for p in [&echo_server, &std_echo, &tokio_echo, &netio_echo] {
         if !p.exists() {
             return Err(format!(
                 "{} is missing (build it or drop --no-build)",
@@ -309,6 +324,7 @@ fn programs(c: &Config) -> Result<Programs, String> {
         echo_server,
         std_echo,
         tokio_echo,
+        netio_echo,
         python,
         python_script: bench.join("python_echo.py"),
     })
@@ -423,6 +439,18 @@ fn contenders(point: Point, python: bool, kinds: &[Kind]) -> Vec<Contender> {
         // A pool of POOL_WORKERS cannot serve thousands of connections at once.
         Point::Idle(_) => vec![p(Std), p(Tokio), p(Thread)],
     };
+    // Issue 13: event dispatch, against tokio (with the same handshake too) and net-io, the
+    // closest blocking peer. net-io 0.4 holds a worker per connection, at most 4,096: no idle.
+    match point {
+        Point::Echo(_) => v.extend([p(Event), p(NetIo)]),
+        Point::Connect(_) => v.extend([
+            a(Tokio, Digest::Md5),
+            p(Event),
+            a(Event, Digest::Md5),
+            p(NetIo),
+        ]),
+        Point::Idle(_) => v.push(p(Event)),
+    }
     if python {
         v.push(p(Python));
         if matches!(point, Point::Connect(_)) {
@@ -522,10 +550,11 @@ fn setup(cfg: &mut Config) -> Result<Setup, String> {
 fn progress(point: Point, s: &load::Sample) -> String {
     let fig = match point {
         Point::Idle(_) => format!(
-            "{:.0} held, RSS {:.1} MiB ({:.1} KiB/conn)",
+            "{:.0} held, RSS {:.1} MiB ({:.1} KiB/conn), {:.0} threads",
             s.rate,
             s.rss_kib / 1024.0,
-            s.rss_per_conn / 1024.0
+            s.rss_per_conn / 1024.0,
+            s.threads
         ),
         _ => format!(
             "{}/s  p50 {}  p99 {}",
@@ -707,9 +736,17 @@ fn report_all(
         }
     }
     // Read from each server's accepted socket: a contender without it is not like for like.
+    // A contender whose every run failed has no socket to read: its failure is reported.
+    let measured = |c: &Contender| {
+        sweeps
+            .iter()
+            .flat_map(|s| &s.results)
+            .flat_map(|(_, e)| e)
+            .any(|e| e.contender == *c && !e.samples.is_empty())
+    };
     let without: Vec<String> = seen
         .iter()
-        .filter(|c| report::nodelay(sweeps, **c) != "yes")
+        .filter(|c| measured(c) && report::nodelay(sweeps, **c) != "yes")
         .map(|c| format!("{} ({})", c.label(), report::nodelay(sweeps, *c)))
         .collect();
     let nodelay_note = if without.is_empty() {

@@ -114,6 +114,7 @@ pub fn summary(samples: &[Sample]) -> Option<Sample> {
         foreign: m(|s| s.foreign),
         cpu_us_per_op: m(|s| s.cpu_us_per_op),
         nodelay: samples.iter().find_map(|s| s.nodelay),
+        threads: m(|s| s.threads),
     })
 }
 
@@ -281,6 +282,10 @@ fn idle_columns() -> Vec<Column> {
         Column {
             header: "spread over rounds",
             cell: |c| fmt_spread(c.rounds, |s| s.rss_per_conn, fmt_bytes),
+        },
+        Column {
+            header: "server threads",
+            cell: |c| format!("{:.0}", c.s.threads),
         },
         Column {
             header: "check p50",
@@ -530,7 +535,7 @@ impl Check {
 }
 
 /// The rounds of `c` at `point` (empty if it has none).
-fn rounds(res: &Results, point: Point, c: Contender) -> &[Sample] {
+pub(crate) fn rounds(res: &Results, point: Point, c: Contender) -> &[Sample] {
     res.iter()
         .find(|(p, _)| *p == point)
         .and_then(|(_, e)| e.iter().find(|e| e.contender == c))
@@ -616,6 +621,7 @@ pub fn targets(res: &Results) -> Vec<Check> {
             check(what, point, c, STD, |s| s.p99_us, 1.0, false);
         }
     }
+    out.extend(crate::targets_event::targets(res));
     out
 }
 
@@ -662,7 +668,9 @@ fn color(c: &Contender) -> &'static str {
         Kind::Thread => "#1f77b4",
         Kind::Pool => "#6baed6",
         Kind::Python => "#2ca02c",
-        Kind::ThreadProxy => "#9467bd",
+        Kind::ThreadProxy => "#c5b0d5",
+        Kind::Event => "#08306b",
+        Kind::NetIo => "#9467bd",
     }
 }
 

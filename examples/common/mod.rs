@@ -24,16 +24,16 @@ pub fn mp_addr(c: Command) -> Command {
     c.mut_arg("addr", |a| a.default_value("127.0.0.1:6000"))
 }
 
-/// How a server runs its requests: `--mode sync|thread|pool` and `--workers N`.
+/// How a server runs its requests: `--mode sync|thread|pool|event` and `--workers N`.
 #[derive(clap::Args, Debug)]
 pub struct DispatchArgs {
     /// How requests are dispatched
     #[arg(long, value_enum, default_value_t = Mode::Thread)]
     pub mode: Mode,
-    /// Worker threads of `--mode pool`
-    #[arg(long, value_name = "N", default_value_t = 8,
+    /// Worker threads of `--mode pool` (default 8) or `--mode event` (default: one per core)
+    #[arg(long, value_name = "N",
           value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
-    pub workers: usize,
+    pub workers: Option<usize>,
 }
 
 /// The values of `--mode`.
@@ -45,6 +45,8 @@ pub enum Mode {
     Thread,
     /// A fixed pool of `--workers` threads
     Pool,
+    /// Connections parked between messages; `--workers` threads serve the messages
+    Event,
 }
 
 impl DispatchArgs {
@@ -53,9 +55,20 @@ impl DispatchArgs {
             Mode::Sync => Dispatch::Sync,
             Mode::Thread => Dispatch::Thread,
             Mode::Pool => Dispatch::Pool {
-                workers: self.workers,
+                workers: self.workers.unwrap_or(8),
+            },
+            Mode::Event => Dispatch::Event {
+                workers: self
+                    .workers
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
             },
         }
+    }
+
+    /// Whether the handler must serve one message per call.
+    #[allow(dead_code)]
+    pub fn is_event(&self) -> bool {
+        matches!(self.mode, Mode::Event)
     }
 }
 

@@ -22,9 +22,25 @@ pub const CHALLENGE_LEN: usize = 32;
 /// leaves the server waiting for the rest until the timeout; a longer one fails as a wrong
 /// digest. Both errors say how many hex digits came and which digest the client seems to use.
 pub(crate) fn serve<S: AsFd>(mut io: DeadlineIo<'_, S>, key: &[u8], digest: Digest) -> Result<()> {
+    let challenge = send_challenge(&mut io)?;
+    check_reply(io, key, digest, &challenge)
+}
+
+/// The first half of [`serve`]: the challenge, sent.
+pub(crate) fn send_challenge<S: AsFd>(io: &mut DeadlineIo<'_, S>) -> Result<[u8; CHALLENGE_LEN]> {
     let mut challenge = [0u8; CHALLENGE_LEN];
     random::fill(&mut challenge)?;
     io.write_all(&challenge)?;
+    Ok(challenge)
+}
+
+/// The second half of [`serve`]: the reply to `challenge`, read and verified.
+pub(crate) fn check_reply<S: AsFd>(
+    mut io: DeadlineIo<'_, S>,
+    key: &[u8],
+    digest: Digest,
+    challenge: &[u8; CHALLENGE_LEN],
+) -> Result<()> {
     let mut reply = [0u8; 2 * mac::MAX_MAC_LEN];
     let want = 2 * digest.output_len();
     let mut got = 0;
@@ -57,7 +73,7 @@ pub(crate) fn serve<S: AsFd>(mut io: DeadlineIo<'_, S>, key: &[u8], digest: Dige
     if hex::decode_to_slice(reply, tag).is_err() {
         return Err(Error::new(Kind::AuthFailed).with_detail("reply is not a hex digest"));
     }
-    if !digest.verify(key, &[&challenge], tag) {
+    if !digest.verify(key, &[challenge], tag) {
         let mut e = Error::new(Kind::AuthFailed);
         // More hex digits already waiting (peeked, never consumed) may be the rest of a longer
         // digest; the connection is closed either way, so looking costs nothing.

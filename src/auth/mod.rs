@@ -170,6 +170,52 @@ impl Auth {
 
     /// Runs the server side of the handshake over a connection whose I/O is bounded by the
     /// admission deadline.
+    /// Event mode: sends the server's first message and says what answer to wait for.
+    pub(crate) fn begin(&self, mut io: DeadlineIo<'_, Stream>) -> Result<AuthStep> {
+        match self.protocol {
+            Protocol::Hmac(d) => {
+                let challenge = hmac::send_challenge(&mut io)?;
+                Ok(AuthStep::Wait(
+                    Need::Bytes(2 * d.output_len()),
+                    AuthState(State::Hmac(challenge)),
+                ))
+            }
+            Protocol::Multiprocessing(v, d) => {
+                mp::check_key(&self.key)?;
+                let message = mp::listener_challenge(v, d)?;
+                mp::send_mp_challenge(&mut crate::MpConnection::new(io), &message)?;
+                Ok(AuthStep::Wait(
+                    Need::Frame,
+                    AuthState(State::MpAnswer(message)),
+                ))
+            }
+        }
+    }
+
+    /// Event mode: the answer [`begin`](Self::begin) (or an earlier `resume`) waited for is
+    /// there; goes on to the next wait, or to the end.
+    pub(crate) fn resume(&self, state: AuthState, io: DeadlineIo<'_, Stream>) -> Result<AuthStep> {
+        match (state.0, &self.protocol) {
+            (State::Hmac(challenge), Protocol::Hmac(d)) => {
+                hmac::check_reply(io, &self.key, *d, &challenge)?;
+                Ok(AuthStep::Done)
+            }
+            (State::MpAnswer(message), _) => {
+                mp::check_mp_answer(&mut crate::MpConnection::new(io), &self.key, &message)?;
+                Ok(AuthStep::Wait(Need::Frame, AuthState(State::MpChallenge)))
+            }
+            (State::MpChallenge, _) => {
+                mp::send_mp_answer(&mut crate::MpConnection::new(io), &self.key)?;
+                Ok(AuthStep::Wait(Need::Frame, AuthState(State::MpVerdict)))
+            }
+            (State::MpVerdict, _) => {
+                mp::read_mp_verdict(&mut crate::MpConnection::new(io))?;
+                Ok(AuthStep::Done)
+            }
+            (State::Hmac(_), _) => Err(Error::config("handshake state of another protocol")),
+        }
+    }
+
     pub(crate) fn serve(&self, io: DeadlineIo<'_, Stream>) -> Result<()> {
         match self.protocol {
             Protocol::Hmac(d) => hmac::serve(io, &self.key, d),
@@ -180,6 +226,52 @@ impl Auth {
 
 /// Connects to `addr` (trying each resolved address) and runs `handshake` on the new stream,
 /// all within `timeout`. The stream is left without socket timeouts.
+/// Where an event-mode handshake stands: over, or waiting for the peer's next message.
+pub(crate) enum AuthStep {
+    Done,
+    Wait(Need, AuthState),
+}
+
+/// What a handshake waits for before it can go on without blocking.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Need {
+    /// This many bytes.
+    Bytes(usize),
+    /// A whole `multiprocessing.connection` frame (4-byte big-endian length, then that many).
+    Frame,
+}
+
+impl Need {
+    /// Whether `received` (peeked, not read) holds what is needed. A frame longer than a
+    /// handshake message counts as whole: reading its length is enough to refuse it.
+    pub(crate) fn is_met(self, received: &[u8]) -> bool {
+        match self {
+            Need::Bytes(n) => received.len() >= n,
+            Need::Frame => match received.first_chunk::<4>() {
+                None => false,
+                Some(len) => {
+                    let len = u32::from_be_bytes(*len) as usize;
+                    len > 256 || received.len() >= 4 + len
+                }
+            },
+        }
+    }
+}
+
+/// What a parked handshake remembers between the peer's messages.
+pub(crate) struct AuthState(State);
+
+enum State {
+    /// Classic: the challenge sent, waiting for its hex digest.
+    Hmac([u8; CHALLENGE_LEN]),
+    /// `multiprocessing`: our challenge sent, waiting for the answer.
+    MpAnswer(Vec<u8>),
+    /// `multiprocessing`: welcomed the client, waiting for its challenge.
+    MpChallenge,
+    /// `multiprocessing`: answered the client's challenge, waiting for its verdict.
+    MpVerdict,
+}
+
 pub(crate) fn connect_and<T>(
     addr: impl ToSocketAddrs,
     timeout: Duration,

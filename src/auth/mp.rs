@@ -133,9 +133,26 @@ fn deliver_mp_challenge<S: Read + Write>(
     key: &[u8],
     message: &[u8],
 ) -> Result<()> {
+    send_mp_challenge(c, message)?;
+    check_mp_answer(c, key, message)
+}
+
+/// The first half of `deliver_challenge`: the challenge, sent.
+pub(super) fn send_mp_challenge<S: Read + Write>(
+    c: &mut MpConnection<S>,
+    message: &[u8],
+) -> Result<()> {
     let mut challenge = CHALLENGE.to_vec();
     challenge.extend_from_slice(message);
-    c.send_bytes(&challenge)?;
+    c.send_bytes(&challenge)
+}
+
+/// The second half of `deliver_challenge`: the answer, checked, and the verdict sent.
+pub(super) fn check_mp_answer<S: Read + Write>(
+    c: &mut MpConnection<S>,
+    key: &[u8],
+    message: &[u8],
+) -> Result<()> {
     let response = recv_handshake(c)?;
     match verify_response(key, message, &response) {
         Ok(()) => c.send_bytes(WELCOME),
@@ -149,6 +166,12 @@ fn deliver_mp_challenge<S: Read + Write>(
 
 /// Python's `answer_challenge`: answer the peer's challenge and read its verdict.
 fn answer_mp_challenge<S: Read + Write>(c: &mut MpConnection<S>, key: &[u8]) -> Result<()> {
+    send_mp_answer(c, key)?;
+    read_mp_verdict(c)
+}
+
+/// The first half of `answer_challenge`: the peer's challenge, read and answered.
+pub(super) fn send_mp_answer<S: Read + Write>(c: &mut MpConnection<S>, key: &[u8]) -> Result<()> {
     let message = recv_handshake(c)?;
     let Some(challenge) = message.strip_prefix(CHALLENGE) else {
         return Err(Error::new(Kind::BadMessage)
@@ -161,7 +184,11 @@ fn answer_mp_challenge<S: Read + Write>(c: &mut MpConnection<S>, key: &[u8]) -> 
             .with_detail(format!("challenge too short: {} bytes", challenge.len())));
     }
     let response = create_response(key, challenge).map_err(|e| e.with_addr(c.peer.as_ref()))?;
-    c.send_bytes(&response)?;
+    c.send_bytes(&response)
+}
+
+/// The second half of `answer_challenge`: the peer's verdict on our answer.
+pub(super) fn read_mp_verdict<S: Read + Write>(c: &mut MpConnection<S>) -> Result<()> {
     let verdict = recv_handshake(c)?;
     if verdict != WELCOME {
         return Err(Error::new(Kind::AuthRejected)
@@ -185,7 +212,7 @@ fn client_side<S: Read + Write>(c: &mut MpConnection<S>, key: &[u8], message: &[
     deliver_mp_challenge(c, key, message)
 }
 
-fn check_key(key: &[u8]) -> Result<()> {
+pub(super) fn check_key(key: &[u8]) -> Result<()> {
     if key.is_empty() {
         // gh-88118: Python's client freezes on an empty key; refuse it up front.
         return Err(Error::config("authkey must not be empty"));
@@ -251,6 +278,11 @@ pub fn mp_connect_with(
         mp_client_handshake(io, key, version).map(drop)
     })?;
     Ok(MpConnection::new(stream).with_peer(peer))
+}
+
+/// The challenge message a listener of `version` and `digest` sends (random each time).
+pub(super) fn listener_challenge(version: MpVersion, digest: Digest) -> Result<Vec<u8>> {
+    Ok(challenge_message(version, digest)?)
 }
 
 /// Runs the listener side over a server connection, with the middleware's deadline.

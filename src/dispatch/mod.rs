@@ -10,9 +10,11 @@ use crate::control::{Permit, Ticket};
 use crate::transport::{Incoming, Service};
 use crate::worker::Ctx;
 
+mod event;
 mod pool;
 mod threads;
 
+use event::Event;
 use pool::Pool;
 use threads::Threads;
 
@@ -42,6 +44,20 @@ pub enum Dispatch {
         /// Number of worker threads (at least 1).
         workers: usize,
     },
+    /// Stream servers only, with a [`MessageRequestHandler`](crate::MessageRequestHandler):
+    /// a worker is held only while a message is served. Between messages a connection is
+    /// parked in an epoll set, holding no thread and no buffer, so idle connections cost their
+    /// socket and the handler's own state; a pipelined message is served without parking;
+    /// authentication handshakes park too while the client answers. Like Apache's event MPM,
+    /// with a blocking handler API. The workers take turns waiting on the set and serve up to
+    /// 8 ready connections per wake-up: one per core suits handlers that do not block for
+    /// long; more if they do (a handler that blocks delays the connections of its batch).
+    /// Capped by [`Builder::max_connections`](crate::Builder::max_connections), whose default
+    /// is what the descriptor limit allows. Linux only.
+    Event {
+        /// Number of worker threads (at least 1).
+        workers: usize,
+    },
 }
 
 impl Dispatch {
@@ -51,6 +67,7 @@ impl Dispatch {
             Dispatch::Sync => None,
             Dispatch::Thread => max_connections,
             Dispatch::Pool { workers } => Some(workers),
+            Dispatch::Event { .. } => max_connections,
         }
     }
 }
@@ -76,13 +93,14 @@ impl<S: Service> Shared<S> {
 /// The running form of a [`Dispatch`].
 pub(crate) struct Dispatcher<S: Service> {
     shared: Arc<Shared<S>>,
-    mode: Mode<S::Request>,
+    mode: Mode<S>,
 }
 
-enum Mode<R> {
+enum Mode<S: Service> {
     Sync,
-    Thread(Threads<Job<R>>),
-    Pool(Pool<Job<R>>),
+    Thread(Threads<Job<S::Request>>),
+    Pool(Pool<Job<S::Request>>),
+    Event(Event<S>),
 }
 
 impl<S: Service> Dispatcher<S> {
@@ -98,6 +116,9 @@ impl<S: Service> Dispatcher<S> {
             Dispatch::Sync => Mode::Sync,
             Dispatch::Thread => Mode::Thread(Threads::new(stack_size, run)),
             Dispatch::Pool { workers } => Mode::Pool(Pool::new(workers, stack_size, run)?),
+            Dispatch::Event { workers } => {
+                Mode::Event(Event::new(workers, stack_size, shared.clone())?)
+            }
         };
         Ok(Dispatcher { shared, mode })
     }
@@ -108,6 +129,7 @@ impl<S: Service> Dispatcher<S> {
         match &self.mode {
             Mode::Sync => self.shared.run(job),
             Mode::Pool(pool) => pool.submit(job),
+            Mode::Event(event) => event.submit(job)?,
             Mode::Thread(threads) => {
                 let peer = job.0.peer().clone();
                 threads.submit(job).map_err(|e| {
@@ -120,8 +142,10 @@ impl<S: Service> Dispatcher<S> {
 
     /// Stops the workers once their current requests end; with `join`, waits for that.
     pub(crate) fn close(self, join: bool) {
-        if let Mode::Pool(pool) = self.mode {
-            pool.close(join);
+        match self.mode {
+            Mode::Pool(pool) => pool.close(join),
+            Mode::Event(event) => event.close(join),
+            Mode::Sync | Mode::Thread(_) => {}
         }
     }
 }

@@ -67,6 +67,7 @@ fn peer_addr(a: Option<SocketAddrAny>) -> Addr {
 
 impl Listener for DatagramSocket {
     type Request = Received;
+    const STREAMS: bool = false;
 
     fn accept(&self, control: &Control) -> io::Result<Received> {
         let mut packet = Vec::with_capacity(self.max_packet_size);
@@ -135,6 +136,20 @@ impl<H> DatagramService<H> {
 
 impl<H: DatagramHandler> Service for DatagramService<H> {
     type Request = Received;
+    /// Datagram servers do not run in event mode (refused when the server is built).
+    type Session = std::convert::Infallible;
+
+    fn session(&self, _: Received, _: &Ctx) -> Option<Self::Session> {
+        None
+    }
+
+    fn resume(&self, session: &mut Self::Session, _: &Ctx) -> super::Step {
+        match *session {}
+    }
+
+    fn end(&self, session: Self::Session, _: &Ctx) {
+        match session {}
+    }
 
     fn serve(&self, r: Received, ctx: &Ctx) {
         let Some(mut handler) = lifecycle::make(&*self.factory, &r.peer, ctx) else {

@@ -22,6 +22,9 @@ pub trait Listener: Send + Sync + 'static {
     /// One unit of work for a handler.
     type Request: Incoming;
 
+    /// Whether its requests are connections (stream sockets) rather than datagrams.
+    const STREAMS: bool;
+
     /// Takes the next request without blocking (`WouldBlock` when there is none).
     fn accept(&self, control: &Control) -> io::Result<Self::Request>;
 
@@ -54,12 +57,17 @@ pub trait Service: Send + Sync + 'static {
     /// The request type it serves.
     type Request: Incoming;
 
+    /// What an event-mode connection keeps between its messages.
+    type Session: Send + 'static;
+
     /// Serves `req` to completion. Never panics: handler panics are caught and reported.
     fn serve(&self, req: Self::Request, ctx: &Ctx);
 
-    /// Checks the configuration and readies the service once the dispatch limit is known.
-    fn prepare(&mut self, limit: Option<usize>) -> crate::Result<()> {
-        let _ = limit;
+    /// Checks the configuration and readies the service once the dispatch limit is known
+    /// (`parks`: for [`Dispatch::Event`](crate::Dispatch::Event), whose connections wait for
+    /// their messages on no thread).
+    fn prepare(&mut self, limit: Option<usize>, parks: bool) -> crate::Result<()> {
+        let _ = (limit, parks);
         Ok(())
     }
 
@@ -77,6 +85,33 @@ pub trait Service: Send + Sync + 'static {
     ) -> Option<crate::admission::VerifyHook> {
         Some(hook)
     }
+
+    /// Event mode: the session of a new connection, before any I/O; `None` for a request that
+    /// cannot be served this way.
+    fn session(&self, req: Self::Request, ctx: &Ctx) -> Option<Self::Session>;
+
+    /// Event mode: the connection of `session` has input (or hung up): serves what it can
+    /// without waiting for the peer. Never panics.
+    fn resume(&self, session: &mut Self::Session, ctx: &Ctx) -> Step;
+
+    /// Event mode: ends the connection (the handler's `finish`, if it was set up, then the
+    /// close).
+    fn end(&self, session: Self::Session, ctx: &Ctx);
+
+    /// Event mode: called every few milliseconds; expires what waits on a deadline.
+    fn tick(&self, ctx: &Ctx) {
+        let _ = ctx;
+    }
+}
+
+/// What an event-mode connection does after [`Service::resume`].
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Wait, parked, for more input.
+    Park,
+    /// Close it ([`Service::end`]).
+    Close,
 }
 
 mod sealed {

@@ -8,13 +8,13 @@ use std::os::unix::net::UnixListener;
 use std::time::Duration;
 
 use super::socket::OwnedPath;
-use super::{Incoming, Listener, Service};
-use crate::admission::Pipeline;
+use super::{Incoming, Listener, Service, Step};
+use crate::admission::{Admission, Pipeline};
 use crate::control::Control;
 use crate::lifecycle;
 use crate::log_limit::limited;
 use crate::worker::Ctx;
-use crate::{Addr, Handler, Request, Stream};
+use crate::{Addr, Handler, Next, Request, Stream};
 
 /// An accepted connection waiting for a worker.
 pub struct Accepted {
@@ -64,6 +64,7 @@ pub struct TcpAcceptor {
 
 impl Listener for TcpAcceptor {
     type Request = Accepted;
+    const STREAMS: bool = true;
 
     fn accept(&self, _: &Control) -> io::Result<Accepted> {
         let (s, peer) = self.listener.accept()?;
@@ -94,6 +95,7 @@ pub struct UnixAcceptor {
 
 impl Listener for UnixAcceptor {
     type Request = Accepted;
+    const STREAMS: bool = true;
 
     fn accept(&self, _: &Control) -> io::Result<Accepted> {
         let (s, peer) = self.listener.accept()?;
@@ -147,10 +149,104 @@ impl<H> StreamService<H> {
     }
 }
 
+impl<H: Handler> StreamService<H> {
+    /// After admission: timeouts, the handler, its `setup`. `None` if the connection must close
+    /// (it is then closed by the caller; `finish` does not run after a failed `setup`).
+    fn start(&self, req: &mut Request, ctx: &Ctx) -> Option<H> {
+        if let Err(e) = self.apply_timeouts(&req.stream) {
+            limited!(
+                warn,
+                "cannot set timeouts on connection from {}: {e}",
+                req.peer
+            );
+            return None;
+        }
+        let mut handler = lifecycle::make(&*self.factory, &req.peer, ctx)?;
+        lifecycle::setup(&mut handler, req, ctx).then_some(handler)
+    }
+}
+
+/// An event-mode connection between its messages.
+pub struct Session<H> {
+    req: Request,
+    phase: Phase<H>,
+}
+
+enum Phase<H> {
+    /// Accepted; nothing run yet.
+    Fresh,
+    /// Going through admission (or just through it, or refused).
+    Admitting(Admission),
+    /// Set up; serving messages.
+    Serving(H),
+    /// Closing.
+    Ended,
+}
+
+/// Parks the connection, unless the server is draining (a parked connection is closed at once
+/// then, and one that parks after the drain swept them must close itself).
+fn park<H>(s: &mut Session<H>, ctx: &Ctx) -> Step {
+    s.req.stream.set_parked(true);
+    // Pairs with the fence of `Control::begin_drain`: either the drain sees this connection
+    // parked and cuts it, or this sees the drain.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    if ctx.control().is_draining() {
+        s.req.stream.set_parked(false);
+        return Step::Close;
+    }
+    Step::Park
+}
+
+/// Serves the messages that are whole in the buffer or on the socket, without waiting for the
+/// peer; `Park` once the socket has nothing more (its buffer released when empty).
+fn serve_messages<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Step {
+    // Input was signalled: ask the socket at least once.
+    let mut asked = false;
+    loop {
+        let Some((m, s)) = h.messages() else {
+            return Step::Close;
+        };
+        let buffered = s.rfile.buffer();
+        let whole = !buffered.is_empty() && (m.message_ready(buffered) || s.rfile.is_full());
+        if whole {
+            if lifecycle::message(h, req, ctx) == Next::Close {
+                return Step::Close;
+            }
+            continue;
+        }
+        // The last read left the socket empty, and any byte since is signalled anew.
+        if asked && s.rfile.drained() {
+            s.rfile.park();
+            return Step::Park;
+        }
+        asked = true;
+        match s.rfile.fill_nonblocking() {
+            Ok(0) => return Step::Close,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                s.rfile.park();
+                return Step::Park;
+            }
+            Err(e) => {
+                log::debug!("connection from {}: {e}", req.peer);
+                return Step::Close;
+            }
+        }
+    }
+}
+
 impl<H: Handler> Service for StreamService<H> {
     type Request = Accepted;
+    type Session = Session<H>;
 
-    fn prepare(&mut self, limit: Option<usize>) -> crate::Result<()> {
+    fn prepare(&mut self, limit: Option<usize>, parks: bool) -> crate::Result<()> {
+        if parks && !H::SERVES_MESSAGES {
+            return Err(crate::Error::config(
+                "Dispatch::Event serves one message per call: wrap the handler in a \
+                 MessageRequestHandler (a Handler serves a whole connection, which would hold \
+                 its worker)",
+            ));
+        }
         // The OS refuses a zero socket timeout; say so once, at build, rather than on every
         // connection.
         if self.read_timeout == Some(Duration::ZERO) || self.write_timeout == Some(Duration::ZERO) {
@@ -158,7 +254,74 @@ impl<H: Handler> Service for StreamService<H> {
                 "a read or write timeout of zero: use None for no timeout",
             ));
         }
-        self.admission.prepare(limit)
+        self.admission.prepare(limit, parks)
+    }
+
+    fn session(&self, conn: Accepted, ctx: &Ctx) -> Option<Session<H>> {
+        Some(Session {
+            req: Request {
+                stream: conn.stream,
+                peer: conn.peer,
+                server: ctx.handle.clone(),
+                #[cfg(feature = "proxy-protocol")]
+                proxy: None,
+            },
+            phase: Phase::Fresh,
+        })
+    }
+
+    fn resume(&self, s: &mut Session<H>, ctx: &Ctx) -> Step {
+        s.req.stream.set_parked(false);
+        let control = &ctx.handle.control;
+        loop {
+            match std::mem::replace(&mut s.phase, Phase::Ended) {
+                Phase::Fresh => {
+                    let a = self.admission.begin(&s.req.stream, &s.req.peer, control);
+                    s.phase = Phase::Admitting(a);
+                }
+                Phase::Admitting(Admission::Admitted) => match self.start(&mut s.req, ctx) {
+                    Some(h) => s.phase = Phase::Serving(h),
+                    None => return Step::Close,
+                },
+                Phase::Admitting(Admission::Parked(p)) => {
+                    match self
+                        .admission
+                        .resume(p, &s.req.stream, &s.req.peer, control)
+                    {
+                        Admission::Parked(p) => {
+                            s.phase = Phase::Admitting(Admission::Parked(p));
+                            return park(s, ctx);
+                        }
+                        a => s.phase = Phase::Admitting(a),
+                    }
+                }
+                Phase::Admitting(Admission::Refused) | Phase::Ended => return Step::Close,
+                Phase::Serving(mut h) => {
+                    let step = serve_messages(&mut h, &mut s.req, ctx);
+                    s.phase = Phase::Serving(h);
+                    return match step {
+                        Step::Park => park(s, ctx),
+                        Step::Close => Step::Close,
+                    };
+                }
+            }
+        }
+    }
+
+    fn end(&self, s: Session<H>, ctx: &Ctx) {
+        let Session { mut req, phase } = s;
+        req.stream.set_parked(false);
+        if let Phase::Serving(mut h) = phase {
+            lifecycle::finish(&mut h, &mut req, ctx);
+            drop(h);
+        }
+        close(&req.stream, &req.peer);
+    }
+
+    fn tick(&self, ctx: &Ctx) {
+        if !self.admission.is_empty() {
+            self.admission.expire(ctx.control());
+        }
     }
 
     fn serve(&self, conn: Accepted, ctx: &Ctx) {

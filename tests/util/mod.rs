@@ -11,8 +11,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use socketserver::{
-    HandlerResult, Server, ServerHandle, StreamHandler, StreamRequest, StreamRequestHandler,
-    transport::Transport,
+    Dispatch, HandlerError, HandlerResult, MessageHandler, MessageRequestHandler, Next, Server,
+    ServerHandle, StreamRequest, transport::Transport,
 };
 
 /// Installs a test logger once (quiet unless RUST_LOG is set).
@@ -86,23 +86,36 @@ pub fn serve<T: Transport>(server: Server<T>) -> Running<T> {
     }
 }
 
-/// Python test_socketserver's handler: echo each line back.
+/// Python test_socketserver's handler: echo each line back. A line is a message, so the same
+/// handler runs in every dispatch mode, [`Dispatch::Event`] included.
 pub struct LineEcho;
 
-impl StreamHandler for LineEcho {
-    fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+impl MessageHandler for LineEcho {
+    fn handle_message(&mut self, s: &mut StreamRequest) -> Result<Next, HandlerError> {
         let mut line = Vec::new();
-        while s.rfile.read_until(b'\n', &mut line)? > 0 {
-            s.wfile.write_all(&line)?;
-            line.clear();
+        if s.rfile.read_until(b'\n', &mut line)? == 0 {
+            return Ok(Next::Close);
         }
-        Ok(())
+        s.wfile.write_all(&line)?;
+        Ok(Next::Message)
+    }
+
+    fn message_ready(&self, buffered: &[u8]) -> bool {
+        buffered.contains(&b'\n')
     }
 }
 
-pub fn line_echo() -> StreamRequestHandler<LineEcho> {
-    StreamRequestHandler::new(LineEcho)
+pub fn line_echo() -> MessageRequestHandler<LineEcho> {
+    MessageRequestHandler::new(LineEcho)
 }
+
+/// Every stream dispatch mode, for the suites that run in each.
+pub const STREAM_MODES: [Dispatch; 4] = [
+    Dispatch::Sync,
+    Dispatch::Thread,
+    Dispatch::Pool { workers: 4 },
+    Dispatch::Event { workers: 2 },
+];
 
 /// CPython's three `hello world\n` round trips over one connection.
 pub fn three_round_trips<S: std::io::Read + Write>(stream: S) {
@@ -123,6 +136,13 @@ pub fn thread_count() -> usize {
 /// Open descriptors of this process, from /proc.
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Runs the tests of a file one at a time (hold the guard for the whole test), for those that
+/// count the process's threads or descriptors, or time what the others would slow down.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Waits until `cond` holds, up to `limit`; returns whether it did.
@@ -418,23 +438,39 @@ pub fn quiet_panics(marker: &'static str) {
     }));
 }
 
-/// Echoes bytes until the client hangs up, counting the connections it served.
-#[derive(Clone, Default)]
-pub struct ByteEcho(pub std::sync::Arc<AtomicUsize>);
+/// Echoes bytes until the client hangs up, counting the connections it served; what one read
+/// brings is a message, so it runs in every dispatch mode. Make one with [`byte_echo`] or
+/// [`counting_echo`].
+pub type ByteEcho = MessageRequestHandler<Bytes>;
 
-impl socketserver::Handler for ByteEcho {
-    fn handle(&mut self, req: &mut socketserver::Request) -> HandlerResult {
-        use std::io::Read;
+#[derive(Clone, Default)]
+pub struct Bytes(pub std::sync::Arc<AtomicUsize>);
+
+impl MessageHandler for Bytes {
+    fn setup(&mut self, _: &mut StreamRequest) -> HandlerResult {
         self.0.fetch_add(1, Ordering::SeqCst);
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = req.read(&mut buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            req.write_all(&buf[..n])?;
-        }
+        Ok(())
     }
+
+    fn handle_message(&mut self, s: &mut StreamRequest) -> Result<Next, HandlerError> {
+        let data = s.rfile.fill_buf()?;
+        if data.is_empty() {
+            return Ok(Next::Close);
+        }
+        s.wfile.write_all(data)?;
+        let n = data.len();
+        s.rfile.consume(n);
+        Ok(Next::Message)
+    }
+}
+
+pub fn byte_echo() -> ByteEcho {
+    MessageRequestHandler::new(Bytes::default())
+}
+
+/// A [`ByteEcho`] counting its connections in `served`.
+pub fn counting_echo(served: &Arc<AtomicUsize>) -> ByteEcho {
+    MessageRequestHandler::new(Bytes(served.clone()))
 }
 
 /// Echoes each datagram, counting them; `shutdown` stops the server and `silent` gets no reply.

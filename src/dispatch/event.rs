@@ -1,0 +1,392 @@
+//! [`Dispatch::Event`](super::Dispatch::Event): connections parked in one epoll set between
+//! their messages, and a few workers that take turns waiting on it (leader/followers).
+//!
+//! Each connection is registered once, edge-triggered, for input and output: a fresh
+//! connection is writable at once, so its first event comes straight away and a worker runs its
+//! admission and `setup`; after that, every byte that arrives signals it again. Nothing is
+//! re-armed per message (`EPOLLONESHOT` costs an `epoll_ctl` per message, ~10% of an echo
+//! round trip here), so a message costs the syscalls of a hand-written loop: the wait (shared
+//! by a batch of ready connections), the read, the write. The price of edge triggering with
+//! several workers is that an event can arrive while another worker serves the connection:
+//! a per-connection state (`IDLE` → `RUNNING` → `NOTIFIED`) makes that worker serve it again
+//! before parking instead of losing the wake-up.
+//!
+//! The epoll wrapper is `rustix::event::epoll`, already a dependency: a safe, direct binding
+//! of the three calls. `mio`'s `Poll` needs `&mut` to wait, so its workers cannot share one
+//! set; `polling` adds a lock and a notification pipe this loop does not need.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use rustix::event::epoll::{self, CreateFlags, EventData, EventFlags};
+use rustix::event::{EventfdFlags, Timespec, eventfd};
+
+use super::{Job, Shared};
+use crate::control::{Permit, Ticket, lock};
+use crate::stream::now_millis;
+use crate::transport::{Incoming, Service, Step};
+use crate::worker::panic_message;
+
+/// Ready connections a worker takes per wait: served one after another, so a batch shares one
+/// `epoll_wait` (tokio does the same per wake-up); small, so that a handler that blocks delays
+/// few others while another worker is free.
+const BATCH: usize = 8;
+
+/// How often the expiry of parked handshakes is checked: their deadline is kept to this.
+const TICK: Duration = Duration::from_millis(50);
+
+/// The epoll key of the wake-up eventfd (connection keys are slab indexes with a generation).
+const WAKE_KEY: u64 = u64::MAX;
+
+const IDLE: u8 = 0;
+const RUNNING: u8 = 1;
+const NOTIFIED: u8 = 2;
+const CLOSED: u8 = 3;
+
+/// A connection in the set: its session while no worker serves it.
+struct Entry<X> {
+    state: AtomicU8,
+    generation: u32,
+    held: Mutex<Option<Held<X>>>,
+}
+
+struct Held<X> {
+    session: X,
+    ticket: Ticket,
+    permit: Permit,
+}
+
+/// The connections, by slot; freed slots are reused, with a new generation so that a late
+/// event for the old connection is ignored.
+struct Slab<X> {
+    slots: Vec<Option<Arc<Entry<X>>>>,
+    free: Vec<usize>,
+    generation: u32,
+}
+
+struct Engine<S: Service> {
+    shared: Arc<Shared<S>>,
+    epoll: OwnedFd,
+    wake: OwnedFd,
+    slab: Mutex<Slab<S::Session>>,
+    closing: AtomicBool,
+    /// When the next tick is due (milliseconds of `now_millis`).
+    next_tick: AtomicU64,
+}
+
+/// The running event mode: the set and its workers.
+pub(crate) struct Event<S: Service> {
+    engine: Arc<Engine<S>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+fn key(index: usize, generation: u32) -> u64 {
+    ((generation as u64) << 32) | index as u64
+}
+
+impl<S: Service> Event<S> {
+    pub(crate) fn new(
+        workers: usize,
+        stack_size: Option<usize>,
+        shared: Arc<Shared<S>>,
+    ) -> io::Result<Event<S>> {
+        let epoll = epoll::create(CreateFlags::CLOEXEC)?;
+        let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        // Level-triggered and never read: once written, every wait returns at once.
+        epoll::add(&epoll, &wake, EventData::new_u64(WAKE_KEY), EventFlags::IN)?;
+        let engine = Arc::new(Engine {
+            shared,
+            epoll,
+            wake,
+            slab: Mutex::new(Slab {
+                slots: Vec::new(),
+                free: Vec::new(),
+                generation: 0,
+            }),
+            closing: AtomicBool::new(false),
+            next_tick: AtomicU64::new(0),
+        });
+        let mut event = Event {
+            engine,
+            workers: Vec::new(),
+        };
+        for i in 0..workers.max(1) {
+            let e = event.engine.clone();
+            let mut b = thread::Builder::new().name(format!("socketserver-event-{i}"));
+            if let Some(s) = stack_size {
+                b = b.stack_size(s);
+            }
+            match b.spawn(move || e.work()) {
+                Ok(t) => event.workers.push(t),
+                Err(err) => {
+                    event.close(true);
+                    return Err(err);
+                }
+            }
+        }
+        Ok(event)
+    }
+
+    /// Adds an accepted connection to the set; a worker picks it up at once.
+    pub(crate) fn submit(&self, (req, permit, ticket): Job<S::Request>) -> io::Result<()> {
+        let e = &self.engine;
+        let Some(stream) = req.stream().cloned() else {
+            req.reject();
+            return Err(io::Error::other("event mode serves only connections"));
+        };
+        let Some(session) = e.shared.service.session(req, &e.shared.ctx) else {
+            return Err(io::Error::other("event mode cannot serve this request"));
+        };
+        let (index, generation) = {
+            let mut slab = lock(&e.slab);
+            slab.generation = slab.generation.wrapping_add(1);
+            let generation = slab.generation;
+            let entry = Arc::new(Entry {
+                state: AtomicU8::new(IDLE),
+                generation,
+                held: Mutex::new(Some(Held {
+                    session,
+                    ticket,
+                    permit,
+                })),
+            });
+            let index = match slab.free.pop() {
+                Some(i) => {
+                    slab.slots[i] = Some(entry);
+                    i
+                }
+                None => {
+                    slab.slots.push(Some(entry));
+                    slab.slots.len() - 1
+                }
+            };
+            (index, generation)
+        };
+        let flags = EventFlags::IN | EventFlags::OUT | EventFlags::RDHUP | EventFlags::ET;
+        if let Err(err) = epoll::add(
+            &e.epoll,
+            &stream,
+            EventData::new_u64(key(index, generation)),
+            flags,
+        ) {
+            // Not in the set: close it here, through the same path as any other.
+            if let Some(entry) = e.entry(key(index, generation)) {
+                e.close(index, &entry);
+            }
+            return Err(err.into());
+        }
+        Ok(())
+    }
+
+    /// Stops the workers once their current messages are served, and closes every parked
+    /// connection (its `finish` runs here); with `join`, waits for the workers.
+    pub(crate) fn close(mut self, join: bool) {
+        let e = &self.engine;
+        e.closing.store(true, Ordering::SeqCst);
+        let _ = rustix::io::write(&e.wake, &1u64.to_ne_bytes());
+        let entries: Vec<(usize, Arc<Entry<S::Session>>)> = {
+            let slab = lock(&e.slab);
+            slab.slots
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| Some((i, s.clone()?)))
+                .collect()
+        };
+        for (i, entry) in entries {
+            if entry
+                .state
+                .compare_exchange(IDLE, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                e.close(i, &entry);
+            }
+        }
+        let workers = std::mem::take(&mut self.workers);
+        if join {
+            for w in workers {
+                let _ = w.join();
+            }
+        }
+    }
+}
+
+impl<S: Service> Engine<S> {
+    fn entry(&self, key: u64) -> Option<Arc<Entry<S::Session>>> {
+        let index = (key & u32::MAX as u64) as usize;
+        let generation = (key >> 32) as u32;
+        let slab = lock(&self.slab);
+        let entry = slab.slots.get(index)?.as_ref()?;
+        (entry.generation == generation).then(|| entry.clone())
+    }
+
+    /// A worker: waits for ready connections, serves them, until the server closes.
+    fn work(&self) {
+        let mut events = Vec::with_capacity(BATCH);
+        let timeout = Timespec::try_from(TICK).unwrap_or(Timespec {
+            tv_sec: 0,
+            tv_nsec: 50_000_000,
+        });
+        loop {
+            events.clear();
+            match epoll::wait(
+                &self.epoll,
+                rustix::buffer::spare_capacity(&mut events),
+                Some(&timeout),
+            ) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    log::error!("event loop: epoll_wait failed: {e}; worker stops");
+                    return;
+                }
+            }
+            for ev in &events {
+                let k = ev.data.u64();
+                if k != WAKE_KEY {
+                    self.ready(k);
+                }
+            }
+            if self.closing.load(Ordering::SeqCst) {
+                return;
+            }
+            self.maybe_tick();
+        }
+    }
+
+    fn maybe_tick(&self) {
+        let now = now_millis();
+        let due = self.next_tick.load(Ordering::Relaxed);
+        if now < due
+            || self
+                .next_tick
+                .compare_exchange(
+                    due,
+                    now + TICK.as_millis() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return;
+        }
+        let shared = &self.shared;
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            shared.service.tick(&shared.ctx)
+        })) {
+            log::error!("event loop tick panicked: {}", panic_message(&*p));
+        }
+    }
+
+    /// An event for connection `key`: serve it, or tell the worker serving it to look again.
+    fn ready(&self, key: u64) {
+        let Some(entry) = self.entry(key) else {
+            return; // closed since; a late event
+        };
+        let mut state = entry.state.load(Ordering::Acquire);
+        loop {
+            let next = match state {
+                IDLE => RUNNING,
+                RUNNING => NOTIFIED,
+                _ => return,
+            };
+            match entry
+                .state
+                .compare_exchange(state, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) if next == RUNNING => break,
+                Ok(_) => return,
+                Err(now) => state = now,
+            }
+        }
+        self.run((key & u32::MAX as u64) as usize, &entry);
+    }
+
+    /// Serves a connection this worker has marked `RUNNING`, until it parks or closes.
+    fn run(&self, index: usize, entry: &Entry<S::Session>) {
+        let shared = &self.shared;
+        loop {
+            let step = {
+                let mut held = lock(&entry.held);
+                let Some(h) = held.as_mut() else {
+                    return;
+                };
+                // `resume` catches handler panics; this guards against a bug of ours.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    shared.service.resume(&mut h.session, &shared.ctx)
+                }))
+                .unwrap_or_else(|p| {
+                    log::error!(
+                        "event loop survived an internal panic: {}",
+                        panic_message(&*p)
+                    );
+                    Step::Close
+                })
+            };
+            if step == Step::Close || self.closing.load(Ordering::SeqCst) {
+                return self.close(index, entry);
+            }
+            match entry
+                .state
+                .compare_exchange(RUNNING, IDLE, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    // Closing started after the check above: its sweep may have missed this
+                    // connection, so close it unless someone else has taken it.
+                    if self.closing.load(Ordering::SeqCst)
+                        && entry
+                            .state
+                            .compare_exchange(IDLE, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+                            .is_ok()
+                    {
+                        self.close(index, entry);
+                    }
+                    return;
+                }
+                // Input came while it was being served: serve again before parking.
+                Err(_) => entry.state.store(RUNNING, Ordering::Release),
+            }
+        }
+    }
+
+    /// Ends a connection this worker holds (`RUNNING`): the handler's `finish`, the close, its
+    /// slot, its ticket and permit.
+    fn close(&self, index: usize, entry: &Entry<S::Session>) {
+        entry.state.store(CLOSED, Ordering::Release);
+        let Some(held) = lock(&entry.held).take() else {
+            return;
+        };
+        let Held {
+            session,
+            ticket,
+            permit,
+        } = held;
+        let shared = &self.shared;
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            shared.service.end(session, &shared.ctx)
+        })) {
+            log::error!(
+                "event loop survived an internal panic: {}",
+                panic_message(&*p)
+            );
+        }
+        {
+            let mut slab = lock(&self.slab);
+            if slab
+                .slots
+                .get(index)
+                .and_then(|s| s.as_ref())
+                .is_some_and(|s| std::ptr::eq(Arc::as_ptr(s), entry))
+            {
+                slab.slots[index] = None;
+                slab.free.push(index);
+            }
+        }
+        // The ticket first: whoever the permit wakes sees this connection as finished.
+        drop(ticket);
+        drop(permit);
+    }
+}

@@ -1,0 +1,660 @@
+//! `Dispatch::Event` and `MessageHandler`: what only event mode does. (What every mode does,
+//! event mode included, is in the suites that loop over `util::STREAM_MODES`: tcp_server,
+//! unix_stream_server, auth, reliability.)
+
+mod util;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use socketserver::{
+    Addr, Auth, Digest, Dispatch, HandlerError, HandlerResult, MessageHandler,
+    MessageRequestHandler, Next, StreamRequest, TcpServer, UdpServer, UnixStreamServer,
+    connect_with_auth, handler_fn, message_fn, mp_connect,
+};
+use util::{connect, eventually, line_echo, serve};
+
+const EVENT: Dispatch = Dispatch::Event { workers: 1 };
+
+/// Counts what the lifecycle did, per connection and in all.
+#[derive(Clone, Default)]
+struct Counts {
+    setups: Arc<AtomicUsize>,
+    messages: Arc<AtomicUsize>,
+    finishes: Arc<AtomicUsize>,
+}
+
+/// Answers each line with `N:line`, N counting the connection's messages (state that must
+/// survive parking); `close` answers and ends the connection; `panic` panics.
+struct Numbered {
+    counts: Counts,
+    served: u64,
+}
+
+impl MessageHandler for Numbered {
+    fn setup(&mut self, _: &mut StreamRequest) -> HandlerResult {
+        self.counts.setups.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn handle_message(&mut self, s: &mut StreamRequest) -> Result<Next, HandlerError> {
+        self.counts.messages.fetch_add(1, Ordering::SeqCst);
+        let mut line = String::new();
+        if s.rfile.read_line(&mut line)? == 0 {
+            return Ok(Next::Close);
+        }
+        self.served += 1;
+        let line = line.trim_end();
+        if line == "panic" {
+            panic!("message panic");
+        }
+        writeln!(s.wfile, "{}:{line}", self.served)?;
+        Ok(if line == "close" {
+            Next::Close
+        } else {
+            Next::Message
+        })
+    }
+
+    fn finish(&mut self, _: &mut StreamRequest) -> HandlerResult {
+        self.counts.finishes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn message_ready(&self, buffered: &[u8]) -> bool {
+        buffered.contains(&b'\n')
+    }
+}
+
+fn numbered_server(
+    workers: usize,
+) -> (
+    util::Running<socketserver::transport::Tcp<MessageRequestHandler<Numbered>>>,
+    Addr,
+    Counts,
+) {
+    util::init_logs();
+    let counts = Counts::default();
+    let c = counts.clone();
+    let server = TcpServer::builder(move || {
+        MessageRequestHandler::new(Numbered {
+            counts: c.clone(),
+            served: 0,
+        })
+    })
+    .dispatch(Dispatch::Event { workers })
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr().clone();
+    (serve(server), addr, counts)
+}
+
+fn read_line(r: &mut BufReader<TcpStream>) -> String {
+    let mut l = String::new();
+    r.read_line(&mut l).unwrap();
+    l
+}
+
+#[test]
+fn pipelined_messages_in_one_segment_are_served_one_call_each_with_state_kept() {
+    let _serial = util::serial();
+    let (running, addr, counts) = numbered_server(1);
+    let mut c = connect(&addr);
+    c.write_all(b"a\nb\nc\n").unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    assert_eq!(
+        [read_line(&mut r), read_line(&mut r), read_line(&mut r)],
+        ["1:a\n", "2:b\n", "3:c\n"]
+    );
+    // Parked in between, the handler's count goes on.
+    std::thread::sleep(Duration::from_millis(50));
+    c.write_all(b"d\n").unwrap();
+    assert_eq!(read_line(&mut r), "4:d\n");
+    assert_eq!(counts.messages.load(Ordering::SeqCst), 4);
+    assert_eq!(counts.setups.load(Ordering::SeqCst), 1);
+    drop((c, r));
+    assert!(eventually(Duration::from_secs(5), || counts
+        .finishes
+        .load(Ordering::SeqCst)
+        == 1));
+    drop(running);
+}
+
+#[test]
+fn a_message_split_over_many_segments_is_one_call_and_holds_no_worker_meanwhile() {
+    let _serial = util::serial();
+    // One worker: if the trickled message held it, the other client could not be served.
+    let (running, addr, counts) = numbered_server(1);
+    let mut slow = connect(&addr);
+    slow.set_nodelay(true).unwrap();
+    let mut fast = BufReader::new(connect(&addr));
+    for (i, b) in b"split message".iter().enumerate() {
+        slow.write_all(&[*b]).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        if i % 4 == 0 {
+            let t = Instant::now();
+            fast.get_mut().write_all(b"x\n").unwrap();
+            let got = read_line(&mut fast);
+            assert!(got.ends_with(":x\n"), "{got}");
+            assert!(
+                t.elapsed() < Duration::from_millis(500),
+                "the other client waited {:?} behind a half-sent message",
+                t.elapsed()
+            );
+        }
+    }
+    slow.write_all(b"\n").unwrap();
+    let mut r = BufReader::new(slow.try_clone().unwrap());
+    assert_eq!(read_line(&mut r), "1:split message\n");
+    // Every fast message and the one slow message: one call each, none for a fragment.
+    let fast_messages = b"split message".len().div_ceil(4);
+    assert_eq!(counts.messages.load(Ordering::SeqCst), fast_messages + 1);
+    drop((slow, r, fast));
+    drop(running);
+}
+
+#[test]
+fn a_handler_that_closes_ends_the_connection_and_one_that_keeps_it_does_not() {
+    let _serial = util::serial();
+    let (running, addr, counts) = numbered_server(2);
+    let mut keep = BufReader::new(connect(&addr));
+    let mut close = BufReader::new(connect(&addr));
+    keep.get_mut().write_all(b"stay\n").unwrap();
+    close.get_mut().write_all(b"close\n").unwrap();
+    assert_eq!(read_line(&mut keep), "1:stay\n");
+    assert_eq!(read_line(&mut close), "1:close\n");
+    assert_eq!(read_line(&mut close), "", "the connection should be closed");
+    assert!(eventually(Duration::from_secs(5), || counts
+        .finishes
+        .load(Ordering::SeqCst)
+        == 1));
+    // The kept one still answers.
+    keep.get_mut().write_all(b"again\n").unwrap();
+    assert_eq!(read_line(&mut keep), "2:again\n");
+    assert_eq!(running.handle.stats().active, 1);
+    drop(keep);
+    drop(running);
+}
+
+#[test]
+fn a_panic_closes_only_its_own_connection() {
+    let _serial = util::serial();
+    util::quiet_panics("message panic");
+    let (running, addr, counts) = numbered_server(1);
+    let mut other = BufReader::new(connect(&addr));
+    other.get_mut().write_all(b"before\n").unwrap();
+    assert_eq!(read_line(&mut other), "1:before\n");
+    let mut bad = BufReader::new(connect(&addr));
+    bad.get_mut().write_all(b"panic\n").unwrap();
+    assert_eq!(
+        read_line(&mut bad),
+        "",
+        "the panicking connection is closed"
+    );
+    other.get_mut().write_all(b"after\n").unwrap();
+    assert_eq!(read_line(&mut other), "2:after\n");
+    assert_eq!(running.handle.stats().panics, 1);
+    // finish ran for the connection whose message panicked.
+    assert!(eventually(Duration::from_secs(5), || counts
+        .finishes
+        .load(Ordering::SeqCst)
+        == 1));
+    drop((other, bad));
+    drop(running);
+}
+
+/// Holds N connections from one Python process (this process holds the server's N, and the
+/// descriptor limit would not fit both): every tenth sends a message first, then all park;
+/// every 97th is checked to still answer; `READY`; then it waits for the server to close them.
+const HOLDER: &str = r#"
+import socket, sys
+addr = (sys.argv[1], int(sys.argv[2])); n = int(sys.argv[3])
+conns = []
+for i in range(n):
+    c = socket.create_connection(addr)
+    if i % 10 == 0:
+        c.sendall(b"m"); assert c.recv(1) == b"m"
+    conns.append(c)
+for c in conns[::97]:
+    c.sendall(b"z"); assert c.recv(1) == b"z"
+print("READY", flush=True)
+for c in conns:
+    c.settimeout(30)
+    assert c.recv(1) == b""
+print("CLOSED", len(conns), flush=True)
+"#;
+
+#[test]
+fn ten_thousand_parked_connections_hold_no_threads_and_shutdown_is_quick() {
+    let _serial = util::serial();
+    const N: usize = 10_000;
+    const WORKERS: usize = 2;
+    util::init_logs();
+    let Some(python) = util::pythons().into_iter().next() else {
+        assert!(!util::is_ci(), "python3 is required under CI");
+        return;
+    };
+    let threads_before = util::thread_count();
+    let server = TcpServer::builder(util::byte_echo)
+        .dispatch(Dispatch::Event { workers: WORKERS })
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().inet().unwrap();
+    let running = serve(server);
+    let mut holder = python.spawn(
+        HOLDER,
+        &[
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+            &N.to_string(),
+        ],
+    );
+    let mut out = BufReader::new(holder.stdout.take().unwrap());
+    let mut ready = String::new();
+    out.read_line(&mut ready).unwrap();
+    if ready.trim() != "READY" {
+        let _ = holder.kill();
+        let mut err = String::new();
+        let _ = holder.stderr.take().unwrap().read_to_string(&mut err);
+        panic!("the holder failed: {ready}{err}");
+    }
+    assert_eq!(running.handle.stats().active, N as u64);
+    // The serving thread, the idle reaper and the workers; nothing per connection.
+    let server_threads = util::thread_count() - threads_before;
+    assert!(
+        server_threads <= WORKERS + 2,
+        "{server_threads} threads for {N} parked connections"
+    );
+    // Shutdown latency, five times over: serve_forever can run again, the parked connections
+    // stay parked in between.
+    let mut running = running;
+    let mut stops = Vec::new();
+    let server = loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let t = Instant::now();
+        running.handle.shutdown();
+        let server = running.stop();
+        stops.push(t.elapsed());
+        if stops.len() == 5 {
+            break server;
+        }
+        running = serve(server);
+    };
+    stops.sort();
+    let stopped = stops[2];
+    let t = Instant::now();
+    drop(server);
+    let closed = t.elapsed();
+    let mut done = String::new();
+    out.read_line(&mut done).unwrap();
+    assert_eq!(
+        done.trim(),
+        format!("CLOSED {N}"),
+        "every connection closed"
+    );
+    assert!(holder.wait().unwrap().success());
+    println!(
+        "{N} parked connections on {server_threads} threads; serve_forever returned {stopped:?} \
+         after shutdown() (median of 5, worst {:?}); closing them all took {closed:?}",
+        stops[4]
+    );
+    assert!(
+        stopped < Duration::from_millis(10) && stops[4] < Duration::from_millis(100),
+        "shutdown took {stops:?}"
+    );
+}
+
+#[test]
+fn a_thousand_silent_connections_do_not_delay_an_honest_client() {
+    let _serial = util::serial();
+    // Pool mode's weakness: 1,000 silent sockets would hold every worker until their idle
+    // timeout. Parked, they hold none.
+    util::init_logs();
+    let server = TcpServer::builder(util::byte_echo)
+        .dispatch(EVENT)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let silent: Vec<TcpStream> = (0..1000).map(|_| connect(&addr)).collect();
+    assert!(eventually(Duration::from_secs(10), || running
+        .handle
+        .stats()
+        .active
+        == 1000));
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let mut c = connect(&addr);
+        c.write_all(b"hi").unwrap();
+        let mut b = [0u8; 2];
+        c.read_exact(&mut b).unwrap();
+        times.push(t.elapsed());
+    }
+    times.sort();
+    println!(
+        "honest client beside 1000 silent ones: median {:?}, worst {:?}",
+        times[10], times[19]
+    );
+    assert!(
+        times[10] < Duration::from_millis(10),
+        "median {:?}",
+        times[10]
+    );
+    drop(silent);
+    drop(running);
+}
+
+#[test]
+fn handshakes_park_while_the_client_answers_and_time_out_without_a_worker() {
+    let _serial = util::serial();
+    const KEY: &[u8] = b"event key";
+    util::init_logs();
+    let timeout = Duration::from_millis(300);
+    let server = TcpServer::builder(util::byte_echo)
+        .dispatch(EVENT)
+        .auth(
+            Auth::hmac(KEY)
+                .digest(Digest::Md5)
+                .handshake_timeout(timeout),
+        )
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    // 200 silent handshakes and one trickling its answer, on a single worker.
+    let silent: Vec<TcpStream> = (0..200).map(|_| connect(&addr)).collect();
+    let mut trickle = connect(&addr);
+    let mut challenge = [0u8; 32];
+    trickle.read_exact(&mut challenge).unwrap();
+    trickle.write_all(b"0123").unwrap();
+    let t = Instant::now();
+    let mut honest = connect_with_auth(&addr, KEY, Digest::Md5, Duration::from_secs(5)).unwrap();
+    honest.write_all(b"ok").unwrap();
+    let mut b = [0u8; 2];
+    honest.read_exact(&mut b).unwrap();
+    let took = t.elapsed();
+    println!("honest handshake and echo beside 201 unfinished handshakes: {took:?}");
+    assert!(took < Duration::from_millis(100), "took {took:?}");
+    // The deadline holds for parked handshakes: all are cut within it and a tick.
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .handshake_timeouts
+        == 201));
+    let mut b = [0u8; 1];
+    trickle
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(trickle.read(&mut b).unwrap_or(0), 0);
+    assert_eq!(running.handle.stats().auth_failures, 0);
+    drop((silent, honest));
+    drop(running);
+}
+
+#[test]
+fn the_multiprocessing_handshake_parks_too() {
+    let _serial = util::serial();
+    const KEY: &[u8] = b"mp key";
+    util::init_logs();
+    let server = TcpServer::builder(util::byte_echo)
+        .dispatch(EVENT)
+        .auth(Auth::multiprocessing(KEY))
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    // A silent client does not hold the only worker from a real one.
+    let _silent = connect(&addr);
+    let mut c = mp_connect(&addr, KEY, Duration::from_secs(5)).unwrap();
+    c.send_bytes(b"ping").unwrap();
+    let mut b = [0u8; 8];
+    c.get_mut().read_exact(&mut b).unwrap();
+    assert_eq!(&b, &[0, 0, 0, 4, b'p', b'i', b'n', b'g']);
+    drop(c);
+    // And a wrong key fails as in the other modes.
+    assert!(mp_connect(&addr, b"wrong", Duration::from_secs(5)).is_err());
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .auth_failures
+        == 1));
+    drop(running);
+}
+
+#[test]
+fn idle_parked_connections_are_closed_by_the_idle_timeout() {
+    let _serial = util::serial();
+    util::init_logs();
+    let server = TcpServer::builder(util::byte_echo)
+        .dispatch(EVENT)
+        .idle_timeout(Some(Duration::from_millis(200)))
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let mut c = connect(&addr);
+    c.write_all(b"a").unwrap();
+    let mut b = [0u8; 1];
+    c.read_exact(&mut b).unwrap();
+    let t = Instant::now();
+    assert_eq!(c.read(&mut b).unwrap_or(0), 0);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(190) && took < Duration::from_secs(2),
+        "closed after {took:?}"
+    );
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .idle_closed
+        == 1));
+    drop(running);
+}
+
+#[test]
+fn a_drain_closes_parked_connections_at_once_and_lets_a_message_in_flight_finish() {
+    let _serial = util::serial();
+    util::init_logs();
+    let (entered_tx, entered) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel::<()>();
+    let release_rx = Arc::new(Mutex::new(release_rx));
+    let entered_tx = Arc::new(Mutex::new(entered_tx));
+    let server = TcpServer::builder(move || {
+        let (tx, rx) = (entered_tx.clone(), release_rx.clone());
+        message_fn(move |s| {
+            let mut b = [0u8; 1];
+            s.rfile.read_exact(&mut b)?;
+            if b[0] == b'w' {
+                tx.lock().unwrap().send(()).unwrap();
+                // Bounded, so that a failing test cannot leave its worker stuck.
+                let _ = rx.lock().unwrap().recv_timeout(Duration::from_secs(10));
+            }
+            s.wfile.write_all(&b)?;
+            Ok(Next::Message)
+        })
+    })
+    .dispatch(Dispatch::Event { workers: 2 })
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let mut parked = connect(&addr);
+    parked.write_all(b"p").unwrap();
+    parked.read_exact(&mut [0u8; 1]).unwrap();
+    let mut busy = connect(&addr);
+    busy.write_all(b"w").unwrap();
+    entered.recv_timeout(Duration::from_secs(5)).unwrap();
+    let h = running.handle.clone();
+    let drain = std::thread::spawn(move || h.shutdown_graceful(Duration::from_secs(10)));
+    let t = Instant::now();
+    assert_eq!(parked.read(&mut [0u8; 1]).unwrap_or(0), 0);
+    let parked_closed = t.elapsed();
+    assert!(
+        parked_closed < Duration::from_millis(500),
+        "a parked connection waited {parked_closed:?} for the drain"
+    );
+    assert!(
+        !drain.is_finished(),
+        "the drain did not wait for the message"
+    );
+    release.send(()).unwrap();
+    let mut b = [0u8; 1];
+    busy.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"w", "the message in flight got its answer");
+    assert_eq!(
+        busy.read(&mut b).unwrap_or(0),
+        0,
+        "then the connection closed"
+    );
+    let report = drain.join().unwrap();
+    assert_eq!((report.finished, report.cut), (2, 0));
+    drop(running);
+}
+
+#[test]
+fn a_read_timeout_bounds_a_message_the_handler_waits_for() {
+    let _serial = util::serial();
+    util::init_logs();
+    let server = TcpServer::builder(|| {
+        message_fn(|s| {
+            // Wants four bytes, whatever arrived.
+            let mut b = [0u8; 4];
+            s.rfile.read_exact(&mut b)?;
+            s.wfile.write_all(&b)?;
+            Ok(Next::Message)
+        })
+    })
+    .dispatch(EVENT)
+    .read_timeout(Some(Duration::from_millis(200)))
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let mut c = connect(&addr);
+    c.write_all(b"ab").unwrap();
+    let t = Instant::now();
+    assert_eq!(c.read(&mut [0u8; 4]).unwrap_or(0), 0);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .timeouts
+        == 1));
+    drop(running);
+}
+
+#[test]
+fn max_connections_caps_event_mode_too() {
+    let _serial = util::serial();
+    util::init_logs();
+    let server = TcpServer::builder(util::byte_echo)
+        .dispatch(EVENT)
+        .max_connections(2)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    assert_eq!(server.max_connections(), Some(2));
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let a = connect(&addr);
+    let b = connect(&addr);
+    let mut third = connect(&addr);
+    third.write_all(b"x").unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(third.read(&mut [0u8; 1]).is_err(), "served past the cap");
+    drop(a);
+    third
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut got = [0u8; 1];
+    third.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"x");
+    drop((b, third));
+    drop(running);
+}
+
+#[test]
+fn unix_stream_servers_park_too() {
+    let _serial = util::serial();
+    util::init_logs();
+    let path = util::sock_path("event");
+    let server = UnixStreamServer::builder(line_echo)
+        .dispatch(EVENT)
+        .bind(&path)
+        .unwrap();
+    let running = serve(server);
+    let conns: Vec<_> = (0..50)
+        .map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap())
+        .collect();
+    for c in &conns {
+        util::three_round_trips(c);
+    }
+    drop(conns);
+    drop(running);
+}
+
+#[test]
+fn event_mode_refuses_whole_connection_handlers_and_datagram_servers() {
+    let _serial = util::serial();
+    let e = TcpServer::builder(|| handler_fn(|_| Ok(())))
+        .dispatch(EVENT)
+        .bind("127.0.0.1:0")
+        .unwrap_err();
+    assert!(e.to_string().contains("MessageRequestHandler"), "{e}");
+    let e = UdpServer::builder(util::DatagramEcho::default)
+        .dispatch(EVENT)
+        .bind("127.0.0.1:0")
+        .unwrap_err();
+    assert!(e.to_string().contains("stream servers"), "{e}");
+    let e = TcpServer::builder(util::byte_echo)
+        .dispatch(Dispatch::Event { workers: 0 })
+        .bind("127.0.0.1:0")
+        .unwrap_err();
+    assert!(e.to_string().contains("at least 1"), "{e}");
+}
+
+#[test]
+fn rapid_round_trips_on_many_workers_never_lose_a_wake_up() {
+    // Each reply lets its client send the next message at once, often before the worker that
+    // wrote it has parked the connection: the event then reaches another worker, which must
+    // hand it back rather than drop it (a dropped one stalls the client for good).
+    let _serial = util::serial();
+    util::init_logs();
+    const CLIENTS: usize = 32;
+    const ROUNDS: usize = 400;
+    let server = TcpServer::builder(line_echo)
+        .dispatch(Dispatch::Event { workers: 4 })
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let c = connect(&addr);
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                c.set_nodelay(true).unwrap();
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                let mut w = c;
+                for n in 0..ROUNDS {
+                    let msg = format!("{i} {n}\n");
+                    w.write_all(msg.as_bytes()).unwrap();
+                    let mut got = String::new();
+                    r.read_line(&mut got)
+                        .unwrap_or_else(|e| panic!("client {i} stalled at round {n}: {e}"));
+                    assert_eq!(got, msg);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    drop(running);
+}
