@@ -5,6 +5,7 @@
 //!     [--mode sync|thread|pool|event] [--workers N] [--max-connections N] [--max-per-source N] [--auth-key KEY [--digest md5|sha256]]
 //!     [--idle-timeout 60] [--min-rate 500] [--read-timeout 0] [--metrics-addr HOST:PORT]
 //!     [--processes N [--max-requests N [--max-requests-jitter N]] [--pid-file PATH]]
+//!     [--proxy-protocol --trusted-proxy CIDR...]
 //!     [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]     (TLS: --features tls)
 //! ```
 //! With `--processes N` the process started is a supervisor: it binds once and keeps N worker
@@ -13,6 +14,8 @@
 //! Started by systemd socket activation (`LISTEN_FDS` set) it serves the inherited socket
 //! instead of `--addr`; with `NOTIFY_SOCKET` set it reports READY=1, STOPPING=1, STATUS= and
 //! watchdog pings.
+//! Behind HAProxy (`send-proxy` or `send-proxy-v2`), `--proxy-protocol --trusted-proxy
+//! 10.0.0.0/8` takes the client's address from the PROXY header of each connection.
 //! A client that keeps a worker waiting (silent for `--idle-timeout` seconds, or sending slower
 //! than `--min-rate` bytes/s) is disconnected, so a few idle sockets cannot hold a pool.
 //! `--mode event` parks connections between messages (no thread, no buffer held): each read's
@@ -52,6 +55,8 @@ struct Cli {
     metrics: common::MetricsArgs,
     #[command(flatten)]
     tls: common::TlsServerArgs,
+    #[command(flatten)]
+    proxy: common::ProxyArgs,
 }
 
 /// The README's first example, as it is: bytes come back as soon as they arrive.
@@ -104,7 +109,9 @@ fn main() {
 fn run<H: Handler>(cli: Cli, factory: impl Fn() -> H + Send + Sync + 'static) {
     let dispatch = cli.dispatch.dispatch();
     let builder = TcpServer::builder(factory).dispatch(dispatch);
-    let builder = cli.timeouts.apply(cli.limits.apply(builder));
+    let builder = cli
+        .proxy
+        .apply(cli.timeouts.apply(cli.limits.apply(builder)));
     let mut builder = cli.tls.apply(builder);
     if let Some(auth) = cli.auth.auth() {
         builder = builder.auth(auth);

@@ -5,8 +5,10 @@
 //! ```text
 //! cargo run --example hello_server -- [--addr 127.0.0.1:9000] [--auth-key KEY] [--digest md5|sha256]
 //!     [--max-connections N] [--max-per-source N] [--idle-timeout 60] [--min-rate 500]
-//!     [--read-timeout 0]
+//!     [--read-timeout 0] [--proxy-protocol --trusted-proxy CIDR...]
 //! ```
+//! Behind a proxy that sends the PROXY protocol, `--proxy-protocol --trusted-proxy CIDR` makes
+//! each log line name the real client (`PEER says ...`), not the proxy.
 //! A client silent for `--idle-timeout` seconds is disconnected (logged at info).
 
 #[path = "common/mod.rs"]
@@ -30,6 +32,8 @@ struct Cli {
     auth: common::AuthArgs,
     #[command(flatten)]
     timeouts: common::TimeoutArgs,
+    #[command(flatten)]
+    proxy: common::ProxyArgs,
 }
 
 struct Hello;
@@ -57,9 +61,10 @@ fn main() {
     // MD5 by default: the tutorial's Python client computes its HMAC with it.
     let cli: Cli = common::parse_with(|c| c.mut_arg("digest", |a| a.default_value("md5")));
     common::init_logging();
-    let mut builder = cli
-        .timeouts
-        .apply(cli.limits.apply(TcpServer::builder(|| Hello)));
+    let mut builder = cli.proxy.apply(
+        cli.timeouts
+            .apply(cli.limits.apply(TcpServer::builder(|| Hello))),
+    );
     log::info!("{}", cli.timeouts.describe());
     if let Some(auth) = cli.auth.auth() {
         builder = builder.auth(auth);

@@ -6,6 +6,7 @@
 //!     [--workers N] [--max-line 65536] [--max-bytes 67108864] [--max-connections N]
 //!     [--max-per-source N] [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
 //!     [--metrics-addr HOST:PORT]
+//!     [--proxy-protocol --trusted-proxy CIDR...]
 //! ```
 //!
 //! The store lives in this process's memory. Run as a prefork worker (under a supervisor, see
@@ -65,6 +66,8 @@ struct Cli {
     timeouts: common::TimeoutArgs,
     #[command(flatten)]
     metrics: common::MetricsArgs,
+    #[command(flatten)]
+    proxy: common::ProxyArgs,
 }
 
 /// The shared state: the map, and how many bytes of keys and values it holds.
@@ -187,7 +190,8 @@ fn main() {
     })
     .dispatch(dispatch);
     let server = common::bind_tcp(
-        cli.timeouts.apply(cli.limits.apply(builder)),
+        cli.proxy
+            .apply(cli.timeouts.apply(cli.limits.apply(builder))),
         &cli.addr.addr,
     );
     log::info!(

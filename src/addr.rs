@@ -42,6 +42,12 @@ impl Addr {
     pub(crate) fn from_unix(addr: &std::os::unix::net::SocketAddr) -> Addr {
         Addr::Unix(addr.as_pathname().map(Path::to_path_buf))
     }
+
+    /// A peer's IP address as people write it: an IPv4 client of a dual-stack (`[::]`)
+    /// socket arrives as `::ffff:a.b.c.d` and is shown as `a.b.c.d`.
+    pub(crate) fn from_peer(addr: SocketAddr) -> Addr {
+        Addr::Inet(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
+    }
 }
 
 impl From<SocketAddr> for Addr {

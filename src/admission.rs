@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use rustix::event::{PollFd, PollFlags, Timespec};
 
 use crate::auth::AuthStep;
-use crate::control::{Control, lock};
+use crate::control::{Control, SourceClaim, lock};
 use crate::deadline::DeadlineIo;
 use crate::log_limit::limited;
 use crate::observe::{self, AdmissionFailure};
@@ -32,6 +32,9 @@ use crate::{Addr, Auth, Result, Stream};
 /// header and the TLS handshake, when they come, sit before `Auth`, in that order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum StageKind {
+    /// The PROXY-protocol header (`proxy/stage.rs`): who the client really is.
+    #[cfg(feature = "proxy-protocol")]
+    Proxy,
     /// The TLS handshake (feature `tls`).
     #[cfg(feature = "tls")]
     Tls,
@@ -44,6 +47,8 @@ impl StageKind {
     /// `tls` field is set when it admits a connection).
     pub(crate) const fn name(self) -> &'static str {
         match self {
+            #[cfg(feature = "proxy-protocol")]
+            StageKind::Proxy => "proxy",
             #[cfg(feature = "tls")]
             StageKind::Tls => "tls",
             StageKind::Auth => "auth",
@@ -70,6 +75,28 @@ pub(crate) trait Stage: Send + Sync + 'static {
     fn start(&self, conn: &mut Admitting<'_>) -> Result<Progress> {
         self.run(conn).map(|()| Progress::Done)
     }
+
+    /// Takes the server's `verify_request` hook, to run it once the stage knows the real
+    /// client (after a PROXY header); by default hands it back (the accept loop runs it).
+    fn take_verify(&mut self, hook: VerifyHook) -> Option<VerifyHook> {
+        Some(hook)
+    }
+}
+
+/// A server's `verify_request` hook.
+pub(crate) type VerifyHook = Box<dyn Fn(&Addr) -> bool + Send + Sync>;
+
+/// What admission learnt of a connection, handed on to its request and kept until the
+/// connection ends.
+#[derive(Default)]
+pub(crate) struct Learnt {
+    /// The PROXY header the connection came with.
+    #[cfg(feature = "proxy-protocol")]
+    pub(crate) proxy: Option<Arc<crate::proxy::ProxyInfo>>,
+    /// The connection's place under `max_per_source`, counted for the client a stage found
+    /// (the accept loop counted nobody).
+    #[cfg_attr(not(feature = "proxy-protocol"), allow(dead_code))]
+    pub(crate) source: Option<SourceClaim>,
 }
 
 /// How far a stage got in event mode.
@@ -106,9 +133,22 @@ pub(crate) const PEEK_MAX: usize = 512;
 pub(crate) struct Admitting<'a> {
     stream: &'a Stream,
     deadline: Option<Instant>,
+    #[cfg_attr(not(feature = "proxy-protocol"), allow(dead_code))]
+    control: &'a Arc<Control>,
+    /// The client as admission knows it: the socket's peer until a stage learns better (the
+    /// real client behind a proxy).
+    pub(crate) peer: Addr,
+    /// What the stages learnt so far.
+    pub(crate) learnt: Learnt,
 }
 
 impl<'a> Admitting<'a> {
+    /// The server's shared state: counters, limits.
+    #[cfg_attr(not(feature = "proxy-protocol"), allow(dead_code))]
+    pub(crate) fn control(&self) -> &'a Arc<Control> {
+        self.control
+    }
+
     /// The connection's I/O, every call bounded by the one admission deadline.
     pub(crate) fn io(&self) -> DeadlineIo<'a, Stream> {
         let io = DeadlineIo::until(self.stream, self.deadline);
@@ -225,6 +265,12 @@ impl Pipeline {
         self.max_pending = max_pending;
     }
 
+    /// The deadline of a whole admission, leaving the cap as it is.
+    #[cfg_attr(not(feature = "proxy-protocol"), allow(dead_code))]
+    pub(crate) fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     /// Checks the stages and sizes the cap once the dispatch limit is known.
     ///
     /// A cap the user set is applied as it is. Otherwise, with a limit of `n` workers (pool) or
@@ -252,6 +298,11 @@ impl Pipeline {
                 "TLS is not supported with Dispatch::Event yet: use Thread or Pool",
             ));
         }
+        if parked && self.learns_client() {
+            return Err(crate::Error::config(
+                "proxy_protocol is not supported with Dispatch::Event yet: use Thread or Pool",
+            ));
+        }
         let (cap, cut_when_full) = match (self.max_pending, limit) {
             (Some(max), _) => (max, None),
             (None, _) if parked => (PARKED_CAP, None),
@@ -269,16 +320,43 @@ impl Pipeline {
         self.stages.is_empty()
     }
 
-    /// Runs every stage on a new connection; true if the client may proceed to the handler.
-    pub(crate) fn admit(&self, stream: &Stream, peer: &Addr, control: &Control) -> bool {
+    /// Hands `hook` (`verify_request`) to the stage that runs it; back if none does.
+    pub(crate) fn take_verify(&mut self, hook: VerifyHook) -> Option<VerifyHook> {
+        let mut hook = Some(hook);
+        for s in &mut self.stages {
+            hook = s.take_verify(hook?);
+        }
+        hook
+    }
+
+    /// Whether a stage learns who the client is (a PROXY header): the accept loop then leaves
+    /// `verify_request` and the per-source count to it.
+    pub(crate) fn learns_client(&self) -> bool {
+        #[cfg(feature = "proxy-protocol")]
+        return self.stages.iter().any(|s| s.kind() == StageKind::Proxy);
+        #[cfg(not(feature = "proxy-protocol"))]
+        false
+    }
+
+    /// Runs every stage on a new connection from `peer`; what they learnt if the client may
+    /// proceed to the handler (`peer` is then the client they found), `None` if not.
+    pub(crate) fn admit(
+        &self,
+        stream: &Stream,
+        peer: &mut Addr,
+        control: &Arc<Control>,
+    ) -> Option<Learnt> {
         if self.stages.is_empty() {
             observe::record_admission("none", false);
-            return true;
+            return Some(Learnt::default());
         }
         let guard = self.enter(stream, control, None);
         let mut conn = Admitting {
             stream,
             deadline: deadline_after(self.timeout),
+            control,
+            peer: peer.clone(),
+            learnt: Learnt::default(),
         };
         let mut result = Ok(());
         let mut failed = None;
@@ -291,12 +369,16 @@ impl Pipeline {
                 break;
             }
         }
-        self.conclude(result, failed, guard.leave(), peer, control)
+        if !self.conclude(result, failed, guard.leave(), peer, control) {
+            return None;
+        }
+        *peer = conn.peer;
+        Some(conn.learnt)
     }
 
     /// Event mode: starts admitting a new connection, running the stages until one waits for
     /// the peer.
-    pub(crate) fn begin(&self, stream: &Stream, peer: &Addr, control: &Control) -> Admission {
+    pub(crate) fn begin(&self, stream: &Stream, peer: &Addr, control: &Arc<Control>) -> Admission {
         if self.stages.is_empty() {
             observe::record_admission("none", false);
             return Admission::Admitted;
@@ -313,7 +395,7 @@ impl Pipeline {
         parked: Parked,
         stream: &Stream,
         peer: &Addr,
-        control: &Control,
+        control: &Arc<Control>,
     ) -> Admission {
         if parked.guard.is_evicted() {
             // Cut by the cap or the deadline sweep, which counted and logged it.
@@ -361,9 +443,17 @@ impl Pipeline {
         guard: PendingGuard,
         stream: &Stream,
         peer: &Addr,
-        control: &Control,
+        control: &Arc<Control>,
     ) -> Admission {
-        let mut conn = Admitting { stream, deadline };
+        // What a stage learns of the client (a PROXY header) is not carried into event mode's
+        // request yet: `prepare` refuses the PROXY stage there.
+        let mut conn = Admitting {
+            stream,
+            deadline,
+            control,
+            peer: peer.clone(),
+            learnt: Learnt::default(),
+        };
         let result = loop {
             let Some(s) = self.stages.get(stage) else {
                 break Ok(());
@@ -450,6 +540,14 @@ impl Pipeline {
                 let tls = self.stages.iter().any(|s| s.kind().name() == "tls");
                 observe::record_admission("ok", tls);
                 return true;
+            }
+            // Counted by the stage, by reason (and in all, for the metrics).
+            #[cfg(feature = "proxy-protocol")]
+            (Err(e), Some(StageKind::Proxy)) => {
+                control.record_admission_failure(AdmissionFailure::Proxy);
+                observe::record_admission(AdmissionFailure::Proxy.label(), false);
+                // The error names the peer.
+                limited!(warn, "PROXY stage refused a connection: {e}");
             }
             (Err(e), _) if e.is_timeout() => {
                 control.record_admission_failure(AdmissionFailure::Timeout);

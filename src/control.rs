@@ -109,6 +109,11 @@ pub(crate) struct Counters {
     /// The `server` label of the `metrics` facade mirror.
     #[cfg(feature = "metrics")]
     label: std::sync::OnceLock<metrics::SharedString>,
+    pub proxy_untrusted: AtomicU64,
+    pub proxy_missing: AtomicU64,
+    pub proxy_malformed: AtomicU64,
+    pub proxy_oversized: AtomicU64,
+    pub proxy_timeouts: AtomicU64,
 }
 
 impl Counters {
@@ -166,6 +171,21 @@ pub struct Stats {
     /// ([`Builder::read_timeout`](crate::Builder::read_timeout), `write_timeout`): logged at
     /// info, and not counted in `handler_errors`.
     pub timeouts: u64,
+    /// Connections refused by the PROXY stage because their peer is not a trusted proxy
+    /// (`ProxyProtocol`, cargo feature `proxy-protocol`).
+    pub proxy_untrusted: u64,
+    /// Connections from a trusted proxy that did not start with a PROXY header (or ended
+    /// before sending a byte).
+    pub proxy_missing: u64,
+    /// PROXY headers that started right and went wrong: a bad signature, version, command,
+    /// address or TLV, or a connection that ended inside the header.
+    pub proxy_malformed: u64,
+    /// PROXY headers longer than allowed (107 bytes for v1, 16 + 1536 for v2), refused before
+    /// the excess is read.
+    pub proxy_oversized: u64,
+    /// PROXY headers not complete within the handshake deadline (not counted in
+    /// `handshake_timeouts`).
+    pub proxy_timeouts: u64,
     /// Clients whose TLS handshake failed (feature `tls`): plaintext on a TLS port, an unknown
     /// CA, a bad or missing client certificate, a truncated or malformed ClientHello.
     pub tls_failures: u64,
@@ -187,6 +207,10 @@ impl Stats {
         self.admission[reason.index()]
     }
 }
+
+/// How long a drain waits for the serve loop to take what is queued in the backlog and close
+/// the listener itself, before closing it regardless (see [`Control::begin_drain`]).
+const BACKLOG_HANDOFF: Duration = Duration::from_millis(200);
 
 /// How long a drain waits for the requests it cut to return (a handler blocked on its socket
 /// returns at once; one that ignores it is given up on).
@@ -234,6 +258,12 @@ pub struct Control {
     /// Set by [`cut_now`](Self::cut_now): a drain stops waiting and cuts what is left, and
     /// closing the server no longer waits for handlers.
     cut_requested: AtomicBool,
+    /// A serve loop waits for the next connection (rather than running a request, as in sync
+    /// mode): at a drain it can take the backlog at once.
+    accepting: AtomicBool,
+    /// Set by a drain: the serve loop takes what is queued in the backlog, then closes the
+    /// listener ([`begin_drain`](Self::begin_drain)).
+    take_backlog: AtomicBool,
     waker: Waker,
     limiter: Option<Limiter>,
     /// The cap `limiter` enforces (`None`: sync mode, or no system limit known).
@@ -271,6 +301,8 @@ impl Control {
             listening: Mutex::new(listening),
             listener_closed: AtomicBool::new(false),
             cut_requested: AtomicBool::new(false),
+            accepting: AtomicBool::new(false),
+            take_backlog: AtomicBool::new(false),
             waker: Waker::new()?,
             limiter: limit.map(|n| Limiter {
                 state: Mutex::new(Slots {
@@ -317,9 +349,10 @@ impl Control {
     /// as ECONNREFUSED; Unix: ECONNREFUSED) and a load balancer moves on, instead of waiting in
     /// the backlog of a server that will never accept them. On Linux, `shutdown(SHUT_RD)` on a
     /// listening TCP socket takes it out of the listening state; connections still queued in
-    /// its backlog are reset, as nginx's and Go's closing of their listeners does (they never
-    /// reached the application, so the client can safely retry). A Unix listener keeps its
-    /// queued connections until the server is closed.
+    /// its backlog are reset, as nginx's and Go's closing of their listeners does. A running
+    /// serve loop takes those first (see [`begin_drain`](Self::begin_drain)): a proxy that has
+    /// sent a request on one cannot retry it. A Unix listener keeps its queued connections
+    /// until the server is closed.
     ///
     /// Call only after [`request_shutdown`](Self::request_shutdown): the accept loop then
     /// takes the accept error that may follow for what it is, the end, not a failure.
@@ -339,6 +372,21 @@ impl Control {
                 self.local_addr
             );
         }
+    }
+
+    /// Marks a serve loop as waiting for the next connection (true) or handling one (false).
+    pub(crate) fn set_accepting(&self, accepting: bool) {
+        self.accepting.store(accepting, Ordering::Release);
+    }
+
+    /// Whether a drain wants the serve loop to take the backlog and close the listener.
+    pub(crate) fn backlog_wanted(&self) -> bool {
+        self.take_backlog.load(Ordering::Acquire) && self.still_listening()
+    }
+
+    /// Whether this is a stream server whose listener a drain has yet to close.
+    pub(crate) fn still_listening(&self) -> bool {
+        lock(&self.listening).is_some()
     }
 
     /// Whether a drain has closed the listener: `serve_forever` then returns at once.
@@ -457,6 +505,27 @@ impl Control {
         })
     }
 
+    /// Counts one more connection from `ip` under `max_per_source`, until the claim is
+    /// dropped: for a client that admission found (the real one behind a PROXY header), which
+    /// the accept loop did not count. `None` if `ip` is at the cap; `Some(None)` without a cap.
+    #[cfg_attr(not(feature = "proxy-protocol"), allow(dead_code))]
+    pub(crate) fn claim_source(self: &Arc<Self>, ip: IpAddr) -> Option<Option<SourceClaim>> {
+        let Some(max) = self.max_per_source else {
+            return Some(None);
+        };
+        let ip = ip.to_canonical();
+        let mut r = lock(&self.registry);
+        let open = r.sources.entry(ip).or_insert(0);
+        if *open >= max {
+            return None;
+        }
+        *open += 1;
+        Some(Some(SourceClaim {
+            control: self.clone(),
+            ip,
+        }))
+    }
+
     /// The cap on requests in flight (`None` in sync mode).
     pub(crate) fn max_connections(&self) -> Option<usize> {
         self.max_connections
@@ -540,6 +609,26 @@ impl Control {
     /// Starts a drain, or joins the one under way: new clients are refused and the serve
     /// loops asked to return.
     pub(crate) fn begin_drain(&self) {
+        let loop_elsewhere = {
+            let r = lock(&self.registry);
+            let me = thread::current().id();
+            r.serving.iter().any(|t| *t != me)
+                && self.accepting.load(Ordering::Acquire)
+                && self.still_listening()
+        };
+        // A serve loop waiting for connections on another thread first takes those already
+        // queued in the backlog (a balancer handed them over and sent their request: closing
+        // the listener would reset them), then closes the listener itself; give it a moment.
+        // A loop busy with a request (sync mode) is not waited for: new clients must be
+        // refused at once. The drain is under way (`is_draining`) once the listener is closed.
+        if loop_elsewhere {
+            self.take_backlog.store(true, Ordering::Release);
+            self.request_shutdown();
+            let until = Instant::now() + BACKLOG_HANDOFF;
+            while !self.listener_closed() && Instant::now() < until {
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
         let first = {
             let mut r = lock(&self.registry);
             let first = !self.draining.swap(true, Ordering::AcqRel);
@@ -632,6 +721,11 @@ impl Control {
             request_duration: c.request_duration.snapshot(),
             admission: std::array::from_fn(|i| get(&c.admission_failures[i])),
             tls_failures: get(&c.admission_failures[AdmissionFailure::Tls.index()]),
+            proxy_untrusted: get(&c.proxy_untrusted),
+            proxy_missing: get(&c.proxy_missing),
+            proxy_malformed: get(&c.proxy_malformed),
+            proxy_oversized: get(&c.proxy_oversized),
+            proxy_timeouts: get(&c.proxy_timeouts),
         }
     }
 }
@@ -685,6 +779,25 @@ impl Drop for Ticket {
         }
         drop(r);
         self.control.mirror_active(-1.0);
+    }
+}
+
+/// One connection counted against `max_per_source` for a client that admission found; see
+/// [`Control::claim_source`].
+pub(crate) struct SourceClaim {
+    control: Arc<Control>,
+    ip: IpAddr,
+}
+
+impl Drop for SourceClaim {
+    fn drop(&mut self) {
+        let mut r = lock(&self.control.registry);
+        if let Some(open) = r.sources.get_mut(&self.ip) {
+            *open -= 1;
+            if *open == 0 {
+                r.sources.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -747,8 +860,10 @@ impl ServerHandle {
     ///
     /// The listener of a stream server stops listening at once: a client that connects during
     /// the drain is refused (`ECONNREFUSED`) within a round trip, rather than hanging in the
-    /// backlog until the server closes, so that it (or a load balancer) retries elsewhere. TCP
-    /// connections that were still queued in the backlog, never accepted, are reset. Unlike
+    /// backlog until the server closes, so that it (or a load balancer) retries elsewhere. The
+    /// connections already queued in the backlog are served first by `serve_forever`, if it is
+    /// running (those a load balancer has sent a request on could not be retried); without a
+    /// serve loop they are reset. Unlike
     /// after [`shutdown`](Self::shutdown), the server cannot serve again after a drain:
     /// `serve_forever` returns at once; close it.
     ///

@@ -80,6 +80,22 @@ impl<S: AsFd> DeadlineIo<'_, S> {
     }
 }
 
+impl<S: AsFd> DeadlineIo<'_, S> {
+    /// Copies into `buf` what has arrived without consuming it, waiting (until the deadline)
+    /// if nothing has; 0 at end of file.
+    #[cfg_attr(not(feature = "proxy-protocol"), allow(dead_code))]
+    pub(crate) fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match rustix::net::recv(self.sock, &mut *buf, RecvFlags::DONTWAIT | RecvFlags::PEEK) {
+                Ok((n, _)) => return Ok(n),
+                Err(Errno::AGAIN) => self.wait(PollFlags::IN)?,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
 impl<S: AsFd> Read for DeadlineIo<'_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         #[cfg(feature = "tls")]

@@ -168,6 +168,9 @@ pub struct Request {
     pub(crate) stream: Stream,
     pub(crate) peer: Addr,
     pub(crate) server: ServerHandle,
+    /// The PROXY header the connection came with, if the server takes them.
+    #[cfg(feature = "proxy-protocol")]
+    pub(crate) proxy: Option<std::sync::Arc<crate::proxy::ProxyInfo>>,
 }
 
 impl Request {
@@ -202,6 +205,21 @@ impl Request {
     /// The server this connection belongs to: call [`ServerHandle::shutdown`] to stop it.
     pub fn server(&self) -> &ServerHandle {
         &self.server
+    }
+
+    /// The proxy the connection came through, when the server takes PROXY headers
+    /// ([`Builder::proxy_protocol`](crate::Builder::proxy_protocol)): the socket's peer, while
+    /// [`peer_addr`](Self::peer_addr) is the client the header named.
+    #[cfg(feature = "proxy-protocol")]
+    pub fn proxy_addr(&self) -> Option<&Addr> {
+        self.proxy.as_deref().map(|p| p.proxy_addr())
+    }
+
+    /// The PROXY header the connection came with (its version, destination and v2 TLVs), when
+    /// the server takes them.
+    #[cfg(feature = "proxy-protocol")]
+    pub fn proxy(&self) -> Option<&crate::proxy::ProxyInfo> {
+        self.proxy.as_deref()
     }
 }
 
@@ -281,6 +299,8 @@ pub struct StreamRequest {
     pub wfile: WFile,
     peer: Addr,
     server: ServerHandle,
+    #[cfg(feature = "proxy-protocol")]
+    proxy: Option<std::sync::Arc<crate::proxy::ProxyInfo>>,
 }
 
 impl StreamRequest {
@@ -290,6 +310,8 @@ impl StreamRequest {
             wfile: WFile::new(req.stream.clone(), o.wbufsize),
             peer: req.peer.clone(),
             server: req.server.clone(),
+            #[cfg(feature = "proxy-protocol")]
+            proxy: req.proxy.clone(),
         }
     }
 
@@ -312,6 +334,18 @@ impl StreamRequest {
     /// The server this connection belongs to.
     pub fn server(&self) -> &ServerHandle {
         &self.server
+    }
+
+    /// The proxy the connection came through: see [`Request::proxy_addr`].
+    #[cfg(feature = "proxy-protocol")]
+    pub fn proxy_addr(&self) -> Option<&Addr> {
+        self.proxy.as_deref().map(|p| p.proxy_addr())
+    }
+
+    /// The PROXY header the connection came with: see [`Request::proxy`].
+    #[cfg(feature = "proxy-protocol")]
+    pub fn proxy(&self) -> Option<&crate::proxy::ProxyInfo> {
+        self.proxy.as_deref()
     }
 }
 

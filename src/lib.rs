@@ -54,6 +54,14 @@
 //!   without restart, the handshake as an admission stage on the worker, HMAC inside TLS, and
 //!   `connect_tls` for clients.
 //!
+//! # Deployment
+//!
+//! Behind a load balancer, `Builder::proxy_protocol` takes the real client's address from a
+//! PROXY-protocol header (v1 or v2, trusted proxies only; cargo feature `proxy-protocol`, on by
+//! default), and a server bound to `[::]` serves IPv4 clients too. `docs/deploy.md` in the
+//! repository is the deployment guide: an HAProxy backend with `send-proxy-v2` and health
+//! checks, systemd socket and service units, rolling restarts, and production settings.
+//!
 //! # Logging
 //!
 //! Errors, rejected clients and recoveries are reported through the [`log`] crate; install a
@@ -94,7 +102,8 @@
 //!   each request.
 //! * **Admission** (`admission.rs`): the stages between accept and the handler, in a fixed
 //!   order (PROXY header, TLS, then authentication), under one deadline (`deadline.rs`) and one
-//!   cap on unfinished handshakes.
+//!   cap on unfinished handshakes. The PROXY stage is `proxy/` (`stage.rs` reads exactly the
+//!   header; `config.rs` and `info.rs` are what users set and handlers see).
 //! * **Lifecycle** (`lifecycle.rs`): Python's `setup` → `handle` → `finish`, panics caught and
 //!   reported through `worker.rs`, which holds what every worker shares.
 //! * **Handler types**: [`Handler`] and [`Request`], [`StreamHandler`] with its bounded `rfile`
@@ -147,6 +156,8 @@ mod observe;
 #[cfg(feature = "signals")]
 pub mod prefork;
 mod prometheus;
+#[cfg(feature = "proxy-protocol")]
+mod proxy;
 mod server;
 #[cfg(feature = "signals")]
 mod signals;
@@ -175,6 +186,8 @@ pub use handler::{
 };
 pub use handler_fn::{HandlerFn, MessageFn, handler_fn, message_fn};
 pub use mp::{DEFAULT_MAX_MESSAGE, DEFAULT_MP_BUDGET, MpBudget, MpConnection};
+#[cfg(feature = "proxy-protocol")]
+pub use proxy::{Cidr, ProxyInfo, ProxyProtocol, ProxySsl};
 /// The rustls this crate was built with (feature `tls`), for [`ServerConfig`](rustls::ServerConfig)s
 /// of your own and client root stores.
 #[cfg(feature = "tls")]
@@ -192,3 +205,8 @@ pub use tls::{ClientCert, Tls, TlsInfo, TlsStream, connect_tls};
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+/// The deployment guide's example, compiled as a doctest.
+#[cfg(all(doctest, feature = "proxy-protocol", feature = "signals"))]
+#[doc = include_str!("../docs/deploy.md")]
+struct DeployDoctests;

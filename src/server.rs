@@ -160,6 +160,8 @@ impl<T: Transport> Builder<T> {
 
     /// Python's `verify_request`: called on the accepting thread with each client's address;
     /// returning false closes the connection (or drops the datagram) without running a handler.
+    /// With `proxy_protocol` (cargo feature `proxy-protocol`) it is called after the PROXY header, on the
+    /// connection's worker, with the client the header names.
     pub fn verify_request(mut self, hook: impl Fn(&Addr) -> bool + Send + Sync + 'static) -> Self {
         self.common.verify_request = Some(Box::new(hook));
         self
@@ -204,7 +206,9 @@ impl<T: Transport> Builder<T> {
         self
     }
 
-    /// Restricts an IPv6 socket to IPv6 (`IPV6_V6ONLY`); by default the system's setting.
+    /// Restricts an IPv6 socket to IPv6 (`IPV6_V6ONLY`). Default false, whatever the system's
+    /// setting: a server bound to `[::]:PORT` serves IPv4 clients too, and reports them with
+    /// their IPv4 address (`127.0.0.1:5000`, not `[::ffff:127.0.0.1]:5000`).
     pub fn only_v6(mut self, only: bool) -> Self {
         self.socket.only_v6 = Some(only);
         self
@@ -258,6 +262,10 @@ impl<T: Transport> Builder<T> {
             return Err(crate::Error::config("workers must be at least 1"));
         }
         self.service.prepare(set_limit, parks)?;
+        // Behind a PROXY header the client is known only in admission, which then runs
+        // verify_request itself.
+        let verify_request = c.verify_request.and_then(|h| self.service.take_verify(h));
+        let learns_client = self.service.learns_client();
         let limit = match (c.dispatch, set_limit) {
             (Dispatch::Thread, None) => default_max_connections(),
             (Dispatch::Event { .. }, None) => default_event_connections(),
@@ -292,7 +300,8 @@ impl<T: Transport> Builder<T> {
             block_on_close: c.block_on_close,
             reject_when_full: c.reject_when_full && c.dispatch == Dispatch::Thread,
             poll_interval: c.poll_interval,
-            verify_request: c.verify_request,
+            verify_request,
+            learns_client,
             service_actions: c.service_actions,
             handle_timeout: c.handle_timeout,
             readiness: OnceLock::new(),
@@ -357,6 +366,8 @@ pub struct Server<T: Transport> {
     reject_when_full: bool,
     poll_interval: Duration,
     verify_request: Option<VerifyHook>,
+    /// Admission finds the client (PROXY header) and counts it under `max_per_source`.
+    learns_client: bool,
     service_actions: Option<ActionHook>,
     handle_timeout: Option<ActionHook>,
     /// Readiness messages (`READY=1`, ...), when asked for and the environment names a socket.
@@ -525,10 +536,40 @@ impl<T: Transport> Server<T> {
                 .service_actions
                 .as_ref()
                 .and_then(|_| deadline_after(self.poll_interval));
-            if let Next::Request(req, permit) = self.next(listener, deadline, &mut backoff) {
+            control.set_accepting(true);
+            let next = self.next(listener, deadline, &mut backoff);
+            control.set_accepting(false);
+            if let Next::Request(req, permit) = next {
                 self.process(req, permit, &mut backoff);
             }
         }
+        if control.backlog_wanted() {
+            self.take_backlog(listener, &mut backoff);
+        }
+    }
+
+    /// At the start of a drain: serves the connections already queued in the backlog, then
+    /// closes the listener. A load balancer has handed those over and sent their requests;
+    /// closing the listener with them queued would reset them, and the balancer cannot retry
+    /// a request it has sent. What connects after the close is refused, and retried elsewhere.
+    fn take_backlog(&self, listener: &T::Listener, backoff: &mut Backoff) {
+        let control = self.control();
+        while !control.listener_closed() {
+            let Ok(req) = listener.accept(control) else {
+                break;
+            };
+            Counters::bump(&control.counters.accepted);
+            match control.try_acquire() {
+                Some(permit) => {
+                    self.process(req, permit, backoff);
+                }
+                None => {
+                    Counters::bump(&control.counters.limit_rejected);
+                    req.reject();
+                }
+            }
+        }
+        control.stop_listening();
     }
 
     /// Serves until SIGINT (Ctrl-C) or SIGTERM, then drains: Python's `serve_forever` ended by
@@ -709,6 +750,7 @@ impl<T: Transport> Server<T> {
         let source = req
             .stream()
             .and(req.peer().inet())
+            .filter(|_| !self.learns_client)
             .map(|a| a.ip().to_canonical());
         let Some(ticket) = control.register(req.stream().cloned(), source) else {
             control.record_refused(Refusal::PerSource);

@@ -6,7 +6,7 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -68,6 +68,9 @@ pub enum Kind {
     Pool,
     /// `python_echo.py`: Python's `socketserver.ThreadingTCPServer`.
     Python,
+    /// [`Kind::Thread`] with `--proxy-protocol --trusted-proxy 127.0.0.1/32`; its clients open
+    /// each connection with a PROXY v2 header, as HAProxy's `send-proxy-v2` does.
+    ThreadProxy,
     /// This crate's `echo_server --mode event --workers N` ([`event_workers`]): connections parked in
     /// an epoll set between messages (issue 13).
     Event,
@@ -113,6 +116,7 @@ impl Contender {
             Kind::Thread => "socketserver thread",
             Kind::Pool => "socketserver pool",
             Kind::Python => "python",
+            Kind::ThreadProxy => "socketserver thread +proxy",
             Kind::Event => "socketserver event",
             Kind::NetIo => "net-io",
             Kind::Prefork => "socketserver prefork 2",
@@ -156,6 +160,10 @@ impl Contender {
                  connection, recv(16384) (not zeroed)"
                     .to_owned()
             }
+            Kind::ThreadProxy => "`echo_server --mode thread --proxy-protocol --trusted-proxy \
+                                  127.0.0.1/32`: the thread contender behind the PROXY stage; \
+                                  each client connection starts with a 28-byte v2 header"
+                .to_owned(),
             Kind::Event => "`echo_server --mode event --workers N` (this crate; N = 1 pinned, 2 \
                             unpinned: a worker per core): a worker is held only while a message \
                             is served, connections parked in an epoll set in between, read \
@@ -239,13 +247,40 @@ fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Opens a client connection: TCP_NODELAY, 10 s I/O timeouts so that nothing hangs, and the
-/// handshake when the contender asks for one.
+/// Whether [`connect`] starts each connection with a PROXY v2 header: on while the
+/// [`Kind::ThreadProxy`] contender runs (set by the benchmark before it starts one).
+static SEND_PROXY_HEADER: AtomicBool = AtomicBool::new(false);
+
+/// Makes [`connect`] send a PROXY v2 header first (or not), for the contender about to run.
+pub fn send_proxy_header(on: bool) {
+    SEND_PROXY_HEADER.store(on, Ordering::SeqCst);
+}
+
+/// The PROXY v2 header HAProxy's `send-proxy-v2` would send for a TCP/IPv4 connection from
+/// `src` to `dst`: 16 fixed bytes and 12 of addresses.
+fn proxy_v2_header(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    for a in [src, dst] {
+        match a.ip() {
+            std::net::IpAddr::V4(ip) => h.extend_from_slice(&ip.octets()),
+            std::net::IpAddr::V6(_) => h.extend_from_slice(&[127, 0, 0, 1]),
+        }
+    }
+    h.extend_from_slice(&src.port().to_be_bytes());
+    h.extend_from_slice(&dst.port().to_be_bytes());
+    h
+}
+
+/// Opens a client connection: TCP_NODELAY, 10 s I/O timeouts so that nothing hangs, a PROXY
+/// header for the `+proxy` contender, and the handshake when the contender asks for one.
 pub fn connect(addr: SocketAddr, auth: Option<Digest>) -> io::Result<TcpStream> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    if SEND_PROXY_HEADER.load(Ordering::Relaxed) {
+        s.write_all(&proxy_v2_header(s.local_addr()?, addr))?;
+    }
     if let Some(d) = auth {
         socketserver::answer_challenge(&mut s, AUTH_KEY, d).map_err(io::Error::other)?;
     }
@@ -333,9 +368,14 @@ impl Server {
                     ]);
                 }
             }
-            Kind::Thread | Kind::Pool => {
+            Kind::Thread | Kind::Pool | Kind::ThreadProxy => {
                 argv.extend([path(&p.echo_server), "--addr".into(), a]);
-                if c.kind == Kind::Thread {
+                if c.kind == Kind::ThreadProxy {
+                    argv.extend(
+                        ["--mode", "thread", "--proxy-protocol", "--trusted-proxy"].map(Into::into),
+                    );
+                    argv.push("127.0.0.1/32".into());
+                } else if c.kind == Kind::Thread {
                     argv.extend(["--mode".into(), "thread".into()]);
                 } else {
                     argv.extend([

@@ -128,6 +128,7 @@ fn parse_args() -> Config {
             Kind::Thread,
             Kind::Pool,
             Kind::Python,
+            Kind::ThreadProxy,
             Kind::Event,
             Kind::NetIo,
             Kind::Prefork,
@@ -215,6 +216,7 @@ fn parse_args() -> Config {
                         "pool" => Kind::Pool,
                         "python" => Kind::Python,
                         "metrics" => Kind::Metrics,
+                        "thread-proxy" => Kind::ThreadProxy,
                         "event" => Kind::Event,
                         "netio" | "net-io" => Kind::NetIo,
                         "prefork" => Kind::Prefork,
@@ -460,6 +462,7 @@ fn contenders(point: Point, python: bool, kinds: &[Kind]) -> Vec<Contender> {
             p(Std),
             p(Tokio),
             p(Thread),
+            p(ThreadProxy),
             a(Thread, Digest::Md5),
             a(Thread, Digest::Sha256),
             p(StdPool),
@@ -506,6 +509,7 @@ fn run_one(
     core: Option<usize>,
     logdir: &Path,
 ) -> Result<load::Sample, String> {
+    crate::contender::send_proxy_header(c.kind == Kind::ThreadProxy);
     let server = Server::start(c, progs, core, logdir)?;
     let nodelay = server.accepted_nodelay(c.auth);
     let (addr, pid) = (server.addr, server.pid);

@@ -590,6 +590,17 @@ pub fn targets(res: &Results) -> Vec<Check> {
             }
         }
     }
+    for point in points("connect") {
+        // The PROXY stage (a v2 header read per connection) must not cost a measurable share.
+        let n = point.size();
+        let with = Contender::plain(Kind::ThreadProxy);
+        let what = format!(
+            "connect {n} clients: {} ≥ 0.95 × {}",
+            with.label(),
+            thread.label()
+        );
+        check(what, point, with, thread, rate, 0.95, true);
+    }
     for point in points("idle") {
         let n = point.size();
         // The same design with the same buffer: the crate's bookkeeping should cost at most a
@@ -675,6 +686,7 @@ fn color(c: &Contender) -> &'static str {
         Kind::Thread => "#1f77b4",
         Kind::Pool => "#6baed6",
         Kind::Python => "#2ca02c",
+        Kind::ThreadProxy => "#c5b0d5",
         Kind::Event => "#08306b",
         Kind::NetIo => "#9467bd",
         Kind::Prefork => "#8c564b",

@@ -516,3 +516,46 @@ pub struct TlsClientArgs {
     #[arg(long, value_name = "NAME", requires = "tls_ca")]
     pub server_name: Option<String>,
 }
+
+/// The PROXY protocol: `--proxy-protocol` and `--trusted-proxy CIDR` (repeatable). With it, every
+/// connection must come from a trusted proxy and start with a PROXY v1 or v2 header, and
+/// handlers see the client the header names.
+#[derive(clap::Args, Debug)]
+pub struct ProxyArgs {
+    /// Expect a PROXY protocol header (v1 or v2, as HAProxy's send-proxy / send-proxy-v2 send)
+    /// on every connection, from a --trusted-proxy
+    #[arg(long)]
+    pub proxy_protocol: bool,
+    /// An address block whose PROXY headers are believed, such as 10.0.0.0/8 or 127.0.0.1
+    /// (repeatable; with --proxy-protocol)
+    #[arg(long, value_name = "CIDR", requires = "proxy_protocol")]
+    pub trusted_proxy: Vec<String>,
+}
+
+impl ProxyArgs {
+    /// Applies `--proxy-protocol` to a stream server's builder; a malformed `--trusted-proxy`
+    /// ends the process through [`die`].
+    pub fn apply<T: socketserver::transport::StreamTransport>(
+        &self,
+        builder: Builder<T>,
+    ) -> Builder<T> {
+        if !self.proxy_protocol {
+            return builder;
+        }
+        #[cfg(feature = "proxy-protocol")]
+        {
+            let proxies = socketserver::ProxyProtocol::trusting(&self.trusted_proxy)
+                .unwrap_or_else(|e| die(&format!("--trusted-proxy: {e}")));
+            if self.trusted_proxy.is_empty() {
+                log::warn!("--proxy-protocol without --trusted-proxy: only Unix peers are served");
+            }
+            log::info!("PROXY protocol from {:?}", self.trusted_proxy);
+            builder.proxy_protocol(proxies)
+        }
+        #[cfg(not(feature = "proxy-protocol"))]
+        {
+            let _ = builder;
+            die("--proxy-protocol: built without the `proxy-protocol` feature")
+        }
+    }
+}

@@ -55,7 +55,9 @@ fn peer_addr(a: Option<SocketAddrAny>) -> Addr {
         return Addr::Unix(None);
     };
     if let Ok(inet) = SocketAddr::try_from(a.clone()) {
-        return Addr::Inet(inet);
+        // Linux's dual-stack UDP sockets send to an IPv4 address as they would to its mapped
+        // form, so the reply still finds the client.
+        return Addr::from_peer(inet);
     }
     let path = SocketAddrUnix::try_from(a)
         .ok()

@@ -71,6 +71,21 @@ pub trait Service: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether admission finds out who the client is (a PROXY header): the accept loop then
+    /// counts nobody against `max_per_source` and leaves `verify_request` to admission.
+    fn learns_client(&self) -> bool {
+        false
+    }
+
+    /// Takes the `verify_request` hook to run it in admission, once the client is known;
+    /// hands it back if the accept loop should run it (the default).
+    fn take_verify(
+        &mut self,
+        hook: crate::admission::VerifyHook,
+    ) -> Option<crate::admission::VerifyHook> {
+        Some(hook)
+    }
+
     /// Event mode: the session of a new connection, before any I/O; `None` for a request that
     /// cannot be served this way.
     fn session(&self, req: Self::Request, ctx: &Ctx) -> Option<Self::Session>;

@@ -48,8 +48,10 @@ pub(crate) fn bind_inet(addr: SocketAddr, ty: Type, o: &SocketOptions) -> Result
     if o.reuse_port {
         sock.set_reuse_port(true).map_err(fail)?;
     }
-    if let (Some(v6), SocketAddr::V6(_)) = (o.only_v6, addr) {
-        sock.set_only_v6(v6).map_err(fail)?;
+    // Dual-stack unless told otherwise, whatever the system default (`bindv6only`): binding
+    // `[::]` serves IPv4 clients too, as Go and Python's `create_server(dualstack_ipv6=True)`.
+    if let SocketAddr::V6(_) = addr {
+        sock.set_only_v6(o.only_v6.unwrap_or(false)).map_err(fail)?;
     }
     sock.bind(&addr.into()).map_err(fail)?;
     if ty == Type::STREAM {

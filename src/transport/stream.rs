@@ -74,7 +74,7 @@ impl Listener for TcpAcceptor {
         make_blocking(&s)?;
         Ok(Accepted {
             stream: Stream::tcp(s, self.track_activity),
-            peer: Addr::Inet(peer),
+            peer: Addr::from_peer(peer),
         })
     }
 
@@ -269,6 +269,8 @@ impl<H: Handler> Service for StreamService<H> {
                 stream: conn.stream,
                 peer: conn.peer,
                 server: ctx.handle.clone(),
+                #[cfg(feature = "proxy-protocol")]
+                proxy: None,
             },
             phase: Phase::Fresh,
             span,
@@ -301,6 +303,17 @@ impl<H: Handler> Service for StreamService<H> {
         }
     }
 
+    fn learns_client(&self) -> bool {
+        self.admission.learns_client()
+    }
+
+    fn take_verify(
+        &mut self,
+        hook: crate::admission::VerifyHook,
+    ) -> Option<crate::admission::VerifyHook> {
+        self.admission.take_verify(hook)
+    }
+
     fn serve(&self, conn: Accepted, ctx: &Ctx) {
         let span = lifecycle::open(&conn.peer);
         let stream = conn.stream.clone();
@@ -313,7 +326,7 @@ impl<H: Handler> StreamService<H> {
     /// Event mode: runs a session as far as it goes without waiting for the peer.
     fn resume_session(&self, s: &mut Session<H>, ctx: &Ctx) -> Step {
         s.req.stream.set_parked(false);
-        let control = ctx.control();
+        let control = &ctx.handle.control;
         loop {
             match std::mem::replace(&mut s.phase, Phase::Ended) {
                 Phase::Fresh => {
@@ -351,10 +364,14 @@ impl<H: Handler> StreamService<H> {
 
     /// Admission, then the handler's lifecycle, each inside the connection's span.
     fn serve_connection(&self, conn: Accepted, ctx: &Ctx, span: &ConnSpan) {
-        let Accepted { stream, peer } = conn;
-        if !span.in_scope(|| self.admission.admit(&stream, &peer, ctx.control())) {
+        let Accepted { stream, mut peer } = conn;
+        // Kept to the end: it holds the client's count under max_per_source.
+        let Some(learnt) = span.in_scope(|| {
+            self.admission
+                .admit(&stream, &mut peer, &ctx.handle.control)
+        }) else {
             return close(&stream, &peer);
-        }
+        };
         if let Err(e) = self.apply_timeouts(&stream) {
             limited!(warn, "cannot set timeouts on connection from {peer}: {e}");
             return close(&stream, &peer);
@@ -366,9 +383,12 @@ impl<H: Handler> StreamService<H> {
             stream,
             peer,
             server: ctx.handle.clone(),
+            #[cfg(feature = "proxy-protocol")]
+            proxy: learnt.proxy.clone(),
         };
         span.in_scope(|| lifecycle::run(&mut handler, &mut req, ctx));
         drop(handler);
         close(&req.stream, &req.peer);
+        drop(learnt);
     }
 }
