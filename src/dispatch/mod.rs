@@ -49,9 +49,10 @@ pub enum Dispatch {
     /// parked in an epoll set, holding no thread and no buffer, so idle connections cost their
     /// socket and the handler's own state; a pipelined message is served without parking;
     /// authentication handshakes park too while the client answers. Like Apache's event MPM,
-    /// with a blocking handler API. The workers take turns waiting on the set and serve up to
-    /// 8 ready connections per wake-up: one per core suits handlers that do not block for
-    /// long; more if they do (a handler that blocks delays the connections of its batch).
+    /// with a blocking handler API. The workers take turns waiting on the set and serve a batch
+    /// of ready connections per wake-up (64 between them, at least 8 each): one worker per
+    /// core suits handlers that do not block for long; more if they do (a handler that blocks
+    /// delays the connections of its batch).
     /// Capped by [`Builder::max_connections`](crate::Builder::max_connections), whose default
     /// is what the descriptor limit allows. Linux only.
     Event {
