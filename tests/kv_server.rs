@@ -1,6 +1,8 @@
 //! The `kv_server` example, run as a program: its protocol, shared state across connections, an
 //! oversized line answered with `ERR line too long` and a close, and a full store.
 
+mod util;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -8,27 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// `target/<profile>/examples/kv_server`, next to this test's `target/<profile>/deps/`. A plain
-/// `cargo test` has built it; `cargo build --example` (a no-op then) makes sure it is there and
-/// current when only this test was built.
+/// The example, built if needed (once per test binary).
 fn kv_server_exe() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| {
-        let me = std::env::current_exe().expect("test executable");
-        let profile_dir = me
-            .parent()
-            .and_then(|deps| deps.parent())
-            .expect("target/<profile>/deps");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "--quiet", "--example", "kv_server"]);
-        if profile_dir.ends_with("release") {
-            build.arg("--release");
-        }
-        let status = build.status().expect("run cargo build");
-        assert!(status.success(), "cargo build --example kv_server failed");
-        profile_dir.join("examples").join("kv_server")
-    })
+    EXE.get_or_init(|| util::example_exe("kv_server"))
 }
 
 /// The example running on a free port; killed when dropped.

@@ -8,41 +8,22 @@
 mod util;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use util::{LogLines, example_exe, is_ci, signal, sock_path};
+use util::{LogLines, example_exe, signal, sock_path};
 
 const ACTIVATE: &str = "systemd-socket-activate";
 
 /// Whether `systemd-socket-activate` is installed; under CI its absence fails the test.
 fn have_activate() -> bool {
-    let found = Command::new(ACTIVATE)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            !is_ci(),
-            "{ACTIVATE} is missing (apt-get install -y systemd)"
-        );
-        eprintln!("skipped: {ACTIVATE} is not installed");
-    }
-    found
+    util::tool_available(ACTIVATE, "--version", "apt-get install -y systemd")
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use util::free_port;
 
 /// `systemd-socket-activate -l LISTEN [extra] -E ... EXAMPLE ARGS`, with a notify socket of
 /// ours; killed when dropped.

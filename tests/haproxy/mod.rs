@@ -36,30 +36,10 @@ fn exe() -> &'static str {
 /// Whether `haproxy` can run here. Under CI its absence fails the test (`.ci/run` installs it);
 /// elsewhere the caller skips, saying why.
 pub fn available() -> bool {
-    let found = Command::new(exe())
-        .arg("-v")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            !crate::util::is_ci(),
-            "haproxy is required when CI is set (apt-get install -y haproxy)"
-        );
-        eprintln!("SKIPPED: haproxy not installed (apt-get install -y haproxy)");
-    }
-    found
+    crate::util::tool_available(exe(), "-v", "apt-get install -y haproxy")
 }
 
-/// A free TCP port on 127.0.0.1 (free when this returns; nobody else should take it soon).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use crate::util::free_port;
 
 /// Whether something listens on 127.0.0.1:`port`, from /proc/net/tcp (connecting would make
 /// HAProxy open a connection to the backend).

@@ -937,3 +937,28 @@ pub fn signal(pid: u32, sig: &str) {
         .expect("run kill");
     assert!(st.success(), "kill -{sig} {pid} failed");
 }
+
+/// Whether `program` runs here (`program arg` succeeds). Under CI its absence fails the test,
+/// since `.ci/run` installs it; elsewhere the caller skips, and this says why.
+pub fn tool_available(program: &str, arg: &str, install: &str) -> bool {
+    let found = Command::new(program)
+        .arg(arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(!is_ci(), "{program} is required when CI is set ({install})");
+        eprintln!("SKIPPED: {program} is not installed ({install})");
+    }
+    found
+}
+
+/// A free TCP port on 127.0.0.1 (free when this returns; nobody else should take it soon).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
