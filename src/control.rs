@@ -150,7 +150,10 @@ pub struct Stats {
     /// [`Cap`](AdmissionFailure::Cap) count of
     /// [`admission_failures`](Self::admission_failures).
     pub handshake_evictions: u64,
-    /// Handlers (`setup`, `handle` or `finish`) that returned an error.
+    /// Handlers (`setup`, `handle` or `finish`) that returned an error, other than a timeout
+    /// (`timeouts`) or the client resetting or leaving mid-request
+    /// ([`HandlerFailure::is_disconnect`](crate::HandlerFailure::is_disconnect): logged at
+    /// debug, not counted).
     pub handler_errors: u64,
     /// Handlers that panicked.
     pub panics: u64,

@@ -52,6 +52,33 @@ impl HandlerFailure {
         false
     }
 
+    /// Whether the handler failed because the client went away mid-request: an I/O error of
+    /// kind `ConnectionReset`, `ConnectionAborted`, `BrokenPipe` or `UnexpectedEof` anywhere in
+    /// the error's `source()` chain (a load balancer's health check that resets its connection,
+    /// a client killed mid-reply). The server logs these at debug and does not count them in
+    /// [`Stats::handler_errors`](crate::Stats::handler_errors): the handler did nothing wrong.
+    pub fn is_disconnect(&self) -> bool {
+        let HandlerFailure::Error(e) = self else {
+            return false;
+        };
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&**e);
+        while let Some(e) = next {
+            if let Some(io) = e.downcast_ref::<io::Error>()
+                && matches!(
+                    io.kind(),
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::UnexpectedEof
+                )
+            {
+                return true;
+            }
+            next = e.source();
+        }
+        false
+    }
+
     /// The connection timeout behind this failure, if it is one of [`Stream`]'s.
     pub(crate) fn stream_timeout(&self) -> Option<&StreamTimeout> {
         let HandlerFailure::Error(e) = self else {

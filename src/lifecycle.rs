@@ -177,6 +177,10 @@ fn step<R: HasPeer, H, T>(
             let severity = if req.was_cut() {
                 // The cut's echo (end of file, a broken pipe): counted and logged by the cut.
                 Severity::AfterCut
+            } else if failure.is_disconnect() {
+                // The client reset or left mid-request (a health check, a killed client): not
+                // the handler's failure, and not worth more than a debug line.
+                Severity::PeerGone
             } else if failure.is_timeout() {
                 // The peer went quiet: not a fault of the handler.
                 Counters::bump(&counters.timeouts);

@@ -61,6 +61,9 @@ impl Ctx {
                     debug,
                     "{stage}() after the server cut the connection from {peer}: {failure}"
                 ),
+                Severity::PeerGone => {
+                    limited!(debug, "{stage}(): {peer} went away mid-request: {failure}")
+                }
             },
         }
     }
@@ -75,6 +78,8 @@ pub(crate) enum Severity {
     Timeout,
     /// Anything after the server cut the connection (already logged with its reason): debug.
     AfterCut,
+    /// The client reset or hung up mid-request: debug.
+    PeerGone,
 }
 
 /// The message of a caught panic, whatever its payload.
