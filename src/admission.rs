@@ -118,16 +118,18 @@ pub(crate) type Rest = Box<dyn FnOnce(&mut Admitting<'_>) -> Result<Progress> + 
 pub(crate) struct Resume {
     /// Whether the answer is whole.
     pub(crate) ready: Ready,
-    /// The rest of the stage, run once it is.
-    pub(crate) then: Rest,
+    /// The rest of the stage, run once it is; `None`: the whole stage, [`Stage::run`] (a stage
+    /// that only waits for its input to be whole before it reads it).
+    pub(crate) then: Option<Rest>,
 }
 
 /// The default cap on unfinished admissions in event mode.
 pub(crate) const PARKED_CAP: usize = 1024;
 
 /// The most a parked stage peeks at to see whether its answer is whole: more than any
-/// handshake message (`multiprocessing`'s are at most 256 bytes plus a 4-byte length).
-pub(crate) const PEEK_MAX: usize = 512;
+/// handshake message (`multiprocessing`'s are at most 256 bytes plus a 4-byte length) or
+/// PROXY header (16 + 1536 bytes).
+pub(crate) const PEEK_MAX: usize = 2048;
 
 /// A connection going through admission.
 pub(crate) struct Admitting<'a> {
@@ -199,10 +201,10 @@ fn auth_progress(auth: Auth, step: AuthStep) -> Progress {
         AuthStep::Done => Progress::Done,
         AuthStep::Wait(need, state) => Progress::Wait(Resume {
             ready: Box::new(move |received| need.is_met(received)),
-            then: Box::new(move |conn| {
+            then: Some(Box::new(move |conn| {
                 let next = auth.resume(state, conn.io())?;
                 Ok(auth_progress(auth, next))
-            }),
+            })),
         }),
     }
 }
@@ -222,12 +224,40 @@ pub(crate) struct Parked {
     resume: Resume,
     deadline: Option<Instant>,
     guard: PendingGuard,
+    /// What the stages before learnt, kept across the wait.
+    peer: Addr,
+    learnt: Learnt,
+}
+
+/// Where a parked admission goes on from: a stage, what to run of it, and what was learnt.
+struct At {
+    stage: usize,
+    step: Step,
+    peer: Addr,
+    learnt: Learnt,
+}
+
+/// What to run of a stage.
+enum Step {
+    /// Its [`Stage::start`].
+    Start,
+    /// The rest it left after a wait.
+    Rest(Rest),
+    /// All of it ([`Stage::run`]), now that its input is whole.
+    Run,
+}
+
+/// An admitted event-mode connection: the client as admission found it (the real one behind a
+/// proxy) and what the stages learnt.
+pub(crate) struct Admitted {
+    pub(crate) peer: Addr,
+    pub(crate) learnt: Learnt,
 }
 
 /// Where an event-mode admission stands.
 pub(crate) enum Admission {
     /// Every stage passed: on to the handler.
-    Admitted,
+    Admitted(Box<Admitted>),
     /// Waiting for the peer, on no thread.
     Parked(Parked),
     /// Refused (counted and logged): close the connection.
@@ -296,11 +326,6 @@ impl Pipeline {
         if parked && self.stages.iter().any(|s| s.kind() == StageKind::Tls) {
             return Err(crate::Error::config(
                 "TLS is not supported with Dispatch::Event yet: use Thread or Pool",
-            ));
-        }
-        if parked && self.learns_client() {
-            return Err(crate::Error::config(
-                "proxy_protocol is not supported with Dispatch::Event yet: use Thread or Pool",
             ));
         }
         let (cap, cut_when_full) = match (self.max_pending, limit) {
@@ -381,11 +406,20 @@ impl Pipeline {
     pub(crate) fn begin(&self, stream: &Stream, peer: &Addr, control: &Arc<Control>) -> Admission {
         if self.stages.is_empty() {
             observe::record_admission("none", false);
-            return Admission::Admitted;
+            return Admission::Admitted(Box::new(Admitted {
+                peer: peer.clone(),
+                learnt: Learnt::default(),
+            }));
         }
         let deadline = deadline_after(self.timeout);
         let guard = self.enter(stream, control, deadline);
-        self.proceed(0, None, deadline, guard, stream, peer, control)
+        let at = At {
+            stage: 0,
+            step: Step::Start,
+            peer: peer.clone(),
+            learnt: Learnt::default(),
+        };
+        self.proceed(at, deadline, guard, stream, control)
     }
 
     /// Event mode: the connection of a parked admission has input (or hung up, or was cut):
@@ -394,7 +428,6 @@ impl Pipeline {
         &self,
         parked: Parked,
         stream: &Stream,
-        peer: &Addr,
         control: &Arc<Control>,
     ) -> Admission {
         if parked.guard.is_evicted() {
@@ -420,48 +453,54 @@ impl Pipeline {
             resume,
             deadline,
             guard,
-        } = parked;
-        self.proceed(
-            stage,
-            Some(resume.then),
-            deadline,
-            guard,
-            stream,
             peer,
-            control,
-        )
+            learnt,
+        } = parked;
+        let step = match resume.then {
+            Some(rest) => Step::Rest(rest),
+            None => Step::Run,
+        };
+        let at = At {
+            stage,
+            step,
+            peer,
+            learnt,
+        };
+        self.proceed(at, deadline, guard, stream, control)
     }
 
-    /// Runs stages from `stage` on (first finishing it with `then`), until one waits or all
-    /// are done.
-    #[allow(clippy::too_many_arguments)]
+    /// Runs stages from `at` on, until one waits or all are done.
     fn proceed(
         &self,
-        mut stage: usize,
-        mut then: Option<Rest>,
+        at: At,
         deadline: Option<Instant>,
         guard: PendingGuard,
         stream: &Stream,
-        peer: &Addr,
         control: &Arc<Control>,
     ) -> Admission {
-        // What a stage learns of the client (a PROXY header) is not carried into event mode's
-        // request yet: `prepare` refuses the PROXY stage there.
+        let At {
+            mut stage,
+            step,
+            peer,
+            learnt,
+        } = at;
+        let mut step = Some(step);
         let mut conn = Admitting {
             stream,
             deadline,
             control,
-            peer: peer.clone(),
-            learnt: Learnt::default(),
+            peer,
+            learnt,
         };
         let result = loop {
             let Some(s) = self.stages.get(stage) else {
                 break Ok(());
             };
             let started = Instant::now();
-            let progress = match then.take() {
-                Some(rest) => rest(&mut conn),
-                None => s.start(&mut conn),
+            let progress = match step.take().unwrap_or(Step::Start) {
+                Step::Start => s.start(&mut conn),
+                Step::Rest(rest) => rest(&mut conn),
+                Step::Run => s.run(&mut conn).map(|()| Progress::Done),
             };
             if !matches!(progress, Ok(Progress::Wait(_))) {
                 // The stage's last step (the time it spent parked is not counted).
@@ -478,14 +517,19 @@ impl Pipeline {
                         resume,
                         deadline,
                         guard,
+                        peer: conn.peer,
+                        learnt: conn.learnt,
                     });
                 }
                 Err(e) => break Err(e),
             }
         };
         let failed = self.stages.get(stage).map(|s| s.kind());
-        match self.conclude(result, failed, guard.leave(), peer, control) {
-            true => Admission::Admitted,
+        match self.conclude(result, failed, guard.leave(), &conn.peer, control) {
+            true => Admission::Admitted(Box::new(Admitted {
+                peer: conn.peer,
+                learnt: conn.learnt,
+            })),
             false => Admission::Refused,
         }
     }

@@ -417,15 +417,61 @@ fn through_haproxy_send_proxy_v2() {
 }
 
 #[test]
-fn event_dispatch_refuses_the_proxy_stage_until_it_carries_the_client() {
-    // A message handler, so that the refusal can only be the PROXY stage's.
-    let built = TcpServer::builder(util::line_echo)
-        .dispatch(socketserver::Dispatch::Event { workers: 1 })
-        .proxy_protocol(loopback())
-        .bind("127.0.0.1:0");
-    let e = built.expect_err("event mode with the PROXY stage must not build");
+fn event_dispatch_parks_until_the_header_is_whole_and_serves_the_real_client() {
+    util::init_logs();
+    // One worker: a header trickled in pieces must not hold it from another client.
+    let server = TcpServer::builder(|| {
+        socketserver::message_fn(|s| {
+            let mut line = String::new();
+            if s.rfile.read_line(&mut line)? == 0 {
+                return Ok(socketserver::Next::Close);
+            }
+            let proxy = s.proxy_addr().map_or("-".into(), |a| a.to_string());
+            let peer = s.peer_addr().to_string();
+            writeln!(s.wfile, "peer={peer} proxy={proxy} {}", line.trim_end())?;
+            Ok(socketserver::Next::Message)
+        })
+    })
+    .dispatch(socketserver::Dispatch::Event { workers: 1 })
+    .proxy_protocol(loopback().timeout(Duration::from_secs(2)))
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr().inet().unwrap();
+    let running = serve(server);
+    let client: SocketAddr = "192.0.2.7:5555".parse().unwrap();
+    let header = v2(0x21, client, addr, &[]);
+    let mut slow = TcpStream::connect(addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    slow.set_nodelay(true).unwrap();
+    for piece in header.chunks(5) {
+        slow.write_all(piece).unwrap();
+        // Meanwhile a whole header and its line are served at once.
+        let fast = exchange(
+            addr,
+            &[&v2(0x21, client, addr, &[])[..], b"fast\n"].concat(),
+        );
+        assert!(
+            fast.starts_with("peer=192.0.2.7:5555 proxy=127.0.0.1:"),
+            "{fast}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    slow.write_all(b"slow\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&slow).read_line(&mut line).unwrap();
     assert!(
-        e.is_config() && e.to_string().contains("proxy_protocol"),
-        "{e}"
+        line.starts_with("peer=192.0.2.7:5555 proxy=127.0.0.1:"),
+        "{line}"
     );
+    assert!(line.trim_end().ends_with(" slow"), "{line}");
+    // Bad input is refused as in the other modes.
+    assert_eq!(exchange(addr, b"GET / HTTP/1.0\r\n\r\n"), "");
+    assert!(eventually(Duration::from_secs(5), || running
+        .handle
+        .stats()
+        .proxy_missing
+        == 1));
+    drop(slow);
+    drop(running);
 }

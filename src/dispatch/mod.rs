@@ -48,8 +48,9 @@ pub enum Dispatch {
     /// a worker is held only while a message is served. Between messages a connection is
     /// parked in an epoll set, holding no thread and no buffer, so idle connections cost their
     /// socket and the handler's own state; a pipelined message is served without parking;
-    /// authentication handshakes park too while the client answers. Like Apache's event MPM,
-    /// with a blocking handler API. The workers take turns waiting on the set and serve a batch
+    /// authentication handshakes and PROXY headers park too while the client (or the load
+    /// balancer) sends them; TLS is not supported in this mode yet (a config error). Like
+    /// Apache's event MPM, with a blocking handler API. The workers take turns waiting on the set and serve a batch
     /// of ready connections per wake-up (64 between them, at least 8 each): one worker per
     /// core suits handlers that do not block for long; more if they do (a handler that blocks
     /// delays the connections of its batch).

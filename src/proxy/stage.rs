@@ -14,7 +14,7 @@ use proxy_header::{ParseConfig, ProxyHeader};
 
 use super::config::ProxyProtocol;
 use super::info::ProxyInfo;
-use crate::admission::{Admitting, Stage, StageKind, VerifyHook};
+use crate::admission::{Admitting, Progress, Resume, Stage, StageKind, VerifyHook};
 use crate::control::Counters;
 use crate::error::Kind;
 use crate::{Addr, Error, Result};
@@ -171,6 +171,20 @@ impl Stage for ProxyStage {
     fn take_verify(&mut self, hook: VerifyHook) -> Option<VerifyHook> {
         self.verify = Some(hook);
         None
+    }
+
+    /// Event mode: parks until the header is whole (or is plainly not one), then reads it as
+    /// `run` does, without waiting; an untrusted peer is refused at once.
+    fn start(&self, conn: &mut Admitting<'_>) -> Result<Progress> {
+        if !self.config.trusts(&conn.peer) {
+            return self.run(conn).map(|()| Progress::Done);
+        }
+        Ok(Progress::Wait(Resume {
+            ready: Box::new(|received| {
+                !matches!(scan(received, ProxyProtocol::MAX_V2_PAYLOAD), Scan::More)
+            }),
+            then: None,
+        }))
     }
 
     fn run(&self, conn: &mut Admitting<'_>) -> Result<()> {

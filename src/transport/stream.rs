@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::socket::OwnedPath;
 use super::{Incoming, Listener, Service, Step};
-use crate::admission::{Admission, Pipeline};
+use crate::admission::{Admission, Admitted, Learnt, Pipeline};
 use crate::control::Control;
 use crate::lifecycle;
 use crate::log_limit::limited;
@@ -175,6 +175,8 @@ pub struct Session<H> {
     phase: Phase<H>,
     /// The connection's span, entered each time the session runs.
     span: ConnSpan,
+    /// What admission learnt (the client's place under `max_per_source`), kept to the end.
+    learnt: Option<Learnt>,
 }
 
 enum Phase<H> {
@@ -274,6 +276,7 @@ impl<H: Handler> Service for StreamService<H> {
             },
             phase: Phase::Fresh,
             span,
+            learnt: None,
         })
     }
 
@@ -287,6 +290,7 @@ impl<H: Handler> Service for StreamService<H> {
             mut req,
             phase,
             span,
+            learnt,
         } = s;
         req.stream.set_parked(false);
         if let Phase::Serving(mut h) = phase {
@@ -295,6 +299,7 @@ impl<H: Handler> Service for StreamService<H> {
         }
         close(&req.stream, &req.peer);
         lifecycle::closed(ctx, &req.stream, &span);
+        drop(learnt);
     }
 
     fn tick(&self, ctx: &Ctx) {
@@ -333,15 +338,22 @@ impl<H: Handler> StreamService<H> {
                     let a = self.admission.begin(&s.req.stream, &s.req.peer, control);
                     s.phase = Phase::Admitting(a);
                 }
-                Phase::Admitting(Admission::Admitted) => match self.start(&mut s.req, ctx) {
-                    Some(h) => s.phase = Phase::Serving(h),
-                    None => return Step::Close,
-                },
-                Phase::Admitting(Admission::Parked(p)) => {
-                    match self
-                        .admission
-                        .resume(p, &s.req.stream, &s.req.peer, control)
+                Phase::Admitting(Admission::Admitted(a)) => {
+                    // The client a PROXY header named, and its header, from here on.
+                    let Admitted { peer, learnt } = *a;
+                    s.req.peer = peer;
+                    #[cfg(feature = "proxy-protocol")]
                     {
+                        s.req.proxy = learnt.proxy.clone();
+                    }
+                    s.learnt = Some(learnt);
+                    match self.start(&mut s.req, ctx) {
+                        Some(h) => s.phase = Phase::Serving(h),
+                        None => return Step::Close,
+                    }
+                }
+                Phase::Admitting(Admission::Parked(p)) => {
+                    match self.admission.resume(p, &s.req.stream, control) {
                         Admission::Parked(p) => {
                             s.phase = Phase::Admitting(Admission::Parked(p));
                             return park(s, ctx);
