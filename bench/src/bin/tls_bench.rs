@@ -3,13 +3,19 @@
 //! P-256, generated at start with rcgen into a temporary directory) and configuration.
 //!
 //! ```text
-//! cargo run --release -p socketserver-bench --bin tls_bench -- [--quick] [--unpinned]
-//!     [--out bench/results-tls.md]
+//! cargo run --release -p socketserver-bench --bin tls_bench -- [--quick] [--rounds N]
+//!     [--unpinned] [--out bench/results-tls.md]
 //! ```
 //! Scenarios: TLS connect + 64-byte echo + close (8 client threads; session resumption on, as
-//! clients do by default, and off), TLS echo round trips at 1, 16 and 128 connections, and the
-//! server's resident memory per idle TLS connection beside the plaintext figure. Pinned (the
+//! clients do by default, and off), TLS echo round trips at 1, 16 and 128 connections, the
+//! server's resident memory per idle TLS connection beside the plaintext figure, and the
+//! plaintext echo of an `echo_server` built with the tls feature beside `std_echo`. Pinned (the
 //! default, when `taskset` works): the server on core 1, the load on core 0.
+//!
+//! As the main benchmark: every point runs every contender once per round (`--rounds`, default
+//! 5; `--quick`: 1 round, shorter runs), each on a fresh server process, alternating the order
+//! (A B … then … B A); the median and the spread over rounds are reported, and issue 15's
+//! targets get a verdict only when the whole range the rounds allow is past the bound.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -349,16 +355,317 @@ fn build(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
     )
 }
 
+/// The rule of the targets, as the main benchmark states it (`TARGETS_RULE` in main.rs).
+const TARGETS_RULE: &str = "Each target compares a figure of A with the same figure of B. The \
+ratio is that of their medians, with its margin to the bound; the range is what the rounds \
+allow, from A's lowest round over B's highest to A's highest over B's lowest (see every round \
+below). PASS only when the whole range clears the bound, MISS only when all of it misses: \
+otherwise the margin is smaller than the measured spread and the result is within noise. A \
+single round measures no spread and gives no verdict.\n\n";
+
+const THREAD: &str = "socketserver thread";
+const POOL: &str = "socketserver pool";
+const STD_TLS: &str = "std+rustls";
+const TOKIO_TLS: &str = "tokio-rustls";
+const THREAD_PLAIN: &str = "socketserver thread, plaintext";
+const STD_PLAIN: &str = "std";
+const THREAD_TLS_BUILT: &str = "socketserver thread (tls built in)";
+
+/// A scenario point: every contender of it runs once per round, each on a fresh server.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Point {
+    /// Connect + handshake + echo + close from 8 threads, session resumption on or off.
+    Connect { resume: bool },
+    /// TLS echo round trips over this many connections.
+    Echo(usize),
+    /// Server RSS per idle connection held (TLS, and the plaintext figure beside it).
+    Idle,
+    /// Plaintext echo round trips of an echo_server built with the tls feature, beside std.
+    Plain(usize),
+}
+
+impl Point {
+    fn name(self) -> String {
+        match self {
+            Point::Connect { resume: true } => "TLS connect+echo+close/s, resumed".into(),
+            Point::Connect { resume: false } => "TLS connect+echo+close/s, full handshake".into(),
+            Point::Echo(n) => format!("TLS echo round trips/s, {n} conns"),
+            Point::Idle => "idle KiB per connection".into(),
+            Point::Plain(n) => format!("plaintext echo round trips/s, {n} conns"),
+        }
+    }
+
+    fn contenders(self) -> &'static [&'static str] {
+        match self {
+            Point::Connect { .. } | Point::Echo(_) => &[THREAD, POOL, STD_TLS, TOKIO_TLS],
+            // A pool of 128 workers cannot hold more connections than it has workers.
+            Point::Idle => &[THREAD, STD_TLS, TOKIO_TLS, THREAD_PLAIN],
+            Point::Plain(_) => &[STD_PLAIN, THREAD_TLS_BUILT],
+        }
+    }
+}
+
+/// One contender's figure in one round, and a note on it (the share of resumed handshakes).
+struct Round {
+    value: f64,
+    note: String,
+}
+
+/// Every round of every contender at every point, in the order measured.
+type Results = Vec<(Point, Vec<(&'static str, Vec<Round>)>)>;
+
+fn values(res: &Results, p: Point, label: &str) -> Vec<f64> {
+    res.iter()
+        .find(|(q, _)| *q == p)
+        .and_then(|(_, e)| e.iter().find(|(l, _)| *l == label))
+        .map_or(Vec::new(), |(_, r)| r.iter().map(|r| r.value).collect())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn range(v: &[f64]) -> Option<(f64, f64)> {
+    let lo = v.iter().copied().reduce(f64::min)?;
+    let hi = v.iter().copied().reduce(f64::max)?;
+    Some((lo, hi))
+}
+
+/// A ratio A / B of two series of rounds: medians over medians, and the range the rounds
+/// allow (A's lowest over B's highest to A's highest over B's lowest).
+struct Ratio {
+    what: String,
+    ratio: Option<f64>,
+    band: Option<(f64, f64)>,
+    rounds: usize,
+}
+
+impl Ratio {
+    fn new(what: String, a: &[f64], b: &[f64]) -> Ratio {
+        let band = match (range(a), range(b)) {
+            (Some((a_lo, a_hi)), Some((b_lo, b_hi))) if b_lo > 0.0 => {
+                Some((a_lo / b_hi, a_hi / b_lo))
+            }
+            _ => None,
+        };
+        Ratio {
+            what,
+            ratio: band.map(|_| median(a.to_vec()) / median(b.to_vec())),
+            band,
+            rounds: a.len().min(b.len()),
+        }
+    }
+
+    /// PASS only when the whole range clears `bound` (at least), MISS only when all of it
+    /// misses; otherwise within noise; one round gives no verdict.
+    fn verdict(&self, bound: f64) -> &'static str {
+        let Some((lo, hi)) = self.band else {
+            return "n/a";
+        };
+        if self.rounds < 2 {
+            "1 round: no spread"
+        } else if lo >= bound {
+            "PASS"
+        } else if hi < bound {
+            "MISS"
+        } else {
+            "within noise"
+        }
+    }
+
+    fn ratio_text(&self, bound: Option<f64>) -> String {
+        match (self.ratio, bound) {
+            (Some(r), Some(b)) => format!("{r:.2} ({:+.0}%)", (r / b - 1.0) * 100.0),
+            (Some(r), None) => format!("{r:.2}"),
+            _ => "—".to_owned(),
+        }
+    }
+
+    fn band_text(&self) -> String {
+        self.band
+            .map_or("—".to_owned(), |(lo, hi)| format!("{lo:.2}–{hi:.2}"))
+    }
+}
+
+/// Issue 15's targets: (what, A, B, point, bound), A / B ≥ bound.
+fn targets(res: &Results) -> String {
+    let mut checks: Vec<(Ratio, f64)> = Vec::new();
+    let resumed = Point::Connect { resume: true };
+    for a in [THREAD, POOL] {
+        let what = format!("TLS connect+echo+close (resumed): {a} ≥ 1.0 × {TOKIO_TLS}");
+        let r = Ratio::new(
+            what,
+            &values(res, resumed, a),
+            &values(res, resumed, TOKIO_TLS),
+        );
+        checks.push((r, 1.0));
+    }
+    for n in [1, 16, 128] {
+        for a in [THREAD, POOL] {
+            let what = format!("TLS echo {n} conns: {a} round trips/s ≥ 0.95 × {STD_TLS}");
+            let p = Point::Echo(n);
+            let r = Ratio::new(what, &values(res, p, a), &values(res, p, STD_TLS));
+            checks.push((r, 0.95));
+        }
+    }
+    let mut out = String::from(
+        "| target | ratio (margin) | range over rounds | verdict |\n|---|--:|--:|:-:|\n",
+    );
+    for (c, bound) in &checks {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            c.what,
+            c.ratio_text(Some(*bound)),
+            c.band_text(),
+            c.verdict(*bound)
+        ));
+    }
+    out
+}
+
+/// Ratios reported without a target, by the same rule.
+fn other_ratios(res: &Results) -> String {
+    let mut rs = Vec::new();
+    let (resumed, full) = (
+        Point::Connect { resume: true },
+        Point::Connect { resume: false },
+    );
+    for c in [THREAD, POOL, STD_TLS, TOKIO_TLS] {
+        rs.push(Ratio::new(
+            format!("{c}: connect+echo+close/s, resumed / full handshake"),
+            &values(res, resumed, c),
+            &values(res, full, c),
+        ));
+    }
+    rs.push(Ratio::new(
+        format!("idle KiB per connection: {THREAD} TLS / plaintext"),
+        &values(res, Point::Idle, THREAD),
+        &values(res, Point::Idle, THREAD_PLAIN),
+    ));
+    for c in [STD_TLS, TOKIO_TLS] {
+        rs.push(Ratio::new(
+            format!("idle KiB per TLS connection: {THREAD} / {c}"),
+            &values(res, Point::Idle, THREAD),
+            &values(res, Point::Idle, c),
+        ));
+    }
+    for n in [1, 16, 128] {
+        let p = Point::Plain(n);
+        rs.push(Ratio::new(
+            format!("plaintext echo {n} conns: {THREAD_TLS_BUILT} / {STD_PLAIN}"),
+            &values(res, p, THREAD_TLS_BUILT),
+            &values(res, p, STD_PLAIN),
+        ));
+    }
+    let mut out = String::from("| figure | ratio | range over rounds |\n|---|--:|--:|\n");
+    for r in &rs {
+        out.push_str(&format!(
+            "| {} | {} | {} |\n",
+            r.what,
+            r.ratio_text(None),
+            r.band_text()
+        ));
+    }
+    out
+}
+
+fn fmt_value(p: Point, v: f64) -> String {
+    match p {
+        Point::Idle => format!("{v:.1}"),
+        _ => format!("{v:.0}"),
+    }
+}
+
+/// Per point and contender: the median, the spread (lowest–highest round, and that width as a
+/// share of the median) and every round in the order run.
+fn rounds_table(res: &Results) -> String {
+    let mut out = String::from(
+        "| point | contender | median | spread (min–max) | every round |\n|---|---|--:|--:|---|\n",
+    );
+    for (p, entries) in res {
+        for (label, rounds) in entries {
+            let v: Vec<f64> = rounds.iter().map(|r| r.value).collect();
+            let med = median(v.clone());
+            let spread = range(&v).map_or("—".to_owned(), |(lo, hi)| {
+                let width = if med > 0.0 {
+                    format!(" ({:.0}%)", (hi - lo) / med * 100.0)
+                } else {
+                    String::new()
+                };
+                format!("{}–{}{width}", fmt_value(*p, lo), fmt_value(*p, hi))
+            });
+            let all: Vec<String> = rounds
+                .iter()
+                .map(|r| format!("{}{}", fmt_value(*p, r.value), r.note))
+                .collect();
+            out.push_str(&format!(
+                "| {} | {label} | {} | {spread} | {} |\n",
+                p.name(),
+                fmt_value(*p, med),
+                all.join(", ")
+            ));
+        }
+    }
+    out
+}
+
+/// Today's date, UTC, as YYYY-MM-DD (civil-from-days, Howard Hinnant's algorithm).
+fn today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let value = |flag: &str| {
+        args.iter().position(|a| a == flag).map(|i| {
+            args.get(i + 1)
+                .unwrap_or_else(|| fail(&format!("{flag} needs a value")))
+        })
+    };
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--quick" | "--unpinned" => i += 1,
+            "--rounds" | "--out" => i += 2,
+            a => fail(&format!(
+                "unknown argument {a}; usage: tls_bench [--quick] [--rounds N] [--unpinned] \
+                 [--out FILE]"
+            )),
+        }
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let unpinned = args.iter().any(|a| a == "--unpinned");
+    let rounds: usize = value("--rounds").map_or(if quick { 1 } else { 5 }, |v| {
+        v.parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| fail("--rounds needs a positive number"))
+    });
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .map_or(root.join("bench/results-tls.md"), PathBuf::from);
+    let out = value("--out").map_or(root.join("bench/results-tls.md"), PathBuf::from);
+    // Before this process is pinned to one core.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pinned = !unpinned
         && Command::new("taskset")
             .args(["-c", "1", "true"])
@@ -369,6 +676,7 @@ fn main() {
         set.set(0);
         let _ = rustix::thread::sched_setaffinity(None, &set);
     }
+    let began = Instant::now();
     let (echo_server, tls_echo, std_echo) = build(root);
     let dir = std::env::temp_dir().join(format!("tls-bench-{}", std::process::id()));
     let ca = make_certs(&dir);
@@ -376,152 +684,180 @@ fn main() {
         dir.join("server.pem").to_string_lossy().into_owned(),
         dir.join("server.key").to_string_lossy().into_owned(),
     );
+    let strings = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let ss = |mode: &[&str]| {
-        let mut a: Vec<String> = ["--addr", "{addr}", "--tls-cert", &cert, "--tls-key", &key]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        a.extend(mode.iter().map(|s| s.to_string()));
+        let mut a = strings(&["--addr", "{addr}", "--tls-cert", &cert, "--tls-key", &key]);
+        a.extend(strings(mode));
         a
     };
-    let contenders = [
+    let contender = |label: &'static str| -> Contender {
+        let (program, args) = match label {
+            THREAD => (&echo_server, ss(&["--mode", "thread"])),
+            POOL => (&echo_server, ss(&["--mode", "pool", "--workers", "128"])),
+            STD_TLS => (
+                &tls_echo,
+                strings(&[
+                    "--impl", "std", "--addr", "{addr}", "--cert", &cert, "--key", &key,
+                ]),
+            ),
+            TOKIO_TLS => (
+                &tls_echo,
+                strings(&[
+                    "--impl",
+                    "tokio",
+                    "--runtime",
+                    "{runtime}",
+                    "--addr",
+                    "{addr}",
+                    "--cert",
+                    &cert,
+                    "--key",
+                    &key,
+                ]),
+            ),
+            THREAD_PLAIN | THREAD_TLS_BUILT => (
+                &echo_server,
+                strings(&["--addr", "{addr}", "--mode", "thread"]),
+            ),
+            _ => (&std_echo, strings(&["--addr", "{addr}"])),
+        };
         Contender {
-            label: "socketserver thread",
-            program: echo_server.clone(),
-            args: ss(&["--mode", "thread"]),
-        },
-        Contender {
-            label: "socketserver pool",
-            program: echo_server.clone(),
-            args: ss(&["--mode", "pool", "--workers", "128"]),
-        },
-        Contender {
-            label: "std+rustls",
-            program: tls_echo.clone(),
-            args: [
-                "--impl", "std", "--addr", "{addr}", "--cert", &cert, "--key", &key,
-            ]
-            .map(String::from)
-            .to_vec(),
-        },
-        Contender {
-            label: "tokio-rustls",
-            program: tls_echo.clone(),
-            args: [
-                "--impl",
-                "tokio",
-                "--runtime",
-                "{runtime}",
-                "--addr",
-                "{addr}",
-                "--cert",
-                &cert,
-                "--key",
-                &key,
-            ]
-            .map(String::from)
-            .to_vec(),
-        },
-    ];
+            label,
+            program: program.clone(),
+            args,
+        }
+    };
     let d = Duration::from_secs(if quick { 2 } else { 5 });
     let idle_n = if quick { 300 } else { 2000 };
     let resume = client_config(&ca, true);
     let full = client_config(&ca, false);
-    let mut md = format!(
-        "# TLS benchmark\n\n{} sweep ({}), {} s per measurement; rustls 0.23 + ring on both \
-         sides, ECDSA P-256 certificate, 64-byte messages. Noisy: one run, a shared machine.\n\n\
-         Command: `cargo run --release -p socketserver-bench --bin tls_bench --{}`\n\n\
-         | contender | connect+echo+close/s (resumed) | share resumed | connect/s (full handshake) \
-         | echo rt/s 1 conn | 16 conns | 128 conns | idle KiB/conn TLS | idle KiB/conn plain |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
-        if pinned { "Pinned" } else { "Unpinned" },
-        if pinned {
-            "server on core 1, load on core 0"
-        } else {
-            "no pinning"
-        },
-        d.as_secs(),
-        if quick { " --quick" } else { "" }
-    );
-    for c in &contenders {
-        eprintln!("{} ...", c.label);
-        let r = start(c, pinned);
-        let (resumed, share) = connect_cycle(r.addr, &resume, d);
-        let (fresh, _) = connect_cycle(r.addr, &full, d);
-        let e1 = echo(r.addr, &full, 1, d);
-        let e16 = echo(r.addr, &full, 16, d);
-        let e128 = echo(r.addr, &full, 128, d);
-        drop(r);
-        // A pool of 128 workers cannot hold more connections than it has workers.
-        let tls_idle = if c.label.ends_with("pool") {
-            "".to_owned()
-        } else {
-            let r = start(c, pinned);
-            format!("{:.1}", idle(&r, Some(&full), idle_n))
-        };
-        let plain_idle = if c.label.starts_with("socketserver thread") {
-            let mut plain = Contender {
-                label: "socketserver thread (plain)",
-                program: echo_server.clone(),
-                args: vec![],
+    let plan = [
+        Point::Connect { resume: true },
+        Point::Connect { resume: false },
+        Point::Echo(1),
+        Point::Echo(16),
+        Point::Echo(128),
+        Point::Idle,
+        Point::Plain(1),
+        Point::Plain(16),
+        Point::Plain(128),
+    ];
+    let mut res: Results = Vec::new();
+    for p in plan {
+        let list = p.contenders();
+        let mut entries: Vec<(&'static str, Vec<Round>)> =
+            list.iter().map(|&l| (l, Vec::new())).collect();
+        for round in 0..rounds {
+            // A B C … then … C B A: drift over time hits every contender alike.
+            let order: Vec<usize> = if round % 2 == 0 {
+                (0..list.len()).collect()
+            } else {
+                (0..list.len()).rev().collect()
             };
-            plain.args = ["--addr", "{addr}", "--mode", "thread"]
-                .map(String::from)
-                .to_vec();
-            let r = start(&plain, pinned);
-            format!("{:.1}", idle(&r, None, idle_n))
-        } else {
-            "".to_owned()
-        };
-        let line = format!(
-            "| {} | {resumed:.0} | {:.0}% | {fresh:.0} | {e1:.0} | {e16:.0} | {e128:.0} | {tls_idle} | {plain_idle} |\n",
-            c.label,
-            share * 100.0
-        );
-        eprint!("{line}");
-        md.push_str(&line);
+            for i in order {
+                let c = contender(list[i]);
+                let r = start(&c, pinned);
+                let measured = match p {
+                    Point::Connect { resume: on } => {
+                        let (rate, share) =
+                            connect_cycle(r.addr, if on { &resume } else { &full }, d);
+                        Round {
+                            value: rate,
+                            note: format!(" [{:.0}% resumed]", share * 100.0),
+                        }
+                    }
+                    Point::Echo(n) => Round {
+                        value: echo(r.addr, &full, n, d),
+                        note: String::new(),
+                    },
+                    Point::Idle => {
+                        let tls = (c.label != THREAD_PLAIN).then_some(&full);
+                        Round {
+                            value: idle(&r, tls, idle_n),
+                            note: String::new(),
+                        }
+                    }
+                    Point::Plain(n) => Round {
+                        value: plain_echo(r.addr, n, d),
+                        note: String::new(),
+                    },
+                };
+                drop(r);
+                eprintln!(
+                    "[{} | round {}/{rounds}] {:<36} {}{}",
+                    p.name(),
+                    round + 1,
+                    c.label,
+                    fmt_value(p, measured.value),
+                    measured.note
+                );
+                entries[i].1.push(measured);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        res.push((p, entries));
     }
-    // The plaintext path of an echo_server built with the tls feature, beside std: the TLS
-    // branch in Stream's reads and writes must cost nothing measurable.
-    md.push_str(
-        "\nPlaintext echo, `echo_server` built with `--features tls` (no `--tls-cert`) beside \
-         `std_echo`:\n\n| contender | echo rt/s 1 conn | 16 conns | 128 conns |\n|---|---|---|---|\n",
-    );
-    for (label, program, mode) in [
-        ("std", &std_echo, &[][..]),
-        (
-            "socketserver thread (tls built in)",
-            &echo_server,
-            &["--mode", "thread"][..],
-        ),
-        ("std", &std_echo, &[][..]),
-        (
-            "socketserver thread (tls built in)",
-            &echo_server,
-            &["--mode", "thread"][..],
-        ),
-    ] {
-        let mut args = vec!["--addr".to_owned(), "{addr}".to_owned()];
-        args.extend(mode.iter().map(|s| s.to_string()));
-        let c = Contender {
-            label,
-            program: program.clone(),
-            args,
-        };
-        let r = start(&c, pinned);
-        let line = format!(
-            "| {label} | {:.0} | {:.0} | {:.0} |\n",
-            plain_echo(r.addr, 1, d),
-            plain_echo(r.addr, 16, d),
-            plain_echo(r.addr, 128, d)
-        );
-        eprint!("{line}");
-        md.push_str(&line);
-    }
+    let cmd = if args.is_empty() {
+        "cargo run --release -p socketserver-bench --bin tls_bench".to_owned()
+    } else {
+        format!(
+            "cargo run --release -p socketserver-bench --bin tls_bench -- {}",
+            args.join(" ")
+        )
+    };
+    let mut md = String::from("# TLS benchmark results\n\n");
+    md.push_str(&format!("- date: {}\n", today()));
     md.push_str(&format!(
-        "\nIdle: {idle_n} connections held, each checked to echo; server VmRSS growth / \
-         connections.\n"
+        "- machine: {cores} cores, Linux {}\n",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
     ));
+    md.push_str(&format!("- command: `{cmd}`\n"));
+    md.push_str(&format!(
+        "- mode: {}; {rounds} alternating round(s) per point, every contender on a fresh \
+         server process each round, median and spread reported; {} s measured per \
+         connect/echo run; {idle_n} idle connections\n",
+        if quick { "quick" } else { "full" },
+        d.as_secs()
+    ));
+    md.push_str(&format!(
+        "- sweep: {}\n",
+        if pinned {
+            "pinned, server on core 1, load generator on core 0; tokio-rustls on a \
+             current-thread runtime"
+        } else {
+            "unpinned, servers and load generator free on all cores; tokio-rustls on the \
+             multi-thread runtime"
+        }
+    ));
+    md.push_str(&format!(
+        "- wall time: {:.0} s\n",
+        began.elapsed().as_secs_f64()
+    ));
+    md.push_str(
+        "- rustls 0.23 + ring on both sides, the configuration `socketserver::Tls` builds (TLS \
+         1.2 and 1.3, session tickets), an ECDSA P-256 certificate generated at start, 64-byte \
+         messages; connect: 8 client threads, each connect → handshake → echo → close_notify → \
+         close; idle: connections opened and checked with one echo, server VmRSS growth / \
+         connections, each checked to echo again afterwards (the pool is left out: 128 workers \
+         cannot hold them); plaintext echo: `echo_server` built with `--features tls`, no \
+         `--tls-cert`, beside `std_echo`\n\n",
+    );
+    md.push_str("## Targets (issue 15)\n\n");
+    md.push_str(TARGETS_RULE);
+    md.push_str(&targets(&res));
+    md.push_str(
+        "\n## Other ratios (no target)\n\nThe same rule for ratio and range; no bound, no \
+         verdict.\n\n",
+    );
+    md.push_str(&other_ratios(&res));
+    md.push_str(
+        "\n## Every round\n\nMedian over rounds; spread: the lowest and highest round, and that \
+         width as a share of the median; rounds in the order run (alternating the contenders' \
+         order from one round to the next).\n\n",
+    );
+    md.push_str(&rounds_table(&res));
     print!("{md}");
     std::fs::write(&out, &md).unwrap_or_else(|e| fail(&format!("{}: {e}", out.display())));
     let _ = std::fs::remove_dir_all(&dir);
