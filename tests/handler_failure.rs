@@ -201,33 +201,38 @@ fn a_timeout_from_rfile_is_reported_like_a_raw_one() {
     );
 }
 
+/// A handler that wants four bytes; the client sends two, then resets.
+fn wants_four_bytes(req: &mut Request) -> socketserver::HandlerResult {
+    let mut b = [0u8; 4];
+    req.read_exact(&mut b)?;
+    Ok(())
+}
+
+/// Sends two bytes to `addr`, then resets the connection (SO_LINGER 0); returns our address.
+fn two_bytes_then_reset(addr: &Addr) -> Addr {
+    let mut c = connect(addr);
+    let me = Addr::Inet(c.local_addr().unwrap());
+    c.write_all(b"ab").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    me
+}
+
 #[test]
 fn a_client_that_resets_mid_request_is_a_debug_line_not_a_handler_error() {
     // What HAProxy's health checks do after their PROXY header, and what a killed client does.
     capture_logs();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
-    let server = TcpServer::builder(|| {
-        handler_fn(|req: &mut Request| {
-            let mut b = [0u8; 4];
-            req.read_exact(&mut b)?; // two bytes come, then a reset
-            Ok(())
-        })
-    })
-    .handle_error(move |_, failure| s.lock().unwrap().push(failure.is_disconnect()))
-    .bind("127.0.0.1:0")
-    .unwrap();
-    let addr = server.local_addr().clone();
-    let running = serve(server);
-    let mut c = connect(&addr);
-    let me = Addr::Inet(c.local_addr().unwrap());
-    c.write_all(b"ab").unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    // SO_LINGER 0: close sends a reset.
-    socket2::SockRef::from(&c)
-        .set_linger(Some(Duration::ZERO))
+    let server = TcpServer::builder(|| handler_fn(wants_four_bytes))
+        .handle_error(move |_, failure| s.lock().unwrap().push(failure.is_disconnect()))
+        .bind("127.0.0.1:0")
         .unwrap();
-    drop(c);
+    let running = serve(server);
+    let me = two_bytes_then_reset(&running.handle.local_addr().clone());
     assert!(util::eventually(Duration::from_secs(5), || !seen
         .lock()
         .unwrap()
@@ -237,25 +242,11 @@ fn a_client_that_resets_mid_request_is_a_debug_line_not_a_handler_error() {
     assert_eq!(*seen.lock().unwrap(), [true]);
     assert_eq!(stats.handler_errors, 0, "{stats:?}");
     // Without a hook, the default report is at debug.
-    let server = TcpServer::builder(|| {
-        handler_fn(|req: &mut Request| {
-            let mut b = [0u8; 4];
-            req.read_exact(&mut b)?;
-            Ok(())
-        })
-    })
-    .bind("127.0.0.1:0")
-    .unwrap();
-    let addr = server.local_addr().clone();
-    let running = serve(server);
-    let mut c = connect(&addr);
-    let me2 = Addr::Inet(c.local_addr().unwrap());
-    c.write_all(b"ab").unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    socket2::SockRef::from(&c)
-        .set_linger(Some(Duration::ZERO))
+    let server = TcpServer::builder(|| handler_fn(wants_four_bytes))
+        .bind("127.0.0.1:0")
         .unwrap();
-    drop(c);
+    let running = serve(server);
+    let me2 = two_bytes_then_reset(&running.handle.local_addr().clone());
     assert!(util::eventually(Duration::from_secs(5), || !lines_about(
         &me2
     )
