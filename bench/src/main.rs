@@ -20,6 +20,7 @@
 //! `results-quick.md` and `echo-quick.svg`, so that a quick look never replaces a full run's
 //! committed results).
 
+mod common;
 mod contender;
 mod load;
 mod report;
@@ -29,7 +30,7 @@ mod targets_metrics;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use socketserver::Digest;
 
@@ -72,14 +73,6 @@ usage: socketserver-bench [--quick] [--rounds N] [--secs S] [--idle N]
 /// A run in which other processes took at least this share of the benchmark's cores is
 /// flagged, and run again while the retry budget lasts.
 const BUSY: f64 = 0.10;
-
-/// How the targets are judged, for the results.
-const TARGETS_RULE: &str = "Each target compares a figure of A with the same figure of B. The \
-ratio is that of their medians, with its margin to the bound; the range is what the rounds \
-allow, from A's lowest round over B's highest to A's highest over B's lowest (see every round \
-below). PASS only when the whole range clears the bound, MISS only when all of it misses: \
-otherwise the margin is smaller than the measured spread and the result is within noise. A \
-single round measures no spread and gives no verdict.\n\n";
 
 /// The run's settings.
 #[derive(Debug, Clone)]
@@ -422,23 +415,6 @@ fn taskset_works() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Today's date, UTC, as YYYY-MM-DD (civil-from-days, Howard Hinnant's algorithm).
-fn today() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let z = (secs / 86_400) as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -742,7 +718,7 @@ fn report_all(
         cmd.push(' ');
         cmd.push_str(a);
     }
-    let date = today();
+    let date = common::today();
     let cores = env.cores;
     let names: Vec<&str> = sweeps
         .iter()
@@ -847,7 +823,7 @@ fn report_all(
     );
     md.push_str(&format!("![echo round trips/s]({svg_name})\n\n"));
     md.push_str("## Targets\n\n");
-    md.push_str(TARGETS_RULE);
+    md.push_str(common::TARGETS_RULE);
     md.push_str(&targets);
     for s in sweeps {
         md.push_str(&format!("\n## {}\n\n", s.title(cores)));

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use socketserver::Digest;
 
+use crate::common::median;
 use crate::contender::{Contender, Kind, tokio_runtime};
 use crate::load::Sample;
 
@@ -81,19 +82,6 @@ impl Sweep {
                  {runtime} runtime"
             )
         }
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 

@@ -17,6 +17,9 @@
 //! (A B … then … B A); the median and the spread over rounds are reported, and issue 15's
 //! targets get a verdict only when the whole range the rounds allow is past the bound.
 
+#[path = "../common.rs"]
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -355,14 +358,6 @@ fn build(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
     )
 }
 
-/// The rule of the targets, as the main benchmark states it (`TARGETS_RULE` in main.rs).
-const TARGETS_RULE: &str = "Each target compares a figure of A with the same figure of B. The \
-ratio is that of their medians, with its margin to the bound; the range is what the rounds \
-allow, from A's lowest round over B's highest to A's highest over B's lowest (see every round \
-below). PASS only when the whole range clears the bound, MISS only when all of it misses: \
-otherwise the margin is smaller than the measured spread and the result is within noise. A \
-single round measures no spread and gives no verdict.\n\n";
-
 const THREAD: &str = "socketserver thread";
 const POOL: &str = "socketserver pool";
 const STD_TLS: &str = "std+rustls";
@@ -421,19 +416,6 @@ fn values(res: &Results, p: Point, label: &str) -> Vec<f64> {
         .map_or(Vec::new(), |(_, r)| r.iter().map(|r| r.value).collect())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn range(v: &[f64]) -> Option<(f64, f64)> {
     let lo = v.iter().copied().reduce(f64::min)?;
     let hi = v.iter().copied().reduce(f64::max)?;
@@ -459,7 +441,7 @@ impl Ratio {
         };
         Ratio {
             what,
-            ratio: band.map(|_| median(a.to_vec()) / median(b.to_vec())),
+            ratio: band.map(|_| common::median(a.to_vec()) / common::median(b.to_vec())),
             band,
             rounds: a.len().min(b.len()),
         }
@@ -594,7 +576,7 @@ fn rounds_table(res: &Results) -> String {
     for (p, entries) in res {
         for (label, rounds) in entries {
             let v: Vec<f64> = rounds.iter().map(|r| r.value).collect();
-            let med = median(v.clone());
+            let med = common::median(v.clone());
             let spread = range(&v).map_or("—".to_owned(), |(lo, hi)| {
                 let width = if med > 0.0 {
                     format!(" ({:.0}%)", (hi - lo) / med * 100.0)
@@ -616,23 +598,6 @@ fn rounds_table(res: &Results) -> String {
         }
     }
     out
-}
-
-/// Today's date, UTC, as YYYY-MM-DD (civil-from-days, Howard Hinnant's algorithm).
-fn today() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let z = (secs / 86_400) as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
 }
 
 fn main() {
@@ -806,7 +771,7 @@ fn main() {
         )
     };
     let mut md = String::from("# TLS benchmark results\n\n");
-    md.push_str(&format!("- date: {}\n", today()));
+    md.push_str(&format!("- date: {}\n", common::today()));
     md.push_str(&format!(
         "- machine: {cores} cores, Linux {}\n",
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -845,7 +810,7 @@ fn main() {
          `--tls-cert`, beside `std_echo`\n\n",
     );
     md.push_str("## Targets (issue 15)\n\n");
-    md.push_str(TARGETS_RULE);
+    md.push_str(common::TARGETS_RULE);
     md.push_str(&targets(&res));
     md.push_str(
         "\n## Other ratios (no target)\n\nThe same rule for ratio and range; no bound, no \
