@@ -947,3 +947,113 @@ fn event_dispatch_with_tls_is_refused_when_the_server_is_built() {
         .unwrap_err();
     assert!(e.is_config() && e.to_string().contains("TLS"), "{e}");
 }
+
+/// The length of the session ticket in `sess` (a session `openssl s_client -sess_out` saved),
+/// counted in `openssl sess_id`'s hex dump of it.
+fn ticket_len(sess: &str) -> usize {
+    let out = Command::new("openssl")
+        .args(["sess_id", "-noout", "-text", "-in", sess])
+        .output()
+        .expect("openssl sess_id");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let dump = text
+        .split_once("TLS session ticket:")
+        .unwrap_or_else(|| panic!("no ticket in the session: {text}"))
+        .1;
+    // "0000 - d0 3a ff 41 6c 5c 2b a8-dd e4 3f 66 de bd 4c a5   .:.Al\+...?f..L."
+    dump.lines()
+        .skip(1)
+        .map_while(|l| l.trim_start().split_once(" - "))
+        .map(|(_, bytes)| {
+            let hex = bytes.split("   ").next().unwrap_or("");
+            hex.split([' ', '-']).filter(|b| b.len() == 2).count()
+        })
+        .sum()
+}
+
+/// Tickets are sealed by the provider's own ticketer (`tls::provider()`'s library): ring's is
+/// an AEAD (ChaCha20-Poly1305) adding a fixed 44 bytes to the session, so a session 3 bytes
+/// longer (a longer ALPN name) makes a ticket 3 bytes longer; aws-lc's is RFC 5077's AES-256-CBC
+/// and HMAC-SHA256, whole 16-byte blocks plus 64 bytes, so every ticket is a multiple of 16.
+#[test]
+fn session_tickets_are_sealed_by_the_providers_ticketer() {
+    if !openssl() {
+        return;
+    }
+    let pki = Pki::new("ticketer");
+    let tls = pki
+        .tls("server")
+        .alpn_protocols(vec![b"a".to_vec(), b"abcd".to_vec()])
+        .unwrap();
+    let (server, addr, _) = info_server(tls, None, Dispatch::Thread, true);
+    let ca = pki.p("ca.pem");
+    let sess = pki.p("session.pem");
+    for version in ["-tls1_2", "-tls1_3"] {
+        let mut lens = Vec::new();
+        for alpn in ["a", "abcd"] {
+            let _ = std::fs::remove_file(&sess);
+            let out = s_client(
+                addr,
+                &[version, "-alpn", alpn, "-CAfile", &ca, "-sess_out", &sess],
+            );
+            assert!(out.contains(&format!("alpn={alpn} ")), "{out}");
+            lens.push(ticket_len(&sess));
+        }
+        #[cfg(feature = "tls-aws-lc")]
+        assert!(
+            lens.iter().all(|n| n % 16 == 0),
+            "{version}: ticket lengths {lens:?}: not aws-lc's AES-CBC + HMAC tickets"
+        );
+        #[cfg(not(feature = "tls-aws-lc"))]
+        assert_eq!(
+            lens[1],
+            lens[0] + 3,
+            "{version}: ticket lengths {lens:?}: not ring's AEAD tickets"
+        );
+    }
+    drop(server);
+}
+
+/// With `tls-aws-lc` the server's provider is aws-lc-rs: a client that offers only the hybrid
+/// post-quantum key exchange X25519MLKEM768, which rustls's ring provider lacks, gets through.
+#[cfg(feature = "tls-aws-lc")]
+#[test]
+fn with_tls_aws_lc_a_client_offering_only_x25519mlkem768_gets_through() {
+    use socketserver::rustls::{self, NamedGroup, crypto::aws_lc_rs};
+    let mlkem = aws_lc_rs::kx_group::X25519MLKEM768;
+    assert!(
+        tls::provider()
+            .kx_groups
+            .iter()
+            .any(|g| g.name() == NamedGroup::X25519MLKEM768)
+    );
+    let pki = Pki::new("mlkem");
+    let (server, addr, _) = server_with(pki.tls("server"), None, Dispatch::Thread);
+    let client = rustls::crypto::CryptoProvider {
+        kx_groups: vec![mlkem],
+        ..aws_lc_rs::default_provider()
+    };
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(client))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(pki.roots("ca.pem"))
+        .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap()).unwrap();
+    let sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut s = BufReader::new(rustls::StreamOwned::new(conn, sock));
+    let mut line = String::new();
+    s.read_line(&mut line)
+        .expect("the server refused X25519MLKEM768: its provider is not aws-lc-rs");
+    assert!(line.starts_with("TLSv1_3 "), "{line}");
+    let group = s.get_ref().conn.negotiated_key_exchange_group().unwrap();
+    assert_eq!(group.name(), NamedGroup::X25519MLKEM768);
+    s.get_mut().write_all(b"post-quantum\n").unwrap();
+    line.clear();
+    s.read_line(&mut line).unwrap();
+    assert_eq!(line, "post-quantum\n");
+    drop(s);
+    drop(server);
+}

@@ -27,10 +27,26 @@ pub(crate) mod session;
 
 pub use session::TlsInfo;
 
-/// The crypto provider every configuration this crate builds uses: ring (pure Rust and C,
-/// built with a C compiler alone).
+/// The crypto provider every configuration this crate builds uses (servers' [`Tls`] and
+/// [`connect_tls`]): ring (pure Rust and C, built with a C compiler alone) with the feature
+/// `tls`; aws-lc-rs with the feature `tls-aws-lc`, which also offers the post-quantum hybrid
+/// key exchange X25519MLKEM768. When both features are on (`--all-features`), aws-lc-rs wins.
+/// Session tickets are encrypted by the same provider's ticketer.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    #[cfg(feature = "tls-aws-lc")]
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    #[cfg(not(feature = "tls-aws-lc"))]
+    let provider = rustls::crypto::ring::default_provider();
+    Arc::new(provider)
+}
+
+/// The session-ticket encrypter of the same crypto library as [`provider()`].
+fn ticketer() -> std::result::Result<Arc<dyn rustls::server::ProducesTickets>, rustls::Error> {
+    #[cfg(feature = "tls-aws-lc")]
+    let new = rustls::crypto::aws_lc_rs::Ticketer::new;
+    #[cfg(not(feature = "tls-aws-lc"))]
+    let new = rustls::crypto::ring::Ticketer::new;
+    new()
 }
 
 /// Whether clients must present a certificate signed by the client CA bundle (mutual TLS).
@@ -73,7 +89,8 @@ struct Shared {
 /// the TLS port, an unknown CA, a bad certificate, a truncated ClientHello) is closed, logged
 /// once (rate-limited) and counted in [`Stats::tls_failures`](crate::Stats::tls_failures).
 ///
-/// Configurations built here use rustls's ring provider, TLS 1.2 and 1.3, and resumption by
+/// Configurations built here use [`provider()`] (ring, or aws-lc-rs with the feature
+/// `tls-aws-lc`), TLS 1.2 and 1.3, and resumption by
 /// session tickets (stateless, so a server holds no memory per client for it) plus a 256-entry
 /// session cache.
 ///
@@ -182,8 +199,7 @@ fn build(
         .with_single_cert(chain.to_vec(), key.clone_key())
         .map_err(|e| tls_config_error("certificate and key", e))?;
     config.alpn_protocols = s.alpn.clone();
-    config.ticketer =
-        rustls::crypto::ring::Ticketer::new().map_err(|e| tls_config_error("ticketer", e))?;
+    config.ticketer = ticketer().map_err(|e| tls_config_error("ticketer", e))?;
     Ok(config)
 }
 
