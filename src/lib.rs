@@ -52,7 +52,8 @@
 //!   handshake, run on the worker thread with a timeout and a cap on unfinished handshakes.
 //! * TLS through rustls (cargo feature `tls`): `Builder::tls`, mutual TLS, certificate reload
 //!   without restart, the handshake as an admission stage on the worker, HMAC inside TLS, and
-//!   `connect_tls` for clients.
+//!   `connect_tls` for clients. Cargo feature `tls-aws-lc` (implies `tls`) makes aws-lc-rs the
+//!   provider instead of ring, and wins when both are on (see `tls::provider()`).
 //!
 //! # Deployment
 //!
