@@ -621,6 +621,25 @@ impl Stream {
     /// Like [`read_spare`](Self::read_spare), without waiting (`MSG_DONTWAIT`): `WouldBlock`
     /// when the socket has nothing.
     pub(crate) fn recv_spare_nonblocking(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        #[cfg(feature = "tls")]
+        if let Some(t) = self.inner.tls.get() {
+            return t.read_spare_now(&PlainNow(self), buf);
+        }
+        self.recv_spare_nonblocking_plain(buf)
+    }
+
+    /// Whether a read that returned less than it had room for may still have left bytes to
+    /// read: under TLS, rustls may hold decrypted records that no new byte on the socket will
+    /// signal, so only `WouldBlock` proves there is nothing.
+    pub(crate) fn reads_ahead(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.inner.tls.get().is_some();
+        #[cfg(not(feature = "tls"))]
+        false
+    }
+
+    /// [`recv_spare_nonblocking`](Self::recv_spare_nonblocking) on the socket itself.
+    fn recv_spare_nonblocking_plain(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
         use rustix::net::{RecvFlags, recv};
         self.counted(Direction::Read, |sock| {
             let fd = match sock {
@@ -796,6 +815,21 @@ struct Plain<'a>(&'a Stream);
 impl crate::tls::session::Raw for Plain<'_> {
     fn read_raw(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
         self.0.read_spare_plain(buf)
+    }
+
+    fn write_raw(&self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_plain(buf)
+    }
+}
+
+/// [`Plain`], with reads that do not wait (event mode).
+#[cfg(feature = "tls")]
+struct PlainNow<'a>(&'a Stream);
+
+#[cfg(feature = "tls")]
+impl crate::tls::session::Raw for PlainNow<'_> {
+    fn read_raw(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        self.0.recv_spare_nonblocking_plain(buf)
     }
 
     fn write_raw(&self, buf: &[u8]) -> io::Result<usize> {
