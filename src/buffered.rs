@@ -284,7 +284,7 @@ impl ReadBuffer {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 r => {
                     let n = r?;
-                    self.drained = n < room && !self.stream.reads_ahead();
+                    self.drained = self.stream.read_emptied(n, room);
                     return Ok(n);
                 }
             }

@@ -628,14 +628,15 @@ impl Stream {
         self.recv_spare_nonblocking_plain(buf)
     }
 
-    /// Whether a read that returned less than it had room for may still have left bytes to
-    /// read: under TLS, rustls may hold decrypted records that no new byte on the socket will
-    /// signal, so only `WouldBlock` proves there is nothing.
-    pub(crate) fn reads_ahead(&self) -> bool {
+    /// Whether a read of `n` bytes into `room` left nothing to read: a short read of the socket
+    /// proves it empty, but under TLS rustls may hold decrypted records no new byte will
+    /// signal, so the session tells.
+    pub(crate) fn read_emptied(&self, n: usize, room: usize) -> bool {
         #[cfg(feature = "tls")]
-        return self.inner.tls.get().is_some();
-        #[cfg(not(feature = "tls"))]
-        false
+        if let Some(t) = self.inner.tls.get() {
+            return t.drained();
+        }
+        n < room
     }
 
     /// [`recv_spare_nonblocking`](Self::recv_spare_nonblocking) on the socket itself.

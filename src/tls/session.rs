@@ -114,6 +114,20 @@ struct Incoming {
     /// Plaintext decrypted for a look ([`Session::peek_now`]) and not yet read: readers take it
     /// before anything else.
     peeked: Vec<u8>,
+    /// The last read of the socket returned less than it had room for: the socket had nothing
+    /// more then, and whatever arrives since signals the connection anew.
+    socket_emptied: bool,
+}
+
+impl Incoming {
+    /// Reads the socket into `cipher`, noting whether that emptied it.
+    fn read_socket(&mut self, raw: &impl Raw) -> io::Result<usize> {
+        self.cipher.reserve_exact(READ_CHUNK);
+        let room = self.cipher.capacity() - self.cipher.len();
+        let n = raw.read_raw(&mut self.cipher)?;
+        self.socket_emptied = n < room;
+        Ok(n)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -181,6 +195,20 @@ impl Session {
         result
     }
 
+    /// Whether everything the client sent has been read and taken: the last read emptied the
+    /// socket, no ciphertext waits for rustls and no plaintext for a reader. A connection may
+    /// park then without asking the socket again (the next byte signals it).
+    pub(crate) fn drained(&self) -> bool {
+        let incoming = lock(&self.incoming);
+        incoming.socket_emptied
+            && incoming.cipher.is_empty()
+            && incoming.peeked.is_empty()
+            && matches!(
+                lock(&self.conn).reader().fill_buf(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock
+            )
+    }
+
     /// Event mode, during admission after the handshake: decrypts what has arrived, through a
     /// `raw` whose reads do not wait, until `max` bytes of plaintext are there or nothing more
     /// is, and tells whether `whole` holds of them, without consuming them (the next read gets
@@ -210,8 +238,7 @@ impl Session {
             }
             if incoming.cipher.is_empty() {
                 drop(conn);
-                incoming.cipher.reserve_exact(READ_CHUNK);
-                match raw.read_raw(&mut incoming.cipher) {
+                match incoming.read_socket(raw) {
                     Ok(0) => return true,
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -262,8 +289,7 @@ impl Session {
             }
             if incoming.cipher.is_empty() {
                 drop(conn);
-                incoming.cipher.reserve_exact(READ_CHUNK);
-                if raw.read_raw(&mut incoming.cipher)? == 0 {
+                if incoming.read_socket(raw)? == 0 {
                     let mut conn = lock(&self.conn);
                     conn.read_tls(&mut io::empty())?;
                     // Any complete record left is processed; a partial one is lost.
