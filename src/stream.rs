@@ -623,9 +623,17 @@ impl Stream {
     pub(crate) fn recv_spare_nonblocking(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
         #[cfg(feature = "tls")]
         if let Some(t) = self.inner.tls.get() {
-            return t.read_spare_now(&PlainNow(self), buf);
+            return t.read_spare(&PlainNow(self), buf);
         }
         self.recv_spare_nonblocking_plain(buf)
+    }
+
+    /// Event mode, on parking: a TLS session gives back its empty buffers.
+    pub(crate) fn park_buffers(&self) {
+        #[cfg(feature = "tls")]
+        if let Some(t) = self.inner.tls.get() {
+            t.park();
+        }
     }
 
     /// Whether a read of `n` bytes into `room` left nothing to read: a short read of the socket

@@ -180,19 +180,22 @@ impl Session {
         })
     }
 
-    /// Event mode: like [`read_spare`](Self::read_spare) through a `raw` whose reads do not
-    /// wait: `WouldBlock` once nothing is left to decrypt and the socket has nothing either, so
-    /// that a connection parked then is signalled by the next byte to arrive. The ciphertext
-    /// buffer is given back then, as a parked plaintext connection gives back its own.
-    pub(crate) fn read_spare_now(&self, raw: &impl Raw, buf: &mut Vec<u8>) -> io::Result<usize> {
-        let result = self.read_spare(raw, buf);
-        if matches!(&result, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-            let mut incoming = lock(&self.incoming);
-            if incoming.cipher.is_empty() {
-                incoming.cipher = Vec::new();
-            }
+    /// Event mode, on parking: gives back the buffers that are empty (a parked connection then
+    /// holds none: the ciphertext buffer alone reserves a whole record).
+    pub(crate) fn park(&self) {
+        let mut incoming = lock(&self.incoming);
+        if incoming.cipher.is_empty() {
+            incoming.cipher = Vec::new();
         }
-        result
+        if incoming.peeked.is_empty() {
+            incoming.peeked = Vec::new();
+        }
+        drop(incoming);
+        if let Ok(mut out) = self.outgoing.try_lock()
+            && out.is_empty()
+        {
+            *out = Vec::new();
+        }
     }
 
     /// Whether everything the client sent has been read and taken: the last read emptied the
@@ -242,6 +245,10 @@ impl Session {
                     Ok(0) => return true,
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if incoming.cipher.is_empty() {
+                            // Parking: the record's worth of room is not kept.
+                            incoming.cipher = Vec::new();
+                        }
                         return whole(&incoming.peeked);
                     }
                     Err(_) => return true,
