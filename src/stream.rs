@@ -623,7 +623,13 @@ impl Stream {
     pub(crate) fn recv_spare_nonblocking(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
         #[cfg(feature = "tls")]
         if let Some(t) = self.inner.tls.get() {
-            return t.read_spare(&PlainNow(self), buf);
+            return t.read_spare(
+                &Plain {
+                    stream: self,
+                    now: true,
+                },
+                buf,
+            );
         }
         self.recv_spare_nonblocking_plain(buf)
     }
@@ -690,7 +696,7 @@ impl Stream {
     pub(crate) fn read_spare(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
         #[cfg(feature = "tls")]
         if let Some(t) = self.inner.tls.get() {
-            return t.read_spare(&Plain(self), buf);
+            return t.read_spare(&self.plain(), buf);
         }
         self.read_spare_plain(buf)
     }
@@ -712,7 +718,7 @@ impl Read for &Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         #[cfg(feature = "tls")]
         if let Some(t) = self.inner.tls.get() {
-            return t.read(&Plain(self), buf);
+            return t.read(&self.plain(), buf);
         }
         self.io(Direction::Read, |sock| match sock {
             Sock::Tcp(s) => (&*s).read(buf),
@@ -724,7 +730,7 @@ impl Read for &Stream {
         #[cfg(feature = "tls")]
         if let Some(t) = self.inner.tls.get() {
             let first = bufs.iter_mut().find(|b| !b.is_empty());
-            return first.map_or(Ok(0), |b| t.read(&Plain(self), b));
+            return first.map_or(Ok(0), |b| t.read(&self.plain(), b));
         }
         self.io(Direction::Read, |sock| match sock {
             Sock::Tcp(s) => (&*s).read_vectored(bufs),
@@ -737,7 +743,7 @@ impl Write for &Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         #[cfg(feature = "tls")]
         if let Some(t) = self.inner.tls.get() {
-            return t.write(&Plain(self), buf);
+            return t.write(&self.plain(), buf);
         }
         self.write_plain(buf)
     }
@@ -745,7 +751,7 @@ impl Write for &Stream {
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         #[cfg(feature = "tls")]
         if let Some(t) = self.inner.tls.get() {
-            return t.write_vectored(&Plain(self), bufs);
+            return t.write_vectored(&self.plain(), bufs);
         }
         self.write_vectored_plain(bufs)
     }
@@ -816,33 +822,36 @@ impl Write for Stream {
     }
 }
 
-/// The socket under a TLS session, with the `Stream`'s accounting and timeouts.
+/// The socket under a TLS session, with the `Stream`'s accounting and timeouts; its reads wait
+/// for the peer unless `now` (event mode, where `WouldBlock` parks the connection).
 #[cfg(feature = "tls")]
-struct Plain<'a>(&'a Stream);
+struct Plain<'a> {
+    stream: &'a Stream,
+    now: bool,
+}
 
 #[cfg(feature = "tls")]
 impl crate::tls::session::Raw for Plain<'_> {
     fn read_raw(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
-        self.0.read_spare_plain(buf)
+        match self.now {
+            true => self.stream.recv_spare_nonblocking_plain(buf),
+            false => self.stream.read_spare_plain(buf),
+        }
     }
 
     fn write_raw(&self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write_plain(buf)
+        self.stream.write_plain(buf)
     }
 }
 
-/// [`Plain`], with reads that do not wait (event mode).
 #[cfg(feature = "tls")]
-struct PlainNow<'a>(&'a Stream);
-
-#[cfg(feature = "tls")]
-impl crate::tls::session::Raw for PlainNow<'_> {
-    fn read_raw(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
-        self.0.recv_spare_nonblocking_plain(buf)
-    }
-
-    fn write_raw(&self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write_plain(buf)
+impl Stream {
+    /// The socket under this stream's TLS session, reads waiting for the peer.
+    fn plain(&self) -> Plain<'_> {
+        Plain {
+            stream: self,
+            now: false,
+        }
     }
 }
 

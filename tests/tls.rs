@@ -183,16 +183,11 @@ impl MessageHandler for InfoEcho {
     }
 
     fn handle_message(&mut self, s: &mut StreamRequest) -> Result<Next, HandlerError> {
-        let mut line = Vec::new();
-        if s.rfile.read_until(b'\n', &mut line)? == 0 {
-            return Ok(Next::Close);
-        }
-        s.wfile.write_all(&line)?;
-        Ok(Next::Message)
+        util::LineEcho.handle_message(s)
     }
 
     fn message_ready(&self, buffered: &[u8]) -> bool {
-        buffered.contains(&b'\n')
+        util::LineEcho.message_ready(buffered)
     }
 }
 
