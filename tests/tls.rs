@@ -279,10 +279,10 @@ host, port, cafile = "localhost", int(sys.argv[1]), sys.argv[2]
 ctx = ssl.create_default_context(cafile=cafile)
 with socket.create_connection((host, port)) as raw:
     with ctx.wrap_socket(raw, server_hostname=host) as s:
+        print(s.version())  # TLSv1.3
         challenge = s.recv(32)  # the HMAC handshake, inside TLS
         s.sendall(hmac.new(b"alex_s", challenge, hashlib.sha256).hexdigest().encode())
         f = s.makefile("rwb")
-        print(f.readline().decode().strip())  # what the server negotiated
         f.write(b"hello over TLS\n"); f.flush()
         print(f.readline().decode().strip())
 "#;
@@ -293,37 +293,70 @@ fn the_readme_shows_the_python_client_word_for_word() {
     assert!(readme.contains(&format!("```python\n{}```", PY_CLIENT.trim_start())));
 }
 
+/// The README's command: `echo_server --addr localhost:PORT --tls-cert cert.pem --tls-key
+/// key.pem --auth-key alex_s`, the example itself in a child process; SIGTERM stops it.
+struct EchoServerExample(std::process::Child);
+
+impl EchoServerExample {
+    fn start(pki: &Pki, port: u16, extra: &[&str]) -> EchoServerExample {
+        let child = Command::new(util::example_exe("echo_server"))
+            .args(["--addr", &format!("localhost:{port}")])
+            .args([
+                "--tls-cert",
+                &pki.p("server.pem"),
+                "--tls-key",
+                &pki.p("server.key"),
+            ])
+            .args(["--auth-key", "alex_s"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start echo_server");
+        let up = eventually(Duration::from_secs(10), || {
+            TcpStream::connect(("localhost", port)).is_ok()
+        });
+        let e = EchoServerExample(child);
+        assert!(up, "echo_server did not listen on {port}");
+        e
+    }
+}
+
+impl Drop for EchoServerExample {
+    fn drop(&mut self) {
+        util::signal(self.0.id(), "TERM");
+        let stopped = eventually(Duration::from_secs(10), || {
+            self.0.try_wait().is_ok_and(|s| s.is_some())
+        });
+        if !stopped {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[test]
-fn the_readme_python_client_speaks_hmac_inside_tls() {
+fn the_readme_python_client_speaks_hmac_inside_tls_to_the_echo_server_example() {
     let Some(py) = python() else { return };
     let pki = Pki::new("readme");
-    let (server, addr, ran) = server_with(
-        pki.tls("server"),
-        Some(Auth::hmac(KEY)),
-        Dispatch::Pool { workers: 2 },
-    );
-    let out = py.run(
-        PY_CLIENT,
-        &[&addr.port().to_string(), &pki.p("ca.pem")],
-        Duration::from_secs(20),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 2, "{stdout}");
-    assert!(
-        lines[0].starts_with("TLSv1_3 certs=0 sni=localhost"),
-        "{stdout}"
-    );
-    // No raw socket to write plaintext to by accident.
-    assert!(lines[0].ends_with("raw=none"), "{stdout}");
-    assert_eq!(lines[1], "hello over TLS");
-    assert_eq!(ran.load(Ordering::SeqCst), 1);
-    drop(server);
+    for extra in [&[][..], &["--mode", "event"][..]] {
+        let port = util::free_port();
+        let server = EchoServerExample::start(&pki, port, extra);
+        let out = py.run(
+            PY_CLIENT,
+            &[&port.to_string(), &pki.p("ca.pem")],
+            Duration::from_secs(20),
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(stdout, "TLSv1.3\nhello over TLS\n", "{extra:?}");
+        drop(server);
+    }
 }
 
 /// TLS 1.2 and 1.3, with and without a client certificate, the HMAC handshake inside, from
