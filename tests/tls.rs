@@ -2,6 +2,7 @@
 //! crate's own `connect_tls`; certificates generated at test time with rcgen (nothing private is
 //! committed).
 
+mod haproxy;
 mod util;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -148,12 +149,14 @@ impl Drop for Pki {
     }
 }
 
-/// What was negotiated, in one line.
-fn info_line(stream: &socketserver::Stream) -> String {
+/// What was negotiated, and the client as admission found it (behind a proxy, the one its
+/// PROXY header named), in one line.
+fn info_line(s: &StreamRequest) -> String {
+    let (stream, peer) = (s.stream(), s.peer_addr());
     match stream.tls() {
         None => "plain\n".to_owned(),
         Some(t) => format!(
-            "{:?} certs={} sni={} alpn={} resumed={} raw={}\n",
+            "{:?} certs={} sni={} alpn={} resumed={} raw={} peer={}\n",
             t.version().unwrap(),
             t.peer_certificates().len(),
             t.server_name().unwrap_or("-"),
@@ -165,6 +168,7 @@ fn info_line(stream: &socketserver::Stream) -> String {
             } else {
                 "none"
             },
+            peer,
         ),
     }
 }
@@ -176,7 +180,7 @@ struct InfoEcho(Arc<AtomicUsize>);
 impl MessageHandler for InfoEcho {
     fn setup(&mut self, s: &mut StreamRequest) -> HandlerResult {
         self.0.fetch_add(1, Ordering::SeqCst);
-        let line = info_line(s.stream());
+        let line = info_line(s);
         s.wfile.write_all(line.as_bytes())?;
         s.wfile.flush()?;
         Ok(())
@@ -197,7 +201,7 @@ struct InfoOnce;
 
 impl StreamHandler for InfoOnce {
     fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
-        let line = info_line(s.stream());
+        let line = info_line(s);
         s.wfile.write_all(line.as_bytes())?;
         Ok(())
     }
@@ -1156,4 +1160,74 @@ fn hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
     mac.update(msg);
     mac.finalize().into_bytes().to_vec()
+}
+
+/// The whole admission pipeline behind a real load balancer: HAProxy passes TLS through and
+/// prepends a PROXY v2 header; the server reads the header, then runs the TLS handshake, then
+/// HMAC inside TLS, and the handler sees the real client, in thread and event mode. HAProxy's
+/// health checks (a header of their own, then nothing) are not TLS failures either.
+#[test]
+fn proxy_header_then_tls_then_hmac_behind_haproxy() {
+    if !haproxy::available() {
+        return;
+    }
+    let pki = Pki::new("pipeline");
+    for mode in TLS_MODES {
+        util::init_logs();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        let server = TcpServer::builder(move || MessageRequestHandler::new(InfoEcho(r.clone())))
+            .dispatch(mode)
+            .proxy_protocol(socketserver::ProxyProtocol::trusting(["127.0.0.1"]).unwrap())
+            .tls(pki.tls("server"))
+            .auth(Auth::hmac(KEY))
+            .bind("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr().inet().unwrap();
+        let server = serve(server);
+        let lb = haproxy::Haproxy::start(&format!("  server s1 {addr} send-proxy-v2"));
+        for _ in 0..3 {
+            let mut s = connect_tls(
+                ("127.0.0.1", lb.port),
+                "localhost",
+                pki.roots("ca.pem"),
+                None,
+            )
+            .unwrap();
+            let me = s.get_ref().local_addr().unwrap();
+            socketserver::answer_challenge(&mut s, KEY, Digest::Sha256).unwrap();
+            let mut r = BufReader::new(&mut s);
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            assert!(
+                line.starts_with("TLSv1_3 certs=0 sni=localhost"),
+                "{mode:?}: {line}"
+            );
+            assert!(line.ends_with(&format!(" peer={me}\n")), "{mode:?}: {line}");
+            r.get_mut().write_all(b"through the pipeline\n").unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            assert_eq!(line, "through the pipeline\n");
+            drop(r);
+            s.close().unwrap();
+        }
+        drop(lb);
+        assert!(eventually(Duration::from_secs(5), || server
+            .handle
+            .stats()
+            .active
+            == 0));
+        let stats = server.handle.stats();
+        assert_eq!(ran.load(Ordering::SeqCst), 3, "{mode:?}");
+        assert_eq!(
+            (
+                stats.proxy_malformed,
+                stats.proxy_missing,
+                stats.tls_failures,
+                stats.auth_failures
+            ),
+            (0, 0, 0, 0),
+            "{mode:?}: {stats:?}"
+        );
+    }
 }
