@@ -2,6 +2,7 @@
 //! crate's own `connect_tls`; certificates generated at test time with rcgen (nothing private is
 //! committed).
 
+mod haproxy;
 mod util;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -148,12 +149,14 @@ impl Drop for Pki {
     }
 }
 
-/// What was negotiated, in one line.
-fn info_line(stream: &socketserver::Stream) -> String {
+/// What was negotiated, and the client as admission found it (behind a proxy, the one its
+/// PROXY header named), in one line.
+fn info_line(s: &StreamRequest) -> String {
+    let (stream, peer) = (s.stream(), s.peer_addr());
     match stream.tls() {
         None => "plain\n".to_owned(),
         Some(t) => format!(
-            "{:?} certs={} sni={} alpn={} resumed={} raw={}\n",
+            "{:?} certs={} sni={} alpn={} resumed={} raw={} peer={}\n",
             t.version().unwrap(),
             t.peer_certificates().len(),
             t.server_name().unwrap_or("-"),
@@ -165,6 +168,7 @@ fn info_line(stream: &socketserver::Stream) -> String {
             } else {
                 "none"
             },
+            peer,
         ),
     }
 }
@@ -176,7 +180,7 @@ struct InfoEcho(Arc<AtomicUsize>);
 impl MessageHandler for InfoEcho {
     fn setup(&mut self, s: &mut StreamRequest) -> HandlerResult {
         self.0.fetch_add(1, Ordering::SeqCst);
-        let line = info_line(s.stream());
+        let line = info_line(s);
         s.wfile.write_all(line.as_bytes())?;
         s.wfile.flush()?;
         Ok(())
@@ -197,7 +201,7 @@ struct InfoOnce;
 
 impl StreamHandler for InfoOnce {
     fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
-        let line = info_line(s.stream());
+        let line = info_line(s);
         s.wfile.write_all(line.as_bytes())?;
         Ok(())
     }
@@ -279,10 +283,10 @@ host, port, cafile = "localhost", int(sys.argv[1]), sys.argv[2]
 ctx = ssl.create_default_context(cafile=cafile)
 with socket.create_connection((host, port)) as raw:
     with ctx.wrap_socket(raw, server_hostname=host) as s:
+        print(s.version())  # TLSv1.3
         challenge = s.recv(32)  # the HMAC handshake, inside TLS
         s.sendall(hmac.new(b"alex_s", challenge, hashlib.sha256).hexdigest().encode())
         f = s.makefile("rwb")
-        print(f.readline().decode().strip())  # what the server negotiated
         f.write(b"hello over TLS\n"); f.flush()
         print(f.readline().decode().strip())
 "#;
@@ -293,37 +297,70 @@ fn the_readme_shows_the_python_client_word_for_word() {
     assert!(readme.contains(&format!("```python\n{}```", PY_CLIENT.trim_start())));
 }
 
+/// The README's command: `echo_server --addr localhost:PORT --tls-cert cert.pem --tls-key
+/// key.pem --auth-key alex_s`, the example itself in a child process; SIGTERM stops it.
+struct EchoServerExample(std::process::Child);
+
+impl EchoServerExample {
+    fn start(pki: &Pki, port: u16, extra: &[&str]) -> EchoServerExample {
+        let child = Command::new(util::example_exe("echo_server"))
+            .args(["--addr", &format!("localhost:{port}")])
+            .args([
+                "--tls-cert",
+                &pki.p("server.pem"),
+                "--tls-key",
+                &pki.p("server.key"),
+            ])
+            .args(["--auth-key", "alex_s"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start echo_server");
+        let up = eventually(Duration::from_secs(10), || {
+            TcpStream::connect(("localhost", port)).is_ok()
+        });
+        let e = EchoServerExample(child);
+        assert!(up, "echo_server did not listen on {port}");
+        e
+    }
+}
+
+impl Drop for EchoServerExample {
+    fn drop(&mut self) {
+        util::signal(self.0.id(), "TERM");
+        let stopped = eventually(Duration::from_secs(10), || {
+            self.0.try_wait().is_ok_and(|s| s.is_some())
+        });
+        if !stopped {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[test]
-fn the_readme_python_client_speaks_hmac_inside_tls() {
+fn the_readme_python_client_speaks_hmac_inside_tls_to_the_echo_server_example() {
     let Some(py) = python() else { return };
     let pki = Pki::new("readme");
-    let (server, addr, ran) = server_with(
-        pki.tls("server"),
-        Some(Auth::hmac(KEY)),
-        Dispatch::Pool { workers: 2 },
-    );
-    let out = py.run(
-        PY_CLIENT,
-        &[&addr.port().to_string(), &pki.p("ca.pem")],
-        Duration::from_secs(20),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 2, "{stdout}");
-    assert!(
-        lines[0].starts_with("TLSv1_3 certs=0 sni=localhost"),
-        "{stdout}"
-    );
-    // No raw socket to write plaintext to by accident.
-    assert!(lines[0].ends_with("raw=none"), "{stdout}");
-    assert_eq!(lines[1], "hello over TLS");
-    assert_eq!(ran.load(Ordering::SeqCst), 1);
-    drop(server);
+    for extra in [&[][..], &["--mode", "event"][..]] {
+        let port = util::free_port();
+        let server = EchoServerExample::start(&pki, port, extra);
+        let out = py.run(
+            PY_CLIENT,
+            &[&port.to_string(), &pki.p("ca.pem")],
+            Duration::from_secs(20),
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(stdout, "TLSv1.3\nhello over TLS\n", "{extra:?}");
+        drop(server);
+    }
 }
 
 /// TLS 1.2 and 1.3, with and without a client certificate, the HMAC handshake inside, from
@@ -1123,4 +1160,74 @@ fn hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
     mac.update(msg);
     mac.finalize().into_bytes().to_vec()
+}
+
+/// The whole admission pipeline behind a real load balancer: HAProxy passes TLS through and
+/// prepends a PROXY v2 header; the server reads the header, then runs the TLS handshake, then
+/// HMAC inside TLS, and the handler sees the real client, in thread and event mode. HAProxy's
+/// health checks (a header of their own, then nothing) are not TLS failures either.
+#[test]
+fn proxy_header_then_tls_then_hmac_behind_haproxy() {
+    if !haproxy::available() {
+        return;
+    }
+    let pki = Pki::new("pipeline");
+    for mode in TLS_MODES {
+        util::init_logs();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        let server = TcpServer::builder(move || MessageRequestHandler::new(InfoEcho(r.clone())))
+            .dispatch(mode)
+            .proxy_protocol(socketserver::ProxyProtocol::trusting(["127.0.0.1"]).unwrap())
+            .tls(pki.tls("server"))
+            .auth(Auth::hmac(KEY))
+            .bind("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr().inet().unwrap();
+        let server = serve(server);
+        let lb = haproxy::Haproxy::start(&format!("  server s1 {addr} send-proxy-v2"));
+        for _ in 0..3 {
+            let mut s = connect_tls(
+                ("127.0.0.1", lb.port),
+                "localhost",
+                pki.roots("ca.pem"),
+                None,
+            )
+            .unwrap();
+            let me = s.get_ref().local_addr().unwrap();
+            socketserver::answer_challenge(&mut s, KEY, Digest::Sha256).unwrap();
+            let mut r = BufReader::new(&mut s);
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            assert!(
+                line.starts_with("TLSv1_3 certs=0 sni=localhost"),
+                "{mode:?}: {line}"
+            );
+            assert!(line.ends_with(&format!(" peer={me}\n")), "{mode:?}: {line}");
+            r.get_mut().write_all(b"through the pipeline\n").unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            assert_eq!(line, "through the pipeline\n");
+            drop(r);
+            s.close().unwrap();
+        }
+        drop(lb);
+        assert!(eventually(Duration::from_secs(5), || server
+            .handle
+            .stats()
+            .active
+            == 0));
+        let stats = server.handle.stats();
+        assert_eq!(ran.load(Ordering::SeqCst), 3, "{mode:?}");
+        assert_eq!(
+            (
+                stats.proxy_malformed,
+                stats.proxy_missing,
+                stats.tls_failures,
+                stats.auth_failures
+            ),
+            (0, 0, 0, 0),
+            "{mode:?}: {stats:?}"
+        );
+    }
 }
