@@ -44,6 +44,9 @@ use rcgen::{
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
 const MSG: usize = 64;
+/// A server that stops accepting fails the run within this, as one that stops answering does
+/// within the 10 s read timeout, instead of hanging the benchmark.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn fail(msg: &str) -> ! {
     eprintln!("tls_bench: {msg}");
@@ -87,7 +90,7 @@ fn client_config(ca: &Path, resume: bool) -> Arc<ClientConfig> {
 type Tls = StreamOwned<ClientConnection, TcpStream>;
 
 fn connect(addr: SocketAddr, config: &Arc<ClientConfig>) -> std::io::Result<Tls> {
-    let s = TcpStream::connect(addr)?;
+    let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let conn = ClientConnection::new(config.clone(), "localhost".try_into().unwrap())
@@ -239,7 +242,7 @@ fn plain_echo(addr: SocketAddr, conns: usize, d: Duration) -> Result<f64, String
     let total = Arc::new(AtomicU64::new(0));
     let streams: Vec<TcpStream> = (0..conns)
         .map(|_| {
-            let s = TcpStream::connect(addr)?;
+            let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
             s.set_nodelay(true)?;
             s.set_read_timeout(Some(Duration::from_secs(10)))?;
             Ok(s)
@@ -361,7 +364,7 @@ fn idle(r: &Running, config: Option<&Arc<ClientConfig>>, n: usize) -> Result<f64
                     held.push(Box::new(move || round_trip(&mut t, &mut [1u8; MSG])));
                 }
                 None => {
-                    let mut s = TcpStream::connect(r.addr)?;
+                    let mut s = TcpStream::connect_timeout(&r.addr, CONNECT_TIMEOUT)?;
                     s.set_read_timeout(Some(Duration::from_secs(10)))?;
                     s.write_all(&buf)?;
                     s.read_exact(&mut buf)?;
@@ -1026,5 +1029,42 @@ fn previous_results(path: &Path) -> Result<String, String> {
     match std::fs::read_to_string(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
         r => r.map_err(|e| e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that refuses its configuration (as `echo_server --mode event --tls-cert` did
+    /// before event mode served TLS) is an error carrying its message, at once, not a hang.
+    #[test]
+    fn a_server_that_refuses_to_start_is_an_error_with_its_message() {
+        let dir = std::env::temp_dir().join(format!("tls-bench-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let c = Contender {
+            label: EVENT,
+            program: PathBuf::from("sh"),
+            args: vec![
+                "-c".into(),
+                "echo 'error: invalid configuration: {addr}' >&2; exit 1".into(),
+            ],
+        };
+        let began = Instant::now();
+        let err = match start(&c, false, &dir.join("server.log")) {
+            Ok(_) => panic!("a server that exits was taken as listening"),
+            Err(e) => e,
+        };
+        assert!(
+            began.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            began.elapsed()
+        );
+        assert!(err.contains("exited before listening"), "{err}");
+        assert!(
+            err.contains("error: invalid configuration: 127.0.0.1:"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
