@@ -174,6 +174,26 @@ impl Stage for crate::Tls {
     fn run(&self, conn: &mut Admitting<'_>) -> Result<()> {
         self.handshake(conn.stream, conn.deadline)
     }
+
+    fn start(&self, conn: &mut Admitting<'_>) -> Result<Progress> {
+        tls_progress(self.accept()?, conn)
+    }
+}
+
+/// A TLS handshake step as the pipeline's progress: parks until the client sends more (any
+/// byte: a record's worth would be fewer wake-ups for a trickling client, but rustls may hold
+/// part of a record already, so the peeked bytes need not start one).
+#[cfg(feature = "tls")]
+fn tls_progress(tls: rustls::ServerConnection, conn: &mut Admitting<'_>) -> Result<Progress> {
+    Ok(
+        match crate::Tls::handshake_now(tls, conn.stream, conn.deadline)? {
+            None => Progress::Done,
+            Some(tls) => Progress::Wait(Resume {
+                ready: Box::new(|received| !received.is_empty()),
+                then: Some(Box::new(move |conn| tls_progress(tls, conn))),
+            }),
+        },
+    )
 }
 
 impl Stage for Auth {
@@ -319,15 +339,6 @@ impl Pipeline {
         for s in &self.stages {
             s.check()?;
         }
-        // A parked connection waits for its socket to be readable, but rustls may hold
-        // decrypted bytes already read: the wait could never end. Event mode needs the session
-        // fed from the event loop (tls/session.rs's `Raw` is the seam), not built yet.
-        #[cfg(feature = "tls")]
-        if parked && self.stages.iter().any(|s| s.kind() == StageKind::Tls) {
-            return Err(crate::Error::config(
-                "TLS is not supported with Dispatch::Event yet: use Thread or Pool",
-            ));
-        }
         let (cap, cut_when_full) = match (self.max_pending, limit) {
             (Some(max), _) => (max, None),
             (None, _) if parked => (PARKED_CAP, None),
@@ -434,18 +445,7 @@ impl Pipeline {
             // Cut by the cap or the deadline sweep, which counted and logged it.
             return Admission::Refused;
         }
-        let mut peeked = [0u8; PEEK_MAX];
-        let whole = match rustix::net::recv(
-            stream,
-            &mut peeked[..],
-            rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
-        ) {
-            Ok((n, _)) => n == 0 || n == PEEK_MAX || (parked.resume.ready)(&peeked[..n]),
-            Err(rustix::io::Errno::AGAIN) => false,
-            // Reset, say: let the stage read the error and report it as it would.
-            Err(_) => true,
-        };
-        if !whole {
+        if !peek_whole(stream, &parked) {
             return Admission::Parked(parked);
         }
         let Parked {
@@ -548,8 +548,9 @@ impl Pipeline {
                 break;
             };
             old.evicted.store(true, Ordering::Relaxed);
-            let _ = old.stream.shutdown(Shutdown::Both);
+            // Counted before the client can see the close.
             control.record_admission_failure(AdmissionFailure::Timeout);
+            let _ = old.stream.shutdown(Shutdown::Both);
             let peer = old
                 .stream
                 .peer_addr()
@@ -643,6 +644,29 @@ impl Pipeline {
             table: self.pending.clone(),
             entry,
         }
+    }
+}
+
+/// Whether the answer a parked stage waits for is whole: what has arrived on `stream` (up to
+/// [`PEEK_MAX`] bytes, decrypted after a TLS handshake), looked at without being consumed.
+/// End of file or a socket error count as whole, so that the stage reads and reports them.
+fn peek_whole(stream: &Stream, parked: &Parked) -> bool {
+    let ready = &parked.resume.ready;
+    #[cfg(feature = "tls")]
+    if let Some(tls) = stream.tls_session() {
+        let io = DeadlineIo::until(stream, parked.deadline).reads_now();
+        return tls.peek_now(&io, PEEK_MAX, |plain| ready(plain));
+    }
+    let mut peeked = [0u8; PEEK_MAX];
+    match rustix::net::recv(
+        stream,
+        &mut peeked[..],
+        rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
+    ) {
+        Ok((n, _)) => n == 0 || n == PEEK_MAX || ready(&peeked[..n]),
+        Err(rustix::io::Errno::AGAIN) => false,
+        // Reset, say: let the stage read the error and report it as it would.
+        Err(_) => true,
     }
 }
 

@@ -167,13 +167,14 @@ impl RFile {
     }
 
     /// Event mode, on parking: with nothing buffered, gives the buffer back (to this thread's
-    /// small pool), so a parked connection holds no buffer.
+    /// small pool), and so does a TLS session its own, so a parked connection holds no buffer.
     pub(crate) fn park(&mut self) {
         let r = &mut self.inner;
         if r.pos >= r.buf.len() && r.buf.capacity() > 0 {
             r.pos = 0;
             pool::give(std::mem::take(&mut r.buf));
         }
+        r.stream.park_buffers();
     }
 }
 
@@ -284,7 +285,7 @@ impl ReadBuffer {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 r => {
                     let n = r?;
-                    self.drained = n < room;
+                    self.drained = self.stream.read_emptied(n, room);
                     return Ok(n);
                 }
             }

@@ -27,6 +27,10 @@ pub(crate) struct DeadlineIo<'a, S> {
     /// through it, on this socket and under this deadline.
     #[cfg(feature = "tls")]
     tls: Option<&'a crate::tls::session::Session>,
+    /// Reads under TLS fail with `WouldBlock` rather than wait (event mode, where the event
+    /// loop does the waiting).
+    #[cfg(feature = "tls")]
+    reads_now: bool,
 }
 
 impl<'a, S: AsFd> DeadlineIo<'a, S> {
@@ -42,7 +46,16 @@ impl<'a, S: AsFd> DeadlineIo<'a, S> {
             awaiting_answer: false,
             #[cfg(feature = "tls")]
             tls: None,
+            #[cfg(feature = "tls")]
+            reads_now: false,
         }
+    }
+
+    /// Reads of ciphertext that do not wait: `WouldBlock` when the socket has nothing.
+    #[cfg(feature = "tls")]
+    pub(crate) fn reads_now(mut self) -> Self {
+        self.reads_now = true;
+        self
     }
 
     /// Reads and writes through `tls`, if there is a session.
@@ -149,6 +162,7 @@ impl<S: AsFd> crate::tls::session::Raw for DeadlineIo<'_, S> {
             let spare = rustix::buffer::spare_capacity(&mut *buf);
             match rustix::net::recv(self.sock, spare, RecvFlags::DONTWAIT) {
                 Ok((n, _)) => return Ok(n),
+                Err(Errno::AGAIN) if self.reads_now => return Err(Errno::AGAIN.into()),
                 Err(Errno::AGAIN) => self.wait(PollFlags::IN)?,
                 Err(Errno::INTR) => {}
                 Err(e) => return Err(e.into()),

@@ -51,9 +51,10 @@
 //! * [`Auth`]: the tutorial's HMAC challenge-response and `multiprocessing.connection`'s mutual
 //!   handshake, run on the worker thread with a timeout and a cap on unfinished handshakes.
 //! * TLS through rustls (cargo feature `tls`): `Builder::tls`, mutual TLS, certificate reload
-//!   without restart, the handshake as an admission stage on the worker, HMAC inside TLS, and
-//!   `connect_tls` for clients. Cargo feature `tls-aws-lc` (implies `tls`) makes aws-lc-rs the
-//!   provider instead of ring, and wins when both are on (see `tls::provider()`).
+//!   without restart, the handshake as an admission stage on the worker (parked between the
+//!   client's flights in event mode), HMAC inside TLS, and `connect_tls` for clients. Cargo
+//!   feature `tls-aws-lc` (implies `tls`) makes aws-lc-rs the provider instead of ring, and
+//!   wins when both are on (see `tls::provider()`).
 //!
 //! # Deployment
 //!
@@ -123,7 +124,8 @@
 //!   functions); the text exposition and its HTTP endpoint.
 //! * **TLS** (`tls/`, feature `tls`): the configuration and client side in `tls/mod.rs`, whose
 //!   handshake is an admission stage; the session a [`Stream`] reads and writes through once it
-//!   is done, fed by whoever owns the socket I/O, in `tls/session.rs`.
+//!   is done, fed by whoever owns the socket I/O (reads that never wait, in event mode), in
+//!   `tls/session.rs`.
 //! * **Shared state** (`control.rs`): [`ServerHandle`], [`Stats`], the limits, the registry of
 //!   in-flight requests that a drain or the idle reaper cuts. Every log line a peer can trigger
 //!   is rate-limited (`log_limit.rs`).

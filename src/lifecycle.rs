@@ -120,6 +120,14 @@ fn serve_message<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Next {
     step(h, req, ctx, "handle_message", serve).unwrap_or(Next::Close)
 }
 
+/// Event mode: a read between messages failed (a reset, a corrupt TLS record). Reported and
+/// counted as the handler's own read failing would be in the other modes.
+pub(crate) fn read_failed(req: &mut Request, ctx: &Ctx, e: std::io::Error) {
+    step(&mut (), req, ctx, "handle_message", |_, _| {
+        Err::<(), HandlerError>(e.into())
+    });
+}
+
 /// Opens the observation of a connection from `peer` on its worker: its `tracing` span (a
 /// no-op without the feature), entered around admission and the lifecycle (around each step,
 /// and each message, in event mode).

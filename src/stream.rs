@@ -621,6 +621,40 @@ impl Stream {
     /// Like [`read_spare`](Self::read_spare), without waiting (`MSG_DONTWAIT`): `WouldBlock`
     /// when the socket has nothing.
     pub(crate) fn recv_spare_nonblocking(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        #[cfg(feature = "tls")]
+        if let Some(t) = self.inner.tls.get() {
+            return t.read_spare(
+                &Plain {
+                    stream: self,
+                    now: true,
+                },
+                buf,
+            );
+        }
+        self.recv_spare_nonblocking_plain(buf)
+    }
+
+    /// Event mode, on parking: a TLS session gives back its empty buffers.
+    pub(crate) fn park_buffers(&self) {
+        #[cfg(feature = "tls")]
+        if let Some(t) = self.inner.tls.get() {
+            t.park();
+        }
+    }
+
+    /// Whether a read of `n` bytes into `room` left nothing to read: a short read of the socket
+    /// proves it empty, but under TLS rustls may hold decrypted records no new byte will
+    /// signal, so the session tells.
+    pub(crate) fn read_emptied(&self, n: usize, room: usize) -> bool {
+        #[cfg(feature = "tls")]
+        if let Some(t) = self.inner.tls.get() {
+            return t.drained();
+        }
+        n < room
+    }
+
+    /// [`recv_spare_nonblocking`](Self::recv_spare_nonblocking) on the socket itself.
+    fn recv_spare_nonblocking_plain(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
         use rustix::net::{RecvFlags, recv};
         self.counted(Direction::Read, |sock| {
             let fd = match sock {
@@ -662,7 +696,7 @@ impl Stream {
     pub(crate) fn read_spare(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
         #[cfg(feature = "tls")]
         if let Some(t) = self.inner.tls.get() {
-            return t.read_spare(&Plain(self), buf);
+            return t.read_spare(&self.plain(), buf);
         }
         self.read_spare_plain(buf)
     }
@@ -684,7 +718,7 @@ impl Read for &Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         #[cfg(feature = "tls")]
         if let Some(t) = self.inner.tls.get() {
-            return t.read(&Plain(self), buf);
+            return t.read(&self.plain(), buf);
         }
         self.io(Direction::Read, |sock| match sock {
             Sock::Tcp(s) => (&*s).read(buf),
@@ -696,7 +730,7 @@ impl Read for &Stream {
         #[cfg(feature = "tls")]
         if let Some(t) = self.inner.tls.get() {
             let first = bufs.iter_mut().find(|b| !b.is_empty());
-            return first.map_or(Ok(0), |b| t.read(&Plain(self), b));
+            return first.map_or(Ok(0), |b| t.read(&self.plain(), b));
         }
         self.io(Direction::Read, |sock| match sock {
             Sock::Tcp(s) => (&*s).read_vectored(bufs),
@@ -709,7 +743,7 @@ impl Write for &Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         #[cfg(feature = "tls")]
         if let Some(t) = self.inner.tls.get() {
-            return t.write(&Plain(self), buf);
+            return t.write(&self.plain(), buf);
         }
         self.write_plain(buf)
     }
@@ -717,7 +751,7 @@ impl Write for &Stream {
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         #[cfg(feature = "tls")]
         if let Some(t) = self.inner.tls.get() {
-            return t.write_vectored(&Plain(self), bufs);
+            return t.write_vectored(&self.plain(), bufs);
         }
         self.write_vectored_plain(bufs)
     }
@@ -788,18 +822,36 @@ impl Write for Stream {
     }
 }
 
-/// The socket under a TLS session, with the `Stream`'s accounting and timeouts.
+/// The socket under a TLS session, with the `Stream`'s accounting and timeouts; its reads wait
+/// for the peer unless `now` (event mode, where `WouldBlock` parks the connection).
 #[cfg(feature = "tls")]
-struct Plain<'a>(&'a Stream);
+struct Plain<'a> {
+    stream: &'a Stream,
+    now: bool,
+}
 
 #[cfg(feature = "tls")]
 impl crate::tls::session::Raw for Plain<'_> {
     fn read_raw(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
-        self.0.read_spare_plain(buf)
+        match self.now {
+            true => self.stream.recv_spare_nonblocking_plain(buf),
+            false => self.stream.read_spare_plain(buf),
+        }
     }
 
     fn write_raw(&self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write_plain(buf)
+        self.stream.write_plain(buf)
+    }
+}
+
+#[cfg(feature = "tls")]
+impl Stream {
+    /// The socket under this stream's TLS session, reads waiting for the peer.
+    fn plain(&self) -> Plain<'_> {
+        Plain {
+            stream: self,
+            now: false,
+        }
     }
 }
 

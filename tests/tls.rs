@@ -2,6 +2,7 @@
 //! crate's own `connect_tls`; certificates generated at test time with rcgen (nothing private is
 //! committed).
 
+mod haproxy;
 mod util;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -19,8 +20,9 @@ use rcgen::{
 use socketserver::rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use socketserver::transport::Tcp;
 use socketserver::{
-    Addr, Auth, ClientCert, Digest, Dispatch, HandlerResult, StreamHandler, StreamRequest,
-    StreamRequestHandler, TcpServer, Tls, UnixStreamServer, connect_tls, tls,
+    Addr, Auth, ClientCert, Digest, Dispatch, HandlerError, HandlerResult, MessageHandler,
+    MessageRequestHandler, Next, StreamHandler, StreamRequest, StreamRequestHandler, TcpServer,
+    Tls, UnixStreamServer, connect_tls, tls,
 };
 use util::{eventually, serve};
 
@@ -147,67 +149,77 @@ impl Drop for Pki {
     }
 }
 
-/// Reports what was negotiated in one line, then echoes lines (unless the flag says to hang
-/// up at once, for clients that wait for the server to close).
-struct InfoEcho(Arc<AtomicUsize>, bool);
+/// What was negotiated, and the client as admission found it (behind a proxy, the one its
+/// PROXY header named), in one line.
+fn info_line(s: &StreamRequest) -> String {
+    let (stream, peer) = (s.stream(), s.peer_addr());
+    match stream.tls() {
+        None => "plain\n".to_owned(),
+        Some(t) => format!(
+            "{:?} certs={} sni={} alpn={} resumed={} raw={} peer={}\n",
+            t.version().unwrap(),
+            t.peer_certificates().len(),
+            t.server_name().unwrap_or("-"),
+            t.alpn_protocol()
+                .map_or("-".into(), |a| String::from_utf8_lossy(a).into_owned()),
+            t.resumed(),
+            if stream.as_tcp().is_some() || stream.as_unix().is_some() {
+                "exposed"
+            } else {
+                "none"
+            },
+            peer,
+        ),
+    }
+}
 
-impl StreamHandler for InfoEcho {
-    fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+/// Reports what was negotiated in one line, then echoes lines, a line per message (so it runs
+/// in every mode, event mode included).
+struct InfoEcho(Arc<AtomicUsize>);
+
+impl MessageHandler for InfoEcho {
+    fn setup(&mut self, s: &mut StreamRequest) -> HandlerResult {
         self.0.fetch_add(1, Ordering::SeqCst);
-        let stream = s.stream();
-        let line = match stream.tls() {
-            None => "plain\n".to_owned(),
-            Some(t) => format!(
-                "{:?} certs={} sni={} alpn={} resumed={} raw={}\n",
-                t.version().unwrap(),
-                t.peer_certificates().len(),
-                t.server_name().unwrap_or("-"),
-                t.alpn_protocol()
-                    .map_or("-".into(), |a| String::from_utf8_lossy(a).into_owned()),
-                t.resumed(),
-                if stream.as_tcp().is_some() || stream.as_unix().is_some() {
-                    "exposed"
-                } else {
-                    "none"
-                },
-            ),
-        };
+        let line = info_line(s);
         s.wfile.write_all(line.as_bytes())?;
         s.wfile.flush()?;
-        if self.1 {
-            return Ok(());
-        }
-        let mut buf = Vec::new();
-        while s.rfile.read_until(b'\n', &mut buf)? > 0 {
-            s.wfile.write_all(&buf)?;
-            s.wfile.flush()?;
-            buf.clear();
-        }
+        Ok(())
+    }
+
+    fn handle_message(&mut self, s: &mut StreamRequest) -> Result<Next, HandlerError> {
+        util::LineEcho.handle_message(s)
+    }
+
+    fn message_ready(&self, buffered: &[u8]) -> bool {
+        util::LineEcho.message_ready(buffered)
+    }
+}
+
+/// Reports what was negotiated in one line and hangs up, for clients that wait for the server
+/// to close.
+struct InfoOnce;
+
+impl StreamHandler for InfoOnce {
+    fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+        let line = info_line(s);
+        s.wfile.write_all(line.as_bytes())?;
         Ok(())
     }
 }
 
-type Server = util::Running<Tcp<StreamRequestHandler<InfoEcho>>>;
+type Server = util::Running<Tcp<MessageRequestHandler<InfoEcho>>>;
 
+/// A TLS server whose handler is [`InfoEcho`], with `auth` inside TLS, in `mode`; its address
+/// and how many connections its handler saw.
 fn server_with(
     tls: Tls,
     auth: Option<Auth>,
     mode: Dispatch,
 ) -> (Server, std::net::SocketAddr, Arc<AtomicUsize>) {
-    info_server(tls, auth, mode, false)
-}
-
-/// [`server_with`], whose handler hangs up after its first line when `hang_up`.
-fn info_server(
-    tls: Tls,
-    auth: Option<Auth>,
-    mode: Dispatch,
-    hang_up: bool,
-) -> (Server, std::net::SocketAddr, Arc<AtomicUsize>) {
     util::init_logs();
     let ran = Arc::new(AtomicUsize::new(0));
     let r = ran.clone();
-    let mut b = TcpServer::builder(move || StreamRequestHandler::new(InfoEcho(r.clone(), hang_up)))
+    let mut b = TcpServer::builder(move || MessageRequestHandler::new(InfoEcho(r.clone())))
         .dispatch(mode)
         .tls(tls);
     if let Some(a) = auth {
@@ -217,6 +229,26 @@ fn info_server(
     let addr = server.local_addr().inet().unwrap();
     (serve(server), addr, ran)
 }
+
+/// A TLS server whose handler is [`InfoOnce`].
+fn hang_up_server(
+    tls: Tls,
+) -> (
+    util::Running<Tcp<StreamRequestHandler<InfoOnce>>>,
+    std::net::SocketAddr,
+) {
+    util::init_logs();
+    let server = TcpServer::builder(|| StreamRequestHandler::new(InfoOnce))
+        .tls(tls)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().inet().unwrap();
+    (serve(server), addr)
+}
+
+/// Thread mode (a worker per connection) and event mode on one worker (connections parked
+/// between their handshake steps and messages): the two ways a session is driven.
+const TLS_MODES: [Dispatch; 2] = [Dispatch::Thread, Dispatch::Event { workers: 1 }];
 
 fn python() -> Option<util::Python> {
     let p = util::pythons().pop();
@@ -251,10 +283,10 @@ host, port, cafile = "localhost", int(sys.argv[1]), sys.argv[2]
 ctx = ssl.create_default_context(cafile=cafile)
 with socket.create_connection((host, port)) as raw:
     with ctx.wrap_socket(raw, server_hostname=host) as s:
+        print(s.version())  # TLSv1.3
         challenge = s.recv(32)  # the HMAC handshake, inside TLS
         s.sendall(hmac.new(b"alex_s", challenge, hashlib.sha256).hexdigest().encode())
         f = s.makefile("rwb")
-        print(f.readline().decode().strip())  # what the server negotiated
         f.write(b"hello over TLS\n"); f.flush()
         print(f.readline().decode().strip())
 "#;
@@ -265,37 +297,70 @@ fn the_readme_shows_the_python_client_word_for_word() {
     assert!(readme.contains(&format!("```python\n{}```", PY_CLIENT.trim_start())));
 }
 
+/// The README's command: `echo_server --addr localhost:PORT --tls-cert cert.pem --tls-key
+/// key.pem --auth-key alex_s`, the example itself in a child process; SIGTERM stops it.
+struct EchoServerExample(std::process::Child);
+
+impl EchoServerExample {
+    fn start(pki: &Pki, port: u16, extra: &[&str]) -> EchoServerExample {
+        let child = Command::new(util::example_exe("echo_server"))
+            .args(["--addr", &format!("localhost:{port}")])
+            .args([
+                "--tls-cert",
+                &pki.p("server.pem"),
+                "--tls-key",
+                &pki.p("server.key"),
+            ])
+            .args(["--auth-key", "alex_s"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start echo_server");
+        let up = eventually(Duration::from_secs(10), || {
+            TcpStream::connect(("localhost", port)).is_ok()
+        });
+        let e = EchoServerExample(child);
+        assert!(up, "echo_server did not listen on {port}");
+        e
+    }
+}
+
+impl Drop for EchoServerExample {
+    fn drop(&mut self) {
+        util::signal(self.0.id(), "TERM");
+        let stopped = eventually(Duration::from_secs(10), || {
+            self.0.try_wait().is_ok_and(|s| s.is_some())
+        });
+        if !stopped {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[test]
-fn the_readme_python_client_speaks_hmac_inside_tls() {
+fn the_readme_python_client_speaks_hmac_inside_tls_to_the_echo_server_example() {
     let Some(py) = python() else { return };
     let pki = Pki::new("readme");
-    let (server, addr, ran) = server_with(
-        pki.tls("server"),
-        Some(Auth::hmac(KEY)),
-        Dispatch::Pool { workers: 2 },
-    );
-    let out = py.run(
-        PY_CLIENT,
-        &[&addr.port().to_string(), &pki.p("ca.pem")],
-        Duration::from_secs(20),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 2, "{stdout}");
-    assert!(
-        lines[0].starts_with("TLSv1_3 certs=0 sni=localhost"),
-        "{stdout}"
-    );
-    // No raw socket to write plaintext to by accident.
-    assert!(lines[0].ends_with("raw=none"), "{stdout}");
-    assert_eq!(lines[1], "hello over TLS");
-    assert_eq!(ran.load(Ordering::SeqCst), 1);
-    drop(server);
+    for extra in [&[][..], &["--mode", "event"][..]] {
+        let port = util::free_port();
+        let server = EchoServerExample::start(&pki, port, extra);
+        let out = py.run(
+            PY_CLIENT,
+            &[&port.to_string(), &pki.p("ca.pem")],
+            Duration::from_secs(20),
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(stdout, "TLSv1.3\nhello over TLS\n", "{extra:?}");
+        drop(server);
+    }
 }
 
 /// TLS 1.2 and 1.3, with and without a client certificate, the HMAC handshake inside, from
@@ -344,6 +409,7 @@ fn cpython_ssl_clients_tls12_and_13_with_and_without_client_certs_hmac_inside() 
         Dispatch::Sync,
         Dispatch::Thread,
         Dispatch::Pool { workers: 2 },
+        Dispatch::Event { workers: 1 },
     ] {
         let (server, addr, ran) = server_with(tls.clone(), Some(Auth::hmac(KEY)), mode);
         for py in pythons.iter().rev() {
@@ -467,10 +533,19 @@ const TRUNCATED_HELLO: &[u8] = &[
 #[test]
 fn plaintext_truncated_hello_and_a_stalled_handshake_are_closed_and_counted() {
     let pki = Pki::new("bad-clients");
+    for mode in [
+        Dispatch::Pool { workers: 2 },
+        Dispatch::Event { workers: 1 },
+    ] {
+        bad_clients(&pki, mode);
+    }
+}
+
+fn bad_clients(pki: &Pki, mode: Dispatch) {
     let (server, addr, ran) = server_with(
         pki.tls("server"),
         Some(Auth::hmac(KEY).handshake_timeout(Duration::from_millis(300))),
-        Dispatch::Pool { workers: 2 },
+        mode,
     );
     // Plaintext on the TLS port.
     let mut plain = TcpStream::connect(addr).unwrap();
@@ -504,7 +579,7 @@ fn plaintext_truncated_hello_and_a_stalled_handshake_are_closed_and_counted() {
     assert_eq!(
         (stats.tls_failures, stats.handshake_timeouts),
         (2, 1),
-        "{stats:?}"
+        "{mode:?}: {stats:?}"
     );
     assert_eq!(ran.load(Ordering::SeqCst), 0);
 }
@@ -531,7 +606,13 @@ print("OK")
 fn garbage_after_the_handshake_ends_that_connection_only() {
     let Some(py) = python() else { return };
     let pki = Pki::new("garbage");
-    let (server, addr, ran) = server_with(pki.tls("server"), None, Dispatch::Thread);
+    for mode in TLS_MODES {
+        garbage_after_the_handshake(&py, &pki, mode);
+    }
+}
+
+fn garbage_after_the_handshake(py: &util::Python, pki: &Pki, mode: Dispatch) {
+    let (server, addr, ran) = server_with(pki.tls("server"), None, mode);
     py.run_ok(PY_GARBAGE, &[&addr.port().to_string(), &pki.p("ca.pem")]);
     assert!(eventually(Duration::from_secs(5), || {
         server.handle.stats().handler_errors == 1
@@ -572,7 +653,7 @@ fn openssl_s_client_sees_sni_and_alpn() {
         .tls("server")
         .alpn_protocols(vec![b"h2".to_vec(), b"http/1.1".to_vec()])
         .unwrap();
-    let (server, addr, _) = info_server(tls, None, Dispatch::Thread, true);
+    let (server, addr) = hang_up_server(tls);
     let ca = pki.p("ca.pem");
     let out = s_client(
         addr,
@@ -597,7 +678,7 @@ fn openssl_s_client_resumes_a_session_from_a_ticket() {
         return;
     }
     let pki = Pki::new("resume");
-    let (server, addr, _) = info_server(pki.tls("server"), None, Dispatch::Thread, true);
+    let (server, addr) = hang_up_server(pki.tls("server"));
     let sess = pki.p("session.pem");
     let ca = pki.p("ca.pem");
     for version in ["-tls1_2", "-tls1_3"] {
@@ -796,48 +877,65 @@ fn the_crate_client_runs_hmac_and_multiprocessing_inside_tls_with_a_client_cert(
         .tls("server")
         .client_ca_file(pki.path("ca.pem"), ClientCert::Required)
         .unwrap();
-    let (server, addr, _) = server_with(tls.clone(), Some(Auth::hmac(KEY)), Dispatch::Thread);
-    let mut s = connect_tls(
-        addr,
-        "localhost",
-        pki.roots("ca.pem"),
-        Some(pki.client_cert("client")),
-    )
-    .unwrap();
-    socketserver::answer_challenge(&mut s, KEY, Digest::Sha256).unwrap();
-    let mut r = BufReader::new(&mut s);
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    assert!(line.starts_with("TLSv1_3 certs=1 sni=localhost"), "{line}");
-    drop(r);
-    s.close().unwrap();
-    drop(server);
+    let client = |addr: std::net::SocketAddr| {
+        connect_tls(
+            addr,
+            "localhost",
+            pki.roots("ca.pem"),
+            Some(pki.client_cert("client")),
+        )
+        .unwrap()
+    };
+    for mode in TLS_MODES {
+        let (server, addr, _) = server_with(tls.clone(), Some(Auth::hmac(KEY)), mode);
+        let mut s = client(addr);
+        socketserver::answer_challenge(&mut s, KEY, Digest::Sha256).unwrap();
+        let mut r = BufReader::new(&mut s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(
+            line.starts_with("TLSv1_3 certs=1 sni=localhost"),
+            "{mode:?}: {line}"
+        );
+        drop(r);
+        s.close().unwrap();
+        drop(server);
+    }
 
-    // The multiprocessing handshake, then framed messages, all inside TLS.
+    // The multiprocessing handshake, then framed messages, all inside TLS: in thread mode
+    // through `MpConnection` on the server too, in event mode echoed as bytes (the frames come
+    // back whole).
     let handled = Arc::new(AtomicUsize::new(0));
     let h = handled.clone();
-    let server = TcpServer::builder(move || util::MpEcho { handled: h.clone() })
+    let threaded = TcpServer::builder(move || util::MpEcho { handled: h.clone() })
+        .tls(tls.clone())
+        .auth(Auth::multiprocessing(KEY))
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let event = TcpServer::builder(util::byte_echo)
+        .dispatch(Dispatch::Event { workers: 1 })
         .tls(tls)
         .auth(Auth::multiprocessing(KEY))
         .bind("127.0.0.1:0")
         .unwrap();
-    let addr = server.local_addr().inet().unwrap();
-    let server = serve(server);
-    let s = connect_tls(
-        addr,
-        "localhost",
-        pki.roots("ca.pem"),
-        Some(pki.client_cert("client")),
-    )
-    .unwrap();
-    let mut c = socketserver::mp_client_handshake(s, KEY, socketserver::MpVersion::Modern).unwrap();
-    c.send_bytes(b"framed inside TLS").unwrap();
-    assert_eq!(c.recv_bytes().unwrap(), b"framed inside TLS");
-    c.get_mut().close().unwrap();
+    let addrs = [
+        threaded.local_addr().inet().unwrap(),
+        event.local_addr().inet().unwrap(),
+    ];
+    let servers = (serve(threaded), serve(event));
+    for addr in addrs {
+        let mut c =
+            socketserver::mp_client_handshake(client(addr), KEY, socketserver::MpVersion::Modern)
+                .unwrap();
+        c.send_bytes(b"framed inside TLS").unwrap();
+        assert_eq!(c.recv_bytes().unwrap(), b"framed inside TLS", "{addr}");
+        c.get_mut().close().unwrap();
+    }
     assert!(eventually(Duration::from_secs(5), || handled
         .load(Ordering::SeqCst)
         == 1));
-    drop(server);
+    assert_eq!(servers.1.handle.stats().auth_failures, 0);
+    drop(servers);
 }
 
 /// CPython over a Unix-domain socket.
@@ -859,20 +957,23 @@ print("OK")
 fn a_unix_stream_server_serves_tls() {
     let Some(py) = python() else { return };
     let pki = Pki::new("unix");
-    let path = util::sock_path("tls");
     util::init_logs();
-    let ran = Arc::new(AtomicUsize::new(0));
-    let r = ran.clone();
-    let server =
-        UnixStreamServer::builder(move || StreamRequestHandler::new(InfoEcho(r.clone(), false)))
-            .tls(pki.tls("server"))
-            .bind(&path)
-            .unwrap();
-    let server = serve(server);
-    py.run_ok(PY_UNIX, &[&path.to_string_lossy(), &pki.p("ca.pem")]);
-    assert_eq!(ran.load(Ordering::SeqCst), 1);
-    drop(server);
-    assert!(!Path::new(&path).exists());
+    for mode in TLS_MODES {
+        let path = util::sock_path("tls");
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        let server =
+            UnixStreamServer::builder(move || MessageRequestHandler::new(InfoEcho(r.clone())))
+                .dispatch(mode)
+                .tls(pki.tls("server"))
+                .bind(&path)
+                .unwrap();
+        let server = serve(server);
+        py.run_ok(PY_UNIX, &[&path.to_string_lossy(), &pki.p("ca.pem")]);
+        assert_eq!(ran.load(Ordering::SeqCst), 1, "{mode:?}");
+        drop(server);
+        assert!(!Path::new(&path).exists());
+    }
 }
 
 #[test]
@@ -881,7 +982,7 @@ fn plaintext_servers_are_untouched_by_the_feature() {
     util::init_logs();
     let ran = Arc::new(AtomicUsize::new(0));
     let r = ran.clone();
-    let server = TcpServer::builder(move || StreamRequestHandler::new(InfoEcho(r.clone(), false)))
+    let server = TcpServer::builder(move || MessageRequestHandler::new(InfoEcho(r.clone())))
         .bind("127.0.0.1:0")
         .unwrap();
     let addr: Addr = server.local_addr().clone();
@@ -900,52 +1001,235 @@ fn plaintext_servers_are_untouched_by_the_feature() {
 fn large_lines_echo_over_tls12_and_13_with_a_rustls_client() {
     use socketserver::rustls;
     let pki = Pki::new("large");
-    let (server, addr, _) = server_with(pki.tls("server"), None, Dispatch::Thread);
-    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
-        let config = rustls::ClientConfig::builder_with_provider(tls::provider())
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .with_root_certificates(pki.roots("ca.pem"))
-            .with_no_client_auth();
-        let conn = rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap())
-            .unwrap();
-        let sock = TcpStream::connect(addr).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut s = BufReader::new(rustls::StreamOwned::new(conn, sock));
-        let mut line = String::new();
-        s.read_line(&mut line).unwrap();
-        let big = format!("{}\n", "y".repeat(20000));
-        s.get_mut().write_all(big.as_bytes()).unwrap();
-        line.clear();
-        s.read_line(&mut line).unwrap();
-        assert_eq!(line.len(), big.len(), "{version:?}");
-    }
-    drop(server);
-}
-
-/// A message handler that closes at once: only its type matters to the test below.
-struct CloseAtOnce;
-
-impl socketserver::MessageHandler for CloseAtOnce {
-    fn handle_message(
-        &mut self,
-        _: &mut StreamRequest,
-    ) -> Result<socketserver::Next, socketserver::HandlerError> {
-        Ok(socketserver::Next::Close)
+    for mode in TLS_MODES {
+        let (server, addr, _) = server_with(pki.tls("server"), None, mode);
+        for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+            let config = rustls::ClientConfig::builder_with_provider(tls::provider())
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(pki.roots("ca.pem"))
+                .with_no_client_auth();
+            let conn =
+                rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap())
+                    .unwrap();
+            let sock = TcpStream::connect(addr).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut s = BufReader::new(rustls::StreamOwned::new(conn, sock));
+            let mut line = String::new();
+            s.read_line(&mut line).unwrap();
+            let big = format!("{}\n", "y".repeat(20000));
+            s.get_mut().write_all(big.as_bytes()).unwrap();
+            line.clear();
+            s.read_line(&mut line).unwrap();
+            assert_eq!(line.len(), big.len(), "{mode:?} {version:?}");
+        }
+        drop(server);
     }
 }
 
+/// Many lines in one write: the records carry more plaintext than `rfile` holds, so rustls
+/// keeps decrypted bytes after a read that filled the buffer, and the socket keeps ciphertext
+/// no new byte will signal. Event mode must serve all of it before parking.
 #[test]
-fn event_dispatch_with_tls_is_refused_when_the_server_is_built() {
-    let pki = Pki::new("event");
-    let e = TcpServer::builder(|| socketserver::MessageRequestHandler::new(CloseAtOnce))
-        .dispatch(Dispatch::Event { workers: 1 })
-        .tls(pki.tls("server"))
-        .bind("127.0.0.1:0")
-        .map(drop)
-        .unwrap_err();
-    assert!(e.is_config() && e.to_string().contains("TLS"), "{e}");
+fn event_mode_serves_every_line_of_a_burst_larger_than_its_buffer() {
+    let pki = Pki::new("burst");
+    for mode in TLS_MODES {
+        let (server, addr, _) = server_with(pki.tls("server"), None, mode);
+        let s = connect_tls(addr, "localhost", pki.roots("ca.pem"), None).unwrap();
+        s.get_ref()
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        for round in 0..3 {
+            let burst: String = (0..400).map(|i| format!("{round:02}-{i:0>96}\n")).collect();
+            r.get_mut().write_all(burst.as_bytes()).unwrap();
+            let mut back = vec![0; burst.len()];
+            r.read_exact(&mut back)
+                .unwrap_or_else(|e| panic!("{mode:?}, round {round}: {e}"));
+            assert!(back == burst.as_bytes(), "{mode:?}, round {round}");
+        }
+        r.get_mut().close().unwrap();
+        drop(server);
+    }
+}
+
+/// Event mode on one worker: TLS handshakes that stall, silent or with half a ClientHello,
+/// wait parked on no thread, so an honest client is served while they wait; the deadline then
+/// cuts every one of them, and each is counted.
+#[test]
+fn event_mode_parks_stalled_tls_handshakes_without_holding_its_worker() {
+    let pki = Pki::new("event-park");
+    let (server, addr, ran) = server_with(
+        pki.tls("server"),
+        Some(Auth::hmac(KEY).handshake_timeout(Duration::from_secs(2))),
+        Dispatch::Event { workers: 1 },
+    );
+    let stalled: Vec<TcpStream> = (0..100)
+        .map(|i| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            if i % 2 == 1 {
+                s.write_all(TRUNCATED_HELLO).unwrap();
+            }
+            s
+        })
+        .collect();
+    // The server has seen them all before the honest client comes.
+    assert!(eventually(Duration::from_secs(5), || server
+        .handle
+        .stats()
+        .active
+        == 100));
+    let started = std::time::Instant::now();
+    let mut honest = connect_tls(addr, "localhost", pki.roots("ca.pem"), None).unwrap();
+    socketserver::answer_challenge(&mut honest, KEY, Digest::Sha256).unwrap();
+    let mut r = BufReader::new(&mut honest);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let took = started.elapsed();
+    assert!(line.starts_with("TLSv1_3"), "{line}");
+    // Well within the 2 s deadline the stalled ones wait for: none held the worker.
+    assert!(took < Duration::from_millis(1000), "served after {took:?}");
+    drop(r);
+    honest.close().unwrap();
+    for mut s in stalled {
+        assert!(closed_by_server(&mut s));
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || server
+            .handle
+            .stats()
+            .handshake_timeouts
+            == 100),
+        "{:?}",
+        server.handle.stats()
+    );
+    let stats = server.handle.stats();
+    assert_eq!(
+        (stats.tls_failures, stats.auth_failures),
+        (0, 0),
+        "{stats:?}"
+    );
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+}
+
+/// Event mode, HMAC inside TLS: the parked handshake waits for the *decrypted* answer to be
+/// whole. Part of an answer (its record's ciphertext is longer than the answer it waits for)
+/// keeps it parked, on no thread, while another client is served; the rest then completes it.
+#[test]
+fn event_mode_waits_for_the_whole_decrypted_hmac_answer() {
+    let pki = Pki::new("event-hmac");
+    let (server, addr, ran) = server_with(
+        pki.tls("server"),
+        Some(Auth::hmac(KEY).handshake_timeout(Duration::from_secs(3))),
+        Dispatch::Event { workers: 1 },
+    );
+    let answer_to = |s: &mut socketserver::TlsStream| {
+        let mut challenge = [0u8; 32];
+        s.read_exact(&mut challenge).unwrap();
+        let mac = hmac_sha256(KEY, &challenge);
+        mac.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let mut slow = connect_tls(addr, "localhost", pki.roots("ca.pem"), None).unwrap();
+    let answer = answer_to(&mut slow);
+    // 48 of its 64 characters: a 70-byte record.
+    slow.write_all(&answer.as_bytes()[..48]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let started = std::time::Instant::now();
+    let mut quick = connect_tls(addr, "localhost", pki.roots("ca.pem"), None).unwrap();
+    socketserver::answer_challenge(&mut quick, KEY, Digest::Sha256).unwrap();
+    let mut line = String::new();
+    BufReader::new(&mut quick).read_line(&mut line).unwrap();
+    let took = started.elapsed();
+    assert!(line.starts_with("TLSv1_3"), "{line}");
+    assert!(took < Duration::from_millis(1500), "served after {took:?}");
+    quick.close().unwrap();
+    slow.write_all(&answer.as_bytes()[48..]).unwrap();
+    line.clear();
+    BufReader::new(&mut slow).read_line(&mut line).unwrap();
+    assert!(line.starts_with("TLSv1_3"), "{line}");
+    slow.close().unwrap();
+    assert_eq!(ran.load(Ordering::SeqCst), 2);
+    assert_eq!(server.handle.stats().auth_failures, 0);
+}
+
+fn hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+    mac.update(msg);
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// The whole admission pipeline behind a real load balancer: HAProxy passes TLS through and
+/// prepends a PROXY v2 header; the server reads the header, then runs the TLS handshake, then
+/// HMAC inside TLS, and the handler sees the real client, in thread and event mode. HAProxy's
+/// health checks (a header of their own, then nothing) are not TLS failures either.
+#[test]
+fn proxy_header_then_tls_then_hmac_behind_haproxy() {
+    if !haproxy::available() {
+        return;
+    }
+    let pki = Pki::new("pipeline");
+    for mode in TLS_MODES {
+        util::init_logs();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        let server = TcpServer::builder(move || MessageRequestHandler::new(InfoEcho(r.clone())))
+            .dispatch(mode)
+            .proxy_protocol(socketserver::ProxyProtocol::trusting(["127.0.0.1"]).unwrap())
+            .tls(pki.tls("server"))
+            .auth(Auth::hmac(KEY))
+            .bind("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr().inet().unwrap();
+        let server = serve(server);
+        let lb = haproxy::Haproxy::start(&format!("  server s1 {addr} send-proxy-v2"));
+        for _ in 0..3 {
+            let mut s = connect_tls(
+                ("127.0.0.1", lb.port),
+                "localhost",
+                pki.roots("ca.pem"),
+                None,
+            )
+            .unwrap();
+            let me = s.get_ref().local_addr().unwrap();
+            socketserver::answer_challenge(&mut s, KEY, Digest::Sha256).unwrap();
+            let mut r = BufReader::new(&mut s);
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            assert!(
+                line.starts_with("TLSv1_3 certs=0 sni=localhost"),
+                "{mode:?}: {line}"
+            );
+            assert!(line.ends_with(&format!(" peer={me}\n")), "{mode:?}: {line}");
+            r.get_mut().write_all(b"through the pipeline\n").unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            assert_eq!(line, "through the pipeline\n");
+            drop(r);
+            s.close().unwrap();
+        }
+        drop(lb);
+        assert!(eventually(Duration::from_secs(5), || server
+            .handle
+            .stats()
+            .active
+            == 0));
+        let stats = server.handle.stats();
+        assert_eq!(ran.load(Ordering::SeqCst), 3, "{mode:?}");
+        assert_eq!(
+            (
+                stats.proxy_malformed,
+                stats.proxy_missing,
+                stats.tls_failures,
+                stats.auth_failures
+            ),
+            (0, 0, 0, 0),
+            "{mode:?}: {stats:?}"
+        );
+    }
 }
 
 /// The length of the session ticket in `sess` (a session `openssl s_client -sess_out` saved),
@@ -985,7 +1269,7 @@ fn session_tickets_are_sealed_by_the_providers_ticketer() {
         .tls("server")
         .alpn_protocols(vec![b"a".to_vec(), b"abcd".to_vec()])
         .unwrap();
-    let (server, addr, _) = info_server(tls, None, Dispatch::Thread, true);
+    let (server, addr) = hang_up_server(tls);
     let ca = pki.p("ca.pem");
     let sess = pki.p("session.pem");
     for version in ["-tls1_2", "-tls1_3"] {

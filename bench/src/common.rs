@@ -39,3 +39,125 @@ pub fn today() -> String {
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("{y:04}-{m:02}-{d:02}")
 }
+
+/// The line that opens `tls_bench`'s section of results.md.
+pub const TLS_BEGIN: &str = "<!-- tls_bench: begin -->";
+/// The line that closes `tls_bench`'s section of results.md.
+pub const TLS_END: &str = "<!-- tls_bench: end -->";
+
+/// Where `tls_bench`'s section lies in `doc`: from the start of its [`TLS_BEGIN`] line to the
+/// end of its [`TLS_END`] line, newline included. `None` when `doc` has neither marker; an
+/// error when it has one without the other, either twice, or the end before the begin, since
+/// then no one can tell which text is the section.
+fn tls_range(doc: &str) -> Result<Option<std::ops::Range<usize>>, String> {
+    let (mut begins, mut ends) = (Vec::new(), Vec::new());
+    let mut at = 0;
+    for line in doc.split_inclusive('\n') {
+        match line.trim_end() {
+            TLS_BEGIN => begins.push(at),
+            TLS_END => ends.push(at + line.len()),
+            _ => {}
+        }
+        at += line.len();
+    }
+    match (begins.as_slice(), ends.as_slice()) {
+        ([], []) => Ok(None),
+        (&[b], &[e]) if b < e => Ok(Some(b..e)),
+        _ => Err(format!(
+            "the tls_bench section's markers are broken ({} `{TLS_BEGIN}`, {} `{TLS_END}`, \
+             expected one of each in that order): fix them by hand",
+            begins.len(),
+            ends.len()
+        )),
+    }
+}
+
+/// `into` with `tls_bench`'s section as `from` has it: in place of `into`'s own section, or
+/// appended at the end (after a blank line) when `into` has none; `into` as it is when `from`
+/// has no section. The section's text, markers included, is carried byte for byte. The main
+/// benchmark carries the section of the results.md it replaces into the new one this way, and
+/// `tls_bench` puts its new section into the existing results.md.
+pub fn carry_tls_section(into: &str, from: &str) -> Result<String, String> {
+    let mine = tls_range(into)?;
+    let Some(theirs) = tls_range(from)? else {
+        return Ok(into.to_owned());
+    };
+    let mut section = from[theirs].to_owned();
+    if !section.ends_with('\n') {
+        section.push('\n');
+    }
+    Ok(match mine {
+        Some(r) => format!("{}{section}{}", &into[..r.start], &into[r.end..]),
+        None if into.is_empty() => section,
+        None => {
+            let sep = if into.ends_with("\n\n") {
+                ""
+            } else if into.ends_with('\n') {
+                "\n"
+            } else {
+                "\n\n"
+            };
+            format!("{into}{sep}{section}")
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(body: &str) -> String {
+        format!("{TLS_BEGIN}\n{body}{TLS_END}\n")
+    }
+
+    #[test]
+    fn a_new_section_replaces_only_the_old_one() {
+        let old = format!("# results\n\nbefore\n{}after\n", section("## TLS old\n"));
+        let new = section("## TLS new\n| a | b |\n");
+        let out = carry_tls_section(&old, &new).unwrap();
+        assert_eq!(out, format!("# results\n\nbefore\n{new}after\n"));
+    }
+
+    #[test]
+    fn a_section_is_appended_where_there_is_none() {
+        let new = section("## TLS\n");
+        assert_eq!(
+            carry_tls_section("# results\n\n| x |\n", &new).unwrap(),
+            format!("# results\n\n| x |\n\n{new}")
+        );
+        assert_eq!(
+            carry_tls_section("# results", &new).unwrap(),
+            format!("# results\n\n{new}")
+        );
+        assert_eq!(carry_tls_section("", &new).unwrap(), new);
+    }
+
+    #[test]
+    fn the_main_benchmark_carries_the_section_unchanged() {
+        // The old file's section, odd spacing and all, goes into the freshly written report.
+        let kept = section("## TLS benchmark (issue 15)\n\n  | 1.00 |  \n\n");
+        let old = format!("# socketserver benchmark results\n\nold figures\n\n{kept}");
+        let fresh = "# socketserver benchmark results\n\nnew figures\n";
+        let out = carry_tls_section(fresh, &old).unwrap();
+        assert_eq!(out, format!("{fresh}\n{kept}"));
+        // Rewriting again keeps it once, in the same place.
+        let again = carry_tls_section(fresh, &out).unwrap();
+        assert_eq!(again, out);
+        // No section in the old file: the new report as it is.
+        assert_eq!(carry_tls_section(fresh, "old").unwrap(), fresh);
+    }
+
+    #[test]
+    fn broken_markers_are_an_error_not_a_guess() {
+        let new = section("x\n");
+        for doc in [
+            format!("{TLS_BEGIN}\nno end\n"),
+            format!("no begin\n{TLS_END}\n"),
+            format!("{TLS_END}\n{TLS_BEGIN}\n"),
+            format!("{}{}", section("a\n"), section("b\n")),
+        ] {
+            assert!(carry_tls_section(&doc, &new).is_err(), "{doc:?}");
+            assert!(carry_tls_section("# r\n", &doc).is_err(), "{doc:?}");
+        }
+    }
+}

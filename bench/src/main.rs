@@ -19,6 +19,9 @@
 //! Results go to stdout, `bench/results.md` and `bench/echo.svg` (with `--quick`,
 //! `results-quick.md` and `echo-quick.svg`, so that a quick look never replaces a full run's
 //! committed results).
+//! results.md also holds `tls_bench`'s report, between the lines `<!-- tls_bench: begin -->`
+//! and `<!-- tls_bench: end -->`: a run carries that section over from the file it replaces,
+//! unchanged (`common::carry_tls_section`).
 
 mod common;
 mod contender;
@@ -876,7 +879,7 @@ fn report_all(
     }
 
     let md_path = cfg.out.join(format!("results{suffix}.md"));
-    std::fs::write(&md_path, md)?;
+    write_results(&md_path, &md)?;
     eprintln!("wrote {}", md_path.display());
     let has_echo = |s: &Sweep| s.results.iter().any(|(p, _)| matches!(p, Point::Echo(_)));
     if sweeps.iter().any(has_echo) {
@@ -913,6 +916,31 @@ fn report_all(
     Ok(())
 }
 
+/// The results file a run is about to replace, empty if there is none yet.
+fn previous_results(path: &Path) -> std::io::Result<String> {
+    match std::fs::read_to_string(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        r => r.map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+    }
+}
+
+/// Writes the report `md` to `path`, carrying over unchanged the section that `tls_bench`
+/// wrote into the file it replaces.
+fn write_results(path: &Path, md: &str) -> std::io::Result<()> {
+    let md = common::carry_tls_section(md, &previous_results(path)?)
+        .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
+    std::fs::write(path, md)
+}
+
+/// Checks, before the run, that the results file it will replace (`path`) can be read and that
+/// its `tls_bench` section (which the new file carries over) is well delimited.
+fn check_previous_results(path: &Path) -> Result<(), String> {
+    let old = previous_results(path).map_err(|e| e.to_string())?;
+    common::carry_tls_section("", &old)
+        .map(drop)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 fn main() {
     let mut cfg = parse_args();
     let started = Instant::now();
@@ -927,6 +955,11 @@ fn main() {
         );
     }
     if let Err(e) = prepare_out(&cfg.out) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+    let suffix = if cfg.quick { "-quick" } else { "" };
+    if let Err(e) = check_previous_results(&cfg.out.join(format!("results{suffix}.md"))) {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
@@ -952,4 +985,39 @@ fn main() {
         std::process::exit(1);
     }
     let _ = std::fs::remove_dir_all(&env.logdir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewriting_results_keeps_the_tls_section() {
+        let dir = std::env::temp_dir().join(format!("bench-results-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("results.md");
+        // No file yet: the report as it is.
+        write_results(&path, "# run 1\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "# run 1\n");
+        // tls_bench's section, as it would have put it in, survives the next run.
+        let section = format!(
+            "{}\n## TLS benchmark (issue 15)\n| 3158 |\n{}\n",
+            common::TLS_BEGIN,
+            common::TLS_END
+        );
+        std::fs::write(&path, format!("# run 1\n\n{section}")).unwrap();
+        write_results(&path, "# run 2\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("# run 2\n\n{section}")
+        );
+        assert!(check_previous_results(&path).is_ok());
+        // Broken markers: refused before a run, and the file left as it was.
+        let broken = format!("# run 2\n{}\n", common::TLS_BEGIN);
+        std::fs::write(&path, &broken).unwrap();
+        assert!(check_previous_results(&path).is_err());
+        assert!(write_results(&path, "# run 3\n").is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), broken);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

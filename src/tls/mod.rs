@@ -2,9 +2,9 @@
 //! handshake that runs as an admission stage, and the client side ([`connect_tls`]).
 //!
 //! The handshake runs on the connection's worker under the admission deadline and pending cap
-//! (`admission.rs`); once done, the session moves into the [`Stream`], whose reads and writes
-//! then go through it (`session.rs`), as do those of the HMAC or `multiprocessing` handshake that
-//! may follow.
+//! (`admission.rs`), in event mode in steps between which the connection parks. Once done, the
+//! session moves into the [`Stream`], whose reads and writes then go through it (`session.rs`),
+//! as do those of the HMAC or `multiprocessing` handshake that may follow.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -84,8 +84,10 @@ struct Shared {
 /// [`Builder::tls`](crate::Builder::tls).
 ///
 /// The handshake is the first admission stage after a PROXY header and before
-/// [`Auth`](crate::Auth): it runs on the connection's worker, bounded by the handshake timeout
-/// and counted against the cap on unfinished handshakes. A client that fails it (plaintext on
+/// [`Auth`](crate::Auth): it runs on the connection's worker (in
+/// [`Dispatch::Event`](crate::Dispatch::Event), it parks between the client's flights, holding no
+/// thread), bounded by the handshake timeout and counted against the cap on unfinished
+/// handshakes. A client that fails it (plaintext on
 /// the TLS port, an unknown CA, a bad certificate, a truncated ClientHello) is closed, logged
 /// once (rate-limited) and counted in [`Stats::tls_failures`](crate::Stats::tls_failures).
 ///
@@ -344,24 +346,92 @@ impl Tls {
     /// Runs the server side of the handshake on `stream`, every read and write bounded by
     /// `deadline`; on success the stream's reads and writes go through TLS from then on.
     pub(crate) fn handshake(&self, stream: &Stream, deadline: Option<Instant>) -> Result<()> {
-        let mut conn = ServerConnection::new(self.config())
-            .map_err(|e| Error::new(Kind::Tls).with_detail(e.to_string()))?;
+        let mut conn = self.accept()?;
         let mut io = DeadlineIo::until(stream, deadline);
         let done = (|| {
             while conn.is_handshaking() {
                 conn.complete_io(&mut io)?;
             }
             // Session tickets, sent right after the handshake.
-            while conn.wants_write() {
-                conn.write_tls(&mut io)?;
-            }
-            Ok::<_, io::Error>(())
+            drain_to(&mut conn, &mut io)
         })();
         if let Err(e) = done {
             return Err(handshake_error(e));
         }
         stream.set_tls(session::Session::new(conn));
         Ok(())
+    }
+}
+
+/// Event mode: the handshake, as far as what the client has sent allows.
+impl Tls {
+    /// A server session for a new connection, with the configuration current now.
+    pub(crate) fn accept(&self) -> Result<ServerConnection> {
+        ServerConnection::new(self.config())
+            .map_err(|e| Error::new(Kind::Tls).with_detail(e.to_string()))
+    }
+
+    /// Feeds `tls` what has arrived on `stream` and sends its answers (each write bounded by
+    /// `deadline`), without waiting for the client. `None` once the handshake is done (the
+    /// session then moved into the stream); the session back when the client must send more
+    /// first: everything there was has been read, so the next byte signals the connection.
+    pub(crate) fn handshake_now(
+        mut tls: ServerConnection,
+        stream: &Stream,
+        deadline: Option<Instant>,
+    ) -> Result<Option<ServerConnection>> {
+        let mut io = DeadlineIo::until(stream, deadline);
+        let done = loop {
+            // The server's flight, session tickets once done, or an alert.
+            if let Err(e) = drain_to(&mut tls, &mut io) {
+                break Err(e);
+            }
+            if !tls.is_handshaking() {
+                break Ok(true);
+            }
+            match tls.read_tls(&mut Now(stream)) {
+                Ok(0) => break Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(false),
+                Err(e) => break Err(e),
+            }
+            if let Err(e) = tls.process_new_packets() {
+                // Tell the client why, as `complete_io` does.
+                let _ = tls.write_tls(&mut io);
+                break Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+        };
+        match done {
+            Ok(true) => {
+                stream.set_tls(session::Session::new(tls));
+                Ok(None)
+            }
+            Ok(false) => Ok(Some(tls)),
+            Err(e) => Err(handshake_error(e)),
+        }
+    }
+}
+
+/// Writes everything rustls has queued.
+fn drain_to(tls: &mut ServerConnection, io: &mut impl Write) -> io::Result<()> {
+    while tls.wants_write() {
+        tls.write_tls(io)?;
+    }
+    Ok(())
+}
+
+/// Reads of the socket that never wait: `WouldBlock` when it has nothing.
+struct Now<'a>(&'a Stream);
+
+impl Read for Now<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match rustix::net::recv(self.0, &mut *buf, rustix::net::RecvFlags::DONTWAIT) {
+                Ok((n, _)) => return Ok(n),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 

@@ -11,8 +11,10 @@
 //! first; writers never take `incoming`).
 //!
 //! The socket I/O itself is the caller's ([`Raw`]): a `Stream` passes its own accounted,
-//! timed reads and writes, admission passes reads bounded by the handshake deadline, and an
-//! event loop could pass non-blocking ones and feed the session when the socket is readable.
+//! timed reads and writes, admission passes reads bounded by the handshake deadline, and event
+//! mode passes reads that do not wait: a session then parks only once rustls holds no
+//! plaintext and the socket has nothing (`WouldBlock`), since bytes rustls has already read
+//! would never signal the connection again.
 
 use std::io::{self, BufRead, Read, Write};
 use std::sync::{Mutex, MutexGuard};
@@ -97,12 +99,35 @@ impl TlsInfo {
 /// A TLS session whose handshake is done.
 pub(crate) struct Session {
     conn: Mutex<ServerConnection>,
-    /// Ciphertext read from the socket and not yet given to rustls; its lock serialises
-    /// readers.
-    incoming: Mutex<Vec<u8>>,
+    /// What was read and not yet taken; its lock serialises readers.
+    incoming: Mutex<Incoming>,
     /// Sealed records on their way to the socket; its lock serialises writers.
     outgoing: Mutex<Vec<u8>>,
     info: TlsInfo,
+}
+
+/// Bytes read from the socket and not yet taken by a reader.
+#[derive(Default)]
+struct Incoming {
+    /// Ciphertext not yet given to rustls.
+    cipher: Vec<u8>,
+    /// Plaintext decrypted for a look ([`Session::peek_now`]) and not yet read: readers take it
+    /// before anything else.
+    peeked: Vec<u8>,
+    /// The last read of the socket returned less than it had room for: the socket had nothing
+    /// more then, and whatever arrives since signals the connection anew.
+    socket_emptied: bool,
+}
+
+impl Incoming {
+    /// Reads the socket into `cipher`, noting whether that emptied it.
+    fn read_socket(&mut self, raw: &impl Raw) -> io::Result<usize> {
+        self.cipher.reserve_exact(READ_CHUNK);
+        let room = self.cipher.capacity() - self.cipher.len();
+        let n = raw.read_raw(&mut self.cipher)?;
+        self.socket_emptied = n < room;
+        Ok(n)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -121,7 +146,7 @@ impl Session {
         let info = TlsInfo::of(&conn);
         Session {
             conn: Mutex::new(conn),
-            incoming: Mutex::new(Vec::new()),
+            incoming: Mutex::new(Incoming::default()),
             outgoing: Mutex::new(Vec::new()),
             info,
         }
@@ -155,14 +180,110 @@ impl Session {
         })
     }
 
+    /// Event mode, on parking: gives back the buffers that are empty (a parked connection then
+    /// holds none: the ciphertext buffer alone reserves a whole record).
+    pub(crate) fn park(&self) {
+        let mut incoming = lock(&self.incoming);
+        if incoming.cipher.is_empty() {
+            incoming.cipher = Vec::new();
+        }
+        if incoming.peeked.is_empty() {
+            incoming.peeked = Vec::new();
+        }
+        drop(incoming);
+        if let Ok(mut out) = self.outgoing.try_lock()
+            && out.is_empty()
+        {
+            *out = Vec::new();
+        }
+    }
+
+    /// Whether everything the client sent has been read and taken: the last read emptied the
+    /// socket, no ciphertext waits for rustls and no plaintext for a reader. A connection may
+    /// park then without asking the socket again (the next byte signals it).
+    pub(crate) fn drained(&self) -> bool {
+        let incoming = lock(&self.incoming);
+        incoming.socket_emptied
+            && incoming.cipher.is_empty()
+            && incoming.peeked.is_empty()
+            && matches!(
+                lock(&self.conn).reader().fill_buf(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock
+            )
+    }
+
+    /// Event mode, during admission after the handshake: decrypts what has arrived, through a
+    /// `raw` whose reads do not wait, until `max` bytes of plaintext are there or nothing more
+    /// is, and tells whether `whole` holds of them, without consuming them (the next read gets
+    /// them). End of file, or a failure the next read would report, counts as whole: that read
+    /// must run to see it.
+    pub(crate) fn peek_now(
+        &self,
+        raw: &impl Raw,
+        max: usize,
+        whole: impl Fn(&[u8]) -> bool,
+    ) -> bool {
+        let mut incoming = lock(&self.incoming);
+        loop {
+            if incoming.peeked.len() >= max {
+                return true;
+            }
+            let mut conn = lock(&self.conn);
+            let had = incoming.peeked.len();
+            incoming.peeked.resize(max, 0);
+            let read = conn.reader().read(&mut incoming.peeked[had..]);
+            incoming.peeked.truncate(had + *read.as_ref().unwrap_or(&0));
+            match read {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return true,
+            }
+            if incoming.cipher.is_empty() {
+                drop(conn);
+                match incoming.read_socket(raw) {
+                    Ok(0) => return true,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if incoming.cipher.is_empty() {
+                            // Parking: the record's worth of room is not kept.
+                            incoming.cipher = Vec::new();
+                        }
+                        return whole(&incoming.peeked);
+                    }
+                    Err(_) => return true,
+                }
+                conn = lock(&self.conn);
+            }
+            let Ok(used) = conn.read_tls(&mut &incoming.cipher[..]) else {
+                return true;
+            };
+            incoming.cipher.drain(..used);
+            let processed = conn.process_new_packets();
+            let answer = conn.wants_write();
+            drop(conn);
+            if processed.is_err() || (answer && self.flush(raw).is_err()) {
+                return true;
+            }
+        }
+    }
+
     /// Runs `take` on the plaintext once some has arrived (or the peer closed), reading and
     /// decrypting records until then.
     fn read_with(
         &self,
         raw: &impl Raw,
-        mut take: impl FnMut(&mut rustls::Reader<'_>) -> io::Result<usize>,
+        mut take: impl FnMut(&mut dyn BufRead) -> io::Result<usize>,
     ) -> io::Result<usize> {
         let mut incoming = lock(&self.incoming);
+        if !incoming.peeked.is_empty() {
+            let mut peeked = &incoming.peeked[..];
+            let before = peeked.len();
+            let result = take(&mut peeked);
+            let used = before - peeked.len();
+            incoming.peeked.drain(..used);
+            return result;
+        }
         loop {
             let mut conn = lock(&self.conn);
             match take(&mut conn.reader()) {
@@ -173,10 +294,9 @@ impl Session {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
                 other => return other,
             }
-            if incoming.is_empty() {
+            if incoming.cipher.is_empty() {
                 drop(conn);
-                incoming.reserve_exact(READ_CHUNK);
-                if raw.read_raw(&mut incoming)? == 0 {
+                if incoming.read_socket(raw)? == 0 {
                     let mut conn = lock(&self.conn);
                     conn.read_tls(&mut io::empty())?;
                     // Any complete record left is processed; a partial one is lost.
@@ -185,8 +305,8 @@ impl Session {
                 }
                 conn = lock(&self.conn);
             }
-            let used = conn.read_tls(&mut &incoming[..])?;
-            incoming.drain(..used);
+            let used = conn.read_tls(&mut &incoming.cipher[..])?;
+            incoming.cipher.drain(..used);
             let processed = conn.process_new_packets();
             let answer = conn.wants_write();
             drop(conn);

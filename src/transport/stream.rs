@@ -235,7 +235,7 @@ fn serve_messages<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Step {
                 return Step::Park;
             }
             Err(e) => {
-                log::debug!("connection from {}: {e}", req.peer);
+                lifecycle::read_failed(req, ctx, e);
                 return Step::Close;
             }
         }

@@ -750,8 +750,24 @@ for f in text_string_to_metric_families(sys.argv[1]):
         .collect()
 }
 
+/// The cargo features this test was built with: examples are built with the same ones, so that
+/// cargo reuses the library it built for the test, and a test run with `--features tls` drives
+/// examples that speak TLS.
+fn own_features() -> String {
+    let all = [
+        ("signals", cfg!(feature = "signals")),
+        ("proxy-protocol", cfg!(feature = "proxy-protocol")),
+        ("metrics", cfg!(feature = "metrics")),
+        ("tracing", cfg!(feature = "tracing")),
+        ("tls", cfg!(feature = "tls")),
+    ];
+    let on: Vec<&str> = all.iter().filter(|f| f.1).map(|f| f.0).collect();
+    on.join(",")
+}
+
 /// `target/<profile>/examples/NAME`, next to this test's `target/<profile>/deps/`, built first
-/// with `cargo build --example NAME` (a no-op after a plain `cargo test`, which built it).
+/// with `cargo build --example NAME` and this test's features (a no-op after a plain `cargo
+/// test`, which built it).
 pub fn example_exe(name: &str) -> PathBuf {
     let me = std::env::current_exe().expect("test executable");
     let profile_dir = me
@@ -760,7 +776,14 @@ pub fn example_exe(name: &str) -> PathBuf {
         .expect("target/<profile>/deps");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = Command::new(cargo);
-    build.args(["build", "--quiet", "--example", name]);
+    build.args([
+        "build",
+        "--quiet",
+        "--example",
+        name,
+        "--no-default-features",
+    ]);
+    build.args(["--features", &own_features()]);
     if profile_dir.ends_with("release") {
         build.arg("--release");
     }

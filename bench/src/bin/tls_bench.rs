@@ -1,11 +1,18 @@
-//! The TLS benchmark: this crate's `echo_server --tls-cert ...` against tokio-rustls and
-//! std + rustls by hand (`tls_echo`), all with the same provider (ring), certificate (ECDSA
-//! P-256, generated at start with rcgen into a temporary directory) and configuration.
+//! The TLS benchmark: this crate's `echo_server --tls-cert ...` (thread, pool and event
+//! dispatch) against tokio-rustls and std + rustls by hand (`tls_echo`), all with the same
+//! provider (ring), certificate (ECDSA P-256, generated at start with rcgen into a temporary
+//! directory) and configuration.
 //!
 //! ```text
 //! cargo run --release -p socketserver-bench --bin tls_bench -- [--quick] [--rounds N]
-//!     [--unpinned] [--out bench/results-tls.md]
+//!     [--unpinned] [--out bench/results.md]
 //! ```
+//! The report is one section of results.md (`--out`; with `--quick` the default is the
+//! git-ignored results-quick.md, as for the main benchmark), between the lines
+//! `<!-- tls_bench: begin -->` and `<!-- tls_bench: end -->`: a run replaces that section and
+//! nothing else, or appends it when the file has none; the main benchmark, rewriting the file,
+//! carries the section over unchanged.
+//!
 //! Scenarios: TLS connect + 64-byte echo + close (8 client threads; session resumption on, as
 //! clients do by default, and off), TLS echo round trips at 1, 16 and 128 connections, the
 //! server's resident memory per idle TLS connection beside the plaintext figure, and the
@@ -15,7 +22,9 @@
 //! As the main benchmark: every point runs every contender once per round (`--rounds`, default
 //! 5; `--quick`: 1 round, shorter runs), each on a fresh server process, alternating the order
 //! (A B … then … B A); the median and the spread over rounds are reported, and issue 15's
-//! targets get a verdict only when the whole range the rounds allow is past the bound.
+//! targets get a verdict only when the whole range the rounds allow is past the bound. A
+//! contender whose server does not start (or whose run fails) is reported with its error and
+//! left out of the ratios; the run goes on and exits with status 1 at the end.
 
 #[path = "../common.rs"]
 mod common;
@@ -35,6 +44,9 @@ use rcgen::{
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
 const MSG: usize = 64;
+/// A server that stops accepting fails the run within this, as one that stops answering does
+/// within the 10 s read timeout, instead of hanging the benchmark.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn fail(msg: &str) -> ! {
     eprintln!("tls_bench: {msg}");
@@ -78,7 +90,7 @@ fn client_config(ca: &Path, resume: bool) -> Arc<ClientConfig> {
 type Tls = StreamOwned<ClientConnection, TcpStream>;
 
 fn connect(addr: SocketAddr, config: &Arc<ClientConfig>) -> std::io::Result<Tls> {
-    let s = TcpStream::connect(addr)?;
+    let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let conn = ClientConnection::new(config.clone(), "localhost".try_into().unwrap())
@@ -121,7 +133,10 @@ fn free_port() -> SocketAddr {
         .unwrap()
 }
 
-fn start(c: &Contender, pinned: bool) -> Running {
+/// Starts `c` on a free port and waits until it listens; its stderr goes to `log`. A server
+/// that exits first (a configuration it refuses, say) or does not listen within 10 s is an
+/// error, with what it wrote to stderr.
+fn start(c: &Contender, pinned: bool, log: &Path) -> Result<Running, String> {
     let addr = free_port();
     let mut cmd = if pinned {
         let mut t = Command::new("taskset");
@@ -142,22 +157,37 @@ fn start(c: &Contender, pinned: bool) -> Running {
             }
         })
         .collect();
+    let stderr = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
     let child = cmd
         .args(&args)
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
-        .unwrap_or_else(|e| fail(&format!("cannot start {}: {e}", c.label)));
-    let r = Running { child, addr };
+        .map_err(|e| format!("cannot start {}: {e}", c.program.display()))?;
+    let mut r = Running { child, addr };
+    // The last line the server wrote to stderr (its error, when it refused to start).
+    let said = || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        text.lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .map_or(String::new(), |l| format!(": {}", l.trim()))
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(addr).is_err() {
+        if let Ok(Some(status)) = r.child.try_wait() {
+            return Err(format!(
+                "the server exited before listening ({status}){}",
+                said()
+            ));
+        }
         if Instant::now() > deadline {
-            fail(&format!("{} did not listen", c.label));
+            return Err(format!("the server did not listen within 10 s{}", said()));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    r
+    Ok(r)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -169,12 +199,17 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// Round trips/s over `conns` persistent TLS connections for `d`.
-fn echo(addr: SocketAddr, config: &Arc<ClientConfig>, conns: usize, d: Duration) -> f64 {
+fn echo(
+    addr: SocketAddr,
+    config: &Arc<ClientConfig>,
+    conns: usize,
+    d: Duration,
+) -> Result<f64, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let total = Arc::new(AtomicU64::new(0));
     let mut streams: Vec<Tls> = (0..conns)
-        .map(|_| connect(addr, config).unwrap_or_else(|e| fail(&format!("connect: {e}"))))
-        .collect();
+        .map(|_| connect(addr, config).map_err(|e| format!("TLS connect: {e}")))
+        .collect::<Result<_, _>>()?;
     let threads: Vec<_> = streams
         .drain(..)
         .map(|mut t| {
@@ -198,21 +233,22 @@ fn echo(addr: SocketAddr, config: &Arc<ClientConfig>, conns: usize, d: Duration)
     for t in threads {
         let _ = t.join();
     }
-    total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    Ok(total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
 }
 
 /// Round trips/s over `conns` persistent plaintext connections for `d`.
-fn plain_echo(addr: SocketAddr, conns: usize, d: Duration) -> f64 {
+fn plain_echo(addr: SocketAddr, conns: usize, d: Duration) -> Result<f64, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let total = Arc::new(AtomicU64::new(0));
     let streams: Vec<TcpStream> = (0..conns)
         .map(|_| {
-            let s = TcpStream::connect(addr).unwrap_or_else(|e| fail(&format!("connect: {e}")));
-            s.set_nodelay(true).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            s
+            let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            Ok(s)
         })
-        .collect();
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| format!("connect: {e}"))?;
     let threads: Vec<_> = streams
         .into_iter()
         .map(|mut s| {
@@ -239,25 +275,46 @@ fn plain_echo(addr: SocketAddr, conns: usize, d: Duration) -> f64 {
     for t in threads {
         let _ = t.join();
     }
-    total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    Ok(total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// What a connect run measured: cycles/s, the share of them resumed, and the cycles that
+/// failed (connect, handshake or echo) with the last failure's error.
+struct Cycles {
+    rate: f64,
+    resumed: f64,
+    failed: u64,
+    last_error: Option<String>,
 }
 
 /// Connect + handshake + one 64-byte echo + close_notify and close, from 8 threads, per second.
-fn connect_cycle(addr: SocketAddr, config: &Arc<ClientConfig>, d: Duration) -> (f64, f64) {
+fn connect_cycle(addr: SocketAddr, config: &Arc<ClientConfig>, d: Duration) -> Cycles {
     let stop = Arc::new(AtomicBool::new(false));
     let total = Arc::new(AtomicU64::new(0));
     let resumed = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let last_error = Arc::new(std::sync::Mutex::new(None));
     let threads: Vec<_> = (0..8)
         .map(|_| {
             let (stop, total, resumed, config) =
                 (stop.clone(), total.clone(), resumed.clone(), config.clone());
+            let (failed, last_error) = (failed.clone(), last_error.clone());
             std::thread::spawn(move || {
                 let mut buf = [7u8; MSG];
+                let fault = |e: std::io::Error| {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    *last_error.lock().unwrap() = Some(e.to_string());
+                };
                 while !stop.load(Ordering::Relaxed) {
-                    let Ok(mut t) = connect(addr, &config) else {
-                        continue;
+                    let mut t = match connect(addr, &config) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            fault(e);
+                            continue;
+                        }
                     };
-                    if round_trip(&mut t, &mut buf).is_err() {
+                    if let Err(e) = round_trip(&mut t, &mut buf) {
+                        fault(e);
                         continue;
                     }
                     if t.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
@@ -282,42 +339,52 @@ fn connect_cycle(addr: SocketAddr, config: &Arc<ClientConfig>, d: Duration) -> (
     } else {
         0.0
     };
-    (n / start.elapsed().as_secs_f64(), share)
+    let last_error = last_error.lock().unwrap().take();
+    Cycles {
+        rate: n / start.elapsed().as_secs_f64(),
+        resumed: share,
+        failed: failed.load(Ordering::Relaxed),
+        last_error,
+    }
 }
 
 /// The server's RSS per held connection, KiB: `n` connections opened (TLS or plain), each
 /// checked with one round trip, RSS before and after.
-fn idle(r: &Running, config: Option<&Arc<ClientConfig>>, n: usize) -> f64 {
+fn idle(r: &Running, config: Option<&Arc<ClientConfig>>, n: usize) -> Result<f64, String> {
     let pid = r.child.id();
     let before = rss_kib(pid);
     let mut held: Vec<Box<dyn FnMut() -> std::io::Result<()>>> = Vec::with_capacity(n);
-    for _ in 0..n {
+    for i in 0..n {
         let mut buf = [7u8; MSG];
-        match config {
-            Some(c) => {
-                let mut t = connect(r.addr, c).unwrap_or_else(|e| fail(&format!("idle: {e}")));
-                round_trip(&mut t, &mut buf).unwrap();
-                held.push(Box::new(move || round_trip(&mut t, &mut [1u8; MSG])));
+        let opened: std::io::Result<()> = (|| {
+            match config {
+                Some(c) => {
+                    let mut t = connect(r.addr, c)?;
+                    round_trip(&mut t, &mut buf)?;
+                    held.push(Box::new(move || round_trip(&mut t, &mut [1u8; MSG])));
+                }
+                None => {
+                    let mut s = TcpStream::connect_timeout(&r.addr, CONNECT_TIMEOUT)?;
+                    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                    s.write_all(&buf)?;
+                    s.read_exact(&mut buf)?;
+                    held.push(Box::new(move || {
+                        let mut b = [1u8; MSG];
+                        s.write_all(&b)?;
+                        s.read_exact(&mut b)
+                    }));
+                }
             }
-            None => {
-                let mut s = TcpStream::connect(r.addr).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                s.write_all(&buf).unwrap();
-                s.read_exact(&mut buf).unwrap();
-                held.push(Box::new(move || {
-                    let mut b = [1u8; MSG];
-                    s.write_all(&b)?;
-                    s.read_exact(&mut b)
-                }));
-            }
-        }
+            Ok(())
+        })();
+        opened.map_err(|e| format!("idle connection {} of {n}: {e}", i + 1))?;
     }
     std::thread::sleep(Duration::from_millis(300));
     let after = rss_kib(pid);
-    for h in &mut held {
-        h().unwrap_or_else(|e| fail(&format!("a held connection stopped echoing: {e}")));
+    for (i, h) in held.iter_mut().enumerate() {
+        h().map_err(|e| format!("held connection {} of {n} stopped echoing: {e}", i + 1))?;
     }
-    (after.saturating_sub(before)) as f64 / n as f64
+    Ok((after.saturating_sub(before)) as f64 / n as f64)
 }
 
 fn build(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
@@ -365,6 +432,16 @@ const TOKIO_TLS: &str = "tokio-rustls";
 const THREAD_PLAIN: &str = "socketserver thread, plaintext";
 const STD_PLAIN: &str = "std";
 const THREAD_TLS_BUILT: &str = "socketserver thread (tls built in)";
+/// `echo_server --mode event --workers N` with TLS: a few workers on one epoll set, the model
+/// tokio's runtime follows (N = 1 pinned, as tokio's current-thread runtime; a worker per core
+/// unpinned, as its multi-thread one).
+const EVENT: &str = "socketserver event";
+const EVENT_PLAIN: &str = "socketserver event, plaintext";
+
+/// The idle contenders that hold plaintext connections, beside the TLS ones.
+fn plaintext(label: &str) -> bool {
+    label == THREAD_PLAIN || label == EVENT_PLAIN
+}
 
 /// A scenario point: every contender of it runs once per round, each on a fresh server.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -392,9 +469,9 @@ impl Point {
 
     fn contenders(self) -> &'static [&'static str] {
         match self {
-            Point::Connect { .. } | Point::Echo(_) => &[THREAD, POOL, STD_TLS, TOKIO_TLS],
+            Point::Connect { .. } | Point::Echo(_) => &[THREAD, POOL, EVENT, STD_TLS, TOKIO_TLS],
             // A pool of 128 workers cannot hold more connections than it has workers.
-            Point::Idle => &[THREAD, STD_TLS, TOKIO_TLS, THREAD_PLAIN],
+            Point::Idle => &[THREAD, EVENT, STD_TLS, TOKIO_TLS, THREAD_PLAIN, EVENT_PLAIN],
             Point::Plain(_) => &[STD_PLAIN, THREAD_TLS_BUILT],
         }
     }
@@ -406,14 +483,18 @@ struct Round {
     note: String,
 }
 
-/// Every round of every contender at every point, in the order measured.
-type Results = Vec<(Point, Vec<(&'static str, Vec<Round>)>)>;
+/// Every round of every contender at every point, in the order measured; a round whose
+/// server did not start or whose run failed is its error.
+type Results = Vec<(Point, Vec<(&'static str, Vec<Result<Round, String>>)>)>;
 
+/// The figures of the rounds that were measured (failed rounds have none).
 fn values(res: &Results, p: Point, label: &str) -> Vec<f64> {
     res.iter()
         .find(|(q, _)| *q == p)
         .and_then(|(_, e)| e.iter().find(|(l, _)| *l == label))
-        .map_or(Vec::new(), |(_, r)| r.iter().map(|r| r.value).collect())
+        .map_or(Vec::new(), |(_, r)| {
+            r.iter().flatten().map(|r| r.value).collect()
+        })
 }
 
 fn range(v: &[f64]) -> Option<(f64, f64)> {
@@ -491,8 +572,17 @@ fn targets(res: &Results) -> String {
         );
         checks.push((r, 1.0));
     }
+    // Event dispatch, the tokio-like model (a few workers on one epoll set): connection churn
+    // against tokio-rustls with and without resumption.
+    for resume in [true, false] {
+        let p = Point::Connect { resume };
+        let kind = if resume { "resumed" } else { "full handshake" };
+        let what = format!("TLS connect+echo+close ({kind}): {EVENT} ≥ 1.0 × {TOKIO_TLS}");
+        let r = Ratio::new(what, &values(res, p, EVENT), &values(res, p, TOKIO_TLS));
+        checks.push((r, 1.0));
+    }
     for n in [1, 16, 128] {
-        for a in [THREAD, POOL] {
+        for a in [THREAD, POOL, EVENT] {
             let what = format!("TLS echo {n} conns: {a} round trips/s ≥ 0.95 × {STD_TLS}");
             let p = Point::Echo(n);
             let r = Ratio::new(what, &values(res, p, a), &values(res, p, STD_TLS));
@@ -521,7 +611,7 @@ fn other_ratios(res: &Results) -> String {
         Point::Connect { resume: true },
         Point::Connect { resume: false },
     );
-    for c in [THREAD, POOL, STD_TLS, TOKIO_TLS] {
+    for c in [THREAD, POOL, EVENT, STD_TLS, TOKIO_TLS] {
         rs.push(Ratio::new(
             format!("{c}: connect+echo+close/s, resumed / full handshake"),
             &values(res, resumed, c),
@@ -540,6 +630,16 @@ fn other_ratios(res: &Results) -> String {
             &values(res, Point::Idle, c),
         ));
     }
+    rs.push(Ratio::new(
+        format!("idle KiB per TLS connection: {EVENT} / {TOKIO_TLS}"),
+        &values(res, Point::Idle, EVENT),
+        &values(res, Point::Idle, TOKIO_TLS),
+    ));
+    rs.push(Ratio::new(
+        "idle KiB per connection: socketserver event TLS / plaintext".to_owned(),
+        &values(res, Point::Idle, EVENT),
+        &values(res, Point::Idle, EVENT_PLAIN),
+    ));
     for n in [1, 16, 128] {
         let p = Point::Plain(n);
         rs.push(Ratio::new(
@@ -575,7 +675,14 @@ fn rounds_table(res: &Results) -> String {
     );
     for (p, entries) in res {
         for (label, rounds) in entries {
-            let v: Vec<f64> = rounds.iter().map(|r| r.value).collect();
+            let v: Vec<f64> = rounds.iter().flatten().map(|r| r.value).collect();
+            if v.is_empty() {
+                out.push_str(&format!(
+                    "| {} | {label} | — | — | every round failed (see failed runs above) |\n",
+                    p.name()
+                ));
+                continue;
+            }
             let med = common::median(v.clone());
             let spread = range(&v).map_or("—".to_owned(), |(lo, hi)| {
                 let width = if med > 0.0 {
@@ -587,7 +694,10 @@ fn rounds_table(res: &Results) -> String {
             });
             let all: Vec<String> = rounds
                 .iter()
-                .map(|r| format!("{}{}", fmt_value(*p, r.value), r.note))
+                .map(|r| match r {
+                    Ok(r) => format!("{}{}", fmt_value(*p, r.value), r.note),
+                    Err(_) => "failed".to_owned(),
+                })
                 .collect();
             out.push_str(&format!(
                 "| {} | {label} | {} | {spread} | {} |\n",
@@ -595,6 +705,31 @@ fn rounds_table(res: &Results) -> String {
                 fmt_value(*p, med),
                 all.join(", ")
             ));
+        }
+    }
+    out
+}
+
+/// The failed runs, one line per point, contender and distinct error, with how many rounds
+/// it failed; empty when none failed.
+fn errors(res: &Results) -> String {
+    let mut out = String::new();
+    for (p, entries) in res {
+        for (label, rounds) in entries {
+            let mut seen: Vec<(&str, usize)> = Vec::new();
+            for e in rounds.iter().filter_map(|r| r.as_ref().err()) {
+                match seen.iter_mut().find(|(m, _)| *m == e) {
+                    Some((_, n)) => *n += 1,
+                    None => seen.push((e, 1)),
+                }
+            }
+            for (msg, n) in seen {
+                out.push_str(&format!(
+                    "- {}, {label}: {n} of {} round(s) failed: {msg}\n",
+                    p.name(),
+                    rounds.len()
+                ));
+            }
         }
     }
     out
@@ -628,7 +763,19 @@ fn main() {
             .unwrap_or_else(|| fail("--rounds needs a positive number"))
     });
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = value("--out").map_or(root.join("bench/results-tls.md"), PathBuf::from);
+    // A quick look goes where the main benchmark's goes (git-ignored), never over the
+    // committed results.
+    let default_out = if quick {
+        "bench/results-quick.md"
+    } else {
+        "bench/results.md"
+    };
+    let out = value("--out").map_or(root.join(default_out), PathBuf::from);
+    // Before the run, not after it: the file must be readable (or absent) and its section's
+    // markers well formed, or the report would have nowhere to go.
+    if let Err(e) = previous_results(&out).and_then(|old| common::carry_tls_section(&old, "")) {
+        fail(&format!("{}: {e}", out.display()));
+    }
     // Before this process is pinned to one core.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pinned = !unpinned
@@ -649,6 +796,8 @@ fn main() {
         dir.join("server.pem").to_string_lossy().into_owned(),
         dir.join("server.key").to_string_lossy().into_owned(),
     );
+    // As tokio-rustls's runtime: one worker pinned to the server's core, one per core unpinned.
+    let event_workers = if pinned { 1 } else { cores }.to_string();
     let strings = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let ss = |mode: &[&str]| {
         let mut a = strings(&["--addr", "{addr}", "--tls-cert", &cert, "--tls-key", &key]);
@@ -659,6 +808,21 @@ fn main() {
         let (program, args) = match label {
             THREAD => (&echo_server, ss(&["--mode", "thread"])),
             POOL => (&echo_server, ss(&["--mode", "pool", "--workers", "128"])),
+            EVENT => (
+                &echo_server,
+                ss(&["--mode", "event", "--workers", &event_workers]),
+            ),
+            EVENT_PLAIN => (
+                &echo_server,
+                strings(&[
+                    "--addr",
+                    "{addr}",
+                    "--mode",
+                    "event",
+                    "--workers",
+                    &event_workers,
+                ]),
+            ),
             STD_TLS => (
                 &tls_echo,
                 strings(&[
@@ -692,7 +856,9 @@ fn main() {
             args,
         }
     };
-    let d = Duration::from_secs(if quick { 2 } else { 5 });
+    // 4 s per run (5 before the event contender), to keep a full run near 14 minutes.
+    let d = Duration::from_secs(if quick { 2 } else { 4 });
+    let log = dir.join("server.log");
     let idle_n = if quick { 300 } else { 2000 };
     let resume = client_config(&ca, true);
     let full = client_config(&ca, false);
@@ -710,7 +876,7 @@ fn main() {
     let mut res: Results = Vec::new();
     for p in plan {
         let list = p.contenders();
-        let mut entries: Vec<(&'static str, Vec<Round>)> =
+        let mut entries: Vec<(&'static str, Vec<Result<Round, String>>)> =
             list.iter().map(|&l| (l, Vec::new())).collect();
         for round in 0..rounds {
             // A B C … then … C B A: drift over time hits every contender alike.
@@ -721,40 +887,42 @@ fn main() {
             };
             for i in order {
                 let c = contender(list[i]);
-                let r = start(&c, pinned);
-                let measured = match p {
-                    Point::Connect { resume: on } => {
-                        let (rate, share) =
-                            connect_cycle(r.addr, if on { &resume } else { &full }, d);
-                        Round {
-                            value: rate,
-                            note: format!(" [{:.0}% resumed]", share * 100.0),
-                        }
-                    }
-                    Point::Echo(n) => Round {
-                        value: echo(r.addr, &full, n, d),
-                        note: String::new(),
-                    },
-                    Point::Idle => {
-                        let tls = (c.label != THREAD_PLAIN).then_some(&full);
-                        Round {
-                            value: idle(&r, tls, idle_n),
-                            note: String::new(),
-                        }
-                    }
-                    Point::Plain(n) => Round {
-                        value: plain_echo(r.addr, n, d),
-                        note: String::new(),
-                    },
+                let figure = |value: f64| Round {
+                    value,
+                    note: String::new(),
                 };
-                drop(r);
+                let measured = start(&c, pinned, &log).and_then(|r| match p {
+                    Point::Connect { resume: on } => {
+                        let m = connect_cycle(r.addr, if on { &resume } else { &full }, d);
+                        let failed = match (m.failed, &m.last_error) {
+                            (0, _) => String::new(),
+                            (n, Some(e)) => format!(", {n} failed cycles, the last: {e}"),
+                            (n, None) => format!(", {n} failed cycles"),
+                        };
+                        if m.rate == 0.0 {
+                            return Err(format!("no cycle completed{failed}"));
+                        }
+                        Ok(Round {
+                            value: m.rate,
+                            note: format!(" [{:.0}% resumed{failed}]", m.resumed * 100.0),
+                        })
+                    }
+                    Point::Echo(n) => echo(r.addr, &full, n, d).map(figure),
+                    Point::Idle => {
+                        let tls = (!plaintext(c.label)).then_some(&full);
+                        idle(&r, tls, idle_n).map(figure)
+                    }
+                    Point::Plain(n) => plain_echo(r.addr, n, d).map(figure),
+                });
                 eprintln!(
-                    "[{} | round {}/{rounds}] {:<36} {}{}",
+                    "[{} | round {}/{rounds}] {:<36} {}",
                     p.name(),
                     round + 1,
                     c.label,
-                    fmt_value(p, measured.value),
-                    measured.note
+                    match &measured {
+                        Ok(m) => format!("{}{}", fmt_value(p, m.value), m.note),
+                        Err(e) => format!("FAILED: {e}"),
+                    }
                 );
                 entries[i].1.push(measured);
                 std::thread::sleep(Duration::from_millis(50));
@@ -770,7 +938,11 @@ fn main() {
             args.join(" ")
         )
     };
-    let mut md = String::from("# TLS benchmark results\n\n");
+    let mut md = format!("{}\n## TLS benchmark (issue 15)\n\n", common::TLS_BEGIN);
+    md.push_str(
+        "Written by `tls_bench` between the two comment lines around it, which the main \
+         benchmark carries over unchanged when it rewrites this file.\n\n",
+    );
     md.push_str(&format!("- date: {}\n", common::today()));
     md.push_str(&format!(
         "- machine: {cores} cores, Linux {}\n",
@@ -807,23 +979,92 @@ fn main() {
          close; idle: connections opened and checked with one echo, server VmRSS growth / \
          connections, each checked to echo again afterwards (the pool is left out: 128 workers \
          cannot hold them); plaintext echo: `echo_server` built with `--features tls`, no \
-         `--tls-cert`, beside `std_echo`\n\n",
+         `--tls-cert`, beside `std_echo`\n",
     );
-    md.push_str("## Targets (issue 15)\n\n");
+    md.push_str(&format!(
+        "- socketserver event: `echo_server --mode event --workers {event_workers}` (TLS \
+         connections parked in one epoll set between messages, the model of tokio's runtime: \
+         one worker pinned, as tokio's current-thread runtime, a worker per core unpinned); \
+         socketserver event, plaintext: the same without `--tls-cert`, for the idle figure\n\n"
+    ));
+    let failures = errors(&res);
+    if !failures.is_empty() {
+        md.push_str(&format!(
+            "**Failed runs** (left out of every ratio):\n\n{failures}\n"
+        ));
+    }
+    md.push_str("### TLS targets\n\n");
     md.push_str(common::TARGETS_RULE);
     md.push_str(&targets(&res));
     md.push_str(
-        "\n## Other ratios (no target)\n\nThe same rule for ratio and range; no bound, no \
+        "\n### TLS: other ratios (no target)\n\nThe same rule for ratio and range; no bound, no \
          verdict.\n\n",
     );
     md.push_str(&other_ratios(&res));
     md.push_str(
-        "\n## Every round\n\nMedian over rounds; spread: the lowest and highest round, and that \
+        "\n### TLS: every round\n\nMedian over rounds; spread: the lowest and highest round, and that \
          width as a share of the median; rounds in the order run (alternating the contenders' \
          order from one round to the next).\n\n",
     );
     md.push_str(&rounds_table(&res));
+    md.push_str(common::TLS_END);
+    md.push('\n');
     print!("{md}");
-    std::fs::write(&out, &md).unwrap_or_else(|e| fail(&format!("{}: {e}", out.display())));
+    let written = previous_results(&out)
+        .and_then(|old| common::carry_tls_section(&old, &md))
+        .and_then(|new| std::fs::write(&out, new).map_err(|e| e.to_string()));
+    if let Err(e) = written {
+        fail(&format!("{}: {e}", out.display()));
+    }
+    eprintln!("wrote the tls_bench section of {}", out.display());
     let _ = std::fs::remove_dir_all(&dir);
+    if !failures.is_empty() {
+        eprintln!("tls_bench: some runs failed:\n{failures}");
+        std::process::exit(1);
+    }
+}
+
+/// The results file the section goes into, empty if there is none yet.
+fn previous_results(path: &Path) -> Result<String, String> {
+    match std::fs::read_to_string(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        r => r.map_err(|e| e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that refuses its configuration (as `echo_server --mode event --tls-cert` did
+    /// before event mode served TLS) is an error carrying its message, at once, not a hang.
+    #[test]
+    fn a_server_that_refuses_to_start_is_an_error_with_its_message() {
+        let dir = std::env::temp_dir().join(format!("tls-bench-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let c = Contender {
+            label: EVENT,
+            program: PathBuf::from("sh"),
+            args: vec![
+                "-c".into(),
+                "echo 'error: invalid configuration: {addr}' >&2; exit 1".into(),
+            ],
+        };
+        let began = Instant::now();
+        let err = match start(&c, false, &dir.join("server.log")) {
+            Ok(_) => panic!("a server that exits was taken as listening"),
+            Err(e) => e,
+        };
+        assert!(
+            began.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            began.elapsed()
+        );
+        assert!(err.contains("exited before listening"), "{err}");
+        assert!(
+            err.contains("error: invalid configuration: 127.0.0.1:"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
