@@ -760,6 +760,7 @@ fn own_features() -> String {
         ("metrics", cfg!(feature = "metrics")),
         ("tracing", cfg!(feature = "tracing")),
         ("tls", cfg!(feature = "tls")),
+        ("tls-aws-lc", cfg!(feature = "tls-aws-lc")),
     ];
     let on: Vec<&str> = all.iter().filter(|f| f.1).map(|f| f.0).collect();
     on.join(",")
