@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run --release -p socketserver-bench --bin tls_bench -- [--quick] [--rounds N]
-//!     [--unpinned] [--out bench/results.md]
+//!     [--unpinned] [--points TEXT] [--out bench/results.md]
 //! ```
 //! The report is one section of results.md (`--out`; with `--quick` the default is the
 //! git-ignored results-quick.md, as for the main benchmark), between the lines
@@ -747,10 +747,10 @@ fn main() {
     while i < args.len() {
         match args[i].as_str() {
             "--quick" | "--unpinned" => i += 1,
-            "--rounds" | "--out" => i += 2,
+            "--rounds" | "--out" | "--points" => i += 2,
             a => fail(&format!(
                 "unknown argument {a}; usage: tls_bench [--quick] [--rounds N] [--unpinned] \
-                 [--out FILE]"
+                 [--points TEXT] [--out FILE]"
             )),
         }
     }
@@ -873,6 +873,12 @@ fn main() {
         Point::Plain(16),
         Point::Plain(128),
     ];
+    // `--points connect`: only the points whose name contains the text (a partial run, for a
+    // look at one figure; its report says which points it has).
+    let only = value("--points");
+    let plan = plan
+        .into_iter()
+        .filter(|p| only.is_none_or(|o| p.name().contains(o.as_str())));
     let mut res: Results = Vec::new();
     for p in plan {
         let list = p.contenders();
