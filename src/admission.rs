@@ -116,8 +116,9 @@ pub(crate) type Rest = Box<dyn FnOnce(&mut Admitting<'_>) -> Result<Progress> + 
 
 /// The rest of a stage, after a wait for the peer.
 pub(crate) struct Resume {
-    /// Whether the answer is whole.
-    pub(crate) ready: Ready,
+    /// Whether the answer is whole; `None`: any input will do, and the rest reads what there is
+    /// without waiting (and parks again if it was not enough), so nothing is peeked first.
+    pub(crate) ready: Option<Ready>,
     /// The rest of the stage, run once it is; `None`: the whole stage, [`Stage::run`] (a stage
     /// that only waits for its input to be whole before it reads it).
     pub(crate) then: Option<Rest>,
@@ -182,14 +183,16 @@ impl Stage for crate::Tls {
 
 /// A TLS handshake step as the pipeline's progress: parks until the client sends more (any
 /// byte: a record's worth would be fewer wake-ups for a trickling client, but rustls may hold
-/// part of a record already, so the peeked bytes need not start one).
+/// part of a record already, so peeked bytes need not start one; and the step reads what
+/// there is without waiting, so a wake-up with nothing costs it one failed read, as a peek
+/// would).
 #[cfg(feature = "tls")]
 fn tls_progress(tls: rustls::ServerConnection, conn: &mut Admitting<'_>) -> Result<Progress> {
     Ok(
         match crate::Tls::handshake_now(tls, conn.stream, conn.deadline)? {
             None => Progress::Done,
             Some(tls) => Progress::Wait(Resume {
-                ready: Box::new(|received| !received.is_empty()),
+                ready: None,
                 then: Some(Box::new(move |conn| tls_progress(tls, conn))),
             }),
         },
@@ -220,7 +223,7 @@ fn auth_progress(auth: Auth, step: AuthStep) -> Progress {
     match step {
         AuthStep::Done => Progress::Done,
         AuthStep::Wait(need, state) => Progress::Wait(Resume {
-            ready: Box::new(move |received| need.is_met(received)),
+            ready: Some(Box::new(move |received| need.is_met(received))),
             then: Some(Box::new(move |conn| {
                 let next = auth.resume(state, conn.io())?;
                 Ok(auth_progress(auth, next))
@@ -247,6 +250,15 @@ pub(crate) struct Parked {
     /// What the stages before learnt, kept across the wait.
     peer: Addr,
     learnt: Learnt,
+}
+
+impl Parked {
+    /// Whether the stage read all there was before it waited (a TLS handshake step): only a
+    /// new signal on the connection can bring what it waits for, so there is nothing to look
+    /// at until then.
+    pub(crate) fn read_all(&self) -> bool {
+        self.resume.ready.is_none()
+    }
 }
 
 /// Where a parked admission goes on from: a stage, what to run of it, and what was learnt.
@@ -651,7 +663,9 @@ impl Pipeline {
 /// [`PEEK_MAX`] bytes, decrypted after a TLS handshake), looked at without being consumed.
 /// End of file or a socket error count as whole, so that the stage reads and reports them.
 fn peek_whole(stream: &Stream, parked: &Parked) -> bool {
-    let ready = &parked.resume.ready;
+    let Some(ready) = &parked.resume.ready else {
+        return true;
+    };
     #[cfg(feature = "tls")]
     if let Some(tls) = stream.tls_session() {
         let io = DeadlineIo::until(stream, parked.deadline).reads_now();

@@ -57,6 +57,8 @@ const CLOSED: u8 = 3;
 /// A connection in the set: its session while no worker serves it.
 struct Entry<X> {
     state: AtomicU8,
+    /// A worker has run it (its first event, the writable one of a fresh connection, came).
+    started: AtomicBool,
     generation: u32,
     held: Mutex<Option<Held<X>>>,
 }
@@ -155,6 +157,7 @@ impl<S: Service> Event<S> {
             let generation = slab.generation;
             let entry = Arc::new(Entry {
                 state: AtomicU8::new(IDLE),
+                started: AtomicBool::new(false),
                 generation,
                 held: Mutex::new(Some(Held {
                     session,
@@ -255,7 +258,7 @@ impl<S: Service> Engine<S> {
             for ev in &events {
                 let k = ev.data.u64();
                 if k != WAKE_KEY {
-                    self.ready(k);
+                    self.ready(k, ev.flags);
                 }
             }
             if self.closing.load(Ordering::SeqCst) {
@@ -290,10 +293,22 @@ impl<S: Service> Engine<S> {
     }
 
     /// An event for connection `key`: serve it, or tell the worker serving it to look again.
-    fn ready(&self, key: u64) {
+    fn ready(&self, key: u64, flags: EventFlags) {
         let Some(entry) = self.entry(key) else {
             return; // closed since; a late event
         };
+        // Writes block rather than park, so once a connection has started, "writable" alone
+        // (an ACK that freed send buffer) has nothing for it: serving it would cost a read
+        // that finds nothing. Only its first event, a fresh connection's, is writable alone.
+        let input = EventFlags::IN
+            | EventFlags::PRI
+            | EventFlags::RDHUP
+            | EventFlags::HUP
+            | EventFlags::ERR;
+        if !flags.intersects(input) && entry.started.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        entry.started.store(true, Ordering::Relaxed);
         let mut state = entry.state.load(Ordering::Acquire);
         loop {
             let next = match state {

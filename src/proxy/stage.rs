@@ -180,9 +180,9 @@ impl Stage for ProxyStage {
             return self.run(conn).map(|()| Progress::Done);
         }
         Ok(Progress::Wait(Resume {
-            ready: Box::new(|received| {
+            ready: Some(Box::new(|received| {
                 !matches!(scan(received, ProxyProtocol::MAX_V2_PAYLOAD), Scan::More)
-            }),
+            })),
             then: None,
         }))
     }

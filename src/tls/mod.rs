@@ -346,20 +346,14 @@ impl Tls {
     /// Runs the server side of the handshake on `stream`, every read and write bounded by
     /// `deadline`; on success the stream's reads and writes go through TLS from then on.
     pub(crate) fn handshake(&self, stream: &Stream, deadline: Option<Instant>) -> Result<()> {
-        let mut conn = self.accept()?;
-        let mut io = DeadlineIo::until(stream, deadline);
-        let done = (|| {
-            while conn.is_handshaking() {
-                conn.complete_io(&mut io)?;
+        let mut tls = self.accept()?;
+        match drive(&mut tls, stream, deadline, Reads::Wait) {
+            Ok(_) => {
+                stream.set_tls(session::Session::new(tls, false));
+                Ok(())
             }
-            // Session tickets, sent right after the handshake.
-            drain_to(&mut conn, &mut io)
-        })();
-        if let Err(e) = done {
-            return Err(handshake_error(e));
+            Err(e) => Err(handshake_error(e)),
         }
-        stream.set_tls(session::Session::new(conn));
-        Ok(())
     }
 }
 
@@ -380,56 +374,112 @@ impl Tls {
         stream: &Stream,
         deadline: Option<Instant>,
     ) -> Result<Option<ServerConnection>> {
-        let mut io = DeadlineIo::until(stream, deadline);
-        let done = loop {
-            // The server's flight, session tickets once done, or an alert.
-            if let Err(e) = drain_to(&mut tls, &mut io) {
-                break Err(e);
-            }
-            if !tls.is_handshaking() {
-                break Ok(true);
-            }
-            match tls.read_tls(&mut Now(stream)) {
-                Ok(0) => break Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(false),
-                Err(e) => break Err(e),
-            }
-            if let Err(e) = tls.process_new_packets() {
-                // Tell the client why, as `complete_io` does.
-                let _ = tls.write_tls(&mut io);
-                break Err(io::Error::new(io::ErrorKind::InvalidData, e));
-            }
-        };
-        match done {
-            Ok(true) => {
-                stream.set_tls(session::Session::new(tls));
+        match drive(&mut tls, stream, deadline, Reads::Now) {
+            Ok(Driven::Done { emptied }) => {
+                stream.set_tls(session::Session::new(tls, emptied));
                 Ok(None)
             }
-            Ok(false) => Ok(Some(tls)),
+            Ok(Driven::Waiting) => Ok(Some(tls)),
             Err(e) => Err(handshake_error(e)),
         }
     }
 }
 
-/// Writes everything rustls has queued.
-fn drain_to(tls: &mut ServerConnection, io: &mut impl Write) -> io::Result<()> {
-    while tls.wants_write() {
-        tls.write_tls(io)?;
+/// Whether the handshake's reads wait for the client.
+#[derive(Clone, Copy, PartialEq)]
+enum Reads {
+    /// Until the deadline (a worker per connection).
+    Wait,
+    /// Not at all (event mode): `WouldBlock` ends the step.
+    Now,
+}
+
+/// How far [`drive`] got.
+enum Driven {
+    /// The handshake is over; `emptied`: its last read left the socket empty.
+    Done { emptied: bool },
+    /// The client must send more (`Reads::Now` only).
+    Waiting,
+}
+
+/// Runs the server side of the handshake: each flight the server owes leaves in one write
+/// (rustls hands out a record at a time, a system call and a segment each when written
+/// straight to the socket), then what the client sent is read and processed, until the
+/// handshake is over and the session tickets that follow it are sent.
+fn drive(
+    tls: &mut ServerConnection,
+    stream: &Stream,
+    deadline: Option<Instant>,
+    reads: Reads,
+) -> io::Result<Driven> {
+    let mut io = DeadlineIo::until(stream, deadline);
+    let mut now = Now {
+        stream,
+        emptied: false,
+    };
+    loop {
+        let wrote = send_queued(tls, &mut io)?;
+        if !tls.is_handshaking() {
+            return Ok(Driven::Done {
+                emptied: now.emptied,
+            });
+        }
+        let read = match reads {
+            Reads::Wait => tls.read_tls(&mut io),
+            // The client answers what we just sent, and the socket was empty when last read:
+            // nothing can be there yet, and whatever comes will signal the connection.
+            Reads::Now if wrote && now.emptied => return Ok(Driven::Waiting),
+            Reads::Now => tls.read_tls(&mut now),
+        };
+        match read {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && reads == Reads::Now => {
+                return Ok(Driven::Waiting);
+            }
+            Err(e) => return Err(e),
+        }
+        if let Err(e) = tls.process_new_packets() {
+            // Tell the client why, as `complete_io` does.
+            let _ = send_queued(tls, &mut io);
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
     }
-    Ok(())
+}
+
+/// Writes everything rustls has queued, in one write; whether there was anything.
+fn send_queued(tls: &mut ServerConnection, io: &mut impl Write) -> io::Result<bool> {
+    if !tls.wants_write() {
+        return Ok(false);
+    }
+    let mut flight = Vec::new();
+    while tls.wants_write() {
+        tls.write_tls(&mut flight)?;
+    }
+    io.write_all(&flight)?;
+    Ok(true)
 }
 
 /// Reads of the socket that never wait: `WouldBlock` when it has nothing.
-struct Now<'a>(&'a Stream);
+struct Now<'a> {
+    stream: &'a Stream,
+    /// The last read returned less than it had room for (or nothing): the socket was empty.
+    emptied: bool,
+}
 
 impl Read for Now<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            match rustix::net::recv(self.0, &mut *buf, rustix::net::RecvFlags::DONTWAIT) {
-                Ok((n, _)) => return Ok(n),
+            match rustix::net::recv(self.stream, &mut *buf, rustix::net::RecvFlags::DONTWAIT) {
+                Ok((n, _)) => {
+                    self.emptied = n < buf.len();
+                    return Ok(n);
+                }
                 Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    self.emptied = e == rustix::io::Errno::AGAIN;
+                    return Err(e.into());
+                }
             }
         }
     }

@@ -141,12 +141,16 @@ fn tls_error(e: rustls::Error) -> io::Error {
 
 impl Session {
     /// A session over a connection that finished its handshake, with any bytes already read
-    /// past it (early application data) still inside `conn`.
-    pub(crate) fn new(conn: ServerConnection) -> Session {
+    /// past it (early application data) still inside `conn`; `emptied`: the handshake's last
+    /// read left the socket empty.
+    pub(crate) fn new(conn: ServerConnection, emptied: bool) -> Session {
         let info = TlsInfo::of(&conn);
         Session {
             conn: Mutex::new(conn),
-            incoming: Mutex::new(Incoming::default()),
+            incoming: Mutex::new(Incoming {
+                socket_emptied: emptied,
+                ..Incoming::default()
+            }),
             outgoing: Mutex::new(Vec::new()),
             info,
         }

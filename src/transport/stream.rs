@@ -336,7 +336,13 @@ impl<H: Handler> StreamService<H> {
             match std::mem::replace(&mut s.phase, Phase::Ended) {
                 Phase::Fresh => {
                     let a = self.admission.begin(&s.req.stream, &s.req.peer, control);
+                    // Other stages look once more before parking: their input may have come
+                    // with what woke the connection.
+                    let settled = matches!(&a, Admission::Parked(p) if p.read_all());
                     s.phase = Phase::Admitting(a);
+                    if settled {
+                        return park(s, ctx);
+                    }
                 }
                 Phase::Admitting(Admission::Admitted(a)) => {
                     // The client a PROXY header named, and its header, from here on.
