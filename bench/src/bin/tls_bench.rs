@@ -982,7 +982,8 @@ fn main() {
         "- rustls 0.23 + ring on both sides, the configuration `socketserver::Tls` builds (TLS \
          1.2 and 1.3, session tickets), an ECDSA P-256 certificate generated at start, 64-byte \
          messages; connect: 8 client threads, each connect → handshake → echo → close_notify → \
-         close; idle: connections opened and checked with one echo, server VmRSS growth / \
+         close, every server answering the client's close_notify with its own (RFC 8446 6.1) and \
+         shutting its write half; idle: connections opened and checked with one echo, server VmRSS growth / \
          connections, each checked to echo again afterwards (the pool is left out: 128 workers \
          cannot hold them); plaintext echo: `echo_server` built with `--features tls`, no \
          `--tls-cert`, beside `std_echo`\n",

@@ -6,7 +6,10 @@
 //! tls_echo --impl tokio|std --addr HOST:PORT --cert PEM --key PEM
 //!     [--runtime multi-thread|current-thread]
 //! ```
-//! Every connection gets TCP_NODELAY and a 16 KiB heap buffer, as the plaintext contenders.
+//! Every connection gets TCP_NODELAY and a 16 KiB heap buffer, as the plaintext contenders, and
+//! a clean end (the client's close_notify or end of file) is answered with the server's own
+//! close_notify and a shut write half, as RFC 8446 6.1 asks and `echo_server` does: the same
+//! work for every contender.
 
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -43,7 +46,15 @@ fn std_echo(addr: &str, config: Arc<ServerConfig>) {
             let mut buf = vec![0u8; 16 * 1024];
             loop {
                 match tls.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
+                    // A clean end answered as RFC 8446 6.1 asks (and socketserver does): our
+                    // close_notify, then the write half shut.
+                    Ok(0) => {
+                        tls.conn.send_close_notify();
+                        let _ = tls.flush();
+                        let _ = tls.sock.shutdown(std::net::Shutdown::Write);
+                        return;
+                    }
+                    Err(_) => return,
                     Ok(n) => {
                         if tls.write_all(&buf[..n]).and_then(|()| tls.flush()).is_err() {
                             return;
@@ -75,7 +86,12 @@ async fn tokio_echo(addr: String, config: Arc<ServerConfig>) {
             loop {
                 buf.clear();
                 match tls.read_buf(&mut buf).await {
-                    Ok(0) | Err(_) => return,
+                    // As std's: close_notify and the write half shut (tokio-rustls's shutdown).
+                    Ok(0) => {
+                        let _ = tls.shutdown().await;
+                        return;
+                    }
+                    Err(_) => return,
                     Ok(_) => {
                         if tls.write_all(&buf).await.is_err() || tls.flush().await.is_err() {
                             return;
