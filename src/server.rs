@@ -522,6 +522,8 @@ impl<T: Transport> Server<T> {
             return;
         }
         let _serving = control.serving(true);
+        // Event mode: this thread only accepts; its wake-ups must not preempt the workers.
+        let _batched = self.dispatcher.as_ref().and_then(|d| d.accepting());
         if let Some(Some(r)) = self.readiness.get() {
             r.serving();
         }

@@ -663,3 +663,46 @@ fn rapid_round_trips_on_many_workers_never_lose_a_wake_up() {
     }
     drop(running);
 }
+
+/// This thread's scheduling policy, field 41 of /proc/thread-self/stat (0: SCHED_OTHER,
+/// 3: SCHED_BATCH).
+fn sched_policy() -> u32 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    // After "pid (comm) ", the fields from the third on.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split(' ').nth(41 - 3).unwrap().parse().unwrap()
+}
+
+/// In event mode the thread that runs `serve_forever` only accepts, beside workers that do the
+/// work: it runs as SCHED_BATCH while it serves, so its wake-ups do not preempt them, and
+/// gets its own policy back after. Other modes leave it alone.
+#[test]
+fn the_accepting_thread_is_sched_batch_while_it_serves_in_event_mode_only() {
+    util::init_logs();
+    for (mode, want) in [(EVENT, 3), (Dispatch::Thread, 0)] {
+        let seen = Arc::new(AtomicUsize::new(usize::MAX));
+        let s = seen.clone();
+        let server = TcpServer::builder(util::byte_echo)
+            .dispatch(mode)
+            .poll_interval(Duration::from_millis(10))
+            .service_actions(move || s.store(sched_policy() as usize, Ordering::SeqCst))
+            .bind("127.0.0.1:0")
+            .unwrap();
+        let handle = server.handle();
+        let serving = std::thread::spawn(move || {
+            let before = sched_policy();
+            server.serve_forever();
+            (before, sched_policy())
+        });
+        assert!(eventually(Duration::from_secs(5), || seen
+            .load(Ordering::SeqCst)
+            != usize::MAX));
+        handle.shutdown();
+        let (before, after) = serving.join().unwrap();
+        assert_eq!(
+            (before, seen.load(Ordering::SeqCst), after),
+            (0, want, 0),
+            "{mode:?}"
+        );
+    }
+}

@@ -10,6 +10,7 @@ use crate::control::{Permit, Ticket};
 use crate::transport::{Incoming, Service};
 use crate::worker::Ctx;
 
+mod batch;
 mod event;
 mod pool;
 mod threads;
@@ -48,12 +49,14 @@ pub enum Dispatch {
     /// a worker is held only while a message is served. Between messages a connection is
     /// parked in an epoll set, holding no thread and no buffer, so idle connections cost their
     /// socket and the handler's own state; a pipelined message is served without parking;
-    /// authentication handshakes and PROXY headers park too while the client (or the load
-    /// balancer) sends them; TLS is not supported in this mode yet (a config error). Like
-    /// Apache's event MPM, with a blocking handler API. The workers take turns waiting on the set and serve a batch
-    /// of ready connections per wake-up (64 between them, at least 8 each): one worker per
-    /// core suits handlers that do not block for long; more if they do (a handler that blocks
-    /// delays the connections of its batch).
+    /// PROXY headers, TLS handshakes and authentication handshakes park too while the client
+    /// (or the load balancer) sends them. Like Apache's event MPM, with a blocking handler API.
+    /// The workers take turns waiting on the set and serve a batch of ready connections per
+    /// wake-up (64 between them, at least 8 each): one worker per core suits handlers that do
+    /// not block for long; more if they do (a handler that blocks delays the connections of
+    /// its batch). The thread that runs `serve_forever` only accepts: it runs as `SCHED_BATCH`
+    /// while it does (its own policy comes back when `serve_forever` returns), so that its
+    /// wake-ups do not preempt the workers; threads a `service_actions` hook starts inherit it.
     /// Capped by [`Builder::max_connections`](crate::Builder::max_connections), whose default
     /// is what the descriptor limit allows. Linux only.
     Event {
@@ -140,6 +143,12 @@ impl<S: Service> Dispatcher<S> {
             }
         }
         Ok(())
+    }
+
+    /// What the accepting thread holds while it accepts: in event mode, `SCHED_BATCH`, so that
+    /// its wake-ups do not preempt the workers (see `batch.rs`).
+    pub(crate) fn accepting(&self) -> Option<batch::AcceptBatched> {
+        matches!(self.mode, Mode::Event(_)).then(batch::accept_batched)
     }
 
     /// Stops the workers once their current requests end; with `join`, waits for that.
