@@ -763,9 +763,9 @@ fn main() {
             .unwrap_or_else(|| fail("--rounds needs a positive number"))
     });
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    // A quick look goes where the main benchmark's goes (git-ignored), never over the
-    // committed results.
-    let default_out = if quick {
+    // A quick look, or one at some points only, goes where the main benchmark's goes
+    // (git-ignored), never over the committed results.
+    let default_out = if quick || value("--points").is_some() {
         "bench/results-quick.md"
     } else {
         "bench/results.md"
