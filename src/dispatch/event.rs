@@ -305,10 +305,10 @@ impl<S: Service> Engine<S> {
             | EventFlags::RDHUP
             | EventFlags::HUP
             | EventFlags::ERR;
-        if !flags.intersects(input) && entry.started.swap(true, Ordering::Relaxed) {
+        let started = entry.started.swap(true, Ordering::Relaxed);
+        if started && !flags.intersects(input) {
             return;
         }
-        entry.started.store(true, Ordering::Relaxed);
         let mut state = entry.state.load(Ordering::Acquire);
         loop {
             let next = match state {

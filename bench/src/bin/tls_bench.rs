@@ -102,7 +102,7 @@ fn connect(addr: SocketAddr, config: &Arc<ClientConfig>) -> std::io::Result<Tls>
     Ok(t)
 }
 
-fn round_trip(t: &mut Tls, buf: &mut [u8; MSG]) -> std::io::Result<()> {
+fn round_trip(t: &mut (impl Read + Write), buf: &mut [u8; MSG]) -> std::io::Result<()> {
     t.write_all(buf)?;
     t.read_exact(buf)
 }
@@ -205,41 +205,14 @@ fn echo(
     conns: usize,
     d: Duration,
 ) -> Result<f64, String> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let total = Arc::new(AtomicU64::new(0));
-    let mut streams: Vec<Tls> = (0..conns)
+    let streams: Vec<Tls> = (0..conns)
         .map(|_| connect(addr, config).map_err(|e| format!("TLS connect: {e}")))
         .collect::<Result<_, _>>()?;
-    let threads: Vec<_> = streams
-        .drain(..)
-        .map(|mut t| {
-            let (stop, total) = (stop.clone(), total.clone());
-            std::thread::spawn(move || {
-                let mut buf = [7u8; MSG];
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    if round_trip(&mut t, &mut buf).is_err() {
-                        break;
-                    }
-                    n += 1;
-                }
-                total.fetch_add(n, Ordering::Relaxed);
-            })
-        })
-        .collect();
-    let start = Instant::now();
-    std::thread::sleep(d);
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        let _ = t.join();
-    }
-    Ok(total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+    Ok(round_trips(streams, d))
 }
 
 /// Round trips/s over `conns` persistent plaintext connections for `d`.
 fn plain_echo(addr: SocketAddr, conns: usize, d: Duration) -> Result<f64, String> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let total = Arc::new(AtomicU64::new(0));
     let streams: Vec<TcpStream> = (0..conns)
         .map(|_| {
             let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
@@ -249,6 +222,13 @@ fn plain_echo(addr: SocketAddr, conns: usize, d: Duration) -> Result<f64, String
         })
         .collect::<std::io::Result<_>>()
         .map_err(|e| format!("connect: {e}"))?;
+    Ok(round_trips(streams, d))
+}
+
+/// Round trips/s for `d`, a thread per stream, each echoing one message after another.
+fn round_trips<S: Read + Write + Send + 'static>(streams: Vec<S>, d: Duration) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let total = Arc::new(AtomicU64::new(0));
     let threads: Vec<_> = streams
         .into_iter()
         .map(|mut s| {
@@ -257,10 +237,7 @@ fn plain_echo(addr: SocketAddr, conns: usize, d: Duration) -> Result<f64, String
                 let mut buf = [7u8; MSG];
                 let mut n = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    if s.write_all(&buf)
-                        .and_then(|()| s.read_exact(&mut buf))
-                        .is_err()
-                    {
+                    if round_trip(&mut s, &mut buf).is_err() {
                         break;
                     }
                     n += 1;
@@ -275,7 +252,7 @@ fn plain_echo(addr: SocketAddr, conns: usize, d: Duration) -> Result<f64, String
     for t in threads {
         let _ = t.join();
     }
-    Ok(total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+    total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
 /// What a connect run measured: cycles/s, the share of them resumed, and the cycles that
@@ -366,13 +343,8 @@ fn idle(r: &Running, config: Option<&Arc<ClientConfig>>, n: usize) -> Result<f64
                 None => {
                     let mut s = TcpStream::connect_timeout(&r.addr, CONNECT_TIMEOUT)?;
                     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                    s.write_all(&buf)?;
-                    s.read_exact(&mut buf)?;
-                    held.push(Box::new(move || {
-                        let mut b = [1u8; MSG];
-                        s.write_all(&b)?;
-                        s.read_exact(&mut b)
-                    }));
+                    round_trip(&mut s, &mut buf)?;
+                    held.push(Box::new(move || round_trip(&mut s, &mut [1u8; MSG])));
                 }
             }
             Ok(())
