@@ -18,7 +18,8 @@ use crate::observe::{AdmissionFailure, DurationHistogram, Histogram};
 use crate::{Addr, Stream};
 
 /// Locks a mutex whose data stays consistent even if a holder panicked (we never panic while
-/// holding these locks, and user code never runs under them).
+/// holding these locks, and user code runs under one only inside `catch_unwind`: the
+/// `verify_request` hook while an event worker accepts).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

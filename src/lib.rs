@@ -137,6 +137,7 @@
 // descriptor) and `prefork.rs` (placing descriptors in a child between fork and exec).
 #![deny(unsafe_code)]
 
+mod accept;
 mod addr;
 mod admission;
 mod adopt;

@@ -9,20 +9,17 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use rustix::event::{PollFd, PollFlags};
-use rustix::io::Errno;
-
-use crate::control::{Control, Counters, Permit, Refusal, lock};
-use crate::dispatch::{Dispatch, Dispatcher, Shared};
+use crate::accept::{AcceptLoop, Backoff, Next, VerifyHook, Wake, wait};
+use crate::control::{Control, Counters, Permit, lock};
+use crate::dispatch::{Acceptor, Dispatch, Dispatcher, Shared};
 use crate::log_limit::limited;
 use crate::stream::{ActivityLimits, Cut};
 use crate::transport::socket::SocketOptions;
 use crate::transport::{Incoming, Listener, Service, Transport};
-use crate::wait::{Polled, deadline_after, poll_until};
+use crate::wait::deadline_after;
 use crate::worker::{Ctx, ErrorHook, panic_message};
 use crate::{Addr, HandlerFailure, ServerHandle};
 
-type VerifyHook = Box<dyn Fn(&Addr) -> bool + Send + Sync>;
 type ActionHook = Box<dyn Fn() + Send + Sync>;
 
 /// Settings every server kind shares.
@@ -292,16 +289,20 @@ impl<T: Transport> Builder<T> {
             ),
             false => None,
         };
+        let accept = AcceptLoop {
+            listener,
+            control: shared.ctx.handle.control.clone(),
+            verify_request,
+            learns_client,
+            reject_when_full: c.reject_when_full && c.dispatch == Dispatch::Thread,
+        };
         let server = Server {
-            listener: Some(listener),
+            accept: Some(Arc::new(accept)),
             shared,
             dispatcher: Some(dispatcher),
             reaper,
             block_on_close: c.block_on_close,
-            reject_when_full: c.reject_when_full && c.dispatch == Dispatch::Thread,
             poll_interval: c.poll_interval,
-            verify_request,
-            learns_client,
             service_actions: c.service_actions,
             handle_timeout: c.handle_timeout,
             readiness: OnceLock::new(),
@@ -358,107 +359,18 @@ fn listening_duplicate(fd: BorrowedFd<'_>) -> io::Result<Option<std::os::fd::Own
 /// clients can connect before [`serve_forever`](Self::serve_forever) starts. Dropping the server
 /// is Python's `server_close`: see [`close`](Self::close).
 pub struct Server<T: Transport> {
-    listener: Option<T::Listener>,
+    /// The listener and the checks before dispatch; shared with event workers while they
+    /// accept.
+    accept: Option<Arc<AcceptLoop<T::Listener>>>,
     shared: Arc<Shared<T::Service>>,
     dispatcher: Option<Dispatcher<T::Service>>,
     reaper: Option<IdleReaper>,
     block_on_close: bool,
-    reject_when_full: bool,
     poll_interval: Duration,
-    verify_request: Option<VerifyHook>,
-    /// Admission finds the client (PROXY header) and counts it under `max_per_source`.
-    learns_client: bool,
     service_actions: Option<ActionHook>,
     handle_timeout: Option<ActionHook>,
     /// Readiness messages (`READY=1`, ...), when asked for and the environment names a socket.
     readiness: OnceLock<Option<crate::systemd::Readiness>>,
-}
-
-enum Next<R> {
-    Request(R, Permit),
-    Shutdown,
-    Timeout,
-}
-
-enum Wake {
-    Ready,
-    Shutdown,
-    Timeout,
-}
-
-/// Exponential backoff for accept errors that retrying at once cannot fix (out of descriptors,
-/// out of memory): Python retries at once and spins the CPU; tiny_http gives up for good.
-#[derive(Default)]
-struct Backoff {
-    failures: u64,
-    delay: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(5);
-    const MAX: Duration = Duration::from_secs(1);
-
-    fn next(&mut self) -> Duration {
-        self.failures += 1;
-        self.delay = if self.delay.is_zero() {
-            Self::FIRST
-        } else {
-            (self.delay * 2).min(Self::MAX)
-        };
-        self.delay
-    }
-
-    fn reset(&mut self) {
-        if self.failures > 0 {
-            log::info!("accepting again after {} failed attempts", self.failures);
-        }
-        *self = Backoff::default();
-    }
-}
-
-/// Waits for the listener (if given) to be readable, for a shutdown request, or for `deadline`.
-fn wait(listener: Option<BorrowedFd<'_>>, control: &Control, deadline: Option<Instant>) -> Wake {
-    let waker = PollFd::from_borrowed_fd(control.waker_fd(), PollFlags::IN);
-    let mut fds = match listener {
-        Some(fd) => vec![waker, PollFd::from_borrowed_fd(fd, PollFlags::IN)],
-        None => vec![waker],
-    };
-    match poll_until(&mut fds, deadline) {
-        Ok(Polled::TimedOut) => Wake::Timeout,
-        Ok(Polled::Ready) if !fds[0].revents().is_empty() => Wake::Shutdown,
-        Ok(Polled::Ready) => Wake::Ready,
-        Err(e) => {
-            log::error!("poll failed: {e}; retrying");
-            thread::sleep(Backoff::FIRST);
-            Wake::Ready
-        }
-    }
-}
-
-fn is_transient(e: &io::Error) -> bool {
-    if matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::PermissionDenied
-            | io::ErrorKind::Interrupted
-    ) {
-        return true;
-    }
-    // accept(2) on Linux: pending network errors are passed on by accept; treat them as EAGAIN.
-    let errno = Errno::from_io_error(e);
-    [
-        Errno::PROTO,
-        Errno::NETDOWN,
-        Errno::NOPROTOOPT,
-        Errno::HOSTDOWN,
-        Errno::HOSTUNREACH,
-        Errno::OPNOTSUPP,
-        Errno::NETUNREACH,
-        Errno::TIMEDOUT,
-    ]
-    .iter()
-    .any(|t| errno == Some(*t))
 }
 
 impl<T: Transport> Server<T> {
@@ -514,7 +426,7 @@ impl<T: Transport> Server<T> {
     /// returns at once. Accept errors never end it: those that retrying cannot fix (out of
     /// descriptors) are logged and retried with backoff.
     pub fn serve_forever(&self) {
-        let Some(listener) = &self.listener else {
+        let Some(accept) = &self.accept else {
             return;
         };
         let control = self.control();
@@ -522,11 +434,14 @@ impl<T: Transport> Server<T> {
             return;
         }
         let _serving = control.serving(true);
-        // Event mode: this thread only accepts; its wake-ups must not preempt the workers.
-        let _batched = self.dispatcher.as_ref().and_then(|d| d.accepting());
         if let Some(Some(r)) = self.readiness.get() {
             r.serving();
         }
+        // Event mode: the workers accept, and this thread only what they hand over.
+        let workers = self.dispatcher.as_ref().and_then(|d| {
+            let acceptor: Arc<dyn Acceptor<_>> = accept.clone();
+            d.workers_accept(acceptor)
+        });
         let mut backoff = Backoff::default();
         while !control.shutdown_requested() {
             if let Some(hook) = &self.service_actions
@@ -539,14 +454,25 @@ impl<T: Transport> Server<T> {
                 .as_ref()
                 .and_then(|_| deadline_after(self.poll_interval));
             control.set_accepting(true);
-            let next = self.next(listener, deadline, &mut backoff);
+            if let Some(w) = &workers {
+                if !matches!(wait(Some(w.handover_fd()), control, deadline), Wake::Ready) {
+                    control.set_accepting(false);
+                    continue;
+                }
+                w.take_handover();
+            }
+            let next = accept.next(deadline, &mut backoff);
             control.set_accepting(false);
             if let Next::Request(req, permit) = next {
                 self.process(req, permit, &mut backoff);
             }
+            if let Some(w) = &workers {
+                w.resume();
+            }
         }
+        drop(workers);
         if control.backlog_wanted() {
-            self.take_backlog(listener, &mut backoff);
+            self.take_backlog(accept, &mut backoff);
         }
     }
 
@@ -554,10 +480,10 @@ impl<T: Transport> Server<T> {
     /// closes the listener. A load balancer has handed those over and sent their requests;
     /// closing the listener with them queued would reset them, and the balancer cannot retry
     /// a request it has sent. What connects after the close is refused, and retried elsewhere.
-    fn take_backlog(&self, listener: &T::Listener, backoff: &mut Backoff) {
+    fn take_backlog(&self, accept: &AcceptLoop<T::Listener>, backoff: &mut Backoff) {
         let control = self.control();
         while !control.listener_closed() {
-            let Ok(req) = listener.accept(control) else {
+            let Ok(req) = accept.listener.accept(control) else {
                 break;
             };
             Counters::bump(&control.counters.accepted);
@@ -625,7 +551,7 @@ impl<T: Transport> Server<T> {
     /// that `verify_request` or `max_per_source` rejected (it still counts as the one request
     /// handled).
     pub fn handle_request(&self, timeout: Option<Duration>) -> bool {
-        let Some(listener) = &self.listener else {
+        let Some(accept) = &self.accept else {
             return false;
         };
         if self.control().listener_closed() {
@@ -633,7 +559,7 @@ impl<T: Transport> Server<T> {
         }
         let _serving = self.control().serving(false);
         let deadline = timeout.and_then(deadline_after);
-        match self.next(listener, deadline, &mut Backoff::default()) {
+        match accept.next(deadline, &mut Backoff::default()) {
             Next::Request(req, permit) => self.process(req, permit, &mut Backoff::default()),
             Next::Timeout => {
                 if let Some(hook) = &self.handle_timeout
@@ -647,87 +573,6 @@ impl<T: Transport> Server<T> {
         }
     }
 
-    /// Waits for a free slot, then for a request. `Timeout` when `deadline` passes first.
-    fn next(
-        &self,
-        listener: &T::Listener,
-        deadline: Option<Instant>,
-        backoff: &mut Backoff,
-    ) -> Next<<T::Listener as Listener>::Request> {
-        let control = self.control();
-        let permit = if self.reject_when_full {
-            None
-        } else {
-            match control.acquire(deadline) {
-                Some(p) => Some(p),
-                None if control.shutdown_requested() => return Next::Shutdown,
-                None => return Next::Timeout,
-            }
-        };
-        loop {
-            if control.shutdown_requested() {
-                return Next::Shutdown;
-            }
-            let err = match listener.accept(control) {
-                Ok(req) => {
-                    backoff.reset();
-                    control.record_accepted();
-                    crate::observe::accept_event(&control.local_addr, req.peer());
-                    let permit = match permit {
-                        Some(p) => p,
-                        None => match control.try_acquire() {
-                            Some(p) => p,
-                            None => {
-                                control.record_refused(Refusal::Limit);
-                                log::debug!("connection limit reached: closing {}", req.peer());
-                                req.reject();
-                                continue;
-                            }
-                        },
-                    };
-                    return Next::Request(req, permit);
-                }
-                // A drain shut the listener down after asking us to stop: not a failure.
-                Err(_) if control.shutdown_requested() => return Next::Shutdown,
-                Err(e) => e,
-            };
-            let pause = match err.kind() {
-                io::ErrorKind::WouldBlock => None,
-                io::ErrorKind::Interrupted => continue,
-                _ if is_transient(&err) => {
-                    Counters::bump(&control.counters.accept_errors);
-                    log::debug!("accept on {}: {err}; skipped", control.local_addr);
-                    continue;
-                }
-                _ => {
-                    Counters::bump(&control.counters.accept_errors);
-                    let delay = backoff.next();
-                    if backoff.failures == 1 {
-                        log::warn!(
-                            "accept on {} failed: {err}; retrying with backoff",
-                            control.local_addr
-                        );
-                    } else {
-                        log::debug!("accept failed again: {err}; next try in {delay:?}");
-                    }
-                    Some(Instant::now() + delay)
-                }
-            };
-            let (fd, until) = match pause {
-                // Out of descriptors, the listener stays readable: wait on the waker only.
-                Some(p) => (None, Some(deadline.map_or(p, |d| d.min(p)))),
-                None => (Some(listener.fd()), deadline),
-            };
-            match wait(fd, control, until) {
-                Wake::Shutdown => return Next::Shutdown,
-                Wake::Timeout if deadline.is_some_and(|d| Instant::now() >= d) => {
-                    return Next::Timeout;
-                }
-                Wake::Timeout | Wake::Ready => {}
-            }
-        }
-    }
-
     /// Verifies and dispatches one request. False if it was not dispatched.
     fn process(
         &self,
@@ -735,41 +580,14 @@ impl<T: Transport> Server<T> {
         permit: Permit,
         backoff: &mut Backoff,
     ) -> bool {
-        let control = self.control();
-        if let Some(verify) = &self.verify_request {
-            let ok = catch_unwind(AssertUnwindSafe(|| verify(req.peer()))).unwrap_or_else(|p| {
-                log::error!("verify_request hook panicked: {}", panic_message(&*p));
-                false
-            });
-            if !ok {
-                control.record_refused(Refusal::Verify);
-                log::debug!("verify_request rejected {}", req.peer());
-                req.reject();
-                return false;
-            }
-        }
-        // Connections count against max_per_source by IP address; datagrams do not.
-        let source = req
-            .stream()
-            .and(req.peer().inet())
-            .filter(|_| !self.learns_client)
-            .map(|a| a.ip().to_canonical());
-        let Some(ticket) = control.register(req.stream().cloned(), source) else {
-            control.record_refused(Refusal::PerSource);
-            limited!(
-                warn,
-                "{} already has {} connections open (max_per_source): closing {}",
-                source.map_or_else(String::new, |ip| ip.to_string()),
-                control.max_per_source().unwrap_or_default(),
-                req.peer()
-            );
-            req.reject();
+        let (Some(accept), Some(dispatcher)) = (&self.accept, &self.dispatcher) else {
             return false;
         };
-        let Some(dispatcher) = &self.dispatcher else {
+        let Some(job) = accept.admit(req, permit) else {
             return false;
         };
-        if let Err(e) = dispatcher.dispatch((req, permit, ticket)) {
+        if let Err(e) = dispatcher.dispatch(job) {
+            let control = self.control();
             Counters::bump(&control.counters.accept_errors);
             limited!(error, "{e}; connection closed");
             let delay = backoff.next();
@@ -785,7 +603,7 @@ impl<T: Transport> Server<T> {
     pub fn close(self) {}
 
     fn close_inner(&mut self) {
-        drop(self.listener.take());
+        drop(self.accept.take());
         // After a second Ctrl-C (`cut_now`), what is still running has been cut and given its
         // second: the process is on its way out and must not wait for a handler that ignores it.
         let join = self.block_on_close && !self.control().cut_requested();
@@ -808,8 +626,8 @@ impl<T: Transport> Drop for Server<T> {
 impl<T: Transport> AsFd for Server<T> {
     /// The listening (or datagram) socket, Python's `fileno()`.
     fn as_fd(&self) -> BorrowedFd<'_> {
-        match &self.listener {
-            Some(l) => l.fd(),
+        match &self.accept {
+            Some(a) => a.listener.fd(),
             None => unreachable!("the listener is only taken when the server is dropped"),
         }
     }

@@ -1,7 +1,9 @@
 //! Descriptor exhaustion (reliability suite): a server in a child process with a low
 //! RLIMIT_NOFILE is driven until `accept` fails with EMFILE. While exhausted it must neither die
 //! nor spin the CPU; once descriptors are freed it must serve again, including the connections
-//! that waited in the backlog. Prints its figures; exits non-zero on failure.
+//! that waited in the backlog. Prints its figures; exits non-zero on failure. Run in thread mode
+//! (the serving thread accepts) and in event mode (the workers accept, and hand accepting over
+//! to the serving thread when it fails).
 //!
 //! `harness = false`: this file is its own program. Run by the parent, it re-executes itself as
 //! the child (environment variable `SOCKETSERVER_FD_CHILD`).
@@ -10,27 +12,39 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use socketserver::TcpServer;
+use socketserver::transport::Transport;
+use socketserver::{Dispatch, Server, TcpServer};
 
 mod child_server;
 
 use child_server::{
-    Hold, greeted, lower_fd_limit, serve_until_stdin_closes, spawn_child,
+    Hold, greeted, hold_messages, lower_fd_limit, serve_until_stdin_closes, spawn_child_with,
     stop_and_count_accept_errors,
 };
 
 const CHILD_ENV: &str = "SOCKETSERVER_FD_CHILD";
 const FD_LIMIT: u64 = 64;
 
-fn child() {
+fn child(mode: &str) {
     lower_fd_limit(FD_LIMIT);
     let _ = env_logger::builder().is_test(false).try_init();
     // A cap above the descriptor limit on purpose: the default cap (derived from that limit)
     // would keep accept from ever failing, and this scenario is about what happens when it does.
-    let server = TcpServer::builder(|| Hold)
-        .max_connections(10_000)
-        .bind("127.0.0.1:0")
-        .expect("bind");
+    match mode {
+        "event" => run(TcpServer::builder(hold_messages)
+            .dispatch(Dispatch::Event { workers: 2 })
+            .max_connections(10_000)
+            .bind("127.0.0.1:0")
+            .expect("bind")),
+        _ => run(TcpServer::builder(|| Hold)
+            .max_connections(10_000)
+            .bind("127.0.0.1:0")
+            .expect("bind")),
+    }
+}
+
+/// Prints the port for the parent, then serves.
+fn run<T: Transport>(server: Server<T>) {
     println!("{}", server.local_addr().inet().unwrap().port());
     std::io::stdout().flush().unwrap();
     // The parent closes our stdin to stop us.
@@ -47,8 +61,8 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
-fn parent() {
-    let mut child = spawn_child(CHILD_ENV);
+fn parent(mode: &str) {
+    let mut child = spawn_child_with(CHILD_ENV, mode);
     let pid = child.0.id();
     let mut out = BufReader::new(child.0.stdout.take().unwrap());
     let mut line = String::new();
@@ -100,7 +114,7 @@ fn parent() {
     let accept_errors = stop_and_count_accept_errors(&mut child, &mut out);
 
     println!(
-        "descriptor exhaustion: RLIMIT_NOFILE {FD_LIMIT}: served {} connections before accept failed; \
+        "descriptor exhaustion, {mode} mode: RLIMIT_NOFILE {FD_LIMIT}: served {} connections before accept failed; \
          server CPU while exhausted {:.1}% over 2 s; backlogged connections served {:?} after \
          descriptors were freed; {accept_errors} failed accepts logged and retried with backoff",
         served_before,
@@ -123,10 +137,12 @@ fn parent() {
 }
 
 fn main() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        child();
+    if let Ok(mode) = std::env::var(CHILD_ENV) {
+        child(&mode);
     } else {
-        parent();
+        for mode in ["thread", "event"] {
+            parent(mode);
+        }
         println!("test fd_exhaustion ... ok");
     }
 }

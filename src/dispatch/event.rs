@@ -16,7 +16,7 @@
 //! set; `polling` adds a lock and a notification pipe this loop does not need.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -25,8 +25,9 @@ use std::time::Duration;
 use rustix::event::epoll::{self, CreateFlags, EventData, EventFlags};
 use rustix::event::{EventfdFlags, Timespec, eventfd};
 
-use super::{Job, Shared};
-use crate::control::{Permit, Ticket, lock};
+use super::{Acceptor, Job, Shared, Taken};
+use crate::control::{Counters, Permit, Ticket, lock};
+use crate::log_limit::limited;
 use crate::stream::now_millis;
 use crate::transport::{Incoming, Service, Step};
 use crate::worker::panic_message;
@@ -48,6 +49,12 @@ const TICK: Duration = Duration::from_millis(50);
 
 /// The epoll key of the wake-up eventfd (connection keys are slab indexes with a generation).
 const WAKE_KEY: u64 = u64::MAX;
+
+/// The epoll key of the listener, while the workers accept.
+const LISTEN_KEY: u64 = u64::MAX - 1;
+
+/// Connections a worker accepts per event of the listener before it turns to the others.
+const ACCEPT_BATCH: usize = 64;
 
 const IDLE: u8 = 0;
 const RUNNING: u8 = 1;
@@ -85,6 +92,17 @@ struct Engine<S: Service> {
     closing: AtomicBool,
     /// When the next tick is due (milliseconds of `now_millis`).
     next_tick: AtomicU64,
+    /// What the workers accept from, while serve loops let them. Held by a worker while it
+    /// accepts, so that a serve loop that stops them knows none still does.
+    accept: Mutex<Accepting<S::Request>>,
+    /// Written by a worker that hands accepting over to the serving thread.
+    handover: OwnedFd,
+}
+
+struct Accepting<R> {
+    from: Option<Arc<dyn Acceptor<R>>>,
+    /// Serve loops running with the workers accepting.
+    loops: usize,
 }
 
 /// The running event mode: the set and its workers.
@@ -105,6 +123,7 @@ impl<S: Service> Event<S> {
     ) -> io::Result<Event<S>> {
         let epoll = epoll::create(CreateFlags::CLOEXEC)?;
         let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        let handover = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
         // Level-triggered and never read: once written, every wait returns at once.
         epoll::add(&epoll, &wake, EventData::new_u64(WAKE_KEY), EventFlags::IN)?;
         let engine = Arc::new(Engine {
@@ -118,6 +137,11 @@ impl<S: Service> Event<S> {
             }),
             closing: AtomicBool::new(false),
             next_tick: AtomicU64::new(0),
+            accept: Mutex::new(Accepting {
+                from: None,
+                loops: 0,
+            }),
+            handover,
         });
         let mut event = Event {
             engine,
@@ -142,8 +166,66 @@ impl<S: Service> Event<S> {
     }
 
     /// Adds an accepted connection to the set; a worker picks it up at once.
-    pub(crate) fn submit(&self, (req, permit, ticket): Job<S::Request>) -> io::Result<()> {
+    pub(crate) fn submit(&self, job: Job<S::Request>) -> io::Result<()> {
+        self.engine.submit(job)
+    }
+
+    /// Has the workers accept from `acceptor` (the listener joins their set, edge-triggered)
+    /// until the guard drops. `None` if the listener cannot join; the caller then accepts.
+    pub(crate) fn accept_from(
+        &self,
+        acceptor: Arc<dyn Acceptor<S::Request>>,
+    ) -> Option<WorkersAccept<'_, S>> {
         let e = &self.engine;
+        let mut accepting = lock(&e.accept);
+        if accepting.loops == 0 {
+            let listening = EventData::new_u64(LISTEN_KEY);
+            if let Err(err) = epoll::add(&e.epoll, acceptor.fd(), listening, listen_flags()) {
+                log::warn!("event loop: the listener cannot join the workers' set: {err}");
+                return None;
+            }
+            accepting.from = Some(acceptor);
+        }
+        accepting.loops += 1;
+        Some(WorkersAccept { event: self })
+    }
+
+    /// Stops the workers once their current messages are served, and closes every parked
+    /// connection (its `finish` runs here); with `join`, waits for the workers.
+    pub(crate) fn close(mut self, join: bool) {
+        let e = &self.engine;
+        e.closing.store(true, Ordering::SeqCst);
+        let _ = rustix::io::write(&e.wake, &1u64.to_ne_bytes());
+        let entries: Vec<(usize, Arc<Entry<S::Session>>)> = {
+            let slab = lock(&e.slab);
+            slab.slots
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| Some((i, s.clone()?)))
+                .collect()
+        };
+        for (i, entry) in entries {
+            if entry
+                .state
+                .compare_exchange(IDLE, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                e.close(i, &entry);
+            }
+        }
+        let workers = std::mem::take(&mut self.workers);
+        if join {
+            for w in workers {
+                let _ = w.join();
+            }
+        }
+    }
+}
+
+impl<S: Service> Engine<S> {
+    /// Adds an accepted connection to the set; a worker picks it up at once.
+    fn submit(&self, (req, permit, ticket): Job<S::Request>) -> io::Result<()> {
+        let e = self;
         let Some(stream) = req.stream().cloned() else {
             req.reject();
             return Err(io::Error::other("event mode serves only connections"));
@@ -193,39 +275,6 @@ impl<S: Service> Event<S> {
         Ok(())
     }
 
-    /// Stops the workers once their current messages are served, and closes every parked
-    /// connection (its `finish` runs here); with `join`, waits for the workers.
-    pub(crate) fn close(mut self, join: bool) {
-        let e = &self.engine;
-        e.closing.store(true, Ordering::SeqCst);
-        let _ = rustix::io::write(&e.wake, &1u64.to_ne_bytes());
-        let entries: Vec<(usize, Arc<Entry<S::Session>>)> = {
-            let slab = lock(&e.slab);
-            slab.slots
-                .iter()
-                .enumerate()
-                .filter_map(|(i, s)| Some((i, s.clone()?)))
-                .collect()
-        };
-        for (i, entry) in entries {
-            if entry
-                .state
-                .compare_exchange(IDLE, RUNNING, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                e.close(i, &entry);
-            }
-        }
-        let workers = std::mem::take(&mut self.workers);
-        if join {
-            for w in workers {
-                let _ = w.join();
-            }
-        }
-    }
-}
-
-impl<S: Service> Engine<S> {
     fn entry(&self, key: u64) -> Option<Arc<Entry<S::Session>>> {
         let index = (key & u32::MAX as u64) as usize;
         let generation = (key >> 32) as u32;
@@ -256,9 +305,20 @@ impl<S: Service> Engine<S> {
                 }
             }
             for ev in &events {
-                let k = ev.data.u64();
-                if k != WAKE_KEY {
-                    self.ready(k, ev.flags);
+                match ev.data.u64() {
+                    WAKE_KEY => {}
+                    LISTEN_KEY => {
+                        // `try_next` catches the user's hooks; this guards against a bug of ours.
+                        if let Err(p) =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.accept()))
+                        {
+                            log::error!(
+                                "event loop survived an internal panic while accepting: {}",
+                                panic_message(&*p)
+                            );
+                        }
+                    }
+                    k => self.ready(k, ev.flags),
                 }
             }
             if self.closing.load(Ordering::SeqCst) {
@@ -266,6 +326,34 @@ impl<S: Service> Engine<S> {
             }
             self.maybe_tick();
         }
+    }
+
+    /// The listener is ready: accept what is queued (edge-triggered: until none is left, or
+    /// until the batch is done and the listener re-armed, so the connections ready meanwhile
+    /// get their turn).
+    fn accept(&self) {
+        let accepting = lock(&self.accept);
+        let Some(from) = &accepting.from else {
+            return; // a late event: the serve loop has stopped the workers accepting
+        };
+        for _ in 0..ACCEPT_BATCH {
+            match from.try_next() {
+                Taken::Job(job) => {
+                    if let Err(e) = self.submit(job) {
+                        Counters::bump(&self.shared.ctx.handle.control.counters.accept_errors);
+                        limited!(error, "{e}; connection closed");
+                    }
+                }
+                Taken::Refused => {}
+                Taken::Empty => return,
+                Taken::HandOver => {
+                    let _ = rustix::io::write(&self.handover, &1u64.to_ne_bytes());
+                    return;
+                }
+            }
+        }
+        let listening = EventData::new_u64(LISTEN_KEY);
+        let _ = epoll::modify(&self.epoll, from.fd(), listening, listen_flags());
     }
 
     fn maybe_tick(&self) {
@@ -411,5 +499,55 @@ impl<S: Service> Engine<S> {
         // The ticket first: whoever the permit wakes sees this connection as finished.
         drop(ticket);
         drop(permit);
+    }
+}
+
+fn listen_flags() -> EventFlags {
+    EventFlags::IN | EventFlags::ET
+}
+
+/// Held by a serve loop while the workers accept for it: it waits on
+/// [`handover_fd`](Self::handover_fd) and accepts only what the workers hand over (no free
+/// slot, an accept error to back off from). Dropping it stops the workers accepting, once the
+/// one that may be accepting has finished.
+pub(crate) struct WorkersAccept<'a, S: Service> {
+    event: &'a Event<S>,
+}
+
+impl<S: Service> WorkersAccept<'_, S> {
+    /// Readable once a worker has handed accepting over.
+    pub(crate) fn handover_fd(&self) -> BorrowedFd<'_> {
+        self.event.engine.handover.as_fd()
+    }
+
+    /// Takes the hand-over: the serving thread accepts until it has one connection, then calls
+    /// [`resume`](Self::resume).
+    pub(crate) fn take_handover(&self) {
+        let mut n = [0u8; 8];
+        let _ = rustix::io::read(&self.event.engine.handover, &mut n);
+    }
+
+    /// Gives accepting back to the workers: the listener is reported again if a connection is
+    /// queued (a modified edge-triggered entry is checked at once).
+    pub(crate) fn resume(&self) {
+        let e = &self.event.engine;
+        let accepting = lock(&e.accept);
+        if let Some(from) = &accepting.from {
+            let listening = EventData::new_u64(LISTEN_KEY);
+            let _ = epoll::modify(&e.epoll, from.fd(), listening, listen_flags());
+        }
+    }
+}
+
+impl<S: Service> Drop for WorkersAccept<'_, S> {
+    fn drop(&mut self) {
+        let e = &self.event.engine;
+        let mut accepting = lock(&e.accept);
+        accepting.loops -= 1;
+        if accepting.loops == 0
+            && let Some(from) = accepting.from.take()
+        {
+            let _ = epoll::delete(&e.epoll, from.fd());
+        }
     }
 }

@@ -4,18 +4,19 @@
 //! and ticket; what runs it is the transport's [`Service`].
 
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use crate::control::{Permit, Ticket};
 use crate::transport::{Incoming, Service};
 use crate::worker::Ctx;
 
-mod batch;
 mod event;
 mod pool;
 mod threads;
 
 use event::Event;
+pub(crate) use event::WorkersAccept;
 use pool::Pool;
 use threads::Threads;
 
@@ -54,9 +55,12 @@ pub enum Dispatch {
     /// The workers take turns waiting on the set and serve a batch of ready connections per
     /// wake-up (64 between them, at least 8 each): one worker per core suits handlers that do
     /// not block for long; more if they do (a handler that blocks delays the connections of
-    /// its batch). The thread that runs `serve_forever` only accepts: it runs as `SCHED_BATCH`
-    /// while it does (its own policy comes back when `serve_forever` returns), so that its
-    /// wake-ups do not preempt the workers; threads a `service_actions` hook starts inherit it.
+    /// its batch). The workers accept too: the listener is in their set, so a new connection
+    /// is accepted, checked (`verify_request`, the caps) and started by the worker that sees
+    /// it, with no hand-over between threads. The thread that runs `serve_forever` runs the
+    /// `service_actions` hook, and accepts only when the workers cannot: no free slot under
+    /// `max_connections` (it waits for one, while new clients wait in the backlog) or an
+    /// accept error to back off from (out of descriptors).
     /// Capped by [`Builder::max_connections`](crate::Builder::max_connections), whose default
     /// is what the descriptor limit allows. Linux only.
     Event {
@@ -85,6 +89,27 @@ pub(crate) struct Shared<S> {
 
 /// An accepted request with its slot under the limit and its entry in the registry.
 pub(crate) type Job<R> = (R, Permit, Ticket);
+
+/// The accept loop's steps, for event workers that accept when the listener is ready.
+pub(crate) trait Acceptor<R>: Send + Sync {
+    /// The listener, to wait on.
+    fn fd(&self) -> BorrowedFd<'_>;
+
+    /// The next connection, without waiting.
+    fn try_next(&self) -> Taken<Job<R>>;
+}
+
+/// What [`Acceptor::try_next`] took.
+pub(crate) enum Taken<J> {
+    /// A connection to serve.
+    Job(J),
+    /// A connection refused (closed and counted) or a transient error: try again.
+    Refused,
+    /// None queued.
+    Empty,
+    /// No free slot, an error that needs backoff, or a shutdown: the serving thread takes over.
+    HandOver,
+}
 
 impl<S: Service> Shared<S> {
     fn run(&self, (req, permit, ticket): Job<S::Request>) {
@@ -145,10 +170,16 @@ impl<S: Service> Dispatcher<S> {
         Ok(())
     }
 
-    /// What the accepting thread holds while it accepts: in event mode, `SCHED_BATCH`, so that
-    /// its wake-ups do not preempt the workers (see `batch.rs`).
-    pub(crate) fn accepting(&self) -> Option<batch::AcceptBatched> {
-        matches!(self.mode, Mode::Event(_)).then(batch::accept_batched)
+    /// In event mode, has the workers accept from `acceptor` until the returned guard drops
+    /// (see `event.rs`). `None` in the other modes, or if the listener cannot join the set.
+    pub(crate) fn workers_accept(
+        &self,
+        acceptor: Arc<dyn Acceptor<S::Request>>,
+    ) -> Option<WorkersAccept<'_, S>> {
+        match &self.mode {
+            Mode::Event(event) => event.accept_from(acceptor),
+            _ => None,
+        }
     }
 
     /// Stops the workers once their current requests end; with `join`, waits for that.

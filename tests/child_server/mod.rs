@@ -8,7 +8,10 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use socketserver::{Handler, HandlerResult, Request, Server, transport::Transport};
+use socketserver::{
+    Handler, HandlerError, HandlerResult, MessageHandler, MessageRequestHandler, Next, Request,
+    Server, StreamRequest, transport::Transport,
+};
 
 /// Greets, then holds the connection (its descriptor and thread) until the client hangs up.
 pub struct Hold;
@@ -20,6 +23,29 @@ impl Handler for Hold {
         while req.read(&mut buf)? > 0 {}
         Ok(())
     }
+}
+
+/// [`Hold`] for `Dispatch::Event`: greets in `setup`, then parks until the client hangs up.
+pub struct HoldMessages;
+
+impl MessageHandler for HoldMessages {
+    fn setup(&mut self, req: &mut StreamRequest) -> HandlerResult {
+        req.wfile.write_all(b"hi")?;
+        Ok(req.wfile.flush()?)
+    }
+
+    fn handle_message(&mut self, req: &mut StreamRequest) -> Result<Next, HandlerError> {
+        let mut buf = [0u8; 64];
+        Ok(match req.rfile.read(&mut buf)? {
+            0 => Next::Close,
+            _ => Next::Message,
+        })
+    }
+}
+
+/// [`HoldMessages`] as a handler factory wants it.
+pub fn hold_messages() -> MessageRequestHandler<HoldMessages> {
+    MessageRequestHandler::new(HoldMessages)
 }
 
 /// In the child: lowers the soft descriptor limit to `limit`.
@@ -45,9 +71,14 @@ pub fn serve_until_stdin_closes<T: Transport>(server: Server<T>) {
 
 /// In the parent: this test binary again, as the child (`env` set), with piped stdin and stdout.
 pub fn spawn_child(env: &str) -> Reaped {
+    spawn_child_with(env, "1")
+}
+
+/// [`spawn_child`] with `env` set to `value`.
+pub fn spawn_child_with(env: &str, value: &str) -> Reaped {
     Reaped(
         Command::new(std::env::current_exe().unwrap())
-            .env(env, "1")
+            .env(env, value)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
