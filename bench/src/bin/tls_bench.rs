@@ -259,13 +259,26 @@ fn round_trips<S: Read + Write + Send + 'static>(streams: Vec<S>, d: Duration) -
 /// failed (connect, handshake or echo) with the last failure's error.
 struct Cycles {
     rate: f64,
+    /// Cycles per second of the server's CPU time (user + system, all its threads).
+    per_cpu: Option<f64>,
     resumed: f64,
     failed: u64,
     last_error: Option<String>,
 }
 
-/// Connect + handshake + one 64-byte echo + close_notify and close, from 8 threads, per second.
-fn connect_cycle(addr: SocketAddr, config: &Arc<ClientConfig>, d: Duration) -> Cycles {
+/// CPU time (user + system) that process `pid` has used, all its threads (the ended ones
+/// too), in seconds; `None` if it has gone.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After "pid (comm) ", utime and stime are fields 14 and 15 of stat, 11 and 12 here.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
+}
+
+/// Connect + handshake + one 64-byte echo + close_notify and close, from 8 threads, per second
+/// and per second of the CPU time of `server`, the server's process.
+fn connect_cycle(addr: SocketAddr, config: &Arc<ClientConfig>, d: Duration, server: u32) -> Cycles {
     let stop = Arc::new(AtomicBool::new(false));
     let total = Arc::new(AtomicU64::new(0));
     let resumed = Arc::new(AtomicU64::new(0));
@@ -304,12 +317,13 @@ fn connect_cycle(addr: SocketAddr, config: &Arc<ClientConfig>, d: Duration) -> C
             })
         })
         .collect();
-    let start = Instant::now();
+    let (start, cpu) = (Instant::now(), cpu_seconds(server));
     std::thread::sleep(d);
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         let _ = t.join();
     }
+    let used = cpu.zip(cpu_seconds(server)).map(|(a, b)| b - a);
     let n = total.load(Ordering::Relaxed) as f64;
     let share = if n > 0.0 {
         resumed.load(Ordering::Relaxed) as f64 / n
@@ -319,6 +333,7 @@ fn connect_cycle(addr: SocketAddr, config: &Arc<ClientConfig>, d: Duration) -> C
     let last_error = last_error.lock().unwrap().take();
     Cycles {
         rate: n / start.elapsed().as_secs_f64(),
+        per_cpu: used.filter(|u| *u > 0.0).map(|u| n / u),
         resumed: share,
         failed: failed.load(Ordering::Relaxed),
         last_error,
@@ -420,6 +435,9 @@ fn plaintext(label: &str) -> bool {
 enum Point {
     /// Connect + handshake + echo + close from 8 threads, session resumption on or off.
     Connect { resume: bool },
+    /// The same runs, per second of the server's CPU time rather than of the clock: what a
+    /// connection costs the server, whatever the load generator beside it can offer.
+    ConnectCpu { resume: bool },
     /// TLS echo round trips over this many connections.
     Echo(usize),
     /// Server RSS per idle connection held (TLS, and the plaintext figure beside it).
@@ -433,6 +451,12 @@ impl Point {
         match self {
             Point::Connect { resume: true } => "TLS connect+echo+close/s, resumed".into(),
             Point::Connect { resume: false } => "TLS connect+echo+close/s, full handshake".into(),
+            Point::ConnectCpu { resume: true } => {
+                "TLS connect+echo+close per server CPU-second, resumed".into()
+            }
+            Point::ConnectCpu { resume: false } => {
+                "TLS connect+echo+close per server CPU-second, full handshake".into()
+            }
             Point::Echo(n) => format!("TLS echo round trips/s, {n} conns"),
             Point::Idle => "idle KiB per connection".into(),
             Point::Plain(n) => format!("plaintext echo round trips/s, {n} conns"),
@@ -441,7 +465,9 @@ impl Point {
 
     fn contenders(self) -> &'static [&'static str] {
         match self {
-            Point::Connect { .. } | Point::Echo(_) => &[THREAD, POOL, EVENT, STD_TLS, TOKIO_TLS],
+            Point::Connect { .. } | Point::ConnectCpu { .. } | Point::Echo(_) => {
+                &[THREAD, POOL, EVENT, STD_TLS, TOKIO_TLS]
+            }
             // A pool of 128 workers cannot hold more connections than it has workers.
             Point::Idle => &[THREAD, EVENT, STD_TLS, TOKIO_TLS, THREAD_PLAIN, EVENT_PLAIN],
             Point::Plain(_) => &[STD_PLAIN, THREAD_TLS_BUILT],
@@ -453,6 +479,8 @@ impl Point {
 struct Round {
     value: f64,
     note: String,
+    /// A connect run's second figure: cycles per second of server CPU time.
+    per_cpu: Option<f64>,
 }
 
 /// Every round of every contender at every point, in the order measured; a round whose
@@ -469,6 +497,46 @@ fn values(res: &Results, p: Point, label: &str) -> Vec<f64> {
         })
 }
 
+/// A / B round by round at a point whose contenders ran side by side (round r of A next to
+/// round r of B in time); rounds where either failed are left out.
+fn paired(res: &Results, p: Point, a: &str, b: &str) -> Vec<f64> {
+    let rounds = |label: &str| {
+        res.iter()
+            .find(|(q, _)| *q == p)
+            .and_then(|(_, e)| e.iter().find(|(l, _)| *l == label))
+            .map_or(&[][..], |(_, r)| &r[..])
+    };
+    rounds(a)
+        .iter()
+        .zip(rounds(b))
+        .filter_map(|(x, y)| match (x, y) {
+            (Ok(x), Ok(y)) if y.value > 0.0 => Some(x.value / y.value),
+            _ => None,
+        })
+        .collect()
+}
+
+/// For sorted round ratios, the order statistics that bound their true median with at least
+/// 95% confidence whatever their distribution: the k-th lowest and k-th highest, k the largest
+/// with P(Binomial(n, ½) < k) ≤ 2.5% (for 15 rounds, the 4th and the 12th: 96.5%). `None`
+/// under 6 rounds, too few for such an interval.
+fn median_interval(sorted: &[f64]) -> Option<(f64, f64)> {
+    let n = sorted.len();
+    // P(X ≤ j) for X ~ Binomial(n, 1/2), j = 0, 1, ...
+    let mut below = 0.0;
+    let mut k = 0;
+    let mut coef = 1.0_f64; // C(n, j)
+    for j in 0..n {
+        below += coef * 0.5_f64.powi(n as i32);
+        if below > 0.025 {
+            break;
+        }
+        k = j + 1;
+        coef = coef * (n - j) as f64 / (j + 1) as f64;
+    }
+    (k >= 1).then(|| (sorted[k - 1], sorted[n - k]))
+}
+
 fn range(v: &[f64]) -> Option<(f64, f64)> {
     let lo = v.iter().copied().reduce(f64::min)?;
     let hi = v.iter().copied().reduce(f64::max)?;
@@ -481,6 +549,8 @@ struct Ratio {
     what: String,
     ratio: Option<f64>,
     band: Option<(f64, f64)>,
+    /// Paired ratios: the lowest and highest round ratio, beside the interval in `band`.
+    extremes: Option<(f64, f64)>,
     rounds: usize,
 }
 
@@ -496,7 +566,23 @@ impl Ratio {
             what,
             ratio: band.map(|_| common::median(a.to_vec()) / common::median(b.to_vec())),
             band,
+            extremes: None,
             rounds: a.len().min(b.len()),
+        }
+    }
+
+    /// A ratio taken round by round, from rounds run side by side (`paired`): the median of
+    /// the round ratios and, as its range, a distribution-free 95% confidence interval of that
+    /// median (see [`median_interval`]); the lowest and highest round ratio are kept for the
+    /// report.
+    fn paired(what: String, mut ratios: Vec<f64>) -> Ratio {
+        ratios.sort_by(f64::total_cmp);
+        Ratio {
+            what: format!("{what} (paired)"),
+            band: median_interval(&ratios),
+            extremes: range(&ratios),
+            rounds: ratios.len(),
+            ratio: (!ratios.is_empty()).then(|| common::median(ratios)),
         }
     }
 
@@ -526,32 +612,34 @@ impl Ratio {
     }
 
     fn band_text(&self) -> String {
-        self.band
-            .map_or("—".to_owned(), |(lo, hi)| format!("{lo:.2}–{hi:.2}"))
+        let band = self
+            .band
+            .map_or("—".to_owned(), |(lo, hi)| format!("{lo:.2}–{hi:.2}"));
+        match self.extremes {
+            Some((lo, hi)) => format!("{band} (rounds {lo:.2}–{hi:.2})"),
+            None => band,
+        }
     }
 }
 
 /// Issue 15's targets: (what, A, B, point, bound), A / B ≥ bound.
 fn targets(res: &Results) -> String {
     let mut checks: Vec<(Ratio, f64)> = Vec::new();
-    let resumed = Point::Connect { resume: true };
-    for a in [THREAD, POOL] {
-        let what = format!("TLS connect+echo+close (resumed): {a} ≥ 1.0 × {TOKIO_TLS}");
-        let r = Ratio::new(
-            what,
-            &values(res, resumed, a),
-            &values(res, resumed, TOKIO_TLS),
-        );
-        checks.push((r, 1.0));
-    }
-    // Event dispatch, the tokio-like model (a few workers on one epoll set): connection churn
-    // against tokio-rustls with and without resumption.
+    // Connection churn against tokio-rustls, with and without resumption; the contenders ran
+    // side by side, so round by round. Event dispatch is the tokio-like model (a few workers
+    // on one epoll set); thread and pool hold a thread per connection.
     for resume in [true, false] {
         let p = Point::Connect { resume };
         let kind = if resume { "resumed" } else { "full handshake" };
-        let what = format!("TLS connect+echo+close ({kind}): {EVENT} ≥ 1.0 × {TOKIO_TLS}");
-        let r = Ratio::new(what, &values(res, p, EVENT), &values(res, p, TOKIO_TLS));
-        checks.push((r, 1.0));
+        let list: &[&str] = if resume {
+            &[THREAD, POOL, EVENT]
+        } else {
+            &[THREAD, EVENT]
+        };
+        for &a in list {
+            let what = format!("TLS connect+echo+close ({kind}): {a} ≥ 1.0 × {TOKIO_TLS}");
+            checks.push((Ratio::paired(what, paired(res, p, a, TOKIO_TLS)), 1.0));
+        }
     }
     for n in [1, 16, 128] {
         for a in [THREAD, POOL, EVENT] {
@@ -583,6 +671,18 @@ fn other_ratios(res: &Results) -> String {
         Point::Connect { resume: true },
         Point::Connect { resume: false },
     );
+    // What a connection costs the server: with two cores the load generator's core is as busy
+    // as the server's, so the rates above measure it too.
+    for resume in [true, false] {
+        let p = Point::ConnectCpu { resume };
+        let kind = if resume { "resumed" } else { "full handshake" };
+        for a in [THREAD, POOL, EVENT] {
+            rs.push(Ratio::paired(
+                format!("connect+echo+close per server CPU-second ({kind}): {a} / {TOKIO_TLS}"),
+                paired(res, p, a, TOKIO_TLS),
+            ));
+        }
+    }
     for c in [THREAD, POOL, EVENT, STD_TLS, TOKIO_TLS] {
         rs.push(Ratio::new(
             format!("{c}: connect+echo+close/s, resumed / full handshake"),
@@ -830,6 +930,9 @@ fn main() {
     };
     // 4 s per run (5 before the event contender), to keep a full run near 14 minutes.
     let d = Duration::from_secs(if quick { 2 } else { 4 });
+    // Connect points: many short turns, paired round by round (see the loop below).
+    let connect_d = Duration::from_millis(if quick { 500 } else { 1000 });
+    let connect_rounds = (3 * rounds).max(2);
     let log = dir.join("server.log");
     let idle_n = if quick { 300 } else { 2000 };
     let resume = client_config(&ca, true);
@@ -856,7 +959,25 @@ fn main() {
         let list = p.contenders();
         let mut entries: Vec<(&'static str, Vec<Result<Round, String>>)> =
             list.iter().map(|&l| (l, Vec::new())).collect();
-        for round in 0..rounds {
+        // Connect points: every contender's server runs side by side for the whole point and
+        // takes short turns under load, so that each round of one contender has a round of
+        // every other next to it in time. The ratio of a target is then taken round by round
+        // (paired), which cancels what the host's load does over minutes. The other points keep
+        // a fresh server per round.
+        let side_by_side: Option<Vec<Result<Running, String>>> = match p {
+            Point::Connect { .. } => Some(
+                list.iter()
+                    .map(|&l| start(&contender(l), pinned, &log))
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let turns = if side_by_side.is_some() {
+            connect_rounds
+        } else {
+            rounds
+        };
+        for round in 0..turns {
             // A B C … then … C B A: drift over time hits every contender alike.
             let order: Vec<usize> = if round % 2 == 0 {
                 (0..list.len()).collect()
@@ -868,10 +989,12 @@ fn main() {
                 let figure = |value: f64| Round {
                     value,
                     note: String::new(),
+                    per_cpu: None,
                 };
-                let measured = start(&c, pinned, &log).and_then(|r| match p {
+                let measure = |r: &Running| match p {
                     Point::Connect { resume: on } => {
-                        let m = connect_cycle(r.addr, if on { &resume } else { &full }, d);
+                        let config = if on { &resume } else { &full };
+                        let m = connect_cycle(r.addr, config, connect_d, r.child.id());
                         let failed = match (m.failed, &m.last_error) {
                             (0, _) => String::new(),
                             (n, Some(e)) => format!(", {n} failed cycles, the last: {e}"),
@@ -883,17 +1006,24 @@ fn main() {
                         Ok(Round {
                             value: m.rate,
                             note: format!(" [{:.0}% resumed{failed}]", m.resumed * 100.0),
+                            per_cpu: m.per_cpu,
                         })
                     }
                     Point::Echo(n) => echo(r.addr, &full, n, d).map(figure),
                     Point::Idle => {
                         let tls = (!plaintext(c.label)).then_some(&full);
-                        idle(&r, tls, idle_n).map(figure)
+                        idle(r, tls, idle_n).map(figure)
                     }
                     Point::Plain(n) => plain_echo(r.addr, n, d).map(figure),
-                });
+                    // Derived from the connect runs, never run itself.
+                    Point::ConnectCpu { .. } => Err("not a run".to_owned()),
+                };
+                let measured = match &side_by_side {
+                    Some(servers) => servers[i].as_ref().map_err(|e| e.clone()).and_then(measure),
+                    None => start(&c, pinned, &log).and_then(|r| measure(&r)),
+                };
                 eprintln!(
-                    "[{} | round {}/{rounds}] {:<36} {}",
+                    "[{} | round {}/{turns}] {:<36} {}",
                     p.name(),
                     round + 1,
                     c.label,
@@ -906,7 +1036,34 @@ fn main() {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        res.push((p, entries));
+        drop(side_by_side);
+        // A connect run's cost: the same rounds, per second of the server's CPU time.
+        if let Point::Connect { resume } = p {
+            let cost = entries
+                .iter()
+                .map(|(label, rounds)| {
+                    let rounds = rounds
+                        .iter()
+                        .map(|r| match r {
+                            Ok(Round {
+                                per_cpu: Some(v), ..
+                            }) => Ok(Round {
+                                value: *v,
+                                note: String::new(),
+                                per_cpu: None,
+                            }),
+                            Ok(_) => Err("no CPU time read for the server".to_owned()),
+                            Err(e) => Err(e.clone()),
+                        })
+                        .collect();
+                    (*label, rounds)
+                })
+                .collect();
+            res.push((p, entries));
+            res.push((Point::ConnectCpu { resume }, cost));
+        } else {
+            res.push((p, entries));
+        }
     }
     let cmd = if args.is_empty() {
         "cargo run --release -p socketserver-bench --bin tls_bench".to_owned()
@@ -974,6 +1131,19 @@ fn main() {
     }
     md.push_str("### TLS targets\n\n");
     md.push_str(common::TARGETS_RULE);
+    md.push_str(
+        "The connect points are run differently: every contender's server runs side by side \
+         for the whole point, and they take turns of a second under load, alternating their \
+         order, so that round r of each contender is next to round r of every other in time. \
+         Their ratios, marked (paired), are taken round by round: the median of the round \
+         ratios, with a distribution-free 95% confidence interval of that median as its range \
+         (the k-th lowest and k-th highest round ratio, k from the binomial distribution: the \
+         4th and 12th of 15), and the lowest and highest round ratio beside it. The verdict \
+         rule is the same over that interval. Why not the lowest and highest: with one-second \
+         turns on this shared host a single round moves by ±20%, and the lowest-to-highest \
+         range only widens as rounds are added, so it never decides a ratio near its bound; \
+         the interval narrows as they are.\n\n",
+    );
     md.push_str(&targets(&res));
     md.push_str(
         "\n### TLS: other ratios (no target)\n\nThe same rule for ratio and range; no bound, no \
@@ -1014,6 +1184,41 @@ fn previous_results(path: &Path) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The interval's ranks are the binomial ones (tables of the sign test): 15 rounds, the
+    /// 4th and 12th; 6 rounds, the 1st and 6th; under 6, none.
+    #[test]
+    fn the_median_interval_takes_the_binomial_ranks() {
+        let v: Vec<f64> = (1..=15).map(f64::from).collect();
+        assert_eq!(median_interval(&v), Some((4.0, 12.0)));
+        let v: Vec<f64> = (1..=6).map(f64::from).collect();
+        assert_eq!(median_interval(&v), Some((1.0, 6.0)));
+        let v: Vec<f64> = (1..=5).map(f64::from).collect();
+        assert_eq!(median_interval(&v), None);
+        let v: Vec<f64> = (1..=30).map(f64::from).collect();
+        assert_eq!(median_interval(&v), Some((10.0, 21.0)));
+    }
+
+    /// Paired ratios are taken round by round, rounds where either side failed left out.
+    #[test]
+    fn paired_ratios_match_rounds_by_index() {
+        let round = |v: f64| {
+            Ok(Round {
+                value: v,
+                note: String::new(),
+                per_cpu: None,
+            })
+        };
+        let p = Point::Connect { resume: true };
+        let res: Results = vec![(
+            p,
+            vec![
+                (EVENT, vec![round(2.0), Err("x".into()), round(9.0)]),
+                (TOKIO_TLS, vec![round(1.0), round(1.0), round(3.0)]),
+            ],
+        )];
+        assert_eq!(paired(&res, p, EVENT, TOKIO_TLS), vec![2.0, 3.0]);
+    }
 
     /// A server that refuses its configuration (as `echo_server --mode event --tls-cert` did
     /// before event mode served TLS) is an error carrying its message, at once, not a hang.
