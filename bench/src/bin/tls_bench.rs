@@ -22,7 +22,10 @@
 //! As the main benchmark: every point runs every contender once per round (`--rounds`, default
 //! 5; `--quick`: 1 round, shorter runs), each on a fresh server process, alternating the order
 //! (A B … then … B A); the median and the spread over rounds are reported, and issue 15's
-//! targets get a verdict only when the whole range the rounds allow is past the bound. A
+//! targets get a verdict only when the whole range the rounds allow is past the bound. The
+//! connect points differ: every contender's server runs side by side for the whole point and
+//! they take turns of a second (three times `--rounds` turns each), and their targets are
+//! judged round by round, over a 95% confidence interval of the median round ratio. A
 //! contender whose server does not start (or whose run fails) is reported with its error and
 //! left out of the ratios; the run goes on and exits with status 1 at the end.
 
