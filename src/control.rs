@@ -18,10 +18,31 @@ use crate::observe::{AdmissionFailure, DurationHistogram, Histogram};
 use crate::{Addr, Stream};
 
 /// Locks a mutex whose data stays consistent even if a holder panicked (we never panic while
-/// holding these locks, and user code runs under one only inside `catch_unwind`: the
-/// `verify_request` hook while an event worker accepts).
+/// holding these locks, and user code never runs under them).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+thread_local! {
+    /// Set while an event worker accepts for a serve loop, which waits for that to end before
+    /// it returns: a `verify_request` hook run there must not wait for the loop either.
+    static ACCEPTING_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as accepting for a serve loop until dropped (see `wait_serving_done`).
+pub(crate) struct AcceptingHere(());
+
+impl AcceptingHere {
+    pub(crate) fn enter() -> AcceptingHere {
+        ACCEPTING_HERE.set(true);
+        AcceptingHere(())
+    }
+}
+
+impl Drop for AcceptingHere {
+    fn drop(&mut self) {
+        ACCEPTING_HERE.set(false);
+    }
 }
 
 /// A self-pipe that the accept loop polls next to its listener: writing one byte wakes it at once,
@@ -592,11 +613,11 @@ impl Control {
     }
 
     /// Waits until no serve loop runs; false at once, without waiting, if this thread runs one
-    /// (it would wait for itself).
+    /// or accepts for one (it would wait for itself).
     pub(crate) fn wait_serving_done(&self) -> bool {
         let me = thread::current().id();
         let mut r = lock(&self.registry);
-        if r.serving.contains(&me) {
+        if r.serving.contains(&me) || ACCEPTING_HERE.get() {
             return false;
         }
         while !r.serving.is_empty() {
@@ -619,6 +640,8 @@ impl Control {
             r.serving.iter().any(|t| *t != me)
                 && self.accepting.load(Ordering::Acquire)
                 && self.still_listening()
+                // An event worker's `verify_request`: the loop waits for it before it can.
+                && !ACCEPTING_HERE.get()
         };
         // A serve loop waiting for connections on another thread first takes those already
         // queued in the backlog (a balancer handed them over and sent their request: closing
@@ -838,9 +861,10 @@ impl ServerHandle {
     /// returned. Requests in flight go on, as with `shutdown`.
     ///
     /// Python's blocks forever when called on the thread that runs `serve_forever` (a handler
-    /// of a synchronous server, say): it waits for itself. This one detects that case and does
-    /// not wait: it requests the shutdown and returns false; the loop returns when the current
-    /// request ends. Otherwise it returns true once no serve loop runs (at once if none did).
+    /// of a synchronous server, say): it waits for itself. This one detects that case, and a
+    /// `verify_request` hook run by an event worker accepting for the loop, and does not wait:
+    /// it requests the shutdown and returns false; the loop returns when the current request
+    /// ends. Otherwise it returns true once no serve loop runs (at once if none did).
     pub fn shutdown_and_wait(&self) -> bool {
         self.control.request_shutdown();
         self.control.wait_serving_done()

@@ -155,7 +155,8 @@ impl<T: Transport> Builder<T> {
         self
     }
 
-    /// Python's `verify_request`: called on the accepting thread with each client's address;
+    /// Python's `verify_request`: called on the accepting thread with each client's address
+    /// (in [`Dispatch::Event`], the worker that accepted it, while no other accepts);
     /// returning false closes the connection (or drops the datagram) without running a handler.
     /// With `proxy_protocol` (cargo feature `proxy-protocol`) it is called after the PROXY header, on the
     /// connection's worker, with the client the header names.
@@ -454,19 +455,22 @@ impl<T: Transport> Server<T> {
                 .as_ref()
                 .and_then(|_| deadline_after(self.poll_interval));
             control.set_accepting(true);
-            if let Some(w) = &workers {
-                if !matches!(wait(Some(w.handover_fd()), control, deadline), Wake::Ready) {
-                    control.set_accepting(false);
-                    continue;
-                }
-                w.take_handover();
+            if let Some(w) = &workers
+                && !(matches!(wait(Some(w.handover_fd()), control, deadline), Wake::Ready)
+                    && w.take_handover())
+            {
+                control.set_accepting(false);
+                continue;
             }
             let next = accept.next(deadline, &mut backoff);
             control.set_accepting(false);
+            let stopping = matches!(next, Next::Shutdown);
             if let Next::Request(req, permit) = next {
                 self.process(req, permit, &mut backoff);
             }
-            if let Some(w) = &workers {
+            if let Some(w) = &workers
+                && !stopping
+            {
                 w.resume();
             }
         }

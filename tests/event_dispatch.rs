@@ -6,8 +6,8 @@ mod util;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use socketserver::{
@@ -709,6 +709,80 @@ fn event_workers_accept_while_the_serving_thread_is_busy() {
     release_tx.send(()).unwrap();
     drop(clients);
     drop(running);
+}
+
+/// A `verify_request` hook that blocks holds the worker that accepts, and no other: the
+/// listener is one worker's at a time, so a second arrival does not capture a second worker,
+/// and a parked client is answered at once.
+#[test]
+fn a_slow_verify_request_holds_one_worker_not_all() {
+    util::init_logs();
+    let slow = Arc::new(AtomicBool::new(false));
+    let s = slow.clone();
+    let server = TcpServer::builder(util::line_echo)
+        .dispatch(Dispatch::Event { workers: 2 })
+        .verify_request(move |_| {
+            if s.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+            true
+        })
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let mut a = BufReader::new(connect(&addr));
+    writeln!(a.get_mut(), "one").unwrap();
+    assert_eq!(read_line(&mut a), "one\n");
+    slow.store(true, Ordering::SeqCst);
+    let b = connect(&addr); // a worker sits in the hook
+    std::thread::sleep(Duration::from_millis(100));
+    let c = connect(&addr); // must not take the other worker
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    writeln!(a.get_mut(), "two").unwrap();
+    assert_eq!(read_line(&mut a), "two\n");
+    let took = t.elapsed();
+    slow.store(false, Ordering::SeqCst);
+    drop((a, b, c));
+    drop(running);
+    assert!(
+        took < Duration::from_millis(500),
+        "a parked client's message waited {took:?} behind a slow verify_request"
+    );
+}
+
+/// `shutdown_and_wait` from a `verify_request` hook, which an event worker runs while the
+/// serve loop waits for it to finish accepting: it must not wait for the loop in turn.
+#[test]
+fn shutdown_and_wait_from_verify_request_returns_in_event_mode() {
+    util::init_logs();
+    let handle: Arc<OnceLock<socketserver::ServerHandle>> = Arc::new(OnceLock::new());
+    let waited = Arc::new(Mutex::new(None));
+    let (h, w) = (handle.clone(), waited.clone());
+    let server = TcpServer::builder(util::line_echo)
+        .dispatch(EVENT)
+        .verify_request(move |_| {
+            if let Some(h) = h.get() {
+                *w.lock().unwrap() = Some(h.shutdown_and_wait());
+            }
+            false
+        })
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let _ = handle.set(server.handle());
+    let addr = server.local_addr().clone();
+    let serving = std::thread::spawn(move || {
+        server.serve_forever();
+        server
+    });
+    let _c = connect(&addr);
+    assert!(
+        eventually(Duration::from_secs(5), || serving.is_finished()),
+        "serve_forever still runs 5 s after shutdown_and_wait from verify_request"
+    );
+    drop(serving.join().unwrap());
+    assert_eq!(*waited.lock().unwrap(), Some(false), "it waited for itself");
 }
 
 fn lock_recv(rx: &Mutex<mpsc::Receiver<()>>) -> Result<(), mpsc::RecvError> {

@@ -18,7 +18,7 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use rustix::event::epoll::{self, CreateFlags, EventData, EventFlags};
 use rustix::event::{EventfdFlags, Timespec, eventfd};
 
 use super::{Acceptor, Job, Shared, Taken};
-use crate::control::{Counters, Permit, Ticket, lock};
+use crate::control::{AcceptingHere, Counters, Permit, Ticket, lock};
 use crate::log_limit::limited;
 use crate::stream::now_millis;
 use crate::transport::{Incoming, Service, Step};
@@ -53,7 +53,8 @@ const WAKE_KEY: u64 = u64::MAX;
 /// The epoll key of the listener, while the workers accept.
 const LISTEN_KEY: u64 = u64::MAX - 1;
 
-/// Connections a worker accepts per event of the listener before it turns to the others.
+/// Connections a worker accepts per event of the listener before it re-arms it and turns to
+/// the others.
 const ACCEPT_BATCH: usize = 64;
 
 const IDLE: u8 = 0;
@@ -92,9 +93,11 @@ struct Engine<S: Service> {
     closing: AtomicBool,
     /// When the next tick is due (milliseconds of `now_millis`).
     next_tick: AtomicU64,
-    /// What the workers accept from, while serve loops let them. Held by a worker while it
-    /// accepts, so that a serve loop that stops them knows none still does.
+    /// What the workers accept from, while serve loops let them. Never held across an accept
+    /// (the user's `verify_request` runs there): a worker marks itself `busy` instead.
     accept: Mutex<Accepting<S::Request>>,
+    /// Signalled when a worker's accept batch ends (a stopping serve loop waits for that).
+    batch_done: Condvar,
     /// Written by a worker that hands accepting over to the serving thread.
     handover: OwnedFd,
 }
@@ -103,6 +106,9 @@ struct Accepting<R> {
     from: Option<Arc<dyn Acceptor<R>>>,
     /// Serve loops running with the workers accepting.
     loops: usize,
+    /// Workers in an accept batch: one at a time, the listener being one-shot (a serving
+    /// thread's re-arm may let in a second).
+    busy: usize,
 }
 
 /// The running event mode: the set and its workers.
@@ -140,7 +146,9 @@ impl<S: Service> Event<S> {
             accept: Mutex::new(Accepting {
                 from: None,
                 loops: 0,
+                busy: 0,
             }),
+            batch_done: Condvar::new(),
             handover,
         });
         let mut event = Event {
@@ -170,8 +178,9 @@ impl<S: Service> Event<S> {
         self.engine.submit(job)
     }
 
-    /// Has the workers accept from `acceptor` (the listener joins their set, edge-triggered)
-    /// until the guard drops. `None` if the listener cannot join; the caller then accepts.
+    /// Has the workers accept from `acceptor` (the listener joins their set, one-shot: one
+    /// worker at a time has its event, and re-arms it when done) until the guard drops. `None`
+    /// if the listener cannot join; the caller then accepts.
     pub(crate) fn accept_from(
         &self,
         acceptor: Arc<dyn Acceptor<S::Request>>,
@@ -179,6 +188,8 @@ impl<S: Service> Event<S> {
         let e = &self.engine;
         let mut accepting = lock(&e.accept);
         if accepting.loops == 0 {
+            // A hand-over left from a serve loop that stopped is not for this one.
+            let _ = rustix::io::read(&e.handover, &mut [0u8; 8]);
             let listening = EventData::new_u64(LISTEN_KEY);
             if let Err(err) = epoll::add(&e.epoll, acceptor.fd(), listening, listen_flags()) {
                 log::warn!("event loop: the listener cannot join the workers' set: {err}");
@@ -328,13 +339,22 @@ impl<S: Service> Engine<S> {
         }
     }
 
-    /// The listener is ready: accept what is queued (edge-triggered: until none is left, or
-    /// until the batch is done and the listener re-armed, so the connections ready meanwhile
-    /// get their turn).
+    /// The listener is ready: accept what is queued, up to a batch, then re-arm the listener
+    /// (a connection queued by then is reported at once), unless accepting was handed over.
     fn accept(&self) {
-        let accepting = lock(&self.accept);
-        let Some(from) = &accepting.from else {
-            return; // a late event: the serve loop has stopped the workers accepting
+        let from = {
+            let mut accepting = lock(&self.accept);
+            let Some(from) = accepting.from.clone() else {
+                return; // a late event: the serve loop has stopped the workers accepting
+            };
+            accepting.busy += 1;
+            from
+        };
+        let _here = AcceptingHere::enter();
+        // Re-arms when the batch ends however it ends, a panic included.
+        let mut batch = Batch {
+            engine: self,
+            rearm: true,
         };
         for _ in 0..ACCEPT_BATCH {
             match from.try_next() {
@@ -347,13 +367,13 @@ impl<S: Service> Engine<S> {
                 Taken::Refused => {}
                 Taken::Empty => return,
                 Taken::HandOver => {
+                    // The serving thread re-arms the listener when it has done its part.
+                    batch.rearm = false;
                     let _ = rustix::io::write(&self.handover, &1u64.to_ne_bytes());
                     return;
                 }
             }
         }
-        let listening = EventData::new_u64(LISTEN_KEY);
-        let _ = epoll::modify(&self.epoll, from.fd(), listening, listen_flags());
     }
 
     fn maybe_tick(&self) {
@@ -503,7 +523,29 @@ impl<S: Service> Engine<S> {
 }
 
 fn listen_flags() -> EventFlags {
-    EventFlags::IN | EventFlags::ET
+    EventFlags::IN | EventFlags::ONESHOT
+}
+
+/// A worker's accept batch: when it ends, the listener is re-armed (unless handed over) and a
+/// serve loop waiting for the batch is told.
+struct Batch<'a, S: Service> {
+    engine: &'a Engine<S>,
+    rearm: bool,
+}
+
+impl<S: Service> Drop for Batch<'_, S> {
+    fn drop(&mut self) {
+        let e = self.engine;
+        let mut accepting = lock(&e.accept);
+        accepting.busy -= 1;
+        if self.rearm
+            && let Some(from) = &accepting.from
+        {
+            let listening = EventData::new_u64(LISTEN_KEY);
+            let _ = epoll::modify(&e.epoll, from.fd(), listening, listen_flags());
+        }
+        e.batch_done.notify_all();
+    }
 }
 
 /// Held by a serve loop while the workers accept for it: it waits on
@@ -521,14 +563,15 @@ impl<S: Service> WorkersAccept<'_, S> {
     }
 
     /// Takes the hand-over: the serving thread accepts until it has one connection, then calls
-    /// [`resume`](Self::resume).
-    pub(crate) fn take_handover(&self) {
+    /// [`resume`](Self::resume). False if there was none to take (another serve loop took it).
+    pub(crate) fn take_handover(&self) -> bool {
         let mut n = [0u8; 8];
-        let _ = rustix::io::read(&self.event.engine.handover, &mut n);
+        matches!(rustix::io::read(&self.event.engine.handover, &mut n), Ok(8))
+            && u64::from_ne_bytes(n) > 0
     }
 
-    /// Gives accepting back to the workers: the listener is reported again if a connection is
-    /// queued (a modified edge-triggered entry is checked at once).
+    /// Gives accepting back to the workers: re-arms the listener, which is reported at once if
+    /// a connection is queued.
     pub(crate) fn resume(&self) {
         let e = &self.event.engine;
         let accepting = lock(&e.accept);
@@ -548,6 +591,14 @@ impl<S: Service> Drop for WorkersAccept<'_, S> {
             && let Some(from) = accepting.from.take()
         {
             let _ = epoll::delete(&e.epoll, from.fd());
+            // A worker still in a batch may accept a few more (they are served); once it ends,
+            // none will.
+            while accepting.busy > 0 {
+                accepting = e
+                    .batch_done
+                    .wait(accepting)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
         }
     }
 }
