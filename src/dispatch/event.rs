@@ -236,16 +236,15 @@ impl<S: Service> Event<S> {
 impl<S: Service> Engine<S> {
     /// Adds an accepted connection to the set; a worker picks it up at once.
     fn submit(&self, (req, permit, ticket): Job<S::Request>) -> io::Result<()> {
-        let e = self;
         let Some(stream) = req.stream().cloned() else {
             req.reject();
             return Err(io::Error::other("event mode serves only connections"));
         };
-        let Some(session) = e.shared.service.session(req, &e.shared.ctx) else {
+        let Some(session) = self.shared.service.session(req, &self.shared.ctx) else {
             return Err(io::Error::other("event mode cannot serve this request"));
         };
         let (index, generation) = {
-            let mut slab = lock(&e.slab);
+            let mut slab = lock(&self.slab);
             slab.generation = slab.generation.wrapping_add(1);
             let generation = slab.generation;
             let entry = Arc::new(Entry {
@@ -272,14 +271,14 @@ impl<S: Service> Engine<S> {
         };
         let flags = EventFlags::IN | EventFlags::OUT | EventFlags::RDHUP | EventFlags::ET;
         if let Err(err) = epoll::add(
-            &e.epoll,
+            &self.epoll,
             &stream,
             EventData::new_u64(key(index, generation)),
             flags,
         ) {
             // Not in the set: close it here, through the same path as any other.
-            if let Some(entry) = e.entry(key(index, generation)) {
-                e.close(index, &entry);
+            if let Some(entry) = self.entry(key(index, generation)) {
+                self.close(index, &entry);
             }
             return Err(err.into());
         }
@@ -373,6 +372,15 @@ impl<S: Service> Engine<S> {
                     return;
                 }
             }
+        }
+    }
+
+    /// Re-arms the one-shot listener while the workers accept: it is reported at once if a
+    /// connection is queued.
+    fn rearm(&self, accepting: &Accepting<S::Request>) {
+        if let Some(from) = &accepting.from {
+            let listening = EventData::new_u64(LISTEN_KEY);
+            let _ = epoll::modify(&self.epoll, from.fd(), listening, listen_flags());
         }
     }
 
@@ -538,11 +546,8 @@ impl<S: Service> Drop for Batch<'_, S> {
         let e = self.engine;
         let mut accepting = lock(&e.accept);
         accepting.busy -= 1;
-        if self.rearm
-            && let Some(from) = &accepting.from
-        {
-            let listening = EventData::new_u64(LISTEN_KEY);
-            let _ = epoll::modify(&e.epoll, from.fd(), listening, listen_flags());
+        if self.rearm {
+            e.rearm(&accepting);
         }
         e.batch_done.notify_all();
     }
@@ -574,11 +579,7 @@ impl<S: Service> WorkersAccept<'_, S> {
     /// a connection is queued.
     pub(crate) fn resume(&self) {
         let e = &self.event.engine;
-        let accepting = lock(&e.accept);
-        if let Some(from) = &accepting.from {
-            let listening = EventData::new_u64(LISTEN_KEY);
-            let _ = epoll::modify(&e.epoll, from.fd(), listening, listen_flags());
-        }
+        e.rearm(&lock(&e.accept));
     }
 }
 
