@@ -45,6 +45,17 @@ pub struct RFile {
     peer: Addr,
 }
 
+/// How a message served in event mode ended, for its input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Taken {
+    /// It read what it needed.
+    Whole,
+    /// It needed bytes that have not arrived: its input is unread again.
+    Starved,
+    /// It needed more than [`RFile::message_limit`] bytes: it can never be whole here.
+    TooLarge,
+}
+
 impl RFile {
     pub(crate) fn new(stream: Stream, capacity: usize, max_line: usize, peer: Addr) -> RFile {
         RFile {
@@ -155,6 +166,47 @@ impl RFile {
         self.inner.fill_nonblocking()
     }
 
+    /// The most a message may take in event mode, where it must be in the buffer whole before
+    /// it is served: the buffer's capacity, or the longest line if that is more.
+    pub(crate) fn message_limit(&self) -> usize {
+        self.inner.capacity.max(self.max_line)
+    }
+
+    /// Event mode: a message is about to be served. Its input stays in the buffer until
+    /// [`end_message`](Self::end_message), so that a call that runs out of it can be taken back
+    /// and run again once more has come; the buffer grows up to
+    /// [`message_limit`](Self::message_limit) for it.
+    pub(crate) fn begin_message(&mut self) {
+        let limit = self.message_limit();
+        let r = &mut self.inner;
+        r.mark = Some(r.pos);
+        r.limit = limit;
+        r.starved = false;
+    }
+
+    /// Event mode: whether the message's call has run out of input (see
+    /// [`end_message`](Self::end_message)).
+    pub(crate) fn starved(&self) -> bool {
+        self.inner.starved
+    }
+
+    /// Event mode: the message's call has returned. A call that needed bytes not yet arrived
+    /// (a read found the socket empty) has its input put back.
+    pub(crate) fn end_message(&mut self) -> Taken {
+        let r = &mut self.inner;
+        let mark = r.mark.take();
+        if !std::mem::take(&mut r.starved) {
+            return Taken::Whole;
+        }
+        if let Some(m) = mark {
+            r.pos = m;
+        }
+        match r.buf.len() - r.pos >= r.limit {
+            true => Taken::TooLarge,
+            false => Taken::Starved,
+        }
+    }
+
     /// Whether the buffer holds as much as it can: the next message cannot grow in it.
     pub(crate) fn is_full(&self) -> bool {
         let b = &self.inner.buf;
@@ -172,7 +224,11 @@ impl RFile {
         let r = &mut self.inner;
         if r.pos >= r.buf.len() && r.buf.capacity() > 0 {
             r.pos = 0;
-            pool::give(std::mem::take(&mut r.buf));
+            let buf = std::mem::take(&mut r.buf);
+            // One grown for a long message is not kept.
+            if buf.capacity() == r.capacity {
+                pool::give(buf);
+            }
         }
         r.stream.park_buffers();
     }
@@ -227,6 +283,13 @@ struct ReadBuffer {
     /// so the next byte to arrive will be signalled (edge-triggered epoll) and an event-mode
     /// connection can park without asking the socket again.
     drained: bool,
+    /// Event mode, while a message is served: where its input starts. Nothing from here on is
+    /// dropped from the buffer, and reads go through the buffer only.
+    mark: Option<usize>,
+    /// How far the buffer may grow while `mark` is set.
+    limit: usize,
+    /// A read found the socket empty (or the buffer at `limit`) while `mark` was set.
+    starved: bool,
 }
 
 impl ReadBuffer {
@@ -240,12 +303,18 @@ impl ReadBuffer {
             pos: 0,
             capacity,
             drained: false,
+            mark: None,
+            limit: capacity,
+            starved: false,
         }
     }
 
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
         if self.pos >= self.buf.len() {
             self.make_room();
+            if self.mark.is_some() {
+                return self.fill_marked();
+            }
             loop {
                 let room = self.buf.spare_capacity_mut().len();
                 match self.stream.read_spare(&mut self.buf) {
@@ -260,12 +329,46 @@ impl ReadBuffer {
         Ok(&self.buf[self.pos..])
     }
 
-    /// Moves the unread bytes to the front of the buffer (allocating it if it was released),
-    /// so that a read can append after them.
+    /// [`fill_buf`](Self::fill_buf) while a message is served in event mode: the socket is
+    /// non-blocking, and running out (or out of room) marks the message starved. The call
+    /// fails with `WouldBlock` then; the server takes it back.
+    fn fill_marked(&mut self) -> io::Result<&[u8]> {
+        if self.buf.spare_capacity_mut().is_empty() {
+            let grow = self.limit.saturating_sub(self.buf.len());
+            if grow == 0 {
+                self.starved = true;
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.buf
+                .reserve_exact(grow.min(self.buf.capacity().max(self.capacity)));
+        }
+        loop {
+            let room = self.buf.spare_capacity_mut().len();
+            match self.stream.read_spare(&mut self.buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.starved = true;
+                    self.drained = true;
+                    return Err(e);
+                }
+                r => {
+                    self.drained = self.stream.read_emptied(r?, room);
+                    return Ok(&self.buf[self.pos..]);
+                }
+            }
+        }
+    }
+
+    /// Moves the unread bytes (or, while a message is served, the message's) to the front of
+    /// the buffer (allocating it if it was released), so that a read can append after them.
     fn make_room(&mut self) {
-        if self.pos > 0 {
-            self.buf.drain(..self.pos);
-            self.pos = 0;
+        let keep = self.mark.map_or(self.pos, |m| m.min(self.pos));
+        if keep > 0 {
+            self.buf.drain(..keep);
+            self.pos -= keep;
+            if let Some(m) = &mut self.mark {
+                *m -= keep;
+            }
         }
         if self.buf.capacity() == 0 {
             self.buf = pool::take(self.capacity);
@@ -305,8 +408,9 @@ impl ReadBuffer {
     }
 
     fn read(&mut self, dst: &mut [u8]) -> io::Result<usize> {
-        // Nothing buffered and a large read: skip the buffer, as BufReader does.
-        if self.pos >= self.buf.len() && dst.len() >= self.capacity {
+        // Nothing buffered and a large read: skip the buffer, as BufReader does (not while a
+        // message's input must stay in it).
+        if self.pos >= self.buf.len() && dst.len() >= self.capacity && self.mark.is_none() {
             let n = (&self.stream).read(dst)?;
             self.drained = n < dst.len();
             return Ok(n);
@@ -439,6 +543,17 @@ impl WFile {
     /// The connection. Writing it directly skips the buffer (flush first).
     pub fn get_ref(&self) -> &Stream {
         self.inner.get_ref()
+    }
+
+    /// Event mode: drops what is buffered, unsent (the message that wrote it is taken back).
+    pub(crate) fn discard(&mut self) {
+        if self.inner.buffer().is_empty() {
+            return;
+        }
+        let capacity = self.inner.capacity();
+        let fresh = BufWriter::with_capacity(capacity, self.inner.get_ref().clone());
+        // `into_parts` does not flush, as dropping a BufWriter would.
+        let _ = std::mem::replace(&mut self.inner, fresh).into_parts();
     }
 }
 

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
+use crate::buffered::Taken;
 use crate::control::Counters;
 use crate::observe::ConnSpan;
 use crate::worker::{Ctx, Severity, panic_message};
@@ -101,23 +102,73 @@ pub(crate) fn finish<R: HasPeer, H: Lifecycle<R>>(h: &mut H, req: &mut R, ctx: &
 /// [`handle_message`](crate::MessageHandler::handle_message) and flushes `wfile`. A failure or
 /// a panic is reported like a failed `handle`, and closes the connection. Its duration is
 /// recorded as one request's.
-pub(crate) fn message<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Next {
+///
+/// A call that read past the input that has arrived (its read found the non-blocking socket
+/// empty) is taken back, whatever it returned: its input is unread again and what it wrote is
+/// dropped, so it can run again, from the start of the message, once more input comes.
+/// `Message(None)` then, with no failure reported; [`Served::TooLarge`] when the message
+/// cannot fit in `rfile`'s limit at all.
+pub(crate) fn message<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Served {
     let started = Instant::now();
-    let next = serve_message(h, req, ctx);
-    ctx.control().record_request(started.elapsed());
-    next
+    if let Some((_, s)) = h.messages() {
+        s.rfile.begin_message();
+    }
+    req.stream.hold_output();
+    let served = serve_message(h, req, ctx);
+    let taken = h
+        .messages()
+        .map_or(Taken::Whole, |(_, s)| s.rfile.end_message());
+    match taken {
+        Taken::Whole => {
+            ctx.control().record_request(started.elapsed());
+            if let Err(e) = req.stream.release_output() {
+                read_failed(req, ctx, e);
+                return Served::Next(Next::Close);
+            }
+            Served::Next(served.flatten().unwrap_or(Next::Close))
+        }
+        // It panicked after running out: not run again.
+        _ if served.is_none() => Served::Next(Next::Close),
+        starved => {
+            if let Some((_, s)) = h.messages() {
+                s.wfile.discard();
+            }
+            req.stream.discard_output();
+            match starved {
+                Taken::TooLarge => Served::TooLarge,
+                _ => Served::Starved,
+            }
+        }
+    }
 }
 
-fn serve_message<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Next {
-    let serve = |h: &mut H, _: &mut Request| -> Result<Next, HandlerError> {
+/// What became of a message in event mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Served {
+    /// It was served; the handler wants this next.
+    Next(Next),
+    /// It needs input that has not come: taken back, to run again when it does.
+    Starved,
+    /// It needs more input than `rfile` may hold: it can never be served.
+    TooLarge,
+}
+
+/// The call itself: `None` if it failed (reported), `Some(None)` if it ran out of input
+/// (not reported: it runs again).
+fn serve_message<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Option<Option<Next>> {
+    let serve = |h: &mut H, _: &mut Request| -> Result<Option<Next>, HandlerError> {
         let (m, s) = h
             .messages()
             .ok_or("Dispatch::Event needs a MessageRequestHandler, set up")?;
-        let next = m.handle_message(s)?;
+        let next = m.handle_message(s);
+        if s.rfile.starved() {
+            return Ok(None);
+        }
+        let next = next?;
         s.wfile.flush()?;
-        Ok(next)
+        Ok(Some(next))
     };
-    step(h, req, ctx, "handle_message", serve).unwrap_or(Next::Close)
+    step(h, req, ctx, "handle_message", serve)
 }
 
 /// Event mode: a read between messages failed (a reset, a corrupt TLS record). Reported and

@@ -42,7 +42,33 @@ struct Inner {
     /// The TLS session, once the handshake has run: reads and writes then go through it.
     #[cfg(feature = "tls")]
     tls: OnceLock<Box<crate::tls::session::Session>>,
+    /// Event mode: the socket is non-blocking and what it cannot take now waits here.
+    outbox: OnceLock<Box<Outbox>>,
 }
+
+/// Event mode's output: a write never waits for the peer. What the socket cannot take now is
+/// kept, in order, until the event loop sees it writable; a message handler's output is held
+/// until the message is served, so that a call that ran out of input can be taken back whole.
+struct Outbox {
+    state: Mutex<OutState>,
+    /// Set before every send and cleared once nothing is left: an event loop that sees it
+    /// false on a writable event knows there is nothing to send (set first, so a send that
+    /// fills the socket cannot be missed by an event that follows it).
+    pending: AtomicBool,
+}
+
+#[derive(Default)]
+struct OutState {
+    /// Bytes for the socket (ciphertext under TLS), in order.
+    wire: Vec<u8>,
+    /// Plaintext written during a message, not yet released to `wire`.
+    held: Vec<u8>,
+    holding: bool,
+}
+
+/// Outbox buffers larger than this are freed once empty, so that a connection that sent one
+/// large reply does not keep its buffer while it idles.
+const KEEP_OUTBOX: usize = 16 * 1024;
 
 /// How long a connection may keep its worker waiting on the peer: the idle timeout and the
 /// minimum data rate of [`Builder`](crate::Builder), enforced by the server's reaper thread.
@@ -344,6 +370,7 @@ impl Stream {
                 moved: [AtomicU64::new(0), AtomicU64::new(0)],
                 #[cfg(feature = "tls")]
                 tls: OnceLock::new(),
+                outbox: OnceLock::new(),
             }),
         }
     }
@@ -571,7 +598,7 @@ impl Stream {
     /// On a blocking socket, `WouldBlock` can only be the socket timeout expiring.
     #[cold]
     fn timed_out(&self, e: io::Error, direction: Direction) -> io::Error {
-        if e.kind() != io::ErrorKind::WouldBlock {
+        if e.kind() != io::ErrorKind::WouldBlock || self.inner.outbox.get().is_some() {
             return e;
         }
         let nonblocking = rustix::fs::fcntl_getfl(self)
@@ -741,6 +768,9 @@ impl Read for &Stream {
 
 impl Write for &Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.hold(buf) {
+            return Ok(buf.len());
+        }
         #[cfg(feature = "tls")]
         if let Some(t) = self.inner.tls.get() {
             return t.write(&self.plain(), buf);
@@ -749,6 +779,11 @@ impl Write for &Stream {
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        if let Some(b) = bufs.iter().find(|b| !b.is_empty())
+            && self.hold(b)
+        {
+            return Ok(b.len());
+        }
         #[cfg(feature = "tls")]
         if let Some(t) = self.inner.tls.get() {
             return t.write_vectored(&self.plain(), bufs);
@@ -769,6 +804,9 @@ impl Stream {
     /// A write on the socket itself, under TLS too.
     #[inline]
     fn write_plain(&self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(o) = self.inner.outbox.get() {
+            return self.queue(o, buf);
+        }
         let buf = self.chunk(buf);
         self.io(Direction::Write, |sock| match sock {
             Sock::Tcp(s) => (&*s).write(buf),
@@ -777,6 +815,13 @@ impl Stream {
     }
 
     fn write_vectored_plain(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        if self.inner.outbox.get().is_some() {
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &b[..]);
+            return self.write_plain(first);
+        }
         if self.inner.activity.is_some()
             && bufs.iter().map(|b| b.len()).sum::<usize>() > WRITE_CHUNK
         {
@@ -791,6 +836,174 @@ impl Stream {
             Sock::Tcp(s) => (&*s).write_vectored(bufs),
             Sock::Unix(s) => (&*s).write_vectored(bufs),
         })
+    }
+}
+
+/// Appends to a queue in steps of [`KEEP_OUTBOX`], not by doubling: what a connection holds
+/// stays close to what it has queued, which the event loop bounds.
+fn queue_bytes(wire: &mut Vec<u8>, buf: &[u8]) {
+    let want = wire.len() + buf.len();
+    if want > wire.capacity() {
+        wire.reserve_exact(want.next_multiple_of(KEEP_OUTBOX) - wire.len());
+    }
+    wire.extend_from_slice(buf);
+}
+
+/// Event mode's non-blocking output (see [`Outbox`]).
+impl Stream {
+    /// Event mode: makes the socket non-blocking and every write through the stream queue
+    /// what the socket cannot take now, instead of waiting.
+    pub(crate) fn set_queued(&self) -> io::Result<()> {
+        rustix::io::ioctl_fionbio(self, true)?;
+        let _ = self.inner.outbox.set(Box::new(Outbox {
+            state: Mutex::new(OutState::default()),
+            pending: AtomicBool::new(false),
+        }));
+        Ok(())
+    }
+
+    fn out_state(o: &Outbox) -> std::sync::MutexGuard<'_, OutState> {
+        o.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `buf` back while a message is served; false when nothing is held.
+    fn hold(&self, buf: &[u8]) -> bool {
+        let Some(o) = self.inner.outbox.get() else {
+            return false;
+        };
+        let mut st = Stream::out_state(o);
+        if st.holding {
+            st.held.extend_from_slice(buf);
+        }
+        st.holding
+    }
+
+    /// Sends what it can of `buf` now, after whatever is already queued, and queues the rest.
+    fn queue(&self, o: &Outbox, buf: &[u8]) -> io::Result<usize> {
+        let mut st = Stream::out_state(o);
+        if !st.wire.is_empty() {
+            queue_bytes(&mut st.wire, buf);
+            return Ok(buf.len());
+        }
+        o.pending.store(true, Ordering::SeqCst);
+        let sent = match self.send_now(buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => {
+                o.pending.store(false, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
+        if sent < buf.len() {
+            queue_bytes(&mut st.wire, &buf[sent..]);
+        } else {
+            o.pending.store(false, Ordering::SeqCst);
+        }
+        Ok(buf.len())
+    }
+
+    /// One send that does not wait (and raises no SIGPIPE), counted.
+    fn send_now(&self, buf: &[u8]) -> io::Result<usize> {
+        use rustix::net::{SendFlags, send};
+        loop {
+            let r = self.counted(Direction::Write, |sock| {
+                let fd = match sock {
+                    Sock::Tcp(s) => s.as_fd(),
+                    Sock::Unix(s) => s.as_fd(),
+                };
+                send(fd, buf, SendFlags::DONTWAIT | SendFlags::NOSIGNAL).map_err(io::Error::from)
+            });
+            match r {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
+        }
+    }
+
+    /// Event mode: starts holding the output of a message (see [`release_output`]).
+    ///
+    /// [`release_output`]: Self::release_output
+    pub(crate) fn hold_output(&self) {
+        if let Some(o) = self.inner.outbox.get() {
+            Stream::out_state(o).holding = true;
+        }
+    }
+
+    /// Event mode: the message is served; what it wrote goes out (through TLS, if any).
+    pub(crate) fn release_output(&self) -> io::Result<()> {
+        let Some(o) = self.inner.outbox.get() else {
+            return Ok(());
+        };
+        let mut held = {
+            let mut st = Stream::out_state(o);
+            st.holding = false;
+            std::mem::take(&mut st.held)
+        };
+        let result = if held.is_empty() {
+            Ok(())
+        } else {
+            (&*self).write_all(&held)
+        };
+        if held.capacity() <= KEEP_OUTBOX {
+            held.clear();
+            let mut st = Stream::out_state(o);
+            if st.held.capacity() == 0 {
+                st.held = held;
+            }
+        }
+        result
+    }
+
+    /// Event mode: the message is taken back (it needs input that has not come): what it
+    /// wrote is dropped, unsent.
+    pub(crate) fn discard_output(&self) {
+        if let Some(o) = self.inner.outbox.get() {
+            let mut st = Stream::out_state(o);
+            st.holding = false;
+            st.held.clear();
+        }
+    }
+
+    /// Event mode: sends what is queued, as far as the socket takes it now. The bytes still
+    /// queued after it (0: all sent).
+    pub(crate) fn flush_output(&self) -> io::Result<usize> {
+        let Some(o) = self.inner.outbox.get() else {
+            return Ok(0);
+        };
+        let mut st = Stream::out_state(o);
+        if st.wire.is_empty() {
+            return Ok(0);
+        }
+        o.pending.store(true, Ordering::SeqCst);
+        let mut sent = 0;
+        let result = loop {
+            if sent == st.wire.len() {
+                break Ok(());
+            }
+            match self.send_now(&st.wire[sent..]) {
+                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        st.wire.drain(..sent);
+        if st.wire.is_empty() {
+            if st.wire.capacity() > KEEP_OUTBOX {
+                st.wire = Vec::new();
+            }
+            o.pending.store(false, Ordering::SeqCst);
+        }
+        result.map(|()| st.wire.len())
+    }
+
+    /// Event mode: whether output waits for the socket (or a send is under way), so that a
+    /// writable event has something to do. No lock: one atomic load.
+    pub(crate) fn wants_writable(&self) -> bool {
+        self.inner
+            .outbox
+            .get()
+            .is_some_and(|o| o.pending.load(Ordering::SeqCst))
     }
 }
 
@@ -882,6 +1095,10 @@ impl Stream {
                 Ok(0)
             }
             fn write_raw(&self, buf: &[u8]) -> io::Result<usize> {
+                if let Some(o) = self.0.inner.outbox.get() {
+                    // After what is queued, in order.
+                    return self.0.queue(o, buf);
+                }
                 rustix::net::send(
                     self.0,
                     buf,

@@ -19,6 +19,10 @@ use util::{connect, eventually, line_echo, serve};
 
 const EVENT: Dispatch = Dispatch::Event { workers: 1 };
 
+/// Counts the heap, so that a test can bound what misbehaving clients make the server hold.
+#[global_allocator]
+static HEAP: util::CountingAlloc = util::CountingAlloc;
+
 /// Counts what the lifecycle did, per connection and in all.
 #[derive(Clone, Default)]
 struct Counts {
@@ -521,12 +525,17 @@ fn a_drain_closes_parked_connections_at_once_and_lets_a_message_in_flight_finish
 }
 
 #[test]
-fn a_read_timeout_bounds_a_message_the_handler_waits_for() {
+fn a_message_short_of_input_is_taken_back_and_served_whole_when_the_rest_comes() {
     let _serial = util::serial();
     util::init_logs();
-    let server = TcpServer::builder(|| {
-        message_fn(|s| {
-            // Wants four bytes, whatever arrived.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = calls.clone();
+    let server = TcpServer::builder(move || {
+        let calls = c2.clone();
+        message_fn(move |s| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            // Wants four bytes, whatever arrived; writes before it has them all.
+            s.wfile.write_all(b">")?;
             let mut b = [0u8; 4];
             s.rfile.read_exact(&mut b)?;
             s.wfile.write_all(&b)?;
@@ -534,21 +543,289 @@ fn a_read_timeout_bounds_a_message_the_handler_waits_for() {
         })
     })
     .dispatch(EVENT)
-    .read_timeout(Some(Duration::from_millis(200)))
     .bind("127.0.0.1:0")
     .unwrap();
     let addr = server.local_addr().clone();
     let running = serve(server);
     let mut c = connect(&addr);
     c.write_all(b"ab").unwrap();
+    assert!(eventually(Duration::from_secs(5), || calls
+        .load(Ordering::SeqCst)
+        >= 1));
+    // Its one worker is not held: another client is answered meanwhile.
+    let mut other = connect(&addr);
+    other.write_all(b"wxyz").unwrap();
+    assert_eq!(util::read_n(&mut other, 5), b">wxyz");
+    c.write_all(b"cd").unwrap();
+    // The first call's output was dropped with it: one '>' only, and nothing lost.
+    assert_eq!(util::read_n(&mut c, 5), b">abcd");
+    assert_eq!(running.handle.stats().handler_errors, 0);
+    assert_eq!(running.handle.stats().timeouts, 0);
+    drop(running);
+}
+
+/// Clients that send and never read: each sends until its own socket blocks (no progress for
+/// 100 ms), all of them side by side.
+fn non_readers(addr: &Addr, n: usize) -> Vec<TcpStream> {
+    let chunk = [b'x'; 16 * 1024];
+    let clients: Vec<TcpStream> = (0..n)
+        .map(|_| {
+            let c = small_buffers(connect(addr));
+            c.set_nonblocking(true).unwrap();
+            c
+        })
+        .collect();
+    let start = Instant::now();
+    let mut progress = vec![start; n];
+    while start.elapsed() < Duration::from_secs(10) {
+        let mut open = 0;
+        for (c, last) in clients.iter().zip(progress.iter_mut()) {
+            if last.elapsed() > Duration::from_millis(100) {
+                continue;
+            }
+            open += 1;
+            loop {
+                match (&*c).write(&chunk) {
+                    Ok(_) => *last = Instant::now(),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("non-reader: {e}"),
+                }
+            }
+        }
+        if open == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    clients
+}
+
+/// Small socket buffers, so that a few thousand clients that never read fill theirs with a
+/// few tens of KiB each, not the megabytes loopback autotuning allows.
+fn small_buffers(c: TcpStream) -> TcpStream {
+    let s = socket2::SockRef::from(&c);
+    s.set_recv_buffer_size(16 * 1024).unwrap();
+    s.set_send_buffer_size(16 * 1024).unwrap();
+    c
+}
+
+/// An honest client's round trips while the others misbehave: the median and the worst.
+fn honest_round_trips(addr: &Addr) -> (Duration, Duration) {
+    let mut c = connect(addr);
+    let mut times: Vec<Duration> = (0..20)
+        .map(|i| {
+            let t = Instant::now();
+            let msg = format!("honest {i}\n");
+            c.write_all(msg.as_bytes()).unwrap();
+            assert_eq!(util::read_n(&mut c, msg.len()), msg.as_bytes());
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    (times[times.len() / 2], times[times.len() - 1])
+}
+
+/// With the defaults (two workers, as `echo_server --mode event`), `count` clients that never
+/// read their echoes stall nobody; the server holds at most its output bound for each.
+fn never_reading(count: usize) {
+    let _serial = util::serial();
+    util::init_logs();
+    let server = TcpServer::builder(util::byte_echo)
+        .dispatch(Dispatch::Event { workers: 2 })
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let heap_before = util::heap_live_bytes();
+    let stalled = non_readers(&addr, count);
+    let (median, worst) = honest_round_trips(&addr);
+    assert!(
+        median < Duration::from_millis(10) && worst < Duration::from_millis(500),
+        "{count} non-readers: honest round trips median {median:?}, worst {worst:?}"
+    );
+    // The output bound (64 KiB), a reply past it and its allocation step (16 KiB), the read
+    // buffer and the held reply (8 KiB each) for each, and slack for the honest client and
+    // the set: not what they sent.
+    let grown = util::heap_live_bytes() - heap_before;
+    let bound = count as i64 * (64 + 16 + 8 + 8) * 1024 + 4 * 1024 * 1024;
+    assert!(
+        grown < bound,
+        "{count} non-readers: heap grew {grown} B (bound {bound} B)"
+    );
+    // None of them was cut for it (the honest client may still be closing).
+    assert!(running.handle.stats().active >= count as u64);
+    assert_eq!(running.handle.stats().idle_closed, 0);
+    drop(stalled);
+    drop(running);
+}
+
+#[test]
+fn two_clients_that_never_read_stall_nobody() {
+    never_reading(2);
+}
+
+#[test]
+fn two_hundred_clients_that_never_read_stall_nobody() {
+    never_reading(200);
+}
+
+#[test]
+fn two_thousand_clients_that_never_read_stall_nobody() {
+    never_reading(2000);
+}
+
+/// The doc example of `MessageHandler` without its `message_ready`: each half-line client's
+/// call runs out of input and is taken back, holding no worker.
+fn half_a_line(count: usize) {
+    let _serial = util::serial();
+    util::init_logs();
+    let server = TcpServer::builder(|| {
+        message_fn(|s| {
+            let mut line = String::new();
+            if s.rfile.read_line(&mut line)? == 0 {
+                return Ok(Next::Close);
+            }
+            s.wfile.write_all(line.as_bytes())?;
+            Ok(Next::Message)
+        })
+    })
+    .dispatch(Dispatch::Event { workers: 2 })
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let heap_before = util::heap_live_bytes();
+    let mut halves: Vec<TcpStream> = (0..count)
+        .map(|_| {
+            let mut c = connect(&addr);
+            c.write_all(b"half a li").unwrap();
+            c
+        })
+        .collect();
+    let (median, worst) = honest_round_trips(&addr);
+    assert!(
+        median < Duration::from_millis(10) && worst < Duration::from_millis(500),
+        "{count} half-line clients: honest round trips median {median:?}, worst {worst:?}"
+    );
+    let grown = util::heap_live_bytes() - heap_before;
+    let bound = count as i64 * 12 * 1024 + 4 * 1024 * 1024;
+    assert!(
+        grown < bound,
+        "{count} half-line clients: heap grew {grown} B (bound {bound} B)"
+    );
+    // And each is answered, whole, when its line ends.
+    for c in halves.iter_mut().take(50) {
+        c.write_all(b"ne\n").unwrap();
+        assert_eq!(util::read_n(c, 12), b"half a line\n");
+    }
+    assert_eq!(running.handle.stats().handler_errors, 0);
+    drop(halves);
+    drop(running);
+}
+
+#[test]
+fn fifty_clients_that_send_half_a_line_stall_nobody() {
+    half_a_line(50);
+}
+
+#[test]
+fn two_thousand_clients_that_send_half_a_line_stall_nobody() {
+    half_a_line(2000);
+}
+
+#[test]
+fn a_client_reading_a_large_reply_a_byte_at_a_time_holds_no_worker() {
+    let _serial = util::serial();
+    util::init_logs();
+    // One worker: if the slow reader held it, nobody else would be served.
+    let server = TcpServer::builder(|| {
+        message_fn(|s| {
+            let mut line = String::new();
+            if s.rfile.read_line(&mut line)? == 0 {
+                return Ok(Next::Close);
+            }
+            if line == "big\n" {
+                s.wfile.write_all(&vec![b'b'; 4 << 20])?;
+            } else {
+                s.wfile.write_all(line.as_bytes())?;
+            }
+            Ok(Next::Message)
+        })
+    })
+    .dispatch(EVENT)
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let mut slow = small_buffers(connect(&addr));
+    slow.write_all(b"big\n").unwrap();
+    let mut got = 0;
     let t = Instant::now();
-    assert_eq!(c.read(&mut [0u8; 4]).unwrap_or(0), 0);
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
-    assert!(eventually(Duration::from_secs(5), || running
-        .handle
-        .stats()
-        .timeouts
-        == 1));
+    while t.elapsed() < Duration::from_secs(2) {
+        let (median, worst) = honest_round_trips(&addr);
+        assert!(
+            median < Duration::from_millis(10) && worst < Duration::from_millis(500),
+            "beside a slow reader: honest round trips median {median:?}, worst {worst:?}"
+        );
+        got += slow.read(&mut [0u8; 1]).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(got >= 5);
+    // It still gets all of its reply, in order, once it reads.
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let rest = util::read_n(&mut slow, (4 << 20) - got);
+    assert!(rest.iter().all(|&b| b == b'b'));
+    slow.write_all(b"after\n").unwrap();
+    assert_eq!(util::read_n(&mut slow, 6), b"after\n");
+    drop(running);
+}
+
+#[test]
+fn a_reply_larger_than_the_socket_takes_is_sent_whole_before_a_close() {
+    let _serial = util::serial();
+    util::init_logs();
+    let server = TcpServer::builder(|| {
+        message_fn(|s| {
+            let mut line = String::new();
+            s.rfile.read_line(&mut line)?;
+            s.wfile.write_all(&vec![b'z'; 3 << 20])?;
+            Ok(Next::Close)
+        })
+    })
+    .dispatch(EVENT)
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let mut c = small_buffers(connect(&addr));
+    c.write_all(b"go\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let got = util::read_to_eof(&mut c).unwrap();
+    assert_eq!(got.len(), 3 << 20);
+    drop(running);
+}
+
+#[test]
+fn clients_that_never_read_are_closed_by_the_idle_timeout() {
+    let _serial = util::serial();
+    util::init_logs();
+    let server = TcpServer::builder(util::byte_echo)
+        .dispatch(Dispatch::Event { workers: 2 })
+        .idle_timeout(Some(Duration::from_millis(500)))
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().clone();
+    let running = serve(server);
+    let stalled = non_readers(&addr, 20);
+    assert!(
+        eventually(Duration::from_secs(5), || running.handle.stats().active
+            == 0),
+        "non-readers still open: {}",
+        running.handle.stats().active
+    );
+    drop(stalled);
     drop(running);
 }
 

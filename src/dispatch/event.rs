@@ -68,6 +68,8 @@ struct Entry<X> {
     /// A worker has run it (its first event, the writable one of a fresh connection, came).
     started: AtomicBool,
     generation: u32,
+    /// The connection's socket, for a look at its queued output without the lock.
+    stream: crate::Stream,
     held: Mutex<Option<Held<X>>>,
 }
 
@@ -240,6 +242,12 @@ impl<S: Service> Engine<S> {
             req.reject();
             return Err(io::Error::other("event mode serves only connections"));
         };
+        // No worker ever waits on the peer: reads that find nothing park the connection, and
+        // what the socket cannot take now is queued until it can.
+        if let Err(e) = stream.set_queued() {
+            req.reject();
+            return Err(e);
+        }
         let Some(session) = self.shared.service.session(req, &self.shared.ctx) else {
             return Err(io::Error::other("event mode cannot serve this request"));
         };
@@ -251,6 +259,7 @@ impl<S: Service> Engine<S> {
                 state: AtomicU8::new(IDLE),
                 started: AtomicBool::new(false),
                 generation,
+                stream: stream.clone(),
                 held: Mutex::new(Some(Held {
                     session,
                     ticket,
@@ -413,16 +422,16 @@ impl<S: Service> Engine<S> {
         let Some(entry) = self.entry(key) else {
             return; // closed since; a late event
         };
-        // Writes block rather than park, so once a connection has started, "writable" alone
-        // (an ACK that freed send buffer) has nothing for it: serving it would cost a read
-        // that finds nothing. Only its first event, a fresh connection's, is writable alone.
+        // Once a connection has started, "writable" alone (an ACK that freed send buffer) has
+        // nothing for it unless output waits: serving it would cost a read that finds nothing.
+        // Only its first event, a fresh connection's, is writable alone.
         let input = EventFlags::IN
             | EventFlags::PRI
             | EventFlags::RDHUP
             | EventFlags::HUP
             | EventFlags::ERR;
         let started = entry.started.swap(true, Ordering::Relaxed);
-        if started && !flags.intersects(input) {
+        if started && !flags.intersects(input) && !entry.stream.wants_writable() {
             return;
         }
         let mut state = entry.state.load(Ordering::Acquire);

@@ -11,7 +11,7 @@ use super::socket::OwnedPath;
 use super::{Incoming, Listener, Service, Step};
 use crate::admission::{Admission, Admitted, Learnt, Pipeline};
 use crate::control::Control;
-use crate::lifecycle;
+use crate::lifecycle::{self, Served};
 use crate::log_limit::limited;
 use crate::observe::ConnSpan;
 use crate::worker::Ctx;
@@ -42,6 +42,8 @@ impl Incoming for Accepted {
 fn close(stream: &Stream, peer: &Addr) {
     #[cfg(feature = "tls")]
     stream.close_notify();
+    // Event mode: what is queued goes first, as far as the socket takes it now.
+    let _ = stream.flush_output();
     if let Err(e) = stream.shutdown(Shutdown::Write)
         && e.kind() != io::ErrorKind::NotConnected
     {
@@ -186,9 +188,16 @@ enum Phase<H> {
     Admitting(Admission),
     /// Set up; serving messages.
     Serving(H),
+    /// Finished (`finish` has run), sending what is still queued before the close.
+    Flushing,
     /// Closing.
     Ended,
 }
+
+/// Event mode: a connection whose queued output is above this is not read (nor its buffered
+/// messages served) until the peer has taken some: a client that never reads costs its socket
+/// buffers and this, never a worker. One reply may take it past the bound; the next waits.
+pub(crate) const OUTPUT_BOUND: usize = 64 * 1024;
 
 /// Parks the connection, unless the server is draining (a parked connection is closed at once
 /// then, and one that parks after the drain swept them must close itself).
@@ -205,21 +214,47 @@ fn park<H>(s: &mut Session<H>, ctx: &Ctx) -> Step {
 }
 
 /// Serves the messages that are whole in the buffer or on the socket, without waiting for the
-/// peer; `Park` once the socket has nothing more (its buffer released when empty).
+/// peer; `Park` once the socket has nothing more (its buffer released when empty), or while the
+/// output the peer has not taken is above [`OUTPUT_BOUND`] (it is then not read: backpressure).
 fn serve_messages<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Step {
     // Input was signalled: ask the socket at least once.
     let mut asked = false;
     loop {
+        match req.stream.flush_output() {
+            Ok(queued) if queued > OUTPUT_BOUND => return Step::Park,
+            Ok(_) => {}
+            Err(e) => {
+                lifecycle::read_failed(req, ctx, e);
+                return Step::Close;
+            }
+        }
         let Some((m, s)) = h.messages() else {
             return Step::Close;
         };
         let buffered = s.rfile.buffer();
         let whole = !buffered.is_empty() && (m.message_ready(buffered) || s.rfile.is_full());
         if whole {
-            if lifecycle::message(h, req, ctx) == Next::Close {
-                return Step::Close;
+            match lifecycle::message(h, req, ctx) {
+                Served::Next(Next::Message) => continue,
+                Served::Next(Next::Close) => return Step::Close,
+                // The read that found the socket empty left it so: the next byte is signalled.
+                Served::Starved => {
+                    if let Some((_, s)) = h.messages() {
+                        s.rfile.park();
+                    }
+                    return Step::Park;
+                }
+                Served::TooLarge => {
+                    let limit = h.messages().map_or(0, |(_, s)| s.rfile.message_limit());
+                    limited!(
+                        info,
+                        "message from {} longer than {limit} bytes (rfile's limit in event mode: \
+                         StreamOptions::rbufsize or max_line); connection closed",
+                        req.peer
+                    );
+                    return Step::Close;
+                }
             }
-            continue;
         }
         // The last read left the socket empty, and any byte since is signalled anew.
         if asked && s.rfile.drained() {
@@ -239,6 +274,30 @@ fn serve_messages<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Step {
                 return Step::Close;
             }
         }
+    }
+}
+
+/// Event mode: the handler is done with the connection. `finish` runs now, and what it and
+/// the messages before it wrote is sent before the close (the connection waits, parked on
+/// its socket, while the peer takes it); `Close` once nothing is left.
+fn finish_and_flush<H: Handler>(mut h: H, s: &mut Session<H>, ctx: &Ctx) -> Step {
+    s.req.stream.hold_output();
+    lifecycle::finish(&mut h, &mut s.req, ctx);
+    drop(h);
+    if s.req.stream.release_output().is_err() {
+        return Step::Close;
+    }
+    #[cfg(feature = "tls")]
+    s.req.stream.close_notify();
+    flush_then_close(s, ctx)
+}
+
+/// `Close` once the queued output is sent (or cannot be), else parks for it.
+fn flush_then_close<H>(s: &mut Session<H>, ctx: &Ctx) -> Step {
+    s.phase = Phase::Flushing;
+    match s.req.stream.flush_output() {
+        Ok(0) | Err(_) => Step::Close,
+        Ok(_) => park(s, ctx),
     }
 }
 
@@ -369,13 +428,15 @@ impl<H: Handler> StreamService<H> {
                 }
                 Phase::Admitting(Admission::Refused) | Phase::Ended => return Step::Close,
                 Phase::Serving(mut h) => {
-                    let step = serve_messages(&mut h, &mut s.req, ctx);
-                    s.phase = Phase::Serving(h);
-                    return match step {
-                        Step::Park => park(s, ctx),
-                        Step::Close => Step::Close,
+                    return match serve_messages(&mut h, &mut s.req, ctx) {
+                        Step::Park => {
+                            s.phase = Phase::Serving(h);
+                            park(s, ctx)
+                        }
+                        Step::Close => finish_and_flush(h, s, ctx),
                     };
                 }
+                Phase::Flushing => return flush_then_close(s, ctx),
             }
         }
     }
