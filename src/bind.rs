@@ -302,6 +302,10 @@ impl<T: StreamTransport> Builder<T> {
     /// and `write_timeout` bound one call and surface in the handler; `idle_timeout` and
     /// [`min_data_rate`](Self::min_data_rate) bound the connection and are enforced by the
     /// server. `None` turns a timeout off.
+    ///
+    /// Under [`Dispatch::Event`](crate::Dispatch::Event) no read or write waits (a message
+    /// short of input parks, output is queued), so the two per-call timeouts have nothing to
+    /// bound there; the idle timeout and the minimum data rate still apply.
     pub fn read_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.service.read_timeout = timeout.into();
         self

@@ -495,9 +495,22 @@ pub enum Next {
 /// The handler is made per connection, so its fields are per-connection state that survives
 /// between messages. [`handle_message`](Self::handle_message) runs when at least one byte of a
 /// message has arrived (and, with [`message_ready`](Self::message_ready), only once the whole
-/// message has), reads it from `rfile` (blocking reads are allowed, bounded by the server's read
-/// timeout), writes its reply to `wfile`, and says whether to keep the connection. A pipelined
-/// message already in `rfile`'s buffer is served at once, without parking.
+/// message has), reads it from `rfile`, writes its reply to `wfile`, and says whether to keep
+/// the connection. A pipelined message already in `rfile`'s buffer is served at once, without
+/// parking.
+///
+/// In event mode no call ever waits on the peer:
+/// * A read past what has arrived does not block: the call is taken back (its input is unread
+///   again and what it wrote is dropped, whatever it returned) and runs again, from the start
+///   of the message, once more has come. So read the message before changing the handler's
+///   state, or say with `message_ready` when it is whole. A message must fit in `rfile`'s
+///   buffer, which grows for it up to the larger of
+///   [`StreamOptions::rbufsize`] and [`StreamOptions::max_line`]; a longer one closes the
+///   connection.
+/// * Writes never block: what the socket cannot take now is queued and sent as the peer reads.
+///   While more than 64 KiB waits, the connection is not read (backpressure), so a client that
+///   never reads costs its socket buffers and that, not a worker. What is queued is sent
+///   before a close.
 ///
 /// ```
 /// use std::io::Write;
@@ -546,9 +559,11 @@ pub trait MessageHandler: Send + 'static {
 
     /// Whether `buffered`, the start of the next message as received so far, is a whole
     /// message. In [`Dispatch::Event`](crate::Dispatch::Event) the connection stays parked,
-    /// holding no thread, until this says yes (or `rfile`'s buffer is full), so a client that
-    /// sends half a message and stops costs no worker: the idle timeout and the minimum data
-    /// rate close it. The default, any byte, suits protocols whose messages fit one segment.
+    /// holding no thread, until this says yes (or `rfile`'s buffer is full), and a call that
+    /// runs out of input anyway is taken back and run again, so a client that sends half a
+    /// message and stops costs no worker: the idle timeout and the minimum data rate close it.
+    /// The default, any byte, is right for any framing; saying when a message is whole saves
+    /// the calls that would be taken back.
     fn message_ready(&self, buffered: &[u8]) -> bool {
         !buffered.is_empty()
     }

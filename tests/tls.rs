@@ -1115,6 +1115,86 @@ fn event_mode_parks_stalled_tls_handshakes_without_holding_its_worker() {
     assert_eq!(ran.load(Ordering::SeqCst), 1);
 }
 
+/// Event mode on one worker: peers that stop reading, after sending their ClientHello or in
+/// the middle of the stream (sending lines until their socket blocks), hold no worker: an
+/// honest TLS client's round trips stay quick beside them.
+#[test]
+fn event_mode_peers_that_stop_reading_mid_handshake_or_mid_stream_hold_no_worker() {
+    use socketserver::rustls;
+    let pki = Pki::new("event-nonreaders");
+    let (server, addr, _) = server_with(pki.tls("server"), None, Dispatch::Event { workers: 1 });
+    let hello = {
+        let config = rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(pki.roots("ca.pem"))
+            .with_no_client_auth();
+        let mut conn =
+            rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap())
+                .unwrap();
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        hello
+    };
+    let mid_handshake: Vec<TcpStream> = (0..10)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            socket2::SockRef::from(&s)
+                .set_recv_buffer_size(4096)
+                .unwrap();
+            s.write_all(&hello).unwrap();
+            s
+        })
+        .collect();
+    let writers: Vec<_> = (0..10)
+        .map(|_| {
+            let roots = pki.roots("ca.pem");
+            std::thread::spawn(move || {
+                let mut s = connect_tls(addr, "localhost", roots, None).unwrap();
+                let sock = s.get_ref();
+                socket2::SockRef::from(sock)
+                    .set_recv_buffer_size(16 * 1024)
+                    .unwrap();
+                sock.set_write_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
+                let line = format!("{}\n", "n".repeat(1000));
+                // Sends until its socket has stayed full for the write timeout.
+                while s.write_all(line.as_bytes()).is_ok() {}
+                s
+            })
+        })
+        .collect();
+    let mid_stream: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let mut honest =
+        BufReader::new(connect_tls(addr, "localhost", pki.roots("ca.pem"), None).unwrap());
+    honest
+        .get_ref()
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut line = String::new();
+    honest.read_line(&mut line).unwrap();
+    let mut times: Vec<Duration> = (0..20)
+        .map(|i| {
+            let t = std::time::Instant::now();
+            let msg = format!("honest {i}\n");
+            honest.get_mut().write_all(msg.as_bytes()).unwrap();
+            line.clear();
+            honest.read_line(&mut line).unwrap();
+            assert_eq!(line, msg);
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    let (median, worst) = (times[10], times[19]);
+    assert!(
+        median < Duration::from_millis(10) && worst < Duration::from_millis(500),
+        "beside TLS non-readers: median {median:?}, worst {worst:?}"
+    );
+    assert!(server.handle.stats().active >= 21);
+    drop((mid_handshake, mid_stream));
+}
+
 /// Event mode, HMAC inside TLS: the parked handshake waits for the *decrypted* answer to be
 /// whole. Part of an answer (its record's ciphertext is longer than the answer it waits for)
 /// keeps it parked, on no thread, while another client is served; the rest then completes it.

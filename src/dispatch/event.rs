@@ -11,6 +11,12 @@
 //! a per-connection state (`IDLE` → `RUNNING` → `NOTIFIED`) makes that worker serve it again
 //! before parking instead of losing the wake-up.
 //!
+//! The sockets are non-blocking and writes are queued on the connection's `Stream` when the
+//! socket is full (`Stream::set_queued`): a writable event is served only while output waits
+//! (`Stream::wants_writable`, one atomic load, set before each send so that an event that
+//! follows a full socket is never dropped), and the session does not read a connection whose
+//! queue is over its bound.
+//!
 //! The epoll wrapper is `rustix::event::epoll`, already a dependency: a safe, direct binding
 //! of the three calls. `mio`'s `Poll` needs `&mut` to wait, so its workers cannot share one
 //! set; `polling` adds a lock and a notification pipe this loop does not need.

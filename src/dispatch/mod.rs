@@ -52,6 +52,12 @@ pub enum Dispatch {
     /// socket and the handler's own state; a pipelined message is served without parking;
     /// PROXY headers, TLS handshakes and authentication handshakes park too while the client
     /// (or the load balancer) sends them. Like Apache's event MPM, with a blocking handler API.
+    /// No worker waits on a peer: the sockets are non-blocking, a message that needs input not
+    /// yet arrived is taken back and run again when it comes, output the socket cannot take is
+    /// queued (and the connection not read while more than 64 KiB waits), so clients that stop
+    /// reading or stop mid-message stall nobody (see
+    /// [`MessageHandler`](crate::MessageHandler)). The read and write timeouts do not apply:
+    /// nothing blocks for them to bound; the idle timeout and minimum data rate do.
     /// The workers take turns waiting on the set and serve a batch of ready connections per
     /// wake-up (64 between them, at least 8 each): one worker per core suits handlers that do
     /// not block for long; more if they do (a handler that blocks delays the connections of
