@@ -598,6 +598,13 @@ impl Pipeline {
                 observe::record_admission("ok", tls);
                 return true;
             }
+            // A client the header named, refused by `verify_request` or `max_per_source`:
+            // counted by the stage under that reason, once, and not as a PROXY failure.
+            #[cfg(feature = "proxy-protocol")]
+            (Err(e), Some(StageKind::Proxy)) if e.is_refused() => {
+                observe::record_admission("refused", false);
+                limited!(info, "{e}; closing the connection");
+            }
             // Counted by the stage, by reason (and in all, for the metrics).
             #[cfg(feature = "proxy-protocol")]
             (Err(e), Some(StageKind::Proxy)) => {

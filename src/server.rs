@@ -490,13 +490,15 @@ impl<T: Transport> Server<T> {
             let Ok(req) = accept.listener.accept(control) else {
                 break;
             };
-            Counters::bump(&control.counters.accepted);
+            // Through the recorder, as the accept loop counts: the metrics facade, tracing and
+            // prefork's `max_requests` see these too.
+            control.record_accepted();
             match control.try_acquire() {
                 Some(permit) => {
                     self.process(req, permit, backoff);
                 }
                 None => {
-                    Counters::bump(&control.counters.limit_rejected);
+                    control.record_refused(crate::control::Refusal::Limit);
                     req.reject();
                 }
             }

@@ -601,3 +601,59 @@ fn event_mode_records_a_duration_per_message_and_thread_mode_per_connection() {
         );
     }
 }
+
+/// Behind PROXY headers, a client the header names is refused by `max_per_source` or
+/// `verify_request` after admission has begun: it is counted once, under that reason, in
+/// `Stats` and on the page, and not a second time as a PROXY failure.
+#[cfg(feature = "proxy-protocol")]
+#[test]
+fn a_client_refused_behind_a_proxy_header_is_counted_once_under_its_reason() {
+    util::init_logs();
+    let server = TcpServer::builder(util::byte_echo)
+        .proxy_protocol(
+            socketserver::ProxyProtocol::new()
+                .trust(socketserver::Cidr::new("127.0.0.1".parse().unwrap(), 32).unwrap()),
+        )
+        .max_per_source(1)
+        .verify_request(|client| client.to_string() != "192.0.2.99:4000")
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().inet().unwrap();
+    let running = serve(server);
+    let h = running.handle.clone();
+    let header = |src: &str| format!("PROXY TCP4 {src} 127.0.0.1 4000 80\r\n");
+    let mut held = connect_from("127.0.0.1", addr);
+    held.write_all(header("192.0.2.7").as_bytes()).unwrap();
+    round_trip(&mut held, b"held");
+    let mut again = connect_from("127.0.0.1", addr);
+    again.write_all(header("192.0.2.7").as_bytes()).unwrap();
+    assert!(closed_by_server(&mut again), "per-source cap not applied");
+    let mut unwanted = connect_from("127.0.0.1", addr);
+    unwanted.write_all(header("192.0.2.99").as_bytes()).unwrap();
+    assert!(
+        closed_by_server(&mut unwanted),
+        "verify_request not applied"
+    );
+    assert!(eventually(Duration::from_secs(5), || h.stats().active == 1));
+    let s = h.stats();
+    assert_eq!(
+        (
+            s.per_source_rejected,
+            s.rejected,
+            s.admission_failures(AdmissionFailure::Proxy)
+        ),
+        (1, 1, 0),
+        "{s:?}"
+    );
+    let page = h.prometheus();
+    for (reason, n) in [("per_source", 1), ("verify", 1), ("proxy", 0)] {
+        let line = "socketserver_connections_rejected_total{server=";
+        let found = page
+            .lines()
+            .find(|l| l.starts_with(line) && l.contains(&format!("reason=\"{reason}\"")))
+            .unwrap_or_else(|| panic!("no {reason} line in:\n{page}"));
+        assert!(found.ends_with(&format!(" {n}")), "{found}");
+    }
+    drop(held);
+    drop(running);
+}

@@ -258,3 +258,69 @@ fn the_facade_mirrors_the_stats_under_the_documented_names() {
         );
     }
 }
+
+/// Connections still queued in the backlog when a drain begins are taken by the serve loop
+/// (here refused: the one slot is taken), and counted as the accept loop counts, in the facade
+/// as in `Stats`: accepted, then refused by the limit.
+#[test]
+fn connections_taken_from_the_backlog_at_a_drain_reach_the_facade() {
+    let values = recorder();
+    let server = TcpServer::builder(util::line_echo)
+        .dispatch(Dispatch::Thread)
+        .max_connections(1)
+        .bind("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr().inet().unwrap();
+    let running = serve(server);
+    let h = running.handle.clone();
+    // The one slot is taken; the others wait in the backlog.
+    let mut first = TcpStream::connect(addr).unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    first.write_all(b"one\n").unwrap();
+    first.read_exact(&mut [0u8; 4]).unwrap();
+    let queued: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let drain = {
+        let h = h.clone();
+        std::thread::spawn(move || h.shutdown_graceful(Duration::from_secs(10)))
+    };
+    for mut s in queued {
+        // Closed, one way or another.
+        let _ = s.read_to_end(&mut Vec::new());
+    }
+    drop(first);
+    drain.join().unwrap();
+    drop(running);
+    let stats = h.stats();
+    assert_eq!((stats.accepted, stats.limit_rejected), (4, 3), "{stats:?}");
+    let v = values.lock().unwrap();
+    let c = |name: &str, labels: String| {
+        v.counters
+            .get(&(name.to_owned(), labels))
+            .copied()
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        c(
+            "socketserver_connections_accepted_total",
+            format!("server={addr}")
+        ),
+        stats.accepted,
+        "the facade missed the backlog's connections"
+    );
+    assert_eq!(
+        c(
+            "socketserver_connections_rejected_total",
+            format!("reason=limit,server={addr}")
+        ),
+        stats.limit_rejected
+    );
+}

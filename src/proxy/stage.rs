@@ -241,7 +241,8 @@ impl Stage for ProxyStage {
                     false
                 });
             if !ok {
-                Counters::bump(&counters.rejected);
+                conn.control()
+                    .record_refused(crate::control::Refusal::Verify);
                 return Err(Error::new(Kind::Refused)
                     .with_addr(Some(&client))
                     .with_detail(format!("verify_request rejected {client} (via {proxy})")));
@@ -251,7 +252,8 @@ impl Stage for ProxyStage {
             match conn.control().claim_source(a.ip()) {
                 Some(claim) => conn.learnt.source = claim,
                 None => {
-                    Counters::bump(&counters.per_source_rejected);
+                    conn.control()
+                        .record_refused(crate::control::Refusal::PerSource);
                     return Err(Error::new(Kind::Refused)
                         .with_addr(Some(&client))
                         .with_detail(format!(
