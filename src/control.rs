@@ -233,6 +233,81 @@ impl Stats {
     }
 }
 
+/// Every counter of [`Stats`] in a fixed order, for the one place that moves a whole `Stats`
+/// between processes (a prefork worker's report) and sums them: a field added to `Stats`
+/// and not here is what prefork's `stats_survive_the_line_a_worker_reports` catches.
+macro_rules! stats_counters {
+    ($m:ident) => {
+        $m!(
+            accepted,
+            active,
+            rejected,
+            limit_rejected,
+            per_source_rejected,
+            auth_failures,
+            handshake_timeouts,
+            handshake_evictions,
+            handler_errors,
+            panics,
+            accept_errors,
+            oversized_datagrams,
+            idle_closed,
+            amplification_dropped,
+            slow_closed,
+            timeouts,
+            proxy_untrusted,
+            proxy_missing,
+            proxy_malformed,
+            proxy_oversized,
+            proxy_timeouts,
+            tls_failures,
+            bytes_read,
+            bytes_written
+        )
+    };
+}
+
+impl Stats {
+    /// All of it as numbers: the counters, the admission failures by reason, the duration
+    /// histogram.
+    pub(crate) fn words(&self) -> Vec<u64> {
+        macro_rules! list {
+            ($($f:ident),*) => { vec![$(self.$f),*] };
+        }
+        let mut w: Vec<u64> = stats_counters!(list);
+        w.extend(self.admission);
+        w.extend(self.request_duration.words());
+        w
+    }
+
+    /// The inverse of [`words`](Self::words); missing words are 0, extra ones ignored.
+    pub(crate) fn from_words(words: impl IntoIterator<Item = u64>) -> Stats {
+        let mut it = words.into_iter();
+        let mut s = Stats::default();
+        macro_rules! fill {
+            ($($f:ident),*) => { $(s.$f = it.next().unwrap_or(0);)* };
+        }
+        stats_counters!(fill);
+        for a in &mut s.admission {
+            *a = it.next().unwrap_or(0);
+        }
+        s.request_duration.fill(&mut it);
+        s
+    }
+
+    /// Adds `other`'s counts to these, histogram included.
+    pub(crate) fn add(&mut self, other: &Stats) {
+        macro_rules! add {
+            ($($f:ident),*) => { $(self.$f += other.$f;)* };
+        }
+        stats_counters!(add);
+        for (a, b) in self.admission.iter_mut().zip(other.admission) {
+            *a += b;
+        }
+        self.request_duration.add(&other.request_duration);
+    }
+}
+
 /// How long a drain waits for the serve loop to take what is queued in the backlog and close
 /// the listener itself, before closing it regardless (see [`Control::begin_drain`]).
 const BACKLOG_HANDOFF: Duration = Duration::from_millis(200);

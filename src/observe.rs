@@ -135,6 +135,30 @@ pub struct DurationHistogram {
 }
 
 impl DurationHistogram {
+    /// Its counts, then the sum in nanoseconds: what a prefork worker reports of it.
+    pub(crate) fn words(&self) -> impl Iterator<Item = u64> + '_ {
+        self.counts
+            .iter()
+            .copied()
+            .chain(std::iter::once(self.sum_ns))
+    }
+
+    /// Fills it from [`words`](Self::words)' order (a missing word is 0).
+    pub(crate) fn fill(&mut self, words: &mut impl Iterator<Item = u64>) {
+        for c in &mut self.counts {
+            *c = words.next().unwrap_or(0);
+        }
+        self.sum_ns = words.next().unwrap_or(0);
+    }
+
+    /// Adds `other`'s requests to these.
+    pub(crate) fn add(&mut self, other: &DurationHistogram) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts) {
+            *a += b;
+        }
+        self.sum_ns += other.sum_ns;
+    }
+
     /// The buckets' upper bounds (inclusive), the last one infinite (`Duration::MAX`).
     pub fn bounds() -> impl Iterator<Item = Duration> {
         BUCKET_BOUNDS_NS
