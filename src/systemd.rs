@@ -235,14 +235,49 @@ pub(crate) fn listen_pid_is_me() -> bool {
         .is_some_and(|p| p == std::process::id())
 }
 
+/// How many descriptors `LISTEN_FDS` passes to this process (0 unless `LISTEN_PID` names it).
+fn listen_fds_count() -> usize {
+    match std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        Some(n) if listen_pid_is_me() => n,
+        _ => 0,
+    }
+}
+
+/// The descriptor [`NOTIFY_FD_VAR`] names, checked against the `listen_fds` listeners passed
+/// from descriptor 3 on: one descriptor has one owner, so a number among them (or below 3, or
+/// not a number) is an error that says so, not a second claim on a listener.
+fn notify_fd(var: Option<&str>, listen_fds: usize) -> std::result::Result<Option<RawFd>, String> {
+    let Some(v) = var else {
+        return Ok(None);
+    };
+    let fd: RawFd = v
+        .trim()
+        .parse()
+        .map_err(|_| format!("{NOTIFY_FD_VAR}={v:?} is not a descriptor number"))?;
+    let listeners = FIRST_FD..FIRST_FD.saturating_add(listen_fds.min(RawFd::MAX as usize) as RawFd);
+    if fd < FIRST_FD {
+        return Err(format!(
+            "{NOTIFY_FD_VAR}={fd}: descriptors below {FIRST_FD} are stdin, stdout and stderr"
+        ));
+    }
+    if listeners.contains(&fd) {
+        return Err(format!(
+            "{NOTIFY_FD_VAR}={fd} is one of the {listen_fds} listeners LISTEN_FDS passes \
+             (descriptors {}..={}): one descriptor cannot be both",
+            listeners.start,
+            listeners.end - 1
+        ));
+    }
+    Ok(Some(fd))
+}
+
 /// Reads `LISTEN_FDS`, `LISTEN_PID` and `LISTEN_FDNAMES` and claims the descriptors.
 fn read_listen_fds() -> Fds {
     let var = |n| std::env::var(n).ok();
-    let for_us = listen_pid_is_me();
-    let n: usize = match var("LISTEN_FDS").and_then(|n| n.parse().ok()) {
-        Some(n) if for_us => n,
-        _ => 0,
-    };
+    let n = listen_fds_count();
     let mut names: Vec<String> = var("LISTEN_FDNAMES")
         .map(|s| s.split(':').map(str::to_owned).collect())
         .unwrap_or_default();
@@ -265,7 +300,8 @@ pub(crate) fn claim_inherited(fd: RawFd) -> Option<OwnedFd> {
     // descriptor be owned by no one else. The protocol hands it to this process for exactly this
     // use, nothing in this crate opens it otherwise, and each number is claimed at most once:
     // `LISTEN_FDS` descriptors by `read_listen_fds`, run once per process behind a `OnceLock`,
-    // the notify descriptor by `Notifier::from_env`, likewise. The one way to break it is
+    // the notify descriptor by `Notifier::from_env`, likewise, and never one of the
+    // `LISTEN_FDS` numbers (`notify_fd` refuses those). The one way to break it is
     // another library of the same process also claiming `LISTEN_FDS` (libsystemd's
     // `sd_listen_fds`, `listenfd`): as with systemd's own API, only one part of a program may.
     unsafe {
@@ -292,7 +328,7 @@ impl Notifier {
         N.get_or_init(|| match Notifier::from_env() {
             Ok(n) => n.map(Arc::new),
             Err(e) => {
-                log::warn!("cannot send readiness messages: {e}");
+                log::error!("cannot send readiness messages: {e}");
                 None
             }
         })
@@ -302,17 +338,15 @@ impl Notifier {
     fn from_env() -> io::Result<Option<Notifier>> {
         // Like LISTEN_FDS, the descriptor is for the process LISTEN_PID names: a child that
         // inherited the variables would claim whatever has that number in it.
-        if listen_pid_is_me()
-            && let Some(fd) = std::env::var(NOTIFY_FD_VAR)
-                .ok()
-                .and_then(|v| v.parse::<RawFd>().ok())
-                .filter(|fd| *fd >= FIRST_FD)
-            && let Some(fd) = claim_inherited(fd)
-        {
-            return Ok(Some(Notifier {
-                sock: UnixDatagram::from(fd),
-                to: None,
-            }));
+        if listen_pid_is_me() {
+            let var = std::env::var(NOTIFY_FD_VAR).ok();
+            let fd = notify_fd(var.as_deref(), listen_fds_count()).map_err(io::Error::other)?;
+            if let Some(fd) = fd.and_then(claim_inherited) {
+                return Ok(Some(Notifier {
+                    sock: UnixDatagram::from(fd),
+                    to: None,
+                }));
+            }
         }
         let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
             return Ok(None);
@@ -477,6 +511,27 @@ pub(crate) fn take_all() -> Vec<(OwnedFd, String)> {
 mod tests {
     use super::*;
     use std::net::{TcpListener, UdpSocket};
+
+    #[test]
+    fn the_notify_descriptor_never_aliases_a_listener() {
+        assert_eq!(notify_fd(None, 2), Ok(None));
+        assert_eq!(notify_fd(Some("7"), 2), Ok(Some(7)));
+        assert_eq!(notify_fd(Some("5"), 2), Ok(Some(5)));
+        assert_eq!(notify_fd(Some("3"), 0), Ok(Some(3)));
+        for (v, n, says) in [
+            ("3", 1, "one of the 1 listeners"),
+            ("4", 2, "descriptors 3..=4"),
+            ("2", 0, "below 3"),
+            ("x", 0, "not a descriptor number"),
+            ("", 0, "not a descriptor number"),
+        ] {
+            let e = notify_fd(Some(v), n).unwrap_err();
+            assert!(
+                e.contains(says) && e.contains(NOTIFY_FD_VAR),
+                "{v} {n}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn a_socket_of_another_kind_is_refused_with_what_it_is() {
