@@ -816,6 +816,73 @@ fn udp_log_flood_is_bounded_by_the_rate_limiter() {
 }
 
 #[test]
+fn a_burst_of_closures_is_accounted_for_in_the_log_once_it_ends() {
+    // 300 idle connections cut at once: ten lines get through, and a line of the call site's
+    // own, within a second of the burst's end, says how many more there were.
+    const CLIENTS: usize = 300;
+    let _serial = util::serial();
+    util::in_own_process(
+        "a_burst_of_closures_is_accounted_for_in_the_log_once_it_ends",
+        || {
+            let server = TcpServer::builder(util::byte_echo)
+                .dispatch(Dispatch::Event { workers: 2 })
+                .idle_timeout(Some(Duration::from_millis(300)))
+                .bind("127.0.0.1:0")
+                .unwrap();
+            let addr = server.local_addr().clone();
+            let running = serve(server);
+            let idle: Vec<TcpStream> = (0..CLIENTS).map(|_| util::connect(&addr)).collect();
+            assert!(eventually(Duration::from_secs(10), || running
+                .handle
+                .stats()
+                .idle_closed
+                == CLIENTS as u64));
+            let cut_at = Instant::now();
+            let closures = |lines: &[util::LogLine]| -> (usize, u64, Option<Instant>) {
+                let mut shown = 0;
+                let mut more = 0;
+                let mut summary_at = None;
+                for l in lines
+                    .iter()
+                    .filter(|l| l.message.contains("(idle timeout)"))
+                {
+                    if let Some(i) = l.message.find(" more like this") {
+                        let head = &l.message[..i];
+                        let n: u64 = head[head.rfind('(').unwrap() + 1..].parse().unwrap();
+                        more += n;
+                        if l.message.starts_with('(') {
+                            summary_at = Some(l.at);
+                            continue; // a summary only
+                        }
+                    }
+                    shown += 1;
+                }
+                (shown, more, summary_at)
+            };
+            assert!(
+                eventually(Duration::from_secs(3), || {
+                    let (shown, more, _) = closures(&util::captured_logs());
+                    shown as u64 + more == CLIENTS as u64
+                }),
+                "the log does not account for every closure: {:?}",
+                closures(&util::captured_logs())
+            );
+            let (shown, more, summary_at) = closures(&util::captured_logs());
+            println!("{CLIENTS} idle closures: {shown} lines, and summaries of {more} more");
+            assert!(shown <= 2 * LOG_LINES_PER_SITE_PER_SECOND, "{shown} lines");
+            let summary_at = summary_at.expect("no summary line after the burst");
+            assert!(
+                summary_at.saturating_duration_since(cut_at) < Duration::from_secs(1),
+                "the summary came {:?} after the burst",
+                summary_at.saturating_duration_since(cut_at)
+            );
+            drop(idle);
+            drop(running);
+        },
+    );
+}
+
+#[test]
 fn mp_messages_held_half_sent_stay_within_the_in_flight_budget() {
     use socketserver::{MpBudget, MpConnection, mp_connect};
     // The figure, scaled down 8x with its ratios kept: 32 logged-in clients each send
