@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release --example echo_server -- [--addr 127.0.0.1:9000]
 //!     [--mode sync|thread|pool|event] [--workers N] [--max-connections N] [--max-per-source N] [--auth-key KEY [--digest md5|sha256]]
-//!     [--idle-timeout 60] [--min-rate 500] [--read-timeout 0] [--metrics-addr HOST:PORT]
+//!     [--idle-timeout 0] [--min-rate 500] [--read-timeout 0] [--metrics-addr HOST:PORT]
 //!     [--processes N [--max-requests N [--max-requests-jitter N]] [--pid-file PATH]]
 //!     [--proxy-protocol --trusted-proxy CIDR...]
 //!     [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]     (TLS: --features tls)
@@ -16,8 +16,9 @@
 //! watchdog pings.
 //! Behind HAProxy (`send-proxy` or `send-proxy-v2`), `--proxy-protocol --trusted-proxy
 //! 10.0.0.0/8` takes the client's address from the PROXY header of each connection.
-//! A client that keeps a worker waiting (silent for `--idle-timeout` seconds, or sending slower
-//! than `--min-rate` bytes/s) is disconnected, so a few idle sockets cannot hold a pool.
+//! A client sending a request slower than `--min-rate` bytes/s is disconnected; at the
+//! connection cap the idlest clients are shed for newcomers, so a few idle sockets cannot hold
+//! a pool (`--idle-timeout SECS` closes silent ones whatever the load).
 //! `--mode event` parks connections between messages (no thread, no buffer held): each read's
 //! bytes are one message, echoed by a `MessageHandler`.
 //! Ctrl-C (or SIGTERM) stops accepting, lets open connections finish for a few seconds, then

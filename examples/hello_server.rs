@@ -4,12 +4,12 @@
 //!
 //! ```text
 //! cargo run --example hello_server -- [--addr 127.0.0.1:9000] [--auth-key KEY] [--digest md5|sha256]
-//!     [--max-connections N] [--max-per-source N] [--idle-timeout 60] [--min-rate 500]
+//!     [--max-connections N] [--max-per-source N] [--idle-timeout 0] [--min-rate 500]
 //!     [--read-timeout 0] [--proxy-protocol --trusted-proxy CIDR...]
 //! ```
 //! Behind a proxy that sends the PROXY protocol, `--proxy-protocol --trusted-proxy CIDR` makes
 //! each log line name the real client (`PEER says ...`), not the proxy.
-//! A client silent for `--idle-timeout` seconds is disconnected (logged at info).
+//! With `--idle-timeout SECS`, a client silent that long is disconnected (logged at info).
 
 #[path = "common/mod.rs"]
 mod common;

@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --example kv_server -- [--addr 127.0.0.1:9000] [--mode sync|thread|pool|event]
 //!     [--workers N] [--max-line 65536] [--max-bytes 67108864] [--max-connections N]
-//!     [--max-per-source N] [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
+//!     [--max-per-source N] [--idle-timeout 0] [--min-rate 500] [--read-timeout 0]
 //!     [--metrics-addr HOST:PORT]
 //!     [--proxy-protocol --trusted-proxy CIDR...]
 //! ```
@@ -163,7 +163,7 @@ impl MessageHandler for Kv {
     }
 
     /// Parked until the whole command line is here: a client that sends half a line holds no
-    /// worker (the idle timeout and the minimum rate close it).
+    /// worker (the minimum rate closes it).
     fn message_ready(&self, buffered: &[u8]) -> bool {
         buffered.contains(&b'\n')
     }

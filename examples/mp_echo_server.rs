@@ -4,10 +4,10 @@
 //! ```text
 //! cargo run --example mp_echo_server -- --auth-key KEY [--addr 127.0.0.1:6000] [--legacy]
 //!     [--mode sync|thread|pool] [--workers 8] [--max-message BYTES] [--max-connections N]
-//!     [--max-per-source N] [--idle-timeout 60] [--min-rate 500] [--read-timeout 0]
+//!     [--max-per-source N] [--idle-timeout 0] [--min-rate 500] [--read-timeout 0]
 //! ```
-//! After login the connection is bounded like any other: silent for `--idle-timeout` seconds, or
-//! a message (a frame header whose body never comes, say) arriving slower than `--min-rate`
+//! After login the connection is bounded like any other: shed at the connection cap when it is
+//! the idlest, or silent for `--idle-timeout` seconds if set, or a message (a frame header whose body never comes, say) arriving slower than `--min-rate`
 //! bytes/s, and it is closed.
 //! `--legacy` sends Python 3.11's challenge byte for byte (the default, 3.12+'s, is answered
 //! by 3.11 clients too). From Python:

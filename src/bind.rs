@@ -318,21 +318,23 @@ impl<T: StreamTransport> Builder<T> {
         self
     }
 
-    /// Closes a connection that keeps its worker blocked on the peer, reading or writing, with
-    /// no byte moving for this long. Default 60 s; `None` (or `Duration::MAX`) turns it off.
+    /// Closes a connection that waits on its peer, reading or writing (or parked, in event
+    /// mode), with no byte moving for this long. Default none, as in Python, Go's `net/http`
+    /// and tokio: a quiet client (a chat listener, a connection kept for later) is never cut
+    /// by a clock.
     ///
-    /// A reaper thread shuts the socket down, so the blocked handler returns (a read sees end of
-    /// file), and logs the peer at info; counted in
-    /// [`Stats::idle_closed`](crate::Stats::idle_closed). Only time spent blocked on the peer
-    /// counts: a handler that computes for minutes is never cut. This is what stops a few silent
-    /// connections from holding every worker of a [`Dispatch::Pool`](crate::Dispatch::Pool).
+    /// What protects the server instead, by default: the minimum data rate
+    /// ([`min_data_rate`](Self::min_data_rate)) cuts a request trickled in, and the pressure
+    /// policy makes room when the server is at [`max_connections`](Self::max_connections)
+    /// with a newcomer waiting: the connections idle longest (waiting on their peer between
+    /// requests) are closed first, as many as newcomers wait, counted in
+    /// [`Stats::evicted`](crate::Stats::evicted). Below the cap nothing idle is cut.
     ///
-    /// Why 60 s: it is nginx's `client_header_timeout` and `client_body_timeout` and Apache's
-    /// `Timeout`, and a little under nginx's `keepalive_timeout` (75 s), since here it also ends
-    /// keep-alive waits between requests (Go's `IdleTimeout`, which Go leaves off by default and
-    /// every guide tells you to set). Long enough for a person at `nc`, short enough that held
-    /// sockets free their workers within a minute. Protocols with long silences (a client that
-    /// waits on a server push, say) should turn it off or send keep-alives.
+    /// When set, a reaper thread shuts the socket down, so a blocked handler returns (a read
+    /// sees end of file), and logs the peer at info; counted in
+    /// [`Stats::idle_closed`](crate::Stats::idle_closed). Only time spent waiting on the peer
+    /// counts: a handler that computes for minutes is never cut. nginx's `keepalive_timeout`
+    /// (75 s) and Go's `IdleTimeout` are the usual values for protocols that want one.
     pub fn idle_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.activity_mut().idle = timeout.into();
         self
@@ -345,9 +347,12 @@ impl<T: StreamTransport> Builder<T> {
     /// A client cut for it is logged at info and counted in
     /// [`Stats::slow_closed`](crate::Stats::slow_closed). This catches what the idle timeout
     /// cannot: a request trickled a byte every few seconds, or a `multiprocessing` frame header
-    /// whose body never comes. Turn it off (or lower it) for a server that receives a slow
-    /// one-way stream without answering, such as a log shipper: only the server's writes end a
-    /// request.
+    /// whose body never comes. Only an unfinished unit is judged: a line being read by
+    /// `rfile`'s line reads, a message not yet whole (or being served) by a
+    /// [`MessageHandler`](crate::MessageHandler); between units a client may be silent as long
+    /// as it likes. For a whole-connection [`Handler`](crate::Handler) reading the raw stream,
+    /// the server's writes end a request: turn the rate off (or lower it) for one that receives
+    /// a slow one-way stream without answering, such as a log shipper.
     pub fn min_data_rate(mut self, rate: impl Into<Option<MinDataRate>>) -> Self {
         self.activity_mut().min_rate = rate.into();
         self
@@ -449,8 +454,9 @@ mod tests {
 
     #[test]
     fn stream_servers_limit_activity_by_default_and_datagram_servers_have_none() {
+        // No idle clock: the minimum rate, and the pressure policy its tracking enables.
         let expected = ActivityLimits {
-            idle: Some(Duration::from_secs(60)),
+            idle: None,
             min_rate: Some(MinDataRate::new(500, Duration::from_secs(10))),
         };
         assert_eq!(*TcpServer::builder(|| Nothing).activity_mut(), expected);

@@ -86,6 +86,9 @@ impl RFile {
             if let Some(i) = window.iter().position(|&b| b == byte) {
                 buf.extend_from_slice(&window[..=i]);
                 self.inner.consume(i + 1);
+                // A line is a unit: what follows it starts the next one.
+                let unconsumed = self.inner.buffer().len();
+                self.inner.stream.unit_done(unconsumed);
                 return Ok(taken + i + 1);
             }
             let n = window.len();

@@ -121,6 +121,7 @@ pub(crate) struct Counters {
     pub idle_closed: AtomicU64,
     pub amplification_dropped: AtomicU64,
     pub slow_closed: AtomicU64,
+    pub evicted: AtomicU64,
     pub timeouts: AtomicU64,
     /// Bytes moved on stream connections, added when each one closes
     /// ([`Control::record_bytes`]).
@@ -192,6 +193,10 @@ pub struct Stats {
     /// Connections closed for sending a request slower than the minimum data rate
     /// ([`Builder::min_data_rate`](crate::Builder::min_data_rate)).
     pub slow_closed: u64,
+    /// Idle connections closed to make room for a newcomer while the server was at
+    /// [`Builder::max_connections`](crate::Builder::max_connections) (the pressure policy),
+    /// idlest first.
+    pub evicted: u64,
     /// Handlers that ended on a read or write timeout
     /// ([`Builder::read_timeout`](crate::Builder::read_timeout), `write_timeout`): logged at
     /// info, and not counted in `handler_errors`.
@@ -254,6 +259,7 @@ macro_rules! stats_counters {
             idle_closed,
             amplification_dropped,
             slow_closed,
+            evicted,
             timeouts,
             proxy_untrusted,
             proxy_missing,
@@ -382,6 +388,27 @@ pub struct Control {
     /// After this many accepted connections the serve loop is asked to return (a prefork
     /// worker's `max_requests_per_worker`); `u64::MAX`: no limit.
     accept_limit: AtomicU64,
+    /// The reaper's wake-up: its stop flag, and a newcomer waiting for a slot.
+    pub(crate) pressure: Pressure,
+}
+
+/// What wakes the reaper besides its clock: a newcomer that found the server at
+/// `max_connections` (it sheds the idlest connections at once), or the server closing.
+#[derive(Default)]
+pub(crate) struct Pressure {
+    pub(crate) state: Mutex<PressureState>,
+    pub(crate) wake: Condvar,
+    /// A reaper runs (activity is tracked): only then is waking it worth a system call.
+    pub(crate) watched: AtomicBool,
+    /// A connection was shed for a newcomer and the accept loop has not taken its slot yet:
+    /// shed no other until it has (the one shed leaves its registry entry before its slot).
+    pub(crate) shed_pending: AtomicBool,
+}
+
+#[derive(Default)]
+pub(crate) struct PressureState {
+    pub(crate) stop: bool,
+    pub(crate) wanted: bool,
 }
 
 impl Control {
@@ -428,6 +455,7 @@ impl Control {
             drain_hook: OnceLock::new(),
             shared_listener: AtomicBool::new(false),
             accept_limit: AtomicU64::new(u64::MAX),
+            pressure: Pressure::default(),
         }))
     }
 
@@ -532,11 +560,19 @@ impl Control {
             }
             if slots.free > 0 {
                 slots.free -= 1;
+                self.pressure.shed_pending.store(false, Ordering::Relaxed);
                 return Some(Permit {
                     control: self.clone(),
                 });
             }
             slots.waiting += 1;
+            // Full: the reaper sheds the idlest connections to make room. (Lock order: the
+            // slots, then the reaper's state; the reaper never holds its own while it asks
+            // for the slots.)
+            if self.pressure.watched.load(Ordering::Relaxed) {
+                lock(&self.pressure.state).wanted = true;
+                self.pressure.wake.notify_all();
+            }
             let woken = wait_until(&l.freed, slots, deadline);
             // Re-lock to undo the count even when the deadline had passed.
             slots = woken.unwrap_or_else(|| lock(&l.state));
@@ -562,6 +598,7 @@ impl Control {
         let mut slots = lock(&l.state);
         (slots.free > 0).then(|| {
             slots.free -= 1;
+            self.pressure.shed_pending.store(false, Ordering::Relaxed);
             Permit {
                 control: self.clone(),
             }
@@ -675,6 +712,58 @@ impl Control {
 
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// Whether the accept loop waits for a slot: none is free under the limit.
+    pub(crate) fn is_full(&self) -> bool {
+        self.limiter.as_ref().is_some_and(|l| {
+            let slots = lock(&l.state);
+            slots.waiting > slots.free
+        })
+    }
+
+    /// A duplicate of the listening socket, for the pressure policy to see newcomers queue;
+    /// `None` once the listener is closed (or for a datagram server).
+    pub(crate) fn listener_dup(&self) -> Option<OwnedFd> {
+        lock(&self.listening).as_ref()?.try_clone().ok()
+    }
+
+    /// The pressure policy: closes up to `n` connections that wait on their peers between
+    /// units, those idle longest first (Envoy's overload manager; nginx's and Apache's
+    /// keep-alive connections are the first to go when workers run short), less those cut
+    /// already and not yet gone. Each is counted in `evicted` and given to `report` to log.
+    /// True if it shed any.
+    pub(crate) fn evict(&self, n: usize, mut report: impl FnMut(&Stream, Duration)) -> bool {
+        if self.pressure.shed_pending.load(Ordering::Relaxed) {
+            return false;
+        }
+        let r = lock(&self.registry);
+        let leaving = r.live.values().flatten().filter(|s| s.was_cut()).count();
+        let n = n.saturating_sub(leaving);
+        if n == 0 {
+            return false;
+        }
+        let mut idle: Vec<(Duration, &Stream)> = r
+            .live
+            .values()
+            .flatten()
+            .filter_map(|s| Some((s.idleness()?, s)))
+            .collect();
+        if idle.len() > n {
+            idle.select_nth_unstable_by(n - 1, |a, b| b.0.cmp(&a.0));
+            idle.truncate(n);
+        }
+        let mut shed = false;
+        for (was_idle, s) in idle {
+            if s.mark_cut() {
+                self.pressure.shed_pending.store(true, Ordering::Relaxed);
+                Counters::bump(&self.counters.evicted);
+                let _ = s.shutdown(Shutdown::Both);
+                report(s, was_idle);
+                shed = true;
+            }
+        }
+        shed
     }
 
     /// Shuts down the sockets of the in-flight connections that `pick` selects.
@@ -817,6 +906,7 @@ impl Control {
             idle_closed: get(&c.idle_closed),
             amplification_dropped: get(&c.amplification_dropped),
             slow_closed: get(&c.slow_closed),
+            evicted: get(&c.evicted),
             timeouts: get(&c.timeouts),
             bytes_read: get(&c.bytes_read),
             bytes_written: get(&c.bytes_written),

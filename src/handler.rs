@@ -638,6 +638,8 @@ impl<M: MessageHandler> Handler for MessageRequestHandler<M> {
         let (inner, s) = self.state()?;
         while !s.rfile.fill_buf()?.is_empty() {
             let next = inner.handle_message(s)?;
+            // A message is a unit, as in event mode.
+            s.rfile.get_ref().unit_done(s.rfile.buffer().len());
             s.wfile.flush()?;
             if next == Next::Close {
                 break;

@@ -121,6 +121,9 @@ pub(crate) fn message<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Se
     match taken {
         Taken::Whole => {
             ctx.control().record_request(started.elapsed());
+            // A message is a unit: the silence before the next one is no slow request.
+            let unconsumed = h.messages().map_or(0, |(_, s)| s.rfile.buffer().len());
+            req.stream.unit_done(unconsumed);
             if let Err(e) = req.stream.release_output() {
                 read_failed(req, ctx, e);
                 return Served::Next(Next::Close);

@@ -99,6 +99,7 @@ const FAMILIES: &[Family] = &[
         samples: &[
             reason("idle", |s| s.idle_closed),
             reason("slow", |s| s.slow_closed),
+            reason("pressure", |s| s.evicted),
         ],
     },
     Family {

@@ -5,7 +5,8 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -16,9 +17,10 @@ use crate::log_limit::limited;
 use crate::stream::{ActivityLimits, Cut};
 use crate::transport::socket::SocketOptions;
 use crate::transport::{Incoming, Listener, Service, Transport};
-use crate::wait::deadline_after;
+use crate::wait::{Polled, deadline_after, poll_until};
 use crate::worker::{Ctx, ErrorHook, panic_message};
 use crate::{Addr, HandlerFailure, ServerHandle};
+use rustix::event::{PollFd, PollFlags};
 
 type ActionHook = Box<dyn Fn() + Send + Sync>;
 
@@ -652,46 +654,112 @@ impl<T: Transport> fmt::Debug for Server<T> {
 /// It reads counters that each `Stream` keeps with atomics (see `Stream::check_activity`), so
 /// the cost on the data path is a few uncontended atomic additions per system call.
 struct IdleReaper {
-    stop: Arc<(Mutex<bool>, Condvar)>,
+    control: Arc<Control>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl IdleReaper {
+    /// Also the pressure policy's: woken by a newcomer that finds the server full, it closes
+    /// the idlest connections, as many as newcomers wait ([`Control::evict`]).
     fn start(control: Arc<Control>, limits: ActivityLimits) -> io::Result<IdleReaper> {
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let tick = limits.tick();
-        let s = stop.clone();
+        let c = control.clone();
+        c.pressure.watched.store(true, Ordering::Relaxed);
         let thread = thread::Builder::new()
             .name("socketserver-idle".into())
             .spawn(move || {
-                let (m, cv) = &*s;
-                let mut stopped = lock(m);
+                let p = &c.pressure;
                 let mut last = Instant::now();
-                while !*stopped {
-                    stopped = cv
-                        .wait_timeout(stopped, tick)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
+                let mut state = lock(&p.state);
+                while !state.stop {
+                    let next = last + tick;
+                    if !state.wanted {
+                        let wait = next.saturating_duration_since(Instant::now());
+                        state = p
+                            .wake
+                            .wait_timeout(state, wait)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                    let wanted = std::mem::take(&mut state.wanted);
+                    drop(state);
+                    if wanted {
+                        relieve(&c, next);
+                    }
                     let now = Instant::now();
-                    let elapsed = now - last;
-                    last = now;
-                    control.cut_where(|s| {
-                        let Some(cut) = s.check_activity(elapsed, &limits) else {
-                            return false;
-                        };
-                        if !s.mark_cut() {
-                            return false;
-                        }
-                        report_cut(&control, s, cut);
-                        true
-                    });
+                    if now >= next {
+                        let elapsed = now - last;
+                        last = now;
+                        c.cut_where(|s| {
+                            let Some(cut) = s.check_activity(elapsed, &limits) else {
+                                return false;
+                            };
+                            if !s.mark_cut() {
+                                return false;
+                            }
+                            report_cut(&c, s, cut);
+                            true
+                        });
+                    }
+                    // Still full: keep watching for newcomers after the tick. (Asked before the
+                    // lock: `acquire` takes the slots' lock, then this one.)
+                    let full = c.is_full();
+                    state = lock(&p.state);
+                    state.wanted |= full;
                 }
             })?;
         Ok(IdleReaper {
-            stop,
+            control,
             thread: Some(thread),
         })
     }
+}
+
+/// The longest the reaper waits on the listener for a newcomer before it looks at its own
+/// stop flag again.
+const PRESSURE_LOOK: Duration = Duration::from_millis(50);
+
+/// The pressure policy, while the server is full (the accept loop waits for a slot): each
+/// newcomer that queues in the backlog gets an idle connection shed for it, at once. Returns
+/// when the server is no longer full, when it stops, or when the reaper's tick is due.
+fn relieve(c: &Control, tick_due: Instant) {
+    let Some(listener) = c.listener_dup() else {
+        return;
+    };
+    loop {
+        let stopped = lock(&c.pressure.state).stop;
+        if stopped || c.shutdown_requested() || !c.is_full() {
+            return;
+        }
+        let now = Instant::now();
+        if now >= tick_due {
+            return;
+        }
+        let mut fds = [PollFd::new(&listener, PollFlags::IN)];
+        if !matches!(
+            poll_until(&mut fds, Some(now + PRESSURE_LOOK.min(tick_due - now))),
+            Ok(Polled::Ready)
+        ) {
+            continue;
+        }
+        if !c.evict(1, |s, idle| report_eviction(c, s, idle)) {
+            // Nobody idle, or the one shed is still leaving: give it a moment.
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Says which idle connection the pressure policy closed.
+fn report_eviction(control: &Control, s: &crate::Stream, idle: Duration) {
+    let peer = s
+        .peer_addr()
+        .map_or_else(|_| "a peer that has gone".to_owned(), |a| a.to_string());
+    limited!(
+        info,
+        "closed idle connection from {peer} (idle {idle:?}): the server is at max_connections \
+         ({}) with clients waiting, and sheds the idlest first",
+        control.max_connections().unwrap_or_default()
+    );
 }
 
 /// Counts a cut by its reason and says which peer it was and why.
@@ -726,8 +794,10 @@ fn report_cut(control: &Control, s: &crate::Stream, cut: Cut) {
 
 impl Drop for IdleReaper {
     fn drop(&mut self) {
-        *lock(&self.stop.0) = true;
-        self.stop.1.notify_all();
+        let p = &self.control.pressure;
+        p.watched.store(false, Ordering::Relaxed);
+        lock(&p.state).stop = true;
+        p.wake.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -82,7 +82,8 @@ impl ActivityLimits {
     /// The defaults of stream servers; see [`Builder::idle_timeout`](crate::Builder::idle_timeout)
     /// and [`Builder::min_data_rate`](crate::Builder::min_data_rate) for why these values.
     pub(crate) const STREAM_DEFAULT: ActivityLimits = ActivityLimits {
-        idle: Some(Duration::from_secs(60)),
+        // No clock cuts a quiet client: pressure does, idlest first (`Control::evict`).
+        idle: None,
         min_rate: Some(MinDataRate::DEFAULT),
     };
 
@@ -107,9 +108,11 @@ impl ActivityLimits {
 /// has passed: Apache's `mod_reqtimeout` `MinRate`, Kestrel's `MinRequestBodyDataRate`. Set with
 /// [`Builder::min_data_rate`](crate::Builder::min_data_rate).
 ///
-/// A request is in progress from the first byte that arrives after the server's last write
-/// until the server writes again (its reply). Only time the handler spends blocked reading
-/// counts, not time it spends computing, and the server's write ends the request. The client
+/// A request is in progress from the first byte that arrives after the end of the last unit
+/// until the end of this one: a unit ends with a line read whole by `rfile`'s line reads, a
+/// message served by a [`MessageHandler`](crate::MessageHandler), or any write by the server
+/// (its reply). Only time the handler spends blocked reading (or, in event mode, the
+/// connection spends parked) counts, not time it spends computing. The client
 /// is cut when that time exceeds `grace` plus one second per `bytes_per_second` bytes received
 /// (the rate averaged over the request, after the grace).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,6 +184,7 @@ struct Activity {
 struct Watch {
     read: u64,
     written: u64,
+    request_start: u64,
     /// How long the connection has been blocked on its peer with no byte moving.
     stalled: Duration,
     /// Time spent blocked reading since the request in progress began.
@@ -210,10 +214,12 @@ impl Activity {
         let read = self.read.load(Ordering::Relaxed);
         let written = self.written.load(Ordering::Relaxed);
         let request_start = self.request_start.load(Ordering::Relaxed);
-        if written != w.written {
-            // Our reply ended the request that was in progress.
+        if written != w.written || request_start != w.request_start {
+            // Our reply, or the end of a unit the handler read (a line, a message), ended the
+            // request that was in progress.
             w.waited = Duration::ZERO;
         }
+        w.request_start = request_start;
         if read != w.read || written != w.written || !(reading || writing) {
             w.stalled = Duration::ZERO;
         } else {
@@ -238,6 +244,25 @@ impl Activity {
             }),
             _ => None,
         }
+    }
+}
+
+impl Activity {
+    /// How long the connection has waited on its peer between units (nothing of a request in
+    /// progress, no reply waiting to be read), as of the reaper's last look; `None` if it is
+    /// doing something: computing, sending, or in the middle of a request.
+    fn idleness(&self) -> Option<Duration> {
+        let reading = self.reading.load(Ordering::Relaxed) > 0;
+        let writing = self.writing.load(Ordering::Relaxed) > 0;
+        let read = self.read.load(Ordering::Relaxed);
+        let request_start = self.request_start.load(Ordering::Relaxed);
+        if !reading || writing || read > request_start {
+            return None;
+        }
+        let w = self.watch.lock().unwrap_or_else(|e| e.into_inner());
+        // Seen waiting, with nothing moving, over at least one look of the reaper: a client
+        // that has just connected (its first bytes may be on their way) is not idle yet.
+        (w.stalled > Duration::ZERO).then_some(w.stalled)
     }
 }
 
@@ -521,6 +546,27 @@ impl Stream {
     /// One look by the reaper (see [`Activity::check`]); `None` for an untracked stream.
     pub(crate) fn check_activity(&self, elapsed: Duration, limits: &ActivityLimits) -> Option<Cut> {
         self.inner.activity.as_ref()?.check(elapsed, limits)
+    }
+
+    /// A unit of input (a line, a message) has been read whole, `unconsumed` bytes of what
+    /// was read already after it: the minimum data rate judges only the unit in progress, so
+    /// the silence before the next one is not a slow request.
+    pub(crate) fn unit_done(&self, unconsumed: usize) {
+        if let Some(a) = &self.inner.activity {
+            let read = a.read.load(Ordering::Relaxed);
+            a.request_start
+                .store(read.saturating_sub(unconsumed as u64), Ordering::Relaxed);
+        }
+    }
+
+    /// How long the connection has been idle between units, for the pressure policy (see
+    /// [`Activity::idleness`]); `None` when it is busy or untracked, or already cut.
+    pub(crate) fn idleness(&self) -> Option<Duration> {
+        // Output still queued for it (event mode) is work, not idleness.
+        if self.was_cut() || self.wants_writable() {
+            return None;
+        }
+        self.inner.activity.as_ref()?.idleness()
     }
 
     /// Bytes read and written through this stream (and its clones) so far.

@@ -841,14 +841,21 @@ fn max_connections_caps_event_mode_too() {
     assert_eq!(server.max_connections(), Some(2));
     let addr = server.local_addr().clone();
     let running = serve(server);
-    let a = connect(&addr);
-    let b = connect(&addr);
+    // Two busy clients, each in the middle of nothing idle: a message in flight.
+    let mut a = connect(&addr);
+    let mut b = connect(&addr);
+    for c in [&mut a, &mut b] {
+        c.write_all(b"m").unwrap();
+        assert_eq!(util::read_n(c, 1), b"m");
+    }
     let mut third = connect(&addr);
     third.write_all(b"x").unwrap();
     third
         .set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
+    // Not idle for a look of the reaper yet (a second): nobody is shed, the third waits.
     assert!(third.read(&mut [0u8; 1]).is_err(), "served past the cap");
+    assert_eq!(running.handle.stats().evicted, 0);
     drop(a);
     third
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -858,6 +865,64 @@ fn max_connections_caps_event_mode_too() {
     assert_eq!(&got, b"x");
     drop((b, third));
     drop(running);
+}
+
+/// The pressure policy, in every stream dispatch mode with a cap: a server full of idle
+/// clients (idle for a few looks of the reaper) serves a newcomer within milliseconds, by
+/// shedding the idlest connection, one per newcomer, not the set.
+#[test]
+fn a_full_server_of_idle_clients_sheds_the_idlest_for_each_newcomer() {
+    let _serial = util::serial();
+    util::init_logs();
+    for mode in [
+        Dispatch::Thread,
+        Dispatch::Pool { workers: 4 },
+        Dispatch::Event { workers: 2 },
+    ] {
+        const CAP: usize = 20;
+        let mut b = TcpServer::builder(util::byte_echo).dispatch(mode);
+        if mode != (Dispatch::Pool { workers: 4 }) {
+            b = b.max_connections(CAP);
+        }
+        let server = b.bind("127.0.0.1:0").unwrap();
+        let cap = server.max_connections().unwrap();
+        let addr = server.local_addr().clone();
+        let running = serve(server);
+        // The oldest first, then the rest a second later: the oldest are the idlest.
+        let mut idle: Vec<TcpStream> = Vec::new();
+        for i in 0..cap {
+            let mut c = connect(&addr);
+            c.write_all(b"i").unwrap();
+            assert_eq!(util::read_n(&mut c, 1), b"i");
+            idle.push(c);
+            if i == 1 {
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        for n in 0..2 {
+            let t = Instant::now();
+            let mut newcomer = connect(&addr);
+            newcomer.write_all(b"new").unwrap();
+            assert_eq!(util::read_n(&mut newcomer, 3), b"new", "{mode:?}");
+            let took = t.elapsed();
+            assert!(
+                took < Duration::from_millis(200),
+                "{mode:?}: newcomer {n} served after {took:?}"
+            );
+            idle.push(newcomer);
+        }
+        let stats = running.handle.stats();
+        assert_eq!(stats.evicted, 2, "{mode:?}: {stats:?}");
+        // The two shed were the two oldest.
+        for (i, c) in idle.iter_mut().enumerate().take(cap) {
+            c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            let closed = matches!(c.read(&mut [0u8; 1]), Ok(0));
+            assert_eq!(closed, i < 2, "{mode:?}: client {i} closed: {closed}");
+        }
+        drop(idle);
+        drop(running);
+    }
 }
 
 #[test]

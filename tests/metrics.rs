@@ -241,6 +241,11 @@ fn counters(
         ("socketserver_bytes_written_total", "", bytes),
         ("socketserver_connections_closed_total", "reason=idle", 0.0),
         ("socketserver_connections_closed_total", "reason=slow", 0.0),
+        (
+            "socketserver_connections_closed_total",
+            "reason=pressure",
+            0.0,
+        ),
         ("socketserver_handler_errors_total", "", 0.0),
         ("socketserver_handler_panics_total", "", 0.0),
         ("socketserver_handler_timeouts_total", "", 0.0),

@@ -167,3 +167,68 @@ fn min_data_rate_none_turns_the_rule_off() {
     assert_eq!(echoed, "slow-line\n");
     assert_eq!(running.handle.stats().slow_closed, 0);
 }
+
+/// Reads lines and answers none of them (a chat server's talker, whose lines go to others).
+struct Listens;
+
+impl socketserver::MessageHandler for Listens {
+    fn handle_message(
+        &mut self,
+        s: &mut socketserver::StreamRequest,
+    ) -> Result<socketserver::Next, socketserver::HandlerError> {
+        let mut line = String::new();
+        Ok(match s.rfile.read_line(&mut line)? {
+            0 => socketserver::Next::Close,
+            _ => socketserver::Next::Message,
+        })
+    }
+
+    fn message_ready(&self, buffered: &[u8]) -> bool {
+        buffered.contains(&b'\n')
+    }
+}
+
+/// The rate judges only a unit in progress: a client that sends a whole line now and then, and
+/// is never answered, is no slow request, in any mode; one that trickles a line still is.
+#[test]
+fn lines_sent_now_and_then_without_replies_are_not_a_slow_request() {
+    // Sync mode serves one connection at a time: the trickler would wait for the talker.
+    for mode in util::STREAM_MODES.into_iter().skip(1) {
+        let server = TcpServer::builder(|| socketserver::MessageRequestHandler::new(Listens))
+            .dispatch(mode)
+            .min_data_rate(RATE)
+            .bind("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr().clone();
+        let running = serve(server);
+        let mut talker = connect(&addr);
+        // Five times the grace, in lines 150 ms apart: 10 bytes each, some 70 bytes/s in all,
+        // under the minimum, as a chat talker's typing is.
+        for i in 0..10 {
+            talker
+                .write_all(format!("line {i:03}\n").as_bytes())
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        let mut trickler = connect(&addr);
+        let _ = trickle(&mut trickler, &[b't'; 30], 1, Duration::from_millis(100));
+        assert!(
+            eventually(Duration::from_secs(3), || running
+                .handle
+                .stats()
+                .slow_closed
+                == 1),
+            "{mode:?}: {:?}",
+            running.handle.stats()
+        );
+        talker
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        assert!(
+            talker.read(&mut [0u8; 1]).is_err(),
+            "{mode:?}: the talker was cut"
+        );
+        drop((talker, trickler));
+        drop(running);
+    }
+}

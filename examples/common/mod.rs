@@ -255,11 +255,12 @@ pub fn serve<T: socketserver::transport::Transport>(
 
 /// How long a stream server's connections may keep a worker waiting on their client:
 /// `--idle-timeout SECS`, `--min-rate BYTES`, `--read-timeout SECS`. The defaults are the
-/// library's (60 s, 500 bytes/s after 10 s, no read timeout); 0 turns a limit off.
+/// library's (no idle timeout, 500 bytes/s after 10 s, no read timeout); 0 turns a limit off.
 #[derive(clap::Args, Debug)]
 pub struct TimeoutArgs {
-    /// Close a connection blocked on its client with no byte moving for this long (0: never)
-    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_limit)]
+    /// Close a connection waiting on its client with no byte moving for this long (0: never,
+    /// the default: at max_connections the idlest are shed for newcomers instead)
+    #[arg(long, value_name = "SECS", default_value = "0", value_parser = parse_limit)]
     pub idle_timeout: Limit,
     /// Close a client that sends a request slower than this many bytes/s once it has taken
     /// 10 s (0: no minimum)
