@@ -10,8 +10,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
-use rustix::pipe::{PipeFlags, pipe_with};
-
 use crate::wait::{deadline_after, wait_until};
 
 use crate::observe::{AdmissionFailure, DurationHistogram, Histogram};
@@ -55,7 +53,7 @@ struct Waker {
 
 impl Waker {
     fn new() -> io::Result<Waker> {
-        let (rx, tx) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+        let (rx, tx) = crate::wait::wake_pipe()?;
         Ok(Waker { rx, tx })
     }
 

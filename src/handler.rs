@@ -5,7 +5,7 @@ use std::fmt;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 
 use crate::stream::{Direction, StreamTimeout, write_fmt_once};
-use crate::{Addr, Credentials, RFile, ServerHandle, Stream, WFile};
+use crate::{Addr, RFile, ServerHandle, Stream, WFile};
 
 /// What a handler method returns on failure: any error, boxed.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -224,8 +224,10 @@ impl Request {
         self.stream.local_addr()
     }
 
-    /// The client process's credentials on a Unix-domain connection, where the OS provides them.
-    pub fn peer_credentials(&self) -> Option<Credentials> {
+    /// The client process's credentials on a Unix-domain connection (`SO_PEERCRED`). Linux only.
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
+    #[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
+    pub fn peer_credentials(&self) -> Option<crate::Credentials> {
         self.stream.peer_credentials()
     }
 
@@ -353,8 +355,10 @@ impl StreamRequest {
         self.rfile.get_ref()
     }
 
-    /// The client process's credentials on a Unix-domain connection, where the OS provides them.
-    pub fn peer_credentials(&self) -> Option<Credentials> {
+    /// The client process's credentials on a Unix-domain connection (`SO_PEERCRED`). Linux only.
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
+    #[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
+    pub fn peer_credentials(&self) -> Option<crate::Credentials> {
         self.stream().peer_credentials()
     }
 

@@ -136,10 +136,22 @@
 // Two more, for listeners handed over: `systemd.rs` (taking ownership of an inherited
 // descriptor) and `prefork.rs` (placing descriptors in a child between fork and exec).
 #![deny(unsafe_code)]
+// docs.rs (`--cfg docsrs`, nightly) labels each item that needs a cargo feature or Linux.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+// Without the Linux-only parts, what only they call (the event-mode steps of admission, the
+// transports, TLS and authentication) is compiled but unused: allowed there, not on Linux.
+#![cfg_attr(
+    not(all(target_os = "linux", not(socketserver_portable))),
+    allow(dead_code, unused_imports)
+)]
 
+// The Linux-only parts (event dispatch, prefork, peer credentials, systemd's adoption and
+// readiness) are compiled where `target_os = "linux"` and `socketserver_portable` is not set;
+// CI sets it to build the rest as another Unix would.
 mod accept;
 mod addr;
 mod admission;
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 mod adopt;
 mod auth;
 mod bind;
@@ -157,7 +169,8 @@ mod log_limit;
 pub mod metrics_http;
 mod mp;
 mod observe;
-#[cfg(feature = "signals")]
+#[cfg(all(feature = "signals", target_os = "linux", not(socketserver_portable)))]
+#[cfg_attr(docsrs, doc(cfg(all(feature = "signals", target_os = "linux"))))]
 pub mod prefork;
 mod prometheus;
 #[cfg(feature = "proxy-protocol")]
@@ -166,6 +179,7 @@ mod server;
 #[cfg(feature = "signals")]
 mod signals;
 mod stream;
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 mod systemd;
 #[cfg(feature = "tls")]
 pub mod tls;
@@ -197,7 +211,12 @@ pub use proxy::{Cidr, ProxyInfo, ProxyProtocol, ProxySsl};
 #[cfg(feature = "tls")]
 pub use rustls;
 pub use server::{Builder, Server};
-pub use stream::{Credentials, MinDataRate, Stream};
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
+#[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
+pub use stream::Credentials;
+pub use stream::{MinDataRate, Stream};
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
+#[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
 pub use systemd::Inherited;
 
 pub use observe::{AdmissionFailure, DurationHistogram};
