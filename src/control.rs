@@ -241,6 +241,7 @@ pub(crate) const CUT_WAIT: Duration = Duration::from_secs(1);
 
 /// How a [`ServerHandle::shutdown_graceful`] went.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DrainReport {
     /// Requests that finished on their own before the deadline.
     pub finished: u64,

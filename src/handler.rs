@@ -294,18 +294,22 @@ impl Write for Request {
 /// here, shared by every handler type: [`Builder::read_timeout`](crate::Builder::read_timeout)
 /// (with `write_timeout`, `idle_timeout` and `min_data_rate`) and
 /// [`Builder::nodelay`](crate::Builder::nodelay), on by default.
+///
+/// Made from the defaults and changed with the `with_*` methods, so that options can be added
+/// without breaking anyone:
+///
+/// ```
+/// use socketserver::StreamOptions;
+///
+/// let options = StreamOptions::new().with_wbufsize(8 * 1024).with_max_line(1024);
+/// assert_eq!(options.rbufsize(), 8 * 1024);
+/// assert_eq!(options.max_line(), 1024);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StreamOptions {
-    /// Capacity of `rfile`, the buffered reader. Default 8 KiB.
-    pub rbufsize: usize,
-    /// Capacity of `wfile`, the buffered writer. Default 0, as in Python: every write goes
-    /// straight to the socket. With a buffer, flush it when a reply is complete; `finish` flushes
-    /// whatever is left.
-    pub wbufsize: usize,
-    /// The longest line `rfile`'s line reads accept, counting its newline; a longer one fails
-    /// with an [`is_too_large`](crate::Error::is_too_large) error after this many bytes. Default
-    /// 64 KiB (Python's `http.server` uses the same limit for request lines and headers).
-    pub max_line: usize,
+    rbufsize: usize,
+    wbufsize: usize,
+    max_line: usize,
 }
 
 impl Default for StreamOptions {
@@ -315,6 +319,50 @@ impl Default for StreamOptions {
             wbufsize: 0,
             max_line: 64 * 1024,
         }
+    }
+}
+
+impl StreamOptions {
+    /// The defaults: an 8 KiB `rfile`, an unbuffered `wfile`, lines up to 64 KiB.
+    pub fn new() -> StreamOptions {
+        StreamOptions::default()
+    }
+
+    /// Capacity of `rfile`, the buffered reader. Default 8 KiB.
+    pub fn rbufsize(&self) -> usize {
+        self.rbufsize
+    }
+
+    /// Sets [`rbufsize`](Self::rbufsize).
+    pub fn with_rbufsize(mut self, bytes: usize) -> StreamOptions {
+        self.rbufsize = bytes;
+        self
+    }
+
+    /// Capacity of `wfile`, the buffered writer. Default 0, as in Python: every write goes
+    /// straight to the socket. With a buffer, flush it when a reply is complete; `finish` flushes
+    /// whatever is left.
+    pub fn wbufsize(&self) -> usize {
+        self.wbufsize
+    }
+
+    /// Sets [`wbufsize`](Self::wbufsize).
+    pub fn with_wbufsize(mut self, bytes: usize) -> StreamOptions {
+        self.wbufsize = bytes;
+        self
+    }
+
+    /// The longest line `rfile`'s line reads accept, counting its newline; a longer one fails
+    /// with an [`is_too_large`](crate::Error::is_too_large) error after this many bytes. Default
+    /// 64 KiB (Python's `http.server` uses the same limit for request lines and headers).
+    pub fn max_line(&self) -> usize {
+        self.max_line
+    }
+
+    /// Sets [`max_line`](Self::max_line).
+    pub fn with_max_line(mut self, bytes: usize) -> StreamOptions {
+        self.max_line = bytes;
+        self
     }
 }
 
@@ -482,6 +530,7 @@ impl<H: StreamHandler> Handler for StreamRequestHandler<H> {
 
 /// What a [`MessageHandler`] wants after a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Next {
     /// Keep the connection open and wait for the next message (HTTP's keep-alive).
     Message,

@@ -828,10 +828,7 @@ fn a_buffered_reply_leaves_as_one_record_not_one_per_write() {
     let pki = Pki::new("records");
     util::init_logs();
     let server = TcpServer::builder(|| {
-        let options = socketserver::StreamOptions {
-            wbufsize: 8192,
-            ..Default::default()
-        };
+        let options = socketserver::StreamOptions::new().with_wbufsize(8192);
         StreamRequestHandler::with_options(OneByteWrites, options)
     })
     .tls(pki.tls("server"))

@@ -51,6 +51,7 @@ fn ticketer() -> std::result::Result<Arc<dyn rustls::server::ProducesTickets>, r
 
 /// Whether clients must present a certificate signed by the client CA bundle (mutual TLS).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ClientCert {
     /// A client without a valid certificate is refused during the handshake.
     Required,
