@@ -214,6 +214,7 @@ impl Request {
     /// What was negotiated on a TLS connection (feature `tls`): version, cipher suite, SNI,
     /// ALPN, the client's certificate chain. `None` on a plaintext one.
     #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     pub fn tls(&self) -> Option<&crate::TlsInfo> {
         self.stream.tls()
     }
@@ -240,6 +241,7 @@ impl Request {
     /// ([`Builder::proxy_protocol`](crate::Builder::proxy_protocol)): the socket's peer, while
     /// [`peer_addr`](Self::peer_addr) is the client the header named.
     #[cfg(feature = "proxy-protocol")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
     pub fn proxy_addr(&self) -> Option<&Addr> {
         self.proxy.as_deref().map(|p| p.proxy_addr())
     }
@@ -247,6 +249,7 @@ impl Request {
     /// The PROXY header the connection came with (its version, destination and v2 TLVs), when
     /// the server takes them.
     #[cfg(feature = "proxy-protocol")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
     pub fn proxy(&self) -> Option<&crate::proxy::ProxyInfo> {
         self.proxy.as_deref()
     }
@@ -417,12 +420,14 @@ impl StreamRequest {
 
     /// The proxy the connection came through: see [`Request::proxy_addr`].
     #[cfg(feature = "proxy-protocol")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
     pub fn proxy_addr(&self) -> Option<&Addr> {
         self.proxy.as_deref().map(|p| p.proxy_addr())
     }
 
     /// The PROXY header the connection came with: see [`Request::proxy`].
     #[cfg(feature = "proxy-protocol")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
     pub fn proxy(&self) -> Option<&crate::proxy::ProxyInfo> {
         self.proxy.as_deref()
     }

@@ -559,6 +559,7 @@ impl<T: Transport> Server<T> {
     /// }
     /// ```
     #[cfg(feature = "signals")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "signals")))]
     pub fn serve_until_signal(&self, grace: Duration) -> crate::Result<crate::DrainReport> {
         let control = self.control();
         let fail = |e| crate::Error::io(Some(&control.local_addr), e);

@@ -860,6 +860,7 @@ impl Stream {
 }
 
 #[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 impl Stream {
     /// What was negotiated on this connection, if it is a TLS one (feature `tls`): version,
     /// cipher suite, SNI, ALPN, the client's certificates.
