@@ -17,7 +17,7 @@ use socketserver::{
 };
 use util::{connect, eventually, line_echo, serve, three_round_trips};
 
-const MODES: [Dispatch; 4] = util::STREAM_MODES;
+const MODES: [Dispatch; util::STREAM_MODES.len()] = util::STREAM_MODES;
 
 #[test]
 fn three_round_trips_in_every_mode_v4_and_v6() {
