@@ -54,7 +54,7 @@ struct Cli {
     #[command(flatten)]
     dispatch: common::DispatchArgs,
     /// Longest command line accepted, newline included
-    #[arg(long, value_name = "BYTES", default_value_t = StreamOptions::default().max_line,
+    #[arg(long, value_name = "BYTES", default_value_t = StreamOptions::default().max_line(),
           value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     max_line: usize,
     /// Most bytes of keys and values the store holds
@@ -174,10 +174,7 @@ fn main() {
     common::init_logging();
     let store = Arc::new(RwLock::new(Store::default()));
     let (max_line, max_bytes) = (cli.max_line, cli.max_bytes);
-    let options = StreamOptions {
-        max_line,
-        ..StreamOptions::default()
-    };
+    let options = StreamOptions::new().with_max_line(max_line);
     let dispatch = cli.dispatch.dispatch();
     let builder = TcpServer::builder(move || {
         MessageRequestHandler::with_options(

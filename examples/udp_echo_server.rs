@@ -45,13 +45,17 @@ fn main() {
     common::init_logging();
     let builder = UdpServer::builder(|| Echo)
         .dispatch(cli.dispatch.dispatch())
-        .max_packet_size(cli.max_packet_size)
-        .sd_notify(true);
-    // Socket activation (`systemd-socket-activate --datagram`): the inherited socket.
+        .max_packet_size(cli.max_packet_size);
+    // Socket activation (`systemd-socket-activate --datagram`): the inherited socket (Linux).
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
+    let builder = builder.sd_notify(true);
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
     let server = if socketserver::Inherited::count() > 0 {
         builder.adopt(socketserver::Inherited::index(0))
     } else {
         builder.bind(&*cli.addr.addr)
     };
+    #[cfg(not(all(target_os = "linux", not(socketserver_portable))))]
+    let server = builder.bind(&*cli.addr.addr);
     common::serve(server, "UDP echo server", Duration::from_secs(2));
 }

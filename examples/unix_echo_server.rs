@@ -60,6 +60,7 @@ struct Echo;
 
 impl Handler for Echo {
     fn handle(&mut self, req: &mut Request) -> HandlerResult {
+        #[cfg(all(target_os = "linux", not(socketserver_portable)))]
         if let Some(c) = req.peer_credentials() {
             log::info!("connection from pid {} (uid {})", c.pid, c.uid);
         }

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 /// Its `Display` escapes what a client could use to forge or hide log text in a Unix path (it
 /// chooses its own): a newline shows as `\n`, never as a line break.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Addr {
     /// An IPv4 or IPv6 socket address.
     Inet(SocketAddr),

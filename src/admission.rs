@@ -693,6 +693,7 @@ fn peek_whole(stream: &Stream, parked: &Parked) -> bool {
 
 /// Whether the client has sent bytes that wait to be read on `stream` (its answer, say), and
 /// has not hung up: a connection at end of file is as good as gone and may be cut.
+#[cfg(target_os = "linux")]
 fn has_input(stream: &Stream) -> bool {
     let mut fds = [PollFd::new(stream, PollFlags::IN | PollFlags::RDHUP)];
     let now = Timespec {
@@ -703,6 +704,21 @@ fn has_input(stream: &Stream) -> bool {
         && !fds[0]
             .revents()
             .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR)
+}
+
+/// Whether the client has sent bytes that wait to be read (see the Linux version). Without
+/// `POLLRDHUP`, a one-byte peek tells waiting bytes from end of file.
+#[cfg(not(target_os = "linux"))]
+fn has_input(stream: &Stream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        rustix::net::recv(
+            stream,
+            &mut byte[..],
+            rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
+        ),
+        Ok((n, _)) if n > 0
+    )
 }
 
 /// One unfinished admission, visible to newer ones that may need to evict it.

@@ -14,6 +14,7 @@ fn adopted<T: crate::transport::Transport>(server: Result<Server<T>>) -> Result<
     Ok(server)
 }
 
+#[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
 impl<H: Handler> Builder<Tcp<H>> {
     /// Serves on a listening TCP socket this process inherited (`LISTEN_FDS`: systemd socket
     /// activation, a prefork supervisor (`socketserver::prefork`), an upgrade). Fails with
@@ -27,6 +28,7 @@ impl<H: Handler> Builder<Tcp<H>> {
     }
 }
 
+#[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
 impl<H: Handler> Builder<Unix<H>> {
     /// Serves on a listening Unix stream socket this process inherited; see
     /// [`Builder::adopt`](Builder#method.adopt) for TCP. The socket file belongs to whoever
@@ -37,6 +39,7 @@ impl<H: Handler> Builder<Unix<H>> {
     }
 }
 
+#[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
 impl<H: DatagramHandler> Builder<Udp<H>> {
     /// Serves on a UDP socket this process inherited; see
     /// [`Builder::adopt`](Builder#method.adopt) for TCP.
@@ -46,6 +49,7 @@ impl<H: DatagramHandler> Builder<Udp<H>> {
     }
 }
 
+#[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
 impl<H: DatagramHandler> Builder<UnixDatagram<H>> {
     /// Serves on a Unix datagram socket this process inherited; its socket file is left alone.
     pub fn adopt(self, which: Inherited) -> Result<Server<UnixDatagram<H>>> {

@@ -284,6 +284,7 @@ impl<T: StreamTransport> Builder<T> {
     /// the admission stage before [`auth`](Self::auth)'s, which then runs inside TLS, bounded by
     /// the same handshake timeout (5 s, or `auth`'s) and pending cap.
     #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     pub fn tls(mut self, tls: crate::Tls) -> Self {
         self.service.admission.add(Box::new(tls));
         self

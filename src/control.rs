@@ -10,8 +10,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
-use rustix::pipe::{PipeFlags, pipe_with};
-
 use crate::wait::{deadline_after, wait_until};
 
 use crate::observe::{AdmissionFailure, DurationHistogram, Histogram};
@@ -55,7 +53,7 @@ struct Waker {
 
 impl Waker {
     fn new() -> io::Result<Waker> {
-        let (rx, tx) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+        let (rx, tx) = crate::wait::wake_pipe()?;
         Ok(Waker { rx, tx })
     }
 
@@ -276,6 +274,11 @@ macro_rules! stats_counters {
 impl Stats {
     /// All of it as numbers: the counters, the admission failures by reason, the duration
     /// histogram.
+    // Used by prefork (feature `signals`, Linux) alone.
+    #[cfg_attr(
+        not(all(feature = "signals", target_os = "linux", not(socketserver_portable))),
+        allow(dead_code)
+    )]
     pub(crate) fn words(&self) -> Vec<u64> {
         macro_rules! list {
             ($($f:ident),*) => { vec![$(self.$f),*] };
@@ -287,6 +290,11 @@ impl Stats {
     }
 
     /// The inverse of [`words`](Self::words); missing words are 0, extra ones ignored.
+    // Used by prefork (feature `signals`, Linux) alone.
+    #[cfg_attr(
+        not(all(feature = "signals", target_os = "linux", not(socketserver_portable))),
+        allow(dead_code)
+    )]
     pub(crate) fn from_words(words: impl IntoIterator<Item = u64>) -> Stats {
         let mut it = words.into_iter();
         let mut s = Stats::default();
@@ -302,6 +310,11 @@ impl Stats {
     }
 
     /// Adds `other`'s counts to these, histogram included.
+    // Used by prefork (feature `signals`, Linux) alone.
+    #[cfg_attr(
+        not(all(feature = "signals", target_os = "linux", not(socketserver_portable))),
+        allow(dead_code)
+    )]
     pub(crate) fn add(&mut self, other: &Stats) {
         macro_rules! add {
             ($($f:ident),*) => { $(self.$f += other.$f;)* };
@@ -324,6 +337,7 @@ pub(crate) const CUT_WAIT: Duration = Duration::from_secs(1);
 
 /// How a [`ServerHandle::shutdown_graceful`] went.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DrainReport {
     /// Requests that finished on their own before the deadline.
     pub finished: u64,

@@ -15,6 +15,15 @@ use rustix::net::{RecvFlags, SendFlags};
 
 use crate::wait::{Polled, deadline_after, poll_until};
 
+/// The flags of a send that must not wait. On Linux it also must not raise SIGPIPE when the peer
+/// has gone (`MSG_NOSIGNAL`); other systems lack the flag, and there a Rust program ignores
+/// SIGPIPE anyway (std's runtime sets it so before `main`), so the send fails with EPIPE.
+#[cfg(target_os = "linux")]
+pub(crate) const SEND_NOW: SendFlags = SendFlags::DONTWAIT.union(SendFlags::NOSIGNAL);
+/// The flags of a send that must not wait (see the Linux version).
+#[cfg(not(target_os = "linux"))]
+pub(crate) const SEND_NOW: SendFlags = SendFlags::DONTWAIT;
+
 /// Wraps a stream socket so that reads and writes fail with `TimedOut` once `deadline` passes.
 pub(crate) struct DeadlineIo<'a, S> {
     sock: &'a S,
@@ -137,7 +146,7 @@ impl<S: AsFd> Write for DeadlineIo<'_, S> {
             return t.write(&*self, buf);
         }
         loop {
-            match rustix::net::send(self.sock, buf, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
+            match rustix::net::send(self.sock, buf, SEND_NOW) {
                 Ok(n) => {
                     self.awaiting_answer = true;
                     return Ok(n);
@@ -172,7 +181,7 @@ impl<S: AsFd> crate::tls::session::Raw for DeadlineIo<'_, S> {
 
     fn write_raw(&self, buf: &[u8]) -> io::Result<usize> {
         loop {
-            match rustix::net::send(self.sock, buf, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
+            match rustix::net::send(self.sock, buf, SEND_NOW) {
                 Ok(n) => return Ok(n),
                 Err(Errno::AGAIN) => self.wait(PollFlags::OUT)?,
                 Err(Errno::INTR) => {}

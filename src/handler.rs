@@ -5,7 +5,7 @@ use std::fmt;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 
 use crate::stream::{Direction, StreamTimeout, write_fmt_once};
-use crate::{Addr, Credentials, RFile, ServerHandle, Stream, WFile};
+use crate::{Addr, RFile, ServerHandle, Stream, WFile};
 
 /// What a handler method returns on failure: any error, boxed.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -214,6 +214,7 @@ impl Request {
     /// What was negotiated on a TLS connection (feature `tls`): version, cipher suite, SNI,
     /// ALPN, the client's certificate chain. `None` on a plaintext one.
     #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     pub fn tls(&self) -> Option<&crate::TlsInfo> {
         self.stream.tls()
     }
@@ -224,8 +225,10 @@ impl Request {
         self.stream.local_addr()
     }
 
-    /// The client process's credentials on a Unix-domain connection, where the OS provides them.
-    pub fn peer_credentials(&self) -> Option<Credentials> {
+    /// The client process's credentials on a Unix-domain connection (`SO_PEERCRED`). Linux only.
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
+    #[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
+    pub fn peer_credentials(&self) -> Option<crate::Credentials> {
         self.stream.peer_credentials()
     }
 
@@ -238,6 +241,7 @@ impl Request {
     /// ([`Builder::proxy_protocol`](crate::Builder::proxy_protocol)): the socket's peer, while
     /// [`peer_addr`](Self::peer_addr) is the client the header named.
     #[cfg(feature = "proxy-protocol")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
     pub fn proxy_addr(&self) -> Option<&Addr> {
         self.proxy.as_deref().map(|p| p.proxy_addr())
     }
@@ -245,6 +249,7 @@ impl Request {
     /// The PROXY header the connection came with (its version, destination and v2 TLVs), when
     /// the server takes them.
     #[cfg(feature = "proxy-protocol")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
     pub fn proxy(&self) -> Option<&crate::proxy::ProxyInfo> {
         self.proxy.as_deref()
     }
@@ -292,18 +297,22 @@ impl Write for Request {
 /// here, shared by every handler type: [`Builder::read_timeout`](crate::Builder::read_timeout)
 /// (with `write_timeout`, `idle_timeout` and `min_data_rate`) and
 /// [`Builder::nodelay`](crate::Builder::nodelay), on by default.
+///
+/// Made from the defaults and changed with the `with_*` methods, so that options can be added
+/// without breaking anyone:
+///
+/// ```
+/// use socketserver::StreamOptions;
+///
+/// let options = StreamOptions::new().with_wbufsize(8 * 1024).with_max_line(1024);
+/// assert_eq!(options.rbufsize(), 8 * 1024);
+/// assert_eq!(options.max_line(), 1024);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StreamOptions {
-    /// Capacity of `rfile`, the buffered reader. Default 8 KiB.
-    pub rbufsize: usize,
-    /// Capacity of `wfile`, the buffered writer. Default 0, as in Python: every write goes
-    /// straight to the socket. With a buffer, flush it when a reply is complete; `finish` flushes
-    /// whatever is left.
-    pub wbufsize: usize,
-    /// The longest line `rfile`'s line reads accept, counting its newline; a longer one fails
-    /// with an [`is_too_large`](crate::Error::is_too_large) error after this many bytes. Default
-    /// 64 KiB (Python's `http.server` uses the same limit for request lines and headers).
-    pub max_line: usize,
+    rbufsize: usize,
+    wbufsize: usize,
+    max_line: usize,
 }
 
 impl Default for StreamOptions {
@@ -313,6 +322,50 @@ impl Default for StreamOptions {
             wbufsize: 0,
             max_line: 64 * 1024,
         }
+    }
+}
+
+impl StreamOptions {
+    /// The defaults: an 8 KiB `rfile`, an unbuffered `wfile`, lines up to 64 KiB.
+    pub fn new() -> StreamOptions {
+        StreamOptions::default()
+    }
+
+    /// Capacity of `rfile`, the buffered reader. Default 8 KiB.
+    pub fn rbufsize(&self) -> usize {
+        self.rbufsize
+    }
+
+    /// Sets [`rbufsize`](Self::rbufsize).
+    pub fn with_rbufsize(mut self, bytes: usize) -> StreamOptions {
+        self.rbufsize = bytes;
+        self
+    }
+
+    /// Capacity of `wfile`, the buffered writer. Default 0, as in Python: every write goes
+    /// straight to the socket. With a buffer, flush it when a reply is complete; `finish` flushes
+    /// whatever is left.
+    pub fn wbufsize(&self) -> usize {
+        self.wbufsize
+    }
+
+    /// Sets [`wbufsize`](Self::wbufsize).
+    pub fn with_wbufsize(mut self, bytes: usize) -> StreamOptions {
+        self.wbufsize = bytes;
+        self
+    }
+
+    /// The longest line `rfile`'s line reads accept, counting its newline; a longer one fails
+    /// with an [`is_too_large`](crate::Error::is_too_large) error after this many bytes. Default
+    /// 64 KiB (Python's `http.server` uses the same limit for request lines and headers).
+    pub fn max_line(&self) -> usize {
+        self.max_line
+    }
+
+    /// Sets [`max_line`](Self::max_line).
+    pub fn with_max_line(mut self, bytes: usize) -> StreamOptions {
+        self.max_line = bytes;
+        self
     }
 }
 
@@ -353,8 +406,10 @@ impl StreamRequest {
         self.rfile.get_ref()
     }
 
-    /// The client process's credentials on a Unix-domain connection, where the OS provides them.
-    pub fn peer_credentials(&self) -> Option<Credentials> {
+    /// The client process's credentials on a Unix-domain connection (`SO_PEERCRED`). Linux only.
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
+    #[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
+    pub fn peer_credentials(&self) -> Option<crate::Credentials> {
         self.stream().peer_credentials()
     }
 
@@ -365,12 +420,14 @@ impl StreamRequest {
 
     /// The proxy the connection came through: see [`Request::proxy_addr`].
     #[cfg(feature = "proxy-protocol")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
     pub fn proxy_addr(&self) -> Option<&Addr> {
         self.proxy.as_deref().map(|p| p.proxy_addr())
     }
 
     /// The PROXY header the connection came with: see [`Request::proxy`].
     #[cfg(feature = "proxy-protocol")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
     pub fn proxy(&self) -> Option<&crate::proxy::ProxyInfo> {
         self.proxy.as_deref()
     }
@@ -478,6 +535,7 @@ impl<H: StreamHandler> Handler for StreamRequestHandler<H> {
 
 /// What a [`MessageHandler`] wants after a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Next {
     /// Keep the connection open and wait for the next message (HTTP's keep-alive).
     Message,

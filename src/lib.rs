@@ -56,6 +56,36 @@
 //!   feature `tls-aws-lc` (implies `tls`) makes aws-lc-rs the provider instead of ring, and
 //!   wins when both are on (see `tls::provider()`).
 //!
+//! # Platforms
+//!
+//! * **Linux**: built and tested (CI runs the whole suite there).
+//! * **Other Unixes** (macOS, the BSDs): the blocking core (sync, thread and pool dispatch over
+//!   std and socket2, HMAC and `multiprocessing.connection` authentication, TLS, the PROXY
+//!   protocol, metrics) is meant to build, but is not tested there. The library checks for
+//!   `x86_64-apple-darwin` with its default features. The Linux-only parts are left out:
+//!   `Dispatch::Event` (epoll), the `prefork` module, `Builder::adopt` and `Inherited`
+//!   (systemd socket activation), `Builder::sd_notify`, and `peer_credentials` with
+//!   `Credentials` (`SO_PEERCRED`). Using one of them there fails to compile, naming the missing
+//!   item, and these docs mark each one "Linux only". CI builds the crate with
+//!   `--cfg socketserver_portable`, which leaves the same parts out on Linux, so the fences
+//!   are compiled on every change.
+//! * **Windows**: not supported (the crate is built on Unix file descriptors).
+//!
+//! # Cargo features
+//!
+//! `signals` (default): `Server::serve_until_signal`, and with it `prefork`. `proxy-protocol`
+//! (default): `Builder::proxy_protocol`. `tls`: TLS through rustls with ring; `tls-aws-lc`:
+//! the same with aws-lc-rs. `metrics` and `tracing`: the facade mirror and the connection
+//! spans (see below). These docs mark what each feature adds.
+//!
+//! # Semver and rustls
+//!
+//! rustls types appear in the public API only under feature `tls` (the re-exported
+//! [`rustls`](https://docs.rs/rustls) crate, `Tls::from_config`, `Tls::config`, `TlsInfo`,
+//! `TlsStream::connection`, `tls::provider`, the PEM helpers). A rustls release that breaks
+//! semver (0.23 to 0.24) is released as a breaking version of socketserver (0.1 to 0.2), even if
+//! nothing else changed. Without `tls`, rustls is not a dependency at all.
+//!
 //! # Deployment
 //!
 //! Behind a load balancer, `Builder::proxy_protocol` takes the real client's address from a
@@ -136,10 +166,24 @@
 // Two more, for listeners handed over: `systemd.rs` (taking ownership of an inherited
 // descriptor) and `prefork.rs` (placing descriptors in a child between fork and exec).
 #![deny(unsafe_code)]
+// docs.rs (`--cfg docsrs`, nightly) labels each item that needs a cargo feature or Linux.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+// ... as "Linux", not by the cfg that CI uses to leave those parts out.
+#![cfg_attr(docsrs, doc(auto_cfg(hide(socketserver_portable))))]
+// Without the Linux-only parts, what only they call (the event-mode steps of admission, the
+// transports, TLS and authentication) is compiled but unused: allowed there, not on Linux.
+#![cfg_attr(
+    not(all(target_os = "linux", not(socketserver_portable))),
+    allow(dead_code, unused_imports)
+)]
 
+// The Linux-only parts (event dispatch, prefork, peer credentials, systemd's adoption and
+// readiness) are compiled where `target_os = "linux"` and `socketserver_portable` is not set;
+// CI sets it to build the rest as another Unix would.
 mod accept;
 mod addr;
 mod admission;
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 mod adopt;
 mod auth;
 mod bind;
@@ -157,7 +201,8 @@ mod log_limit;
 pub mod metrics_http;
 mod mp;
 mod observe;
-#[cfg(feature = "signals")]
+#[cfg(all(feature = "signals", target_os = "linux", not(socketserver_portable)))]
+#[cfg_attr(docsrs, doc(cfg(all(feature = "signals", target_os = "linux"))))]
 pub mod prefork;
 mod prometheus;
 #[cfg(feature = "proxy-protocol")]
@@ -166,8 +211,10 @@ mod server;
 #[cfg(feature = "signals")]
 mod signals;
 mod stream;
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 mod systemd;
 #[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub mod tls;
 pub mod transport;
 mod wait;
@@ -191,18 +238,26 @@ pub use handler::{
 pub use handler_fn::{HandlerFn, MessageFn, handler_fn, message_fn};
 pub use mp::{DEFAULT_MAX_MESSAGE, DEFAULT_MP_BUDGET, MpBudget, MpConnection};
 #[cfg(feature = "proxy-protocol")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
 pub use proxy::{Cidr, ProxyInfo, ProxyProtocol, ProxySsl};
 /// The rustls this crate was built with (feature `tls`), for [`ServerConfig`](rustls::ServerConfig)s
 /// of your own and client root stores.
 #[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub use rustls;
 pub use server::{Builder, Server};
-pub use stream::{Credentials, MinDataRate, Stream};
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
+#[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
+pub use stream::Credentials;
+pub use stream::{MinDataRate, Stream};
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
+#[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
 pub use systemd::Inherited;
 
 pub use observe::{AdmissionFailure, DurationHistogram};
 pub use prometheus::{PROMETHEUS_CONTENT_TYPE, render_prometheus};
 #[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub use tls::{ClientCert, Tls, TlsInfo, TlsStream, connect_tls};
 
 /// The README's examples, compiled as doctests so they cannot drift from the API.

@@ -136,6 +136,11 @@ pub struct DurationHistogram {
 
 impl DurationHistogram {
     /// Its counts, then the sum in nanoseconds: what a prefork worker reports of it.
+    // Used by prefork (feature `signals`, Linux) alone.
+    #[cfg_attr(
+        not(all(feature = "signals", target_os = "linux", not(socketserver_portable))),
+        allow(dead_code)
+    )]
     pub(crate) fn words(&self) -> impl Iterator<Item = u64> + '_ {
         self.counts
             .iter()
@@ -144,6 +149,11 @@ impl DurationHistogram {
     }
 
     /// Fills it from [`words`](Self::words)' order (a missing word is 0).
+    // Used by prefork (feature `signals`, Linux) alone.
+    #[cfg_attr(
+        not(all(feature = "signals", target_os = "linux", not(socketserver_portable))),
+        allow(dead_code)
+    )]
     pub(crate) fn fill(&mut self, words: &mut impl Iterator<Item = u64>) {
         for c in &mut self.counts {
             *c = words.next().unwrap_or(0);
@@ -152,6 +162,11 @@ impl DurationHistogram {
     }
 
     /// Adds `other`'s requests to these.
+    // Used by prefork (feature `signals`, Linux) alone.
+    #[cfg_attr(
+        not(all(feature = "signals", target_os = "linux", not(socketserver_portable))),
+        allow(dead_code)
+    )]
     pub(crate) fn add(&mut self, other: &DurationHistogram) {
         for (a, b) in self.counts.iter_mut().zip(other.counts) {
             *a += b;

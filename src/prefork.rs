@@ -255,6 +255,7 @@ fn sock_addr(fd: &OwnedFd) -> Addr {
 
 /// What one worker reported when it exited.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WorkerReport {
     /// The worker's number (1 for the first started, counting up).
     pub id: u64,

@@ -38,6 +38,7 @@ struct Common {
     service_actions: Option<ActionHook>,
     handle_timeout: Option<ActionHook>,
     handle_error: Option<ErrorHook>,
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
     sd_notify: bool,
 }
 
@@ -80,6 +81,7 @@ impl<T: Transport> Builder<T> {
                 service_actions: None,
                 handle_timeout: None,
                 handle_error: None,
+                #[cfg(all(target_os = "linux", not(socketserver_portable)))]
                 sd_notify: false,
             },
         }
@@ -225,7 +227,9 @@ impl<T: Transport> Builder<T> {
     /// [`serve_forever`](Server::serve_forever) starts, `STOPPING=1` when a drain begins, and
     /// `WATCHDOG=1` with a fresh status line at half of `WATCHDOG_USEC` when that is set. Without
     /// `NOTIFY_SOCKET` it does nothing. Default false: a library sends nothing unasked. See
-    /// [`Inherited`](crate::Inherited) for the other half of systemd's protocol.
+    /// [`Inherited`](crate::Inherited) for the other half of systemd's protocol. Linux only.
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
+    #[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
     pub fn sd_notify(mut self, notify: bool) -> Self {
         self.common.sd_notify = notify;
         self
@@ -251,13 +255,17 @@ impl<T: Transport> Builder<T> {
         }
         // The handshake cap follows what the user set: a derived thread-mode cap of thousands
         // would let as many silent connections sit in admission.
+        #[cfg(all(target_os = "linux", not(socketserver_portable)))]
         let parks = matches!(c.dispatch, Dispatch::Event { .. });
+        #[cfg(not(all(target_os = "linux", not(socketserver_portable))))]
+        let parks = false;
         if parks && !T::Listener::STREAMS {
             return Err(crate::Error::config(
                 "Dispatch::Event is for stream servers (TCP, Unix streams): a datagram is \
                  already one message",
             ));
         }
+        #[cfg(all(target_os = "linux", not(socketserver_portable)))]
         if c.dispatch == (Dispatch::Event { workers: 0 }) {
             return Err(crate::Error::config("workers must be at least 1"));
         }
@@ -268,6 +276,7 @@ impl<T: Transport> Builder<T> {
         let learns_client = self.service.learns_client();
         let limit = match (c.dispatch, set_limit) {
             (Dispatch::Thread, None) => default_max_connections(),
+            #[cfg(all(target_os = "linux", not(socketserver_portable)))]
             (Dispatch::Event { .. }, None) => default_event_connections(),
             _ => set_limit,
         };
@@ -308,8 +317,10 @@ impl<T: Transport> Builder<T> {
             poll_interval: c.poll_interval,
             service_actions: c.service_actions,
             handle_timeout: c.handle_timeout,
+            #[cfg(all(target_os = "linux", not(socketserver_portable)))]
             readiness: OnceLock::new(),
         };
+        #[cfg(all(target_os = "linux", not(socketserver_portable)))]
         if c.sd_notify {
             server.enable_readiness();
         }
@@ -330,6 +341,7 @@ fn default_max_connections() -> Option<usize> {
 }
 
 /// Event mode's cap when the user set none: what the descriptor limit allows.
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 fn default_event_connections() -> Option<usize> {
     let derived = crate::limits::SystemLimits::read().max_event_connections()?;
     log::info!(
@@ -344,7 +356,13 @@ fn default_event_connections() -> Option<usize> {
 /// `serve_forever` holds the original; `None` for a datagram socket, which has no backlog to
 /// refuse.
 fn listening_duplicate(fd: BorrowedFd<'_>) -> io::Result<Option<std::os::fd::OwnedFd>> {
-    if rustix::net::sockopt::socket_acceptconn(fd)? {
+    // rustix reads SO_ACCEPTCONN on Linux only; elsewhere a stream socket handed to a server
+    // is taken to be listening.
+    #[cfg(target_os = "linux")]
+    let listening = rustix::net::sockopt::socket_acceptconn(fd)?;
+    #[cfg(not(target_os = "linux"))]
+    let listening = socket2::SockRef::from(&fd).r#type()? == socket2::Type::STREAM;
+    if listening {
         Ok(Some(fd.try_clone_to_owned()?))
     } else {
         Ok(None)
@@ -373,6 +391,7 @@ pub struct Server<T: Transport> {
     service_actions: Option<ActionHook>,
     handle_timeout: Option<ActionHook>,
     /// Readiness messages (`READY=1`, ...), when asked for and the environment names a socket.
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
     readiness: OnceLock<Option<crate::systemd::Readiness>>,
 }
 
@@ -408,6 +427,7 @@ impl<T: Transport> Server<T> {
 
     /// Turns readiness messages on (see [`Builder::sd_notify`]); false if the environment
     /// names no notify socket.
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
     pub(crate) fn enable_readiness(&self) -> bool {
         self.readiness
             .get_or_init(|| crate::systemd::Readiness::new(self.control()))
@@ -416,6 +436,7 @@ impl<T: Transport> Server<T> {
 
     /// The listener was inherited and other processes may accept on it too: a drain leaves it
     /// listening.
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
     pub(crate) fn mark_adopted(&self) {
         self.control().set_shared_listener();
     }
@@ -437,10 +458,12 @@ impl<T: Transport> Server<T> {
             return;
         }
         let _serving = control.serving(true);
+        #[cfg(all(target_os = "linux", not(socketserver_portable)))]
         if let Some(Some(r)) = self.readiness.get() {
             r.serving();
         }
         // Event mode: the workers accept, and this thread only what they hand over.
+        #[cfg(all(target_os = "linux", not(socketserver_portable)))]
         let workers = self.dispatcher.as_ref().and_then(|d| {
             let acceptor: Arc<dyn Acceptor<_>> = accept.clone();
             d.workers_accept(acceptor)
@@ -457,6 +480,7 @@ impl<T: Transport> Server<T> {
                 .as_ref()
                 .and_then(|_| deadline_after(self.poll_interval));
             control.set_accepting(true);
+            #[cfg(all(target_os = "linux", not(socketserver_portable)))]
             if let Some(w) = &workers
                 && !(matches!(wait(Some(w.handover_fd()), control, deadline), Wake::Ready)
                     && w.take_handover())
@@ -466,16 +490,19 @@ impl<T: Transport> Server<T> {
             }
             let next = accept.next(deadline, &mut backoff);
             control.set_accepting(false);
+            #[cfg(all(target_os = "linux", not(socketserver_portable)))]
             let stopping = matches!(next, Next::Shutdown);
             if let Next::Request(req, permit) = next {
                 self.process(req, permit, &mut backoff);
             }
+            #[cfg(all(target_os = "linux", not(socketserver_portable)))]
             if let Some(w) = &workers
                 && !stopping
             {
                 w.resume();
             }
         }
+        #[cfg(all(target_os = "linux", not(socketserver_portable)))]
         drop(workers);
         if control.backlog_wanted() {
             self.take_backlog(accept, &mut backoff);
@@ -536,6 +563,7 @@ impl<T: Transport> Server<T> {
     /// }
     /// ```
     #[cfg(feature = "signals")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "signals")))]
     pub fn serve_until_signal(&self, grace: Duration) -> crate::Result<crate::DrainReport> {
         let control = self.control();
         let fail = |e| crate::Error::io(Some(&control.local_addr), e);

@@ -326,6 +326,9 @@ enum Sock {
 }
 
 /// The peer process of a Unix-domain connection, as the kernel reports it (`SO_PEERCRED`).
+/// Linux only.
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
+#[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Credentials {
     /// Process ID of the peer when it connected; 0 when the peer is in a PID namespace this
@@ -340,7 +343,7 @@ pub struct Credentials {
 /// `getsockopt(SO_PEERCRED)` into libc's `ucred`. (rustix's version stores the pid in a
 /// `NonZeroI32`, which the kernel's pid 0 for a peer in another PID namespace would make
 /// undefined behaviour.)
-#[cfg(any(target_os = "linux", target_os = "android"))]
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 #[allow(unsafe_code)]
 fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<Credentials> {
     use std::os::fd::AsRawFd;
@@ -533,10 +536,11 @@ impl Stream {
         }
     }
 
-    /// The credentials of the peer process of a Unix-domain connection, where the OS provides
-    /// them (Linux, Android); `None` for TCP.
+    /// The credentials of the peer process of a Unix-domain connection (`SO_PEERCRED`);
+    /// `None` for TCP. Linux only.
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
+    #[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
     pub fn peer_credentials(&self) -> Option<Credentials> {
-        #[cfg(any(target_os = "linux", target_os = "android"))]
         if let Sock::Unix(s) = &self.inner.sock {
             return peer_cred(s.as_fd()).ok();
         }
@@ -950,14 +954,14 @@ impl Stream {
 
     /// One send that does not wait (and raises no SIGPIPE), counted.
     fn send_now(&self, buf: &[u8]) -> io::Result<usize> {
-        use rustix::net::{SendFlags, send};
+        use rustix::net::send;
         loop {
             let r = self.counted(Direction::Write, |sock| {
                 let fd = match sock {
                     Sock::Tcp(s) => s.as_fd(),
                     Sock::Unix(s) => s.as_fd(),
                 };
-                send(fd, buf, SendFlags::DONTWAIT | SendFlags::NOSIGNAL).map_err(io::Error::from)
+                send(fd, buf, crate::deadline::SEND_NOW).map_err(io::Error::from)
             });
             match r {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1115,6 +1119,7 @@ impl Stream {
 }
 
 #[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 impl Stream {
     /// What was negotiated on this connection, if it is a TLS one (feature `tls`): version,
     /// cipher suite, SNI, ALPN, the client's certificates.
@@ -1145,12 +1150,7 @@ impl Stream {
                     // After what is queued, in order.
                     return self.0.queue(o, buf);
                 }
-                rustix::net::send(
-                    self.0,
-                    buf,
-                    rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL,
-                )
-                .map_err(io::Error::from)
+                rustix::net::send(self.0, buf, crate::deadline::SEND_NOW).map_err(io::Error::from)
             }
         }
         if let Some(t) = self.inner.tls.get()

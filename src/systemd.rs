@@ -61,6 +61,7 @@ pub(crate) const NOTIFY_FD_VAR: &str = "SOCKETSERVER_NOTIFY_FD";
 /// # Ok::<(), socketserver::Error>(())
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
 pub struct Inherited(Select);
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -2,6 +2,7 @@
 //! or a condition-variable wait, so that no caller can overflow an `Instant` or spin.
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::{Condvar, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,27 @@ pub(crate) fn poll_until(fds: &mut [PollFd<'_>], deadline: Option<Instant>) -> i
         Ok(_) | Err(Errno::INTR) => Ok(Polled::Ready),
         Err(e) => Err(e.into()),
     }
+}
+
+/// A non-blocking, close-on-exec pipe (read end, write end): the self-pipes that wake a `poll`
+/// (shutdown, signals).
+pub(crate) fn wake_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    #[cfg(target_os = "linux")]
+    let pipe = rustix::pipe::pipe_with(
+        rustix::pipe::PipeFlags::NONBLOCK | rustix::pipe::PipeFlags::CLOEXEC,
+    )?;
+    // Without pipe2 (macOS, for one), the flags follow the pipe: a fork in between may inherit
+    // it, which costs that child two descriptors, nothing more.
+    #[cfg(not(target_os = "linux"))]
+    let pipe = {
+        let pipe = rustix::pipe::pipe()?;
+        for fd in [&pipe.0, &pipe.1] {
+            rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC)?;
+            rustix::fs::fcntl_setfl(fd, rustix::fs::OFlags::NONBLOCK)?;
+        }
+        pipe
+    };
+    Ok(pipe)
 }
 
 /// Waits on `cv` until notified or `deadline` passes. `None` if the deadline had already passed;

@@ -2,6 +2,9 @@
 //! event mode included, is in the suites that loop over `util::STREAM_MODES`: tcp_server,
 //! unix_stream_server, auth, reliability.)
 
+// Event dispatch, prefork and socket activation are Linux-only parts of the crate.
+#![cfg(all(target_os = "linux", not(socketserver_portable)))]
+
 mod util;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -13,12 +13,12 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use socketserver::transport::Transport;
-use socketserver::{Dispatch, Server, TcpServer};
+use socketserver::{Server, TcpServer};
 
 mod child_server;
 
 use child_server::{
-    Hold, greeted, hold_messages, lower_fd_limit, serve_until_stdin_closes, spawn_child_with,
+    Hold, greeted, lower_fd_limit, serve_until_stdin_closes, spawn_child_with,
     stop_and_count_accept_errors,
 };
 
@@ -31,8 +31,9 @@ fn child(mode: &str) {
     // A cap above the descriptor limit on purpose: the default cap (derived from that limit)
     // would keep accept from ever failing, and this scenario is about what happens when it does.
     match mode {
-        "event" => run(TcpServer::builder(hold_messages)
-            .dispatch(Dispatch::Event { workers: 2 })
+        #[cfg(all(target_os = "linux", not(socketserver_portable)))]
+        "event" => run(TcpServer::builder(child_server::hold_messages)
+            .dispatch(socketserver::Dispatch::Event { workers: 2 })
             .max_connections(10_000)
             .bind("127.0.0.1:0")
             .expect("bind")),

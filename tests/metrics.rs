@@ -577,6 +577,7 @@ fn the_endpoint_refuses_an_oversized_request_head() {
     assert!(reply.starts_with("HTTP/1.1 431 "), "{reply}");
 }
 
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 #[test]
 fn event_mode_records_a_duration_per_message_and_thread_mode_per_connection() {
     for (mode, requests) in [(Dispatch::Event { workers: 2 }, 3), (Dispatch::Thread, 1)] {

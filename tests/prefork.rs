@@ -4,6 +4,9 @@
 //! upgraded (SIGUSR2), successfully or not. The binary is a copy in a temp directory, so that a
 //! test can replace it the way an upgrade does (rename a new file over the path).
 
+// Event dispatch, prefork and socket activation are Linux-only parts of the crate.
+#![cfg(all(target_os = "linux", not(socketserver_portable)))]
+
 mod util;
 
 use std::net::SocketAddr;

@@ -416,6 +416,7 @@ fn through_haproxy_send_proxy_v2() {
     through_haproxy("send-proxy-v2", 2);
 }
 
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 #[test]
 fn event_dispatch_parks_until_the_header_is_whole_and_serves_the_real_client() {
     util::init_logs();

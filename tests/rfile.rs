@@ -58,13 +58,7 @@ fn brackets_server(
     seen: &Arc<Mutex<Seen>>,
 ) -> TcpServer<StreamRequestHandler<Brackets>> {
     TcpServer::builder(move || {
-        StreamRequestHandler::with_options(
-            Brackets,
-            StreamOptions {
-                max_line,
-                ..StreamOptions::default()
-            },
-        )
+        StreamRequestHandler::with_options(Brackets, StreamOptions::new().with_max_line(max_line))
     })
     .handle_error(record(seen))
     .bind("127.0.0.1:0")
@@ -139,13 +133,7 @@ fn read_until_and_read_line_are_bounded_and_leave_the_buffer_usable() {
     let log = Arc::new(Mutex::new(Vec::new()));
     let l = log.clone();
     let server = TcpServer::builder(move || {
-        StreamRequestHandler::with_options(
-            Probe(l.clone()),
-            StreamOptions {
-                max_line: 8,
-                ..StreamOptions::default()
-            },
-        )
+        StreamRequestHandler::with_options(Probe(l.clone()), StreamOptions::new().with_max_line(8))
     })
     .bind("127.0.0.1:0")
     .unwrap();

@@ -5,6 +5,9 @@
 //! `STOPPING=1` when SIGTERM starts the drain. The examples are given an `--addr` / `--path`
 //! they could not bind, so serving at all proves they adopted the inherited socket.
 
+// Event dispatch, prefork and socket activation are Linux-only parts of the crate.
+#![cfg(all(target_os = "linux", not(socketserver_portable)))]
+
 mod util;
 
 use std::io::{Read, Write};

@@ -17,7 +17,7 @@ use socketserver::{
 };
 use util::{connect, eventually, line_echo, serve, three_round_trips};
 
-const MODES: [Dispatch; 4] = util::STREAM_MODES;
+const MODES: [Dispatch; util::STREAM_MODES.len()] = util::STREAM_MODES;
 
 #[test]
 fn three_round_trips_in_every_mode_v4_and_v6() {
@@ -615,13 +615,7 @@ fn stream_request_handler_options_apply() {
         }
     }
     let server = TcpServer::builder(|| {
-        StreamRequestHandler::with_options(
-            Buffered,
-            StreamOptions {
-                wbufsize: 1024,
-                ..StreamOptions::default()
-            },
-        )
+        StreamRequestHandler::with_options(Buffered, StreamOptions::new().with_wbufsize(1024))
     })
     .read_timeout(Duration::from_millis(100))
     .bind("127.0.0.1:0")
@@ -650,10 +644,7 @@ fn wfile_holds_small_writes_until_flushed_only_with_a_wbufsize() {
         }
     }
     for wbufsize in [0, 1024] {
-        let options = StreamOptions {
-            wbufsize,
-            ..StreamOptions::default()
-        };
+        let options = StreamOptions::new().with_wbufsize(wbufsize);
         let server = TcpServer::builder(move || StreamRequestHandler::with_options(Words, options))
             .bind("127.0.0.1:0")
             .unwrap();

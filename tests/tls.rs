@@ -17,6 +17,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
+// For client certificates, which only the event-mode tests load by hand.
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 use socketserver::rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use socketserver::transport::Tcp;
 use socketserver::{
@@ -135,6 +137,7 @@ impl Pki {
         tls::roots_from_pem_file(self.path(ca)).unwrap()
     }
 
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
     fn client_cert(&self, name: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         (
             tls::certs_from_pem_file(self.path(&format!("{name}.pem"))).unwrap(),
@@ -248,7 +251,11 @@ fn hang_up_server(
 
 /// Thread mode (a worker per connection) and event mode on one worker (connections parked
 /// between their handshake steps and messages): the two ways a session is driven.
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 const TLS_MODES: [Dispatch; 2] = [Dispatch::Thread, Dispatch::Event { workers: 1 }];
+/// Thread mode alone where event dispatch is left out.
+#[cfg(not(all(target_os = "linux", not(socketserver_portable))))]
+const TLS_MODES: [Dispatch; 1] = [Dispatch::Thread];
 
 fn python() -> Option<util::Python> {
     let p = util::pythons().pop();
@@ -405,12 +412,14 @@ fn cpython_ssl_clients_tls12_and_13_with_and_without_client_certs_hmac_inside() 
         .tls("server")
         .client_ca_file(pki.path("ca.pem"), ClientCert::Optional)
         .unwrap();
-    for mode in [
+    let modes = vec![
         Dispatch::Sync,
         Dispatch::Thread,
         Dispatch::Pool { workers: 2 },
-        Dispatch::Event { workers: 1 },
-    ] {
+    ];
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
+    let modes = [modes, vec![Dispatch::Event { workers: 1 }]].concat();
+    for mode in modes {
         let (server, addr, ran) = server_with(tls.clone(), Some(Auth::hmac(KEY)), mode);
         for py in pythons.iter().rev() {
             py.run_ok(
@@ -533,12 +542,9 @@ const TRUNCATED_HELLO: &[u8] = &[
 #[test]
 fn plaintext_truncated_hello_and_a_stalled_handshake_are_closed_and_counted() {
     let pki = Pki::new("bad-clients");
-    for mode in [
-        Dispatch::Pool { workers: 2 },
-        Dispatch::Event { workers: 1 },
-    ] {
-        bad_clients(&pki, mode);
-    }
+    bad_clients(&pki, Dispatch::Pool { workers: 2 });
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
+    bad_clients(&pki, Dispatch::Event { workers: 1 });
 }
 
 fn bad_clients(pki: &Pki, mode: Dispatch) {
@@ -828,10 +834,7 @@ fn a_buffered_reply_leaves_as_one_record_not_one_per_write() {
     let pki = Pki::new("records");
     util::init_logs();
     let server = TcpServer::builder(|| {
-        let options = socketserver::StreamOptions {
-            wbufsize: 8192,
-            ..Default::default()
-        };
+        let options = socketserver::StreamOptions::new().with_wbufsize(8192);
         StreamRequestHandler::with_options(OneByteWrites, options)
     })
     .tls(pki.tls("server"))
@@ -870,6 +873,7 @@ fn a_buffered_reply_leaves_as_one_record_not_one_per_write() {
     drop(server);
 }
 
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 #[test]
 fn the_crate_client_runs_hmac_and_multiprocessing_inside_tls_with_a_client_cert() {
     let pki = Pki::new("rust-client");
@@ -1059,6 +1063,7 @@ fn event_mode_serves_every_line_of_a_burst_larger_than_its_buffer() {
 /// Event mode on one worker: TLS handshakes that stall, silent or with half a ClientHello,
 /// wait parked on no thread, so an honest client is served while they wait; the deadline then
 /// cuts every one of them, and each is counted.
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 #[test]
 fn event_mode_parks_stalled_tls_handshakes_without_holding_its_worker() {
     let pki = Pki::new("event-park");
@@ -1118,6 +1123,7 @@ fn event_mode_parks_stalled_tls_handshakes_without_holding_its_worker() {
 /// Event mode on one worker: peers that stop reading, after sending their ClientHello or in
 /// the middle of the stream (sending lines until their socket blocks), hold no worker: an
 /// honest TLS client's round trips stay quick beside them.
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 #[test]
 fn event_mode_peers_that_stop_reading_mid_handshake_or_mid_stream_hold_no_worker() {
     use socketserver::rustls;
@@ -1198,6 +1204,7 @@ fn event_mode_peers_that_stop_reading_mid_handshake_or_mid_stream_hold_no_worker
 /// Event mode, HMAC inside TLS: the parked handshake waits for the *decrypted* answer to be
 /// whole. Part of an answer (its record's ciphertext is longer than the answer it waits for)
 /// keeps it parked, on no thread, while another client is served; the rest then completes it.
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 #[test]
 fn event_mode_waits_for_the_whole_decrypted_hmac_answer() {
     let pki = Pki::new("event-hmac");
@@ -1235,6 +1242,7 @@ fn event_mode_waits_for_the_whole_decrypted_hmac_answer() {
     assert_eq!(server.handle.stats().auth_failures, 0);
 }
 
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 fn hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
     use hmac::{KeyInit, Mac};
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();

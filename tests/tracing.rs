@@ -284,6 +284,7 @@ fn without_stages_the_admission_outcome_is_none() {
     assert_eq!(span.fields["auth"], "none");
 }
 
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 #[test]
 fn an_event_mode_connection_has_its_span_entered_each_time_it_runs() {
     let log = log();

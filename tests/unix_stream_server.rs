@@ -5,7 +5,7 @@ mod util;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use socketserver::{
@@ -14,7 +14,7 @@ use socketserver::{
 };
 use util::{eventually, line_echo, serve, sock_path, three_round_trips};
 
-const MODES: [Dispatch; 4] = util::STREAM_MODES;
+const MODES: [Dispatch; util::STREAM_MODES.len()] = util::STREAM_MODES;
 
 fn connect(path: &std::path::Path) -> UnixStream {
     let s = UnixStream::connect(path).expect("connect");
@@ -101,10 +101,11 @@ fn a_live_server_keeps_serving_after_a_refused_takeover() {
     assert!(!path.exists());
 }
 
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 #[test]
 fn handlers_see_peer_credentials() {
     let path = sock_path("cred");
-    let seen = Arc::new(Mutex::new(None));
+    let seen = Arc::new(std::sync::Mutex::new(None));
     let s = seen.clone();
     let server = UnixStreamServer::builder(move || {
         let s = s.clone();

@@ -57,11 +57,7 @@ impl DispatchArgs {
             Mode::Pool => Dispatch::Pool {
                 workers: self.workers.unwrap_or(8),
             },
-            Mode::Event => Dispatch::Event {
-                workers: self
-                    .workers
-                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-            },
+            Mode::Event => event(self.workers),
         }
     }
 
@@ -70,6 +66,21 @@ impl DispatchArgs {
     pub fn is_event(&self) -> bool {
         matches!(self.mode, Mode::Event)
     }
+}
+
+/// `--mode event`: one worker per core unless `--workers` says otherwise.
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
+fn event(workers: Option<usize>) -> Dispatch {
+    Dispatch::Event {
+        workers: workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+    }
+}
+
+/// `--mode event` where the library has no event dispatch (it needs Linux's epoll).
+#[cfg(not(all(target_os = "linux", not(socketserver_portable))))]
+fn event(_: Option<usize>) -> Dispatch {
+    die("--mode event needs Linux (epoll)")
 }
 
 /// Connection caps of a stream server: `--max-connections N` and `--max-per-source N`.
@@ -221,7 +232,7 @@ pub fn serve<T: socketserver::transport::Transport>(
 ) {
     let server = server.unwrap_or_else(|e| die(&format!("cannot start the {what}: {e}")));
     log::info!("{what} on {}", server.local_addr());
-    #[cfg(feature = "signals")]
+    #[cfg(all(feature = "signals", target_os = "linux", not(socketserver_portable)))]
     if let Some(worker) = socketserver::prefork::Worker::from_env() {
         // A prefork worker: the supervisor started it and reads its report.
         match worker.serve(&server, grace) {
@@ -321,13 +332,14 @@ pub fn bind_tcp<H: socketserver::Handler>(
     builder: Builder<socketserver::transport::Tcp<H>>,
     addr: &str,
 ) -> socketserver::Result<Server<socketserver::transport::Tcp<H>>> {
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
     let builder = builder.sd_notify(true);
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
     if socketserver::Inherited::count() > 0 {
         log::debug!("serving the inherited socket #0 instead of --addr");
-        builder.adopt(socketserver::Inherited::index(0))
-    } else {
-        builder.bind(addr)
+        return builder.adopt(socketserver::Inherited::index(0));
     }
+    builder.bind(addr)
 }
 
 /// `bind_tcp` for Unix stream servers: the inherited socket #0, else `path`.
@@ -335,12 +347,13 @@ pub fn bind_unix<H: socketserver::Handler>(
     builder: Builder<socketserver::transport::Unix<H>>,
     path: &std::path::Path,
 ) -> socketserver::Result<Server<socketserver::transport::Unix<H>>> {
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
     let builder = builder.sd_notify(true);
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
     if socketserver::Inherited::count() > 0 {
-        builder.adopt(socketserver::Inherited::index(0))
-    } else {
-        builder.bind(path)
+        return builder.adopt(socketserver::Inherited::index(0));
     }
+    builder.bind(path)
 }
 
 /// Prefork: `--processes N` and what goes with it.
@@ -368,7 +381,7 @@ impl ProcessArgs {
     /// Runs the prefork supervisor when `--processes` was given in a process that is not a
     /// worker itself, and exits when it is done; otherwise returns, to serve as usual (a worker
     /// then adopts its listener through [`bind_tcp`]).
-    #[cfg(feature = "signals")]
+    #[cfg(all(feature = "signals", target_os = "linux", not(socketserver_portable)))]
     pub fn supervise_if_asked(&self, listen: Listen<'_>, what: &str, grace: Duration) {
         use socketserver::prefork::{Prefork, Worker};
         let Some(n) = self.processes else { return };
@@ -400,10 +413,10 @@ impl ProcessArgs {
         }
     }
 
-    #[cfg(not(feature = "signals"))]
+    #[cfg(not(all(feature = "signals", target_os = "linux", not(socketserver_portable))))]
     pub fn supervise_if_asked(&self, _listen: Listen<'_>, _what: &str, _grace: Duration) {
         if self.processes.is_some() {
-            die("--processes needs the `signals` feature");
+            die("--processes needs Linux and the `signals` feature");
         }
     }
 }

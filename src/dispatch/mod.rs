@@ -11,11 +11,15 @@ use crate::control::{Permit, Ticket};
 use crate::transport::{Incoming, Service};
 use crate::worker::Ctx;
 
+// epoll and eventfd: Linux only (`socketserver_portable` leaves it out on Linux too, for CI).
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 mod event;
 mod pool;
 mod threads;
 
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 use event::Event;
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
 pub(crate) use event::WorkersAccept;
 use pool::Pool;
 use threads::Threads;
@@ -69,6 +73,8 @@ pub enum Dispatch {
     /// accept error to back off from (out of descriptors).
     /// Capped by [`Builder::max_connections`](crate::Builder::max_connections), whose default
     /// is what the descriptor limit allows. Linux only.
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
+    #[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
     Event {
         /// Number of worker threads (at least 1).
         workers: usize,
@@ -82,6 +88,7 @@ impl Dispatch {
             Dispatch::Sync => None,
             Dispatch::Thread => max_connections,
             Dispatch::Pool { workers } => Some(workers),
+            #[cfg(all(target_os = "linux", not(socketserver_portable)))]
             Dispatch::Event { .. } => max_connections,
         }
     }
@@ -136,6 +143,7 @@ enum Mode<S: Service> {
     Sync,
     Thread(Threads<Job<S::Request>>),
     Pool(Pool<Job<S::Request>>),
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
     Event(Event<S>),
 }
 
@@ -152,6 +160,7 @@ impl<S: Service> Dispatcher<S> {
             Dispatch::Sync => Mode::Sync,
             Dispatch::Thread => Mode::Thread(Threads::new(stack_size, run)),
             Dispatch::Pool { workers } => Mode::Pool(Pool::new(workers, stack_size, run)?),
+            #[cfg(all(target_os = "linux", not(socketserver_portable)))]
             Dispatch::Event { workers } => {
                 Mode::Event(Event::new(workers, stack_size, shared.clone())?)
             }
@@ -165,6 +174,7 @@ impl<S: Service> Dispatcher<S> {
         match &self.mode {
             Mode::Sync => self.shared.run(job),
             Mode::Pool(pool) => pool.submit(job),
+            #[cfg(all(target_os = "linux", not(socketserver_portable)))]
             Mode::Event(event) => event.submit(job)?,
             Mode::Thread(threads) => {
                 let peer = job.0.peer().clone();
@@ -178,6 +188,7 @@ impl<S: Service> Dispatcher<S> {
 
     /// In event mode, has the workers accept from `acceptor` until the returned guard drops
     /// (see `event.rs`). `None` in the other modes, or if the listener cannot join the set.
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
     pub(crate) fn workers_accept(
         &self,
         acceptor: Arc<dyn Acceptor<S::Request>>,
@@ -192,6 +203,7 @@ impl<S: Service> Dispatcher<S> {
     pub(crate) fn close(self, join: bool) {
         match self.mode {
             Mode::Pool(pool) => pool.close(join),
+            #[cfg(all(target_os = "linux", not(socketserver_portable)))]
             Mode::Event(event) => event.close(join),
             Mode::Sync | Mode::Thread(_) => {}
         }

@@ -5,6 +5,7 @@ use super::stage::ProxyStage;
 use crate::Builder;
 use crate::transport::StreamTransport;
 
+#[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
 impl<T: StreamTransport> Builder<T> {
     /// Reads a PROXY-protocol header (v1 or v2) from every connection before anything else,
     /// and believes it only from the proxies `config` trusts: see [`ProxyProtocol`].

@@ -24,6 +24,7 @@ use crate::{Addr, Error};
 /// # Ok::<(), socketserver::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
 pub struct Cidr {
     addr: IpAddr,
     prefix: u8,
@@ -149,6 +150,7 @@ impl From<IpAddr> for Cidr {
 /// # Ok::<(), socketserver::Error>(())
 /// ```
 #[derive(Clone, Debug, Default)]
+#[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
 pub struct ProxyProtocol {
     pub(crate) trusted: Vec<Cidr>,
     pub(crate) timeout: Option<Duration>,

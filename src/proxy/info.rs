@@ -11,6 +11,7 @@ use crate::Addr;
 /// connected to, and (v2) the TLVs the proxy added. From
 /// [`Request::proxy`](crate::Request::proxy); the client itself is
 /// [`Request::peer_addr`](crate::Request::peer_addr).
+#[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
 pub struct ProxyInfo {
     pub(crate) proxy: Addr,
     pub(crate) version: u8,
@@ -84,6 +85,7 @@ impl fmt::Debug for ProxyInfo {
 
 /// The v2 SSL TLV: what the proxy knows of the client's TLS connection to it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
 #[non_exhaustive]
 pub struct ProxySsl {
     /// The client connected over TLS.

@@ -51,6 +51,8 @@ fn ticketer() -> std::result::Result<Arc<dyn rustls::server::ProducesTickets>, r
 
 /// Whether clients must present a certificate signed by the client CA bundle (mutual TLS).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+#[non_exhaustive]
 pub enum ClientCert {
     /// A client without a valid certificate is refused during the handshake.
     Required,
@@ -120,6 +122,7 @@ struct Shared {
 /// # }
 /// ```
 #[derive(Clone)]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub struct Tls {
     shared: Arc<Shared>,
 }
@@ -499,6 +502,7 @@ fn handshake_error(e: io::Error) -> Error {
 /// A client's TLS connection over TCP, from [`connect_tls`]: reads and writes go through
 /// TLS, so it works with [`answer_challenge`](crate::answer_challenge),
 /// [`MpConnection`](crate::MpConnection) and anything else that takes `Read + Write`.
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub struct TlsStream {
     inner: rustls::StreamOwned<ClientConnection, TcpStream>,
 }
@@ -558,6 +562,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connects to a TLS server at `addr` and completes the handshake (within 10 s), verifying its
 /// certificate for `server_name` against `roots`; `client_cert` (chain and key) for a server
 /// that asks for one (mutual TLS). The stream is left without socket timeouts.
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub fn connect_tls(
     addr: impl ToSocketAddrs,
     server_name: &str,

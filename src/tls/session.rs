@@ -41,6 +41,7 @@ const READ_CHUNK: usize = 16 * 1024 + 256;
 ///
 /// From [`Stream::tls`](crate::Stream::tls) or [`Request::tls`](crate::Request::tls).
 #[derive(Clone, Debug)]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub struct TlsInfo {
     version: Option<ProtocolVersion>,
     cipher_suite: Option<SupportedCipherSuite>,

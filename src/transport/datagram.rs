@@ -70,11 +70,19 @@ impl Listener for DatagramSocket {
     const STREAMS: bool = false;
 
     fn accept(&self, control: &Control) -> io::Result<Received> {
-        let mut packet = Vec::with_capacity(self.max_packet_size);
+        // Linux's MSG_TRUNC reports a datagram's real length; elsewhere a byte of room beyond
+        // the limit tells an oversized one apart.
+        #[cfg(target_os = "linux")]
+        let (mut packet, flags) = (Vec::with_capacity(self.max_packet_size), RecvFlags::TRUNC);
+        #[cfg(not(target_os = "linux"))]
+        let (mut packet, flags) = (
+            Vec::with_capacity(self.max_packet_size.saturating_add(1)),
+            RecvFlags::empty(),
+        );
         let (_, len, from) = rustix::net::recvfrom(
             self.sock.fd(),
             rustix::buffer::spare_capacity(&mut packet),
-            RecvFlags::TRUNC,
+            flags,
         )?;
         let peer = peer_addr(from);
         if len > self.max_packet_size {

@@ -117,7 +117,8 @@ pub(crate) fn bind_unix(path: &Path, ty: Type, o: &SocketOptions) -> Result<(Soc
         // Linux creates the file with the socket's own mode (less the umask): set it first, so
         // that the file is never, even for an instant, more open than asked. (Where fchmod on
         // a socket fails or is ignored, the chmod below still sets the mode before `listen`.)
-        let _ = rustix::fs::fchmod(&sock, rustix::fs::Mode::from_raw_mode(mode));
+        // (`as _`: the raw mode is u16 on some systems; `mode` was checked to fit 0o7777.)
+        let _ = rustix::fs::fchmod(&sock, rustix::fs::Mode::from_raw_mode(mode as _));
     }
     sock.bind(&SockAddr::unix(path).map_err(fail)?)
         .map_err(fail)?;
