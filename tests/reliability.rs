@@ -15,7 +15,7 @@ use socketserver::{
     Addr, Auth, CHALLENGE_LEN, Digest, Dispatch, Handler, HandlerResult, Request, ServerHandle,
     TcpServer, connect_with_auth, handler_fn,
 };
-use util::{connect, eventually, line_echo, serve};
+use util::{connect, eventually, line_echo, send_split, serve};
 
 const KEY: &[u8] = b"reliability-key";
 
@@ -452,22 +452,6 @@ fn hmac_target() -> &'static Fuzzed {
 fn mp_target() -> &'static Fuzzed {
     static T: OnceLock<Fuzzed> = OnceLock::new();
     T.get_or_init(|| fuzz_target(|| Auth::multiprocessing(KEY)))
-}
-
-/// Writes `bytes` in the pieces `splits` cuts them into (the rest in one piece), each in its
-/// own segment; false once a write fails.
-fn send_split(s: &mut TcpStream, bytes: &[u8], splits: &[usize]) -> bool {
-    s.set_nodelay(true).unwrap();
-    let mut rest = bytes;
-    for &n in splits {
-        let (piece, tail) = rest.split_at(n.min(rest.len()));
-        if s.write_all(piece).is_err() {
-            return false;
-        }
-        rest = tail;
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    s.write_all(rest).is_ok()
 }
 
 /// Sends `bytes` split at `splits`, then half-closes and waits for the server to hang up.
