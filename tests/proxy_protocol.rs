@@ -993,3 +993,38 @@ fn v2_tlvs_of_every_length_up_to_the_limit_and_none_past_it() {
         }
     }
 }
+
+/// The log says why a header was refused: cut short ("truncated") or wrong ("invalid fields").
+#[test]
+fn a_refused_header_is_logged_with_what_was_wrong_with_it() {
+    util::in_own_process(
+        "a_refused_header_is_logged_with_what_was_wrong_with_it",
+        || {
+            let (running, addr) = server(loopback());
+            // Complete lines, so the parser sees them whole: one ends before its ports, the
+            // other names a protocol there is none of.
+            assert_eq!(exchange(addr, b"PROXY TCP4 192.0.2.1 192.0.2.2\r\n"), "");
+            assert_eq!(
+                exchange(addr, b"PROXY TCP5 192.0.2.1 192.0.2.2 1 2\r\n"),
+                ""
+            );
+            stats_within(&running, |s| s.proxy_malformed == 2);
+            let lines = util::captured_logs();
+            let refusals: Vec<&str> = lines
+                .iter()
+                .filter(|l| l.message.starts_with("PROXY stage refused a connection"))
+                .map(|l| l.message.as_str())
+                .collect();
+            assert_eq!(refusals.len(), 2, "{lines:?}");
+            assert!(
+                refusals[0].ends_with("malformed PROXY header: truncated"),
+                "{refusals:?}"
+            );
+            assert!(
+                refusals[1].ends_with("malformed PROXY header: invalid fields"),
+                "{refusals:?}"
+            );
+            drop(running);
+        },
+    );
+}
