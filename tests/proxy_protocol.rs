@@ -616,12 +616,16 @@ fn proxy_counters(s: &Stats) -> [(&'static str, u64); 5] {
 /// connection's own, which the verdict shows as this.
 const SELF: &str = "self";
 
+/// How long a connection may take to be answered or closed, and its verdict to be counted: a
+/// loopback round trip takes a millisecond, and a failing case should fail (and shrink) fast.
+const VERDICT_WITHIN: Duration = Duration::from_secs(3);
+
 /// Sends `bytes` to `t` split at `splits`, half-closes, and reads what comes back; the verdict,
 /// once the counters show exactly one.
 fn attempt(t: &Target, bytes: &[u8], splits: &[usize]) -> Verdict {
     let (handled, before) = (t.handled.load(Ordering::SeqCst), t.handle.stats());
     let mut c = TcpStream::connect(t.addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.set_read_timeout(Some(VERDICT_WITHIN)).unwrap();
     let me = c.local_addr().unwrap();
     if util::send_split(&mut c, bytes, splits) {
         let _ = c.shutdown(std::net::Shutdown::Write);
@@ -635,7 +639,7 @@ fn attempt(t: &Target, bytes: &[u8], splits: &[usize]) -> Verdict {
         (t.handled.load(Ordering::SeqCst) - handled, failed, s)
     };
     assert!(
-        eventually(Duration::from_secs(10), || {
+        eventually(VERDICT_WITHIN, || {
             let (h, f, _) = moved();
             h + f as usize > 0
         }),
@@ -886,7 +890,13 @@ fn targets(cell: &'static OnceLock<Targets>) -> &'static Targets {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+    // Shrinking a failure that waits out VERDICT_WITHIN per step is capped at 20 s.
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        max_shrink_time: 20_000,
+        ..ProptestConfig::default()
+    })]
 
     /// Valid v1 and v2 headers of every kind, split anywhere: the handler sees the client the
     /// header names (its own address for LOCAL and UNKNOWN), and exactly the bytes after it.
