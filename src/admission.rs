@@ -668,7 +668,8 @@ impl Pipeline {
 
 /// Whether the answer a parked stage waits for is whole: what has arrived on `stream` (up to
 /// [`PEEK_MAX`] bytes, decrypted after a TLS handshake), looked at without being consumed.
-/// End of file or a socket error count as whole, so that the stage reads and reports them.
+/// End of file (even after part of the message) or a socket error count as whole, so that the
+/// stage reads and reports them.
 fn peek_whole(stream: &Stream, parked: &Parked) -> bool {
     let Some(ready) = &parked.resume.ready else {
         return true;
@@ -684,7 +685,8 @@ fn peek_whole(stream: &Stream, parked: &Parked) -> bool {
         &mut peeked[..],
         rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
     ) {
-        Ok((n, _)) => n == 0 || n == PEEK_MAX || ready(&peeked[..n]),
+        // A peer that hung up after part of its message will send no more: whole too.
+        Ok((n, _)) => n == 0 || n == PEEK_MAX || ready(&peeked[..n]) || !has_input(stream),
         Err(rustix::io::Errno::AGAIN) => false,
         // Reset, say: let the stage read the error and report it as it would.
         Err(_) => true,

@@ -6,12 +6,15 @@ mod haproxy;
 mod util;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use proptest::prelude::*;
 use socketserver::{
-    Addr, HandlerResult, ProxyProtocol, Request, Stats, TcpServer, UnixStreamServer, handler_fn,
+    Addr, AdmissionFailure, Dispatch, HandlerResult, Next, ProxyProtocol, Request, Stats,
+    TcpServer, UnixStreamServer, handler_fn,
 };
 use util::{eventually, serve};
 
@@ -72,27 +75,9 @@ fn exchange(addr: SocketAddr, bytes: &[u8]) -> String {
     line
 }
 
-/// A v2 PROXY header for a TCP/IPv4 client `src` to `dst`, with `tlvs` (type, value).
+/// A v2 PROXY header for a TCP client `src` to `dst`, with `tlvs` (type, value).
 fn v2(command: u8, src: SocketAddr, dst: SocketAddr, tlvs: &[(u8, &[u8])]) -> Vec<u8> {
-    let (SocketAddr::V4(s), SocketAddr::V4(d)) = (src, dst) else {
-        panic!("IPv4 only");
-    };
-    let mut body = Vec::new();
-    body.extend_from_slice(&s.ip().octets());
-    body.extend_from_slice(&d.ip().octets());
-    body.extend_from_slice(&s.port().to_be_bytes());
-    body.extend_from_slice(&d.port().to_be_bytes());
-    for (t, v) in tlvs {
-        body.push(*t);
-        body.extend_from_slice(&(v.len() as u16).to_be_bytes());
-        body.extend_from_slice(v);
-    }
-    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
-    h.push(command);
-    h.push(0x11);
-    h.extend_from_slice(&(body.len() as u16).to_be_bytes());
-    h.extend_from_slice(&body);
-    h
+    v2_with(command, &V2Addrs::Inet(src, dst, false), tlvs)
 }
 
 fn stats_within(running: &Server, check: impl Fn(&Stats) -> bool) -> Stats {
@@ -475,4 +460,582 @@ fn event_dispatch_parks_until_the_header_is_whole_and_serves_the_real_client() {
         == 1));
     drop(slow);
     drop(running);
+}
+
+// The PROXY stage fed hostile input: arbitrary bytes, valid v1 and v2 headers (every address
+// family, TLVs of every length), the same truncated and bit-flipped, split across reads. Each
+// connection must end in exactly one verdict: the handler ran, with exactly the bytes after the
+// header and the client the header named, or the connection was refused and counted once, under
+// the reason the bytes call for. A peer outside the trusted blocks never gets past the stage.
+
+/// The PROXY v2 signature.
+const SIG: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+/// The longest v2 payload the server accepts (`ProxyProtocol::MAX_V2_PAYLOAD`).
+const MAX_V2: usize = ProxyProtocol::MAX_V2_PAYLOAD;
+
+/// A long-lived server for the property tests: its handler reports the peer it was given and
+/// echoes every byte it reads until the client half-closes.
+struct Target {
+    addr: SocketAddr,
+    handle: socketserver::ServerHandle,
+    handled: Arc<AtomicUsize>,
+}
+
+/// The property tests' handler: tells the client the peer it was given as soon as the
+/// connection is admitted (so that one that sends nothing after its header is answered too),
+/// then echoes every byte it reads until the client half-closes.
+struct Report(Arc<AtomicUsize>);
+
+impl socketserver::MessageHandler for Report {
+    fn setup(&mut self, s: &mut socketserver::StreamRequest) -> HandlerResult {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        // Every accessor of what the stage kept of the header: none may panic.
+        if let Some(p) = s.proxy() {
+            let _ = (p.version(), p.is_local(), p.destination(), p.authority());
+            let _ = (p.alpn(), p.unique_id(), p.ssl(), format!("{p:?}"));
+        }
+        let peer = format!("peer={}\n", s.peer_addr());
+        s.wfile.write_all(peer.as_bytes())?;
+        s.wfile.flush()?;
+        Ok(())
+    }
+
+    fn handle_message(
+        &mut self,
+        s: &mut socketserver::StreamRequest,
+    ) -> Result<Next, socketserver::HandlerError> {
+        let mut rest = Vec::new();
+        s.rfile.read_to_end(&mut rest)?;
+        s.wfile.write_all(&rest)?;
+        Ok(Next::Close)
+    }
+}
+
+fn target(trust: &str, mode: Dispatch) -> Target {
+    util::init_logs();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let h = handled.clone();
+    let server =
+        TcpServer::builder(move || socketserver::MessageRequestHandler::new(Report(h.clone())))
+            .dispatch(mode)
+            .proxy_protocol(
+                ProxyProtocol::trusting([trust])
+                    .unwrap()
+                    .timeout(Duration::from_secs(5)),
+            )
+            .bind("127.0.0.1:0")
+            .unwrap();
+    let addr = server.local_addr().inet().unwrap();
+    let handle = server.handle();
+    // Runs for the rest of the test process.
+    std::thread::spawn(move || server.serve_forever());
+    Target {
+        addr,
+        handle,
+        handled,
+    }
+}
+
+/// Where each property test sends its cases: its own servers, so that the counters each sees
+/// move only with its own connections (the tests run in parallel).
+struct Targets {
+    thread: Target,
+    event: Target,
+    untrusted: Target,
+}
+
+impl Targets {
+    fn new() -> Targets {
+        Targets {
+            thread: target("127.0.0.0/8", Dispatch::Thread),
+            event: target("127.0.0.1", Dispatch::Event { workers: 2 }),
+            // A v4-mapped block of another network: loopback is not in it.
+            untrusted: target("::ffff:10.0.0.0/8", Dispatch::Thread),
+        }
+    }
+}
+
+/// What the bytes sent call for, worked out from the spec (independently of the server):
+/// the header's length, or which refusal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    /// A header of this many bytes, complete (it may still fail to parse).
+    Header(usize),
+    Oversized,
+    /// A header cut short by the end of the connection, or what is none but starts like one.
+    Malformed,
+    Missing,
+}
+
+fn expect(b: &[u8]) -> Expect {
+    let starts =
+        |sig: &[u8]| !b.is_empty() && b[..b.len().min(sig.len())] == sig[..b.len().min(sig.len())];
+    if starts(SIG) {
+        if b.len() < 16 {
+            return Expect::Malformed;
+        }
+        let total = 16 + usize::from(u16::from_be_bytes([b[14], b[15]]));
+        return match total {
+            t if t > 16 + MAX_V2 => Expect::Oversized,
+            t if b.len() >= t => Expect::Header(t),
+            _ => Expect::Malformed,
+        };
+    }
+    if starts(b"PROXY ") {
+        return match b.iter().take(107).position(|&c| c == b'\n') {
+            Some(i) => Expect::Header(i + 1),
+            None if b.len() >= 107 => Expect::Oversized,
+            None => Expect::Malformed,
+        };
+    }
+    match b.first() {
+        Some(b'\r' | b'P') => Expect::Malformed,
+        _ => Expect::Missing,
+    }
+}
+
+/// How one connection ended, from the server's counters and what the client got back.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// The handler ran: the peer it saw and the bytes it read after the header.
+    Served(String, Vec<u8>),
+    /// Refused, counted under this `proxy_*` counter (and once as a PROXY admission failure).
+    Refused(&'static str),
+}
+
+fn proxy_counters(s: &Stats) -> [(&'static str, u64); 5] {
+    [
+        ("untrusted", s.proxy_untrusted),
+        ("missing", s.proxy_missing),
+        ("malformed", s.proxy_malformed),
+        ("oversized", s.proxy_oversized),
+        ("timeouts", s.proxy_timeouts),
+    ]
+}
+
+/// The peer a handler sees when the header named no client (`LOCAL`, `UNKNOWN`): the
+/// connection's own, which the verdict shows as this.
+const SELF: &str = "self";
+
+/// How long a connection may take to be answered or closed, and its verdict to be counted: a
+/// loopback round trip takes a millisecond, and a failing case should fail (and shrink) fast.
+const VERDICT_WITHIN: Duration = Duration::from_secs(3);
+
+/// Sends `bytes` to `t` split at `splits`, half-closes, and reads what comes back; the verdict,
+/// once the counters show exactly one.
+fn attempt(t: &Target, bytes: &[u8], splits: &[usize]) -> Verdict {
+    let (handled, before) = (t.handled.load(Ordering::SeqCst), t.handle.stats());
+    let mut c = TcpStream::connect(t.addr).unwrap();
+    c.set_read_timeout(Some(VERDICT_WITHIN)).unwrap();
+    let me = c.local_addr().unwrap();
+    if util::send_split(&mut c, bytes, splits) {
+        let _ = c.shutdown(std::net::Shutdown::Write);
+    }
+    let mut answer = Vec::new();
+    let _ = c.read_to_end(&mut answer);
+    let moved = || {
+        let s = t.handle.stats();
+        let failed = s.admission_failures(AdmissionFailure::Proxy)
+            - before.admission_failures(AdmissionFailure::Proxy);
+        (t.handled.load(Ordering::SeqCst) - handled, failed, s)
+    };
+    assert!(
+        eventually(VERDICT_WITHIN, || {
+            let (h, f, _) = moved();
+            h + f as usize > 0
+        }),
+        "neither served nor refused: {bytes:?}"
+    );
+    let (served, failed, after) = moved();
+    assert_eq!(
+        served + failed as usize,
+        1,
+        "one connection, one verdict: {after:?}"
+    );
+    let reasons: Vec<&str> = proxy_counters(&after)
+        .iter()
+        .zip(proxy_counters(&before))
+        .flat_map(|(&(name, n), (_, m))| std::iter::repeat_n(name, (n - m) as usize))
+        .collect();
+    if served == 1 {
+        assert!(reasons.is_empty(), "served, yet counted as {reasons:?}");
+        let end = answer
+            .iter()
+            .position(|&b| b == b'\n')
+            .expect("the peer line");
+        let peer = String::from_utf8(answer[..end].to_vec()).unwrap();
+        let mut peer = peer.strip_prefix("peer=").unwrap().to_owned();
+        if peer == me.to_string() {
+            peer = SELF.to_owned();
+        }
+        return Verdict::Served(peer, answer[end + 1..].to_vec());
+    }
+    assert_eq!(reasons.len(), 1, "refused once, counted as {reasons:?}");
+    assert!(
+        answer.is_empty(),
+        "a refused connection was answered: {answer:?}"
+    );
+    Verdict::Refused(reasons[0])
+}
+
+/// Sends `bytes` to every target and checks each verdict against what the bytes call for;
+/// the trusted targets' verdict (the same in thread and event mode).
+fn check(ts: &Targets, bytes: &[u8], splits: &[usize]) -> Verdict {
+    assert_eq!(
+        attempt(&ts.untrusted, bytes, splits),
+        Verdict::Refused("untrusted"),
+        "an untrusted peer got through"
+    );
+    let thread = attempt(&ts.thread, bytes, splits);
+    match (expect(bytes), &thread) {
+        (Expect::Header(len), Verdict::Served(peer, rest)) => {
+            assert_eq!(
+                rest,
+                &bytes[len..],
+                "not exactly the bytes after the header"
+            );
+            assert!(peer == SELF || peer.parse::<SocketAddr>().is_ok(), "{peer}");
+        }
+        (Expect::Header(_), v) => assert_eq!(v, &Verdict::Refused("malformed")),
+        (Expect::Oversized, v) => assert_eq!(v, &Verdict::Refused("oversized")),
+        (Expect::Malformed, v) => assert_eq!(v, &Verdict::Refused("malformed")),
+        (Expect::Missing, v) => assert_eq!(v, &Verdict::Refused("missing")),
+    }
+    let event = attempt(&ts.event, bytes, splits);
+    assert_eq!(thread, event, "thread and event modes differ");
+    thread
+}
+
+/// `addr` as the handler shows a client: an IPv4-mapped IPv6 address as its IPv4 address.
+fn shown(addr: SocketAddr) -> String {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port()).to_string()
+}
+
+fn inet4() -> impl Strategy<Value = SocketAddr> {
+    (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| (Ipv4Addr::from(ip), port).into())
+}
+
+/// IPv6 addresses, a quarter of them IPv4-mapped (`::ffff:a.b.c.d`).
+fn inet6() -> impl Strategy<Value = SocketAddr> {
+    let ip = prop_oneof![
+        3 => any::<[u8; 16]>().prop_map(Ipv6Addr::from),
+        1 => any::<[u8; 4]>().prop_map(|a| Ipv4Addr::from(a).to_ipv6_mapped()),
+    ];
+    (ip, any::<u16>()).prop_map(|(ip, port)| (ip, port).into())
+}
+
+/// A valid v1 header and the peer the handler must see.
+fn v1_header() -> impl Strategy<Value = (Vec<u8>, String)> {
+    let line = |proto: &str, s: SocketAddr, d: SocketAddr| {
+        let line = format!(
+            "PROXY {proto} {} {} {} {}\r\n",
+            s.ip(),
+            d.ip(),
+            s.port(),
+            d.port()
+        );
+        (line.into_bytes(), shown(s))
+    };
+    prop_oneof![
+        (inet4(), inet4()).prop_map(move |(s, d)| line("TCP4", s, d)),
+        (inet6(), inet6()).prop_map(move |(s, d)| line("TCP6", s, d)),
+        // UNKNOWN, with whatever the proxy put after it (the spec says ignore it).
+        "[ -~]{0,80}".prop_map(|junk| {
+            let sep = if junk.is_empty() { "" } else { " " };
+            (
+                format!("PROXY UNKNOWN{sep}{junk}\r\n").into_bytes(),
+                SELF.to_owned(),
+            )
+        }),
+    ]
+}
+
+/// The address block of a v2 header: its family and protocol byte, and its bytes.
+#[derive(Clone, Debug)]
+enum V2Addrs {
+    Unspec,
+    Inet(SocketAddr, SocketAddr, bool),
+    Unix([u8; 216], bool),
+}
+
+impl V2Addrs {
+    fn encode(&self) -> (u8, Vec<u8>) {
+        let ip = |a: &SocketAddr| match a.ip() {
+            std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+            std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+        };
+        match self {
+            V2Addrs::Unspec => (0x00, Vec::new()),
+            V2Addrs::Inet(s, d, udp) => {
+                let family = if s.is_ipv4() { 0x10 } else { 0x20 };
+                let body = [ip(s), ip(d), s.port().to_be_bytes().to_vec()].concat();
+                (
+                    family | (1 + u8::from(*udp)),
+                    [body, d.port().to_be_bytes().to_vec()].concat(),
+                )
+            }
+            V2Addrs::Unix(paths, udp) => (0x31 + u8::from(*udp), paths.to_vec()),
+        }
+    }
+}
+
+fn v2_addrs() -> impl Strategy<Value = V2Addrs> {
+    prop_oneof![
+        Just(V2Addrs::Unspec),
+        (inet4(), inet4(), any::<bool>()).prop_map(|(s, d, u)| V2Addrs::Inet(s, d, u)),
+        (inet6(), inet6(), any::<bool>()).prop_map(|(s, d, u)| V2Addrs::Inet(s, d, u)),
+        (any::<[u8; 216]>(), any::<bool>()).prop_map(|(p, u)| V2Addrs::Unix(p, u)),
+    ]
+}
+
+/// A well-formed TLV: the types a proxy sends whose values are free bytes (or a host name).
+fn tlv() -> impl Strategy<Value = (u8, Vec<u8>)> {
+    let bytes = |max: usize| proptest::collection::vec(any::<u8>(), 0..max);
+    prop_oneof![
+        (Just(0x01u8), bytes(40)),
+        (
+            Just(0x02u8),
+            "[a-z0-9.-]{0,60}".prop_map(String::into_bytes)
+        ),
+        (Just(0x04u8), bytes(40)),
+        (Just(0x05u8), bytes(129)),
+        (0xE0u8..=0xEF, bytes(200)),
+    ]
+}
+
+/// A v2 header with `command` (0x21 `PROXY`, 0x20 `LOCAL`), the addresses and the TLVs
+/// (type, value).
+fn v2_with(command: u8, addrs: &V2Addrs, tlvs: &[(u8, &[u8])]) -> Vec<u8> {
+    let (family, mut body) = addrs.encode();
+    for (t, v) in tlvs {
+        body.push(*t);
+        body.extend_from_slice(&(v.len() as u16).to_be_bytes());
+        body.extend_from_slice(v);
+    }
+    let mut h = SIG.to_vec();
+    h.extend_from_slice(&[command, family]);
+    h.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    h.extend_from_slice(&body);
+    h
+}
+
+/// A valid v2 header and the peer the handler must see.
+fn v2_header() -> impl Strategy<Value = (Vec<u8>, String)> {
+    (
+        any::<bool>(),
+        v2_addrs(),
+        proptest::collection::vec(tlv(), 0..5),
+    )
+        .prop_map(|(local, addrs, tlvs)| {
+            let peer = match &addrs {
+                V2Addrs::Inet(s, _, _) if !local => shown(*s),
+                _ => SELF.to_owned(),
+            };
+            let tlvs: Vec<(u8, &[u8])> = tlvs.iter().map(|(t, v)| (*t, &v[..])).collect();
+            (
+                v2_with(if local { 0x20 } else { 0x21 }, &addrs, &tlvs),
+                peer,
+            )
+        })
+}
+
+/// A valid header of either version, the peer the handler must see, and the client's first
+/// bytes after it.
+fn valid() -> impl Strategy<Value = (Vec<u8>, String, Vec<u8>)> {
+    (
+        prop_oneof![v1_header(), v2_header()],
+        proptest::collection::vec(any::<u8>(), 1..64),
+    )
+        .prop_map(|((h, peer), tail)| (h, peer, tail))
+}
+
+/// Bytes that are no valid header: anything, or anything after a header's first bytes.
+fn hostile() -> impl Strategy<Value = Vec<u8>> {
+    let any_bytes = |max: usize| proptest::collection::vec(any::<u8>(), 0..max);
+    prop_oneof![
+        any_bytes(300),
+        any_bytes(80).prop_map(|b| [&SIG[..], &b].concat()),
+        any_bytes(120).prop_map(|b| [&b"PROXY "[..], &b].concat()),
+        (any_bytes(120), any::<u16>()).prop_map(|(b, n)| [
+            &SIG[..],
+            &[0x21, 0x11],
+            &n.to_be_bytes(),
+            &b
+        ]
+        .concat()),
+    ]
+}
+
+/// What is done to a valid header and the bytes after it.
+#[derive(Clone, Debug)]
+enum Damage {
+    /// Cut at this byte (modulo the length), then the connection ends.
+    Truncate(usize),
+    /// These bits flipped (modulo the length in bits).
+    Flip(Vec<usize>),
+}
+
+fn damage() -> impl Strategy<Value = Damage> {
+    prop_oneof![
+        any::<usize>().prop_map(Damage::Truncate),
+        proptest::collection::vec(any::<usize>(), 1..4).prop_map(Damage::Flip),
+    ]
+}
+
+fn splits() -> impl Strategy<Value = Vec<usize>> {
+    proptest::collection::vec(1usize..40, 0..5)
+}
+
+fn targets(cell: &'static OnceLock<Targets>) -> &'static Targets {
+    cell.get_or_init(Targets::new)
+}
+
+proptest! {
+    // Shrinking a failure that waits out VERDICT_WITHIN per step is capped at 20 s.
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        max_shrink_time: 20_000,
+        ..ProptestConfig::default()
+    })]
+
+    /// Valid v1 and v2 headers of every kind, split anywhere: the handler sees the client the
+    /// header names (its own address for LOCAL and UNKNOWN), and exactly the bytes after it.
+    #[test]
+    fn a_valid_header_names_its_client_and_leaves_the_rest_for_the_handler(
+        (header, peer, tail) in valid(),
+        splits in splits(),
+    ) {
+        static T: OnceLock<Targets> = OnceLock::new();
+        let bytes = [header, tail.clone()].concat();
+        prop_assert_eq!(check(targets(&T), &bytes, &splits), Verdict::Served(peer, tail));
+    }
+
+    /// Arbitrary bytes, alone or after a header's first bytes: refused, counted once under the
+    /// reason the bytes call for, or (if they happen to be a header) framed exactly.
+    #[test]
+    fn hostile_bytes_are_refused_once_or_framed_exactly(
+        bytes in hostile(),
+        splits in splits(),
+    ) {
+        static T: OnceLock<Targets> = OnceLock::new();
+        check(targets(&T), &bytes, &splits);
+    }
+
+    /// Valid headers truncated or with bits flipped: never a panic, never a byte read past the
+    /// header, each refusal counted once.
+    #[test]
+    fn damaged_headers_are_refused_once_or_framed_exactly(
+        (header, _peer, tail) in valid(),
+        damage in damage(),
+        splits in splits(),
+    ) {
+        static T: OnceLock<Targets> = OnceLock::new();
+        let mut bytes = [header, tail].concat();
+        match damage {
+            Damage::Truncate(at) => bytes.truncate(at % (bytes.len() + 1)),
+            Damage::Flip(bits) => {
+                for bit in bits {
+                    let bit = bit % (bytes.len() * 8);
+                    bytes[bit / 8] ^= 1 << (bit % 8);
+                }
+            }
+        }
+        check(targets(&T), &bytes, &splits);
+    }
+}
+
+/// Split at every byte across two reads, a header is read whole and no further; cut at every
+/// byte (the client hanging up there), it is refused at once, in every mode, and counted once.
+#[test]
+fn a_header_split_or_cut_at_every_byte() {
+    static T: OnceLock<Targets> = OnceLock::new();
+    let client: SocketAddr = "[2001:db8::7]:4321".parse().unwrap();
+    let v1 = b"PROXY TCP6 2001:db8::7 2001:db8::1 4321 443\r\n".to_vec();
+    let addrs = V2Addrs::Inet(client, "[2001:db8::1]:443".parse().unwrap(), false);
+    let v2 = v2_with(0x21, &addrs, &[(0x02, b"split.example"), (0xE5, &[7; 9])]);
+    for header in [v1, v2] {
+        let bytes = [&header[..], b"after\n"].concat();
+        for at in 1..bytes.len() {
+            assert_eq!(
+                check(targets(&T), &bytes, &[at]),
+                Verdict::Served(client.to_string(), b"after\n".to_vec()),
+                "split at {at}"
+            );
+        }
+        for at in 0..header.len() {
+            let why = if at == 0 { "missing" } else { "malformed" };
+            assert_eq!(
+                check(targets(&T), &header[..at], &[]),
+                Verdict::Refused(why),
+                "cut at {at}"
+            );
+        }
+    }
+}
+
+#[test]
+fn v2_tlvs_of_every_length_up_to_the_limit_and_none_past_it() {
+    static T: OnceLock<Targets> = OnceLock::new();
+    let t = &targets(&T).thread;
+    let client: SocketAddr = "192.0.2.9:999".parse().unwrap();
+    let addrs = V2Addrs::Inet(client, "192.0.2.1:80".parse().unwrap(), false);
+    // The addresses take 12 bytes of the payload, the TLV's type and length 3.
+    let longest = MAX_V2 - 12 - 3;
+    for len in 0..=longest + 1 {
+        let header = v2_with(0x21, &addrs, &[(0xE0, &vec![0xAB; len])]);
+        let bytes = [&header[..], b"x"].concat();
+        let want = if len <= longest {
+            Verdict::Served(client.to_string(), b"x".to_vec())
+        } else {
+            Verdict::Refused("oversized")
+        };
+        assert_eq!(attempt(t, &bytes, &[]), want, "a TLV of {len} bytes");
+        if len % 61 == 0 && len <= longest {
+            // The same TLV claiming one byte more than the header holds.
+            let mut bad = bytes.clone();
+            let at = 16 + 12 + 1;
+            bad[at..at + 2].copy_from_slice(&(len as u16 + 1).to_be_bytes());
+            assert_eq!(
+                check(targets(&T), &bad, &[]),
+                Verdict::Refused("malformed"),
+                "{len}"
+            );
+        }
+    }
+}
+
+/// The log says why a header was refused: cut short ("truncated") or wrong ("invalid fields").
+#[test]
+fn a_refused_header_is_logged_with_what_was_wrong_with_it() {
+    util::in_own_process(
+        "a_refused_header_is_logged_with_what_was_wrong_with_it",
+        || {
+            let (running, addr) = server(loopback());
+            // Complete lines, so the parser sees them whole: one ends before its ports, the
+            // other names a protocol there is none of.
+            assert_eq!(exchange(addr, b"PROXY TCP4 192.0.2.1 192.0.2.2\r\n"), "");
+            assert_eq!(
+                exchange(addr, b"PROXY TCP5 192.0.2.1 192.0.2.2 1 2\r\n"),
+                ""
+            );
+            stats_within(&running, |s| s.proxy_malformed == 2);
+            let lines = util::captured_logs();
+            let refusals: Vec<&str> = lines
+                .iter()
+                .filter(|l| l.message.starts_with("PROXY stage refused a connection"))
+                .map(|l| l.message.as_str())
+                .collect();
+            assert_eq!(refusals.len(), 2, "{lines:?}");
+            assert!(
+                refusals[0].ends_with("malformed PROXY header: truncated"),
+                "{refusals:?}"
+            );
+            assert!(
+                refusals[1].ends_with("malformed PROXY header: invalid fields"),
+                "{refusals:?}"
+            );
+            drop(running);
+        },
+    );
 }

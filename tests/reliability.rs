@@ -15,7 +15,7 @@ use socketserver::{
     Addr, Auth, CHALLENGE_LEN, Digest, Dispatch, Handler, HandlerResult, Request, ServerHandle,
     TcpServer, connect_with_auth, handler_fn,
 };
-use util::{connect, eventually, line_echo, serve};
+use util::{connect, eventually, line_echo, send_split, serve};
 
 const KEY: &[u8] = b"reliability-key";
 
@@ -418,19 +418,16 @@ struct Fuzzed {
     handled: Arc<AtomicUsize>,
 }
 
-fn fuzz_target(auth: fn() -> Auth) -> Fuzzed {
+/// Its handler counts the connections it gets and echoes until the client hangs up (a message
+/// handler, so that it runs in event mode too).
+fn fuzz_target(auth: fn() -> Auth, mode: Dispatch) -> Fuzzed {
     let handled = Arc::new(AtomicUsize::new(0));
     let h = handled.clone();
-    let server = TcpServer::builder(move || {
-        let h = h.clone();
-        handler_fn(move |_: &mut Request| {
-            h.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        })
-    })
-    .auth(auth().handshake_timeout(Duration::from_millis(500)))
-    .bind("127.0.0.1:0")
-    .unwrap();
+    let server = TcpServer::builder(move || util::counting_echo(&h))
+        .dispatch(mode)
+        .auth(auth().handshake_timeout(Duration::from_millis(500)))
+        .bind("127.0.0.1:0")
+        .unwrap();
     let addr = server.local_addr().clone();
     let handle = server.handle();
     // Runs for the rest of the test process.
@@ -444,29 +441,27 @@ fn fuzz_target(auth: fn() -> Auth) -> Fuzzed {
 
 fn hmac_target() -> &'static Fuzzed {
     static T: OnceLock<Fuzzed> = OnceLock::new();
-    T.get_or_init(|| fuzz_target(|| Auth::hmac(KEY).digest(Digest::Md5)))
+    T.get_or_init(|| fuzz_target(|| Auth::hmac(KEY).digest(Digest::Md5), Dispatch::Thread))
+}
+
+/// [`hmac_target`] in event mode, where the answer is waited for parked.
+fn hmac_event_target() -> &'static Fuzzed {
+    static T: OnceLock<Fuzzed> = OnceLock::new();
+    let event = Dispatch::Event { workers: 2 };
+    T.get_or_init(|| fuzz_target(|| Auth::hmac(KEY).digest(Digest::Md5), event))
 }
 
 /// Sends 3.12+ challenges: `{sha256}` and 40 random bytes.
 fn mp_target() -> &'static Fuzzed {
     static T: OnceLock<Fuzzed> = OnceLock::new();
-    T.get_or_init(|| fuzz_target(|| Auth::multiprocessing(KEY)))
+    T.get_or_init(|| fuzz_target(|| Auth::multiprocessing(KEY), Dispatch::Thread))
 }
 
-/// Writes `bytes` in the pieces `splits` cuts them into (the rest in one piece), each in its
-/// own segment; false once a write fails.
-fn send_split(s: &mut TcpStream, bytes: &[u8], splits: &[usize]) -> bool {
-    s.set_nodelay(true).unwrap();
-    let mut rest = bytes;
-    for &n in splits {
-        let (piece, tail) = rest.split_at(n.min(rest.len()));
-        if s.write_all(piece).is_err() {
-            return false;
-        }
-        rest = tail;
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    s.write_all(rest).is_ok()
+/// [`mp_target`] in event mode.
+fn mp_event_target() -> &'static Fuzzed {
+    static T: OnceLock<Fuzzed> = OnceLock::new();
+    let event = Dispatch::Event { workers: 2 };
+    T.get_or_init(|| fuzz_target(|| Auth::multiprocessing(KEY), event))
 }
 
 /// Sends `bytes` split at `splits`, then half-closes and waits for the server to hang up.
@@ -549,10 +544,9 @@ fn verdict(t: &Fuzzed, handled: usize, failures: u64) -> bool {
     reached == 1
 }
 
-/// Answers the classic handshake's challenge with `answer` (hex, upper or lower case), sent
-/// split at `splits`; true if the handler ran.
-fn hmac_attempt(answer: &Answer, upper: bool, splits: &[usize]) -> bool {
-    let t = hmac_target();
+/// Answers the classic handshake's challenge from `t` with `answer` (hex, upper or lower
+/// case), sent split at `splits`, then hangs up; true if the handler ran.
+fn hmac_attempt(t: &Fuzzed, answer: &Answer, upper: bool, splits: &[usize]) -> bool {
     let (handled, failures) = (
         t.handled.load(Ordering::SeqCst),
         t.handle.stats().auth_failures,
@@ -563,17 +557,18 @@ fn hmac_attempt(answer: &Answer, upper: bool, splits: &[usize]) -> bool {
     if upper {
         hex.make_ascii_uppercase();
     }
-    send_split(&mut s, hex.as_bytes(), splits);
+    if send_split(&mut s, hex.as_bytes(), splits) {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    }
     let _ = util::read_to_eof(&mut s);
     verdict(t, handled, failures)
 }
 
 /// Answers the multiprocessing listener's challenge with `answer` in `form`, sent split at
 /// `splits`; a wrong answer must get `#FAILURE#`, a right one `#WELCOME#`, after which we
-/// finish the mutual handshake. True if the handler ran.
-fn mp_attempt(answer: &Answer, form: Option<Digest>, splits: &[usize]) -> bool {
+/// finish the mutual handshake and hang up. True if the handler ran.
+fn mp_attempt(t: &Fuzzed, answer: &Answer, form: Option<Digest>, splits: &[usize]) -> bool {
     const WELCOME: &[u8] = b"\x00\x00\x00\x09#WELCOME#";
-    let t = mp_target();
     let (handled, failures) = (
         t.handled.load(Ordering::SeqCst),
         t.handle.stats().auth_failures,
@@ -595,6 +590,7 @@ fn mp_attempt(answer: &Answer, form: Option<Digest>, splits: &[usize]) -> bool {
         let theirs = util::read_n(&mut s, 4 + 8 + 32);
         assert_eq!(theirs[4 + 8..], util::hmac(Digest::Sha256, KEY, &ours));
         s.write_all(WELCOME).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
     } else {
         assert_eq!(said, b"\x00\x00\x00\x09#FAILURE#");
     }
@@ -630,11 +626,70 @@ proptest! {
         splits in proptest::collection::vec(1usize..24, 0..4),
     ) {
         let _serial = util::serial();
-        prop_assert!(hmac_attempt(&Answer::Right, upper, &splits), "the right answer was refused");
-        prop_assert!(!hmac_attempt(&wrong, upper, &splits), "a wrong answer got through");
-        prop_assert!(mp_attempt(&Answer::Right, form, &splits), "the right answer was refused");
-        prop_assert!(!mp_attempt(&wrong, form, &splits), "a wrong answer got through");
+        let (hmac, mp) = (hmac_target(), mp_target());
+        prop_assert!(hmac_attempt(hmac, &Answer::Right, upper, &splits), "the right answer was refused");
+        prop_assert!(!hmac_attempt(hmac, &wrong, upper, &splits), "a wrong answer got through");
+        prop_assert!(mp_attempt(mp, &Answer::Right, form, &splits), "the right answer was refused");
+        prop_assert!(!mp_attempt(mp, &wrong, form, &splits), "a wrong answer got through");
     }
+}
+
+/// Answers split across two reads at every byte, in thread and event mode: the right one
+/// always gets through, a wrong one never. Cut at every byte (the client hanging up there):
+/// refused at once and counted once as an authentication failure, in both modes.
+#[test]
+fn handshake_answers_split_or_cut_at_every_byte() {
+    let _serial = util::serial();
+    // HMAC-MD5 in hex; `{sha256}` and HMAC-SHA-256, framed.
+    let (hex_len, frame_len) = (32, 4 + 8 + 32);
+    for (hmac, mp) in [
+        (hmac_target(), mp_target()),
+        (hmac_event_target(), mp_event_target()),
+    ] {
+        let form = Some(Digest::Sha256);
+        for at in 1..hex_len {
+            assert!(
+                hmac_attempt(hmac, &Answer::Right, false, &[at]),
+                "split at {at}"
+            );
+            let wrong = Answer::FlipBit(at * 5);
+            assert!(!hmac_attempt(hmac, &wrong, false, &[at]), "split at {at}");
+        }
+        for at in 1..frame_len {
+            assert!(mp_attempt(mp, &Answer::Right, form, &[at]), "split at {at}");
+            assert!(
+                !mp_attempt(mp, &Answer::FlipBit(at * 3), form, &[at]),
+                "split at {at}"
+            );
+        }
+        for at in 0..hex_len {
+            assert!(!cut_attempt(hmac, CHALLENGE_LEN, &|c| {
+                hex::encode(Answer::Right.mac(Digest::Md5, c)).as_bytes()[..at].to_vec()
+            }));
+        }
+        for at in 0..frame_len {
+            assert!(!cut_attempt(mp, 4 + 11 + 8 + 40, &|frame| {
+                let mac = Answer::Right.mac(Digest::Sha256, &frame[4 + 11..]);
+                util::framed(&[&b"{sha256}"[..], &mac].concat())[..at].to_vec()
+            }));
+        }
+    }
+}
+
+/// Reads the `challenge_len` bytes of `t`'s challenge, sends what `answer` makes of them and
+/// hangs up; true if the handler ran. (A handshake left to time out would count as a timeout,
+/// not a failure, and `verdict` would not see it: the end of the connection must be enough.)
+fn cut_attempt(t: &Fuzzed, challenge_len: usize, answer: &dyn Fn(&[u8]) -> Vec<u8>) -> bool {
+    let (handled, failures) = (
+        t.handled.load(Ordering::SeqCst),
+        t.handle.stats().auth_failures,
+    );
+    let mut s = connect(&t.addr);
+    let challenge = util::read_n(&mut s, challenge_len);
+    let _ = s.write_all(&answer(&challenge));
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let _ = util::read_to_eof(&mut s);
+    verdict(t, handled, failures)
 }
 
 #[test]
@@ -659,7 +714,7 @@ fn handshake_fuzz_figure() {
         .chain([Answer::OtherKey(b"another key".to_vec())])
     {
         hmac_wrong += 1;
-        wrong_reached += usize::from(hmac_attempt(&answer, false, &[]));
+        wrong_reached += usize::from(hmac_attempt(t, &answer, false, &[]));
     }
     // Every form a listener accepts: the first, a middle and the last bit flipped, another key.
     let mut mp_wrong = 0;
@@ -671,7 +726,7 @@ fn handshake_fuzz_figure() {
             .chain([Answer::OtherKey(b"another key".to_vec())])
         {
             mp_wrong += 1;
-            wrong_reached += usize::from(mp_attempt(&answer, form, &[]));
+            wrong_reached += usize::from(mp_attempt(mp_target(), &answer, form, &[]));
         }
     }
     println!(

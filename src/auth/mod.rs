@@ -307,3 +307,80 @@ pub(crate) fn connect_and<T>(
     }
     Err(last)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_byte_count_is_met_at_exactly_that_many_bytes() {
+        let need = Need::Bytes(64);
+        assert!(!need.is_met(&[]));
+        assert!(!need.is_met(&[b'a'; 63]));
+        assert!(need.is_met(&[b'a'; 64]));
+        assert!(need.is_met(&[b'a'; 65]));
+    }
+
+    #[test]
+    fn a_frame_is_met_when_whole_or_when_its_length_alone_refuses_it() {
+        let frame = |len: u32, body: usize| [&len.to_be_bytes()[..], &vec![0; body]].concat();
+        assert!(!Need::Frame.is_met(&[]));
+        assert!(
+            !Need::Frame.is_met(&[0, 0, 0]),
+            "the length is not all there"
+        );
+        assert!(Need::Frame.is_met(&frame(0, 0)));
+        assert!(!Need::Frame.is_met(&frame(5, 4)));
+        assert!(Need::Frame.is_met(&frame(5, 5)));
+        assert!(Need::Frame.is_met(&frame(5, 9)), "and the bytes after it");
+        // 256 bytes is a handshake message: wait for all of it.
+        assert!(!Need::Frame.is_met(&frame(256, 0)));
+        assert!(!Need::Frame.is_met(&frame(256, 255)));
+        assert!(Need::Frame.is_met(&frame(256, 256)));
+        // Longer is refused by its length: no need to wait for the rest.
+        assert!(Need::Frame.is_met(&frame(257, 0)));
+        assert!(Need::Frame.is_met(&frame(u32::MAX, 0)));
+    }
+
+    #[test]
+    fn an_event_mode_classic_handshake_waits_for_the_whole_hex_digest() {
+        for digest in Digest::ALL {
+            let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            let stream = Stream::unix(ours, false);
+            let io = DeadlineIo::new(&stream, Duration::from_secs(1));
+            let step = Auth::hmac(b"key".to_vec())
+                .digest(digest)
+                .begin(io)
+                .unwrap();
+            let AuthStep::Wait(Need::Bytes(n), _) = step else {
+                panic!("{digest}: not waiting for a byte count");
+            };
+            assert_eq!(n, 2 * digest.output_len(), "{digest}");
+        }
+    }
+
+    #[test]
+    fn settings_read_back_and_the_key_is_never_shown() {
+        let auth = Auth::hmac(b"hunter2".to_vec());
+        assert_eq!(auth.timeout(), Auth::DEFAULT_TIMEOUT);
+        assert_eq!(auth.max_pending_set(), None);
+        let auth = auth
+            .handshake_timeout(Duration::from_millis(1500))
+            .max_pending(7);
+        assert_eq!(auth.timeout(), Duration::from_millis(1500));
+        assert_eq!(auth.max_pending_set(), Some(7));
+        let shown = format!("{auth:?}");
+        assert!(
+            shown.contains("<redacted>") && shown.contains("1.5s"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("104, 117"),
+            "{shown}"
+        );
+        assert!(Auth::hmac(Vec::new()).check().unwrap_err().is_config());
+        let zero = Auth::hmac(b"k".to_vec()).handshake_timeout(Duration::ZERO);
+        assert!(zero.check().unwrap_err().is_config());
+        Auth::multiprocessing(b"k".to_vec()).check().unwrap();
+    }
+}

@@ -34,6 +34,8 @@ pub(crate) fn fill(buf: &mut [u8]) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use rand::rngs::StdRng;
+
     #[test]
     fn challenges_differ() {
         let (mut a, mut b) = ([0u8; 32], [0u8; 32]);
@@ -41,5 +43,25 @@ mod tests {
         super::fill(&mut b).unwrap();
         assert_ne!(a, b);
         assert_ne!(a, [0u8; 32]);
+    }
+
+    /// What a forked child finds: the generator recorded under another process ID. It must
+    /// not go on from the parent's state (both would send the same challenges).
+    #[test]
+    fn a_generator_seeded_in_another_process_is_replaced() {
+        use rand::{Rng, SeedableRng};
+        let parent = rustix::process::getppid().expect("the test has a parent process");
+        let mut copy = StdRng::seed_from_u64(26);
+        let mut parents_next = [0u8; 32];
+        copy.fill_bytes(&mut parents_next);
+        *super::lock(&super::SOURCE) = Some((parent, StdRng::seed_from_u64(26)));
+        let mut ours = [0u8; 32];
+        super::fill(&mut ours).unwrap();
+        assert_ne!(
+            ours, parents_next,
+            "the parent's generator state was reused"
+        );
+        let recorded = super::lock(&super::SOURCE).as_ref().map(|(pid, _)| *pid);
+        assert_eq!(recorded, Some(rustix::process::getpid()));
     }
 }

@@ -264,6 +264,110 @@ mod tests {
     }
 
     #[test]
+    fn a_bare_address_is_a_block_of_one_of_its_own_family() {
+        // The default prefix is the address's own length: a bare IPv6 address must not
+        // become a /32 (trusting PROXY headers from 2^96 addresses).
+        for (bare, block) in [
+            ("192.0.2.1", "192.0.2.1/32"),
+            ("2001:db8::1", "2001:db8::1/128"),
+            ("::1", "::1/128"),
+            ("::", "::/128"),
+            // An IPv4-mapped address is its IPv4 address, so its block is a /32 too.
+            ("::ffff:192.0.2.1", "192.0.2.1/32"),
+        ] {
+            let c: Cidr = bare.parse().unwrap();
+            assert_eq!(c.to_string(), block, "{bare}");
+            assert_eq!(
+                c,
+                Cidr::from(ip(bare)),
+                "{bare}: FromStr and From<IpAddr> agree"
+            );
+        }
+        let v6: Cidr = "2001:db8::1".parse().unwrap();
+        assert!(v6.contains(ip("2001:db8::1")));
+        for other in [
+            "2001:db8::2",
+            "2001:db8::",
+            "2001:db8:ffff::1",
+            "2001:db9::1",
+        ] {
+            assert!(!v6.contains(ip(other)), "{other} is not 2001:db8::1");
+        }
+        let v4: Cidr = "192.0.2.1".parse().unwrap();
+        assert!(v4.contains(ip("192.0.2.1")) && v4.contains(ip("::ffff:192.0.2.1")));
+        assert!(!v4.contains(ip("192.0.2.0")) && !v4.contains(ip("192.0.2.2")));
+        assert!(!v4.contains(ip("::ffff:192.0.2.2")) && !v4.contains(ip("::c000:201")));
+    }
+
+    #[test]
+    fn prefixes_from_0_to_the_full_length_and_none_past_it() {
+        let all4: Cidr = "0.0.0.0/0".parse().unwrap();
+        for a in ["0.0.0.0", "255.255.255.255", "::ffff:10.0.0.1"] {
+            assert!(all4.contains(ip(a)), "{a} in 0.0.0.0/0");
+        }
+        assert!(
+            !all4.contains(ip("2001:db8::1")),
+            "/0 of IPv4 is every IPv4 address only"
+        );
+        let all6: Cidr = "::/0".parse().unwrap();
+        assert!(all6.contains(ip("2001:db8::1")) && all6.contains(ip("ffff::")));
+        assert!(!all6.contains(ip("10.0.0.1")) && !all6.contains(ip("::ffff:10.0.0.1")));
+        let one4: Cidr = "203.0.113.9/32".parse().unwrap();
+        assert!(one4.contains(ip("203.0.113.9")) && !one4.contains(ip("203.0.113.8")));
+        let one6: Cidr = "2001:db8::9/128".parse().unwrap();
+        assert!(one6.contains(ip("2001:db8::9")) && !one6.contains(ip("2001:db8::8")));
+        // The prefix counts the canonical address's bits: a mapped block is an IPv4 one.
+        let mapped: Cidr = "::ffff:10.1.0.0/16".parse().unwrap();
+        assert_eq!(mapped.to_string(), "10.1.0.0/16");
+        assert!(mapped.contains(ip("10.1.2.3")) && !mapped.contains(ip("10.2.0.0")));
+        assert!(mapped.contains(ip("::ffff:10.1.2.3")));
+        // Every prefix length in range is accepted, one past it refused.
+        for p in 0..=32u8 {
+            assert_eq!(
+                Cidr::new(ip("10.0.0.1"), p)
+                    .unwrap()
+                    .to_string()
+                    .split_once('/')
+                    .unwrap()
+                    .1,
+                p.to_string()
+            );
+        }
+        for p in 0..=128u8 {
+            Cidr::new(ip("2001:db8::1"), p).unwrap();
+        }
+        for bad in [
+            "0.0.0.0/33",
+            "::ffff:10.0.0.0/33",
+            "::/129",
+            "2001:db8::/255",
+            "10.0.0.0/256",
+            "10.0.0.0/-1",
+        ] {
+            assert!(bad.parse::<Cidr>().unwrap_err().is_config(), "{bad}");
+        }
+        assert!(Cidr::new(ip("10.0.0.1"), 33).unwrap_err().is_config());
+        assert!(
+            Cidr::new(ip("::ffff:10.0.0.1"), 33)
+                .unwrap_err()
+                .is_config()
+        );
+        assert!(Cidr::new(ip("::1"), 129).unwrap_err().is_config());
+    }
+
+    #[test]
+    fn trusted_lists_the_blocks_in_the_order_given() {
+        let blocks = ["10.0.0.0/8", "2001:db8::1", "127.0.0.1"];
+        let p = ProxyProtocol::trusting(blocks).unwrap();
+        let shown: Vec<String> = p.trusted().iter().map(Cidr::to_string).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "2001:db8::1/128", "127.0.0.1/32"]);
+        let p = p.trust(ip("192.0.2.7")).timeout(Duration::from_secs(1));
+        assert_eq!(p.trusted().len(), 4);
+        assert_eq!(p.trusted()[3], "192.0.2.7/32".parse().unwrap());
+        assert!(ProxyProtocol::new().trusted().is_empty());
+    }
+
+    #[test]
     fn unix_peers_are_trusted_and_ip_peers_only_in_a_block() {
         let p = ProxyProtocol::trusting(["192.168.0.0/16"]).unwrap();
         assert!(p.trusts(&Addr::Unix(None)));

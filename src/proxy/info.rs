@@ -105,3 +105,123 @@ pub struct ProxySsl {
     /// The certificate's key algorithm.
     pub key_alg: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proxy_header::ParseConfig;
+
+    /// A v2 `PROXY` (or `LOCAL`) header for TCP/IPv4 192.0.2.1:1000 -> 198.51.100.2:443 with
+    /// `tlvs` (type, value), parsed as the stage parses it.
+    fn info(command: u8, tlvs: &[(u8, &[u8])]) -> ProxyInfo {
+        let mut body = vec![192, 0, 2, 1, 198, 51, 100, 2];
+        body.extend_from_slice(&1000u16.to_be_bytes());
+        body.extend_from_slice(&443u16.to_be_bytes());
+        for (t, v) in tlvs {
+            body.push(*t);
+            body.extend_from_slice(&(v.len() as u16).to_be_bytes());
+            body.extend_from_slice(v);
+        }
+        let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+        h.extend_from_slice(&[command, 0x11]);
+        h.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        h.extend_from_slice(&body);
+        let config = ParseConfig {
+            include_tlvs: true,
+            allow_v1: true,
+            allow_v2: true,
+        };
+        let (header, used) = ProxyHeader::parse(&h, config).unwrap();
+        assert_eq!(used, h.len());
+        ProxyInfo {
+            proxy: Addr::Inet("127.0.0.1:5000".parse().unwrap()),
+            version: 2,
+            header: header.into_owned(),
+        }
+    }
+
+    /// An SSL TLV: `client` bits, `verify`, then sub-TLVs.
+    fn ssl(client: u8, verify: u32, subs: &[(u8, &str)]) -> Vec<u8> {
+        let mut v = vec![client];
+        v.extend_from_slice(&verify.to_be_bytes());
+        for (t, s) in subs {
+            v.push(*t);
+            v.extend_from_slice(&(s.len() as u16).to_be_bytes());
+            v.extend_from_slice(s.as_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn every_field_of_a_v2_header_reads_back() {
+        let tls = ssl(
+            0x01 | 0x02,
+            0,
+            &[
+                (0x21, "TLSv1.3"),
+                (0x22, "client.example"),
+                (0x23, "TLS_AES_128_GCM_SHA256"),
+                (0x24, "ECDSA-SHA256"),
+                (0x25, "EC256"),
+            ],
+        );
+        let i = info(
+            0x21,
+            &[
+                (0x01, b"h2"),
+                (0x02, b"example.com"),
+                (0x05, b"\x00\x01id"),
+                (0x20, &tls),
+            ],
+        );
+        assert_eq!(i.proxy_addr().to_string(), "127.0.0.1:5000");
+        assert_eq!(i.version(), 2);
+        assert!(!i.is_local());
+        assert_eq!(i.destination(), Some("198.51.100.2:443".parse().unwrap()));
+        assert_eq!(i.authority(), Some("example.com"));
+        assert_eq!(i.alpn(), Some(&b"h2"[..]));
+        assert_eq!(i.unique_id(), Some(&b"\x00\x01id"[..]));
+        let s = i.ssl().unwrap();
+        assert!(s.client_ssl && s.client_cert && s.verified, "{s:?}");
+        assert_eq!(s.version.as_deref(), Some("TLSv1.3"));
+        assert_eq!(s.cn.as_deref(), Some("client.example"));
+        assert_eq!(s.cipher.as_deref(), Some("TLS_AES_128_GCM_SHA256"));
+        assert_eq!(s.sig_alg.as_deref(), Some("ECDSA-SHA256"));
+        assert_eq!(s.key_alg.as_deref(), Some("EC256"));
+        let shown = format!("{i:?}");
+        assert!(
+            shown.starts_with("ProxyInfo { proxy: ") && shown.contains("version: 2"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn absent_fields_are_none_and_the_ssl_flags_read_as_sent() {
+        let bare = info(0x21, &[]);
+        assert_eq!(
+            (bare.authority(), bare.alpn(), bare.unique_id()),
+            (None, None, None)
+        );
+        assert!(bare.ssl().is_none());
+        let local = info(0x20, &[]);
+        assert!(local.is_local());
+        assert_eq!(local.destination(), None);
+        // A certificate on the session only (0x04) is a certificate; a verify result other
+        // than 0 is a failed verification; no TLS at all is no TLS.
+        let sess = info(0x21, &[(0x20, &ssl(0x01 | 0x04, 1, &[]))])
+            .ssl()
+            .unwrap();
+        assert!(
+            sess.client_ssl && sess.client_cert && !sess.verified,
+            "{sess:?}"
+        );
+        let none = info(0x21, &[(0x20, &ssl(0, 0, &[]))]).ssl().unwrap();
+        assert_eq!(
+            none,
+            ProxySsl {
+                verified: true,
+                ..ProxySsl::default()
+            }
+        );
+    }
+}

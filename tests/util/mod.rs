@@ -153,6 +153,23 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Writes `bytes` in the pieces `splits` cuts them into (the rest in one piece), each in its
+/// own segment (no Nagle, a pause between them, so the server reads them apart); false once a
+/// write fails.
+pub fn send_split(s: &mut std::net::TcpStream, bytes: &[u8], splits: &[usize]) -> bool {
+    s.set_nodelay(true).unwrap();
+    let mut rest = bytes;
+    for &n in splits {
+        let (piece, tail) = rest.split_at(n.min(rest.len()));
+        if s.write_all(piece).is_err() {
+            return false;
+        }
+        rest = tail;
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    s.write_all(rest).is_ok()
+}
+
 /// Waits until `cond` holds, up to `limit`; returns whether it did.
 pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
