@@ -548,7 +548,7 @@ impl Targets {
     fn new() -> Targets {
         Targets {
             thread: target("127.0.0.0/8", Dispatch::Thread),
-            event: target("127.0.0.1", Dispatch::Event { workers: 2 }),
+            event: target("127.0.0.1", util::EVENT_MODE),
             // A v4-mapped block of another network: loopback is not in it.
             untrusted: target("::ffff:10.0.0.0/8", Dispatch::Thread),
         }

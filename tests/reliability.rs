@@ -447,7 +447,7 @@ fn hmac_target() -> &'static Fuzzed {
 /// [`hmac_target`] in event mode, where the answer is waited for parked.
 fn hmac_event_target() -> &'static Fuzzed {
     static T: OnceLock<Fuzzed> = OnceLock::new();
-    let event = Dispatch::Event { workers: 2 };
+    let event = util::EVENT_MODE;
     T.get_or_init(|| fuzz_target(|| Auth::hmac(KEY).digest(Digest::Md5), event))
 }
 
@@ -460,7 +460,7 @@ fn mp_target() -> &'static Fuzzed {
 /// [`mp_target`] in event mode.
 fn mp_event_target() -> &'static Fuzzed {
     static T: OnceLock<Fuzzed> = OnceLock::new();
-    let event = Dispatch::Event { workers: 2 };
+    let event = util::EVENT_MODE;
     T.get_or_init(|| fuzz_target(|| Auth::multiprocessing(KEY), event))
 }
 

@@ -125,6 +125,14 @@ pub const STREAM_MODES: [Dispatch; 3] = [
     Dispatch::Pool { workers: 4 },
 ];
 
+/// Event dispatch, for suites that run a case in it beside thread mode. Where it does not
+/// exist (the Linux-only parts off: the suites only compile there) the pool stands in.
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
+pub const EVENT_MODE: Dispatch = Dispatch::Event { workers: 2 };
+/// Event dispatch's stand-in where it does not exist.
+#[cfg(not(all(target_os = "linux", not(socketserver_portable))))]
+pub const EVENT_MODE: Dispatch = Dispatch::Pool { workers: 2 };
+
 /// CPython's three `hello world\n` round trips over one connection.
 pub fn three_round_trips<S: std::io::Read + Write>(stream: S) {
     let mut r = BufReader::new(stream);
