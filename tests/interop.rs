@@ -100,6 +100,11 @@ const CASES: &[Case] = &[
         unix_datagram_client,
     ),
     case("unix_stream::client_round_trips", ANY, unix_stream_client),
+    case(
+        "examples::tutorial_with_the_readmes_python_client",
+        ANY,
+        tutorial_example,
+    ),
 ];
 
 fn main() {
@@ -312,6 +317,81 @@ fn tutorial_client_against_our_server(py: &Python) {
             == 1));
         assert_eq!(ran.load(Ordering::SeqCst), 1, "{digest}");
     }
+}
+
+/// The README's client for `examples/tutorial.rs`, word for word (the README shows this body).
+const PY_README_TUTORIAL_CLIENT: &str = r#"
+import hmac, socket, sys
+
+port = int(sys.argv[1]) if len(sys.argv) > 1 else 9000
+sk = socket.socket()
+sk.connect(("127.0.0.1", port))
+challenge = sk.recv(32)
+sk.send(hmac.new(b"alex_s", challenge, "md5").hexdigest().encode("utf-8"))
+for _ in range(3):
+    print(sk.recv(1024))  # b'hello'
+    sk.send(b"byebye")
+sk.close()
+"#;
+
+/// `examples/tutorial.rs` as a program, with the README's Python client: three greetings each
+/// way, and a client with the wrong key refused before the handler says a word.
+fn tutorial_example(py: &Python) {
+    let readme = include_str!("../README.md");
+    assert!(
+        readme.contains(&format!(
+            "```python\n{}```",
+            PY_README_TUTORIAL_CLIENT.trim_start()
+        )),
+        "README.md no longer shows the tutorial's client as this test runs it"
+    );
+    let mut server = std::process::Command::new(util::example_exe("tutorial"))
+        .arg("127.0.0.1:0")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the tutorial example");
+    let (tx, said) = mpsc::channel();
+    let out = server.stdout.take().unwrap();
+    thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let next = || {
+        said.recv_timeout(IO_TIMEOUT)
+            .expect("a line from the tutorial example")
+    };
+    let port = next()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("the example says where it listens")
+        .to_string();
+    let out = py.run(PY_README_TUTORIAL_CLIENT, &[&port], PY_TIMEOUT);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("b'hello'").count(), 3, "{stdout}");
+    for _ in 0..3 {
+        let line = next();
+        assert!(line.ends_with(r#" says "byebye""#), "{line}");
+    }
+    // Then "... hung up", or nothing when the client's close crossed the next `hello` (a reset).
+    let _ = said.recv_timeout(Duration::from_millis(300));
+    // The wrong key: no greeting, and the handler never runs.
+    let wrong = PY_README_TUTORIAL_CLIENT.replace(r#"b"alex_s""#, r#"b"wrong!""#);
+    let out = py.run(&wrong, &[&port], PY_TIMEOUT);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("hello"), "wrong key greeted: {stdout}");
+    thread::sleep(Duration::from_millis(300));
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(said.try_recv().is_err(), "the handler ran for a wrong key");
 }
 
 const PY_TUTORIAL_SERVER: &str = r#"
