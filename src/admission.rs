@@ -601,7 +601,7 @@ impl Pipeline {
             // A client the header named, refused by `verify_request` or `max_per_source`:
             // counted by the stage under that reason, once, and not as a PROXY failure.
             #[cfg(feature = "proxy-protocol")]
-            (Err(e), Some(StageKind::Proxy)) if e.is_refused() => {
+            (Err(e), Some(StageKind::Proxy)) if e.is_counted() => {
                 observe::record_admission("refused", false);
                 limited!(info, "{e}; closing the connection");
             }

@@ -26,6 +26,9 @@ struct Inner {
     unresolved: Option<String>,
     detail: Option<String>,
     source: Option<io::Error>,
+    /// A refusal already counted under its reason (`max_per_source`, `verify_request`) where
+    /// it was made, so that admission does not count it again as a failure of its stage.
+    counted: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,6 +88,7 @@ impl Error {
                 unresolved: None,
                 detail: None,
                 source: None,
+                counted: false,
             }),
         }
     }
@@ -99,6 +103,17 @@ impl Error {
     pub(crate) fn with_detail(mut self, detail: impl Into<String>) -> Error {
         self.inner.detail = Some(detail.into());
         self
+    }
+
+    /// Marks a refusal as counted already, under its reason, by whoever made it.
+    pub(crate) fn counted(mut self) -> Error {
+        self.inner.counted = true;
+        self
+    }
+
+    /// Whether the refusal was counted where it was made (see [`counted`](Self::counted)).
+    pub(crate) fn is_counted(&self) -> bool {
+        self.inner.counted
     }
 
     pub(crate) fn with_source(mut self, source: io::Error) -> Error {

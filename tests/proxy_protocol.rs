@@ -479,6 +479,8 @@ struct Target {
     addr: SocketAddr,
     handle: socketserver::ServerHandle,
     handled: Arc<AtomicUsize>,
+    /// Its trust and dispatch mode, for a failure to name.
+    name: String,
 }
 
 /// The property tests' handler: tells the client the peer it was given as soon as the
@@ -533,6 +535,7 @@ fn target(trust: &str, mode: Dispatch) -> Target {
         addr,
         handle,
         handled,
+        name: format!("{mode:?} trusting {trust}"),
     }
 }
 
@@ -644,7 +647,8 @@ fn attempt(t: &Target, bytes: &[u8], splits: &[usize]) -> Verdict {
             let (h, f, _) = moved();
             h + f as usize > 0
         }),
-        "neither served nor refused: {bytes:?}"
+        "{}: neither served nor refused: {bytes:?}",
+        t.name
     );
     let (served, failed, after) = moved();
     assert_eq!(

@@ -245,7 +245,8 @@ impl Stage for ProxyStage {
                     .record_refused(crate::control::Refusal::Verify);
                 return Err(Error::new(Kind::Refused)
                     .with_addr(Some(&client))
-                    .with_detail(format!("verify_request rejected {client} (via {proxy})")));
+                    .with_detail(format!("verify_request rejected {client} (via {proxy})"))
+                    .counted());
             }
         }
         if let Addr::Inet(a) = &client {
@@ -260,7 +261,8 @@ impl Stage for ProxyStage {
                             "{} already has {} connections open (max_per_source)",
                             a.ip(),
                             conn.control().max_per_source().unwrap_or_default()
-                        )));
+                        ))
+                        .counted());
                 }
             }
         }
