@@ -1,5 +1,6 @@
 //! A chat server: every line a client sends goes to every other client, prefixed with the
-//! sender's address; `* ADDR joined` and `* ADDR left` tell who comes and goes. A client that
+//! sender's address; `* welcome, ADDR: N other(s) here` greets a newcomer, and `* ADDR joined`
+//! and `* ADDR left` tell the others who comes and goes. A client that
 //! talks now and then and one that never says a word stay connected as long as they like: no
 //! default of the server cuts a quiet client. Each client has a writer thread of its own and a
 //! queue of at most 64 lines; one that falls further behind (it stopped reading) is dropped,
@@ -65,9 +66,15 @@ impl StreamHandler for Chat {
                         }
                     }
                 })?;
+            {
+                let mut room = self.0.0.lock().unwrap();
+                // The first line it hears, before anyone's (they queue under this lock): it
+                // tells a client it is in, and who it is.
+                let welcome = format!("* welcome, {me}: {} other(s) here\n", room.len());
+                let _ = queue.try_send(welcome.into());
+                room.insert(me.clone(), (queue, s.stream().clone()));
+            }
             self.0.say(&me, format!("* {me} joined\n"));
-            let stream = s.stream().clone();
-            self.0.0.lock().unwrap().insert(me.clone(), (queue, stream));
             // Lines are bounded (StreamOptions::max_line, 64 KiB): an endless one is an error.
             let talk = s.rfile.lines().try_for_each(|line| {
                 self.0.say(&me, format!("{me}: {}\n", line?));
@@ -96,7 +103,7 @@ fn main() -> Result<(), socketserver::Error> {
     let server = TcpServer::bind(addr.as_str(), move || {
         StreamRequestHandler::new(Chat(room.clone()))
     })?;
-    println!("chat server on {}", server.local_addr());
+    eprintln!("chat server on {}", server.local_addr());
     server.serve_until_signal(std::time::Duration::from_secs(2))?;
     Ok(())
 }

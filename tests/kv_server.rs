@@ -5,64 +5,21 @@ mod util;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
-
-/// The example, built if needed (once per test binary).
-fn kv_server_exe() -> &'static Path {
-    static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| util::example_exe("kv_server"))
-}
+use std::time::Duration;
 
 /// The example running on a free port; killed when dropped.
-struct KvServer {
-    child: Child,
-    addr: String,
-}
+struct KvServer(util::Example);
 
 impl KvServer {
     fn start(args: &[&str]) -> KvServer {
-        // Port 0 picks a free port; the example logs the address it bound.
-        let mut child = Command::new(kv_server_exe())
-            .args(["--addr", "127.0.0.1:0"])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start kv_server");
-        let mut log = BufReader::new(child.stderr.take().unwrap());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut line = String::new();
-        let addr = loop {
-            line.clear();
-            if log.read_line(&mut line).unwrap_or(0) == 0 || Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("kv_server did not say where it listens");
-            }
-            if let Some(at) = line.split("kv server on ").nth(1) {
-                break at.trim().to_owned();
-            }
-        };
-        // Keep draining its log so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in log.lines() {});
-        KvServer { child, addr }
+        let args = [&["--addr", "127.0.0.1:0"], args].concat();
+        KvServer(util::Example::start("kv_server", &args, "kv server on "))
     }
 
     fn connect(&self) -> Client {
-        let s = TcpStream::connect(&self.addr).expect("connect to kv_server");
+        let s = TcpStream::connect(&self.0.addr).expect("connect to kv_server");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         Client(BufReader::new(s))
-    }
-}
-
-impl Drop for KvServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -826,6 +826,45 @@ pub fn example_exe(name: &str) -> PathBuf {
     profile_dir.join("examples").join(name)
 }
 
+/// An example program running as a child on a free port (it is given `127.0.0.1:0`), found
+/// by the line of its log that says where it listens; killed when dropped.
+pub struct Example {
+    pub child: std::process::Child,
+    /// What followed `listening_line` in that line: `HOST:PORT`.
+    pub addr: String,
+    /// Its stderr, collected while it runs.
+    pub log: LogLines,
+}
+
+impl Example {
+    /// Starts `target/<profile>/examples/NAME ARGS` and waits (bounded) for a stderr line
+    /// containing `listening_line`, the address following it.
+    pub fn start(name: &str, args: &[&str], listening_line: &str) -> Example {
+        let mut child = Command::new(example_exe(name))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        let log = LogLines::collect(child.stderr.take().unwrap());
+        let Some(line) = log.wait_for(listening_line, Duration::from_secs(20)) else {
+            let _ = child.kill();
+            panic!("{name} did not say where it listens:\n{}", log.dump());
+        };
+        let addr = line.split(listening_line).nth(1).unwrap().trim().to_owned();
+        Example { child, addr, log }
+    }
+}
+
+impl Drop for Example {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A child process's stderr, collected line by line on a thread, searchable while it runs.
 #[derive(Clone, Default)]
 pub struct LogLines(pub Arc<std::sync::Mutex<Vec<String>>>);
