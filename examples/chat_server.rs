@@ -24,9 +24,12 @@ use socketserver::{
 /// How many lines a client may fall behind before it is dropped.
 const QUEUE: usize = 64;
 
-/// Who is connected: each client's queue, and its socket, to cut it off when it falls behind.
+/// A client in the room: its queue of lines, and its socket, to cut it off when it falls behind.
+type Member = (SyncSender<Arc<str>>, Stream);
+
+/// Who is connected, by address.
 #[derive(Clone, Default)]
-struct Room(Arc<Mutex<HashMap<String, (SyncSender<Arc<str>>, Stream)>>>);
+struct Room(Arc<Mutex<HashMap<String, Member>>>);
 
 impl Room {
     /// Queues `line` for everyone but `from`, and drops whoever has no room left for it.
