@@ -265,6 +265,11 @@ pub use tls::{ClientCert, Tls, TlsInfo, TlsStream, connect_tls};
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+/// The authentication guide's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/auth-and-python.md")]
+struct AuthGuideDoctests;
+
 /// The deployment guide's example, compiled as a doctest.
 #[cfg(all(doctest, feature = "proxy-protocol", feature = "signals"))]
 #[doc = include_str!("../docs/deploy.md")]
