@@ -270,6 +270,11 @@ struct ReadmeDoctests;
 #[doc = include_str!("../docs/auth-and-python.md")]
 struct AuthGuideDoctests;
 
+/// The TLS guide's example, compiled as a doctest (with feature `tls`).
+#[cfg(all(doctest, feature = "tls"))]
+#[doc = include_str!("../docs/tls.md")]
+struct TlsGuideDoctests;
+
 /// The deployment guide's example, compiled as a doctest.
 #[cfg(all(doctest, feature = "proxy-protocol", feature = "signals"))]
 #[doc = include_str!("../docs/deploy.md")]
