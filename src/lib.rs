@@ -270,6 +270,11 @@ struct ReadmeDoctests;
 #[doc = include_str!("../docs/auth-and-python.md")]
 struct AuthGuideDoctests;
 
+/// The dispatch guide's examples, compiled as doctests (event mode is Linux only).
+#[cfg(all(doctest, target_os = "linux", not(socketserver_portable)))]
+#[doc = include_str!("../docs/event-mode-and-scale.md")]
+struct EventGuideDoctests;
+
 /// The TLS guide's example, compiled as a doctest (with feature `tls`).
 #[cfg(all(doctest, feature = "tls"))]
 #[doc = include_str!("../docs/tls.md")]
