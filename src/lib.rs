@@ -270,6 +270,11 @@ struct ReadmeDoctests;
 #[doc = include_str!("../docs/auth-and-python.md")]
 struct AuthGuideDoctests;
 
+/// The limits guide's example, compiled as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/limits-and-reliability.md")]
+struct LimitsGuideDoctests;
+
 /// The dispatch guide's examples, compiled as doctests (event mode is Linux only).
 #[cfg(all(doctest, target_os = "linux", not(socketserver_portable)))]
 #[doc = include_str!("../docs/event-mode-and-scale.md")]
