@@ -270,6 +270,11 @@ struct ReadmeDoctests;
 #[doc = include_str!("../docs/auth-and-python.md")]
 struct AuthGuideDoctests;
 
+/// The metrics guide's example, compiled as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/metrics.md")]
+struct MetricsGuideDoctests;
+
 /// The limits guide's example, compiled as a doctest.
 #[cfg(doctest)]
 #[doc = include_str!("../docs/limits-and-reliability.md")]
