@@ -290,7 +290,13 @@ struct EventGuideDoctests;
 #[doc = include_str!("../docs/tls.md")]
 struct TlsGuideDoctests;
 
-/// The deployment guide's example, compiled as a doctest.
-#[cfg(all(doctest, feature = "proxy-protocol", feature = "signals"))]
+/// The deployment guide's examples, compiled as doctests (socket activation is Linux only).
+#[cfg(all(
+    doctest,
+    feature = "proxy-protocol",
+    feature = "signals",
+    target_os = "linux",
+    not(socketserver_portable)
+))]
 #[doc = include_str!("../docs/deploy.md")]
 struct DeployDoctests;
