@@ -265,7 +265,38 @@ pub use tls::{ClientCert, Tls, TlsInfo, TlsStream, connect_tls};
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
-/// The deployment guide's example, compiled as a doctest.
-#[cfg(all(doctest, feature = "proxy-protocol", feature = "signals"))]
+/// The authentication guide's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/auth-and-python.md")]
+struct AuthGuideDoctests;
+
+/// The metrics guide's example, compiled as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/metrics.md")]
+struct MetricsGuideDoctests;
+
+/// The limits guide's example, compiled as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/limits-and-reliability.md")]
+struct LimitsGuideDoctests;
+
+/// The dispatch guide's examples, compiled as doctests (event mode is Linux only).
+#[cfg(all(doctest, target_os = "linux", not(socketserver_portable)))]
+#[doc = include_str!("../docs/event-mode-and-scale.md")]
+struct EventGuideDoctests;
+
+/// The TLS guide's example, compiled as a doctest (with feature `tls`).
+#[cfg(all(doctest, feature = "tls"))]
+#[doc = include_str!("../docs/tls.md")]
+struct TlsGuideDoctests;
+
+/// The deployment guide's examples, compiled as doctests (socket activation is Linux only).
+#[cfg(all(
+    doctest,
+    feature = "proxy-protocol",
+    feature = "signals",
+    target_os = "linux",
+    not(socketserver_portable)
+))]
 #[doc = include_str!("../docs/deploy.md")]
 struct DeployDoctests;
