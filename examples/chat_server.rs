@@ -17,9 +17,7 @@ use std::net::Shutdown;
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 
-use socketserver::{
-    HandlerResult, Stream, StreamHandler, StreamRequest, StreamRequestHandler, TcpServer,
-};
+use socketserver::{Handler, HandlerResult, Request, Stream, TcpServer};
 
 /// How many lines a client may fall behind before it is dropped.
 const QUEUE: usize = 64;
@@ -53,8 +51,8 @@ impl Room {
 
 struct Chat(Room);
 
-impl StreamHandler for Chat {
-    fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+impl Handler for Chat {
+    fn handle(&mut self, s: &mut Request) -> HandlerResult {
         let me = s.peer_addr().to_string();
         let (queue, lines_for_me) = sync_channel::<Arc<str>>(QUEUE);
         let mut out = s.stream().clone();
@@ -103,9 +101,7 @@ fn main() -> Result<(), socketserver::Error> {
         }
     };
     let room = Room::default();
-    let server = TcpServer::bind(addr.as_str(), move || {
-        StreamRequestHandler::new(Chat(room.clone()))
-    })?;
+    let server = TcpServer::bind(addr.as_str(), move || Chat(room.clone()))?;
     eprintln!("chat server on {}", server.local_addr());
     server.serve_until_signal(std::time::Duration::from_secs(2))?;
     Ok(())

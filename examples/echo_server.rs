@@ -31,9 +31,9 @@ use std::io::Write;
 use std::time::Duration;
 
 use clap::Parser;
+use socketserver::transport::Tcp;
 use socketserver::{
-    Handler, HandlerError, HandlerResult, MessageHandler, MessageRequestHandler, Next,
-    StreamHandler, StreamRequest, StreamRequestHandler, TcpServer,
+    Builder, Handler, HandlerError, HandlerResult, MessageHandler, Next, Request, TcpServer,
 };
 
 /// An echo server: every byte a client sends comes straight back.
@@ -63,8 +63,8 @@ struct Cli {
 /// The README's first example, as it is: bytes come back as soon as they arrive.
 struct Echo;
 
-impl StreamHandler for Echo {
-    fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+impl Handler for Echo {
+    fn handle(&mut self, s: &mut Request) -> HandlerResult {
         loop {
             // Blocks until bytes arrive; empty at end of stream. rfile's buffer is never zeroed,
             // so a held, idle connection costs only the pages its reads touched.
@@ -83,7 +83,7 @@ impl StreamHandler for Echo {
 struct EchoMessages;
 
 impl MessageHandler for EchoMessages {
-    fn handle_message(&mut self, s: &mut StreamRequest) -> Result<Next, HandlerError> {
+    fn handle_message(&mut self, s: &mut Request) -> Result<Next, HandlerError> {
         let data = s.rfile.fill_buf()?;
         s.wfile.write_all(data)?;
         let n = data.len();
@@ -101,15 +101,15 @@ fn main() {
         Duration::from_secs(5),
     );
     if cli.dispatch.is_event() {
-        run(cli, || MessageRequestHandler::new(EchoMessages));
+        let builder = cli.dispatch.apply(TcpServer::builder(|| EchoMessages));
+        run(cli, builder);
     } else {
-        run(cli, || StreamRequestHandler::new(Echo));
+        let builder = TcpServer::builder(|| Echo).dispatch(cli.dispatch.dispatch());
+        run(cli, builder);
     }
 }
 
-fn run<H: Handler>(cli: Cli, factory: impl Fn() -> H + Send + Sync + 'static) {
-    let dispatch = cli.dispatch.dispatch();
-    let builder = TcpServer::builder(factory).dispatch(dispatch);
+fn run<H: Handler>(cli: Cli, builder: Builder<Tcp<H>>) {
     let builder = cli
         .proxy
         .apply(cli.timeouts.apply(cli.limits.apply(builder)));
@@ -119,7 +119,11 @@ fn run<H: Handler>(cli: Cli, factory: impl Fn() -> H + Send + Sync + 'static) {
         log::info!("clients must authenticate with HMAC-{}", cli.auth.digest);
     }
     let server = common::bind_tcp(builder, &cli.addr.addr);
-    log::info!("dispatch: {dispatch:?}; {}", cli.timeouts.describe());
+    log::info!(
+        "dispatch: {}; {}",
+        cli.dispatch.describe(),
+        cli.timeouts.describe()
+    );
     cli.metrics.start(&server);
     common::serve(server, "echo server", Duration::from_secs(5));
 }

@@ -40,10 +40,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use clap::builder::RangedU64ValueParser;
-use socketserver::{
-    HandlerError, MessageHandler, MessageRequestHandler, Next, StreamOptions, StreamRequest,
-    TcpServer,
-};
+use socketserver::{HandlerError, MessageHandler, Next, Request, StreamOptions, TcpServer};
 
 /// A key-value server speaking a line protocol (SET, GET, DEL) over shared state.
 #[derive(Parser)]
@@ -135,7 +132,7 @@ fn single_key(rest: &str) -> bool {
 /// parked (no thread, no buffer), and a drain closes it there at once, never in the middle of a
 /// command; in the other modes a drain lets the command in progress finish within its grace.
 impl MessageHandler for Kv {
-    fn handle_message(&mut self, s: &mut StreamRequest) -> Result<Next, HandlerError> {
+    fn handle_message(&mut self, s: &mut Request) -> Result<Next, HandlerError> {
         let mut line = String::new();
         match s.rfile.read_line(&mut line) {
             Ok(0) => return Ok(Next::Close),
@@ -175,24 +172,20 @@ fn main() {
     let store = Arc::new(RwLock::new(Store::default()));
     let (max_line, max_bytes) = (cli.max_line, cli.max_bytes);
     let options = StreamOptions::new().with_max_line(max_line);
-    let dispatch = cli.dispatch.dispatch();
-    let builder = TcpServer::builder(move || {
-        MessageRequestHandler::with_options(
-            Kv {
-                store: store.clone(),
-                max_bytes,
-            },
-            options,
-        )
+    let builder = TcpServer::builder(move || Kv {
+        store: store.clone(),
+        max_bytes,
     })
-    .dispatch(dispatch);
+    .stream_options(options);
+    let builder = cli.dispatch.apply(builder);
     let server = common::bind_tcp(
         cli.proxy
             .apply(cli.timeouts.apply(cli.limits.apply(builder))),
         &cli.addr.addr,
     );
     log::info!(
-        "dispatch: {dispatch:?}; lines up to {max_line} bytes; store up to {max_bytes} bytes; {}",
+        "dispatch: {}; lines up to {max_line} bytes; store up to {max_bytes} bytes; {}",
+        cli.dispatch.describe(),
         cli.timeouts.describe()
     );
     cli.metrics.start(&server);

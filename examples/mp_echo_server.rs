@@ -92,7 +92,8 @@ fn main() {
         .auth(Auth::multiprocessing(cli.auth.auth_key.into_bytes()).mp_version(version))
         .bind(&*cli.addr.addr);
     log::info!(
-        "{dispatch:?}, {version:?} handshake; {}",
+        "{}, {version:?} handshake; {}",
+        cli.dispatch.describe(),
         cli.timeouts.describe()
     );
     common::serve(

@@ -16,7 +16,9 @@ use crate::transport::datagram::{DEFAULT_MAX_REPLY_RATIO, DatagramService, Datag
 use crate::transport::socket::{bind_inet, bind_unix};
 use crate::transport::stream::{StreamService, TcpAcceptor, UnixAcceptor};
 use crate::transport::{DatagramTransport, StreamTransport, Tcp, Udp, Unix, UnixDatagram};
-use crate::{Addr, Auth, Builder, DatagramHandler, Dispatch, Error, Handler, Result, Server};
+use crate::{
+    Addr, Auth, Builder, DatagramHandler, Dispatch, Error, Handler, MessageHandler, Result, Server,
+};
 
 /// A TCP server (IPv4 or IPv6): Python's `TCPServer` / `ThreadingTCPServer`.
 ///
@@ -270,7 +272,75 @@ impl<H: DatagramHandler> Builder<UnixDatagram<H>> {
     }
 }
 
+impl<T: StreamTransport> Builder<T>
+where
+    T::Handler: MessageHandler,
+{
+    /// Event mode, for message handlers only (checked when the program compiles: only a
+    /// builder whose handler is a [`MessageHandler`] has this method), with `workers` worker
+    /// threads (at least 1): a worker is held only while a message is served. Between messages a connection is
+    /// parked in an epoll set, holding no thread and no buffer, so idle connections cost their
+    /// socket and the handler's own state; a pipelined message is served without parking;
+    /// PROXY headers, TLS handshakes and authentication handshakes park too while the client
+    /// (or the load balancer) sends them. Like Apache's event MPM, with a blocking handler API.
+    /// No worker waits on a peer: the sockets are non-blocking, a message that needs input not
+    /// yet arrived is taken back and run again when it comes, output the socket cannot take is
+    /// queued (and the connection not read while more than 64 KiB waits), so clients that stop
+    /// reading or stop mid-message stall nobody (see
+    /// [`MessageHandler`](crate::MessageHandler)). The read and write timeouts do not apply:
+    /// nothing blocks for them to bound; the idle timeout and minimum data rate do.
+    /// The workers take turns waiting on the set and serve a batch of ready connections per
+    /// wake-up (64 between them, at least 8 each): one worker per core suits handlers that do
+    /// not block for long; more if they do (a handler that blocks delays the connections of
+    /// its batch). The workers accept too: the listener is in their set, so a new connection
+    /// is accepted, checked (`verify_request`, the caps) and started by the worker that sees
+    /// it, with no hand-over between threads. The thread that runs `serve_forever` runs the
+    /// `service_actions` hook, and accepts only when the workers cannot: no free slot under
+    /// `max_connections` (it waits for one, while new clients wait in the backlog) or an
+    /// accept error to back off from (out of descriptors).
+    /// Capped by [`Builder::max_connections`](crate::Builder::max_connections), whose default
+    /// is what the descriptor limit allows. Linux only.
+    ///
+    /// ```no_run
+    /// use socketserver::{TcpServer, message_fn, Next};
+    ///
+    /// let server = TcpServer::builder(|| message_fn(|_req| Ok(Next::Close)))
+    ///     .event(2)
+    ///     .bind("127.0.0.1:0")?;
+    /// # Ok::<(), socketserver::Error>(())
+    /// ```
+    ///
+    /// A whole-connection [`Handler`](crate::Handler) would hold its worker, so its builder has
+    /// no `event`:
+    ///
+    /// ```compile_fail
+    /// use socketserver::{TcpServer, handler_fn};
+    ///
+    /// let server = TcpServer::builder(|| handler_fn(|_req| Ok(()))).event(2);
+    /// ```
+    ///
+    /// Nor does a datagram server's (a datagram is one message already):
+    ///
+    /// ```compile_fail
+    /// use socketserver::{UdpServer, datagram_fn};
+    ///
+    /// let server = UdpServer::builder(|| datagram_fn(|_req| Ok(()))).event(2);
+    /// ```
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
+    #[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
+    pub fn event(self, workers: usize) -> Self {
+        self.run_events(workers)
+    }
+}
+
 impl<T: StreamTransport> Builder<T> {
+    /// The buffering of every connection's `rfile` and `wfile`, and the longest line `rfile`
+    /// reads (default: [`StreamOptions::default`](crate::StreamOptions)).
+    pub fn stream_options(mut self, options: crate::StreamOptions) -> Self {
+        self.service.options = options;
+        self
+    }
+
     /// Requires every client to pass `auth`'s handshake before its handler runs. An empty key is
     /// rejected when the server is built.
     pub fn auth(mut self, auth: Auth) -> Self {
@@ -304,7 +374,7 @@ impl<T: StreamTransport> Builder<T> {
     /// [`min_data_rate`](Self::min_data_rate) bound the connection and are enforced by the
     /// server. `None` turns a timeout off.
     ///
-    /// Under [`Dispatch::Event`](crate::Dispatch::Event) no read or write waits (a message
+    /// Under event mode ([`Builder::event`](crate::Builder::event)) no read or write waits (a message
     /// short of input parks, output is queued), so the two per-call timeouts have nothing to
     /// bound there; the idle timeout and the minimum data rate still apply.
     pub fn read_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {

@@ -1,5 +1,5 @@
 //! `rfile` and `wfile`, Python's names for the buffered reader and writer of a
-//! [`StreamRequest`](crate::StreamRequest): line reads bounded by a maximum length, and
+//! [`Request`](crate::Request): line reads bounded by a maximum length, and
 //! formatted writes that leave in one piece.
 
 use std::fmt;
@@ -9,7 +9,7 @@ use crate::error::Kind;
 use crate::stream::write_fmt_once;
 use crate::{Addr, Error, Result, Stream};
 
-/// The buffered reader of a [`StreamRequest`](crate::StreamRequest) (Python's `rfile`).
+/// The buffered reader of a [`Request`](crate::Request) (Python's `rfile`).
 ///
 /// Its line reads, [`read_line`](Self::read_line), [`read_until`](Self::read_until) and
 /// [`lines`](Self::lines), stop at [`StreamOptions::max_line`](crate::StreamOptions::max_line)
@@ -22,12 +22,12 @@ use crate::{Addr, Error, Result, Stream};
 ///
 /// ```
 /// use std::io::Write;
-/// use socketserver::{HandlerResult, StreamHandler, StreamRequest};
+/// use socketserver::{Handler, HandlerResult, Request};
 ///
 /// struct Upper;
 ///
-/// impl StreamHandler for Upper {
-///     fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+/// impl Handler for Upper {
+///     fn handle(&mut self, s: &mut Request) -> HandlerResult {
 ///         for line in s.rfile.lines() {
 ///             writeln!(s.wfile, "{}", line?.to_uppercase())?;
 ///         }
@@ -63,6 +63,11 @@ impl RFile {
             max_line,
             peer,
         }
+    }
+
+    /// The client a PROXY header named, for the errors that name the peer.
+    pub(crate) fn set_peer(&mut self, peer: Addr) {
+        self.peer = peer;
     }
 
     /// Reads up to and including the next `byte` (or to end of file) and appends it to `buf`;
@@ -521,7 +526,7 @@ impl Iterator for Lines<'_> {
     }
 }
 
-/// The writer of a [`StreamRequest`](crate::StreamRequest) (Python's `wfile`): unbuffered by
+/// The writer of a [`Request`](crate::Request) (Python's `wfile`): unbuffered by
 /// default, buffered with [`StreamOptions::wbufsize`](crate::StreamOptions::wbufsize), flushed
 /// after `finish`.
 ///

@@ -1,10 +1,11 @@
-//! The request handler traits: Python's `BaseRequestHandler` (`setup` → `handle` → `finish`) and
-//! `StreamRequestHandler` (buffered `rfile` / `wfile`), for every stream transport.
+//! The handler traits of stream servers: [`Handler`], Python's `BaseRequestHandler` and
+//! `StreamRequestHandler` in one (`setup` → `handle` → `finish`, with buffered `rfile` and
+//! `wfile`), and [`MessageHandler`], one message per call, for every dispatch mode.
 
 use std::fmt;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 
-use crate::stream::{Direction, StreamTimeout, write_fmt_once};
+use crate::stream::{Direction, StreamTimeout};
 use crate::{Addr, RFile, ServerHandle, Stream, WFile};
 
 /// What a handler method returns on failure: any error, boxed.
@@ -127,37 +128,41 @@ impl fmt::Display for HandlerFailure {
     }
 }
 
-/// Serves one connection of a stream server (TCP or Unix-domain).
+/// Serves one connection of a stream server (TCP or Unix-domain): Python's
+/// `BaseRequestHandler` and `StreamRequestHandler` in one.
 ///
 /// The server makes a handler per connection with the factory it was given (so fields are
 /// per-connection state; shared state is an `Arc` the factory captures) and calls, on the
 /// connection's thread, [`setup`](Self::setup), then [`handle`](Self::handle), then
 /// [`finish`](Self::finish). `finish` runs even when `handle` fails or panics, but not when
-/// `setup` does, as in Python. An error or panic from any of them goes to the server's
-/// `handle_error` hook (by default a log line with the peer address); the connection is closed
-/// and the server carries on.
+/// `setup` does, as in Python; `wfile` is flushed after it. An error or panic from any of them
+/// goes to the server's `handle_error` hook (by default a log line with the peer address); the
+/// connection is closed and the server carries on.
+///
+/// The [`Request`] reads through its `rfile`, whose line reads are bounded (an endless line is
+/// an error, not an endless allocation), and writes through its `wfile`:
 ///
 /// ```
-/// use std::io::{Read, Write};
+/// use std::io::Write;
 /// use socketserver::{Handler, HandlerResult, Request};
 ///
-/// struct Echo;
+/// struct LineEcho;
 ///
-/// impl Handler for Echo {
+/// impl Handler for LineEcho {
 ///     fn handle(&mut self, req: &mut Request) -> HandlerResult {
-///         let mut buf = [0u8; 4096];
-///         loop {
-///             let n = req.read(&mut buf)?;
-///             if n == 0 {
-///                 return Ok(()); // the client hung up
-///             }
-///             req.write_all(&buf[..n])?;
+///         // Each line at most StreamOptions::max_line bytes (64 KiB).
+///         for line in req.rfile.lines() {
+///             writeln!(req.wfile, "{}", line?)?;
 ///         }
+///         Ok(())
 ///     }
 /// }
 /// ```
 ///
-/// For lines, use a [`StreamHandler`], whose `rfile` bounds their length.
+/// A handler holds its thread for the whole connection. One that serves a message at a time
+/// (a request and its reply) is better written as a [`MessageHandler`]: every type that is one
+/// is a `Handler` too, and only those run in event mode
+/// ([`Builder::event`](crate::Builder::event)).
 pub trait Handler: Send + 'static {
     /// Runs before [`handle`](Self::handle). If it fails, neither `handle` nor `finish` runs.
     fn setup(&mut self, req: &mut Request) -> HandlerResult {
@@ -168,30 +173,35 @@ pub trait Handler: Send + 'static {
     /// Serves the connection. Returning ends it: the server shuts the socket down and closes it.
     fn handle(&mut self, req: &mut Request) -> HandlerResult;
 
-    /// Runs after [`handle`](Self::handle), whether it succeeded, failed or panicked.
+    /// Runs after [`handle`](Self::handle), whether it succeeded, failed or panicked; `wfile`
+    /// is flushed after it.
     fn finish(&mut self, req: &mut Request) -> HandlerResult {
         let _ = req;
         Ok(())
     }
 
-    /// Whether this handler serves one message per call, as [`Dispatch::Event`](crate::Dispatch::Event)
-    /// needs: true only for [`MessageRequestHandler`]. Not for implementing.
+    /// The message handler this is, for event mode: only the [`MessageHandler`]s' own
+    /// implementation says so. Not for implementing.
     #[doc(hidden)]
-    const SERVES_MESSAGES: bool = false;
-
-    /// The message handler and its buffered connection, for
-    /// [`Dispatch::Event`](crate::Dispatch::Event), once `setup` has run. Not for implementing.
-    #[doc(hidden)]
-    fn messages(&mut self) -> Option<(&mut dyn MessageHandler, &mut StreamRequest)> {
+    fn as_message_handler(&mut self) -> Option<&mut dyn MessageHandler> {
         None
     }
 }
 
-/// One accepted connection, as a [`Handler`] sees it: the stream (also readable and writable
-/// through the `Request` itself), the peer address, and a handle to the server.
+/// One accepted connection, as a handler sees it: a buffered reader (`rfile`) and writer
+/// (`wfile`), the peer address, and a handle to the server. The `Request` itself reads through
+/// `rfile` and writes through `wfile`, so `req.read(..)` and `write!(req, ..)` work too.
 ///
-/// `write!(req, ...)` formats the whole message, then writes it in one call (one segment).
+/// `write!` formats the whole message, then writes it in one call (one segment).
 pub struct Request {
+    /// Buffered reader over the connection (Python's `rfile`); its line reads are bounded by
+    /// [`StreamOptions::max_line`]. Its buffer is allocated by the first read, so a handler
+    /// that never reads through it pays for none.
+    pub rfile: RFile,
+    /// Writer over the connection (Python's `wfile`): unbuffered by default, as in Python
+    /// ([`StreamOptions::wbufsize`]); flushed after `finish`, and after each message of a
+    /// [`MessageHandler`].
+    pub wfile: WFile,
     pub(crate) stream: Stream,
     pub(crate) peer: Addr,
     pub(crate) server: ServerHandle,
@@ -201,11 +211,39 @@ pub struct Request {
 }
 
 impl Request {
-    /// The connection's socket. Clone it for a second reader or writer.
+    pub(crate) fn new(
+        stream: Stream,
+        peer: Addr,
+        server: ServerHandle,
+        options: StreamOptions,
+    ) -> Request {
+        Request {
+            rfile: RFile::new(
+                stream.clone(),
+                options.rbufsize,
+                options.max_line,
+                peer.clone(),
+            ),
+            wfile: WFile::new(stream.clone(), options.wbufsize),
+            stream,
+            peer,
+            server,
+            #[cfg(feature = "proxy-protocol")]
+            proxy: None,
+        }
+    }
+
+    /// The client a PROXY header named, from admission on.
+    pub(crate) fn set_peer(&mut self, peer: Addr) {
+        self.rfile.set_peer(peer.clone());
+        self.peer = peer;
+    }
+
+    /// The connection's socket. Clone it for a second reader or writer (a read on it skips
+    /// what `rfile` has buffered).
     pub fn stream(&self) -> &Stream {
         &self.stream
     }
-
     /// The address of the client.
     pub fn peer_addr(&self) -> &Addr {
         &self.peer
@@ -265,33 +303,34 @@ impl fmt::Debug for Request {
 
 impl Read for Request {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (&self.stream).read(buf)
+        self.rfile.read(buf)
     }
 
     fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        (&self.stream).read_vectored(bufs)
+        self.rfile.read_vectored(bufs)
     }
 }
 
 impl Write for Request {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        (&self.stream).write(buf)
+        self.wfile.write(buf)
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        (&self.stream).write_vectored(bufs)
+        self.wfile.write_vectored(bufs)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        self.wfile.flush()
     }
 
     fn write_fmt(&mut self, args: fmt::Arguments<'_>) -> io::Result<()> {
-        write_fmt_once(self, args)
+        self.wfile.write_fmt(args)
     }
 }
 
-/// Buffering of a [`StreamRequestHandler`] and the longest line it reads.
+/// The buffering of every connection's `rfile` and `wfile`, and the longest line `rfile`
+/// reads: [`Builder::stream_options`](crate::Builder::stream_options).
 ///
 /// Python's `StreamRequestHandler.timeout` and `disable_nagle_algorithm` are server settings
 /// here, shared by every handler type: [`Builder::read_timeout`](crate::Builder::read_timeout)
@@ -369,170 +408,6 @@ impl StreamOptions {
     }
 }
 
-/// A connection with a buffered reader (`rfile`) and writer (`wfile`), as a [`StreamHandler`]
-/// sees it.
-pub struct StreamRequest {
-    /// Buffered reader over the connection; its line reads are bounded by
-    /// [`StreamOptions::max_line`].
-    pub rfile: RFile,
-    /// Writer over the connection (buffered when `wbufsize` > 0); flushed after `finish`.
-    pub wfile: WFile,
-    peer: Addr,
-    server: ServerHandle,
-    #[cfg(feature = "proxy-protocol")]
-    proxy: Option<std::sync::Arc<crate::proxy::ProxyInfo>>,
-}
-
-impl StreamRequest {
-    fn new(req: &Request, o: StreamOptions) -> StreamRequest {
-        StreamRequest {
-            rfile: RFile::new(req.stream.clone(), o.rbufsize, o.max_line, req.peer.clone()),
-            wfile: WFile::new(req.stream.clone(), o.wbufsize),
-            peer: req.peer.clone(),
-            server: req.server.clone(),
-            #[cfg(feature = "proxy-protocol")]
-            proxy: req.proxy.clone(),
-        }
-    }
-
-    /// The address of the client.
-    pub fn peer_addr(&self) -> &Addr {
-        &self.peer
-    }
-
-    /// The connection's socket, for timeouts and options. Reading it directly bypasses (and may
-    /// race with) `rfile`'s buffer.
-    pub fn stream(&self) -> &Stream {
-        self.rfile.get_ref()
-    }
-
-    /// The client process's credentials on a Unix-domain connection (`SO_PEERCRED`). Linux only.
-    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
-    #[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
-    pub fn peer_credentials(&self) -> Option<crate::Credentials> {
-        self.stream().peer_credentials()
-    }
-
-    /// The server this connection belongs to.
-    pub fn server(&self) -> &ServerHandle {
-        &self.server
-    }
-
-    /// The proxy the connection came through: see [`Request::proxy_addr`].
-    #[cfg(feature = "proxy-protocol")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
-    pub fn proxy_addr(&self) -> Option<&Addr> {
-        self.proxy.as_deref().map(|p| p.proxy_addr())
-    }
-
-    /// The PROXY header the connection came with: see [`Request::proxy`].
-    #[cfg(feature = "proxy-protocol")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
-    pub fn proxy(&self) -> Option<&crate::proxy::ProxyInfo> {
-        self.proxy.as_deref()
-    }
-}
-
-/// Serves one connection through buffered `rfile` / `wfile`, like Python's
-/// `StreamRequestHandler`. Wrap it in [`StreamRequestHandler`] to get a [`Handler`].
-///
-/// ```
-/// use std::io::Write;
-/// use socketserver::{StreamHandler, StreamRequest, HandlerResult};
-///
-/// struct LineEcho;
-///
-/// impl StreamHandler for LineEcho {
-///     fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
-///         // Each line at most StreamOptions::max_line bytes (64 KiB): an endless line is an
-///         // error, not an endless allocation.
-///         for line in s.rfile.lines() {
-///             writeln!(s.wfile, "{}", line?)?;
-///         }
-///         Ok(())
-///     }
-/// }
-/// ```
-pub trait StreamHandler: Send + 'static {
-    /// Runs before [`handle`](Self::handle); if it fails, neither `handle` nor `finish` runs.
-    fn setup(&mut self, s: &mut StreamRequest) -> HandlerResult {
-        let _ = s;
-        Ok(())
-    }
-
-    /// Serves the connection.
-    fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult;
-
-    /// Runs after `handle`, whether it succeeded or not; `wfile` is flushed after it.
-    fn finish(&mut self, s: &mut StreamRequest) -> HandlerResult {
-        let _ = s;
-        Ok(())
-    }
-}
-
-/// Adapts a [`StreamHandler`] into a [`Handler`]: builds `rfile` and `wfile` with the
-/// [`StreamOptions`], and flushes `wfile` after `finish`.
-///
-/// ```no_run
-/// # use socketserver::{StreamHandler, StreamRequest, HandlerResult};
-/// # struct LineEcho;
-/// # impl StreamHandler for LineEcho {
-/// #     fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult { Ok(()) }
-/// # }
-/// use socketserver::{StreamRequestHandler, TcpServer};
-///
-/// let server = TcpServer::bind("127.0.0.1:0", || StreamRequestHandler::new(LineEcho))?;
-/// # Ok::<(), socketserver::Error>(())
-/// ```
-pub struct StreamRequestHandler<H> {
-    inner: H,
-    options: StreamOptions,
-    state: Option<StreamRequest>,
-}
-
-impl<H: StreamHandler> StreamRequestHandler<H> {
-    /// Wraps `inner` with the default [`StreamOptions`].
-    pub fn new(inner: H) -> Self {
-        Self::with_options(inner, StreamOptions::default())
-    }
-
-    /// Wraps `inner` with the given options.
-    pub fn with_options(inner: H, options: StreamOptions) -> Self {
-        StreamRequestHandler {
-            inner,
-            options,
-            state: None,
-        }
-    }
-
-    fn state(&mut self) -> Result<(&mut H, &mut StreamRequest), HandlerError> {
-        match &mut self.state {
-            Some(s) => Ok((&mut self.inner, s)),
-            None => Err("StreamRequestHandler used before setup".into()),
-        }
-    }
-}
-
-impl<H: StreamHandler> Handler for StreamRequestHandler<H> {
-    fn setup(&mut self, req: &mut Request) -> HandlerResult {
-        let s = self.state.insert(StreamRequest::new(req, self.options));
-        self.inner.setup(s)
-    }
-
-    fn handle(&mut self, _req: &mut Request) -> HandlerResult {
-        let (inner, s) = self.state()?;
-        inner.handle(s)
-    }
-
-    fn finish(&mut self, _req: &mut Request) -> HandlerResult {
-        let (inner, s) = self.state()?;
-        let finished = inner.finish(s);
-        let flushed = s.wfile.flush();
-        finished?;
-        Ok(flushed?)
-    }
-}
-
 /// What a [`MessageHandler`] wants after a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -543,12 +418,13 @@ pub enum Next {
     Close,
 }
 
-/// Serves a connection one message at a time: the handler of
-/// [`Dispatch::Event`](crate::Dispatch::Event), which holds a worker thread only while a
-/// message is being served and parks the connection, holding no thread and no buffer, until the
-/// next one arrives (Apache's event MPM, with a blocking API). Wrap it in
-/// [`MessageRequestHandler`] to get a [`Handler`]; in the other dispatch modes it serves its
-/// messages one after another on the connection's thread.
+/// Serves a connection one message at a time, in every dispatch mode: the only handler event
+/// mode ([`Builder::event`](crate::Builder::event)) takes, since it holds a worker thread only
+/// while a message is being served and parks the connection, holding no thread and no buffer,
+/// until the next one arrives (Apache's event MPM, with a blocking API). Every message handler
+/// is a [`Handler`] too: in the other modes it serves its messages one after another on the
+/// connection's thread. The server's
+/// [`stream_options`](crate::Builder::stream_options) size its `rfile` and `wfile`.
 ///
 /// The handler is made per connection, so its fields are per-connection state that survives
 /// between messages. [`handle_message`](Self::handle_message) runs when at least one byte of a
@@ -572,7 +448,7 @@ pub enum Next {
 ///
 /// ```
 /// use std::io::Write;
-/// use socketserver::{HandlerError, MessageHandler, Next, StreamRequest};
+/// use socketserver::{HandlerError, MessageHandler, Next, Request};
 ///
 /// /// Answers each line with its length; `quit` ends the connection.
 /// struct Lengths {
@@ -580,7 +456,7 @@ pub enum Next {
 /// }
 ///
 /// impl MessageHandler for Lengths {
-///     fn handle_message(&mut self, s: &mut StreamRequest) -> Result<Next, HandlerError> {
+///     fn handle_message(&mut self, s: &mut Request) -> Result<Next, HandlerError> {
 ///         let mut line = String::new();
 ///         if s.rfile.read_line(&mut line)? == 0 || line.trim() == "quit" {
 ///             return Ok(Next::Close);
@@ -599,24 +475,24 @@ pub enum Next {
 pub trait MessageHandler: Send + 'static {
     /// Runs once, before the first message; if it fails, the connection is closed without
     /// `finish`.
-    fn setup(&mut self, s: &mut StreamRequest) -> HandlerResult {
+    fn setup(&mut self, s: &mut Request) -> HandlerResult {
         let _ = s;
         Ok(())
     }
 
     /// Serves one message. An error or a panic closes the connection (after `finish`) and is
     /// reported like a failed `handle`; other connections are not affected.
-    fn handle_message(&mut self, s: &mut StreamRequest) -> Result<Next, HandlerError>;
+    fn handle_message(&mut self, s: &mut Request) -> Result<Next, HandlerError>;
 
     /// Runs once when the connection ends, however it ends (the client hung up, the handler
     /// said [`Next::Close`] or failed, the server drained); `wfile` is flushed after it.
-    fn finish(&mut self, s: &mut StreamRequest) -> HandlerResult {
+    fn finish(&mut self, s: &mut Request) -> HandlerResult {
         let _ = s;
         Ok(())
     }
 
     /// Whether `buffered`, the start of the next message as received so far, is a whole
-    /// message. In [`Dispatch::Event`](crate::Dispatch::Event) the connection stays parked,
+    /// message. In event mode the connection stays parked,
     /// holding no thread, until this says yes (or `rfile`'s buffer is full), and a call that
     /// runs out of input anyway is taken back and run again, so a client that sends half a
     /// message and stops costs no worker: the idle timeout and the minimum data rate close it.
@@ -627,78 +503,21 @@ pub trait MessageHandler: Send + 'static {
     }
 }
 
-/// Adapts a [`MessageHandler`] into a [`Handler`], the one [`Dispatch::Event`](crate::Dispatch::Event)
-/// requires: builds `rfile` and `wfile` with the [`StreamOptions`], and flushes `wfile` after
-/// each message and after `finish`.
-///
-/// ```no_run
-/// # use socketserver::{HandlerError, MessageHandler, Next, StreamRequest};
-/// # struct Lengths;
-/// # impl MessageHandler for Lengths {
-/// #     fn handle_message(&mut self, _: &mut StreamRequest) -> Result<Next, HandlerError> {
-/// #         Ok(Next::Close)
-/// #     }
-/// # }
-/// use socketserver::{Dispatch, MessageRequestHandler, TcpServer};
-///
-/// let server = TcpServer::builder(|| MessageRequestHandler::new(Lengths))
-///     .dispatch(Dispatch::Event { workers: 2 })
-///     .bind("127.0.0.1:0")?;
-/// # Ok::<(), socketserver::Error>(())
-/// ```
-pub struct MessageRequestHandler<M> {
-    inner: M,
-    options: StreamOptions,
-    state: Option<StreamRequest>,
-}
-
-impl<M: MessageHandler> MessageRequestHandler<M> {
-    /// Wraps `inner` with the default [`StreamOptions`].
-    pub fn new(inner: M) -> Self {
-        Self::with_options(inner, StreamOptions::default())
-    }
-
-    /// Wraps `inner` with the given options.
-    pub fn with_options(inner: M, options: StreamOptions) -> Self {
-        MessageRequestHandler {
-            inner,
-            options,
-            state: None,
-        }
-    }
-
-    /// The wrapped handler.
-    pub fn get_ref(&self) -> &M {
-        &self.inner
-    }
-
-    fn state(&mut self) -> Result<(&mut M, &mut StreamRequest), HandlerError> {
-        match &mut self.state {
-            Some(s) => Ok((&mut self.inner, s)),
-            None => Err("MessageRequestHandler used before setup".into()),
-        }
-    }
-}
-
-impl<M: MessageHandler> Handler for MessageRequestHandler<M> {
-    const SERVES_MESSAGES: bool = true;
-
+/// Every message handler is a [`Handler`]: outside event mode it serves its messages one after
+/// another on the connection's thread, until the client hangs up or it says [`Next::Close`].
+/// (A drain cuts a connection that waits here for its next message once the grace period ends,
+/// as any other; event mode closes parked ones at once, since no thread waits there.)
+impl<M: MessageHandler> Handler for M {
     fn setup(&mut self, req: &mut Request) -> HandlerResult {
-        let s = self.state.insert(StreamRequest::new(req, self.options));
-        self.inner.setup(s)
+        MessageHandler::setup(self, req)
     }
 
-    /// Outside event mode: the messages one after another, until the client hangs up or the
-    /// handler says [`Next::Close`]. (A drain cuts a connection that waits here for its next
-    /// message once the grace period ends, as any other; event mode closes parked ones at
-    /// once, since no thread waits there.)
-    fn handle(&mut self, _req: &mut Request) -> HandlerResult {
-        let (inner, s) = self.state()?;
-        while !s.rfile.fill_buf()?.is_empty() {
-            let next = inner.handle_message(s)?;
+    fn handle(&mut self, req: &mut Request) -> HandlerResult {
+        while !req.rfile.fill_buf()?.is_empty() {
+            let next = self.handle_message(req)?;
             // A message is a unit, as in event mode.
-            s.rfile.get_ref().unit_done(s.rfile.buffer().len());
-            s.wfile.flush()?;
+            req.stream.unit_done(req.rfile.buffer().len());
+            req.wfile.flush()?;
             if next == Next::Close {
                 break;
             }
@@ -706,16 +525,11 @@ impl<M: MessageHandler> Handler for MessageRequestHandler<M> {
         Ok(())
     }
 
-    fn finish(&mut self, _req: &mut Request) -> HandlerResult {
-        let (inner, s) = self.state()?;
-        let finished = inner.finish(s);
-        let flushed = s.wfile.flush();
-        finished?;
-        Ok(flushed?)
+    fn finish(&mut self, req: &mut Request) -> HandlerResult {
+        MessageHandler::finish(self, req)
     }
 
-    fn messages(&mut self) -> Option<(&mut dyn MessageHandler, &mut StreamRequest)> {
-        let s = self.state.as_mut()?;
-        Some((&mut self.inner, s))
+    fn as_message_handler(&mut self) -> Option<&mut dyn MessageHandler> {
+        Some(self)
     }
 }

@@ -1,10 +1,11 @@
-//! Handlers made of closures, for one-off behaviour that does not deserve a type of its own.
+//! Handlers made of closures, for one-off behaviour that does not deserve a type of its own:
+//! one helper per handler trait, each returning a bare handler of that trait.
 
 use std::fmt;
 
 use crate::{
-    Handler, HandlerError, HandlerResult, MessageHandler, MessageRequestHandler, Next, Request,
-    StreamRequest,
+    DatagramHandler, DatagramRequest, Handler, HandlerError, HandlerResult, MessageHandler, Next,
+    Request,
 };
 
 /// A [`Handler`] that calls a closure to serve each connection; made by [`handler_fn`].
@@ -54,47 +55,86 @@ impl<F> fmt::Debug for HandlerFn<F> {
 /// A [`MessageHandler`] that calls a closure for each message; made by [`message_fn`].
 pub struct MessageFn<F>(F);
 
-/// Makes a handler of a closure that serves one message per call, for every dispatch mode,
-/// [`Dispatch::Event`](crate::Dispatch::Event) included: the closure is
-/// [`MessageHandler::handle_message`], wrapped in a [`MessageRequestHandler`].
+/// Makes a [`MessageHandler`] of a closure that serves one message per call, for every
+/// dispatch mode, event mode included (a message handler is a [`Handler`] too).
 ///
 /// ```no_run
 /// use std::io::Write;
-/// use socketserver::{Dispatch, Next, TcpServer, message_fn};
+/// use socketserver::{Next, TcpServer, message_fn};
 ///
 /// let server = TcpServer::builder(|| {
-///     message_fn(|s| {
+///     message_fn(|req| {
 ///         let mut line = String::new();
-///         if s.rfile.read_line(&mut line)? == 0 {
+///         if req.rfile.read_line(&mut line)? == 0 {
 ///             return Ok(Next::Close);
 ///         }
-///         write!(s.wfile, "{}", line.to_uppercase())?;
+///         write!(req.wfile, "{}", line.to_uppercase())?;
 ///         Ok(Next::Message)
 ///     })
 /// })
-/// .dispatch(Dispatch::Event { workers: 2 })
+/// .event(2) // Linux; or .dispatch(Dispatch::Thread), the default, anywhere
 /// .bind("127.0.0.1:9000")?;
 /// server.serve_forever();
 /// # Ok::<(), socketserver::Error>(())
 /// ```
-pub fn message_fn<F>(f: F) -> MessageRequestHandler<MessageFn<F>>
+pub fn message_fn<F>(f: F) -> MessageFn<F>
 where
-    F: FnMut(&mut StreamRequest) -> Result<Next, HandlerError> + Send + 'static,
+    F: FnMut(&mut Request) -> Result<Next, HandlerError> + Send + 'static,
 {
-    MessageRequestHandler::new(MessageFn(f))
+    MessageFn(f)
 }
 
 impl<F> MessageHandler for MessageFn<F>
 where
-    F: FnMut(&mut StreamRequest) -> Result<Next, HandlerError> + Send + 'static,
+    F: FnMut(&mut Request) -> Result<Next, HandlerError> + Send + 'static,
 {
-    fn handle_message(&mut self, s: &mut StreamRequest) -> Result<Next, HandlerError> {
-        (self.0)(s)
+    fn handle_message(&mut self, req: &mut Request) -> Result<Next, HandlerError> {
+        (self.0)(req)
     }
 }
 
 impl<F> fmt::Debug for MessageFn<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MessageFn").finish_non_exhaustive()
+    }
+}
+
+/// A [`DatagramHandler`] that calls a closure for each datagram; made by [`datagram_fn`].
+pub struct DatagramFn<F>(F);
+
+/// Makes a [`DatagramHandler`] of a closure, called once per datagram.
+///
+/// ```no_run
+/// use socketserver::{UdpServer, datagram_fn};
+///
+/// let server = UdpServer::bind("127.0.0.1:9000", || {
+///     datagram_fn(|req| {
+///         let reply = req.packet().to_ascii_uppercase();
+///         req.wfile.extend_from_slice(&reply);
+///         Ok(())
+///     })
+/// })?;
+/// server.serve_forever();
+/// # Ok::<(), socketserver::Error>(())
+/// ```
+pub fn datagram_fn<F>(f: F) -> DatagramFn<F>
+where
+    F: FnMut(&mut DatagramRequest) -> HandlerResult + Send + 'static,
+{
+    DatagramFn(f)
+}
+
+impl<F> DatagramHandler for DatagramFn<F>
+where
+    F: FnMut(&mut DatagramRequest) -> HandlerResult + Send + 'static,
+{
+    fn handle(&mut self, req: &mut DatagramRequest) -> HandlerResult {
+        (self.0)(req)
+    }
+}
+
+impl<F> fmt::Debug for DatagramFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatagramFn").finish_non_exhaustive()
     }
 }

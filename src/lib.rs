@@ -1,18 +1,26 @@
 //! Python's `socketserver`, done right: plain blocking, thread-based servers for TCP, UDP and
 //! Unix-domain sockets, with no async runtime, and HMAC client authentication built in.
 //!
-//! Implement [`Handler`] (or [`StreamHandler`] for buffered `rfile`/`wfile`, or
-//! [`DatagramHandler`] for UDP), bind a server, call [`serve_forever`](Server::serve_forever).
+//! Implement a handler, bind a server, call [`serve_forever`](Server::serve_forever). There is
+//! one handler trait per model:
+//!
+//! * [`Handler`]: a whole connection, Python's `BaseRequestHandler` and
+//!   `StreamRequestHandler` in one (the [`Request`] has a bounded, buffered `rfile` and a
+//!   `wfile`); [`handler_fn`] makes one of a closure.
+//! * [`MessageHandler`]: one message per call, in every dispatch mode, and the only handler of
+//!   event mode ([`Builder::event`], Linux), checked when the program compiles; every message
+//!   handler is a `Handler` too. [`message_fn`] makes one of a closure.
+//! * [`DatagramHandler`]: one datagram per call, for UDP and Unix datagram servers;
+//!   [`datagram_fn`] makes one of a closure.
 //!
 //! ```no_run
 //! use std::io::Write;
-//! use socketserver::{Dispatch, HandlerResult, StreamHandler, StreamRequest, StreamRequestHandler,
-//!                    TcpServer};
+//! use socketserver::{Dispatch, Handler, HandlerResult, Request, TcpServer};
 //!
 //! struct Echo;
 //!
-//! impl StreamHandler for Echo {
-//!     fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+//! impl Handler for Echo {
+//!     fn handle(&mut self, s: &mut Request) -> HandlerResult {
 //!         let mut line = Vec::new();
 //!         while s.rfile.read_until(b'\n', &mut line)? > 0 {
 //!             s.wfile.write_all(&line)?;
@@ -23,7 +31,7 @@
 //! }
 //!
 //! fn main() -> Result<(), socketserver::Error> {
-//!     let server = TcpServer::builder(|| StreamRequestHandler::new(Echo))
+//!     let server = TcpServer::builder(|| Echo)
 //!         .dispatch(Dispatch::Pool { workers: 8 })
 //!         .bind("127.0.0.1:9000")?;
 //!     let handle = server.handle(); // shutdown() from any thread, a handler included
@@ -45,9 +53,9 @@
 //! * [`shutdown_graceful`](ServerHandle::shutdown_graceful) stops listening at once and
 //!   drains in-flight requests up to a deadline; `Server::serve_until_signal` does it on Ctrl-C
 //!   or SIGTERM (cargo feature `signals`, on by default); [`Stats`] counts what happened.
-//! * [`Dispatch::Event`] parks idle connections in an epoll set between messages
-//!   ([`MessageHandler`]), so 19,000 open connections cost a few threads, not 19,000.
-//! * [`handler_fn`] and [`message_fn`] make handlers of closures.
+//! * Event mode (`Builder::event`, Linux) parks idle connections in an epoll set between
+//!   messages ([`MessageHandler`]), so 19,000 open connections cost a few threads, not 19,000.
+//! * [`handler_fn`], [`message_fn`] and [`datagram_fn`] make handlers of closures.
 //! * [`Auth`]: the tutorial's HMAC challenge-response and `multiprocessing.connection`'s mutual
 //!   handshake, run on the worker thread with a timeout and a cap on unfinished handshakes.
 //! * TLS through rustls (cargo feature `tls`): `Builder::tls`, mutual TLS, certificate reload
@@ -63,7 +71,7 @@
 //!   std and socket2, HMAC and `multiprocessing.connection` authentication, TLS, the PROXY
 //!   protocol, metrics) is meant to build, but is not tested there. The library checks for
 //!   `x86_64-apple-darwin` with its default features. The Linux-only parts are left out:
-//!   `Dispatch::Event` (epoll), the `prefork` module, `Builder::adopt` and `Inherited`
+//!   `Builder::event` (epoll), the `prefork` module, `Builder::adopt` and `Inherited`
 //!   (systemd socket activation), `Builder::sd_notify`, and `peer_credentials` with
 //!   `Credentials` (`SO_PEERCRED`). Using one of them there fails to compile, naming the missing
 //!   item, and these docs mark each one "Linux only". CI builds the crate with
@@ -138,8 +146,8 @@
 //!   header; `config.rs` and `info.rs` are what users set and handlers see).
 //! * **Lifecycle** (`lifecycle.rs`): Python's `setup` → `handle` → `finish`, panics caught and
 //!   reported through `worker.rs`, which holds what every worker shares.
-//! * **Handler types**: [`Handler`] and [`Request`], [`StreamHandler`] with its bounded `rfile`
-//!   and one-write `wfile` (`buffered.rs`), closures as handlers (`handler_fn.rs`), the
+//! * **Handler types**: [`Handler`], [`MessageHandler`] and [`Request`] with its bounded
+//!   `rfile` and one-write `wfile` (`buffered.rs`), closures as handlers (`handler_fn.rs`), the
 //!   connection itself with its activity accounting for the idle reaper (`stream.rs`).
 //! * **Protocols**: the two handshakes, server and client side, in `auth/` (`hmac.rs`,
 //!   `mp.rs`), and `multiprocessing.connection`'s framing in `mp/`.
@@ -232,10 +240,10 @@ pub use datagram::{DatagramHandler, DatagramRequest};
 pub use dispatch::Dispatch;
 pub use error::{Error, Result};
 pub use handler::{
-    Handler, HandlerError, HandlerFailure, HandlerResult, MessageHandler, MessageRequestHandler,
-    Next, Request, StreamHandler, StreamOptions, StreamRequest, StreamRequestHandler,
+    Handler, HandlerError, HandlerFailure, HandlerResult, MessageHandler, Next, Request,
+    StreamOptions,
 };
-pub use handler_fn::{HandlerFn, MessageFn, handler_fn, message_fn};
+pub use handler_fn::{DatagramFn, HandlerFn, MessageFn, datagram_fn, handler_fn, message_fn};
 pub use mp::{DEFAULT_MAX_MESSAGE, DEFAULT_MP_BUDGET, MpBudget, MpConnection};
 #[cfg(feature = "proxy-protocol")]
 #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]

@@ -28,8 +28,12 @@ impl<H: Handler> Lifecycle<Request> for H {
     fn handle(&mut self, req: &mut Request) -> HandlerResult {
         Handler::handle(self, req)
     }
+    /// `finish`, then `wfile` is flushed, as Python's `StreamRequestHandler.finish` does.
     fn finish(&mut self, req: &mut Request) -> HandlerResult {
-        Handler::finish(self, req)
+        let finished = Handler::finish(self, req);
+        let flushed = req.wfile.flush();
+        finished?;
+        Ok(flushed?)
     }
 }
 
@@ -110,20 +114,14 @@ pub(crate) fn finish<R: HasPeer, H: Lifecycle<R>>(h: &mut H, req: &mut R, ctx: &
 /// cannot fit in `rfile`'s limit at all.
 pub(crate) fn message<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Served {
     let started = Instant::now();
-    if let Some((_, s)) = h.messages() {
-        s.rfile.begin_message();
-    }
+    req.rfile.begin_message();
     req.stream.hold_output();
     let served = serve_message(h, req, ctx);
-    let taken = h
-        .messages()
-        .map_or(Taken::Whole, |(_, s)| s.rfile.end_message());
-    match taken {
+    match req.rfile.end_message() {
         Taken::Whole => {
             ctx.control().record_request(started.elapsed());
             // A message is a unit: the silence before the next one is no slow request.
-            let unconsumed = h.messages().map_or(0, |(_, s)| s.rfile.buffer().len());
-            req.stream.unit_done(unconsumed);
+            req.stream.unit_done(req.rfile.buffer().len());
             if let Err(e) = req.stream.release_output() {
                 read_failed(req, ctx, e);
                 return Served::Next(Next::Close);
@@ -133,9 +131,7 @@ pub(crate) fn message<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Se
         // It panicked after running out: not run again.
         _ if served.is_none() => Served::Next(Next::Close),
         starved => {
-            if let Some((_, s)) = h.messages() {
-                s.wfile.discard();
-            }
+            req.wfile.discard();
             req.stream.discard_output();
             match starved {
                 Taken::TooLarge => Served::TooLarge,
@@ -159,16 +155,17 @@ pub(crate) enum Served {
 /// The call itself: `None` if it failed (reported), `Some(None)` if it ran out of input
 /// (not reported: it runs again).
 fn serve_message<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Option<Option<Next>> {
-    let serve = |h: &mut H, _: &mut Request| -> Result<Option<Next>, HandlerError> {
-        let (m, s) = h
-            .messages()
-            .ok_or("Dispatch::Event needs a MessageRequestHandler, set up")?;
-        let next = m.handle_message(s);
-        if s.rfile.starved() {
+    let serve = |h: &mut H, req: &mut Request| -> Result<Option<Next>, HandlerError> {
+        // Event mode takes only message handlers (`Builder::event`'s bound).
+        let m = h
+            .as_message_handler()
+            .ok_or("event mode serves message handlers only")?;
+        let next = m.handle_message(req);
+        if req.rfile.starved() {
             return Ok(None);
         }
         let next = next?;
-        s.wfile.flush()?;
+        req.wfile.flush()?;
         Ok(Some(next))
     };
     step(h, req, ctx, "handle_message", serve)

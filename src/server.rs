@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::accept::{AcceptLoop, Backoff, Next, VerifyHook, Wake, wait};
 use crate::control::{Control, Counters, Permit, lock};
-use crate::dispatch::{Acceptor, Dispatch, Dispatcher, Shared};
+use crate::dispatch::{Acceptor, Dispatch, Dispatcher, Run, Shared};
 use crate::log_limit::limited;
 use crate::stream::{ActivityLimits, Cut};
 use crate::transport::socket::SocketOptions;
@@ -26,7 +26,7 @@ type ActionHook = Box<dyn Fn() + Send + Sync>;
 
 /// Settings every server kind shares.
 struct Common {
-    dispatch: Dispatch,
+    dispatch: Run,
     block_on_close: bool,
     max_connections: Option<usize>,
     max_per_source: Option<usize>,
@@ -69,7 +69,7 @@ impl<T: Transport> Builder<T> {
             service,
             socket: SocketOptions::default(),
             common: Common {
-                dispatch: Dispatch::default(),
+                dispatch: Dispatch::default().into(),
                 block_on_close: true,
                 max_connections: None,
                 max_per_source: None,
@@ -90,7 +90,14 @@ impl<T: Transport> Builder<T> {
     /// How requests run: [`Dispatch::Sync`] (the default of datagram servers),
     /// [`Dispatch::Thread`] (the default of stream servers) or [`Dispatch::Pool`].
     pub fn dispatch(mut self, dispatch: Dispatch) -> Self {
-        self.common.dispatch = dispatch;
+        self.common.dispatch = dispatch.into();
+        self
+    }
+
+    /// Event mode, set by the stream builders of message handlers.
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
+    pub(crate) fn run_events(mut self, workers: usize) -> Self {
+        self.common.dispatch = Run::Event { workers };
         self
     }
 
@@ -160,7 +167,7 @@ impl<T: Transport> Builder<T> {
     }
 
     /// Python's `verify_request`: called on the accepting thread with each client's address
-    /// (in [`Dispatch::Event`], the worker that accepted it, while no other accepts);
+    /// (in event mode, the worker that accepted it, while no other accepts);
     /// returning false closes the connection (or drops the datagram) without running a handler.
     /// With `proxy_protocol` (cargo feature `proxy-protocol`) it is called after the PROXY header, on the
     /// connection's worker, with the client the header names.
@@ -255,18 +262,9 @@ impl<T: Transport> Builder<T> {
         }
         // The handshake cap follows what the user set: a derived thread-mode cap of thousands
         // would let as many silent connections sit in admission.
+        let parks = c.dispatch.parks();
         #[cfg(all(target_os = "linux", not(socketserver_portable)))]
-        let parks = matches!(c.dispatch, Dispatch::Event { .. });
-        #[cfg(not(all(target_os = "linux", not(socketserver_portable))))]
-        let parks = false;
-        if parks && !T::Listener::STREAMS {
-            return Err(crate::Error::config(
-                "Dispatch::Event is for stream servers (TCP, Unix streams): a datagram is \
-                 already one message",
-            ));
-        }
-        #[cfg(all(target_os = "linux", not(socketserver_portable)))]
-        if c.dispatch == (Dispatch::Event { workers: 0 }) {
+        if c.dispatch == (Run::Event { workers: 0 }) {
             return Err(crate::Error::config("workers must be at least 1"));
         }
         self.service.prepare(set_limit, parks)?;
@@ -275,9 +273,9 @@ impl<T: Transport> Builder<T> {
         let verify_request = c.verify_request.and_then(|h| self.service.take_verify(h));
         let learns_client = self.service.learns_client();
         let limit = match (c.dispatch, set_limit) {
-            (Dispatch::Thread, None) => default_max_connections(),
+            (Run::Thread, None) => default_max_connections(),
             #[cfg(all(target_os = "linux", not(socketserver_portable)))]
-            (Dispatch::Event { .. }, None) => default_event_connections(),
+            (Run::Event { .. }, None) => default_event_connections(),
             _ => set_limit,
         };
         let local = listener.local_addr();
@@ -306,7 +304,7 @@ impl<T: Transport> Builder<T> {
             control: shared.ctx.handle.control.clone(),
             verify_request,
             learns_client,
-            reject_when_full: c.reject_when_full && c.dispatch == Dispatch::Thread,
+            reject_when_full: c.reject_when_full && c.dispatch == Run::Thread,
         };
         let server = Server {
             accept: Some(Arc::new(accept)),

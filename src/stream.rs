@@ -16,7 +16,7 @@ use crate::Addr;
 /// Cloning is cheap (the clones share one socket, which is closed when the last one is dropped),
 /// and both `Stream` and `&Stream` implement [`Read`] and [`Write`]. That is what lets a handler
 /// hold a buffered reader and a buffered writer over one connection at the same time
-/// ([`StreamRequest`](crate::StreamRequest)), and lets the server shut down the socket of a
+/// ([`Request`](crate::Request)), and lets the server shut down the socket of a
 /// connection that overstays a drain deadline or an idle timeout.
 #[derive(Clone)]
 pub struct Stream {

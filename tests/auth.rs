@@ -4,6 +4,8 @@
 
 mod util;
 
+use util::{InMode, Mode};
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -12,22 +14,19 @@ use std::time::{Duration, Instant};
 
 use socketserver::transport::Tcp;
 use socketserver::{
-    Addr, Auth, CHALLENGE_LEN, Digest, Dispatch, TcpServer, answer_challenge, connect_with_auth,
+    Addr, Auth, CHALLENGE_LEN, Digest, TcpServer, answer_challenge, connect_with_auth,
 };
 use util::{ByteEcho, connect, eventually, serve};
 
 const KEY: &[u8] = b"alex_s";
 
 /// An echo server behind `auth`, and the count of handlers that ran.
-fn echo_server(
-    auth: Auth,
-    mode: Dispatch,
-) -> (util::Running<Tcp<ByteEcho>>, Addr, Arc<AtomicUsize>) {
+fn echo_server(auth: Auth, mode: Mode) -> (util::Running<Tcp<ByteEcho>>, Addr, Arc<AtomicUsize>) {
     util::init_logs();
     let ran = Arc::new(AtomicUsize::new(0));
     let r = ran.clone();
     let server = TcpServer::builder(move || util::counting_echo(&r))
-        .dispatch(mode)
+        .mode(mode)
         .auth(auth)
         .bind("127.0.0.1:0")
         .unwrap();
@@ -117,7 +116,7 @@ fn wrong_key_never_reaches_the_handler_and_is_counted() {
 
 #[test]
 fn digest_and_data_in_one_write_reach_the_handler_whole() {
-    let (running, addr, _) = echo_server(Auth::hmac(KEY).digest(Digest::Md5), Dispatch::Thread);
+    let (running, addr, _) = echo_server(Auth::hmac(KEY).digest(Digest::Md5), Mode::Thread);
     let mut s = connect(&addr);
     let challenge = read_challenge(&mut s);
     let mut first = hex_mac(Digest::Md5, KEY, &challenge).into_bytes();
@@ -134,7 +133,7 @@ fn digest_and_data_in_one_write_reach_the_handler_whole() {
 fn an_uppercase_hex_digest_is_the_same_digest() {
     // Python's hexdigest() is lowercase; the same MAC in uppercase hex is accepted too (it
     // proves the same key).
-    let (running, addr, ran) = echo_server(Auth::hmac(KEY), Dispatch::Thread);
+    let (running, addr, ran) = echo_server(Auth::hmac(KEY), Mode::Thread);
     let mut s = connect(&addr);
     let challenge = read_challenge(&mut s);
     let upper = hex_mac(Digest::Sha256, KEY, &challenge).to_ascii_uppercase();
@@ -150,7 +149,7 @@ fn an_uppercase_hex_digest_is_the_same_digest() {
 
 #[test]
 fn a_replayed_digest_is_rejected() {
-    let (running, addr, ran) = echo_server(Auth::hmac(KEY), Dispatch::Thread);
+    let (running, addr, ran) = echo_server(Auth::hmac(KEY), Mode::Thread);
     let mut first = connect(&addr);
     let c1 = read_challenge(&mut first);
     let captured = hex_mac(Digest::Sha256, KEY, &c1);
@@ -178,7 +177,7 @@ fn a_replayed_digest_is_rejected() {
 
 #[test]
 fn malformed_answers_are_rejected_cleanly() {
-    let (running, addr, ran) = echo_server(Auth::hmac(KEY), Dispatch::Pool { workers: 2 });
+    let (running, addr, ran) = echo_server(Auth::hmac(KEY), Mode::Pool(2));
     let cases: [(&str, Vec<u8>, bool); 4] = [
         ("truncated digest", b"0123456789abcdef".to_vec(), true),
         ("non-hex garbage", vec![b'z'; 64], false),
@@ -214,7 +213,7 @@ fn malformed_answers_are_rejected_cleanly() {
 fn a_silent_or_trickling_client_times_out() {
     let timeout = Duration::from_millis(300);
     let (running, addr, ran) =
-        echo_server(Auth::hmac(KEY).handshake_timeout(timeout), Dispatch::Thread);
+        echo_server(Auth::hmac(KEY).handshake_timeout(timeout), Mode::Thread);
     let mut silent = connect(&addr);
     read_challenge(&mut silent);
     let t = Instant::now();
@@ -265,7 +264,7 @@ fn the_cap_evicts_the_oldest_handshake_first() {
     // A thread per connection, and a pool with no worker to spare: the cap's handshakes plus
     // the honest one. (With a pool no larger than the cap, no connection past the cap is ever
     // accepted, so nothing is evicted: silent clients hold every worker until they time out.)
-    for mode in [Dispatch::Thread, Dispatch::Pool { workers: CAP + 1 }] {
+    for mode in [Mode::Thread, Mode::Pool(CAP + 1)] {
         let (running, addr, ran) = echo_server(
             Auth::hmac(KEY).handshake_timeout(timeout).max_pending(CAP),
             mode,
@@ -357,7 +356,7 @@ fn a_digest_mismatch_is_logged_as_one_not_as_a_bare_timeout() {
         || {
             let timeout = Duration::from_millis(300);
             let (running, addr, ran) =
-                echo_server(Auth::hmac(KEY).handshake_timeout(timeout), Dispatch::Thread);
+                echo_server(Auth::hmac(KEY).handshake_timeout(timeout), Mode::Thread);
             // The tutorial's client: MD5, to a server that expects SHA-256 (the default).
             let mut md5_client = connect(&addr);
             let challenge = read_challenge(&mut md5_client);

@@ -33,7 +33,7 @@ fn child(mode: &str) {
     match mode {
         #[cfg(all(target_os = "linux", not(socketserver_portable)))]
         "event" => run(TcpServer::builder(child_server::hold_messages)
-            .dispatch(socketserver::Dispatch::Event { workers: 2 })
+            .event(2)
             .max_connections(10_000)
             .bind("127.0.0.1:0")
             .expect("bind")),

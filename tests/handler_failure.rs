@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use socketserver::{Addr, Request, TcpServer, handler_fn};
+use socketserver::{Addr, Handler, Request, TcpServer, handler_fn};
 use util::{connect, serve};
 
 /// Every log record of this process: level and message.
@@ -168,10 +168,10 @@ fn handle_error_hooks_tell_timeouts_apart() {
 
 #[test]
 fn a_timeout_from_rfile_is_reported_like_a_raw_one() {
-    use socketserver::{HandlerResult, StreamHandler, StreamRequest, StreamRequestHandler};
+    use socketserver::HandlerResult;
     struct Lines;
-    impl StreamHandler for Lines {
-        fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+    impl Handler for Lines {
+        fn handle(&mut self, s: &mut Request) -> HandlerResult {
             for line in s.rfile.lines() {
                 writeln!(s.wfile, "{}", line?)?;
             }
@@ -179,7 +179,7 @@ fn a_timeout_from_rfile_is_reported_like_a_raw_one() {
         }
     }
     capture_logs();
-    let server = TcpServer::builder(|| StreamRequestHandler::new(Lines))
+    let server = TcpServer::builder(|| Lines)
         .read_timeout(Duration::from_millis(120))
         .bind("127.0.0.1:0")
         .unwrap();

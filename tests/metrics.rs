@@ -580,9 +580,10 @@ fn the_endpoint_refuses_an_oversized_request_head() {
 #[cfg(all(target_os = "linux", not(socketserver_portable)))]
 #[test]
 fn event_mode_records_a_duration_per_message_and_thread_mode_per_connection() {
-    for (mode, requests) in [(Dispatch::Event { workers: 2 }, 3), (Dispatch::Thread, 1)] {
+    use util::{InMode, Mode};
+    for (mode, requests) in [(Mode::Event(2), 3), (Mode::Thread, 1)] {
         let server = TcpServer::builder(util::line_echo)
-            .dispatch(mode)
+            .mode(mode)
             .bind("127.0.0.1:0")
             .unwrap();
         let addr = server.local_addr().clone();

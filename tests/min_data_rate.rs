@@ -3,6 +3,8 @@
 
 mod util;
 
+use util::InMode;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -174,7 +176,7 @@ struct Listens;
 impl socketserver::MessageHandler for Listens {
     fn handle_message(
         &mut self,
-        s: &mut socketserver::StreamRequest,
+        s: &mut socketserver::Request,
     ) -> Result<socketserver::Next, socketserver::HandlerError> {
         let mut line = String::new();
         Ok(match s.rfile.read_line(&mut line)? {
@@ -194,8 +196,8 @@ impl socketserver::MessageHandler for Listens {
 fn lines_sent_now_and_then_without_replies_are_not_a_slow_request() {
     // Sync mode serves one connection at a time: the trickler would wait for the talker.
     for mode in util::STREAM_MODES.into_iter().skip(1) {
-        let server = TcpServer::builder(|| socketserver::MessageRequestHandler::new(Listens))
-            .dispatch(mode)
+        let server = TcpServer::builder(|| Listens)
+            .mode(mode)
             .min_data_rate(RATE)
             .bind("127.0.0.1:0")
             .unwrap();

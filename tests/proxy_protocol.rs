@@ -5,6 +5,8 @@
 mod haproxy;
 mod util;
 
+use util::{InMode, Mode};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,8 +15,8 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use socketserver::{
-    Addr, AdmissionFailure, Dispatch, HandlerResult, Next, ProxyProtocol, Request, Stats,
-    TcpServer, UnixStreamServer, handler_fn,
+    Addr, AdmissionFailure, HandlerResult, Next, ProxyProtocol, Request, Stats, TcpServer,
+    UnixStreamServer, handler_fn,
 };
 use util::{eventually, serve};
 
@@ -418,7 +420,7 @@ fn event_dispatch_parks_until_the_header_is_whole_and_serves_the_real_client() {
             Ok(socketserver::Next::Message)
         })
     })
-    .dispatch(socketserver::Dispatch::Event { workers: 1 })
+    .event(1)
     .proxy_protocol(loopback().timeout(Duration::from_secs(2)))
     .bind("127.0.0.1:0")
     .unwrap();
@@ -489,7 +491,7 @@ struct Target {
 struct Report(Arc<AtomicUsize>);
 
 impl socketserver::MessageHandler for Report {
-    fn setup(&mut self, s: &mut socketserver::StreamRequest) -> HandlerResult {
+    fn setup(&mut self, s: &mut socketserver::Request) -> HandlerResult {
         self.0.fetch_add(1, Ordering::SeqCst);
         // Every accessor of what the stage kept of the header: none may panic.
         if let Some(p) = s.proxy() {
@@ -504,7 +506,7 @@ impl socketserver::MessageHandler for Report {
 
     fn handle_message(
         &mut self,
-        s: &mut socketserver::StreamRequest,
+        s: &mut socketserver::Request,
     ) -> Result<Next, socketserver::HandlerError> {
         let mut rest = Vec::new();
         s.rfile.read_to_end(&mut rest)?;
@@ -513,20 +515,19 @@ impl socketserver::MessageHandler for Report {
     }
 }
 
-fn target(trust: &str, mode: Dispatch) -> Target {
+fn target(trust: &str, mode: Mode) -> Target {
     util::init_logs();
     let handled = Arc::new(AtomicUsize::new(0));
     let h = handled.clone();
-    let server =
-        TcpServer::builder(move || socketserver::MessageRequestHandler::new(Report(h.clone())))
-            .dispatch(mode)
-            .proxy_protocol(
-                ProxyProtocol::trusting([trust])
-                    .unwrap()
-                    .timeout(Duration::from_secs(5)),
-            )
-            .bind("127.0.0.1:0")
-            .unwrap();
+    let server = TcpServer::builder(move || Report(h.clone()))
+        .mode(mode)
+        .proxy_protocol(
+            ProxyProtocol::trusting([trust])
+                .unwrap()
+                .timeout(Duration::from_secs(5)),
+        )
+        .bind("127.0.0.1:0")
+        .unwrap();
     let addr = server.local_addr().inet().unwrap();
     let handle = server.handle();
     // Runs for the rest of the test process.
@@ -550,10 +551,10 @@ struct Targets {
 impl Targets {
     fn new() -> Targets {
         Targets {
-            thread: target("127.0.0.0/8", Dispatch::Thread),
+            thread: target("127.0.0.0/8", Mode::Thread),
             event: target("127.0.0.1", util::EVENT_MODE),
             // A v4-mapped block of another network: loopback is not in it.
-            untrusted: target("::ffff:10.0.0.0/8", Dispatch::Thread),
+            untrusted: target("::ffff:10.0.0.0/8", Mode::Thread),
         }
     }
 }

@@ -4,6 +4,8 @@
 
 mod util;
 
+use util::{InMode, Mode};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -48,12 +50,12 @@ fn slowloris_silent_connections_do_not_starve_honest_clients() {
     const SILENT: usize = 200;
     const CAP: usize = 8;
     let timeout = Duration::from_secs(2);
-    let modes = vec![Dispatch::Thread, Dispatch::Pool { workers: 16 }];
+    let modes = vec![Mode::Thread, Mode::Pool(16)];
     #[cfg(all(target_os = "linux", not(socketserver_portable)))]
-    let modes = [modes, vec![Dispatch::Event { workers: 2 }]].concat();
+    let modes = [modes, vec![Mode::Event(2)]].concat();
     for mode in modes {
         let server = TcpServer::builder(util::byte_echo)
-            .dispatch(mode)
+            .mode(mode)
             .auth(Auth::hmac(KEY).handshake_timeout(timeout).max_pending(CAP))
             .bind("127.0.0.1:0")
             .unwrap();
@@ -420,11 +422,11 @@ struct Fuzzed {
 
 /// Its handler counts the connections it gets and echoes until the client hangs up (a message
 /// handler, so that it runs in event mode too).
-fn fuzz_target(auth: fn() -> Auth, mode: Dispatch) -> Fuzzed {
+fn fuzz_target(auth: fn() -> Auth, mode: Mode) -> Fuzzed {
     let handled = Arc::new(AtomicUsize::new(0));
     let h = handled.clone();
     let server = TcpServer::builder(move || util::counting_echo(&h))
-        .dispatch(mode)
+        .mode(mode)
         .auth(auth().handshake_timeout(Duration::from_millis(500)))
         .bind("127.0.0.1:0")
         .unwrap();
@@ -441,7 +443,7 @@ fn fuzz_target(auth: fn() -> Auth, mode: Dispatch) -> Fuzzed {
 
 fn hmac_target() -> &'static Fuzzed {
     static T: OnceLock<Fuzzed> = OnceLock::new();
-    T.get_or_init(|| fuzz_target(|| Auth::hmac(KEY).digest(Digest::Md5), Dispatch::Thread))
+    T.get_or_init(|| fuzz_target(|| Auth::hmac(KEY).digest(Digest::Md5), Mode::Thread))
 }
 
 /// [`hmac_target`] in event mode, where the answer is waited for parked.
@@ -454,7 +456,7 @@ fn hmac_event_target() -> &'static Fuzzed {
 /// Sends 3.12+ challenges: `{sha256}` and 40 random bytes.
 fn mp_target() -> &'static Fuzzed {
     static T: OnceLock<Fuzzed> = OnceLock::new();
-    T.get_or_init(|| fuzz_target(|| Auth::multiprocessing(KEY), Dispatch::Thread))
+    T.get_or_init(|| fuzz_target(|| Auth::multiprocessing(KEY), Mode::Thread))
 }
 
 /// [`mp_target`] in event mode.

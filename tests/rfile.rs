@@ -8,16 +8,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use socketserver::{
-    Addr, HandlerFailure, HandlerResult, StreamHandler, StreamOptions, StreamRequest,
-    StreamRequestHandler, TcpServer,
+    Addr, Handler, HandlerFailure, HandlerResult, Request, StreamOptions, TcpServer,
 };
 use util::{connect, serve};
 
 /// Echoes each line (without its newline) in brackets, the idiom of the docs.
 struct Brackets;
 
-impl StreamHandler for Brackets {
-    fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+impl Handler for Brackets {
+    fn handle(&mut self, s: &mut Request) -> HandlerResult {
         for line in s.rfile.lines() {
             writeln!(s.wfile, "[{}]", line?)?;
         }
@@ -53,16 +52,12 @@ fn record(seen: &Arc<Mutex<Seen>>) -> impl Fn(&Addr, &HandlerFailure) + Send + S
     }
 }
 
-fn brackets_server(
-    max_line: usize,
-    seen: &Arc<Mutex<Seen>>,
-) -> TcpServer<StreamRequestHandler<Brackets>> {
-    TcpServer::builder(move || {
-        StreamRequestHandler::with_options(Brackets, StreamOptions::new().with_max_line(max_line))
-    })
-    .handle_error(record(seen))
-    .bind("127.0.0.1:0")
-    .unwrap()
+fn brackets_server(max_line: usize, seen: &Arc<Mutex<Seen>>) -> TcpServer<Brackets> {
+    TcpServer::builder(|| Brackets)
+        .stream_options(StreamOptions::new().with_max_line(max_line))
+        .handle_error(record(seen))
+        .bind("127.0.0.1:0")
+        .unwrap()
 }
 
 #[test]
@@ -107,8 +102,8 @@ fn a_line_that_is_not_utf8_is_a_bad_message() {
 fn read_until_and_read_line_are_bounded_and_leave_the_buffer_usable() {
     // read_until keeps what it read (as std does); read_line leaves its String as it was.
     struct Probe(Arc<Mutex<Vec<String>>>);
-    impl StreamHandler for Probe {
-        fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+    impl Handler for Probe {
+        fn handle(&mut self, s: &mut Request) -> HandlerResult {
             let mut log = Vec::new();
             let mut bytes = Vec::new();
             let e = s.rfile.read_until(b';', &mut bytes).unwrap_err();
@@ -132,11 +127,10 @@ fn read_until_and_read_line_are_bounded_and_leave_the_buffer_usable() {
     }
     let log = Arc::new(Mutex::new(Vec::new()));
     let l = log.clone();
-    let server = TcpServer::builder(move || {
-        StreamRequestHandler::with_options(Probe(l.clone()), StreamOptions::new().with_max_line(8))
-    })
-    .bind("127.0.0.1:0")
-    .unwrap();
+    let server = TcpServer::builder(move || Probe(l.clone()))
+        .stream_options(StreamOptions::new().with_max_line(8))
+        .bind("127.0.0.1:0")
+        .unwrap();
     let addr = server.local_addr().clone();
     let running = serve(server);
     let mut c = connect(&addr);
@@ -161,8 +155,8 @@ fn a_read_timeout_is_an_error_whose_is_timeout_is_true() {
     /// is_timeout(), addr() and the message of the error the handler saw.
     type Outcome = (bool, Option<Addr>, String);
     struct WaitForLine(Arc<Mutex<Option<Outcome>>>);
-    impl StreamHandler for WaitForLine {
-        fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+    impl Handler for WaitForLine {
+        fn handle(&mut self, s: &mut Request) -> HandlerResult {
             let mut line = String::new();
             let e = s.rfile.read_line(&mut line).unwrap_err();
             *self.0.lock().unwrap() = Some((e.is_timeout(), e.addr().cloned(), e.to_string()));
@@ -171,7 +165,7 @@ fn a_read_timeout_is_an_error_whose_is_timeout_is_true() {
     }
     let seen = Arc::new(Mutex::new(None));
     let s = seen.clone();
-    let server = TcpServer::builder(move || StreamRequestHandler::new(WaitForLine(s.clone())))
+    let server = TcpServer::builder(move || WaitForLine(s.clone()))
         .read_timeout(Duration::from_millis(150))
         .bind("127.0.0.1:0")
         .unwrap();
@@ -192,8 +186,8 @@ fn a_read_timeout_is_an_error_whose_is_timeout_is_true() {
 fn fill_buf_and_consume_still_echo_byte_for_byte() {
     // The README's first example, through RFile's inherent fill_buf / consume.
     struct Echo;
-    impl StreamHandler for Echo {
-        fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+    impl Handler for Echo {
+        fn handle(&mut self, s: &mut Request) -> HandlerResult {
             loop {
                 let data = s.rfile.fill_buf()?;
                 if data.is_empty() {
@@ -205,7 +199,7 @@ fn fill_buf_and_consume_still_echo_byte_for_byte() {
             }
         }
     }
-    let server = TcpServer::bind("127.0.0.1:0", || StreamRequestHandler::new(Echo)).unwrap();
+    let server = TcpServer::bind("127.0.0.1:0", || Echo).unwrap();
     let addr = server.local_addr().clone();
     let running = serve(server);
     let c = connect(&addr);

@@ -4,6 +4,8 @@
 
 mod util;
 
+use util::{InMode, Mode};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,7 +19,7 @@ use socketserver::{
 };
 use util::{connect, eventually, line_echo, serve, three_round_trips};
 
-const MODES: [Dispatch; util::STREAM_MODES.len()] = util::STREAM_MODES;
+const MODES: [Mode; util::STREAM_MODES.len()] = util::STREAM_MODES;
 
 #[test]
 fn three_round_trips_in_every_mode_v4_and_v6() {
@@ -29,10 +31,7 @@ fn three_round_trips_in_every_mode_v4_and_v6() {
             if is_v6 && !v6 {
                 continue;
             }
-            let server = TcpServer::builder(line_echo)
-                .dispatch(mode)
-                .bind(host)
-                .unwrap();
+            let server = TcpServer::builder(line_echo).mode(mode).bind(host).unwrap();
             let addr = server.local_addr().clone();
             assert_eq!(addr.inet().unwrap().is_ipv6(), is_v6, "{addr}");
             let running = serve(server);
@@ -65,7 +64,7 @@ fn shutdown_right_after_start_always_stops_twenty_servers() {
         let runs: Vec<_> = (0..20)
             .map(|_| {
                 let s = TcpServer::builder(line_echo)
-                    .dispatch(mode)
+                    .mode(mode)
                     .bind("127.0.0.1:0")
                     .unwrap();
                 let r = serve(s);
@@ -137,7 +136,7 @@ fn failing_and_panicking_handlers_are_reported_and_the_server_goes_on() {
                 }
             })
         })
-        .dispatch(mode)
+        .mode(mode)
         .handle_error(move |peer, f| {
             let kind = match f {
                 HandlerFailure::Error(e) => format!("error {e}"),
@@ -235,7 +234,7 @@ fn verify_request_false_closes_once_and_never_runs_the_handler() {
                 Ok(Next::Close)
             })
         })
-        .dispatch(mode)
+        .mode(mode)
         .verify_request(move |peer| {
             assert!(peer.inet().is_some());
             a.fetch_add(1, Ordering::SeqCst);
@@ -268,7 +267,7 @@ fn shutdown_from_inside_a_handler_in_every_mode() {
                 Ok(Next::Close)
             })
         })
-        .dispatch(mode)
+        .mode(mode)
         .bind("127.0.0.1:0")
         .unwrap();
         let addr = server.local_addr().clone();
@@ -422,16 +421,16 @@ fn shutdown_latency_with_idle_connections_in_every_mode() {
     // its worker slots. (A sync server with a client would be inside the handler, and return
     // when it does, as in Python.)
     let cases = [
-        (Dispatch::Sync, 0),
-        (Dispatch::Thread, 4),
-        (Dispatch::Pool { workers: 8 }, 4),
-        (Dispatch::Pool { workers: 4 }, 4),
+        (Mode::Sync, 0),
+        (Mode::Thread, 4),
+        (Mode::Pool(8), 4),
+        (Mode::Pool(4), 4),
     ];
     let mut samples = Vec::new();
     for (mode, clients) in cases {
         for _ in 0..7 {
             let server = TcpServer::builder(line_echo)
-                .dispatch(mode)
+                .mode(mode)
                 .bind("127.0.0.1:0")
                 .unwrap();
             let addr = server.local_addr().clone();
@@ -599,10 +598,10 @@ fn close_blocks_on_in_flight_requests_unless_told_not_to() {
 
 #[test]
 fn stream_request_handler_options_apply() {
-    use socketserver::{StreamHandler, StreamOptions, StreamRequest, StreamRequestHandler};
+    use socketserver::StreamOptions;
     struct Buffered;
-    impl StreamHandler for Buffered {
-        fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+    impl Handler for Buffered {
+        fn handle(&mut self, s: &mut Request) -> HandlerResult {
             // TCP_NODELAY is on by default (Builder::nodelay).
             assert!(s.stream().as_tcp().unwrap().nodelay().unwrap());
             // Buffered: nothing reaches the client until finish flushes.
@@ -614,12 +613,11 @@ fn stream_request_handler_options_apply() {
             }
         }
     }
-    let server = TcpServer::builder(|| {
-        StreamRequestHandler::with_options(Buffered, StreamOptions::new().with_wbufsize(1024))
-    })
-    .read_timeout(Duration::from_millis(100))
-    .bind("127.0.0.1:0")
-    .unwrap();
+    let server = TcpServer::builder(|| Buffered)
+        .stream_options(StreamOptions::new().with_wbufsize(1024))
+        .read_timeout(Duration::from_millis(100))
+        .bind("127.0.0.1:0")
+        .unwrap();
     let addr = server.local_addr().clone();
     let running = serve(server);
     let got = util::read_to_eof(connect(&addr)).unwrap();
@@ -629,12 +627,12 @@ fn stream_request_handler_options_apply() {
 
 #[test]
 fn wfile_holds_small_writes_until_flushed_only_with_a_wbufsize() {
-    use socketserver::{StreamHandler, StreamOptions, StreamRequest, StreamRequestHandler};
+    use socketserver::StreamOptions;
     const WORDS: [&str; 3] = ["one", "two", "three"];
     /// Writes each word, then waits for the client's line saying it looked; never flushes.
     struct Words;
-    impl StreamHandler for Words {
-        fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+    impl Handler for Words {
+        fn handle(&mut self, s: &mut Request) -> HandlerResult {
             for word in WORDS {
                 s.wfile.write_all(word.as_bytes())?;
                 let mut next = String::new();
@@ -645,7 +643,8 @@ fn wfile_holds_small_writes_until_flushed_only_with_a_wbufsize() {
     }
     for wbufsize in [0, 1024] {
         let options = StreamOptions::new().with_wbufsize(wbufsize);
-        let server = TcpServer::builder(move || StreamRequestHandler::with_options(Words, options))
+        let server = TcpServer::builder(|| Words)
+            .stream_options(options)
             .bind("127.0.0.1:0")
             .unwrap();
         let addr = server.local_addr().clone();
@@ -985,7 +984,7 @@ fn a_drain_refuses_new_clients_at_once_and_the_server_cannot_serve_again() {
         let served = Arc::new(AtomicUsize::new(0));
         let s = served.clone();
         let server = TcpServer::builder(move || util::counting_echo(&s))
-            .dispatch(mode)
+            .mode(mode)
             .bind("127.0.0.1:0")
             .unwrap();
         let addr = server.local_addr().inet().unwrap();
@@ -1095,7 +1094,7 @@ fn shutdown_and_wait_from_a_handler_never_deadlocks() {
                 Ok(Next::Close)
             })
         })
-        .dispatch(mode)
+        .mode(mode)
         .bind("127.0.0.1:0")
         .unwrap();
         let addr = server.local_addr().clone();
@@ -1106,7 +1105,7 @@ fn shutdown_and_wait_from_a_handler_never_deadlocks() {
             .recv_timeout(Duration::from_secs(10))
             .unwrap_or_else(|_| panic!("{mode:?}: shutdown_and_wait in a handler deadlocked"));
         // On the serving thread (sync mode) it cannot wait for itself; elsewhere it can.
-        assert_eq!(waited, mode != Dispatch::Sync, "{mode:?}");
+        assert_eq!(waited, mode != Mode::Sync, "{mode:?}");
         assert!(eventually(Duration::from_secs(5), || running.is_finished()));
         drop(c);
         drop(running);
@@ -1175,9 +1174,9 @@ fn echoes(c: &mut TcpStream) -> bool {
 #[test]
 fn max_per_source_closes_one_address_s_excess_and_spares_other_addresses() {
     util::init_logs();
-    for mode in [Dispatch::Thread, Dispatch::Pool { workers: 8 }] {
+    for mode in [Mode::Thread, Mode::Pool(8)] {
         let server = TcpServer::builder(util::byte_echo)
-            .dispatch(mode)
+            .mode(mode)
             .max_per_source(2)
             .bind("127.0.0.1:0")
             .unwrap();

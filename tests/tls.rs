@@ -5,6 +5,8 @@
 mod haproxy;
 mod util;
 
+use util::{InMode, Mode};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -22,9 +24,8 @@ use rcgen::{
 use socketserver::rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use socketserver::transport::Tcp;
 use socketserver::{
-    Addr, Auth, ClientCert, Digest, Dispatch, HandlerError, HandlerResult, MessageHandler,
-    MessageRequestHandler, Next, StreamHandler, StreamRequest, StreamRequestHandler, TcpServer,
-    Tls, UnixStreamServer, connect_tls, tls,
+    Addr, Auth, ClientCert, Digest, Handler, HandlerError, HandlerResult, MessageHandler, Next,
+    Request, TcpServer, Tls, UnixStreamServer, connect_tls, tls,
 };
 use util::{eventually, serve};
 
@@ -154,7 +155,7 @@ impl Drop for Pki {
 
 /// What was negotiated, and the client as admission found it (behind a proxy, the one its
 /// PROXY header named), in one line.
-fn info_line(s: &StreamRequest) -> String {
+fn info_line(s: &Request) -> String {
     let (stream, peer) = (s.stream(), s.peer_addr());
     match stream.tls() {
         None => "plain\n".to_owned(),
@@ -181,7 +182,7 @@ fn info_line(s: &StreamRequest) -> String {
 struct InfoEcho(Arc<AtomicUsize>);
 
 impl MessageHandler for InfoEcho {
-    fn setup(&mut self, s: &mut StreamRequest) -> HandlerResult {
+    fn setup(&mut self, s: &mut Request) -> HandlerResult {
         self.0.fetch_add(1, Ordering::SeqCst);
         let line = info_line(s);
         s.wfile.write_all(line.as_bytes())?;
@@ -189,7 +190,7 @@ impl MessageHandler for InfoEcho {
         Ok(())
     }
 
-    fn handle_message(&mut self, s: &mut StreamRequest) -> Result<Next, HandlerError> {
+    fn handle_message(&mut self, s: &mut Request) -> Result<Next, HandlerError> {
         util::LineEcho.handle_message(s)
     }
 
@@ -202,28 +203,28 @@ impl MessageHandler for InfoEcho {
 /// to close.
 struct InfoOnce;
 
-impl StreamHandler for InfoOnce {
-    fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+impl Handler for InfoOnce {
+    fn handle(&mut self, s: &mut Request) -> HandlerResult {
         let line = info_line(s);
         s.wfile.write_all(line.as_bytes())?;
         Ok(())
     }
 }
 
-type Server = util::Running<Tcp<MessageRequestHandler<InfoEcho>>>;
+type Server = util::Running<Tcp<InfoEcho>>;
 
 /// A TLS server whose handler is [`InfoEcho`], with `auth` inside TLS, in `mode`; its address
 /// and how many connections its handler saw.
 fn server_with(
     tls: Tls,
     auth: Option<Auth>,
-    mode: Dispatch,
+    mode: Mode,
 ) -> (Server, std::net::SocketAddr, Arc<AtomicUsize>) {
     util::init_logs();
     let ran = Arc::new(AtomicUsize::new(0));
     let r = ran.clone();
-    let mut b = TcpServer::builder(move || MessageRequestHandler::new(InfoEcho(r.clone())))
-        .dispatch(mode)
+    let mut b = TcpServer::builder(move || InfoEcho(r.clone()))
+        .mode(mode)
         .tls(tls);
     if let Some(a) = auth {
         b = b.auth(a);
@@ -234,14 +235,9 @@ fn server_with(
 }
 
 /// A TLS server whose handler is [`InfoOnce`].
-fn hang_up_server(
-    tls: Tls,
-) -> (
-    util::Running<Tcp<StreamRequestHandler<InfoOnce>>>,
-    std::net::SocketAddr,
-) {
+fn hang_up_server(tls: Tls) -> (util::Running<Tcp<InfoOnce>>, std::net::SocketAddr) {
     util::init_logs();
-    let server = TcpServer::builder(|| StreamRequestHandler::new(InfoOnce))
+    let server = TcpServer::builder(|| InfoOnce)
         .tls(tls)
         .bind("127.0.0.1:0")
         .unwrap();
@@ -252,10 +248,10 @@ fn hang_up_server(
 /// Thread mode (a worker per connection) and event mode on one worker (connections parked
 /// between their handshake steps and messages): the two ways a session is driven.
 #[cfg(all(target_os = "linux", not(socketserver_portable)))]
-const TLS_MODES: [Dispatch; 2] = [Dispatch::Thread, Dispatch::Event { workers: 1 }];
+const TLS_MODES: [Mode; 2] = [Mode::Thread, Mode::Event(1)];
 /// Thread mode alone where event dispatch is left out.
 #[cfg(not(all(target_os = "linux", not(socketserver_portable))))]
-const TLS_MODES: [Dispatch; 1] = [Dispatch::Thread];
+const TLS_MODES: [Mode; 1] = [Mode::Thread];
 
 fn python() -> Option<util::Python> {
     let p = util::pythons().pop();
@@ -413,13 +409,9 @@ fn cpython_ssl_clients_tls12_and_13_with_and_without_client_certs_hmac_inside() 
         .tls("server")
         .client_ca_file(pki.path("ca.pem"), ClientCert::Optional)
         .unwrap();
-    let modes = vec![
-        Dispatch::Sync,
-        Dispatch::Thread,
-        Dispatch::Pool { workers: 2 },
-    ];
+    let modes = vec![Mode::Sync, Mode::Thread, Mode::Pool(2)];
     #[cfg(all(target_os = "linux", not(socketserver_portable)))]
-    let modes = [modes, vec![Dispatch::Event { workers: 1 }]].concat();
+    let modes = [modes, vec![Mode::Event(1)]].concat();
     for mode in modes {
         let (server, addr, ran) = server_with(tls.clone(), Some(Auth::hmac(KEY)), mode);
         for py in pythons.iter().rev() {
@@ -479,7 +471,7 @@ fn a_wrong_ca_an_expired_or_wrong_host_certificate_is_refused_on_both_sides() {
         .tls("server")
         .client_ca_file(pki.path("ca.pem"), ClientCert::Required)
         .unwrap();
-    let (server, addr, ran) = server_with(tls, None, Dispatch::Thread);
+    let (server, addr, ran) = server_with(tls, None, Mode::Thread);
     let port = addr.port().to_string();
     // The client trusts another CA: it refuses the server.
     py.run_ok(PY_REFUSED, &[&port, &pki.p("other-ca.pem"), "localhost"]);
@@ -502,7 +494,7 @@ fn a_wrong_ca_an_expired_or_wrong_host_certificate_is_refused_on_both_sides() {
 
     // Expired and wrong-host server certificates: the client refuses them.
     for bad in ["expired", "wronghost"] {
-        let (server, addr, ran) = server_with(pki.tls(bad), None, Dispatch::Thread);
+        let (server, addr, ran) = server_with(pki.tls(bad), None, Mode::Thread);
         py.run_ok(
             PY_REFUSED,
             &[&addr.port().to_string(), &pki.p("ca.pem"), "localhost"],
@@ -513,7 +505,7 @@ fn a_wrong_ca_an_expired_or_wrong_host_certificate_is_refused_on_both_sides() {
         assert_eq!(ran.load(Ordering::SeqCst), 0);
     }
     // And the crate's own client refuses an unknown CA.
-    let (server, addr, _) = server_with(pki.tls("server"), None, Dispatch::Thread);
+    let (server, addr, _) = server_with(pki.tls("server"), None, Mode::Thread);
     let e = connect_tls(addr, "localhost", pki.roots("other-ca.pem"), None).unwrap_err();
     assert!(e.is_tls(), "{e}");
     drop(server);
@@ -543,12 +535,12 @@ const TRUNCATED_HELLO: &[u8] = &[
 #[test]
 fn plaintext_truncated_hello_and_a_stalled_handshake_are_closed_and_counted() {
     let pki = Pki::new("bad-clients");
-    bad_clients(&pki, Dispatch::Pool { workers: 2 });
+    bad_clients(&pki, Mode::Pool(2));
     #[cfg(all(target_os = "linux", not(socketserver_portable)))]
-    bad_clients(&pki, Dispatch::Event { workers: 1 });
+    bad_clients(&pki, Mode::Event(1));
 }
 
-fn bad_clients(pki: &Pki, mode: Dispatch) {
+fn bad_clients(pki: &Pki, mode: Mode) {
     let (server, addr, ran) = server_with(
         pki.tls("server"),
         Some(Auth::hmac(KEY).handshake_timeout(Duration::from_millis(300))),
@@ -618,7 +610,7 @@ fn garbage_after_the_handshake_ends_that_connection_only() {
     }
 }
 
-fn garbage_after_the_handshake(py: &util::Python, pki: &Pki, mode: Dispatch) {
+fn garbage_after_the_handshake(py: &util::Python, pki: &Pki, mode: Mode) {
     let (server, addr, ran) = server_with(pki.tls("server"), None, mode);
     py.run_ok(PY_GARBAGE, &[&addr.port().to_string(), &pki.p("ca.pem")]);
     assert!(eventually(Duration::from_secs(5), || {
@@ -750,7 +742,7 @@ fn close_notify_reaches_the_client_when_the_handler_finishes() {
 fn reload_changes_the_certificate_for_new_connections_only() {
     let pki = Pki::new("reload");
     let tls = pki.tls("server");
-    let (server, addr, _) = server_with(tls.clone(), None, Dispatch::Thread);
+    let (server, addr, _) = server_with(tls.clone(), None, Mode::Thread);
     let mut before = connect_tls(addr, "localhost", pki.roots("ca.pem"), None).unwrap();
     let mut r = BufReader::new(&mut before);
     let mut line = String::new();
@@ -820,8 +812,8 @@ impl Write for Counting {
 /// 1000 one-byte writes through the handler's wfile (buffered: `wbufsize` 8 KiB), then a flush.
 struct OneByteWrites;
 
-impl StreamHandler for OneByteWrites {
-    fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+impl Handler for OneByteWrites {
+    fn handle(&mut self, s: &mut Request) -> HandlerResult {
         for _ in 0..1000 {
             s.wfile.write_all(b"x")?;
         }
@@ -834,13 +826,11 @@ impl StreamHandler for OneByteWrites {
 fn a_buffered_reply_leaves_as_one_record_not_one_per_write() {
     let pki = Pki::new("records");
     util::init_logs();
-    let server = TcpServer::builder(|| {
-        let options = socketserver::StreamOptions::new().with_wbufsize(8192);
-        StreamRequestHandler::with_options(OneByteWrites, options)
-    })
-    .tls(pki.tls("server"))
-    .bind("127.0.0.1:0")
-    .unwrap();
+    let server = TcpServer::builder(|| OneByteWrites)
+        .stream_options(socketserver::StreamOptions::new().with_wbufsize(8192))
+        .tls(pki.tls("server"))
+        .bind("127.0.0.1:0")
+        .unwrap();
     let addr = server.local_addr().inet().unwrap();
     let server = serve(server);
     let config = socketserver::rustls::ClientConfig::builder_with_provider(tls::provider())
@@ -918,7 +908,7 @@ fn the_crate_client_runs_hmac_and_multiprocessing_inside_tls_with_a_client_cert(
         .bind("127.0.0.1:0")
         .unwrap();
     let event = TcpServer::builder(util::byte_echo)
-        .dispatch(Dispatch::Event { workers: 1 })
+        .event(1)
         .tls(tls)
         .auth(Auth::multiprocessing(KEY))
         .bind("127.0.0.1:0")
@@ -967,12 +957,11 @@ fn a_unix_stream_server_serves_tls() {
         let path = util::sock_path("tls");
         let ran = Arc::new(AtomicUsize::new(0));
         let r = ran.clone();
-        let server =
-            UnixStreamServer::builder(move || MessageRequestHandler::new(InfoEcho(r.clone())))
-                .dispatch(mode)
-                .tls(pki.tls("server"))
-                .bind(&path)
-                .unwrap();
+        let server = UnixStreamServer::builder(move || InfoEcho(r.clone()))
+            .mode(mode)
+            .tls(pki.tls("server"))
+            .bind(&path)
+            .unwrap();
         let server = serve(server);
         py.run_ok(PY_UNIX, &[&path.to_string_lossy(), &pki.p("ca.pem")]);
         assert_eq!(ran.load(Ordering::SeqCst), 1, "{mode:?}");
@@ -987,7 +976,7 @@ fn plaintext_servers_are_untouched_by_the_feature() {
     util::init_logs();
     let ran = Arc::new(AtomicUsize::new(0));
     let r = ran.clone();
-    let server = TcpServer::builder(move || MessageRequestHandler::new(InfoEcho(r.clone())))
+    let server = TcpServer::builder(move || InfoEcho(r.clone()))
         .bind("127.0.0.1:0")
         .unwrap();
     let addr: Addr = server.local_addr().clone();
@@ -1071,7 +1060,7 @@ fn event_mode_parks_stalled_tls_handshakes_without_holding_its_worker() {
     let (server, addr, ran) = server_with(
         pki.tls("server"),
         Some(Auth::hmac(KEY).handshake_timeout(Duration::from_secs(2))),
-        Dispatch::Event { workers: 1 },
+        Mode::Event(1),
     );
     let stalled: Vec<TcpStream> = (0..100)
         .map(|i| {
@@ -1129,7 +1118,7 @@ fn event_mode_parks_stalled_tls_handshakes_without_holding_its_worker() {
 fn event_mode_peers_that_stop_reading_mid_handshake_or_mid_stream_hold_no_worker() {
     use socketserver::rustls;
     let pki = Pki::new("event-nonreaders");
-    let (server, addr, _) = server_with(pki.tls("server"), None, Dispatch::Event { workers: 1 });
+    let (server, addr, _) = server_with(pki.tls("server"), None, Mode::Event(1));
     let hello = {
         let config = rustls::ClientConfig::builder_with_provider(tls::provider())
             .with_safe_default_protocol_versions()
@@ -1212,7 +1201,7 @@ fn event_mode_waits_for_the_whole_decrypted_hmac_answer() {
     let (server, addr, ran) = server_with(
         pki.tls("server"),
         Some(Auth::hmac(KEY).handshake_timeout(Duration::from_secs(3))),
-        Dispatch::Event { workers: 1 },
+        Mode::Event(1),
     );
     let answer_to = |s: &mut socketserver::TlsStream| {
         let mut challenge = [0u8; 32];
@@ -1265,8 +1254,8 @@ fn proxy_header_then_tls_then_hmac_behind_haproxy() {
         util::init_logs();
         let ran = Arc::new(AtomicUsize::new(0));
         let r = ran.clone();
-        let server = TcpServer::builder(move || MessageRequestHandler::new(InfoEcho(r.clone())))
-            .dispatch(mode)
+        let server = TcpServer::builder(move || InfoEcho(r.clone()))
+            .mode(mode)
             .proxy_protocol(socketserver::ProxyProtocol::trusting(["127.0.0.1"]).unwrap())
             .tls(pki.tls("server"))
             .auth(Auth::hmac(KEY))
@@ -1401,7 +1390,7 @@ fn with_tls_aws_lc_a_client_offering_only_x25519mlkem768_gets_through() {
             .any(|g| g.name() == NamedGroup::X25519MLKEM768)
     );
     let pki = Pki::new("mlkem");
-    let (server, addr, _) = server_with(pki.tls("server"), None, Dispatch::Thread);
+    let (server, addr, _) = server_with(pki.tls("server"), None, Mode::Thread);
     let client = rustls::crypto::CryptoProvider {
         kx_groups: vec![mlkem],
         ..aws_lc_rs::default_provider()

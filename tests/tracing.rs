@@ -289,7 +289,7 @@ fn without_stages_the_admission_outcome_is_none() {
 fn an_event_mode_connection_has_its_span_entered_each_time_it_runs() {
     let log = log();
     let server = TcpServer::builder(util::line_echo)
-        .dispatch(Dispatch::Event { workers: 2 })
+        .event(2)
         .bind("127.0.0.1:0")
         .unwrap();
     let addr = server.local_addr().clone();

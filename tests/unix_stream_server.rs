@@ -3,18 +3,19 @@
 
 mod util;
 
+use util::{InMode, Mode};
+
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::time::Duration;
 
 use socketserver::{
-    Auth, Digest, Dispatch, Next, Request, UnixStreamServer, answer_challenge, handler_fn,
-    message_fn,
+    Auth, Digest, Next, Request, UnixStreamServer, answer_challenge, handler_fn, message_fn,
 };
 use util::{eventually, line_echo, serve, sock_path, three_round_trips};
 
-const MODES: [Dispatch; util::STREAM_MODES.len()] = util::STREAM_MODES;
+const MODES: [Mode; util::STREAM_MODES.len()] = util::STREAM_MODES;
 
 fn connect(path: &std::path::Path) -> UnixStream {
     let s = UnixStream::connect(path).expect("connect");
@@ -28,7 +29,7 @@ fn three_round_trips_in_every_mode_and_the_file_goes_on_close() {
     for mode in MODES {
         let path = sock_path("stream");
         let server = UnixStreamServer::builder(line_echo)
-            .dispatch(mode)
+            .mode(mode)
             .bind(&path)
             .unwrap();
         assert_eq!(server.local_addr().path(), Some(path.as_path()));
@@ -53,7 +54,7 @@ fn shutdown_from_inside_a_handler_in_every_mode() {
                 Ok(Next::Close)
             })
         })
-        .dispatch(mode)
+        .mode(mode)
         .bind(&path)
         .unwrap();
         let running = serve(server);

@@ -11,10 +11,7 @@ mod util;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::time::{Duration, Instant};
 
-use socketserver::{
-    Addr, HandlerResult, Request, StreamHandler, StreamRequest, StreamRequestHandler, TcpServer,
-    handler_fn,
-};
+use socketserver::{Addr, Handler, HandlerResult, Request, TcpServer, handler_fn};
 use util::{connect, serve};
 
 const ROUND_TRIPS: usize = 20;
@@ -78,15 +75,15 @@ fn formatted_writes_on_request_leave_in_one_piece_even_with_nagle() {
 #[test]
 fn formatted_writes_on_wfile_leave_in_one_piece_even_with_nagle() {
     struct Hello;
-    impl StreamHandler for Hello {
-        fn handle(&mut self, s: &mut StreamRequest) -> HandlerResult {
+    impl Handler for Hello {
+        fn handle(&mut self, s: &mut Request) -> HandlerResult {
             for line in s.rfile.lines() {
                 writeln!(s.wfile, "hello {}", line?)?;
             }
             Ok(())
         }
     }
-    let server = TcpServer::builder(|| StreamRequestHandler::new(Hello))
+    let server = TcpServer::builder(|| Hello)
         .nodelay(false)
         .bind("127.0.0.1:0")
         .unwrap();

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use clap::builder::{NonEmptyStringValueParser, RangedU64ValueParser};
 use clap::{ArgMatches, Command, CommandFactory};
-use socketserver::{Auth, Builder, Digest, Dispatch, Server};
+use socketserver::transport::StreamTransport;
+use socketserver::{Auth, Builder, Digest, Dispatch, MessageHandler, Server};
 
 /// `--addr HOST:PORT`. The multiprocessing examples change the default with [`mp_addr`].
 #[derive(clap::Args, Debug)]
@@ -50,6 +51,8 @@ pub enum Mode {
 }
 
 impl DispatchArgs {
+    /// The mode of a handler that holds its connection: `--mode event` takes message handlers
+    /// only, so it ends the program with a message here.
     pub fn dispatch(&self) -> Dispatch {
         match self.mode {
             Mode::Sync => Dispatch::Sync,
@@ -57,29 +60,57 @@ impl DispatchArgs {
             Mode::Pool => Dispatch::Pool {
                 workers: self.workers.unwrap_or(8),
             },
-            Mode::Event => event(self.workers),
+            Mode::Event => {
+                die("--mode event serves message handlers; this server's holds its connection")
+            }
+        }
+    }
+
+    /// Applies the mode, `--mode event` included, to a builder of message handlers.
+    pub fn apply<T: StreamTransport>(&self, builder: Builder<T>) -> Builder<T>
+    where
+        T::Handler: MessageHandler,
+    {
+        match self.mode {
+            Mode::Event => event(builder, self.workers),
+            _ => builder.dispatch(self.dispatch()),
         }
     }
 
     /// Whether the handler must serve one message per call.
-    #[allow(dead_code)]
     pub fn is_event(&self) -> bool {
         matches!(self.mode, Mode::Event)
     }
+
+    /// The mode, for the log: `Event { workers: 2 }`, `Pool { workers: 8 }`, `Thread`.
+    pub fn describe(&self) -> String {
+        match self.mode {
+            Mode::Event => format!("Event {{ workers: {} }}", event_workers(self.workers)),
+            _ => format!("{:?}", self.dispatch()),
+        }
+    }
 }
 
-/// `--mode event`: one worker per core unless `--workers` says otherwise.
+/// `--mode event`'s workers: one per core unless `--workers` says otherwise.
+fn event_workers(workers: Option<usize>) -> usize {
+    workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+}
+
+/// `--mode event`.
 #[cfg(all(target_os = "linux", not(socketserver_portable)))]
-fn event(workers: Option<usize>) -> Dispatch {
-    Dispatch::Event {
-        workers: workers
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-    }
+fn event<T: StreamTransport>(builder: Builder<T>, workers: Option<usize>) -> Builder<T>
+where
+    T::Handler: MessageHandler,
+{
+    builder.event(event_workers(workers))
 }
 
 /// `--mode event` where the library has no event dispatch (it needs Linux's epoll).
 #[cfg(not(all(target_os = "linux", not(socketserver_portable))))]
-fn event(_: Option<usize>) -> Dispatch {
+fn event<T: StreamTransport>(_: Builder<T>, _: Option<usize>) -> Builder<T>
+where
+    T::Handler: MessageHandler,
+{
     die("--mode event needs Linux (epoll)")
 }
 

@@ -1,4 +1,4 @@
-//! [`Dispatch::Event`](super::Dispatch::Event): connections parked in one epoll set between
+//! Event mode ([`Builder::event`](crate::Builder::event)): connections parked in one epoll set between
 //! their messages, and a few workers that take turns waiting on it (leader/followers).
 //!
 //! Each connection is registered once, edge-triggered, for input and output: a fresh

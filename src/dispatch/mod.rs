@@ -50,47 +50,51 @@ pub enum Dispatch {
         /// Number of worker threads (at least 1).
         workers: usize,
     },
-    /// Stream servers only, with a [`MessageRequestHandler`](crate::MessageRequestHandler):
-    /// a worker is held only while a message is served. Between messages a connection is
-    /// parked in an epoll set, holding no thread and no buffer, so idle connections cost their
-    /// socket and the handler's own state; a pipelined message is served without parking;
-    /// PROXY headers, TLS handshakes and authentication handshakes park too while the client
-    /// (or the load balancer) sends them. Like Apache's event MPM, with a blocking handler API.
-    /// No worker waits on a peer: the sockets are non-blocking, a message that needs input not
-    /// yet arrived is taken back and run again when it comes, output the socket cannot take is
-    /// queued (and the connection not read while more than 64 KiB waits), so clients that stop
-    /// reading or stop mid-message stall nobody (see
-    /// [`MessageHandler`](crate::MessageHandler)). The read and write timeouts do not apply:
-    /// nothing blocks for them to bound; the idle timeout and minimum data rate do.
-    /// The workers take turns waiting on the set and serve a batch of ready connections per
-    /// wake-up (64 between them, at least 8 each): one worker per core suits handlers that do
-    /// not block for long; more if they do (a handler that blocks delays the connections of
-    /// its batch). The workers accept too: the listener is in their set, so a new connection
-    /// is accepted, checked (`verify_request`, the caps) and started by the worker that sees
-    /// it, with no hand-over between threads. The thread that runs `serve_forever` runs the
-    /// `service_actions` hook, and accepts only when the workers cannot: no free slot under
-    /// `max_connections` (it waits for one, while new clients wait in the backlog) or an
-    /// accept error to back off from (out of descriptors).
-    /// Capped by [`Builder::max_connections`](crate::Builder::max_connections), whose default
-    /// is what the descriptor limit allows. Linux only.
+}
+
+/// How a server runs its requests, event mode included: a [`Dispatch`], or
+/// [`Builder::event`](crate::Builder::event), which only message handlers have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Run {
+    Sync,
+    Thread,
+    Pool {
+        workers: usize,
+    },
     #[cfg(all(target_os = "linux", not(socketserver_portable)))]
-    #[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
     Event {
-        /// Number of worker threads (at least 1).
         workers: usize,
     },
 }
 
-impl Dispatch {
+impl From<Dispatch> for Run {
+    fn from(d: Dispatch) -> Run {
+        match d {
+            Dispatch::Sync => Run::Sync,
+            Dispatch::Thread => Run::Thread,
+            Dispatch::Pool { workers } => Run::Pool { workers },
+        }
+    }
+}
+
+impl Run {
     /// The most requests this mode runs at once, given the thread-mode cap.
     pub(crate) fn limit(self, max_connections: Option<usize>) -> Option<usize> {
         match self {
-            Dispatch::Sync => None,
-            Dispatch::Thread => max_connections,
-            Dispatch::Pool { workers } => Some(workers),
+            Run::Sync => None,
+            Run::Thread => max_connections,
+            Run::Pool { workers } => Some(workers),
             #[cfg(all(target_os = "linux", not(socketserver_portable)))]
-            Dispatch::Event { .. } => max_connections,
+            Run::Event { .. } => max_connections,
         }
+    }
+
+    /// Whether connections park between messages (event mode).
+    pub(crate) fn parks(self) -> bool {
+        #[cfg(all(target_os = "linux", not(socketserver_portable)))]
+        return matches!(self, Run::Event { .. });
+        #[cfg(not(all(target_os = "linux", not(socketserver_portable))))]
+        false
     }
 }
 
@@ -133,7 +137,7 @@ impl<S: Service> Shared<S> {
     }
 }
 
-/// The running form of a [`Dispatch`].
+/// The running form of a [`Run`].
 pub(crate) struct Dispatcher<S: Service> {
     shared: Arc<Shared<S>>,
     mode: Mode<S>,
@@ -148,22 +152,20 @@ enum Mode<S: Service> {
 }
 
 impl<S: Service> Dispatcher<S> {
-    /// Starts the workers `dispatch` needs (none but in pool mode).
+    /// Starts the workers `run` needs (none in sync and thread mode).
     pub(crate) fn start(
-        dispatch: Dispatch,
+        run_as: Run,
         stack_size: Option<usize>,
         shared: Arc<Shared<S>>,
     ) -> io::Result<Dispatcher<S>> {
         let s = shared.clone();
         let run = Arc::new(move |job| s.run(job));
-        let mode = match dispatch {
-            Dispatch::Sync => Mode::Sync,
-            Dispatch::Thread => Mode::Thread(Threads::new(stack_size, run)),
-            Dispatch::Pool { workers } => Mode::Pool(Pool::new(workers, stack_size, run)?),
+        let mode = match run_as {
+            Run::Sync => Mode::Sync,
+            Run::Thread => Mode::Thread(Threads::new(stack_size, run)),
+            Run::Pool { workers } => Mode::Pool(Pool::new(workers, stack_size, run)?),
             #[cfg(all(target_os = "linux", not(socketserver_portable)))]
-            Dispatch::Event { workers } => {
-                Mode::Event(Event::new(workers, stack_size, shared.clone())?)
-            }
+            Run::Event { workers } => Mode::Event(Event::new(workers, stack_size, shared.clone())?),
         };
         Ok(Dispatcher { shared, mode })
     }

@@ -87,7 +87,7 @@ struct Shared {
 ///
 /// The handshake is the first admission stage after a PROXY header and before
 /// [`Auth`](crate::Auth): it runs on the connection's worker (in
-/// [`Dispatch::Event`](crate::Dispatch::Event), it parks between the client's flights, holding no
+/// event mode ([`Builder::event`](crate::Builder::event)), it parks between the client's flights, holding no
 /// thread), bounded by the handshake timeout and counted against the cap on unfinished
 /// handshakes. A client that fails it (plaintext on
 /// the TLS port, an unknown CA, a bad certificate, a truncated ClientHello) is closed, logged
@@ -104,16 +104,16 @@ struct Shared {
 ///
 /// ```no_run
 /// # fn main() -> Result<(), socketserver::Error> {
-/// use socketserver::{ClientCert, StreamRequestHandler, TcpServer, Tls};
+/// use socketserver::{ClientCert, TcpServer, Tls};
 /// # struct Echo;
-/// # impl socketserver::StreamHandler for Echo {
-/// #     fn handle(&mut self, _: &mut socketserver::StreamRequest) -> socketserver::HandlerResult {
+/// # impl socketserver::Handler for Echo {
+/// #     fn handle(&mut self, _: &mut socketserver::Request) -> socketserver::HandlerResult {
 /// #         Ok(())
 /// #     }
 /// # }
 /// let tls = Tls::from_pem_files("cert.pem", "key.pem")?
 ///     .client_ca_file("clients-ca.pem", ClientCert::Required)?;
-/// let server = TcpServer::builder(|| StreamRequestHandler::new(Echo))
+/// let server = TcpServer::builder(|| Echo)
 ///     .tls(tls.clone())
 ///     .bind("127.0.0.1:8443")?;
 /// // Later, from any thread, when the certificate is renewed:

@@ -64,7 +64,7 @@ pub trait Service: Send + Sync + 'static {
     fn serve(&self, req: Self::Request, ctx: &Ctx);
 
     /// Checks the configuration and readies the service once the dispatch limit is known
-    /// (`parks`: for [`Dispatch::Event`](crate::Dispatch::Event), whose connections wait for
+    /// (`parks`: for event mode ([`Builder::event`](crate::Builder::event)), whose connections wait for
     /// their messages on no thread).
     fn prepare(&mut self, limit: Option<usize>, parks: bool) -> crate::Result<()> {
         let _ = (limit, parks);

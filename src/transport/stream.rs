@@ -15,7 +15,7 @@ use crate::lifecycle::{self, Served};
 use crate::log_limit::limited;
 use crate::observe::ConnSpan;
 use crate::worker::Ctx;
-use crate::{Addr, Handler, Next, Request, Stream};
+use crate::{Addr, Handler, Next, Request, Stream, StreamOptions};
 
 /// An accepted connection waiting for a worker.
 pub struct Accepted {
@@ -130,6 +130,8 @@ pub struct StreamService<H> {
     pub(crate) write_timeout: Option<Duration>,
     /// `TCP_NODELAY` for TCP connections, set on the listener (accepted sockets inherit it).
     pub(crate) nodelay: bool,
+    /// The buffering of each connection's `rfile` and `wfile`.
+    pub(crate) options: StreamOptions,
 }
 
 impl<H> StreamService<H> {
@@ -140,6 +142,7 @@ impl<H> StreamService<H> {
             read_timeout: None,
             write_timeout: None,
             nodelay: true,
+            options: StreamOptions::default(),
         }
     }
 
@@ -228,45 +231,43 @@ fn serve_messages<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Step {
                 return Step::Close;
             }
         }
-        let Some((m, s)) = h.messages() else {
+        let Some(m) = h.as_message_handler() else {
             return Step::Close;
         };
-        let buffered = s.rfile.buffer();
-        let whole = !buffered.is_empty() && (m.message_ready(buffered) || s.rfile.is_full());
+        let buffered = req.rfile.buffer();
+        let whole = !buffered.is_empty() && (m.message_ready(buffered) || req.rfile.is_full());
         if whole {
             match lifecycle::message(h, req, ctx) {
                 Served::Next(Next::Message) => continue,
                 Served::Next(Next::Close) => return Step::Close,
                 // The read that found the socket empty left it so: the next byte is signalled.
                 Served::Starved => {
-                    if let Some((_, s)) = h.messages() {
-                        s.rfile.park();
-                    }
+                    req.rfile.park();
                     return Step::Park;
                 }
                 Served::TooLarge => {
-                    let limit = h.messages().map_or(0, |(_, s)| s.rfile.message_limit());
                     limited!(
                         info,
-                        "message from {} longer than {limit} bytes (rfile's limit in event mode: \
+                        "message from {} longer than {} bytes (rfile's limit in event mode: \
                          StreamOptions::rbufsize or max_line); connection closed",
-                        req.peer
+                        req.peer,
+                        req.rfile.message_limit()
                     );
                     return Step::Close;
                 }
             }
         }
         // The last read left the socket empty, and any byte since is signalled anew.
-        if asked && s.rfile.drained() {
-            s.rfile.park();
+        if asked && req.rfile.drained() {
+            req.rfile.park();
             return Step::Park;
         }
         asked = true;
-        match s.rfile.fill_nonblocking() {
+        match req.rfile.fill_nonblocking() {
             Ok(0) => return Step::Close,
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                s.rfile.park();
+                req.rfile.park();
                 return Step::Park;
             }
             Err(e) => {
@@ -306,13 +307,6 @@ impl<H: Handler> Service for StreamService<H> {
     type Session = Session<H>;
 
     fn prepare(&mut self, limit: Option<usize>, parks: bool) -> crate::Result<()> {
-        if parks && !H::SERVES_MESSAGES {
-            return Err(crate::Error::config(
-                "Dispatch::Event serves one message per call: wrap the handler in a \
-                 MessageRequestHandler (a Handler serves a whole connection, which would hold \
-                 its worker)",
-            ));
-        }
         // The OS refuses a zero socket timeout; say so once, at build, rather than on every
         // connection.
         if self.read_timeout == Some(Duration::ZERO) || self.write_timeout == Some(Duration::ZERO) {
@@ -326,13 +320,7 @@ impl<H: Handler> Service for StreamService<H> {
     fn session(&self, conn: Accepted, ctx: &Ctx) -> Option<Session<H>> {
         let span = lifecycle::open(&conn.peer);
         Some(Session {
-            req: Request {
-                stream: conn.stream,
-                peer: conn.peer,
-                server: ctx.handle.clone(),
-                #[cfg(feature = "proxy-protocol")]
-                proxy: None,
-            },
+            req: Request::new(conn.stream, conn.peer, ctx.handle.clone(), self.options),
             phase: Phase::Fresh,
             span,
             learnt: None,
@@ -406,7 +394,7 @@ impl<H: Handler> StreamService<H> {
                 Phase::Admitting(Admission::Admitted(a)) => {
                     // The client a PROXY header named, and its header, from here on.
                     let Admitted { peer, learnt } = *a;
-                    s.req.peer = peer;
+                    s.req.set_peer(peer);
                     #[cfg(feature = "proxy-protocol")]
                     {
                         s.req.proxy = learnt.proxy.clone();
@@ -458,13 +446,11 @@ impl<H: Handler> StreamService<H> {
         let Some(mut handler) = lifecycle::make(&*self.factory, &peer, ctx) else {
             return close(&stream, &peer);
         };
-        let mut req = Request {
-            stream,
-            peer,
-            server: ctx.handle.clone(),
-            #[cfg(feature = "proxy-protocol")]
-            proxy: learnt.proxy.clone(),
-        };
+        let mut req = Request::new(stream, peer, ctx.handle.clone(), self.options);
+        #[cfg(feature = "proxy-protocol")]
+        {
+            req.proxy = learnt.proxy.clone();
+        }
         span.in_scope(|| lifecycle::run(&mut handler, &mut req, ctx));
         drop(handler);
         close(&req.stream, &req.peer);

@@ -9,8 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use socketserver::{
-    Handler, HandlerError, HandlerResult, MessageHandler, MessageRequestHandler, Next, Request,
-    Server, StreamRequest, transport::Transport,
+    Handler, HandlerError, HandlerResult, MessageHandler, Next, Request, Server,
+    transport::Transport,
 };
 
 /// Greets, then holds the connection (its descriptor and thread) until the client hangs up.
@@ -29,12 +29,12 @@ impl Handler for Hold {
 pub struct HoldMessages;
 
 impl MessageHandler for HoldMessages {
-    fn setup(&mut self, req: &mut StreamRequest) -> HandlerResult {
+    fn setup(&mut self, req: &mut Request) -> HandlerResult {
         req.wfile.write_all(b"hi")?;
         Ok(req.wfile.flush()?)
     }
 
-    fn handle_message(&mut self, req: &mut StreamRequest) -> Result<Next, HandlerError> {
+    fn handle_message(&mut self, req: &mut Request) -> Result<Next, HandlerError> {
         let mut buf = [0u8; 64];
         Ok(match req.rfile.read(&mut buf)? {
             0 => Next::Close,
@@ -44,8 +44,8 @@ impl MessageHandler for HoldMessages {
 }
 
 /// [`HoldMessages`] as a handler factory wants it.
-pub fn hold_messages() -> MessageRequestHandler<HoldMessages> {
-    MessageRequestHandler::new(HoldMessages)
+pub fn hold_messages() -> HoldMessages {
+    HoldMessages
 }
 
 /// In the child: lowers the soft descriptor limit to `limit`.

@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use socketserver::transport::{StreamTransport, Transport};
 use socketserver::{
-    Dispatch, HandlerError, HandlerResult, MessageHandler, MessageRequestHandler, Next, Server,
-    ServerHandle, StreamRequest, transport::Transport,
+    Builder, Dispatch, HandlerError, HandlerResult, MessageHandler, Next, Request, Server,
+    ServerHandle,
 };
 
 /// Installs a test logger once (quiet unless RUST_LOG is set).
@@ -91,7 +92,7 @@ pub fn serve<T: Transport>(server: Server<T>) -> Running<T> {
 pub struct LineEcho;
 
 impl MessageHandler for LineEcho {
-    fn handle_message(&mut self, s: &mut StreamRequest) -> Result<Next, HandlerError> {
+    fn handle_message(&mut self, s: &mut Request) -> Result<Next, HandlerError> {
         let mut line = Vec::new();
         if s.rfile.read_until(b'\n', &mut line)? == 0 {
             return Ok(Next::Close);
@@ -105,33 +106,56 @@ impl MessageHandler for LineEcho {
     }
 }
 
-pub fn line_echo() -> MessageRequestHandler<LineEcho> {
-    MessageRequestHandler::new(LineEcho)
+pub fn line_echo() -> LineEcho {
+    LineEcho
+}
+
+/// A dispatch mode a suite runs its message handler in: a [`Dispatch`], or event mode, which
+/// only message handlers have ([`Builder::event`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Sync,
+    Thread,
+    Pool(usize),
+    Event(usize),
+}
+
+/// `builder.mode(m)`: the mode of a suite's server, chained like the builder's own methods.
+pub trait InMode {
+    fn mode(self, mode: Mode) -> Self;
+}
+
+impl<T: StreamTransport> InMode for Builder<T>
+where
+    T::Handler: MessageHandler,
+{
+    fn mode(self, mode: Mode) -> Self {
+        match mode {
+            Mode::Sync => self.dispatch(Dispatch::Sync),
+            Mode::Thread => self.dispatch(Dispatch::Thread),
+            Mode::Pool(workers) => self.dispatch(Dispatch::Pool { workers }),
+            #[cfg(all(target_os = "linux", not(socketserver_portable)))]
+            Mode::Event(workers) => self.event(workers),
+            #[cfg(not(all(target_os = "linux", not(socketserver_portable))))]
+            Mode::Event(_) => unreachable!("no event mode without Linux's epoll"),
+        }
+    }
 }
 
 /// Every stream dispatch mode, for the suites that run in each.
 #[cfg(all(target_os = "linux", not(socketserver_portable)))]
-pub const STREAM_MODES: [Dispatch; 4] = [
-    Dispatch::Sync,
-    Dispatch::Thread,
-    Dispatch::Pool { workers: 4 },
-    Dispatch::Event { workers: 2 },
-];
+pub const STREAM_MODES: [Mode; 4] = [Mode::Sync, Mode::Thread, Mode::Pool(4), Mode::Event(2)];
 /// Every stream dispatch mode there is without the Linux-only event dispatch.
 #[cfg(not(all(target_os = "linux", not(socketserver_portable))))]
-pub const STREAM_MODES: [Dispatch; 3] = [
-    Dispatch::Sync,
-    Dispatch::Thread,
-    Dispatch::Pool { workers: 4 },
-];
+pub const STREAM_MODES: [Mode; 3] = [Mode::Sync, Mode::Thread, Mode::Pool(4)];
 
 /// Event dispatch, for suites that run a case in it beside thread mode. Where it does not
 /// exist (the Linux-only parts off: the suites only compile there) the pool stands in.
 #[cfg(all(target_os = "linux", not(socketserver_portable)))]
-pub const EVENT_MODE: Dispatch = Dispatch::Event { workers: 2 };
+pub const EVENT_MODE: Mode = Mode::Event(2);
 /// Event dispatch's stand-in where it does not exist.
 #[cfg(not(all(target_os = "linux", not(socketserver_portable))))]
-pub const EVENT_MODE: Dispatch = Dispatch::Pool { workers: 2 };
+pub const EVENT_MODE: Mode = Mode::Pool(2);
 
 /// CPython's three `hello world\n` round trips over one connection.
 pub fn three_round_trips<S: std::io::Read + Write>(stream: S) {
@@ -474,18 +498,18 @@ pub fn quiet_panics(marker: &'static str) {
 /// Echoes bytes until the client hangs up, counting the connections it served; what one read
 /// brings is a message, so it runs in every dispatch mode. Make one with [`byte_echo`] or
 /// [`counting_echo`].
-pub type ByteEcho = MessageRequestHandler<Bytes>;
+pub type ByteEcho = Bytes;
 
 #[derive(Clone, Default)]
 pub struct Bytes(pub std::sync::Arc<AtomicUsize>);
 
 impl MessageHandler for Bytes {
-    fn setup(&mut self, _: &mut StreamRequest) -> HandlerResult {
+    fn setup(&mut self, _: &mut Request) -> HandlerResult {
         self.0.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
-    fn handle_message(&mut self, s: &mut StreamRequest) -> Result<Next, HandlerError> {
+    fn handle_message(&mut self, s: &mut Request) -> Result<Next, HandlerError> {
         let data = s.rfile.fill_buf()?;
         if data.is_empty() {
             return Ok(Next::Close);
@@ -498,12 +522,12 @@ impl MessageHandler for Bytes {
 }
 
 pub fn byte_echo() -> ByteEcho {
-    MessageRequestHandler::new(Bytes::default())
+    Bytes::default()
 }
 
 /// A [`ByteEcho`] counting its connections in `served`.
 pub fn counting_echo(served: &Arc<AtomicUsize>) -> ByteEcho {
-    MessageRequestHandler::new(Bytes(served.clone()))
+    Bytes(served.clone())
 }
 
 /// Echoes each datagram, counting them; `shutdown` stops the server and `silent` gets no reply.
