@@ -103,6 +103,6 @@ fn main() -> Result<(), socketserver::Error> {
     let room = Room::default();
     let server = TcpServer::bind(addr.as_str(), move || Chat(room.clone()))?;
     eprintln!("chat server on {}", server.local_addr());
-    server.serve_until_signal(std::time::Duration::from_secs(2))?;
+    server.serve_forever();
     Ok(())
 }

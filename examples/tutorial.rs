@@ -33,7 +33,6 @@ fn main() -> Result<(), socketserver::Error> {
     .auth(Auth::hmac(b"alex_s".to_vec()).digest(Digest::Md5))
     .bind(addr)?;
     println!("tutorial server on {}", server.local_addr());
-    // Ctrl-C or SIGTERM: stop taking clients, give the ones connected 2 s to finish.
-    server.serve_until_signal(std::time::Duration::from_secs(2))?;
+    server.serve_forever();
     Ok(())
 }

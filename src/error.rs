@@ -106,12 +106,14 @@ impl Error {
     }
 
     /// Marks a refusal as counted already, under its reason, by whoever made it.
+    #[cfg_attr(not(feature = "proxy-protocol"), allow(dead_code))]
     pub(crate) fn counted(mut self) -> Error {
         self.inner.counted = true;
         self
     }
 
     /// Whether the refusal was counted where it was made (see [`counted`](Self::counted)).
+    #[cfg_attr(not(feature = "proxy-protocol"), allow(dead_code))]
     pub(crate) fn is_counted(&self) -> bool {
         self.inner.counted
     }
