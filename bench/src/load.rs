@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use socketserver::Digest;
 
 use crate::contender::{connect as open, round_trip, rss_kib, threads};
+use crate::kmem::KernelMem;
 
 /// What one run of a scenario against one contender measured.
 #[derive(Clone, Debug, Default)]
@@ -35,6 +36,13 @@ pub struct Sample {
     pub rss_kib: f64,
     /// Idle only: (peak RSS − RSS before the connections) per held connection, bytes.
     pub rss_per_conn: f64,
+    /// Idle only: kernel slab objects that grew while the connections were held, per held
+    /// connection, bytes: both ends of each loopback connection (the client's half is the same
+    /// load generator for every contender). NaN where /proc/slabinfo cannot be read.
+    pub kernel_slab_per_conn: f64,
+    /// Idle only: kernel stacks and page tables that grew while the connections were held, per
+    /// held connection, bytes (a thread per connection costs one of each). NaN as above.
+    pub kernel_stack_per_conn: f64,
     /// Share of the benchmark cores' time that other processes took during the run (0..=1).
     pub foreign: f64,
     /// Echo and connect: server CPU time (user + system) per operation, microseconds.
@@ -407,6 +415,7 @@ pub fn idle(
     cores: Option<&[usize]>,
 ) -> Sample {
     let base = rss_kib(pid).unwrap_or(0);
+    let kernel_before = KernelMem::read();
     let watch = CpuWatch::start(cores, pid);
     let mut sampler = RssSampler::start(pid);
     let mut errors = 0;
@@ -443,8 +452,18 @@ pub fn idle(
     // Every handler has now run at least once: one more look at the memory, still held.
     thread::sleep(Duration::from_millis(100));
     let peak = sampler.finish(pid);
+    let kernel = kernel_before
+        .zip(KernelMem::read())
+        .map(|(k0, k1)| k1.since(&k0));
     let foreign = watch.foreign();
     drop(conns);
+    let per_held = |bytes: u64| {
+        if held > 0 {
+            bytes as f64 / held as f64
+        } else {
+            0.0
+        }
+    };
     let mut s = Sample {
         rate: held as f64,
         errors,
@@ -454,6 +473,8 @@ pub fn idle(
         } else {
             0.0
         },
+        kernel_slab_per_conn: kernel.map_or(f64::NAN, |k| per_held(k.slab)),
+        kernel_stack_per_conn: kernel.map_or(f64::NAN, |k| per_held(k.stack + k.page_tables)),
         foreign,
         threads: sampler.threads(),
         ..Sample::default()

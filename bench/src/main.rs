@@ -25,6 +25,7 @@
 
 mod common;
 mod contender;
+mod kmem;
 mod load;
 mod report;
 mod targets_event;
@@ -568,10 +569,11 @@ fn setup(cfg: &mut Config) -> Result<Setup, String> {
 fn progress(point: Point, s: &load::Sample) -> String {
     let fig = match point {
         Point::Idle(_) => format!(
-            "{:.0} held, RSS {:.1} MiB ({:.1} KiB/conn), {:.0} threads",
+            "{:.0} held, RSS {:.1} MiB ({:.1} KiB/conn), kernel {:.1} KiB/conn, {:.0} threads",
             s.rate,
             s.rss_kib / 1024.0,
             s.rss_per_conn / 1024.0,
+            (s.kernel_slab_per_conn + s.kernel_stack_per_conn) / 1024.0,
             s.threads
         ),
         _ => format!(
@@ -818,7 +820,12 @@ fn report_all(
          range's width as a share of the median. Latency: one round trip (echo); the whole \
          connect → [handshake] → echo → close cycle (connect); the first echo on each held \
          connection (idle). Server RSS: peak VmRSS of the server process during the run. RSS \
-         per connection: (peak − RSS before connecting) / connections held. Server CPU / op: \
+         per connection: (peak − RSS before connecting) / connections held. Kernel memory, \
+         which RSS does not show, per connection held, system-wide before connecting and while \
+         held: slab (active objects of /proc/slabinfo: socket, inode, file, epoll item, for \
+         both ends of each loopback connection, the client's half the same for every \
+         contender) and stacks (the KernelStack and PageTables lines of /proc/meminfo: a \
+         thread per connection costs its kernel stack). Server CPU / op: \
          the server process's CPU time (user + system, /proc, 10 ms resolution) over the \
          measured window divided by the operations in it, which tells efficiency apart from \
          whichever side is the bottleneck. Pinned, tokio runs on a current-thread runtime (what \

@@ -99,6 +99,8 @@ pub fn summary(samples: &[Sample]) -> Option<Sample> {
         errors: samples.iter().map(|s| s.errors).sum(),
         rss_kib: m(|s| s.rss_kib),
         rss_per_conn: m(|s| s.rss_per_conn),
+        kernel_slab_per_conn: m(|s| s.kernel_slab_per_conn),
+        kernel_stack_per_conn: m(|s| s.kernel_stack_per_conn),
         foreign: m(|s| s.foreign),
         cpu_us_per_op: m(|s| s.cpu_us_per_op),
         nodelay: samples.iter().find_map(|s| s.nodelay),
@@ -147,6 +149,9 @@ fn fmt_kib(kib: f64) -> String {
 }
 
 fn fmt_bytes(b: f64) -> String {
+    if b.is_nan() {
+        return "n/a (needs root)".into();
+    }
     format!("{:.1} KiB", b / 1024.0)
 }
 
@@ -270,6 +275,14 @@ fn idle_columns() -> Vec<Column> {
         Column {
             header: "spread over rounds",
             cell: |c| fmt_spread(c.rounds, |s| s.rss_per_conn, fmt_bytes),
+        },
+        Column {
+            header: "kernel slab per connection",
+            cell: |c| c.vs_base(|s| s.kernel_slab_per_conn, fmt_bytes),
+        },
+        Column {
+            header: "kernel stacks per connection",
+            cell: |c| c.vs_base(|s| s.kernel_stack_per_conn, fmt_bytes),
         },
         Column {
             header: "server threads",
