@@ -15,7 +15,7 @@ use crate::control::{Control, Counters, Permit, lock};
 use crate::dispatch::{Acceptor, Dispatch, Dispatcher, Run, Shared};
 use crate::log_limit::limited;
 use crate::stream::{ActivityLimits, Cut};
-use crate::transport::socket::SocketOptions;
+use crate::transport::socket::{SocketOptions, accept_queue_len};
 use crate::transport::{Incoming, Listener, Service, Transport};
 use crate::wait::{Polled, deadline_after, poll_until};
 use crate::worker::{Ctx, ErrorHook, panic_message};
@@ -745,6 +745,11 @@ impl IdleReaper {
 /// stop flag again.
 const PRESSURE_LOOK: Duration = Duration::from_millis(50);
 
+/// How long the pressure policy watches a newcomer's queue before it sheds a client for it:
+/// long enough to see a sibling worker process with room take from it, short beside a
+/// client's patience.
+const PRESSURE_GRACE: Duration = Duration::from_millis(20);
+
 /// The pressure policy, while the server is full (the accept loop waits for a slot): each
 /// newcomer that queues in the backlog gets an idle connection shed for it, at once. Returns
 /// when the server is no longer full, when it stops, or when the reaper's tick is due.
@@ -766,6 +771,25 @@ fn relieve(c: &Control, tick_due: Instant) {
             poll_until(&mut fds, Some(now + PRESSURE_LOOK.min(tick_due - now))),
             Ok(Polled::Ready)
         ) {
+            continue;
+        }
+        // Other processes may accept from this listener too (prefork's workers share it): a
+        // newcomer one of them with room takes is not one to shed a client for. Only one still
+        // queued a moment later, with the queue not shrinking (nobody taking from it), is.
+        let queued = accept_queue_len(listener.as_fd());
+        thread::sleep(PRESSURE_GRACE);
+        let waiting = match (queued, accept_queue_len(listener.as_fd())) {
+            (Some(before), Some(now)) => now > 0 && now >= before,
+            // A Unix-domain listener: still queued at all.
+            _ => {
+                let mut fds = [PollFd::new(&listener, PollFlags::IN)];
+                matches!(
+                    poll_until(&mut fds, Some(Instant::now())),
+                    Ok(Polled::Ready)
+                )
+            }
+        };
+        if !waiting {
             continue;
         }
         if !c.evict(1, |s, idle| report_eviction(c, s, idle)) {

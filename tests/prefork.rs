@@ -453,3 +453,48 @@ fn sigttin_and_sigttou_add_and_remove_a_worker_under_load() {
     assert_eq!(failed, 0, "{errors:?}");
     sup.stop();
 }
+
+/// A worker at its connection cap leaves a newcomer to a sibling with room: the pressure policy
+/// sheds an idle client only for a newcomer no process takes, so 39 idle clients of two event
+/// workers capped at 20 each are all kept, none shed for the last arrivals.
+#[test]
+fn a_full_worker_leaves_newcomers_to_a_sibling_with_room() {
+    use std::io::{Read, Write};
+    let s = Supervisor::start("siblings", &["--mode", "event", "--max-connections", "20"]);
+    let open = |n: usize| -> Vec<std::net::TcpStream> {
+        (0..n)
+            .map(|i| {
+                let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                c.write_all(&[i as u8]).unwrap();
+                let mut b = [0u8];
+                c.read_exact(&mut b).unwrap();
+                c
+            })
+            .collect()
+    };
+    // Idle past a look of each worker's reaper (a second), so they are ones it would shed.
+    let mut clients = open(20);
+    std::thread::sleep(Duration::from_millis(2500));
+    clients.extend(open(19));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut gone = Vec::new();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut b = [0u8];
+        if c.write_all(b"?").is_err() || c.read_exact(&mut b).is_err() {
+            gone.push(i);
+        }
+    }
+    assert!(
+        gone.is_empty(),
+        "clients {gone:?} of 39 were shed with room for 40:\n{}",
+        s.log.dump()
+    );
+    assert!(
+        !s.log.dump().contains("closed idle connection"),
+        "{}",
+        s.log.dump()
+    );
+    drop(clients);
+    s.stop();
+}

@@ -214,3 +214,59 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     }
 }
+
+/// How many connections wait in a TCP listener's accept queue (`TCP_INFO`'s `tcpi_unacked`,
+/// which for a listening socket is the queue's length, as `ss -lt` shows in Recv-Q). `None`
+/// where it cannot be told: a Unix-domain listener, or a system without Linux's `TCP_INFO`.
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
+#[allow(unsafe_code)]
+pub(crate) fn accept_queue_len(fd: std::os::fd::BorrowedFd<'_>) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    // `struct tcp_info` of the kernel's uapi: eight one-byte fields, then `tcpi_rto`,
+    // `tcpi_ato`, `tcpi_snd_mss`, `tcpi_rcv_mss`, `tcpi_unacked` as u32s (offset 24, index 6).
+    // The kernel writes as much as it has and no more than `len`; 64 words hold any version.
+    let mut info = [0u32; 64];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: `fd` is borrowed, so it stays open for the call. `info` is a live, aligned,
+    // writable buffer of exactly `len` bytes: the kernel writes at most `len` bytes into it and
+    // stores the length written in `len`. It holds plain integers, for which every bit pattern
+    // is a valid value, so whatever the kernel writes leaves it valid.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && len as usize >= 7 * 4).then_some(info[6])
+}
+
+/// Without Linux's `TCP_INFO` the queue's length cannot be told.
+#[cfg(not(all(target_os = "linux", not(socketserver_portable))))]
+pub(crate) fn accept_queue_len(_fd: std::os::fd::BorrowedFd<'_>) -> Option<u32> {
+    None
+}
+
+#[cfg(all(test, target_os = "linux", not(socketserver_portable)))]
+mod queue_tests {
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn the_accept_queue_length_counts_connections_not_yet_accepted() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        assert_eq!(super::accept_queue_len(listener.as_fd()), Some(0));
+        let clients: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        assert_eq!(super::accept_queue_len(listener.as_fd()), Some(3));
+        drop(listener.accept().unwrap());
+        assert_eq!(super::accept_queue_len(listener.as_fd()), Some(2));
+        // Not a TCP socket: unknown, not zero.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(super::accept_queue_len(a.as_fd()), None);
+        drop(clients);
+    }
+}
