@@ -120,6 +120,28 @@ impl<H: Handler> Server<Tcp<H>> {
 }
 
 impl<H: Handler> Builder<Tcp<H>> {
+    /// Sets `TCP_NODELAY` on accepted connections. Default true, as Go does. TCP builders only
+    /// (a Unix-domain socket has no Nagle's algorithm to turn off).
+    ///
+    /// With it on, every write leaves at once instead of waiting (Nagle's algorithm) for the
+    /// peer to acknowledge the previous segment, which with delayed ACKs costs ~40 ms per
+    /// reply that is written in more than one piece. The trade-off: a handler that writes many
+    /// tiny pieces sends as many tiny segments. Formatted writes (`write!` on a
+    /// [`Request`](crate::Request), [`WFile`](crate::WFile) or [`Stream`](crate::Stream))
+    /// leave in one write whatever this setting; for many small unformatted writes give `wfile`
+    /// a buffer ([`StreamOptions::wbufsize`](crate::StreamOptions::wbufsize)) and flush per reply,
+    /// or turn this off.
+    ///
+    /// ```compile_fail
+    /// use socketserver::{UnixStreamServer, handler_fn};
+    ///
+    /// let builder = UnixStreamServer::builder(|| handler_fn(|_req| Ok(()))).nodelay(false);
+    /// ```
+    pub fn nodelay(mut self, nodelay: bool) -> Self {
+        self.service.nodelay = nodelay;
+        self
+    }
+
     /// Binds and listens on `addr`. A failed bind closes the socket it made: no descriptor leaks.
     pub fn bind(self, addr: impl ToSocketAddrs + fmt::Debug) -> Result<Server<Tcp<H>>> {
         let sock = bind_first(addr, |a| bind_inet(a, Type::STREAM, &self.socket))?;
@@ -428,22 +450,6 @@ impl<T: StreamTransport> Builder<T> {
         self.activity_mut().min_rate = rate.into();
         self
     }
-
-    /// Sets `TCP_NODELAY` on accepted TCP connections. Default true, as Go does; no effect on
-    /// Unix-domain sockets.
-    ///
-    /// With it on, every write leaves at once instead of waiting (Nagle's algorithm) for the
-    /// peer to acknowledge the previous segment, which with delayed ACKs costs ~40 ms per
-    /// reply that is written in more than one piece. The trade-off: a handler that writes many
-    /// tiny pieces sends as many tiny segments. Formatted writes (`write!` on a
-    /// [`Request`](crate::Request), [`WFile`](crate::WFile) or [`Stream`](crate::Stream))
-    /// leave in one write whatever this setting; for many small unformatted writes give `wfile`
-    /// a buffer ([`StreamOptions::wbufsize`](crate::StreamOptions::wbufsize)) and flush per reply,
-    /// or turn this off.
-    pub fn nodelay(mut self, nodelay: bool) -> Self {
-        self.service.nodelay = nodelay;
-        self
-    }
 }
 
 /// A stream server's builder, with the activity limits stream servers have by default.
@@ -454,28 +460,6 @@ fn stream_builder<T: StreamTransport>(
     *builder.activity_mut() = ActivityLimits::STREAM_DEFAULT;
     builder
 }
-
-impl<T: Transport> Builder<T> {
-    /// For Unix-domain servers: if the path holds a socket that nothing listens on any more (a
-    /// crashed run's), remove it before binding. A live socket or any other file is never
-    /// removed. Default false.
-    pub fn replace_stale(mut self, replace: bool) -> Self {
-        self.socket.replace_stale = replace;
-        self
-    }
-
-    /// For Unix-domain servers: the permission bits of the socket file, such as `0o660` to let
-    /// only the owner and its group connect (connecting needs write permission). Set before any
-    /// client can connect, and exactly, whatever the umask. By default the file gets what the
-    /// process's umask leaves of `0o777`. Bits beyond `0o7777` are refused when binding. IP
-    /// servers ignore it.
-    pub fn socket_mode(mut self, mode: u32) -> Self {
-        self.socket.mode = Some(mode);
-        self
-    }
-}
-
-use crate::transport::Transport;
 
 impl<T: DatagramTransport> Builder<T> {
     /// The largest datagram served (Python's `max_packet_size`, default 8192). A longer one is
