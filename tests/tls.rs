@@ -1168,7 +1168,14 @@ fn event_mode_parks_stalled_tls_handshakes_without_holding_its_worker() {
 fn event_mode_peers_that_stop_reading_mid_handshake_or_mid_stream_hold_no_worker() {
     use socketserver::rustls;
     let pki = Pki::new("event-nonreaders");
-    let (server, addr, _) = server_with(pki.tls("server"), None, Mode::Event(1));
+    // The mid-handshake peers must still be there at the end: on a loaded machine the test
+    // can take longer than the default 5 s deadline, which would cut them.
+    let (server, addr, _) = server_within(
+        pki.tls("server"),
+        None,
+        Mode::Event(1),
+        Some(Duration::from_secs(60)),
+    );
     let hello = {
         let config = rustls::ClientConfig::builder_with_provider(tls::provider())
             .with_safe_default_protocol_versions()
