@@ -124,6 +124,10 @@ pub(crate) struct Resume {
     pub(crate) then: Option<Rest>,
 }
 
+/// How long a connection has for the whole of admission, every stage together, unless
+/// [`Builder::handshake_timeout`](crate::Builder::handshake_timeout) says otherwise.
+pub(crate) const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The default cap on unfinished admissions in event mode.
 pub(crate) const PARKED_CAP: usize = 1024;
 
@@ -300,7 +304,7 @@ impl Default for Pipeline {
     fn default() -> Pipeline {
         Pipeline {
             stages: Vec::new(),
-            timeout: Auth::DEFAULT_TIMEOUT,
+            timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_pending: None,
             pending: Arc::new(Mutex::new(PendingTable {
                 cap: 1,
@@ -320,17 +324,15 @@ impl Pipeline {
         self.stages.insert(at, stage);
     }
 
-    /// The deadline of a whole admission, and the most that may be unfinished at once (`None`:
-    /// derived from the dispatch limit when the server is built).
-    pub(crate) fn set_limits(&mut self, timeout: Duration, max_pending: Option<usize>) {
-        self.timeout = timeout;
-        self.max_pending = max_pending;
-    }
-
-    /// The deadline of a whole admission, leaving the cap as it is.
-    #[cfg_attr(not(feature = "proxy-protocol"), allow(dead_code))]
+    /// The deadline of a whole admission: every stage of a connection together.
     pub(crate) fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
+    }
+
+    /// The most admissions that may be unfinished at once (unset: derived from the dispatch
+    /// limit when the server is built).
+    pub(crate) fn set_max_pending(&mut self, max: usize) {
+        self.max_pending = Some(max);
     }
 
     /// Checks the stages and sizes the cap once the dispatch limit is known.
@@ -348,6 +350,14 @@ impl Pipeline {
     /// is held, so the cap is [`PARKED_CAP`], and an honest client caught in a flood of silent
     /// connections has that many newer ones to answer within.
     pub(crate) fn prepare(&mut self, limit: Option<usize>, parked: bool) -> Result<()> {
+        if self.timeout.is_zero() {
+            return Err(crate::Error::config("handshake_timeout must be positive"));
+        }
+        if self.max_pending == Some(0) {
+            return Err(crate::Error::config(
+                "max_pending_handshakes must be at least 1",
+            ));
+        }
         for s in &self.stages {
             s.check()?;
         }
@@ -815,7 +825,9 @@ mod tests {
         let local = Addr::Inet(listener.local_addr().unwrap());
         let control = Control::new(local, Some(workers), None, None).unwrap();
         let mut pipeline = Pipeline::default();
-        pipeline.set_limits(Duration::from_secs(5), max_pending);
+        if let Some(max) = max_pending {
+            pipeline.set_max_pending(max);
+        }
         pipeline.prepare(Some(workers), false).unwrap();
         (pipeline, control, listener)
     }
@@ -905,6 +917,24 @@ mod tests {
         assert_eq!(threshold(Some(5)), (5, Some(4)));
         assert_eq!(threshold(Some(3)), (3, Some(3)));
         assert_eq!(threshold(None), (64, None));
+    }
+
+    #[test]
+    fn the_deadline_defaults_to_five_seconds_and_zero_limits_are_refused() {
+        let pipeline = Pipeline::default();
+        assert_eq!(pipeline.timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+        assert_eq!(DEFAULT_HANDSHAKE_TIMEOUT, Duration::from_secs(5));
+        let mut zero = Pipeline::default();
+        zero.set_timeout(Duration::ZERO);
+        assert!(zero.prepare(Some(4), false).unwrap_err().is_config());
+        let mut none = Pipeline::default();
+        none.set_max_pending(0);
+        assert!(none.prepare(None, true).unwrap_err().is_config());
+        // A cap the user set holds whatever the mode and the dispatch limit.
+        let mut seven = Pipeline::default();
+        seven.set_max_pending(7);
+        seven.prepare(Some(64), true).unwrap();
+        assert_eq!(lock(&seven.pending).cap, 7);
     }
 
     #[test]

@@ -120,6 +120,28 @@ impl<H: Handler> Server<Tcp<H>> {
 }
 
 impl<H: Handler> Builder<Tcp<H>> {
+    /// Sets `TCP_NODELAY` on accepted connections. Default true, as Go does. TCP builders only
+    /// (a Unix-domain socket has no Nagle's algorithm to turn off).
+    ///
+    /// With it on, every write leaves at once instead of waiting (Nagle's algorithm) for the
+    /// peer to acknowledge the previous segment, which with delayed ACKs costs ~40 ms per
+    /// reply that is written in more than one piece. The trade-off: a handler that writes many
+    /// tiny pieces sends as many tiny segments. Formatted writes (`write!` on a
+    /// [`Request`](crate::Request), [`WFile`](crate::WFile) or [`Stream`](crate::Stream))
+    /// leave in one write whatever this setting; for many small unformatted writes give `wfile`
+    /// a buffer ([`StreamOptions::wbufsize`](crate::StreamOptions::wbufsize)) and flush per reply,
+    /// or turn this off.
+    ///
+    /// ```compile_fail
+    /// use socketserver::{UnixStreamServer, handler_fn};
+    ///
+    /// let builder = UnixStreamServer::builder(|| handler_fn(|_req| Ok(()))).nodelay(false);
+    /// ```
+    pub fn nodelay(mut self, nodelay: bool) -> Self {
+        self.service.nodelay = nodelay;
+        self
+    }
+
     /// Binds and listens on `addr`. A failed bind closes the socket it made: no descriptor leaks.
     pub fn bind(self, addr: impl ToSocketAddrs + fmt::Debug) -> Result<Server<Tcp<H>>> {
         let sock = bind_first(addr, |a| bind_inet(a, Type::STREAM, &self.socket))?;
@@ -341,18 +363,56 @@ impl<T: StreamTransport> Builder<T> {
         self
     }
 
-    /// Requires every client to pass `auth`'s handshake before its handler runs. An empty key is
-    /// rejected when the server is built.
+    /// Requires every client to pass `auth`'s handshake before its handler runs, within the
+    /// [handshake deadline](Self::handshake_timeout). An empty key is rejected when the server
+    /// is built.
     pub fn auth(mut self, auth: Auth) -> Self {
-        let admission = &mut self.service.admission;
-        admission.set_limits(auth.timeout(), auth.max_pending_set());
-        admission.add(Box::new(auth));
+        self.service.admission.add(Box::new(auth));
+        self
+    }
+
+    /// How long a connection has for all of admission, whatever stages are configured: the
+    /// PROXY header ([`proxy_protocol`](Self::proxy_protocol)), the TLS handshake
+    /// ([`tls`](Self::tls)) and the [`auth`](Self::auth) handshake, in that order, under one
+    /// deadline that starts when the connection is accepted and covers every read and write of
+    /// every stage together. A client that trickles bytes, or takes its time over each stage,
+    /// cannot stretch it. A connection still in admission at the deadline is closed, logged
+    /// (rate-limited) and counted in
+    /// [`Stats::handshake_timeouts`](crate::Stats::handshake_timeouts); its handler never
+    /// runs. Default 5 s; no effect without a stage. Zero is refused when the server is built;
+    /// `Duration::MAX` means no deadline.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.service.admission.set_timeout(timeout);
+        self
+    }
+
+    /// The most connections that may be in admission at once (like OpenSSH's `MaxStartups`),
+    /// whatever stages are configured (PROXY header, TLS, [`auth`](Self::auth)). When a new
+    /// connection finds the cap reached, the oldest unfinished admission is cut (counted in
+    /// [`Stats::handshake_evictions`](crate::Stats::handshake_evictions)), so silent
+    /// connections can hold at most this many workers while honest clients, which answer in a
+    /// round trip, get through. At least 1 (zero is refused when the server is built).
+    ///
+    /// Default: 1024 in event mode, where an unfinished admission holds no thread. In pool
+    /// mode and with [`max_connections`](Self::max_connections) set, handshakes may take any
+    /// worker (slot), and when a new connection takes the last free one while at least half of
+    /// them (at least 4, or all of a smaller pool) are handshakes, the oldest unfinished
+    /// handshake whose client has not answered yet is cut, so a worker frees for the next
+    /// client; 64 in sync mode and in thread mode without `max_connections`.
+    ///
+    /// The limit of this policy: a burst of more than `max` new connections arriving within
+    /// one round trip of an honest client can cut its handshake too (nothing tells the two
+    /// apart before the client answers); that client sees the connection closed and should
+    /// retry. Held silent connections, however many, cannot starve it.
+    pub fn max_pending_handshakes(mut self, max: usize) -> Self {
+        self.service.admission.set_max_pending(max);
         self
     }
 
     /// Serves every connection over TLS (feature `tls`): the handshake runs on the worker as
     /// the admission stage before [`auth`](Self::auth)'s, which then runs inside TLS, bounded by
-    /// the same handshake timeout (5 s, or `auth`'s) and pending cap.
+    /// the one [handshake deadline](Self::handshake_timeout) (5 s by default) and
+    /// [pending cap](Self::max_pending_handshakes).
     #[cfg(feature = "tls")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     pub fn tls(mut self, tls: crate::Tls) -> Self {
@@ -428,22 +488,6 @@ impl<T: StreamTransport> Builder<T> {
         self.activity_mut().min_rate = rate.into();
         self
     }
-
-    /// Sets `TCP_NODELAY` on accepted TCP connections. Default true, as Go does; no effect on
-    /// Unix-domain sockets.
-    ///
-    /// With it on, every write leaves at once instead of waiting (Nagle's algorithm) for the
-    /// peer to acknowledge the previous segment, which with delayed ACKs costs ~40 ms per
-    /// reply that is written in more than one piece. The trade-off: a handler that writes many
-    /// tiny pieces sends as many tiny segments. Formatted writes (`write!` on a
-    /// [`Request`](crate::Request), [`WFile`](crate::WFile) or [`Stream`](crate::Stream))
-    /// leave in one write whatever this setting; for many small unformatted writes give `wfile`
-    /// a buffer ([`StreamOptions::wbufsize`](crate::StreamOptions::wbufsize)) and flush per reply,
-    /// or turn this off.
-    pub fn nodelay(mut self, nodelay: bool) -> Self {
-        self.service.nodelay = nodelay;
-        self
-    }
 }
 
 /// A stream server's builder, with the activity limits stream servers have by default.
@@ -454,28 +498,6 @@ fn stream_builder<T: StreamTransport>(
     *builder.activity_mut() = ActivityLimits::STREAM_DEFAULT;
     builder
 }
-
-impl<T: Transport> Builder<T> {
-    /// For Unix-domain servers: if the path holds a socket that nothing listens on any more (a
-    /// crashed run's), remove it before binding. A live socket or any other file is never
-    /// removed. Default false.
-    pub fn replace_stale(mut self, replace: bool) -> Self {
-        self.socket.replace_stale = replace;
-        self
-    }
-
-    /// For Unix-domain servers: the permission bits of the socket file, such as `0o660` to let
-    /// only the owner and its group connect (connecting needs write permission). Set before any
-    /// client can connect, and exactly, whatever the umask. By default the file gets what the
-    /// process's umask leaves of `0o777`. Bits beyond `0o7777` are refused when binding. IP
-    /// servers ignore it.
-    pub fn socket_mode(mut self, mode: u32) -> Self {
-        self.socket.mode = Some(mode);
-        self
-    }
-}
-
-use crate::transport::Transport;
 
 impl<T: DatagramTransport> Builder<T> {
     /// The largest datagram served (Python's `max_packet_size`, default 8192). A longer one is

@@ -16,10 +16,12 @@ use crate::dispatch::{Acceptor, Dispatch, Dispatcher, Run, Shared};
 use crate::log_limit::limited;
 use crate::stream::{ActivityLimits, Cut};
 use crate::transport::socket::{SocketOptions, accept_queue_len};
-use crate::transport::{Incoming, Listener, Service, Transport};
+use crate::transport::{
+    Incoming, InetTransport, Listener, Service, StreamTransport, Tcp, Transport, UnixTransport,
+};
 use crate::wait::{Polled, deadline_after, poll_until};
 use crate::worker::{Ctx, ErrorHook, panic_message};
-use crate::{Addr, HandlerFailure, ServerHandle};
+use crate::{Addr, Handler, HandlerFailure, ServerHandle};
 use rustix::event::{PollFd, PollFlags};
 
 type ActionHook = Box<dyn Fn() + Send + Sync>;
@@ -125,24 +127,6 @@ impl<T: Transport> Builder<T> {
         self
     }
 
-    /// Caps the connections one client IP address may have open at once, so that one client
-    /// cannot take every slot under [`max_connections`](Self::max_connections) (or every
-    /// worker). A connection over the cap is closed at once, logged (rate-limited) and counted
-    /// in [`Stats::per_source_rejected`](crate::Stats::per_source_rejected). IPv4-mapped IPv6
-    /// addresses count as their IPv4 address. Stream servers over IP only: Unix-domain clients
-    /// are local processes that the socket file's permissions already select, and datagram
-    /// sources can be forged.
-    ///
-    /// Default: no per-source cap, as in nginx (`limit_conn`), OpenSSH
-    /// (`PerSourceMaxStartups`) and Go's `net/http`. A default cap would silently refuse
-    /// clients wherever many share one address: users behind a NAT, a load balancer or
-    /// reverse proxy in front of the server, a load test from one host. Set it when clients
-    /// reach the server directly; 16 is a common choice.
-    pub fn max_per_source(mut self, max: usize) -> Self {
-        self.common.max_per_source = Some(max);
-        self
-    }
-
     /// At the connection cap, accept and close new connections at once (counted in
     /// [`Stats::limit_rejected`](crate::Stats::limit_rejected)) instead of leaving them in the
     /// backlog. Sheds load quickly when clients can retry elsewhere. Thread mode only: a pool
@@ -196,36 +180,6 @@ impl<T: Transport> Builder<T> {
         hook: impl Fn(&Addr, &HandlerFailure) + Send + Sync + 'static,
     ) -> Self {
         self.common.handle_error = Some(Box::new(hook));
-        self
-    }
-
-    /// Sets `SO_REUSEADDR` before binding. Default: on for TCP, as `std` does (a restarted
-    /// server can bind while old connections linger in TIME_WAIT; Python's `TCPServer` defaults
-    /// to off); off for UDP, where it would let a second server bind the same port and take
-    /// part of its traffic. IP sockets only.
-    pub fn reuse_address(mut self, reuse: bool) -> Self {
-        self.socket.reuse_address = Some(reuse);
-        self
-    }
-
-    /// Sets `SO_REUSEPORT` before binding, so several servers can share a port (default false).
-    /// IP sockets only.
-    pub fn reuse_port(mut self, reuse: bool) -> Self {
-        self.socket.reuse_port = reuse;
-        self
-    }
-
-    /// Restricts an IPv6 socket to IPv6 (`IPV6_V6ONLY`). Default false, whatever the system's
-    /// setting: a server bound to `[::]:PORT` serves IPv4 clients too, and reports them with
-    /// their IPv4 address (`127.0.0.1:5000`, not `[::ffff:127.0.0.1]:5000`).
-    pub fn only_v6(mut self, only: bool) -> Self {
-        self.socket.only_v6 = Some(only);
-        self
-    }
-
-    /// The listen backlog; by default the system maximum (`somaxconn`), not Python's old 5.
-    pub fn backlog(mut self, backlog: u32) -> Self {
-        self.socket.backlog = Some(backlog);
         self
     }
 
@@ -323,6 +277,123 @@ impl<T: Transport> Builder<T> {
             server.enable_readiness();
         }
         Ok(server)
+    }
+}
+
+/// The IP socket options: TCP and UDP builders only. A Unix-domain builder has none of these
+/// (its socket file's permissions say who may connect):
+///
+/// ```compile_fail
+/// use socketserver::{UnixStreamServer, handler_fn};
+///
+/// let builder = UnixStreamServer::builder(|| handler_fn(|_req| Ok(()))).reuse_port(true);
+/// ```
+///
+/// ```compile_fail
+/// use socketserver::{UnixDatagramServer, datagram_fn};
+///
+/// let builder = UnixDatagramServer::builder(|| datagram_fn(|_req| Ok(()))).only_v6(true);
+/// ```
+impl<T: InetTransport> Builder<T> {
+    /// Sets `SO_REUSEADDR` before binding. Default: on for TCP, as `std` does (a restarted
+    /// server can bind while old connections linger in TIME_WAIT; Python's `TCPServer` defaults
+    /// to off); off for UDP, where it would let a second server bind the same port and take
+    /// part of its traffic.
+    pub fn reuse_address(mut self, reuse: bool) -> Self {
+        self.socket.reuse_address = Some(reuse);
+        self
+    }
+
+    /// Sets `SO_REUSEPORT` before binding, so several servers can share a port (default false).
+    pub fn reuse_port(mut self, reuse: bool) -> Self {
+        self.socket.reuse_port = reuse;
+        self
+    }
+
+    /// Restricts an IPv6 socket to IPv6 (`IPV6_V6ONLY`). Default false, whatever the system's
+    /// setting: a server bound to `[::]:PORT` serves IPv4 clients too, and reports them with
+    /// their IPv4 address (`127.0.0.1:5000`, not `[::ffff:127.0.0.1]:5000`).
+    pub fn only_v6(mut self, only: bool) -> Self {
+        self.socket.only_v6 = Some(only);
+        self
+    }
+}
+
+/// The socket file's settings: Unix-domain builders only. An IP builder has none of these:
+///
+/// ```compile_fail
+/// use socketserver::{TcpServer, handler_fn};
+///
+/// let builder = TcpServer::builder(|| handler_fn(|_req| Ok(()))).socket_mode(0o660);
+/// ```
+///
+/// ```compile_fail
+/// use socketserver::{UdpServer, datagram_fn};
+///
+/// let builder = UdpServer::builder(|| datagram_fn(|_req| Ok(()))).replace_stale(true);
+/// ```
+impl<T: UnixTransport> Builder<T> {
+    /// If the path holds a socket that nothing listens on any more (a crashed run's), remove
+    /// it before binding. A live socket or any other file is never removed. Default false.
+    pub fn replace_stale(mut self, replace: bool) -> Self {
+        self.socket.replace_stale = replace;
+        self
+    }
+
+    /// The permission bits of the socket file, such as `0o660` to let only the owner and its
+    /// group connect (connecting needs write permission). Set before any client can connect,
+    /// and exactly, whatever the umask. By default the file gets what the process's umask
+    /// leaves of `0o777`. Bits beyond `0o7777` are refused when binding.
+    pub fn socket_mode(mut self, mode: u32) -> Self {
+        self.socket.mode = Some(mode);
+        self
+    }
+}
+
+/// The listen backlog: stream builders only. A datagram socket does not listen:
+///
+/// ```compile_fail
+/// use socketserver::{UdpServer, datagram_fn};
+///
+/// let builder = UdpServer::builder(|| datagram_fn(|_req| Ok(()))).backlog(128);
+/// ```
+impl<T: StreamTransport> Builder<T> {
+    /// The listen backlog; by default the system maximum (`somaxconn`), not Python's old 5.
+    pub fn backlog(mut self, backlog: u32) -> Self {
+        self.socket.backlog = Some(backlog);
+        self
+    }
+}
+
+/// The cap per client address: TCP builders only. Unix-domain clients are local processes that
+/// the socket file's permissions already select, and datagram sources can be forged:
+///
+/// ```compile_fail
+/// use socketserver::{UdpServer, datagram_fn};
+///
+/// let builder = UdpServer::builder(|| datagram_fn(|_req| Ok(()))).max_per_source(16);
+/// ```
+///
+/// ```compile_fail
+/// use socketserver::{UnixStreamServer, handler_fn};
+///
+/// let builder = UnixStreamServer::builder(|| handler_fn(|_req| Ok(()))).max_per_source(16);
+/// ```
+impl<H: Handler> Builder<Tcp<H>> {
+    /// Caps the connections one client IP address may have open at once, so that one client
+    /// cannot take every slot under [`max_connections`](Self::max_connections) (or every
+    /// worker). A connection over the cap is closed at once, logged (rate-limited) and counted
+    /// in [`Stats::per_source_rejected`](crate::Stats::per_source_rejected). IPv4-mapped IPv6
+    /// addresses count as their IPv4 address.
+    ///
+    /// Default: no per-source cap, as in nginx (`limit_conn`), OpenSSH
+    /// (`PerSourceMaxStartups`) and Go's `net/http`. A default cap would silently refuse
+    /// clients wherever many share one address: users behind a NAT, a load balancer or
+    /// reverse proxy in front of the server, a load test from one host. Set it when clients
+    /// reach the server directly; 16 is a common choice.
+    pub fn max_per_source(mut self, max: usize) -> Self {
+        self.common.max_per_source = Some(max);
+        self
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use socketserver::transport::Tcp;
 use socketserver::{
-    Addr, Auth, CHALLENGE_LEN, Digest, TcpServer, answer_challenge, connect_with_auth,
+    Addr, Auth, Builder, CHALLENGE_LEN, Digest, TcpServer, answer_challenge, connect_with_auth,
 };
 use util::{ByteEcho, connect, eventually, serve};
 
@@ -22,10 +22,19 @@ const KEY: &[u8] = b"alex_s";
 
 /// An echo server behind `auth`, and the count of handlers that ran.
 fn echo_server(auth: Auth, mode: Mode) -> (util::Running<Tcp<ByteEcho>>, Addr, Arc<AtomicUsize>) {
+    echo_server_with(auth, mode, |b| b)
+}
+
+/// [`echo_server`], with more settings (the handshake deadline, say) made by `adjust`.
+fn echo_server_with(
+    auth: Auth,
+    mode: Mode,
+    adjust: impl FnOnce(Builder<Tcp<ByteEcho>>) -> Builder<Tcp<ByteEcho>>,
+) -> (util::Running<Tcp<ByteEcho>>, Addr, Arc<AtomicUsize>) {
     util::init_logs();
     let ran = Arc::new(AtomicUsize::new(0));
     let r = ran.clone();
-    let server = TcpServer::builder(move || util::counting_echo(&r))
+    let server = adjust(TcpServer::builder(move || util::counting_echo(&r)))
         .mode(mode)
         .auth(auth)
         .bind("127.0.0.1:0")
@@ -212,8 +221,9 @@ fn malformed_answers_are_rejected_cleanly() {
 #[test]
 fn a_silent_or_trickling_client_times_out() {
     let timeout = Duration::from_millis(300);
-    let (running, addr, ran) =
-        echo_server(Auth::hmac(KEY).handshake_timeout(timeout), Mode::Thread);
+    let (running, addr, ran) = echo_server_with(Auth::hmac(KEY), Mode::Thread, |b| {
+        b.handshake_timeout(timeout)
+    });
     let mut silent = connect(&addr);
     read_challenge(&mut silent);
     let t = Instant::now();
@@ -265,10 +275,9 @@ fn the_cap_evicts_the_oldest_handshake_first() {
     // the honest one. (With a pool no larger than the cap, no connection past the cap is ever
     // accepted, so nothing is evicted: silent clients hold every worker until they time out.)
     for mode in [Mode::Thread, Mode::Pool(CAP + 1)] {
-        let (running, addr, ran) = echo_server(
-            Auth::hmac(KEY).handshake_timeout(timeout).max_pending(CAP),
-            mode,
-        );
+        let (running, addr, ran) = echo_server_with(Auth::hmac(KEY), mode, |b| {
+            b.handshake_timeout(timeout).max_pending_handshakes(CAP)
+        });
         // A connection whose handshake has begun: the server sends the challenge only after
         // entering the handshake in its table of unfinished ones.
         let silent = || {
@@ -355,8 +364,9 @@ fn a_digest_mismatch_is_logged_as_one_not_as_a_bare_timeout() {
         "a_digest_mismatch_is_logged_as_one_not_as_a_bare_timeout",
         || {
             let timeout = Duration::from_millis(300);
-            let (running, addr, ran) =
-                echo_server(Auth::hmac(KEY).handshake_timeout(timeout), Mode::Thread);
+            let (running, addr, ran) = echo_server_with(Auth::hmac(KEY), Mode::Thread, |b| {
+                b.handshake_timeout(timeout)
+            });
             // The tutorial's client: MD5, to a server that expects SHA-256 (the default).
             let mut md5_client = connect(&addr);
             let challenge = read_challenge(&mut md5_client);

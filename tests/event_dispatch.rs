@@ -367,11 +367,8 @@ fn handshakes_park_while_the_client_answers_and_time_out_without_a_worker() {
     let timeout = Duration::from_millis(300);
     let server = TcpServer::builder(util::byte_echo)
         .mode(EVENT)
-        .auth(
-            Auth::hmac(KEY)
-                .digest(Digest::Md5)
-                .handshake_timeout(timeout),
-        )
+        .auth(Auth::hmac(KEY).digest(Digest::Md5))
+        .handshake_timeout(timeout)
         .bind("127.0.0.1:0")
         .unwrap();
     let addr = server.local_addr().clone();

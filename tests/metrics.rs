@@ -80,12 +80,9 @@ fn traffic_a() -> Stats {
     let r = refuse.clone();
     let server = TcpServer::builder(|| SlowEcho)
         .dispatch(Dispatch::Pool { workers: 4 })
-        .auth(
-            Auth::hmac(KEY.to_vec())
-                .digest(Digest::Sha256)
-                .handshake_timeout(Duration::from_millis(400))
-                .max_pending(1),
-        )
+        .auth(Auth::hmac(KEY.to_vec()).digest(Digest::Sha256))
+        .handshake_timeout(Duration::from_millis(400))
+        .max_pending_handshakes(1)
         .verify_request(move |_| !r.load(Ordering::SeqCst))
         .bind("127.0.0.1:0")
         .unwrap();

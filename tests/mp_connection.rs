@@ -110,8 +110,8 @@ fn legacy_client_speaks_python_3_11_byte_for_byte() {
 
 #[test]
 fn silent_client_times_out_and_the_handler_never_runs() {
-    let auth = Auth::multiprocessing(KEY).handshake_timeout(Duration::from_millis(300));
-    let (running, addr, handled) = mp_server(auth);
+    let auth = Auth::multiprocessing(KEY);
+    let (running, addr, handled) = util::mp_server_within(auth, Duration::from_millis(300));
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     let head = read_n(&mut s, 4 + 19);
@@ -162,7 +162,7 @@ fn trickle(s: &mut TcpStream, bytes: &[u8], pause: Duration) -> bool {
 #[test]
 fn a_handshake_trickled_a_byte_at_a_time_within_the_deadline_succeeds() {
     let timeout = Duration::from_secs(10);
-    let (running, addr, handled) = mp_server(Auth::multiprocessing(KEY).handshake_timeout(timeout));
+    let (running, addr, handled) = util::mp_server_within(Auth::multiprocessing(KEY), timeout);
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     let t = Instant::now();
@@ -195,7 +195,7 @@ fn a_handshake_trickled_a_byte_at_a_time_within_the_deadline_succeeds() {
 #[test]
 fn a_handshake_trickled_past_the_deadline_times_out() {
     let timeout = Duration::from_millis(400);
-    let (running, addr, handled) = mp_server(Auth::multiprocessing(KEY).handshake_timeout(timeout));
+    let (running, addr, handled) = util::mp_server_within(Auth::multiprocessing(KEY), timeout);
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     let answer = answer_to_challenge(&mut s);

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use socketserver::{
-    Addr, AdmissionFailure, HandlerResult, Next, ProxyProtocol, Request, Stats, TcpServer,
-    UnixStreamServer, handler_fn,
+    Addr, AdmissionFailure, Auth, CHALLENGE_LEN, Digest, HandlerResult, Next, ProxyProtocol,
+    Request, Stats, TcpServer, UnixStreamServer, handler_fn,
 };
 use util::{eventually, serve};
 
@@ -55,7 +55,8 @@ type Server = util::Running<
 fn server(config: ProxyProtocol) -> (Server, SocketAddr) {
     util::init_logs();
     let s = TcpServer::builder(|| handler_fn(describe as fn(&mut Request) -> HandlerResult))
-        .proxy_protocol(config.timeout(Duration::from_secs(2)))
+        .proxy_protocol(config)
+        .handshake_timeout(Duration::from_secs(2))
         .bind("127.0.0.1:0")
         .unwrap();
     let addr = s.local_addr().inet().unwrap();
@@ -271,6 +272,80 @@ fn a_header_that_does_not_arrive_within_the_deadline_is_cut() {
     drop(running);
 }
 
+/// Thread mode, and event mode on one worker (whose parked admissions keep the deadline
+/// themselves).
+#[cfg(all(target_os = "linux", not(socketserver_portable)))]
+const DEADLINE_MODES: [Mode; 2] = [Mode::Thread, Mode::Event(1)];
+#[cfg(not(all(target_os = "linux", not(socketserver_portable))))]
+const DEADLINE_MODES: [Mode; 1] = [Mode::Thread];
+
+#[test]
+fn one_deadline_covers_the_proxy_header_and_the_hmac_handshake_together() {
+    util::init_logs();
+    const KEY: &[u8] = b"header, then hmac";
+    let deadline = Duration::from_millis(800);
+    for mode in DEADLINE_MODES {
+        let served = Arc::new(AtomicUsize::new(0));
+        let s = served.clone();
+        let server = TcpServer::builder(move || util::counting_echo(&s))
+            .mode(mode)
+            .proxy_protocol(loopback())
+            .auth(Auth::hmac(KEY))
+            .handshake_timeout(deadline)
+            .bind("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr().inet().unwrap();
+        let running = serve(server);
+        let header = v2(0x21, "192.0.2.7:5555".parse().unwrap(), addr, &[]);
+        // Sends the header in two halves `pause` apart, then the HMAC answer the same way;
+        // true if the handler then echoes.
+        let attempt = |pause: Duration| {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.set_nodelay(true).unwrap();
+            let (first, rest) = header.split_at(header.len() / 2);
+            c.write_all(first).unwrap();
+            std::thread::sleep(pause);
+            c.write_all(rest).unwrap();
+            // The challenge comes once the header is whole: the PROXY stage is over.
+            let mut challenge = [0u8; CHALLENGE_LEN];
+            c.read_exact(&mut challenge).unwrap();
+            let answer = hex::encode(util::hmac(Digest::Sha256, KEY, &challenge));
+            let (first, rest) = answer.as_bytes().split_at(answer.len() / 2);
+            c.write_all(first).unwrap();
+            std::thread::sleep(pause);
+            // Once the server has cut the connection these may fail: the read tells.
+            let _ = c.write_all(rest);
+            let _ = c.write_all(b"ping");
+            let mut echo = [0u8; 4];
+            c.read_exact(&mut echo).is_ok() && &echo == b"ping"
+        };
+        // Both stages well within the deadline, together too: served.
+        assert!(attempt(Duration::from_millis(100)), "{mode:?}");
+        // Each stage within the deadline (500 ms of 800), together over it: cut.
+        assert!(
+            !attempt(Duration::from_millis(500)),
+            "{mode:?}: the header and the handshake each had a deadline of their own"
+        );
+        assert!(
+            eventually(Duration::from_secs(5), || running
+                .handle
+                .stats()
+                .handshake_timeouts
+                == 1),
+            "{mode:?}: {:?}",
+            running.handle.stats()
+        );
+        let stats = running.handle.stats();
+        assert_eq!(
+            (stats.auth_failures, stats.proxy_missing),
+            (0, 0),
+            "{mode:?}: {stats:?}"
+        );
+        assert_eq!(served.load(Ordering::SeqCst), 1, "{mode:?}");
+    }
+}
+
 #[test]
 fn verify_request_and_max_per_source_see_the_client_not_the_proxy() {
     util::init_logs();
@@ -421,7 +496,8 @@ fn event_dispatch_parks_until_the_header_is_whole_and_serves_the_real_client() {
         })
     })
     .event(1)
-    .proxy_protocol(loopback().timeout(Duration::from_secs(2)))
+    .proxy_protocol(loopback())
+    .handshake_timeout(Duration::from_secs(2))
     .bind("127.0.0.1:0")
     .unwrap();
     let addr = server.local_addr().inet().unwrap();
@@ -521,11 +597,8 @@ fn target(trust: &str, mode: Mode) -> Target {
     let h = handled.clone();
     let server = TcpServer::builder(move || Report(h.clone()))
         .mode(mode)
-        .proxy_protocol(
-            ProxyProtocol::trusting([trust])
-                .unwrap()
-                .timeout(Duration::from_secs(5)),
-        )
+        .proxy_protocol(ProxyProtocol::trusting([trust]).unwrap())
+        .handshake_timeout(Duration::from_secs(5))
         .bind("127.0.0.1:0")
         .unwrap();
     let addr = server.local_addr().inet().unwrap();

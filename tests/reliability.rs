@@ -56,7 +56,9 @@ fn slowloris_silent_connections_do_not_starve_honest_clients() {
     for mode in modes {
         let server = TcpServer::builder(util::byte_echo)
             .mode(mode)
-            .auth(Auth::hmac(KEY).handshake_timeout(timeout).max_pending(CAP))
+            .auth(Auth::hmac(KEY))
+            .handshake_timeout(timeout)
+            .max_pending_handshakes(CAP)
             .bind("127.0.0.1:0")
             .unwrap();
         let addr = server.local_addr().clone();
@@ -68,7 +70,7 @@ fn slowloris_silent_connections_do_not_starve_honest_clients() {
         for i in 0..20 {
             // Keep the pressure on: ten more silent connections before each honest request, each
             // taking a handshake slot from an older silent one. (A burst racing the honest
-            // handshake within its round trip could cut it too: see Auth::max_pending.)
+            // handshake within its round trip could cut it too: see Builder::max_pending_handshakes.)
             let accepted = running.handle.stats().accepted;
             silent.extend((0..10).map(|_| TcpStream::connect(&addr).unwrap()));
             assert!(eventually(Duration::from_secs(10), || {
@@ -427,7 +429,8 @@ fn fuzz_target(auth: fn() -> Auth, mode: Mode) -> Fuzzed {
     let h = handled.clone();
     let server = TcpServer::builder(move || util::counting_echo(&h))
         .mode(mode)
-        .auth(auth().handshake_timeout(Duration::from_millis(500)))
+        .auth(auth())
+        .handshake_timeout(Duration::from_millis(500))
         .bind("127.0.0.1:0")
         .unwrap();
     let addr = server.local_addr().clone();

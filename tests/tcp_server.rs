@@ -809,7 +809,8 @@ fn handle_request_returns_after_a_rejected_request() {
 #[test]
 fn huge_timeouts_mean_no_timeout_rather_than_a_panic() {
     let server = TcpServer::builder(line_echo)
-        .auth(socketserver::Auth::hmac(b"k".to_vec()).handshake_timeout(Duration::MAX))
+        .auth(socketserver::Auth::hmac(b"k".to_vec()))
+        .handshake_timeout(Duration::MAX)
         .poll_interval(Duration::MAX)
         .service_actions(|| {})
         .bind("127.0.0.1:0")

@@ -220,12 +220,25 @@ fn server_with(
     auth: Option<Auth>,
     mode: Mode,
 ) -> (Server, std::net::SocketAddr, Arc<AtomicUsize>) {
+    server_within(tls, auth, mode, None)
+}
+
+/// [`server_with`], with the handshake deadline of all of admission set to `deadline`.
+fn server_within(
+    tls: Tls,
+    auth: Option<Auth>,
+    mode: Mode,
+    deadline: Option<Duration>,
+) -> (Server, std::net::SocketAddr, Arc<AtomicUsize>) {
     util::init_logs();
     let ran = Arc::new(AtomicUsize::new(0));
     let r = ran.clone();
     let mut b = TcpServer::builder(move || InfoEcho(r.clone()))
         .mode(mode)
         .tls(tls);
+    if let Some(d) = deadline {
+        b = b.handshake_timeout(d);
+    }
     if let Some(a) = auth {
         b = b.auth(a);
     }
@@ -541,10 +554,11 @@ fn plaintext_truncated_hello_and_a_stalled_handshake_are_closed_and_counted() {
 }
 
 fn bad_clients(pki: &Pki, mode: Mode) {
-    let (server, addr, ran) = server_with(
+    let (server, addr, ran) = server_within(
         pki.tls("server"),
-        Some(Auth::hmac(KEY).handshake_timeout(Duration::from_millis(300))),
+        Some(Auth::hmac(KEY)),
         mode,
+        Some(Duration::from_millis(300)),
     );
     // Plaintext on the TLS port.
     let mut plain = TcpStream::connect(addr).unwrap();
@@ -564,7 +578,7 @@ fn bad_clients(pki: &Pki, mode: Mode) {
             == 2),
         "{stats:?}"
     );
-    // A ClientHello that stalls: the admission deadline (the Auth's 300 ms) covers TLS too.
+    // A ClientHello that stalls: the admission deadline (300 ms) covers TLS too.
     let mut stalled = TcpStream::connect(addr).unwrap();
     stalled.write_all(TRUNCATED_HELLO).unwrap();
     let start = std::time::Instant::now();
@@ -581,6 +595,41 @@ fn bad_clients(pki: &Pki, mode: Mode) {
         "{mode:?}: {stats:?}"
     );
     assert_eq!(ran.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_tls_only_server_closes_a_silent_client_at_its_handshake_timeout() {
+    // No `Auth`: the builder's handshake deadline bounds the TLS handshake alone. The default
+    // is 5 s, so a close near 400 ms shows the setting took effect.
+    let pki = Pki::new("tls-deadline");
+    let deadline = Duration::from_millis(400);
+    for mode in TLS_MODES {
+        let (server, addr, ran) = server_within(pki.tls("server"), None, mode, Some(deadline));
+        let mut silent = TcpStream::connect(addr).unwrap();
+        let start = std::time::Instant::now();
+        assert!(closed_by_server(&mut silent), "{mode:?}");
+        let took = start.elapsed();
+        // The deadline starts at accept, just after connect returns: a little slack below,
+        // and room above for a loaded machine, well short of the 5 s default.
+        assert!(
+            took >= deadline.mul_f64(0.9),
+            "{mode:?}: closed after {took:?}, before the {deadline:?} deadline"
+        );
+        assert!(
+            took < deadline + Duration::from_millis(1500),
+            "{mode:?}: closed after {took:?}, not near the {deadline:?} deadline"
+        );
+        assert!(
+            eventually(Duration::from_secs(5), || server
+                .handle
+                .stats()
+                .handshake_timeouts
+                == 1),
+            "{mode:?}: {:?}",
+            server.handle.stats()
+        );
+        assert_eq!(ran.load(Ordering::SeqCst), 0, "{mode:?}");
+    }
 }
 
 /// TLS, then bytes that are no TLS record written straight to the socket.
@@ -1057,10 +1106,11 @@ fn event_mode_serves_every_line_of_a_burst_larger_than_its_buffer() {
 #[test]
 fn event_mode_parks_stalled_tls_handshakes_without_holding_its_worker() {
     let pki = Pki::new("event-park");
-    let (server, addr, ran) = server_with(
+    let (server, addr, ran) = server_within(
         pki.tls("server"),
-        Some(Auth::hmac(KEY).handshake_timeout(Duration::from_secs(2))),
+        Some(Auth::hmac(KEY)),
         Mode::Event(1),
+        Some(Duration::from_secs(2)),
     );
     let stalled: Vec<TcpStream> = (0..100)
         .map(|i| {
@@ -1118,7 +1168,14 @@ fn event_mode_parks_stalled_tls_handshakes_without_holding_its_worker() {
 fn event_mode_peers_that_stop_reading_mid_handshake_or_mid_stream_hold_no_worker() {
     use socketserver::rustls;
     let pki = Pki::new("event-nonreaders");
-    let (server, addr, _) = server_with(pki.tls("server"), None, Mode::Event(1));
+    // The mid-handshake peers must still be there at the end: on a loaded machine the test
+    // can take longer than the default 5 s deadline, which would cut them.
+    let (server, addr, _) = server_within(
+        pki.tls("server"),
+        None,
+        Mode::Event(1),
+        Some(Duration::from_secs(60)),
+    );
     let hello = {
         let config = rustls::ClientConfig::builder_with_provider(tls::provider())
             .with_safe_default_protocol_versions()
@@ -1198,10 +1255,11 @@ fn event_mode_peers_that_stop_reading_mid_handshake_or_mid_stream_hold_no_worker
 #[test]
 fn event_mode_waits_for_the_whole_decrypted_hmac_answer() {
     let pki = Pki::new("event-hmac");
-    let (server, addr, ran) = server_with(
+    let (server, addr, ran) = server_within(
         pki.tls("server"),
-        Some(Auth::hmac(KEY).handshake_timeout(Duration::from_secs(3))),
+        Some(Auth::hmac(KEY)),
         Mode::Event(1),
+        Some(Duration::from_secs(3)),
     );
     let answer_to = |s: &mut socketserver::TlsStream| {
         let mut challenge = [0u8; 32];

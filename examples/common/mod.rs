@@ -130,8 +130,12 @@ pub struct LimitArgs {
 }
 
 impl LimitArgs {
-    /// Applies the caps that were given to `builder`.
-    pub fn apply<T: socketserver::transport::Transport>(&self, builder: Builder<T>) -> Builder<T> {
+    /// Applies the caps that were given to `builder` (a TCP server's: only TCP has a cap per
+    /// client address).
+    pub fn apply<H: socketserver::Handler>(
+        &self,
+        builder: Builder<socketserver::transport::Tcp<H>>,
+    ) -> Builder<socketserver::transport::Tcp<H>> {
         let builder = match self.max_connections {
             Some(n) => builder.max_connections(n),
             None => builder,

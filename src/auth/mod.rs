@@ -27,12 +27,16 @@ enum Protocol {
     Multiprocessing(MpVersion, Digest),
 }
 
-/// Authentication for a stream server: which handshake, the key, and its limits.
+/// Authentication for a stream server: which handshake, and the key. Its deadline and the cap
+/// on unfinished handshakes are the builder's, shared by every admission stage:
+/// [`Builder::handshake_timeout`](crate::Builder::handshake_timeout) and
+/// [`Builder::max_pending_handshakes`](crate::Builder::max_pending_handshakes).
 ///
 /// Enable it with [`Builder::auth`](crate::Builder::auth). The handshake runs on the
 /// connection's worker thread (never on the accepting thread, except in
 /// [`Dispatch::Sync`](crate::Dispatch::Sync) mode, where every request runs on the one serving
-/// thread: there a silent client holds the server for the handshake timeout, so serve untrusted
+/// thread: there a silent client holds the server for the handshake deadline,
+/// [`Builder::handshake_timeout`](crate::Builder::handshake_timeout), so serve untrusted
 /// networks in thread or pool mode) before the handler's `setup`;
 /// a client that fails it is logged with its address (never the key), counted in
 /// [`Stats::auth_failures`](crate::Stats::auth_failures), and disconnected without the handler
@@ -47,19 +51,13 @@ enum Protocol {
 ///
 /// ```
 /// use socketserver::{Auth, Digest};
-/// use std::time::Duration;
 ///
-/// let auth = Auth::hmac(b"secret".to_vec())
-///     .digest(Digest::Md5)
-///     .handshake_timeout(Duration::from_secs(2))
-///     .max_pending(32);
+/// let auth = Auth::hmac(b"secret".to_vec()).digest(Digest::Md5);
 /// ```
 #[derive(Clone)]
 pub struct Auth {
     key: Vec<u8>,
     protocol: Protocol,
-    timeout: Duration,
-    max_pending: Option<usize>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -67,23 +65,13 @@ impl std::fmt::Debug for Auth {
         f.debug_struct("Auth")
             .field("key", &"<redacted>")
             .field("protocol", &self.protocol)
-            .field("timeout", &self.timeout)
-            .field("max_pending", &self.max_pending)
             .finish()
     }
 }
 
 impl Auth {
-    /// The default handshake timeout: a client must finish within this.
-    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
-
     fn new(key: Vec<u8>, protocol: Protocol) -> Auth {
-        Auth {
-            key,
-            protocol,
-            timeout: Self::DEFAULT_TIMEOUT,
-            max_pending: None,
-        }
+        Auth { key, protocol }
     }
 
     /// The classic handshake with `key`, HMAC-SHA-256 unless [`digest`](Self::digest) says
@@ -119,51 +107,10 @@ impl Auth {
         self
     }
 
-    /// How long a client has to complete the handshake (default 5 s), so that a silent client
-    /// cannot hold a worker.
-    pub fn handshake_timeout(mut self, timeout: Duration) -> Auth {
-        self.timeout = timeout;
-        self
-    }
-
-    /// The most handshakes that may be unfinished at once (like OpenSSH's `MaxStartups`). When a
-    /// new connection finds the cap reached, the oldest unfinished handshake is cut (counted in
-    /// [`Stats::handshake_evictions`](crate::Stats::handshake_evictions)), so silent connections
-    /// can hold at most this many workers while honest clients, which answer in a round trip,
-    /// get through. Default in pool mode and with `max_connections` set: handshakes may take
-    /// any worker (slot), and when a new connection takes the last free one while at least half
-    /// of them (at least 4, or all of a smaller pool) are handshakes, the oldest unfinished
-    /// handshake whose client has not answered yet is cut, so a worker frees for the next
-    /// client; 64 in thread mode without `max_connections`.
-    ///
-    /// The limit of this policy: a burst of more than `max` new connections arriving within
-    /// one round trip of an honest client can cut its handshake too (nothing tells the two
-    /// apart before the client answers); that client sees the connection closed and should
-    /// retry. Held silent connections, however many, cannot starve it.
-    pub fn max_pending(mut self, max: usize) -> Auth {
-        self.max_pending = Some(max);
-        self
-    }
-
-    /// The configured handshake timeout.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-}
-
-impl Auth {
-    /// The most unfinished handshakes, if set with [`max_pending`](Self::max_pending).
-    pub(crate) fn max_pending_set(&self) -> Option<usize> {
-        self.max_pending
-    }
-
     /// Refuses a configuration that could never admit anyone.
     pub(crate) fn check(&self) -> Result<()> {
         if self.key.is_empty() {
             return Err(Error::config("authentication key must not be empty"));
-        }
-        if self.timeout.is_zero() {
-            return Err(Error::config("handshake timeout must be positive"));
         }
         Ok(())
     }
@@ -360,18 +307,11 @@ mod tests {
     }
 
     #[test]
-    fn settings_read_back_and_the_key_is_never_shown() {
-        let auth = Auth::hmac(b"hunter2".to_vec());
-        assert_eq!(auth.timeout(), Auth::DEFAULT_TIMEOUT);
-        assert_eq!(auth.max_pending_set(), None);
-        let auth = auth
-            .handshake_timeout(Duration::from_millis(1500))
-            .max_pending(7);
-        assert_eq!(auth.timeout(), Duration::from_millis(1500));
-        assert_eq!(auth.max_pending_set(), Some(7));
+    fn the_key_is_never_shown() {
+        let auth = Auth::hmac(b"hunter2".to_vec()).digest(Digest::Md5);
         let shown = format!("{auth:?}");
         assert!(
-            shown.contains("<redacted>") && shown.contains("1.5s"),
+            shown.contains("<redacted>") && shown.contains("Md5"),
             "{shown}"
         );
         assert!(
@@ -379,8 +319,6 @@ mod tests {
             "{shown}"
         );
         assert!(Auth::hmac(Vec::new()).check().unwrap_err().is_config());
-        let zero = Auth::hmac(b"k".to_vec()).handshake_timeout(Duration::ZERO);
-        assert!(zero.check().unwrap_err().is_config());
         Auth::multiprocessing(b"k".to_vec()).check().unwrap();
     }
 }

@@ -11,8 +11,9 @@ impl<T: StreamTransport> Builder<T> {
     /// and believes it only from the proxies `config` trusts: see [`ProxyProtocol`].
     ///
     /// The header is the first admission stage, before TLS and [`auth`](Self::auth): it is
-    /// read under the same handshake deadline (the [`Auth`](crate::Auth) timeout, 5 s by
-    /// default) and counts against the same cap on unfinished handshakes. Exactly the header
+    /// read under the one [handshake deadline](Self::handshake_timeout) (5 s by default), which
+    /// covers it and the handshakes after it together, and counts against the same
+    /// [cap on unfinished handshakes](Self::max_pending_handshakes). Exactly the header
     /// is read; the bytes after it reach the handler. Handlers then see the client in
     /// [`Request::peer_addr`](crate::Request::peer_addr) (an IPv4 client named in a v2 IPv6
     /// header as `::ffff:a.b.c.d` is shown as IPv4) and the proxy in
@@ -22,9 +23,6 @@ impl<T: StreamTransport> Builder<T> {
     /// connection's worker, with the client's address (the proxy's for a `LOCAL` health
     /// check); [`max_per_source`](Self::max_per_source) counts clients, not the proxy.
     pub fn proxy_protocol(mut self, config: ProxyProtocol) -> Self {
-        if let Some(t) = config.timeout {
-            self.service.admission.set_timeout(t);
-        }
         self.service
             .admission
             .add(Box::new(ProxyStage::new(config)));

@@ -3,7 +3,6 @@
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
-use std::time::Duration;
 
 use crate::{Addr, Error};
 
@@ -122,7 +121,8 @@ impl From<IpAddr> for Cidr {
 /// a peer outside the trusted blocks is refused at once, without reading a byte (anyone could
 /// send a header claiming any address), and so is a trusted peer whose header is missing,
 /// malformed, longer than the spec allows (v1: 107 bytes; v2: 16 + 1536, see
-/// [`MAX_V2_PAYLOAD`](Self::MAX_V2_PAYLOAD)) or not complete within the handshake deadline.
+/// [`MAX_V2_PAYLOAD`](Self::MAX_V2_PAYLOAD)) or not complete within the handshake deadline
+/// ([`Builder::handshake_timeout`](crate::Builder::handshake_timeout)).
 /// Each is logged (rate-limited) and counted in [`Stats`](crate::Stats) (`proxy_*`). Serve
 /// direct clients on a second listener.
 ///
@@ -153,7 +153,6 @@ impl From<IpAddr> for Cidr {
 #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
 pub struct ProxyProtocol {
     pub(crate) trusted: Vec<Cidr>,
-    pub(crate) timeout: Option<Duration>,
 }
 
 impl ProxyProtocol {
@@ -188,14 +187,6 @@ impl ProxyProtocol {
     /// Also trusts the proxies in `block`.
     pub fn trust(mut self, block: impl Into<Cidr>) -> ProxyProtocol {
         self.trusted.push(block.into());
-        self
-    }
-
-    /// How long a connection may take to send its header, and any handshake after it: the
-    /// admission deadline, which the PROXY stage shares with [`Auth`](crate::Auth) (whichever
-    /// of the two is given to the builder last sets it). Default: `Auth`'s default, 5 s.
-    pub fn timeout(mut self, timeout: Duration) -> ProxyProtocol {
-        self.timeout = Some(timeout);
         self
     }
 
@@ -361,7 +352,7 @@ mod tests {
         let p = ProxyProtocol::trusting(blocks).unwrap();
         let shown: Vec<String> = p.trusted().iter().map(Cidr::to_string).collect();
         assert_eq!(shown, ["10.0.0.0/8", "2001:db8::1/128", "127.0.0.1/32"]);
-        let p = p.trust(ip("192.0.2.7")).timeout(Duration::from_secs(1));
+        let p = p.trust(ip("192.0.2.7"));
         assert_eq!(p.trusted().len(), 4);
         assert_eq!(p.trusted()[3], "192.0.2.7/32".parse().unwrap());
         assert!(ProxyProtocol::new().trusted().is_empty());

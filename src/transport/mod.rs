@@ -144,8 +144,23 @@ pub trait DatagramTransport: Transport<Service = datagram::DatagramService<Self:
     type Handler: crate::DatagramHandler;
 }
 
+/// Marks a transport over IP (TCP, UDP): these have the IP socket options,
+/// [`reuse_address`](crate::Builder::reuse_address), [`reuse_port`](crate::Builder::reuse_port)
+/// and [`only_v6`](crate::Builder::only_v6).
+///
+/// Sealed: implemented by [`Tcp`] and [`Udp`] only.
+pub trait InetTransport: Transport + sealed::Sealed {}
+
+/// Marks a Unix-domain transport (Unix streams, Unix datagrams): these bind a socket file, and
+/// have [`socket_mode`](crate::Builder::socket_mode) and
+/// [`replace_stale`](crate::Builder::replace_stale).
+///
+/// Sealed: implemented by [`Unix`] and [`UnixDatagram`] only.
+pub trait UnixTransport: Transport + sealed::Sealed {}
+
 macro_rules! transport {
-    ($(#[$doc:meta])* $name:ident, $listener:ty, $service:ident, $bound:path, $kind:ident) => {
+    ($(#[$doc:meta])* $name:ident, $listener:ty, $service:ident, $bound:path, $kind:ident,
+     $family:ident) => {
         $(#[$doc])*
         pub struct $name<H>(PhantomData<fn() -> H>);
         impl<H> sealed::Sealed for $name<H> {}
@@ -156,6 +171,7 @@ macro_rules! transport {
         impl<H: $bound> $kind for $name<H> {
             type Handler = H;
         }
+        impl<H: $bound> $family for $name<H> {}
     };
 }
 
@@ -164,18 +180,19 @@ use stream::StreamService;
 
 transport!(
     /// TCP over IPv4 or IPv6: [`TcpServer`](crate::TcpServer).
-    Tcp, stream::TcpAcceptor, StreamService, crate::Handler, StreamTransport
+    Tcp, stream::TcpAcceptor, StreamService, crate::Handler, StreamTransport, InetTransport
 );
 transport!(
     /// Unix-domain stream sockets: [`UnixStreamServer`](crate::UnixStreamServer).
-    Unix, stream::UnixAcceptor, StreamService, crate::Handler, StreamTransport
+    Unix, stream::UnixAcceptor, StreamService, crate::Handler, StreamTransport, UnixTransport
 );
 transport!(
     /// UDP over IPv4 or IPv6: [`UdpServer`](crate::UdpServer).
-    Udp, datagram::DatagramSocket, DatagramService, crate::DatagramHandler, DatagramTransport
+    Udp, datagram::DatagramSocket, DatagramService, crate::DatagramHandler, DatagramTransport,
+    InetTransport
 );
 transport!(
     /// Unix-domain datagram sockets: [`UnixDatagramServer`](crate::UnixDatagramServer).
     UnixDatagram, datagram::DatagramSocket, DatagramService, crate::DatagramHandler,
-    DatagramTransport
+    DatagramTransport, UnixTransport
 );

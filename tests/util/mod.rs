@@ -444,10 +444,23 @@ pub fn mp_server(
     std::net::SocketAddr,
     Arc<AtomicUsize>,
 ) {
+    mp_server_within(auth, Duration::from_secs(5))
+}
+
+/// [`mp_server`] with a handshake deadline of `deadline`.
+pub fn mp_server_within(
+    auth: socketserver::Auth,
+    deadline: Duration,
+) -> (
+    Running<socketserver::transport::Tcp<MpEcho>>,
+    std::net::SocketAddr,
+    Arc<AtomicUsize>,
+) {
     let handled = Arc::new(AtomicUsize::new(0));
     let h = handled.clone();
     let server = socketserver::TcpServer::builder(move || MpEcho { handled: h.clone() })
         .auth(auth)
+        .handshake_timeout(deadline)
         .bind("127.0.0.1:0")
         .unwrap();
     let addr = server.local_addr().inet().unwrap();
