@@ -865,6 +865,11 @@ impl Control {
         self.accept_limit.store(n, Ordering::Release);
     }
 
+    /// Whether other processes may accept from this server's listener (it was inherited).
+    pub(crate) fn listener_is_shared(&self) -> bool {
+        self.shared_listener.load(Ordering::Acquire)
+    }
+
     /// Marks the listener as shared with other processes; see `shared_listener`.
     pub(crate) fn set_shared_listener(&self) {
         self.shared_listener.store(true, Ordering::Release);

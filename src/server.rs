@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -816,10 +816,11 @@ impl IdleReaper {
 /// stop flag again.
 const PRESSURE_LOOK: Duration = Duration::from_millis(50);
 
-/// How long the pressure policy watches a newcomer's queue before it sheds a client for it:
-/// long enough to see a sibling worker process with room take from it, short beside a
-/// client's patience.
-const PRESSURE_GRACE: Duration = Duration::from_millis(20);
+/// How long the pressure policy of a worker sharing its listener with other processes watches
+/// the queue before it sheds a client for a newcomer: long enough to see a sibling with room
+/// take from it on a loaded machine, short beside a client's patience. A server alone on its
+/// listener sheds at once.
+const PRESSURE_GRACE: Duration = Duration::from_millis(200);
 
 /// The pressure policy, while the server is full (the accept loop waits for a slot): each
 /// newcomer that queues in the backlog gets an idle connection shed for it, at once. Returns
@@ -844,23 +845,7 @@ fn relieve(c: &Control, tick_due: Instant) {
         ) {
             continue;
         }
-        // Other processes may accept from this listener too (prefork's workers share it): a
-        // newcomer one of them with room takes is not one to shed a client for. Only one still
-        // queued a moment later, with the queue not shrinking (nobody taking from it), is.
-        let queued = accept_queue_len(listener.as_fd());
-        thread::sleep(PRESSURE_GRACE);
-        let waiting = match (queued, accept_queue_len(listener.as_fd())) {
-            (Some(before), Some(now)) => now > 0 && now >= before,
-            // A Unix-domain listener: still queued at all.
-            _ => {
-                let mut fds = [PollFd::new(&listener, PollFlags::IN)];
-                matches!(
-                    poll_until(&mut fds, Some(Instant::now())),
-                    Ok(Polled::Ready)
-                )
-            }
-        };
-        if !waiting {
+        if c.listener_is_shared() && !unclaimed(&listener) {
             continue;
         }
         if !c.evict(1, |s, idle| report_eviction(c, s, idle)) {
@@ -868,6 +853,29 @@ fn relieve(c: &Control, tick_due: Instant) {
             thread::sleep(Duration::from_millis(1));
         }
     }
+}
+
+/// Whether the newcomers queued on a listener that other processes accept from too (prefork's
+/// workers share one) are left there: a sibling with room takes them, and shedding a client
+/// for one would cut it for nothing. They are left if the queue stays, without shrinking, for
+/// [`PRESSURE_GRACE`]; a queue that shrinks or empties is being taken from. Where its length
+/// cannot be read (a Unix-domain listener), still queued at the end is taken as left.
+fn unclaimed(listener: &OwnedFd) -> bool {
+    let mut last = accept_queue_len(listener.as_fd());
+    let end = Instant::now() + PRESSURE_GRACE;
+    while Instant::now() < end {
+        thread::sleep(PRESSURE_GRACE / 10);
+        let now = accept_queue_len(listener.as_fd());
+        match (last, now) {
+            (Some(before), Some(now)) if now == 0 || now < before => return false,
+            _ => last = now,
+        }
+    }
+    let mut fds = [PollFd::new(listener, PollFlags::IN)];
+    matches!(
+        poll_until(&mut fds, Some(Instant::now())),
+        Ok(Polled::Ready)
+    )
 }
 
 /// Says which idle connection the pressure policy closed.
