@@ -85,10 +85,17 @@ impl Drop for Permit {
                 l.freed.notify_one();
             }
             let parked = slots.parked.take();
+            let full = slots.waiting > 0 || parked.is_some();
             drop(slots);
             // Outside the lock: the listener's owner takes its own.
             if let Some(rearm) = parked {
                 rearm();
+            }
+            // The pressure policy waits for this slot (the one it shed, leaving).
+            let p = &self.control.pressure;
+            if full && p.watched.load(Ordering::Relaxed) {
+                drop(lock(&p.state));
+                p.wake.notify_all();
             }
         }
     }

@@ -761,8 +761,15 @@ fn relieve(c: &Control, tick_due: Instant) {
             continue;
         }
         if !c.evict(1, |s, idle| report_eviction(c, s, idle)) {
-            // Nobody idle, or the one shed is still leaving: give it a moment.
-            thread::sleep(Duration::from_millis(1));
+            // Nobody idle, or the one shed is still leaving. Who is idle changes only at the
+            // reaper's looks; a slot freed (the one shed gone) or another newcomer wakes this.
+            // (A slot freed just before the wait is missed, harmlessly: the newcomer takes it
+            // without the reaper, which stays here until a newcomer or its look.)
+            let mut state = lock(&c.pressure.state);
+            if !state.stop && !std::mem::take(&mut state.wanted) {
+                let left = tick_due.saturating_duration_since(Instant::now());
+                let _ = c.pressure.wake.wait_timeout(state, left);
+            }
         }
     }
 }
