@@ -18,6 +18,7 @@ use crate::control::{Control, Counters, Permit, Refusal};
 use crate::dispatch::{Acceptor, Job, Taken};
 use crate::log_limit::limited;
 use crate::transport::{Incoming, Listener};
+pub(crate) use crate::wait::Backoff;
 use crate::wait::{Polled, poll_until};
 use crate::worker::panic_message;
 
@@ -34,36 +35,6 @@ pub(crate) enum Wake {
     Ready,
     Shutdown,
     Timeout,
-}
-
-/// Exponential backoff for accept errors that retrying at once cannot fix (out of descriptors,
-/// out of memory): Python retries at once and spins the CPU; tiny_http gives up for good.
-#[derive(Default)]
-pub(crate) struct Backoff {
-    failures: u64,
-    delay: Duration,
-}
-
-impl Backoff {
-    pub(crate) const FIRST: Duration = Duration::from_millis(5);
-    const MAX: Duration = Duration::from_secs(1);
-
-    pub(crate) fn next(&mut self) -> Duration {
-        self.failures += 1;
-        self.delay = if self.delay.is_zero() {
-            Self::FIRST
-        } else {
-            (self.delay * 2).min(Self::MAX)
-        };
-        self.delay
-    }
-
-    fn reset(&mut self) {
-        if self.failures > 0 {
-            log::info!("accepting again after {} failed attempts", self.failures);
-        }
-        *self = Backoff::default();
-    }
 }
 
 /// Waits for `fd` (if given) to be readable, for a shutdown request, or for `deadline`.
@@ -175,19 +146,7 @@ impl<L: Listener> AcceptLoop<L> {
                     self.skipped(&err);
                     continue;
                 }
-                _ => {
-                    Counters::bump(&control.counters.accept_errors);
-                    let delay = backoff.next();
-                    if backoff.failures == 1 {
-                        log::warn!(
-                            "accept on {} failed: {err}; retrying with backoff",
-                            control.local_addr
-                        );
-                    } else {
-                        log::debug!("accept failed again: {err}; next try in {delay:?}");
-                    }
-                    Some(Instant::now() + delay)
-                }
+                _ => Some(Instant::now() + self.failed(&err, backoff)),
             };
             let (fd, until) = match pause {
                 // Out of descriptors, the listener stays readable: wait on the waker only.
@@ -202,6 +161,23 @@ impl<L: Listener> AcceptLoop<L> {
                 Wake::Timeout | Wake::Ready => {}
             }
         }
+    }
+
+    /// An accept error that retrying at once cannot fix: counted and logged; how long to wait
+    /// before the next try.
+    fn failed(&self, err: &io::Error, backoff: &mut Backoff) -> Duration {
+        let control = &self.control;
+        Counters::bump(&control.counters.accept_errors);
+        let delay = backoff.next();
+        if backoff.failures() == 1 {
+            log::warn!(
+                "accept on {} failed: {err}; retrying with backoff",
+                control.local_addr
+            );
+        } else {
+            log::debug!("accept failed again: {err}; next try in {delay:?}");
+        }
+        delay
     }
 
     fn accepted(&self, req: &L::Request) {
@@ -257,16 +233,11 @@ impl<L: Listener> Acceptor<L::Request> for AcceptLoop<L> {
         self.listener.fd()
     }
 
-    fn try_next(&self) -> Taken<Job<L::Request>> {
+    fn try_next(&self, permit: Permit) -> Taken<Job<L::Request>> {
         let control = &self.control;
         if control.shutdown_requested() {
-            return Taken::HandOver;
+            return Taken::Stop;
         }
-        // Event mode waits for a slot (`reject_when_full` is thread mode's): without one, the
-        // serving thread waits for it, and the connection for it in the backlog.
-        let Some(permit) = control.try_acquire() else {
-            return Taken::HandOver;
-        };
         match self.listener.accept(control) {
             Ok(req) => {
                 self.accepted(&req);
@@ -277,13 +248,18 @@ impl<L: Listener> Acceptor<L::Request> for AcceptLoop<L> {
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Taken::Empty,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Taken::Refused,
-            Err(e) if is_transient(&e) && !control.shutdown_requested() => {
+            // A drain shut the listener down after asking the loops to stop: the end.
+            Err(_) if control.shutdown_requested() => Taken::Stop,
+            Err(e) if is_transient(&e) => {
                 self.skipped(&e);
                 Taken::Refused
             }
-            // Out of descriptors, or the listener shut down: the serving thread retries with
-            // backoff, or sees the end.
-            Err(_) => Taken::HandOver,
+            // Out of descriptors, say: the listener stays readable, so wait before the next try.
+            Err(e) => Taken::Failed(e),
         }
+    }
+
+    fn failed(&self, err: &io::Error, backoff: &mut Backoff) -> Duration {
+        AcceptLoop::failed(self, err, backoff)
     }
 }

@@ -316,10 +316,11 @@ where
     /// not block for long; more if they do (a handler that blocks delays the connections of
     /// its batch). The workers accept too: the listener is in their set, so a new connection
     /// is accepted, checked (`verify_request`, the caps) and started by the worker that sees
-    /// it, with no hand-over between threads. The thread that runs `serve_forever` runs the
-    /// `service_actions` hook, and accepts only when the workers cannot: no free slot under
-    /// `max_connections` (it waits for one, while new clients wait in the backlog) or an
-    /// accept error to back off from (out of descriptors).
+    /// it, with no hand-over between threads, while a slot is free under `max_connections`:
+    /// when none is, new clients wait in the backlog (or the pressure policy sheds an idle
+    /// connection for them) until a connection closes, and after an accept error (out of
+    /// descriptors) the workers back off. The thread that runs `serve_forever` runs the
+    /// `service_actions` hook, and takes the backlog at a drain.
     /// Capped by [`Builder::max_connections`](crate::Builder::max_connections), whose default
     /// is what the descriptor limit allows. Linux only.
     ///

@@ -21,28 +21,6 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-thread_local! {
-    /// Set while an event worker accepts for a serve loop, which waits for that to end before
-    /// it returns: a `verify_request` hook run there must not wait for the loop either.
-    static ACCEPTING_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Marks this thread as accepting for a serve loop until dropped (see `wait_serving_done`).
-pub(crate) struct AcceptingHere(());
-
-impl AcceptingHere {
-    pub(crate) fn enter() -> AcceptingHere {
-        ACCEPTING_HERE.set(true);
-        AcceptingHere(())
-    }
-}
-
-impl Drop for AcceptingHere {
-    fn drop(&mut self) {
-        ACCEPTING_HERE.set(false);
-    }
-}
-
 /// A self-pipe that the accept loop polls next to its listener: writing one byte wakes it at once,
 /// which is how `shutdown()` stops a blocked `serve_forever` without Python's 0.5 s polling.
 /// The byte stays in the pipe until the request is consumed, so every waiter sees it.
@@ -80,11 +58,18 @@ struct Limiter {
     freed: Condvar,
 }
 
-/// Free slots, and how many threads wait for one (notifying nobody is a wasted system call).
+/// Free slots, and who waits for one: threads (notifying nobody is a wasted system call), and
+/// at most one listener that waits on no thread (event mode's, out of its workers' set).
 struct Slots {
     free: usize,
     waiting: usize,
+    /// Re-arms that listener: the next permit released runs it, once.
+    parked: Option<Rearm>,
 }
+
+/// What a freed permit runs for a listener that waits for one on no thread; see
+/// [`Control::try_acquire_or_park`].
+pub(crate) type Rearm = Box<dyn FnOnce() + Send>;
 
 /// A slot under the connection limit, given back when the request ends.
 pub(crate) struct Permit {
@@ -98,6 +83,19 @@ impl Drop for Permit {
             slots.free += 1;
             if slots.waiting > 0 {
                 l.freed.notify_one();
+            }
+            let parked = slots.parked.take();
+            let full = slots.waiting > 0 || parked.is_some();
+            drop(slots);
+            // Outside the lock: the listener's owner takes its own.
+            if let Some(rearm) = parked {
+                rearm();
+            }
+            // The pressure policy waits for this slot (the one it shed, leaving).
+            let p = &self.control.pressure;
+            if full && p.watched.load(Ordering::Relaxed) {
+                drop(lock(&p.state));
+                p.wake.notify_all();
             }
         }
     }
@@ -364,6 +362,9 @@ struct Registry {
     /// they have accepted but not yet registered is invisible to `live`, so a drain waits for
     /// them to leave first; `shutdown_and_wait` must not wait on its own thread.
     serving: Vec<ThreadId>,
+    /// Event workers accepting for a serve loop, which waits for them before it returns: a
+    /// `verify_request` hook run there must not wait for the loop in turn.
+    accepting_for_loop: Vec<ThreadId>,
 }
 
 /// The state every thread of one server shares.
@@ -449,6 +450,7 @@ impl Control {
                 state: Mutex::new(Slots {
                     free: n,
                     waiting: 0,
+                    parked: None,
                 }),
                 freed: Condvar::new(),
             }),
@@ -462,6 +464,7 @@ impl Control {
                 drain_base: 0,
                 waiters: 0,
                 serving: Vec::new(),
+                accepting_for_loop: Vec::new(),
             }),
             registry_changed: Condvar::new(),
             counters: Counters::with_label(&local_addr),
@@ -503,6 +506,12 @@ impl Control {
             return;
         };
         self.listener_closed.store(true, Ordering::Release);
+        // A drain may wait for this (`begin_drain`).
+        let r = lock(&self.registry);
+        if r.waiters > 0 {
+            self.registry_changed.notify_all();
+        }
+        drop(r);
         if self.shared_listener.load(Ordering::Acquire) {
             // Other processes accept from the same queue: leave it to them.
             return;
@@ -545,6 +554,15 @@ impl Control {
             control: self,
             rearm,
         }
+    }
+
+    /// Marks this thread (an event worker) as accepting for the serve loops until the guard
+    /// drops; see `wait_serving_done`.
+    pub(crate) fn accepting_for_loop(&self) -> AcceptingForLoop<'_> {
+        lock(&self.registry)
+            .accepting_for_loop
+            .push(thread::current().id());
+        AcceptingForLoop { control: self }
     }
 
     fn clear_shutdown(&self) {
@@ -617,6 +635,33 @@ impl Control {
                 control: self.clone(),
             }
         })
+    }
+
+    /// Takes a slot if one is free right now; otherwise `rearm` waits for one, and the next
+    /// permit released runs it (the caller's listener, which does not accept meanwhile, so that
+    /// the newcomer waits in the backlog). A listener waiting so counts as a newcomer waiting:
+    /// the pressure policy sheds an idle connection for it.
+    pub(crate) fn try_acquire_or_park(self: &Arc<Self>, rearm: Rearm) -> Option<Permit> {
+        let Some(l) = &self.limiter else {
+            return Some(Permit {
+                control: self.clone(),
+            });
+        };
+        let mut slots = lock(&l.state);
+        if slots.free > 0 {
+            slots.free -= 1;
+            self.pressure.shed_pending.store(false, Ordering::Relaxed);
+            return Some(Permit {
+                control: self.clone(),
+            });
+        }
+        slots.parked = Some(rearm);
+        // Lock order as in `acquire`: the slots, then the reaper's state.
+        if self.pressure.watched.load(Ordering::Relaxed) {
+            lock(&self.pressure.state).wanted = true;
+            self.pressure.wake.notify_all();
+        }
+        None
     }
 
     /// Records a request as in flight until the ticket is dropped; `stream` lets a drain or the
@@ -732,7 +777,7 @@ impl Control {
     pub(crate) fn is_full(&self) -> bool {
         self.limiter.as_ref().is_some_and(|l| {
             let slots = lock(&l.state);
-            slots.waiting > slots.free
+            slots.waiting + usize::from(slots.parked.is_some()) > slots.free
         })
     }
 
@@ -795,7 +840,7 @@ impl Control {
     pub(crate) fn wait_serving_done(&self) -> bool {
         let me = thread::current().id();
         let mut r = lock(&self.registry);
-        if r.serving.contains(&me) || ACCEPTING_HERE.get() {
+        if r.serving.contains(&me) || r.accepting_for_loop.contains(&me) {
             return false;
         }
         while !r.serving.is_empty() {
@@ -812,26 +857,36 @@ impl Control {
     /// Starts a drain, or joins the one under way: new clients are refused and the serve
     /// loops asked to return.
     pub(crate) fn begin_drain(&self) {
+        let me = thread::current().id();
         let loop_elsewhere = {
             let r = lock(&self.registry);
-            let me = thread::current().id();
             r.serving.iter().any(|t| *t != me)
                 && self.accepting.load(Ordering::Acquire)
                 && self.still_listening()
                 // An event worker's `verify_request`: the loop waits for it before it can.
-                && !ACCEPTING_HERE.get()
+                && !r.accepting_for_loop.contains(&me)
         };
         // A serve loop waiting for connections on another thread first takes those already
         // queued in the backlog (a balancer handed them over and sent their request: closing
-        // the listener would reset them), then closes the listener itself; give it a moment.
-        // A loop busy with a request (sync mode) is not waited for: new clients must be
-        // refused at once. The drain is under way (`is_draining`) once the listener is closed.
+        // the listener would reset them), then closes the listener itself; wait for that, as
+        // long as such a loop runs, up to a bound. A loop busy with a request (sync mode) is
+        // not waited for: new clients must be refused at once. The drain is under way
+        // (`is_draining`) once the listener is closed.
         if loop_elsewhere {
             self.take_backlog.store(true, Ordering::Release);
             self.request_shutdown();
             let until = Instant::now() + BACKLOG_HANDOFF;
-            while !self.listener_closed() && Instant::now() < until {
-                thread::sleep(Duration::from_millis(1));
+            let mut r = lock(&self.registry);
+            // `stop_listening` and a serve loop leaving notify.
+            while !self.listener_closed() && r.serving.iter().any(|t| *t != me) {
+                r.waiters += 1;
+                let Some(mut woken) = wait_until(&self.registry_changed, r, Some(until)) else {
+                    r = lock(&self.registry);
+                    r.waiters -= 1;
+                    break;
+                };
+                woken.waiters -= 1;
+                r = woken;
             }
         }
         let first = {
@@ -960,6 +1015,21 @@ impl Drop for Serving<'_> {
         }
         if r.waiters > 0 {
             c.registry_changed.notify_all();
+        }
+    }
+}
+
+/// An event worker accepting for the serve loops; see [`Control::accepting_for_loop`].
+pub(crate) struct AcceptingForLoop<'a> {
+    control: &'a Control,
+}
+
+impl Drop for AcceptingForLoop<'_> {
+    fn drop(&mut self) {
+        let mut r = lock(&self.control.registry);
+        let me = thread::current().id();
+        if let Some(i) = r.accepting_for_loop.iter().position(|t| *t == me) {
+            r.accepting_for_loop.swap_remove(i);
         }
     }
 }

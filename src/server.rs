@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crate::accept::{AcceptLoop, Backoff, Next, VerifyHook, Wake, wait};
+use crate::accept::{AcceptLoop, Backoff, Next, VerifyHook, wait};
 use crate::control::{Control, Counters, Permit, lock};
 use crate::dispatch::{Acceptor, Dispatch, Dispatcher, Run, Shared};
 use crate::log_limit::limited;
@@ -531,12 +531,14 @@ impl<T: Transport> Server<T> {
         if let Some(Some(r)) = self.readiness.get() {
             r.serving();
         }
-        // Event mode: the workers accept, and this thread only what they hand over.
+        // Event mode: the workers accept, while permits are free; this thread waits for the end.
         #[cfg(all(target_os = "linux", not(socketserver_portable)))]
         let workers = self.dispatcher.as_ref().and_then(|d| {
             let acceptor: Arc<dyn Acceptor<_>> = accept.clone();
             d.workers_accept(acceptor)
         });
+        #[cfg(not(all(target_os = "linux", not(socketserver_portable))))]
+        let workers: Option<()> = None;
         let mut backoff = Backoff::default();
         while !control.shutdown_requested() {
             if let Some(hook) = &self.service_actions
@@ -549,28 +551,18 @@ impl<T: Transport> Server<T> {
                 .as_ref()
                 .and_then(|_| deadline_after(self.poll_interval));
             control.set_accepting(true);
-            #[cfg(all(target_os = "linux", not(socketserver_portable)))]
-            if let Some(w) = &workers
-                && !(matches!(wait(Some(w.handover_fd()), control, deadline), Wake::Ready)
-                    && w.take_handover())
-            {
+            if workers.is_some() {
+                wait(None, control, deadline);
                 control.set_accepting(false);
                 continue;
             }
             let next = accept.next(deadline, &mut backoff);
             control.set_accepting(false);
-            #[cfg(all(target_os = "linux", not(socketserver_portable)))]
-            let stopping = matches!(next, Next::Shutdown);
             if let Next::Request(req, permit) = next {
                 self.process(req, permit, &mut backoff);
             }
-            #[cfg(all(target_os = "linux", not(socketserver_portable)))]
-            if let Some(w) = &workers
-                && !stopping
-            {
-                w.resume();
-            }
         }
+        // The listener leaves the workers' set first; then this thread takes the backlog.
         #[cfg(all(target_os = "linux", not(socketserver_portable)))]
         drop(workers);
         if control.backlog_wanted() {
@@ -849,8 +841,15 @@ fn relieve(c: &Control, tick_due: Instant) {
             continue;
         }
         if !c.evict(1, |s, idle| report_eviction(c, s, idle)) {
-            // Nobody idle, or the one shed is still leaving: give it a moment.
-            thread::sleep(Duration::from_millis(1));
+            // Nobody idle, or the one shed is still leaving. Who is idle changes only at the
+            // reaper's looks; a slot freed (the one shed gone) or another newcomer wakes this.
+            // (A slot freed just before the wait is missed, harmlessly: the newcomer takes it
+            // without the reaper, which stays here until a newcomer or its look.)
+            let mut state = lock(&c.pressure.state);
+            if !state.stop && !std::mem::take(&mut state.wanted) {
+                let left = tick_due.saturating_duration_since(Instant::now());
+                let _ = c.pressure.wake.wait_timeout(state, left);
+            }
         }
     }
 }

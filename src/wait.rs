@@ -78,3 +78,38 @@ pub(crate) fn wait_until<'a, T>(
         }
     })
 }
+
+/// Exponential backoff for accept errors that retrying at once cannot fix (out of descriptors,
+/// out of memory): Python retries at once and spins the CPU; tiny_http gives up for good.
+#[derive(Default)]
+pub(crate) struct Backoff {
+    failures: u64,
+    delay: Duration,
+}
+
+impl Backoff {
+    pub(crate) const FIRST: Duration = Duration::from_millis(5);
+    const MAX: Duration = Duration::from_secs(1);
+
+    pub(crate) fn next(&mut self) -> Duration {
+        self.failures += 1;
+        self.delay = if self.delay.is_zero() {
+            Self::FIRST
+        } else {
+            (self.delay * 2).min(Self::MAX)
+        };
+        self.delay
+    }
+
+    /// Failures in a row so far.
+    pub(crate) fn failures(&self) -> u64 {
+        self.failures
+    }
+
+    pub(crate) fn reset(&mut self) {
+        if self.failures > 0 {
+            log::info!("accepting again after {} failed attempts", self.failures);
+        }
+        *self = Backoff::default();
+    }
+}

@@ -2,8 +2,8 @@
 //! RLIMIT_NOFILE is driven until `accept` fails with EMFILE. While exhausted it must neither die
 //! nor spin the CPU; once descriptors are freed it must serve again, including the connections
 //! that waited in the backlog. Prints its figures; exits non-zero on failure. Run in thread mode
-//! (the serving thread accepts) and in event mode (the workers accept, and hand accepting over
-//! to the serving thread when it fails).
+//! (the serving thread accepts) and in event mode (the workers accept, and when it fails leave
+//! the listener out of their set until the backoff is over).
 //!
 //! `harness = false`: this file is its own program. Run by the parent, it re-executes itself as
 //! the child (environment variable `SOCKETSERVER_FD_CHILD`).

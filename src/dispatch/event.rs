@@ -22,9 +22,9 @@
 //! set; `polling` adds a lock and a notification pipe this loop does not need.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -32,10 +32,11 @@ use rustix::event::epoll::{self, CreateFlags, EventData, EventFlags};
 use rustix::event::{EventfdFlags, Timespec, eventfd};
 
 use super::{Acceptor, Job, Shared, Taken};
-use crate::control::{AcceptingHere, Counters, Permit, Ticket, lock};
+use crate::control::{Counters, Permit, Ticket, lock};
 use crate::log_limit::limited;
 use crate::stream::now_millis;
 use crate::transport::{Incoming, Service, Step};
+use crate::wait::Backoff;
 use crate::worker::panic_message;
 
 /// Ready connections the workers take per wait, between them: served one after another, so a
@@ -94,6 +95,8 @@ struct Slab<X> {
 }
 
 struct Engine<S: Service> {
+    /// Itself, for a freed permit to re-arm the listener with (see [`Engine::accept`]).
+    me: Weak<Engine<S>>,
     shared: Arc<Shared<S>>,
     epoll: OwnedFd,
     wake: OwnedFd,
@@ -106,17 +109,20 @@ struct Engine<S: Service> {
     accept: Mutex<Accepting<S::Request>>,
     /// Signalled when a worker's accept batch ends (a stopping serve loop waits for that).
     batch_done: Condvar,
-    /// Written by a worker that hands accepting over to the serving thread.
-    handover: OwnedFd,
+    /// When (`now_millis`) the listener, left out of the set after an accept error, is re-armed;
+    /// 0: not backing off.
+    retry_at: AtomicU64,
 }
 
 struct Accepting<R> {
     from: Option<Arc<dyn Acceptor<R>>>,
     /// Serve loops running with the workers accepting.
     loops: usize,
-    /// Workers in an accept batch: one at a time, the listener being one-shot (a serving
-    /// thread's re-arm may let in a second).
+    /// Workers in an accept batch: one at a time, the listener being one-shot (a freed
+    /// permit's re-arm may let in a second).
     busy: usize,
+    /// Accept errors in a row, for the delay before the next try.
+    backoff: Backoff,
 }
 
 /// The running event mode: the set and its workers.
@@ -137,10 +143,10 @@ impl<S: Service> Event<S> {
     ) -> io::Result<Event<S>> {
         let epoll = epoll::create(CreateFlags::CLOEXEC)?;
         let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
-        let handover = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
         // Level-triggered and never read: once written, every wait returns at once.
         epoll::add(&epoll, &wake, EventData::new_u64(WAKE_KEY), EventFlags::IN)?;
-        let engine = Arc::new(Engine {
+        let engine = Arc::new_cyclic(|me| Engine {
+            me: me.clone(),
             shared,
             epoll,
             wake,
@@ -155,9 +161,10 @@ impl<S: Service> Event<S> {
                 from: None,
                 loops: 0,
                 busy: 0,
+                backoff: Backoff::default(),
             }),
             batch_done: Condvar::new(),
-            handover,
+            retry_at: AtomicU64::new(0),
         });
         let mut event = Event {
             engine,
@@ -187,8 +194,8 @@ impl<S: Service> Event<S> {
     }
 
     /// Has the workers accept from `acceptor` (the listener joins their set, one-shot: one
-    /// worker at a time has its event, and re-arms it when done) until the guard drops. `None`
-    /// if the listener cannot join; the caller then accepts.
+    /// worker at a time has its event, and re-arms it when done while a permit is free) until
+    /// the guard drops. `None` if the listener cannot join; the caller then accepts.
     pub(crate) fn accept_from(
         &self,
         acceptor: Arc<dyn Acceptor<S::Request>>,
@@ -196,8 +203,7 @@ impl<S: Service> Event<S> {
         let e = &self.engine;
         let mut accepting = lock(&e.accept);
         if accepting.loops == 0 {
-            // A hand-over left from a serve loop that stopped is not for this one.
-            let _ = rustix::io::read(&e.handover, &mut [0u8; 8]);
+            e.retry_at.store(0, Ordering::Relaxed);
             let listening = EventData::new_u64(LISTEN_KEY);
             if let Err(err) = epoll::add(&e.epoll, acceptor.fd(), listening, listen_flags()) {
                 log::warn!("event loop: the listener cannot join the workers' set: {err}");
@@ -311,12 +317,17 @@ impl<S: Service> Engine<S> {
     /// A worker: waits for ready connections, serves them, until the server closes.
     fn work(&self, batch: usize) {
         let mut events = Vec::with_capacity(batch);
-        let timeout = Timespec::try_from(TICK).unwrap_or(Timespec {
-            tv_sec: 0,
-            tv_nsec: 50_000_000,
-        });
         loop {
             events.clear();
+            // The tick, or sooner the end of an accept backoff.
+            let wait = match self.retry_at.load(Ordering::Relaxed) {
+                0 => TICK,
+                at => Duration::from_millis(at.saturating_sub(now_millis())).min(TICK),
+            };
+            let timeout = Timespec::try_from(wait).unwrap_or(Timespec {
+                tv_sec: 0,
+                tv_nsec: 50_000_000,
+            });
             match epoll::wait(
                 &self.epoll,
                 rustix::buffer::spare_capacity(&mut events),
@@ -349,12 +360,30 @@ impl<S: Service> Engine<S> {
             if self.closing.load(Ordering::SeqCst) {
                 return;
             }
+            self.maybe_retry();
             self.maybe_tick();
         }
     }
 
-    /// The listener is ready: accept what is queued, up to a batch, then re-arm the listener
-    /// (a connection queued by then is reported at once), unless accepting was handed over.
+    /// Re-arms the listener once an accept backoff is over.
+    fn maybe_retry(&self) {
+        let at = self.retry_at.load(Ordering::Relaxed);
+        if at != 0
+            && now_millis() >= at
+            && self
+                .retry_at
+                .compare_exchange(at, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.rearm(&lock(&self.accept));
+        }
+    }
+
+    /// The listener is ready: accept what is queued, up to a batch, each under a permit, then
+    /// re-arm the listener (a connection queued by then is reported at once). Without a free
+    /// permit the listener is left out of the set, and the newcomer in the backlog: the next
+    /// permit released re-arms it (a connection closing, or one the pressure policy shed for
+    /// the newcomer). After an accept error it is re-armed when the backoff is over.
     fn accept(&self) {
         let from = {
             let mut accepting = lock(&self.accept);
@@ -364,26 +393,41 @@ impl<S: Service> Engine<S> {
             accepting.busy += 1;
             from
         };
-        let _here = AcceptingHere::enter();
+        let control = &self.shared.ctx.handle.control;
+        let _for_loop = control.accepting_for_loop();
         // Re-arms when the batch ends however it ends, a panic included.
         let mut batch = Batch {
             engine: self,
-            rearm: true,
+            end: End::Rearm,
+            accepted: false,
         };
         for _ in 0..ACCEPT_BATCH {
-            match from.try_next() {
+            let me = self.me.clone();
+            let rearm = Box::new(move || {
+                if let Some(e) = me.upgrade() {
+                    e.rearm(&lock(&e.accept));
+                }
+            });
+            let Some(permit) = control.try_acquire_or_park(rearm) else {
+                batch.end = End::Parked;
+                return;
+            };
+            match from.try_next(permit) {
                 Taken::Job(job) => {
+                    batch.accepted = true;
                     if let Err(e) = self.submit(job) {
-                        Counters::bump(&self.shared.ctx.handle.control.counters.accept_errors);
+                        Counters::bump(&control.counters.accept_errors);
                         limited!(error, "{e}; connection closed");
                     }
                 }
                 Taken::Refused => {}
                 Taken::Empty => return,
-                Taken::HandOver => {
-                    // The serving thread re-arms the listener when it has done its part.
-                    batch.rearm = false;
-                    let _ = rustix::io::write(&self.handover, &1u64.to_ne_bytes());
+                Taken::Stop => {
+                    batch.end = End::Parked;
+                    return;
+                }
+                Taken::Failed(e) => {
+                    batch.end = End::Failed(e);
                     return;
                 }
             }
@@ -549,11 +593,23 @@ fn listen_flags() -> EventFlags {
     EventFlags::IN | EventFlags::ONESHOT
 }
 
-/// A worker's accept batch: when it ends, the listener is re-armed (unless handed over) and a
-/// serve loop waiting for the batch is told.
+/// How an accept batch ended: what becomes of the listener.
+enum End {
+    /// Re-armed: what is still queued is reported at once.
+    Rearm,
+    /// Left out of the set: a freed permit re-arms it, or the serve loops are stopping.
+    Parked,
+    /// Left out of the set until the backoff for this error is over.
+    Failed(io::Error),
+}
+
+/// A worker's accept batch: when it ends, the listener is re-armed (or left out, see [`End`])
+/// and a serve loop waiting for the batch is told.
 struct Batch<'a, S: Service> {
     engine: &'a Engine<S>,
-    rearm: bool,
+    end: End,
+    /// A connection was accepted: the accept errors in a row, if any, are over.
+    accepted: bool,
 }
 
 impl<S: Service> Drop for Batch<'_, S> {
@@ -561,41 +617,30 @@ impl<S: Service> Drop for Batch<'_, S> {
         let e = self.engine;
         let mut accepting = lock(&e.accept);
         accepting.busy -= 1;
-        if self.rearm {
-            e.rearm(&accepting);
+        if self.accepted {
+            accepting.backoff.reset();
+        }
+        match std::mem::replace(&mut self.end, End::Parked) {
+            End::Rearm => e.rearm(&accepting),
+            End::Parked => {}
+            End::Failed(err) => {
+                let a = &mut *accepting;
+                if let Some(from) = &a.from {
+                    let delay = from.failed(&err, &mut a.backoff);
+                    let at = now_millis() + (delay.as_millis() as u64).max(1);
+                    // This worker waits no longer than that before it looks again.
+                    e.retry_at.store(at, Ordering::Relaxed);
+                }
+            }
         }
         e.batch_done.notify_all();
     }
 }
 
-/// Held by a serve loop while the workers accept for it: it waits on
-/// [`handover_fd`](Self::handover_fd) and accepts only what the workers hand over (no free
-/// slot, an accept error to back off from). Dropping it stops the workers accepting, once the
-/// one that may be accepting has finished.
+/// Held by a serve loop while the workers accept for it. Dropping it stops the workers
+/// accepting (the listener leaves their set), once the one that may be accepting has finished.
 pub(crate) struct WorkersAccept<'a, S: Service> {
     event: &'a Event<S>,
-}
-
-impl<S: Service> WorkersAccept<'_, S> {
-    /// Readable once a worker has handed accepting over.
-    pub(crate) fn handover_fd(&self) -> BorrowedFd<'_> {
-        self.event.engine.handover.as_fd()
-    }
-
-    /// Takes the hand-over: the serving thread accepts until it has one connection, then calls
-    /// [`resume`](Self::resume). False if there was none to take (another serve loop took it).
-    pub(crate) fn take_handover(&self) -> bool {
-        let mut n = [0u8; 8];
-        matches!(rustix::io::read(&self.event.engine.handover, &mut n), Ok(8))
-            && u64::from_ne_bytes(n) > 0
-    }
-
-    /// Gives accepting back to the workers: re-arms the listener, which is reported at once if
-    /// a connection is queued.
-    pub(crate) fn resume(&self) {
-        let e = &self.event.engine;
-        e.rearm(&lock(&e.accept));
-    }
 }
 
 impl<S: Service> Drop for WorkersAccept<'_, S> {

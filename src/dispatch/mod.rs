@@ -6,9 +6,11 @@
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::control::{Permit, Ticket};
 use crate::transport::{Incoming, Service};
+use crate::wait::Backoff;
 use crate::worker::Ctx;
 
 // epoll and eventfd: Linux only (`socketserver_portable` leaves it out on Linux too, for CI).
@@ -112,8 +114,12 @@ pub(crate) trait Acceptor<R>: Send + Sync {
     /// The listener, to wait on.
     fn fd(&self) -> BorrowedFd<'_>;
 
-    /// The next connection, without waiting.
-    fn try_next(&self) -> Taken<Job<R>>;
+    /// The next connection, under `permit` (taken first: without one, the listener waits for
+    /// it, and the connection in the backlog), without waiting.
+    fn try_next(&self, permit: Permit) -> Taken<Job<R>>;
+
+    /// Counts and logs a [`Taken::Failed`]; how long to wait before accepting again.
+    fn failed(&self, err: &io::Error, backoff: &mut Backoff) -> Duration;
 }
 
 /// What [`Acceptor::try_next`] took.
@@ -124,8 +130,10 @@ pub(crate) enum Taken<J> {
     Refused,
     /// None queued.
     Empty,
-    /// No free slot, an error that needs backoff, or a shutdown: the serving thread takes over.
-    HandOver,
+    /// A shutdown: accept no more for the serve loops that are stopping.
+    Stop,
+    /// An error that retrying at once cannot fix (out of descriptors): back off.
+    Failed(io::Error),
 }
 
 impl<S: Service> Shared<S> {
