@@ -86,8 +86,14 @@ fn main() {
     // Those shed see the end of the stream; the rest are still held.
     let open = served.iter_mut().map(still_open).filter(|&o| o).count();
     // The handlers, the main and serving threads, the reaper, the stdin watcher and the log
-    // flusher (the shed ones have left by now).
-    let busy_threads = threads(pid);
+    // flusher, once the threads of those shed have left (on a loaded machine one may still be
+    // on its way out a moment after its client saw the end: allow it two seconds).
+    let settle = std::time::Instant::now() + Duration::from_secs(2);
+    let mut busy_threads = threads(pid);
+    while busy_threads > cap + 5 && std::time::Instant::now() < settle {
+        std::thread::sleep(Duration::from_millis(20));
+        busy_threads = threads(pid);
+    }
     drop(served);
     let accept_errors = stop_and_count_accept_errors(&mut child, &mut out);
 
