@@ -28,7 +28,7 @@ struct Cli {
     #[command(flatten)]
     client: common::ClientArgs,
     #[command(flatten)]
-    tls: common::TlsClientArgs,
+    tls: TlsClientArgs,
 }
 
 /// Sends each line and prints the reply, over any stream.
@@ -102,4 +102,21 @@ fn main() {
     .unwrap_or_else(|e| common::die(&format!("cannot connect to {addr}: {e}")));
     stream.set_read_timeout(Some(timeout)).ok();
     converse(&stream, lines);
+}
+
+/// TLS for a client: `--tls-ca PEM [--tls-cert PEM --tls-key PEM] [--server-name NAME]`.
+#[derive(clap::Args, Debug)]
+struct TlsClientArgs {
+    /// Connect over TLS, trusting the CA certificates of this file (PEM)
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate chain (PEM) for a server that requires one; needs --tls-key
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM)
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// The name the server's certificate must carry (default: the host of --addr)
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    server_name: Option<String>,
 }

@@ -100,7 +100,7 @@ fn main() {
         "echo server",
         Duration::from_secs(5),
     );
-    if cli.dispatch.is_event() {
+    if matches!(cli.dispatch.mode, common::Mode::Event) {
         let builder = cli.dispatch.apply(TcpServer::builder(|| EchoMessages));
         run(cli, builder);
     } else {

@@ -119,7 +119,21 @@ fn main() {
         if let Some(mode) = cli.socket_mode {
             builder = builder.socket_mode(mode);
         }
-        let server = common::bind_unix(builder, &cli.path);
+        let server = bind_unix(builder, &cli.path);
         common::serve(server, "Unix stream echo server", grace);
     }
+}
+
+/// `common::bind_tcp` for Unix stream servers: the inherited socket #0, else `path`.
+fn bind_unix<H: socketserver::Handler>(
+    builder: socketserver::Builder<socketserver::transport::Unix<H>>,
+    path: &std::path::Path,
+) -> socketserver::Result<socketserver::Server<socketserver::transport::Unix<H>>> {
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
+    let builder = builder.sd_notify(true);
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
+    if socketserver::Inherited::count() > 0 {
+        return builder.adopt(socketserver::Inherited::index(0));
+    }
+    builder.bind(path)
 }

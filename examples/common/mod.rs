@@ -77,11 +77,6 @@ impl DispatchArgs {
         }
     }
 
-    /// Whether the handler must serve one message per call.
-    pub fn is_event(&self) -> bool {
-        matches!(self.mode, Mode::Event)
-    }
-
     /// The mode, for the log: `Event { workers: 2 }`, `Pool { workers: 8 }`, `Thread`.
     pub fn describe(&self) -> String {
         match self.mode {
@@ -96,22 +91,18 @@ fn event_workers(workers: Option<usize>) -> usize {
     workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
 }
 
-/// `--mode event`.
-#[cfg(all(target_os = "linux", not(socketserver_portable)))]
+/// `--mode event`, which needs Linux's epoll.
 fn event<T: StreamTransport>(builder: Builder<T>, workers: Option<usize>) -> Builder<T>
 where
     T::Handler: MessageHandler,
 {
-    builder.event(event_workers(workers))
-}
-
-/// `--mode event` where the library has no event dispatch (it needs Linux's epoll).
-#[cfg(not(all(target_os = "linux", not(socketserver_portable))))]
-fn event<T: StreamTransport>(_: Builder<T>, _: Option<usize>) -> Builder<T>
-where
-    T::Handler: MessageHandler,
-{
-    die("--mode event needs Linux (epoll)")
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
+    return builder.event(event_workers(workers));
+    #[cfg(not(all(target_os = "linux", not(socketserver_portable))))]
+    {
+        let _ = (builder, workers);
+        die("--mode event needs Linux (epoll)")
+    }
 }
 
 /// Connection caps of a stream server: `--max-connections N` and `--max-per-source N`.
@@ -136,17 +127,15 @@ impl LimitArgs {
         &self,
         builder: Builder<socketserver::transport::Tcp<H>>,
     ) -> Builder<socketserver::transport::Tcp<H>> {
-        let builder = match self.max_connections {
-            Some(n) => builder.max_connections(n),
-            None => builder,
-        };
-        match self.max_per_source {
-            Some(n) => {
-                log::info!("at most {n} connections per client address");
-                builder.max_per_source(n)
-            }
-            None => builder,
+        let mut builder = builder;
+        if let Some(n) = self.max_connections {
+            builder = builder.max_connections(n);
         }
+        if let Some(n) = self.max_per_source {
+            log::info!("at most {n} connections per client address");
+            builder = builder.max_per_source(n);
+        }
+        builder
     }
 }
 
@@ -191,12 +180,10 @@ pub struct MpAuthArgs {
 }
 
 impl MpAuthArgs {
+    /// The handshake's version: 3.12+'s unless `--legacy`.
     pub fn version(&self) -> socketserver::MpVersion {
-        if self.legacy {
-            socketserver::MpVersion::Legacy
-        } else {
-            socketserver::MpVersion::Modern
-        }
+        use socketserver::MpVersion::{Legacy, Modern};
+        if self.legacy { Legacy } else { Modern }
     }
 }
 
@@ -348,15 +335,12 @@ impl TimeoutArgs {
     /// One line for the log.
     pub fn describe(&self) -> String {
         let secs = |l: Limit| l.0.map_or("none".to_owned(), |d| format!("{d:?}"));
-        format!(
-            "idle timeout {}, minimum rate {}, read timeout {}",
-            secs(self.idle_timeout),
-            match self.min_rate {
-                0 => "none".to_owned(),
-                r => format!("{r} bytes/s after 10s"),
-            },
-            secs(self.read_timeout)
-        )
+        let rate = match self.min_rate {
+            0 => "none".to_owned(),
+            r => format!("{r} bytes/s after 10s"),
+        };
+        let (idle, read) = (secs(self.idle_timeout), secs(self.read_timeout));
+        format!("idle timeout {idle}, minimum rate {rate}, read timeout {read}")
     }
 }
 
@@ -375,20 +359,6 @@ pub fn bind_tcp<H: socketserver::Handler>(
         return builder.adopt(socketserver::Inherited::index(0));
     }
     builder.bind(addr)
-}
-
-/// `bind_tcp` for Unix stream servers: the inherited socket #0, else `path`.
-pub fn bind_unix<H: socketserver::Handler>(
-    builder: Builder<socketserver::transport::Unix<H>>,
-    path: &std::path::Path,
-) -> socketserver::Result<Server<socketserver::transport::Unix<H>>> {
-    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
-    let builder = builder.sd_notify(true);
-    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
-    if socketserver::Inherited::count() > 0 {
-        return builder.adopt(socketserver::Inherited::index(0));
-    }
-    builder.bind(path)
 }
 
 /// Prefork: `--processes N` and what goes with it.
@@ -531,14 +501,11 @@ impl TlsServerArgs {
                     None => Ok(t),
                 })
                 .unwrap_or_else(|e| die(&format!("TLS: {e}")));
-            log::info!(
-                "TLS with {}{}",
-                cert.display(),
-                match &self.tls_client_ca {
-                    Some(ca) => format!("; client certificates of {} required", ca.display()),
-                    None => String::new(),
-                }
-            );
+            let mutual = self
+                .tls_client_ca
+                .as_ref()
+                .map(|ca| format!("; client certificates of {} required", ca.display()));
+            log::info!("TLS with {}{}", cert.display(), mutual.unwrap_or_default());
             builder.tls(tls)
         }
         #[cfg(not(feature = "tls"))]
@@ -547,23 +514,6 @@ impl TlsServerArgs {
             die(NO_TLS)
         }
     }
-}
-
-/// TLS for a client: `--tls-ca PEM [--tls-cert PEM --tls-key PEM] [--server-name NAME]`.
-#[derive(clap::Args, Debug)]
-pub struct TlsClientArgs {
-    /// Connect over TLS, trusting the CA certificates of this file (PEM)
-    #[arg(long, value_name = "PEM")]
-    pub tls_ca: Option<std::path::PathBuf>,
-    /// Client certificate chain (PEM) for a server that requires one; needs --tls-key
-    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca"])]
-    pub tls_cert: Option<std::path::PathBuf>,
-    /// The private key of --tls-cert (PEM)
-    #[arg(long, value_name = "PEM", requires = "tls_cert")]
-    pub tls_key: Option<std::path::PathBuf>,
-    /// The name the server's certificate must carry (default: the host of --addr)
-    #[arg(long, value_name = "NAME", requires = "tls_ca")]
-    pub server_name: Option<String>,
 }
 
 /// The PROXY protocol: `--proxy-protocol` and `--trusted-proxy CIDR` (repeatable). With it, every
