@@ -456,7 +456,8 @@ fn sigttin_and_sigttou_add_and_remove_a_worker_under_load() {
 
 /// A worker at its connection cap leaves a newcomer to a sibling with room: the pressure policy
 /// sheds an idle client only for a newcomer no process takes, so 39 idle clients of two event
-/// workers capped at 20 each are all kept, none shed for the last arrivals.
+/// workers capped at 20 each are all kept, none shed for the last arrivals; once both are
+/// full, a newcomer is served by shedding one (each worker may shed one for it).
 #[test]
 fn a_full_worker_leaves_newcomers_to_a_sibling_with_room() {
     use std::io::{Read, Write};
@@ -495,6 +496,23 @@ fn a_full_worker_leaves_newcomers_to_a_sibling_with_room() {
         "{}",
         s.log.dump()
     );
-    drop(clients);
+    // Every worker full: a newcomer that nobody takes gets an idle client shed for it, after
+    // the grace in which a sibling could have taken it.
+    clients.extend(open(1));
+    let t = Instant::now();
+    let newcomer = open(1);
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "a newcomer to full workers waited {took:?}:\n{}",
+        s.log.dump()
+    );
+    let shed = s.log.dump().matches("closed idle connection").count();
+    assert!(
+        (1..=2).contains(&shed),
+        "{shed} shed for one newcomer:\n{}",
+        s.log.dump()
+    );
+    drop((clients, newcomer));
     s.stop();
 }
