@@ -102,6 +102,26 @@ pub fn carry_tls_section(into: &str, from: &str) -> Result<String, String> {
     })
 }
 
+/// The size of every request and reply.
+pub const MSG: usize = 64;
+
+/// One 64-byte round trip; `seq` makes each request distinct so a wrong echo is caught.
+pub fn round_trip(s: &mut std::net::TcpStream, seq: u64) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut msg = [b'x'; MSG];
+    msg[..8].copy_from_slice(&seq.to_le_bytes());
+    s.write_all(&msg)?;
+    let mut back = [0u8; MSG];
+    s.read_exact(&mut back)?;
+    if back != msg {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "wrong echo",
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 //! loopback port, how to read its resident memory, and how to stop it for sure.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -287,21 +287,7 @@ pub fn connect(addr: SocketAddr, auth: Option<Digest>) -> io::Result<TcpStream> 
     Ok(s)
 }
 
-/// The size of every request and reply.
-pub const MSG: usize = 64;
-
-/// One 64-byte round trip; `seq` makes each request distinct so a wrong echo is caught.
-pub fn round_trip(s: &mut TcpStream, seq: u64) -> io::Result<()> {
-    let mut msg = [b'x'; MSG];
-    msg[..8].copy_from_slice(&seq.to_le_bytes());
-    s.write_all(&msg)?;
-    let mut back = [0u8; MSG];
-    s.read_exact(&mut back)?;
-    if back != msg {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "wrong echo"));
-    }
-    Ok(())
-}
+pub use crate::common::round_trip;
 
 impl Server {
     /// Starts `c` on a free loopback port (pinned to `core` with taskset if given) and waits

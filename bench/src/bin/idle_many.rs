@@ -26,16 +26,15 @@ mod common;
 #[path = "../kmem.rs"]
 mod kmem;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::round_trip;
 use kmem::KernelMem;
 
-/// The size of every check echo, as in the main benchmark.
-const MSG: usize = 64;
 /// Connections a client opens between two pacing echoes: fewer than the smallest backlog.
 const BATCH: usize = 64;
 
@@ -398,21 +397,6 @@ fn open(src: Ipv4Addr, addr: SocketAddr) -> std::io::Result<TcpStream> {
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.set_write_timeout(Some(Duration::from_secs(10)))?;
     Ok(s)
-}
-
-fn round_trip(s: &mut TcpStream, seq: u64) -> std::io::Result<()> {
-    let mut msg = [b'x'; MSG];
-    msg[..8].copy_from_slice(&seq.to_le_bytes());
-    s.write_all(&msg)?;
-    let mut back = [0u8; MSG];
-    s.read_exact(&mut back)?;
-    if back != msg {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "wrong echo",
-        ));
-    }
-    Ok(())
 }
 
 /// Raises this process's soft open-file limit to its hard limit.
