@@ -25,7 +25,7 @@ impl Handler for Hold {
     }
 }
 
-/// [`Hold`] for `Dispatch::Event`: greets in `setup`, then parks until the client hangs up.
+/// [`Hold`] for event mode (`Builder::event`): greets in `setup`, then parks until the client hangs up.
 pub struct HoldMessages;
 
 impl MessageHandler for HoldMessages {

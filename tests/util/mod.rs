@@ -88,7 +88,7 @@ pub fn serve<T: Transport>(server: Server<T>) -> Running<T> {
 }
 
 /// Python test_socketserver's handler: echo each line back. A line is a message, so the same
-/// handler runs in every dispatch mode, [`Dispatch::Event`] included.
+/// handler runs in every dispatch mode, event mode (`Builder::event`) included.
 pub struct LineEcho;
 
 impl MessageHandler for LineEcho {
