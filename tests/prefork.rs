@@ -55,6 +55,22 @@ impl Supervisor {
 
     /// `program` (a copy in `dir`) with `--processes 2 --pid-file DIR/echo.pid` and `args`.
     fn start_program(dir: PathBuf, program: &'static Path, args: &[&str]) -> Supervisor {
+        Supervisor::start_logging(dir, program, args, "info")
+    }
+
+    /// `start` with `RUST_LOG` set to `filter`.
+    fn start_with_log(tag: &str, args: &[&str], filter: &str) -> Supervisor {
+        let mut all = vec!["--addr", "127.0.0.1:0"];
+        all.extend(args);
+        Supervisor::start_logging(temp_dir(tag), echo_server(), &all, filter)
+    }
+
+    fn start_logging(
+        dir: PathBuf,
+        program: &'static Path,
+        args: &[&str],
+        filter: &str,
+    ) -> Supervisor {
         let exe = dir.join(program.file_name().unwrap());
         install(&exe, program);
         let pid_file = dir.join("echo.pid");
@@ -62,7 +78,7 @@ impl Supervisor {
         cmd.args(["--processes", "2", "--pid-file"])
             .arg(&pid_file)
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -133,6 +149,11 @@ impl Supervisor {
 
     /// SIGTERM, then waits (bounded) for a clean exit with a summary.
     fn stop(mut self) {
+        self.stop_keeping_log();
+    }
+
+    /// `stop`, keeping the supervisor for its log.
+    fn stop_keeping_log(&mut self) {
         signal(self.pid(), "TERM");
         let end = Instant::now() + Duration::from_secs(20);
         while self.child.try_wait().unwrap().is_none() {
@@ -515,4 +536,74 @@ fn a_full_worker_leaves_newcomers_to_a_sibling_with_room() {
     );
     drop((clients, newcomer));
     s.stop();
+}
+
+/// What the worker processes counted reaches the supervisor's summary whole: a scripted mix of
+/// connections (served after the HMAC handshake, a wrong answer, a client silent until the
+/// handshake deadline) against two workers sums, field by field, to what the clients did,
+/// each connection counted once.
+#[test]
+fn a_scripted_mix_is_counted_once_in_the_supervisors_summary() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let mut s = Supervisor::start_with_log(
+        "mix",
+        &["--auth-key", "mix-key", "--digest", "sha256"],
+        "info,echo_server=debug",
+    );
+    let connect = || {
+        let c = TcpStream::connect(s.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c
+    };
+    for i in 0..3u8 {
+        let mut c = connect();
+        socketserver::answer_challenge(&mut c, b"mix-key", socketserver::Digest::Sha256).unwrap();
+        c.write_all(&[i]).unwrap();
+        let mut b = [0u8];
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(b, [i]);
+    }
+    for _ in 0..2 {
+        // The tutorial's handshake has no verdict: a wrong answer is closed without a reply.
+        let mut c = connect();
+        socketserver::answer_challenge(&mut c, b"wrong-key", socketserver::Digest::Sha256).unwrap();
+        let _ = c.write_all(b"x");
+        let mut back = Vec::new();
+        let _ = c.read_to_end(&mut back);
+        assert!(back.is_empty(), "a wrong key was served: {back:?}");
+    }
+    // Silent until the 5 s deadline cuts it.
+    let mut silent = connect();
+    let mut sink = Vec::new();
+    let _ = silent.read_to_end(&mut sink);
+    s.stop_keeping_log();
+    let line = s
+        .log
+        .wait_for("the workers' stats, summed:", Duration::from_secs(2))
+        .unwrap_or_else(|| panic!("no stats line:\n{}", s.log.dump()));
+    let field = |name: &str| -> u64 {
+        let at = line
+            .find(&format!(" {name}: "))
+            .unwrap_or_else(|| panic!("{name}: {line}"));
+        let rest = &line[at + name.len() + 3..];
+        rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap()]
+            .parse()
+            .unwrap()
+    };
+    let counted = [
+        ("accepted", 6),
+        ("auth_failures", 2),
+        ("handshake_timeouts", 1),
+        ("rejected", 0),
+        ("per_source_rejected", 0),
+        ("handler_errors", 0),
+        ("active", 0),
+        // The three echoes' bytes; the handshakes' are not the handler's.
+        ("bytes_read", 3),
+        ("bytes_written", 3),
+    ];
+    for (name, want) in counted {
+        assert_eq!(field(name), want, "{name} in the summary: {line}");
+    }
 }

@@ -412,6 +412,7 @@ impl ProcessArgs {
         match p.run() {
             Ok(summary) => {
                 log::info!("supervisor stopped: {summary}");
+                log::debug!("the workers' stats, summed: {:?}", summary.stats);
                 exit(0)
             }
             Err(e) => die(&format!("supervisor: {e}")),
