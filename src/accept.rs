@@ -14,9 +14,10 @@ use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 
 use crate::Addr;
-use crate::control::{Control, Counters, Permit, Refusal};
+use crate::control::{Control, Permit};
 use crate::dispatch::{Acceptor, Job, Taken};
 use crate::log_limit::limited;
+use crate::recorder::{Event, Refusal};
 use crate::transport::{Incoming, Listener};
 pub(crate) use crate::wait::Backoff;
 use crate::wait::{Polled, poll_until};
@@ -126,7 +127,7 @@ impl<L: Listener> AcceptLoop<L> {
                         None => match control.try_acquire() {
                             Some(p) => p,
                             None => {
-                                control.record_refused(Refusal::Limit);
+                                control.record(Event::Refused(Refusal::Limit));
                                 log::debug!("connection limit reached: closing {}", req.peer());
                                 req.reject();
                                 continue;
@@ -167,7 +168,7 @@ impl<L: Listener> AcceptLoop<L> {
     /// before the next try.
     fn failed(&self, err: &io::Error, backoff: &mut Backoff) -> Duration {
         let control = &self.control;
-        Counters::bump(&control.counters.accept_errors);
+        control.record(Event::AcceptError);
         let delay = backoff.next();
         if backoff.failures() == 1 {
             log::warn!(
@@ -181,12 +182,13 @@ impl<L: Listener> AcceptLoop<L> {
     }
 
     fn accepted(&self, req: &L::Request) {
-        self.control.record_accepted();
-        crate::observe::accept_event(&self.control.local_addr, req.peer());
+        self.control.record(Event::Accepted {
+            peer: Some(req.peer()),
+        });
     }
 
     fn skipped(&self, err: &io::Error) {
-        Counters::bump(&self.control.counters.accept_errors);
+        self.control.record(Event::AcceptError);
         log::debug!("accept on {}: {err}; skipped", self.control.local_addr);
     }
 
@@ -200,7 +202,7 @@ impl<L: Listener> AcceptLoop<L> {
                 false
             });
             if !ok {
-                control.record_refused(Refusal::Verify);
+                control.record(Event::Refused(Refusal::Verify));
                 log::debug!("verify_request rejected {}", req.peer());
                 req.reject();
                 return None;
@@ -213,7 +215,7 @@ impl<L: Listener> AcceptLoop<L> {
             .filter(|_| !self.learns_client)
             .map(|a| a.ip().to_canonical());
         let Some(ticket) = control.register(req.stream().cloned(), source) else {
-            control.record_refused(Refusal::PerSource);
+            control.record(Event::Refused(Refusal::PerSource));
             limited!(
                 warn,
                 "{} already has {} connections open (max_per_source): closing {}",

@@ -25,6 +25,7 @@ use crate::control::{Control, SourceClaim, lock};
 use crate::deadline::DeadlineIo;
 use crate::log_limit::limited;
 use crate::observe::{self, AdmissionFailure};
+use crate::recorder::{Event, Outcome};
 use crate::wait::deadline_after;
 use crate::{Addr, Auth, Result, Stream};
 
@@ -405,7 +406,7 @@ impl Pipeline {
         control: &Arc<Control>,
     ) -> Option<Learnt> {
         if self.stages.is_empty() {
-            observe::record_admission("none", false);
+            control.record(Event::Admission(Outcome::NoStages));
             return Some(Learnt::default());
         }
         let guard = self.enter(stream, control, None);
@@ -438,7 +439,7 @@ impl Pipeline {
     /// the peer.
     pub(crate) fn begin(&self, stream: &Stream, peer: &Addr, control: &Arc<Control>) -> Admission {
         if self.stages.is_empty() {
-            observe::record_admission("none", false);
+            control.record(Event::Admission(Outcome::NoStages));
             return Admission::Admitted(Box::new(Admitted {
                 peer: peer.clone(),
                 learnt: Learnt::default(),
@@ -571,7 +572,7 @@ impl Pipeline {
             };
             old.evicted.store(true, Ordering::Relaxed);
             // Counted before the client can see the close.
-            control.record_admission_failure(AdmissionFailure::Timeout);
+            control.record(Event::AdmissionCut(AdmissionFailure::Timeout));
             let _ = old.stream.shutdown(Shutdown::Both);
             let peer = old
                 .stream
@@ -597,7 +598,7 @@ impl Pipeline {
         match (result, failed) {
             _ if !kept => {
                 // Counted by the eviction.
-                observe::record_admission(AdmissionFailure::Cap.label(), false);
+                control.record(Event::Admission(Outcome::Cut(AdmissionFailure::Cap)));
                 limited!(
                     info,
                     "handshake with {peer} cut: too many unfinished handshakes"
@@ -605,27 +606,25 @@ impl Pipeline {
             }
             (Ok(()), _) => {
                 let tls = self.stages.iter().any(|s| s.kind().name() == "tls");
-                observe::record_admission("ok", tls);
+                control.record(Event::Admission(Outcome::Admitted { tls }));
                 return true;
             }
             // A client the header named, refused by `verify_request` or `max_per_source`:
             // counted by the stage under that reason, once, and not as a PROXY failure.
             #[cfg(feature = "proxy-protocol")]
             (Err(e), Some(StageKind::Proxy)) if e.is_counted() => {
-                observe::record_admission("refused", false);
+                control.record(Event::Admission(Outcome::Refused));
                 limited!(info, "{e}; closing the connection");
             }
             // Counted by the stage, by reason (and in all, for the metrics).
             #[cfg(feature = "proxy-protocol")]
             (Err(e), Some(StageKind::Proxy)) => {
-                control.record_admission_failure(AdmissionFailure::Proxy);
-                observe::record_admission(AdmissionFailure::Proxy.label(), false);
+                control.record(Event::Admission(Outcome::Failed(AdmissionFailure::Proxy)));
                 // The error names the peer.
                 limited!(warn, "PROXY stage refused a connection: {e}");
             }
             (Err(e), _) if e.is_timeout() => {
-                control.record_admission_failure(AdmissionFailure::Timeout);
-                observe::record_admission(AdmissionFailure::Timeout.label(), false);
+                control.record(Event::Admission(Outcome::Failed(AdmissionFailure::Timeout)));
                 limited!(
                     warn,
                     "handshake with {peer} timed out after {:?}{}",
@@ -635,13 +634,11 @@ impl Pipeline {
             }
             #[cfg(feature = "tls")]
             (Err(e), Some(StageKind::Tls)) => {
-                control.record_admission_failure(AdmissionFailure::Tls);
-                observe::record_admission(AdmissionFailure::Tls.label(), false);
+                control.record(Event::Admission(Outcome::Failed(AdmissionFailure::Tls)));
                 limited!(warn, "TLS handshake with {peer} failed: {e}");
             }
             (Err(e), Some(StageKind::Auth) | None) => {
-                control.record_admission_failure(AdmissionFailure::Hmac);
-                observe::record_admission(AdmissionFailure::Hmac.label(), false);
+                control.record(Event::Admission(Outcome::Failed(AdmissionFailure::Hmac)));
                 limited!(warn, "authentication failed for {peer}: {e}");
             }
         }
@@ -768,7 +765,7 @@ impl PendingTable {
         };
         old.evicted.store(true, Ordering::Relaxed);
         let _ = old.stream.shutdown(Shutdown::Both);
-        control.record_admission_failure(AdmissionFailure::Cap);
+        control.record(Event::AdmissionCut(AdmissionFailure::Cap));
         true
     }
 }

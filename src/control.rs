@@ -5,14 +5,14 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Shutdown};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use crate::wait::{deadline_after, wait_until};
 
-use crate::observe::{AdmissionFailure, DurationHistogram, Histogram};
+use crate::recorder::{Event, Recorded, Recorder, Stats};
 use crate::{Addr, Stream};
 
 /// Locks a mutex whose data stays consistent even if a holder panicked (we never panic while
@@ -101,230 +101,6 @@ impl Drop for Permit {
     }
 }
 
-/// Counters, updated with relaxed atomics: each is exact, the snapshot is not one instant.
-#[derive(Default)]
-pub(crate) struct Counters {
-    pub accepted: AtomicU64,
-    pub rejected: AtomicU64,
-    pub limit_rejected: AtomicU64,
-    pub per_source_rejected: AtomicU64,
-    /// By [`AdmissionFailure`]: bumped only by [`Control::record_admission_failure`].
-    admission_failures: [AtomicU64; AdmissionFailure::ALL.len()],
-    pub handler_errors: AtomicU64,
-    pub panics: AtomicU64,
-    pub accept_errors: AtomicU64,
-    pub oversized: AtomicU64,
-    pub idle_closed: AtomicU64,
-    pub amplification_dropped: AtomicU64,
-    pub slow_closed: AtomicU64,
-    pub evicted: AtomicU64,
-    pub timeouts: AtomicU64,
-    /// Bytes moved on stream connections, added when each one closes
-    /// ([`Control::record_bytes`]).
-    bytes_read: AtomicU64,
-    bytes_written: AtomicU64,
-    /// Recorded only by [`Control::record_request`], from the lifecycle.
-    request_duration: Histogram,
-    /// The `server` label of the `metrics` facade mirror.
-    #[cfg(feature = "metrics")]
-    label: std::sync::OnceLock<metrics::SharedString>,
-    pub proxy_untrusted: AtomicU64,
-    pub proxy_missing: AtomicU64,
-    pub proxy_malformed: AtomicU64,
-    pub proxy_oversized: AtomicU64,
-    pub proxy_timeouts: AtomicU64,
-}
-
-impl Counters {
-    pub(crate) fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// A snapshot of a server's counters, from [`ServerHandle::stats`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Stats {
-    /// Connections accepted (datagrams received, for datagram servers).
-    pub accepted: u64,
-    /// Requests being handled right now.
-    pub active: u64,
-    /// Requests closed because `verify_request` returned false.
-    pub rejected: u64,
-    /// Connections closed at once because the connection limit was reached
-    /// ([`Builder::reject_when_full`](crate::Builder::reject_when_full)).
-    pub limit_rejected: u64,
-    /// Connections closed at once because their client address already had
-    /// [`Builder::max_per_source`](crate::Builder::max_per_source) connections open.
-    pub per_source_rejected: u64,
-    /// Clients that failed authentication (wrong, malformed or truncated answer): the
-    /// [`Hmac`](AdmissionFailure::Hmac) count of
-    /// [`admission_failures`](Self::admission_failures).
-    pub auth_failures: u64,
-    /// Clients that did not finish the handshake within the handshake timeout: the
-    /// [`Timeout`](AdmissionFailure::Timeout) count of
-    /// [`admission_failures`](Self::admission_failures).
-    pub handshake_timeouts: u64,
-    /// Unfinished handshakes cut to make room under the handshake cap: the
-    /// [`Cap`](AdmissionFailure::Cap) count of
-    /// [`admission_failures`](Self::admission_failures).
-    pub handshake_evictions: u64,
-    /// Handlers (`setup`, `handle` or `finish`) that returned an error, other than a timeout
-    /// (`timeouts`) or the client resetting or leaving mid-request
-    /// ([`HandlerFailure::is_disconnect`](crate::HandlerFailure::is_disconnect): logged at
-    /// debug, not counted).
-    pub handler_errors: u64,
-    /// Handlers that panicked.
-    pub panics: u64,
-    /// Failed `accept` (or datagram receive) calls, all recovered from.
-    pub accept_errors: u64,
-    /// Datagrams longer than the maximum packet size, dropped and logged.
-    pub oversized_datagrams: u64,
-    /// Connections closed by the idle timeout
-    /// ([`Builder::idle_timeout`](crate::Builder::idle_timeout)).
-    pub idle_closed: u64,
-    /// Datagram replies dropped by the amplification guard
-    /// ([`Builder::max_reply_ratio`](crate::Builder::max_reply_ratio)).
-    pub amplification_dropped: u64,
-    /// Connections closed for sending a request slower than the minimum data rate
-    /// ([`Builder::min_data_rate`](crate::Builder::min_data_rate)).
-    pub slow_closed: u64,
-    /// Idle connections closed to make room for a newcomer while the server was at
-    /// [`Builder::max_connections`](crate::Builder::max_connections) (the pressure policy),
-    /// idlest first.
-    pub evicted: u64,
-    /// Handlers that ended on a read or write timeout
-    /// ([`Builder::read_timeout`](crate::Builder::read_timeout), `write_timeout`): logged at
-    /// info, and not counted in `handler_errors`.
-    pub timeouts: u64,
-    /// Connections refused by the PROXY stage because their peer is not a trusted proxy
-    /// (`ProxyProtocol`, cargo feature `proxy-protocol`).
-    pub proxy_untrusted: u64,
-    /// Connections from a trusted proxy that did not start with a PROXY header (or ended
-    /// before sending a byte).
-    pub proxy_missing: u64,
-    /// PROXY headers that started right and went wrong: a bad signature, version, command,
-    /// address or TLV, or a connection that ended inside the header.
-    pub proxy_malformed: u64,
-    /// PROXY headers longer than allowed (107 bytes for v1, 16 + 1536 for v2), refused before
-    /// the excess is read.
-    pub proxy_oversized: u64,
-    /// PROXY headers not complete within the handshake deadline (not counted in
-    /// `handshake_timeouts`).
-    pub proxy_timeouts: u64,
-    /// Clients whose TLS handshake failed (feature `tls`): plaintext on a TLS port, an unknown
-    /// CA, a bad or missing client certificate, a truncated or malformed ClientHello.
-    pub tls_failures: u64,
-    /// Bytes read from stream connections (through the [`Stream`]), counted when each
-    /// connection closes (the admission handshakes, which read the socket directly, are not
-    /// counted).
-    pub bytes_read: u64,
-    /// Bytes written to stream connections, counted when each connection closes.
-    pub bytes_written: u64,
-    /// How long requests took, `setup` to the end of `finish`.
-    pub request_duration: DurationHistogram,
-    /// Admission failures, indexed by [`AdmissionFailure::index`].
-    admission: [u64; AdmissionFailure::ALL.len()],
-}
-
-impl Stats {
-    /// Connections that admission refused for `reason`.
-    pub fn admission_failures(&self, reason: AdmissionFailure) -> u64 {
-        self.admission[reason.index()]
-    }
-}
-
-/// Every counter of [`Stats`] in a fixed order, for the one place that moves a whole `Stats`
-/// between processes (a prefork worker's report) and sums them: a field added to `Stats`
-/// and not here is what prefork's `stats_survive_the_line_a_worker_reports` catches.
-macro_rules! stats_counters {
-    ($m:ident) => {
-        $m!(
-            accepted,
-            active,
-            rejected,
-            limit_rejected,
-            per_source_rejected,
-            auth_failures,
-            handshake_timeouts,
-            handshake_evictions,
-            handler_errors,
-            panics,
-            accept_errors,
-            oversized_datagrams,
-            idle_closed,
-            amplification_dropped,
-            slow_closed,
-            evicted,
-            timeouts,
-            proxy_untrusted,
-            proxy_missing,
-            proxy_malformed,
-            proxy_oversized,
-            proxy_timeouts,
-            tls_failures,
-            bytes_read,
-            bytes_written
-        )
-    };
-}
-
-impl Stats {
-    /// All of it as numbers: the counters, the admission failures by reason, the duration
-    /// histogram.
-    // Used by prefork (feature `signals`, Linux) alone.
-    #[cfg_attr(
-        not(all(feature = "signals", target_os = "linux", not(socketserver_portable))),
-        allow(dead_code)
-    )]
-    pub(crate) fn words(&self) -> Vec<u64> {
-        macro_rules! list {
-            ($($f:ident),*) => { vec![$(self.$f),*] };
-        }
-        let mut w: Vec<u64> = stats_counters!(list);
-        w.extend(self.admission);
-        w.extend(self.request_duration.words());
-        w
-    }
-
-    /// The inverse of [`words`](Self::words); missing words are 0, extra ones ignored.
-    // Used by prefork (feature `signals`, Linux) alone.
-    #[cfg_attr(
-        not(all(feature = "signals", target_os = "linux", not(socketserver_portable))),
-        allow(dead_code)
-    )]
-    pub(crate) fn from_words(words: impl IntoIterator<Item = u64>) -> Stats {
-        let mut it = words.into_iter();
-        let mut s = Stats::default();
-        macro_rules! fill {
-            ($($f:ident),*) => { $(s.$f = it.next().unwrap_or(0);)* };
-        }
-        stats_counters!(fill);
-        for a in &mut s.admission {
-            *a = it.next().unwrap_or(0);
-        }
-        s.request_duration.fill(&mut it);
-        s
-    }
-
-    /// Adds `other`'s counts to these, histogram included.
-    // Used by prefork (feature `signals`, Linux) alone.
-    #[cfg_attr(
-        not(all(feature = "signals", target_os = "linux", not(socketserver_portable))),
-        allow(dead_code)
-    )]
-    pub(crate) fn add(&mut self, other: &Stats) {
-        macro_rules! add {
-            ($($f:ident),*) => { $(self.$f += other.$f;)* };
-        }
-        stats_counters!(add);
-        for (a, b) in self.admission.iter_mut().zip(other.admission) {
-            *a += b;
-        }
-        self.request_duration.add(&other.request_duration);
-    }
-}
-
 /// How long a drain waits for the serve loop to take what is queued in the backlog and close
 /// the listener itself, before closing it regardless (see [`Control::begin_drain`]).
 const BACKLOG_HANDOFF: Duration = Duration::from_millis(200);
@@ -393,16 +169,14 @@ pub struct Control {
     max_per_source: Option<usize>,
     registry: Mutex<Registry>,
     registry_changed: Condvar,
-    pub(crate) counters: Counters,
+    /// Every count of the server, changed only through [`record`](Self::record).
+    pub(crate) recorder: Recorder,
     pub(crate) local_addr: Addr,
     /// Called when a drain begins (readiness: `STOPPING=1`).
     drain_hook: OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// The listener is shared with other processes (adopted from `LISTEN_FDS`): a drain stops
     /// accepting on it but must not shut it down, which would refuse clients for all of them.
     shared_listener: AtomicBool,
-    /// After this many accepted connections the serve loop is asked to return (a prefork
-    /// worker's `max_requests_per_worker`); `u64::MAX`: no limit.
-    accept_limit: AtomicU64,
     /// The reaper's wake-up: its stop flag, and a newcomer waiting for a slot.
     pub(crate) pressure: Pressure,
 }
@@ -467,11 +241,10 @@ impl Control {
                 accepting_for_loop: Vec::new(),
             }),
             registry_changed: Condvar::new(),
-            counters: Counters::with_label(&local_addr),
+            recorder: Recorder::new(&local_addr),
             local_addr,
             drain_hook: OnceLock::new(),
             shared_listener: AtomicBool::new(false),
-            accept_limit: AtomicU64::new(u64::MAX),
             pressure: Pressure::default(),
         }))
     }
@@ -693,7 +466,7 @@ impl Control {
         r.next_id += 1;
         r.live.insert(id, stream);
         drop(r);
-        self.mirror_active(1.0);
+        self.record(Event::Opened);
         Some(Ticket {
             control: self.clone(),
             id,
@@ -816,7 +589,7 @@ impl Control {
         for (was_idle, s) in idle {
             if s.mark_cut() {
                 self.pressure.shed_pending.store(true, Ordering::Relaxed);
-                Counters::bump(&self.counters.evicted);
+                self.record(Event::Evicted);
                 let _ = s.shutdown(Shutdown::Both);
                 report(s, was_idle);
                 shed = true;
@@ -917,7 +690,7 @@ impl Control {
     /// Asks the serve loop to return once `n` connections have been accepted.
     #[cfg(feature = "signals")]
     pub(crate) fn set_accept_limit(&self, n: u64) {
-        self.accept_limit.store(n, Ordering::Release);
+        self.recorder.set_accept_limit(n);
     }
 
     /// Whether other processes may accept from this server's listener (it was inherited).
@@ -962,36 +735,14 @@ impl Control {
     }
 
     pub(crate) fn stats(&self) -> Stats {
-        let c = &self.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        Stats {
-            accepted: get(&c.accepted),
-            active: self.active() as u64,
-            rejected: get(&c.rejected),
-            limit_rejected: get(&c.limit_rejected),
-            per_source_rejected: get(&c.per_source_rejected),
-            auth_failures: get(&c.admission_failures[AdmissionFailure::Hmac.index()]),
-            handshake_timeouts: get(&c.admission_failures[AdmissionFailure::Timeout.index()]),
-            handshake_evictions: get(&c.admission_failures[AdmissionFailure::Cap.index()]),
-            handler_errors: get(&c.handler_errors),
-            panics: get(&c.panics),
-            accept_errors: get(&c.accept_errors),
-            oversized_datagrams: get(&c.oversized),
-            idle_closed: get(&c.idle_closed),
-            amplification_dropped: get(&c.amplification_dropped),
-            slow_closed: get(&c.slow_closed),
-            evicted: get(&c.evicted),
-            timeouts: get(&c.timeouts),
-            bytes_read: get(&c.bytes_read),
-            bytes_written: get(&c.bytes_written),
-            request_duration: c.request_duration.snapshot(),
-            admission: std::array::from_fn(|i| get(&c.admission_failures[i])),
-            tls_failures: get(&c.admission_failures[AdmissionFailure::Tls.index()]),
-            proxy_untrusted: get(&c.proxy_untrusted),
-            proxy_missing: get(&c.proxy_missing),
-            proxy_malformed: get(&c.proxy_malformed),
-            proxy_oversized: get(&c.proxy_oversized),
-            proxy_timeouts: get(&c.proxy_timeouts),
+        self.recorder.snapshot(self.active() as u64)
+    }
+
+    /// The one way a count changes: `event` goes to the [`Recorder`], and what it asks of the
+    /// server (the accept limit reached: stop serving) is done here.
+    pub(crate) fn record(&self, event: Event<'_>) {
+        if self.recorder.record(event) == Recorded::AcceptLimitReached {
+            self.request_shutdown();
         }
     }
 }
@@ -1059,7 +810,7 @@ impl Drop for Ticket {
             self.control.registry_changed.notify_all();
         }
         drop(r);
-        self.control.mirror_active(-1.0);
+        self.control.record(Event::Closed);
     }
 }
 
@@ -1187,130 +938,5 @@ impl std::fmt::Debug for ServerHandle {
             .field("local_addr", &self.control.local_addr)
             .field("shutdown_requested", &self.control.shutdown_requested())
             .finish()
-    }
-}
-
-impl Counters {
-    /// Counters at zero; `server` names them in the `metrics` facade mirror.
-    fn with_label(server: &Addr) -> Counters {
-        let c = Counters::default();
-        #[cfg(feature = "metrics")]
-        {
-            crate::observe::facade::describe();
-            let _ = c.label.set(crate::observe::facade::label(server));
-        }
-        #[cfg(not(feature = "metrics"))]
-        let _ = server;
-        c
-    }
-
-    /// The facade's `server` label.
-    #[cfg(feature = "metrics")]
-    fn label(&self) -> metrics::SharedString {
-        self.label.get().cloned().unwrap_or_default()
-    }
-}
-
-/// Why the accept loop refused a connection before admission.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Refusal {
-    /// `verify_request` returned false.
-    Verify,
-    /// The connection limit was reached (`reject_when_full`).
-    Limit,
-    /// The client address already had `max_per_source` connections open.
-    PerSource,
-}
-
-impl Refusal {
-    pub(crate) const fn label(self) -> &'static str {
-        match self {
-            Refusal::Verify => "verify",
-            Refusal::Limit => "limit",
-            Refusal::PerSource => "per_source",
-        }
-    }
-}
-
-/// Where the accept loop, admission and the lifecycle report what happened: the counters of
-/// [`Stats`] and, with the `metrics` feature, their mirror through the `metrics` facade. Every
-/// call is a few relaxed atomic additions; none locks or allocates (the facade's recorder may).
-impl Control {
-    /// A connection (or datagram) accepted.
-    pub(crate) fn record_accepted(&self) {
-        let n = self.counters.accepted.fetch_add(1, Ordering::Relaxed) + 1;
-        // A prefork worker's `max_requests`: its last connection ends the serve loop.
-        if n == self.accept_limit.load(Ordering::Acquire) {
-            self.request_shutdown();
-        }
-        #[cfg(feature = "metrics")]
-        metrics::counter!(crate::observe::facade::ACCEPTED, "server" => self.counters.label())
-            .increment(1);
-    }
-
-    /// A connection refused by the accept loop, before admission.
-    pub(crate) fn record_refused(&self, why: Refusal) {
-        let c = &self.counters;
-        Counters::bump(match why {
-            Refusal::Verify => &c.rejected,
-            Refusal::Limit => &c.limit_rejected,
-            Refusal::PerSource => &c.per_source_rejected,
-        });
-        #[cfg(feature = "metrics")]
-        metrics::counter!(crate::observe::facade::REJECTED,
-            "server" => c.label(), "reason" => why.label())
-        .increment(1);
-    }
-
-    /// A connection that admission refused, by reason: every stage (PROXY, TLS, HMAC) and
-    /// every limit (deadline, cap) reports here, once per refused connection.
-    pub(crate) fn record_admission_failure(&self, reason: AdmissionFailure) {
-        Counters::bump(&self.counters.admission_failures[reason.index()]);
-        #[cfg(feature = "metrics")]
-        {
-            let label = self.counters.label();
-            metrics::counter!(crate::observe::facade::REJECTED,
-                "server" => label.clone(), "reason" => reason.label())
-            .increment(1);
-            if reason == AdmissionFailure::Hmac {
-                metrics::counter!(crate::observe::facade::AUTH_FAILURES, "server" => label)
-                    .increment(1);
-            }
-        }
-    }
-
-    /// One request served (a connection, a datagram, or one message in event mode), from
-    /// `setup` to the end of `finish`.
-    pub(crate) fn record_request(&self, took: Duration) {
-        self.counters.request_duration.record(took);
-        #[cfg(feature = "metrics")]
-        metrics::histogram!(crate::observe::facade::DURATION, "server" => self.counters.label())
-            .record(took.as_secs_f64());
-    }
-
-    /// The bytes a stream connection moved, added once when it closes (the `Stream` counts
-    /// them per connection, uncontended).
-    pub(crate) fn record_bytes(&self, read: u64, written: u64) {
-        let c = &self.counters;
-        c.bytes_read.fetch_add(read, Ordering::Relaxed);
-        c.bytes_written.fetch_add(written, Ordering::Relaxed);
-        #[cfg(feature = "metrics")]
-        {
-            let label = c.label();
-            metrics::counter!(crate::observe::facade::BYTES_READ, "server" => label.clone())
-                .increment(read);
-            metrics::counter!(crate::observe::facade::BYTES_WRITTEN, "server" => label)
-                .increment(written);
-        }
-    }
-
-    /// The `active` gauge of the facade follows the registry of in-flight requests.
-    #[inline]
-    fn mirror_active(&self, delta: f64) {
-        #[cfg(feature = "metrics")]
-        metrics::gauge!(crate::observe::facade::ACTIVE, "server" => self.counters.label())
-            .increment(delta);
-        #[cfg(not(feature = "metrics"))]
-        let _ = delta;
     }
 }

@@ -11,9 +11,10 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::accept::{AcceptLoop, Backoff, Next, VerifyHook, wait};
-use crate::control::{Control, Counters, Permit, lock};
+use crate::control::{Control, Permit, lock};
 use crate::dispatch::{Acceptor, Dispatch, Dispatcher, Run, Shared};
 use crate::log_limit::limited;
+use crate::recorder::{Event, Refusal};
 use crate::stream::{ActivityLimits, Cut};
 use crate::transport::socket::{SocketOptions, accept_queue_len};
 use crate::transport::{
@@ -582,13 +583,15 @@ impl<T: Transport> Server<T> {
             };
             // Through the recorder, as the accept loop counts: the metrics facade, tracing and
             // prefork's `max_requests` see these too.
-            control.record_accepted();
+            control.record(Event::Accepted {
+                peer: Some(req.peer()),
+            });
             match control.try_acquire() {
                 Some(permit) => {
                     self.process(req, permit, backoff);
                 }
                 None => {
-                    control.record_refused(crate::control::Refusal::Limit);
+                    control.record(Event::Refused(Refusal::Limit));
                     req.reject();
                 }
             }
@@ -685,7 +688,7 @@ impl<T: Transport> Server<T> {
         };
         if let Err(e) = dispatcher.dispatch(job) {
             let control = self.control();
-            Counters::bump(&control.counters.accept_errors);
+            control.record(Event::AcceptError);
             limited!(error, "{e}; connection closed");
             let delay = backoff.next();
             wait(None, control, Some(Instant::now() + delay));
@@ -897,7 +900,7 @@ fn report_cut(control: &Control, s: &crate::Stream, cut: Cut) {
         .map_or_else(|_| "a peer that has gone".to_owned(), |a| a.to_string());
     match cut {
         Cut::Idle(idle) => {
-            Counters::bump(&control.counters.idle_closed);
+            control.record(Event::IdleClosed);
             limited!(
                 info,
                 "closed connection from {peer}: nothing sent or read for {idle:?} (idle timeout)"
@@ -908,7 +911,7 @@ fn report_cut(control: &Control, s: &crate::Stream, cut: Cut) {
             waited,
             rate,
         } => {
-            Counters::bump(&control.counters.slow_closed);
+            control.record(Event::SlowClosed);
             limited!(
                 info,
                 "closed connection from {peer}: {bytes} bytes of a request in {waited:.1?}, under \

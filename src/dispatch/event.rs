@@ -32,7 +32,7 @@ use rustix::event::epoll::{self, CreateFlags, EventData, EventFlags};
 use rustix::event::{EventfdFlags, Timespec, eventfd};
 
 use super::{Acceptor, Job, Shared, Taken};
-use crate::control::{Counters, Permit, Ticket, lock};
+use crate::control::{Permit, Ticket, lock};
 use crate::log_limit::limited;
 use crate::stream::now_millis;
 use crate::transport::{Incoming, Service, Step};
@@ -416,7 +416,7 @@ impl<S: Service> Engine<S> {
                 Taken::Job(job) => {
                     batch.accepted = true;
                     if let Err(e) = self.submit(job) {
-                        Counters::bump(&control.counters.accept_errors);
+                        control.record(crate::recorder::Event::AcceptError);
                         limited!(error, "{e}; connection closed");
                     }
                 }
