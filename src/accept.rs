@@ -44,7 +44,7 @@ pub(crate) fn wait(
     control: &Control,
     deadline: Option<Instant>,
 ) -> Wake {
-    let waker = PollFd::from_borrowed_fd(control.waker_fd(), PollFlags::IN);
+    let waker = PollFd::from_borrowed_fd(control.shutdown.waker_fd(), PollFlags::IN);
     let mut fds = match fd {
         Some(fd) => vec![waker, PollFd::from_borrowed_fd(fd, PollFlags::IN)],
         None => vec![waker],
@@ -110,12 +110,12 @@ impl<L: Listener> AcceptLoop<L> {
         } else {
             match control.acquire(deadline) {
                 Some(p) => Some(p),
-                None if control.shutdown_requested() => return Next::Shutdown,
+                None if control.shutdown.requested() => return Next::Shutdown,
                 None => return Next::Timeout,
             }
         };
         loop {
-            if control.shutdown_requested() {
+            if control.shutdown.requested() {
                 return Next::Shutdown;
             }
             let err = match self.listener.accept(control) {
@@ -124,7 +124,7 @@ impl<L: Listener> AcceptLoop<L> {
                     self.accepted(&req);
                     let permit = match permit {
                         Some(p) => p,
-                        None => match control.try_acquire() {
+                        None => match control.limits.try_acquire() {
                             Some(p) => p,
                             None => {
                                 control.record(Event::Refused(Refusal::Limit));
@@ -137,7 +137,7 @@ impl<L: Listener> AcceptLoop<L> {
                     return Next::Request(req, permit);
                 }
                 // A drain shut the listener down after asking us to stop: not a failure.
-                Err(_) if control.shutdown_requested() => return Next::Shutdown,
+                Err(_) if control.shutdown.requested() => return Next::Shutdown,
                 Err(e) => e,
             };
             let pause = match err.kind() {
@@ -220,7 +220,7 @@ impl<L: Listener> AcceptLoop<L> {
                 warn,
                 "{} already has {} connections open (max_per_source): closing {}",
                 source.map_or_else(String::new, |ip| ip.to_string()),
-                control.max_per_source().unwrap_or_default(),
+                control.limits.max_per_source().unwrap_or_default(),
                 req.peer()
             );
             req.reject();
@@ -237,7 +237,7 @@ impl<L: Listener> Acceptor<L::Request> for AcceptLoop<L> {
 
     fn try_next(&self, permit: Permit) -> Taken<Job<L::Request>> {
         let control = &self.control;
-        if control.shutdown_requested() {
+        if control.shutdown.requested() {
             return Taken::Stop;
         }
         match self.listener.accept(control) {
@@ -251,7 +251,7 @@ impl<L: Listener> Acceptor<L::Request> for AcceptLoop<L> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Taken::Empty,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Taken::Refused,
             // A drain shut the listener down after asking the loops to stop: the end.
-            Err(_) if control.shutdown_requested() => Taken::Stop,
+            Err(_) if control.shutdown.requested() => Taken::Stop,
             Err(e) if is_transient(&e) => {
                 self.skipped(&e);
                 Taken::Refused

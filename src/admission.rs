@@ -648,7 +648,7 @@ impl Pipeline {
     /// Registers an admission under the cap, cutting the oldest unfinished ones to make room.
     fn enter(&self, stream: &Stream, control: &Control, deadline: Option<Instant>) -> PendingGuard {
         // This connection holds its slot already: none free means it took the last one.
-        let took_last_slot = control.free_slots() == Some(0);
+        let took_last_slot = control.limits.free_slots() == Some(0);
         let mut t = lock(&self.pending);
         if took_last_slot && t.cut_when_full.is_some_and(|at| t.queue.len() >= at) {
             t.evict_oldest(control, false);
@@ -837,7 +837,7 @@ mod tests {
         let mut permits = Vec::new();
         let mut pending = Vec::new();
         for (s, _) in &conns {
-            permits.push(control.try_acquire().unwrap());
+            permits.push(control.limits.try_acquire().unwrap());
             pending.push(pipeline.enter(s, &control, None));
         }
         assert!(
@@ -853,7 +853,7 @@ mod tests {
         let mut permits = Vec::new();
         let mut pending = Vec::new();
         for (s, _) in &conns {
-            permits.push(control.try_acquire().unwrap());
+            permits.push(control.limits.try_acquire().unwrap());
             pending.push(pipeline.enter(s, &control, None));
         }
         let cut_now: Vec<bool> = pending.iter().map(cut).collect();

@@ -394,7 +394,7 @@ impl<S: Service> Engine<S> {
             from
         };
         let control = &self.shared.ctx.handle.control;
-        let _for_loop = control.accepting_for_loop();
+        let _for_loop = control.shutdown.accepting_for_loop();
         // Re-arms when the batch ends however it ends, a panic included.
         let mut batch = Batch {
             engine: self,
@@ -408,7 +408,7 @@ impl<S: Service> Engine<S> {
                     e.rearm(&lock(&e.accept));
                 }
             });
-            let Some(permit) = control.try_acquire_or_park(rearm) else {
+            let Some(permit) = control.limits.try_acquire_or_park(rearm) else {
                 batch.end = End::Parked;
                 return;
             };

@@ -249,7 +249,7 @@ impl Stage for ProxyStage {
             }
         }
         if let Addr::Inet(a) = &client {
-            match conn.control().claim_source(a.ip()) {
+            match conn.control().limits.claim_source(a.ip().to_canonical()) {
                 Some(claim) => conn.learnt.source = claim,
                 None => {
                     conn.control()
@@ -259,7 +259,7 @@ impl Stage for ProxyStage {
                         .with_detail(format!(
                             "{} already has {} connections open (max_per_source)",
                             a.ip(),
-                            conn.control().max_per_source().unwrap_or_default()
+                            conn.control().limits.max_per_source().unwrap_or_default()
                         ))
                         .counted());
                 }
