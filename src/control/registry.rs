@@ -135,3 +135,42 @@ impl Drop for Entry {
         drop(stream);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    #[test]
+    fn a_walk_looks_at_connections_with_no_shard_locked() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let registry = Arc::new(Registry::default());
+        let mut clients = Vec::new();
+        let mut entries = Vec::new();
+        // One connection in every shard.
+        for _ in 0..SHARDS {
+            clients.push(TcpStream::connect(listener.local_addr().unwrap()).unwrap());
+            let (server, _) = listener.accept().unwrap();
+            entries.push(registry.insert(Some(Stream::tcp(server, false))));
+        }
+        let mut seen = 0;
+        registry.each(|_| {
+            seen += 1;
+            for shard in &registry.shards {
+                assert!(
+                    shard.try_lock().is_ok(),
+                    "a shard is locked during the walk"
+                );
+            }
+        });
+        assert_eq!(seen, SHARDS);
+        assert_eq!(registry.active(), SHARDS);
+        drop(entries);
+        assert_eq!(
+            (registry.active(), registry.completed()),
+            (0, SHARDS as u64)
+        );
+        assert!(registry.wait_empty(Some(Instant::now()), &|| false));
+    }
+}
