@@ -163,9 +163,12 @@
 //!   handshake is an admission stage; the session a [`Stream`] reads and writes through once it
 //!   is done, fed by whoever owns the socket I/O (reads that never wait, in event mode), in
 //!   `tls/session.rs`.
-//! * **Shared state** (`control.rs`): [`ServerHandle`], [`Stats`], the limits, the registry of
-//!   in-flight requests that a drain or the idle reaper cuts. Every log line a peer can trigger
-//!   is rate-limited (`log_limit.rs`).
+//! * **Shared state** (`control/`): [`ServerHandle`] and a thin `Control` holding one part per
+//!   job: the shutdown flag, waker and serve loops (`shutdown.rs`), the connection limit and the
+//!   per-source cap (`limits.rs`), the registry of in-flight requests that a drain or the idle
+//!   reaper cuts (`registry.rs`), with the drain itself in `mod.rs`. Every count, [`Stats`]
+//!   included, changes only through `recorder.rs`. Every log line a peer can trigger is
+//!   rate-limited (`log_limit.rs`).
 
 #![deny(missing_docs)]
 // Two `unsafe` blocks carry their proofs: `stream.rs` (SO_PEERCRED) and `signals.rs` (reading

@@ -342,7 +342,7 @@ impl Recorder {
     }
 }
 
-/// A snapshot of a server's counters, from [`ServerHandle::stats`].
+/// A snapshot of a server's counters, from [`ServerHandle::stats`](crate::ServerHandle::stats).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
@@ -416,7 +416,7 @@ pub struct Stats {
     /// Clients whose TLS handshake failed (feature `tls`): plaintext on a TLS port, an unknown
     /// CA, a bad or missing client certificate, a truncated or malformed ClientHello.
     pub tls_failures: u64,
-    /// Bytes read from stream connections (through the [`Stream`]), counted when each
+    /// Bytes read from stream connections (through the [`Stream`](crate::Stream)), counted when each
     /// connection closes (the admission handshakes, which read the socket directly, are not
     /// counted).
     pub bytes_read: u64,
