@@ -14,9 +14,10 @@ use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 
 use crate::Addr;
-use crate::control::{Control, Counters, Permit, Refusal};
+use crate::control::{Control, Permit};
 use crate::dispatch::{Acceptor, Job, Taken};
 use crate::log_limit::limited;
+use crate::recorder::{Event, Refusal};
 use crate::transport::{Incoming, Listener};
 pub(crate) use crate::wait::Backoff;
 use crate::wait::{Polled, poll_until};
@@ -43,7 +44,7 @@ pub(crate) fn wait(
     control: &Control,
     deadline: Option<Instant>,
 ) -> Wake {
-    let waker = PollFd::from_borrowed_fd(control.waker_fd(), PollFlags::IN);
+    let waker = PollFd::from_borrowed_fd(control.shutdown.waker_fd(), PollFlags::IN);
     let mut fds = match fd {
         Some(fd) => vec![waker, PollFd::from_borrowed_fd(fd, PollFlags::IN)],
         None => vec![waker],
@@ -109,12 +110,12 @@ impl<L: Listener> AcceptLoop<L> {
         } else {
             match control.acquire(deadline) {
                 Some(p) => Some(p),
-                None if control.shutdown_requested() => return Next::Shutdown,
+                None if control.shutdown.requested() => return Next::Shutdown,
                 None => return Next::Timeout,
             }
         };
         loop {
-            if control.shutdown_requested() {
+            if control.shutdown.requested() {
                 return Next::Shutdown;
             }
             let err = match self.listener.accept(control) {
@@ -123,10 +124,10 @@ impl<L: Listener> AcceptLoop<L> {
                     self.accepted(&req);
                     let permit = match permit {
                         Some(p) => p,
-                        None => match control.try_acquire() {
+                        None => match control.limits.try_acquire() {
                             Some(p) => p,
                             None => {
-                                control.record_refused(Refusal::Limit);
+                                control.record(Event::Refused(Refusal::Limit));
                                 log::debug!("connection limit reached: closing {}", req.peer());
                                 req.reject();
                                 continue;
@@ -136,7 +137,7 @@ impl<L: Listener> AcceptLoop<L> {
                     return Next::Request(req, permit);
                 }
                 // A drain shut the listener down after asking us to stop: not a failure.
-                Err(_) if control.shutdown_requested() => return Next::Shutdown,
+                Err(_) if control.shutdown.requested() => return Next::Shutdown,
                 Err(e) => e,
             };
             let pause = match err.kind() {
@@ -167,7 +168,7 @@ impl<L: Listener> AcceptLoop<L> {
     /// before the next try.
     fn failed(&self, err: &io::Error, backoff: &mut Backoff) -> Duration {
         let control = &self.control;
-        Counters::bump(&control.counters.accept_errors);
+        control.record(Event::AcceptError);
         let delay = backoff.next();
         if backoff.failures() == 1 {
             log::warn!(
@@ -181,12 +182,13 @@ impl<L: Listener> AcceptLoop<L> {
     }
 
     fn accepted(&self, req: &L::Request) {
-        self.control.record_accepted();
-        crate::observe::accept_event(&self.control.local_addr, req.peer());
+        self.control.record(Event::Accepted {
+            peer: Some(req.peer()),
+        });
     }
 
     fn skipped(&self, err: &io::Error) {
-        Counters::bump(&self.control.counters.accept_errors);
+        self.control.record(Event::AcceptError);
         log::debug!("accept on {}: {err}; skipped", self.control.local_addr);
     }
 
@@ -200,7 +202,7 @@ impl<L: Listener> AcceptLoop<L> {
                 false
             });
             if !ok {
-                control.record_refused(Refusal::Verify);
+                control.record(Event::Refused(Refusal::Verify));
                 log::debug!("verify_request rejected {}", req.peer());
                 req.reject();
                 return None;
@@ -213,12 +215,12 @@ impl<L: Listener> AcceptLoop<L> {
             .filter(|_| !self.learns_client)
             .map(|a| a.ip().to_canonical());
         let Some(ticket) = control.register(req.stream().cloned(), source) else {
-            control.record_refused(Refusal::PerSource);
+            control.record(Event::Refused(Refusal::PerSource));
             limited!(
                 warn,
                 "{} already has {} connections open (max_per_source): closing {}",
                 source.map_or_else(String::new, |ip| ip.to_string()),
-                control.max_per_source().unwrap_or_default(),
+                control.limits.max_per_source().unwrap_or_default(),
                 req.peer()
             );
             req.reject();
@@ -235,7 +237,7 @@ impl<L: Listener> Acceptor<L::Request> for AcceptLoop<L> {
 
     fn try_next(&self, permit: Permit) -> Taken<Job<L::Request>> {
         let control = &self.control;
-        if control.shutdown_requested() {
+        if control.shutdown.requested() {
             return Taken::Stop;
         }
         match self.listener.accept(control) {
@@ -249,7 +251,7 @@ impl<L: Listener> Acceptor<L::Request> for AcceptLoop<L> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Taken::Empty,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Taken::Refused,
             // A drain shut the listener down after asking the loops to stop: the end.
-            Err(_) if control.shutdown_requested() => Taken::Stop,
+            Err(_) if control.shutdown.requested() => Taken::Stop,
             Err(e) if is_transient(&e) => {
                 self.skipped(&e);
                 Taken::Refused

@@ -25,6 +25,7 @@ use crate::control::{Control, SourceClaim, lock};
 use crate::deadline::DeadlineIo;
 use crate::log_limit::limited;
 use crate::observe::{self, AdmissionFailure};
+use crate::recorder::{Event, Outcome};
 use crate::wait::deadline_after;
 use crate::{Addr, Auth, Result, Stream};
 
@@ -405,7 +406,7 @@ impl Pipeline {
         control: &Arc<Control>,
     ) -> Option<Learnt> {
         if self.stages.is_empty() {
-            observe::record_admission("none", false);
+            control.record(Event::Admission(Outcome::NoStages));
             return Some(Learnt::default());
         }
         let guard = self.enter(stream, control, None);
@@ -438,7 +439,7 @@ impl Pipeline {
     /// the peer.
     pub(crate) fn begin(&self, stream: &Stream, peer: &Addr, control: &Arc<Control>) -> Admission {
         if self.stages.is_empty() {
-            observe::record_admission("none", false);
+            control.record(Event::Admission(Outcome::NoStages));
             return Admission::Admitted(Box::new(Admitted {
                 peer: peer.clone(),
                 learnt: Learnt::default(),
@@ -571,7 +572,7 @@ impl Pipeline {
             };
             old.evicted.store(true, Ordering::Relaxed);
             // Counted before the client can see the close.
-            control.record_admission_failure(AdmissionFailure::Timeout);
+            control.record(Event::AdmissionCut(AdmissionFailure::Timeout));
             let _ = old.stream.shutdown(Shutdown::Both);
             let peer = old
                 .stream
@@ -597,7 +598,7 @@ impl Pipeline {
         match (result, failed) {
             _ if !kept => {
                 // Counted by the eviction.
-                observe::record_admission(AdmissionFailure::Cap.label(), false);
+                control.record(Event::Admission(Outcome::Cut(AdmissionFailure::Cap)));
                 limited!(
                     info,
                     "handshake with {peer} cut: too many unfinished handshakes"
@@ -605,27 +606,25 @@ impl Pipeline {
             }
             (Ok(()), _) => {
                 let tls = self.stages.iter().any(|s| s.kind().name() == "tls");
-                observe::record_admission("ok", tls);
+                control.record(Event::Admission(Outcome::Admitted { tls }));
                 return true;
             }
             // A client the header named, refused by `verify_request` or `max_per_source`:
             // counted by the stage under that reason, once, and not as a PROXY failure.
             #[cfg(feature = "proxy-protocol")]
             (Err(e), Some(StageKind::Proxy)) if e.is_counted() => {
-                observe::record_admission("refused", false);
+                control.record(Event::Admission(Outcome::Refused));
                 limited!(info, "{e}; closing the connection");
             }
             // Counted by the stage, by reason (and in all, for the metrics).
             #[cfg(feature = "proxy-protocol")]
             (Err(e), Some(StageKind::Proxy)) => {
-                control.record_admission_failure(AdmissionFailure::Proxy);
-                observe::record_admission(AdmissionFailure::Proxy.label(), false);
+                control.record(Event::Admission(Outcome::Failed(AdmissionFailure::Proxy)));
                 // The error names the peer.
                 limited!(warn, "PROXY stage refused a connection: {e}");
             }
             (Err(e), _) if e.is_timeout() => {
-                control.record_admission_failure(AdmissionFailure::Timeout);
-                observe::record_admission(AdmissionFailure::Timeout.label(), false);
+                control.record(Event::Admission(Outcome::Failed(AdmissionFailure::Timeout)));
                 limited!(
                     warn,
                     "handshake with {peer} timed out after {:?}{}",
@@ -635,13 +634,11 @@ impl Pipeline {
             }
             #[cfg(feature = "tls")]
             (Err(e), Some(StageKind::Tls)) => {
-                control.record_admission_failure(AdmissionFailure::Tls);
-                observe::record_admission(AdmissionFailure::Tls.label(), false);
+                control.record(Event::Admission(Outcome::Failed(AdmissionFailure::Tls)));
                 limited!(warn, "TLS handshake with {peer} failed: {e}");
             }
             (Err(e), Some(StageKind::Auth) | None) => {
-                control.record_admission_failure(AdmissionFailure::Hmac);
-                observe::record_admission(AdmissionFailure::Hmac.label(), false);
+                control.record(Event::Admission(Outcome::Failed(AdmissionFailure::Hmac)));
                 limited!(warn, "authentication failed for {peer}: {e}");
             }
         }
@@ -651,7 +648,7 @@ impl Pipeline {
     /// Registers an admission under the cap, cutting the oldest unfinished ones to make room.
     fn enter(&self, stream: &Stream, control: &Control, deadline: Option<Instant>) -> PendingGuard {
         // This connection holds its slot already: none free means it took the last one.
-        let took_last_slot = control.free_slots() == Some(0);
+        let took_last_slot = control.limits.free_slots() == Some(0);
         let mut t = lock(&self.pending);
         if took_last_slot && t.cut_when_full.is_some_and(|at| t.queue.len() >= at) {
             t.evict_oldest(control, false);
@@ -768,7 +765,7 @@ impl PendingTable {
         };
         old.evicted.store(true, Ordering::Relaxed);
         let _ = old.stream.shutdown(Shutdown::Both);
-        control.record_admission_failure(AdmissionFailure::Cap);
+        control.record(Event::AdmissionCut(AdmissionFailure::Cap));
         true
     }
 }
@@ -840,7 +837,7 @@ mod tests {
         let mut permits = Vec::new();
         let mut pending = Vec::new();
         for (s, _) in &conns {
-            permits.push(control.try_acquire().unwrap());
+            permits.push(control.limits.try_acquire().unwrap());
             pending.push(pipeline.enter(s, &control, None));
         }
         assert!(
@@ -856,7 +853,7 @@ mod tests {
         let mut permits = Vec::new();
         let mut pending = Vec::new();
         for (s, _) in &conns {
-            permits.push(control.try_acquire().unwrap());
+            permits.push(control.limits.try_acquire().unwrap());
             pending.push(pipeline.enter(s, &control, None));
         }
         let cut_now: Vec<bool> = pending.iter().map(cut).collect();

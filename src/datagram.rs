@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags};
 
-use crate::control::Counters;
 use crate::log_limit::limited;
 use crate::wait::{Polled, deadline_after, poll_until};
 
@@ -170,7 +169,9 @@ impl DatagramRequest {
         if taken.is_ok() {
             return Ok(());
         }
-        Counters::bump(&self.server.control.counters.amplification_dropped);
+        self.server
+            .control
+            .record(crate::recorder::Event::AmplificationDropped);
         let why = format!(
             "reply of {len} bytes to {} dropped: replies to a datagram of {} bytes may total {} \
              bytes ({}x its size, the amplification guard; see Builder::max_reply_ratio)",

@@ -157,16 +157,18 @@
 //!   `signals`): the supervisor of worker processes and of binary upgrades, above everything
 //!   else.
 //! * **Observability** (`observe.rs`, `prometheus.rs`, `metrics_http.rs`): admission-failure
-//!   reasons, the duration histogram, the connection span and the facade mirror, reported
-//!   only from the accept loop, admission and the lifecycle (through `control.rs`'s `record_*`
-//!   functions); the text exposition and its HTTP endpoint.
+//!   reasons, the duration histogram, the connection span and the facade mirror, counted
+//!   only through `recorder.rs`'s one `Recorder::record(Event)`; the text exposition and its HTTP endpoint.
 //! * **TLS** (`tls/`, feature `tls`): the configuration and client side in `tls/mod.rs`, whose
 //!   handshake is an admission stage; the session a [`Stream`] reads and writes through once it
 //!   is done, fed by whoever owns the socket I/O (reads that never wait, in event mode), in
 //!   `tls/session.rs`.
-//! * **Shared state** (`control.rs`): [`ServerHandle`], [`Stats`], the limits, the registry of
-//!   in-flight requests that a drain or the idle reaper cuts. Every log line a peer can trigger
-//!   is rate-limited (`log_limit.rs`).
+//! * **Shared state** (`control/`): [`ServerHandle`] and a thin `Control` holding one part per
+//!   job: the shutdown flag, waker and serve loops (`shutdown.rs`), the connection limit and the
+//!   per-source cap (`limits.rs`), the registry of in-flight requests that a drain or the idle
+//!   reaper cuts (`registry.rs`), with the drain itself in `mod.rs`. Every count, [`Stats`]
+//!   included, changes only through `recorder.rs`. Every log line a peer can trigger is
+//!   rate-limited (`log_limit.rs`).
 
 #![deny(missing_docs)]
 // Two `unsafe` blocks carry their proofs: `stream.rs` (SO_PEERCRED) and `signals.rs` (reading
@@ -215,6 +217,7 @@ pub mod prefork;
 mod prometheus;
 #[cfg(feature = "proxy-protocol")]
 mod proxy;
+mod recorder;
 mod server;
 #[cfg(feature = "signals")]
 mod signals;
@@ -235,7 +238,7 @@ pub use auth::{
 };
 pub use bind::{TcpServer, UdpServer, UnixDatagramServer, UnixStreamServer};
 pub use buffered::{Lines, RFile, WFile};
-pub use control::{DrainReport, ServerHandle, Stats};
+pub use control::{DrainReport, ServerHandle};
 pub use datagram::{DatagramHandler, DatagramRequest};
 pub use dispatch::Dispatch;
 pub use error::{Error, Result};
@@ -248,6 +251,7 @@ pub use mp::{DEFAULT_MAX_MESSAGE, DEFAULT_MP_BUDGET, MpBudget, MpConnection};
 #[cfg(feature = "proxy-protocol")]
 #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
 pub use proxy::{Cidr, ProxyInfo, ProxyProtocol, ProxySsl};
+pub use recorder::Stats;
 /// The rustls this crate was built with (feature `tls`), for [`ServerConfig`](rustls::ServerConfig)s
 /// of your own and client root stores.
 #[cfg(feature = "tls")]

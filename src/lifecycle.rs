@@ -6,8 +6,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
 use crate::buffered::Taken;
-use crate::control::Counters;
 use crate::observe::ConnSpan;
+use crate::recorder::Event;
 use crate::worker::{Ctx, Severity, panic_message};
 use crate::{
     Addr, DatagramHandler, DatagramRequest, Handler, HandlerError, HandlerFailure, HandlerResult,
@@ -58,7 +58,7 @@ pub(crate) fn make<H>(
     match catch_unwind(AssertUnwindSafe(factory)) {
         Ok(h) => Some(h),
         Err(p) => {
-            Counters::bump(&ctx.control().counters.panics);
+            ctx.control().record(Event::Panic);
             ctx.report(peer, "factory", HandlerFailure::Panic(panic_message(&*p)));
             None
         }
@@ -79,7 +79,9 @@ pub(crate) fn make<H>(
 pub(crate) fn run<R: HasPeer, H: Lifecycle<R>>(h: &mut H, req: &mut R, ctx: &Ctx) -> bool {
     let started = Instant::now();
     let ok = run_steps(h, req, ctx);
-    ctx.control().record_request(started.elapsed());
+    ctx.control().record(Event::Request {
+        took: started.elapsed(),
+    });
     ok
 }
 
@@ -119,7 +121,9 @@ pub(crate) fn message<H: Handler>(h: &mut H, req: &mut Request, ctx: &Ctx) -> Se
     let served = serve_message(h, req, ctx);
     match req.rfile.end_message() {
         Taken::Whole => {
-            ctx.control().record_request(started.elapsed());
+            ctx.control().record(Event::Request {
+                took: started.elapsed(),
+            });
             // A message is a unit: the silence before the next one is no slow request.
             req.stream.unit_done(req.rfile.buffer().len());
             if let Err(e) = req.stream.release_output() {
@@ -190,7 +194,7 @@ pub(crate) fn open(peer: &Addr) -> ConnSpan {
 /// and the span gets its close event with the duration and bytes.
 pub(crate) fn closed(ctx: &Ctx, stream: &Stream, span: &ConnSpan) {
     let (read, written) = stream.bytes_moved();
-    ctx.control().record_bytes(read, written);
+    ctx.control().record(Event::Bytes { read, written });
     span.close(read, written);
 }
 
@@ -228,7 +232,7 @@ fn step<R: HasPeer, H, T>(
     stage: &'static str,
     f: impl FnOnce(&mut H, &mut R) -> Result<T, HandlerError>,
 ) -> Option<T> {
-    let counters = &ctx.control().counters;
+    let control = ctx.control();
     let (failure, severity) = match catch_unwind(AssertUnwindSafe(|| f(h, req))) {
         Ok(Ok(t)) => return Some(t),
         Ok(Err(e)) => {
@@ -242,16 +246,16 @@ fn step<R: HasPeer, H, T>(
                 Severity::PeerGone
             } else if failure.is_timeout() {
                 // The peer went quiet: not a fault of the handler.
-                Counters::bump(&counters.timeouts);
+                control.record(Event::Timeout);
                 Severity::Timeout
             } else {
-                Counters::bump(&counters.handler_errors);
+                control.record(Event::HandlerError);
                 Severity::Failure
             };
             (failure, severity)
         }
         Err(p) => {
-            Counters::bump(&counters.panics);
+            control.record(Event::Panic);
             (HandlerFailure::Panic(panic_message(&*p)), Severity::Failure)
         }
     };

@@ -3,9 +3,9 @@
 //! (feature `tracing`) and the mirror of the counters through the `metrics` facade (feature
 //! `metrics`).
 //!
-//! Only the accept loop, admission and the lifecycle call into it (through `control.rs`'s
-//! `record_*` functions and [`ConnSpan`]); with both features off, a span is a zero-sized value
-//! and every call here compiles to nothing but the counters `Stats` already kept.
+//! Only the recorder (`recorder.rs`, whose one `record(Event)` every count goes through) and
+//! [`ConnSpan`] call into it; with both features off, a span is a zero-sized value and every
+//! call here compiles to nothing but the counters `Stats` already kept.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};

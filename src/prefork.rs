@@ -345,7 +345,7 @@ impl Worker {
         }
         let control = server.handle().control;
         if let Some(n) = self.max_requests {
-            control.set_accept_limit(n);
+            control.recorder.set_accept_limit(n);
         }
         let report = server.serve_until_signal(grace)?;
         let stats = server.stats();

@@ -7,8 +7,8 @@
 
 use std::fmt::Write;
 
-use crate::control::Refusal;
 use crate::observe::AdmissionFailure;
+use crate::recorder::Refusal;
 use crate::{ServerHandle, Stats};
 
 /// The `Content-Type` of the exposition, for an HTTP response.

@@ -11,9 +11,10 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::accept::{AcceptLoop, Backoff, Next, VerifyHook, wait};
-use crate::control::{Control, Counters, Permit, lock};
+use crate::control::{Control, Permit, lock};
 use crate::dispatch::{Acceptor, Dispatch, Dispatcher, Run, Shared};
 use crate::log_limit::limited;
+use crate::recorder::{Event, Refusal};
 use crate::stream::{ActivityLimits, Cut};
 use crate::transport::socket::{SocketOptions, accept_queue_len};
 use crate::transport::{
@@ -487,7 +488,7 @@ impl<T: Transport> Server<T> {
 
     /// The cap on requests in flight; see [`ServerHandle::max_connections`].
     pub fn max_connections(&self) -> Option<usize> {
-        self.control().max_connections()
+        self.control().limits.max_connections()
     }
 
     fn control(&self) -> &Arc<Control> {
@@ -507,7 +508,7 @@ impl<T: Transport> Server<T> {
     /// listening.
     #[cfg(all(target_os = "linux", not(socketserver_portable)))]
     pub(crate) fn mark_adopted(&self) {
-        self.control().set_shared_listener();
+        self.control().shutdown.set_shared_listener();
     }
 
     /// Serves requests until [`shutdown`](ServerHandle::shutdown) is called, from any thread.
@@ -523,10 +524,10 @@ impl<T: Transport> Server<T> {
             return;
         };
         let control = self.control();
-        if control.listener_closed() {
+        if control.shutdown.listener_closed() {
             return;
         }
-        let _serving = control.serving(true);
+        let _serving = control.shutdown.serving(true);
         #[cfg(all(target_os = "linux", not(socketserver_portable)))]
         if let Some(Some(r)) = self.readiness.get() {
             r.serving();
@@ -540,7 +541,7 @@ impl<T: Transport> Server<T> {
         #[cfg(not(all(target_os = "linux", not(socketserver_portable))))]
         let workers: Option<()> = None;
         let mut backoff = Backoff::default();
-        while !control.shutdown_requested() {
+        while !control.shutdown.requested() {
             if let Some(hook) = &self.service_actions
                 && let Err(p) = catch_unwind(AssertUnwindSafe(hook))
             {
@@ -550,14 +551,14 @@ impl<T: Transport> Server<T> {
                 .service_actions
                 .as_ref()
                 .and_then(|_| deadline_after(self.poll_interval));
-            control.set_accepting(true);
+            control.shutdown.set_accepting(true);
             if workers.is_some() {
                 wait(None, control, deadline);
-                control.set_accepting(false);
+                control.shutdown.set_accepting(false);
                 continue;
             }
             let next = accept.next(deadline, &mut backoff);
-            control.set_accepting(false);
+            control.shutdown.set_accepting(false);
             if let Next::Request(req, permit) = next {
                 self.process(req, permit, &mut backoff);
             }
@@ -565,7 +566,7 @@ impl<T: Transport> Server<T> {
         // The listener leaves the workers' set first; then this thread takes the backlog.
         #[cfg(all(target_os = "linux", not(socketserver_portable)))]
         drop(workers);
-        if control.backlog_wanted() {
+        if control.shutdown.backlog_wanted() {
             self.take_backlog(accept, &mut backoff);
         }
     }
@@ -576,24 +577,26 @@ impl<T: Transport> Server<T> {
     /// a request it has sent. What connects after the close is refused, and retried elsewhere.
     fn take_backlog(&self, accept: &AcceptLoop<T::Listener>, backoff: &mut Backoff) {
         let control = self.control();
-        while !control.listener_closed() {
+        while !control.shutdown.listener_closed() {
             let Ok(req) = accept.listener.accept(control) else {
                 break;
             };
             // Through the recorder, as the accept loop counts: the metrics facade, tracing and
             // prefork's `max_requests` see these too.
-            control.record_accepted();
-            match control.try_acquire() {
+            control.record(Event::Accepted {
+                peer: Some(req.peer()),
+            });
+            match control.limits.try_acquire() {
                 Some(permit) => {
                     self.process(req, permit, backoff);
                 }
                 None => {
-                    control.record_refused(crate::control::Refusal::Limit);
+                    control.record(Event::Refused(Refusal::Limit));
                     req.reject();
                 }
             }
         }
-        control.stop_listening();
+        control.shutdown.stop_listening(&control.local_addr);
     }
 
     /// Serves until SIGINT (Ctrl-C) or SIGTERM, then drains: Python's `serve_forever` ended by
@@ -651,10 +654,10 @@ impl<T: Transport> Server<T> {
         let Some(accept) = &self.accept else {
             return false;
         };
-        if self.control().listener_closed() {
+        if self.control().shutdown.listener_closed() {
             return false;
         }
-        let _serving = self.control().serving(false);
+        let _serving = self.control().shutdown.serving(false);
         let deadline = timeout.and_then(deadline_after);
         match accept.next(deadline, &mut Backoff::default()) {
             Next::Request(req, permit) => self.process(req, permit, &mut Backoff::default()),
@@ -685,7 +688,7 @@ impl<T: Transport> Server<T> {
         };
         if let Err(e) = dispatcher.dispatch(job) {
             let control = self.control();
-            Counters::bump(&control.counters.accept_errors);
+            control.record(Event::AcceptError);
             limited!(error, "{e}; connection closed");
             let delay = backoff.next();
             wait(None, control, Some(Instant::now() + delay));
@@ -703,7 +706,7 @@ impl<T: Transport> Server<T> {
         drop(self.accept.take());
         // After a second Ctrl-C (`cut_now`), what is still running has been cut and given its
         // second: the process is on its way out and must not wait for a handler that ignores it.
-        let join = self.block_on_close && !self.control().cut_requested();
+        let join = self.block_on_close && !self.control().drain.cut_requested();
         if let Some(dispatcher) = self.dispatcher.take() {
             dispatcher.close(join);
         }
@@ -753,11 +756,11 @@ impl IdleReaper {
     fn start(control: Arc<Control>, limits: ActivityLimits) -> io::Result<IdleReaper> {
         let tick = limits.tick();
         let c = control.clone();
-        c.pressure.watched.store(true, Ordering::Relaxed);
+        c.limits.pressure.watched.store(true, Ordering::Relaxed);
         let thread = thread::Builder::new()
             .name("socketserver-idle".into())
             .spawn(move || {
-                let p = &c.pressure;
+                let p = &c.limits.pressure;
                 let mut last = Instant::now();
                 let mut state = lock(&p.state);
                 while !state.stop {
@@ -792,7 +795,7 @@ impl IdleReaper {
                     }
                     // Still full: keep watching for newcomers after the tick. (Asked before the
                     // lock: `acquire` takes the slots' lock, then this one.)
-                    let full = c.is_full();
+                    let full = c.limits.is_full();
                     state = lock(&p.state);
                     state.wanted |= full;
                 }
@@ -818,12 +821,12 @@ const PRESSURE_GRACE: Duration = Duration::from_millis(200);
 /// newcomer that queues in the backlog gets an idle connection shed for it, at once. Returns
 /// when the server is no longer full, when it stops, or when the reaper's tick is due.
 fn relieve(c: &Control, tick_due: Instant) {
-    let Some(listener) = c.listener_dup() else {
+    let Some(listener) = c.shutdown.listener_dup() else {
         return;
     };
     loop {
-        let stopped = lock(&c.pressure.state).stop;
-        if stopped || c.shutdown_requested() || !c.is_full() {
+        let stopped = lock(&c.limits.pressure.state).stop;
+        if stopped || c.shutdown.requested() || !c.limits.is_full() {
             return;
         }
         let now = Instant::now();
@@ -837,7 +840,7 @@ fn relieve(c: &Control, tick_due: Instant) {
         ) {
             continue;
         }
-        if c.listener_is_shared() && !unclaimed(&listener) {
+        if c.shutdown.listener_is_shared() && !unclaimed(&listener) {
             continue;
         }
         if !c.evict(1, |s, idle| report_eviction(c, s, idle)) {
@@ -845,10 +848,10 @@ fn relieve(c: &Control, tick_due: Instant) {
             // reaper's looks; a slot freed (the one shed gone) or another newcomer wakes this.
             // (A slot freed just before the wait is missed, harmlessly: the newcomer takes it
             // without the reaper, which stays here until a newcomer or its look.)
-            let mut state = lock(&c.pressure.state);
+            let mut state = lock(&c.limits.pressure.state);
             if !state.stop && !std::mem::take(&mut state.wanted) {
                 let left = tick_due.saturating_duration_since(Instant::now());
-                let _ = c.pressure.wake.wait_timeout(state, left);
+                let _ = c.limits.pressure.wake.wait_timeout(state, left);
             }
         }
     }
@@ -886,7 +889,7 @@ fn report_eviction(control: &Control, s: &crate::Stream, idle: Duration) {
         info,
         "closed idle connection from {peer} (idle {idle:?}): the server is at max_connections \
          ({}) with clients waiting, and sheds the idlest first",
-        control.max_connections().unwrap_or_default()
+        control.limits.max_connections().unwrap_or_default()
     );
 }
 
@@ -897,7 +900,7 @@ fn report_cut(control: &Control, s: &crate::Stream, cut: Cut) {
         .map_or_else(|_| "a peer that has gone".to_owned(), |a| a.to_string());
     match cut {
         Cut::Idle(idle) => {
-            Counters::bump(&control.counters.idle_closed);
+            control.record(Event::IdleClosed);
             limited!(
                 info,
                 "closed connection from {peer}: nothing sent or read for {idle:?} (idle timeout)"
@@ -908,7 +911,7 @@ fn report_cut(control: &Control, s: &crate::Stream, cut: Cut) {
             waited,
             rate,
         } => {
-            Counters::bump(&control.counters.slow_closed);
+            control.record(Event::SlowClosed);
             limited!(
                 info,
                 "closed connection from {peer}: {bytes} bytes of a request in {waited:.1?}, under \
@@ -922,7 +925,7 @@ fn report_cut(control: &Control, s: &crate::Stream, cut: Cut) {
 
 impl Drop for IdleReaper {
     fn drop(&mut self) {
-        let p = &self.control.pressure;
+        let p = &self.control.limits.pressure;
         p.watched.store(false, Ordering::Relaxed);
         lock(&p.state).stop = true;
         p.wake.notify_all();

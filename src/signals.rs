@@ -187,7 +187,7 @@ impl Watch {
             drop(fds);
             for p in &self.pipes {
                 for _ in 0..empty(&p.rx) {
-                    if seen == 0 && !control.is_draining() {
+                    if seen == 0 && !control.drain.is_draining() {
                         log::info!(
                             "{}: refusing new connections, letting in-flight requests finish \
                              for up to {grace:?} ({} again stops at once)",
@@ -195,7 +195,7 @@ impl Watch {
                             p.name
                         );
                         control.begin_drain();
-                    } else if !control.cut_requested() {
+                    } else if !control.drain.cut_requested() {
                         log::warn!(
                             "{} again: cutting the {} request(s) still running",
                             p.name,

@@ -408,7 +408,9 @@ impl Readiness {
     pub(crate) fn new(control: &Arc<Control>) -> Option<Readiness> {
         let notifier = Notifier::get()?;
         let n = notifier.clone();
-        control.on_drain(Box::new(move || n.send("STOPPING=1")));
+        control
+            .drain
+            .on_drain(Box::new(move || n.send("STOPPING=1")));
         Some(Readiness {
             notifier,
             control: Arc::downgrade(control),
@@ -474,7 +476,7 @@ fn ping(
 /// The stats line of `STATUS=`.
 fn status_line(c: &Control) -> String {
     let s = c.stats();
-    let state = if c.is_draining() {
+    let state = if c.drain.is_draining() {
         "draining"
     } else {
         "serving"

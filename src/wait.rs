@@ -3,7 +3,7 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::{Condvar, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, Timespec};
@@ -59,6 +59,12 @@ pub(crate) fn wake_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
         pipe
     };
     Ok(pipe)
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (we never panic while
+/// holding these locks, and user code never runs under them).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Waits on `cv` until notified or `deadline` passes. `None` if the deadline had already passed;

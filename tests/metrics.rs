@@ -661,3 +661,170 @@ fn a_client_refused_behind_a_proxy_header_is_counted_once_under_its_reason() {
     drop(held);
     drop(running);
 }
+
+/// The value of the sample of `family` whose labels include `reason="{reason}"` (any reason
+/// when `None`) on one server's page.
+fn sample(page: &str, family: &str, reason: Option<&str>) -> u64 {
+    let line = page
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!("{family}{{"))
+                && reason.is_none_or(|r| l.contains(&format!("reason=\"{r}\"")))
+        })
+        .unwrap_or_else(|| panic!("no {family} {reason:?} line in:\n{page}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// A scripted mix of connections against one server with every kind of refusal it has before
+/// the handler (PROXY header, `verify_request` and `max_per_source` on the client it names,
+/// HMAC, the handshake deadline), in thread and event mode: each connection is counted once,
+/// under one reason, and `Stats` and the Prometheus page agree on every count.
+#[cfg(feature = "proxy-protocol")]
+#[test]
+fn each_connection_is_counted_once_under_one_reason_in_stats_and_on_the_page() {
+    use util::{InMode, Mode};
+    util::init_logs();
+    let modes: &[Mode] = if cfg!(all(target_os = "linux", not(socketserver_portable))) {
+        &[Mode::Thread, Mode::Event(2)]
+    } else {
+        &[Mode::Thread]
+    };
+    for &mode in modes {
+        let server = TcpServer::builder(util::byte_echo)
+            .mode(mode)
+            .proxy_protocol(
+                socketserver::ProxyProtocol::new()
+                    .trust(socketserver::Cidr::new("127.0.0.1".parse().unwrap(), 32).unwrap()),
+            )
+            .auth(Auth::hmac(KEY.to_vec()).digest(Digest::Sha256))
+            .handshake_timeout(Duration::from_millis(500))
+            .max_per_source(1)
+            .verify_request(|client| client.to_string() != "192.0.2.99:4000")
+            .bind("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr().inet().unwrap();
+        let running = serve(server);
+        let h = running.handle.clone();
+        let header = |src: &str| format!("PROXY TCP4 {src} 127.0.0.1 4000 80\r\n");
+        // A client behind the proxy: its header, then the challenge; `answer` it right or not.
+        let through = |src: &str| {
+            let mut s = connect_from("127.0.0.1", addr);
+            s.write_all(header(src).as_bytes()).unwrap();
+            s
+        };
+        let challenge = |s: &mut TcpStream| {
+            let mut c = [0u8; socketserver::CHALLENGE_LEN];
+            s.read_exact(&mut c).unwrap();
+            c
+        };
+
+        // 1. Admitted, and held open: its client is at `max_per_source`.
+        let mut held = through("192.0.2.7");
+        let c = challenge(&mut held);
+        held.write_all(hex::encode(util::hmac(Digest::Sha256, KEY, &c)).as_bytes())
+            .unwrap();
+        round_trip(&mut held, b"held");
+        // 2. The same client again: refused by the per-source cap.
+        let mut again = through("192.0.2.7");
+        assert!(closed_by_server(&mut again), "{mode:?}: per-source cap");
+        // 3. A client `verify_request` refuses.
+        let mut unwanted = through("192.0.2.99");
+        assert!(closed_by_server(&mut unwanted), "{mode:?}: verify_request");
+        // 4. A wrong HMAC answer.
+        let mut wrong = through("192.0.2.8");
+        challenge(&mut wrong);
+        wrong.write_all(&[b'0'; 64]).unwrap();
+        assert!(closed_by_server(&mut wrong), "{mode:?}: a wrong answer");
+        // 5. No answer at all: the handshake deadline.
+        let mut silent = through("192.0.2.9");
+        challenge(&mut silent);
+        assert!(closed_by_server(&mut silent), "{mode:?}: the deadline");
+        // 6. A malformed PROXY header, and 7. a peer that is no trusted proxy.
+        let mut garbled = connect_from("127.0.0.1", addr);
+        garbled.write_all(b"PROXY GARBAGE\r\n").unwrap();
+        assert!(closed_by_server(&mut garbled), "{mode:?}: a bad header");
+        let mut stranger = connect_from("127.0.0.2", addr);
+        stranger.write_all(header("192.0.2.10").as_bytes()).unwrap();
+        assert!(closed_by_server(&mut stranger), "{mode:?}: untrusted");
+
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                let s = h.stats();
+                s.accepted == 7 && s.active == 1
+            }),
+            "{mode:?}: {:?}",
+            h.stats()
+        );
+        let s = h.stats();
+        let by_reason = [
+            ("verify", s.rejected),
+            ("limit", s.limit_rejected),
+            ("per_source", s.per_source_rejected),
+            ("proxy", s.admission_failures(AdmissionFailure::Proxy)),
+            ("tls", s.admission_failures(AdmissionFailure::Tls)),
+            ("hmac", s.admission_failures(AdmissionFailure::Hmac)),
+            ("timeout", s.admission_failures(AdmissionFailure::Timeout)),
+            ("cap", s.admission_failures(AdmissionFailure::Cap)),
+        ];
+        assert_eq!(
+            by_reason,
+            [
+                ("verify", 1),
+                ("limit", 0),
+                ("per_source", 1),
+                ("proxy", 2),
+                ("tls", 0),
+                ("hmac", 1),
+                ("timeout", 1),
+                ("cap", 0),
+            ],
+            "{mode:?}: {s:?}"
+        );
+        // Once each: the one admitted and the six refused are the seven accepted.
+        let refused: u64 = by_reason.iter().map(|(_, n)| n).sum();
+        assert_eq!(s.accepted, refused + s.active, "{mode:?}: {s:?}");
+        // The named totals are those reasons' counts, and the PROXY details add up to its.
+        assert_eq!(
+            (s.auth_failures, s.handshake_timeouts, s.handshake_evictions),
+            (1, 1, 0),
+            "{mode:?}: {s:?}"
+        );
+        assert_eq!(
+            [
+                s.proxy_untrusted,
+                s.proxy_missing,
+                s.proxy_malformed,
+                s.proxy_oversized,
+                s.proxy_timeouts
+            ],
+            [1, 0, 1, 0, 0],
+            "{mode:?}: {s:?}"
+        );
+        // The page says the same, sample by sample.
+        let page = h.prometheus();
+        const REJECTED: &str = "socketserver_connections_rejected_total";
+        for (reason, n) in by_reason {
+            assert_eq!(
+                sample(&page, REJECTED, Some(reason)),
+                n,
+                "{mode:?} {reason}"
+            );
+        }
+        assert_eq!(
+            sample(&page, "socketserver_connections_accepted_total", None),
+            s.accepted
+        );
+        assert_eq!(
+            sample(&page, "socketserver_auth_failures_total", None),
+            s.auth_failures
+        );
+        assert_eq!(sample(&page, "socketserver_connections_active", None), 1);
+        drop(held);
+        assert!(
+            eventually(Duration::from_secs(10), || h.stats().active == 0),
+            "{mode:?}: the held connection never closed"
+        );
+        assert_eq!(h.stats().accepted, 7, "{mode:?}: counted again on close");
+        drop(running);
+    }
+}

@@ -32,7 +32,7 @@ use rustix::event::epoll::{self, CreateFlags, EventData, EventFlags};
 use rustix::event::{EventfdFlags, Timespec, eventfd};
 
 use super::{Acceptor, Job, Shared, Taken};
-use crate::control::{Counters, Permit, Ticket, lock};
+use crate::control::{Permit, Ticket, lock};
 use crate::log_limit::limited;
 use crate::stream::now_millis;
 use crate::transport::{Incoming, Service, Step};
@@ -394,7 +394,7 @@ impl<S: Service> Engine<S> {
             from
         };
         let control = &self.shared.ctx.handle.control;
-        let _for_loop = control.accepting_for_loop();
+        let _for_loop = control.shutdown.accepting_for_loop();
         // Re-arms when the batch ends however it ends, a panic included.
         let mut batch = Batch {
             engine: self,
@@ -408,7 +408,7 @@ impl<S: Service> Engine<S> {
                     e.rearm(&lock(&e.accept));
                 }
             });
-            let Some(permit) = control.try_acquire_or_park(rearm) else {
+            let Some(permit) = control.limits.try_acquire_or_park(rearm) else {
                 batch.end = End::Parked;
                 return;
             };
@@ -416,7 +416,7 @@ impl<S: Service> Engine<S> {
                 Taken::Job(job) => {
                     batch.accepted = true;
                     if let Err(e) = self.submit(job) {
-                        Counters::bump(&control.counters.accept_errors);
+                        control.record(crate::recorder::Event::AcceptError);
                         limited!(error, "{e}; connection closed");
                     }
                 }

@@ -15,8 +15,8 @@ use proxy_header::{ParseConfig, ProxyHeader};
 use super::config::ProxyProtocol;
 use super::info::ProxyInfo;
 use crate::admission::{Admitting, Progress, Resume, Stage, StageKind, VerifyHook};
-use crate::control::Counters;
 use crate::error::Kind;
+use crate::recorder::{Event, ProxyFault};
 use crate::{Addr, Error, Result};
 
 /// The v2 signature: the first 12 bytes of every v2 header.
@@ -139,18 +139,18 @@ impl ProxyStage {
     }
 
     fn refuse(conn: &Admitting<'_>, why: Refusal) -> Error {
-        let c = &conn.control().counters;
+        let control = conn.control();
         let detail = match why {
             Refusal::Missing => {
-                Counters::bump(&c.proxy_missing);
+                control.record(Event::Proxy(ProxyFault::Missing));
                 "no PROXY header: the connection did not start with one".to_owned()
             }
             Refusal::Malformed(what) => {
-                Counters::bump(&c.proxy_malformed);
+                control.record(Event::Proxy(ProxyFault::Malformed));
                 format!("malformed PROXY header: {what}")
             }
             Refusal::Oversized(len) => {
-                Counters::bump(&c.proxy_oversized);
+                control.record(Event::Proxy(ProxyFault::Oversized));
                 format!(
                     "PROXY header of {len} bytes, over the limit ({V1_MAX} for v1, {} for v2)",
                     V2_FIXED + ProxyProtocol::MAX_V2_PAYLOAD
@@ -188,9 +188,8 @@ impl Stage for ProxyStage {
     }
 
     fn run(&self, conn: &mut Admitting<'_>) -> Result<()> {
-        let counters = &conn.control().counters;
         if !self.config.trusts(&conn.peer) {
-            Counters::bump(&counters.proxy_untrusted);
+            conn.control().record(Event::Proxy(ProxyFault::Untrusted));
             return Err(Error::new(Kind::Refused)
                 .with_addr(Some(&conn.peer))
                 .with_detail("not a trusted proxy (ProxyProtocol::trust)"));
@@ -201,7 +200,7 @@ impl Stage for ProxyStage {
             Ok(Err(why)) => return Err(Self::refuse(conn, why)),
             Err(e) => {
                 if e.is_timeout() {
-                    Counters::bump(&counters.proxy_timeouts);
+                    conn.control().record(Event::Proxy(ProxyFault::Timeout));
                 }
                 return Err(e);
             }
@@ -242,7 +241,7 @@ impl Stage for ProxyStage {
                 });
             if !ok {
                 conn.control()
-                    .record_refused(crate::control::Refusal::Verify);
+                    .record(Event::Refused(crate::recorder::Refusal::Verify));
                 return Err(Error::new(Kind::Refused)
                     .with_addr(Some(&client))
                     .with_detail(format!("verify_request rejected {client} (via {proxy})"))
@@ -250,17 +249,17 @@ impl Stage for ProxyStage {
             }
         }
         if let Addr::Inet(a) = &client {
-            match conn.control().claim_source(a.ip()) {
+            match conn.control().limits.claim_source(a.ip().to_canonical()) {
                 Some(claim) => conn.learnt.source = claim,
                 None => {
                     conn.control()
-                        .record_refused(crate::control::Refusal::PerSource);
+                        .record(Event::Refused(crate::recorder::Refusal::PerSource));
                     return Err(Error::new(Kind::Refused)
                         .with_addr(Some(&client))
                         .with_detail(format!(
                             "{} already has {} connections open (max_per_source)",
                             a.ip(),
-                            conn.control().max_per_source().unwrap_or_default()
+                            conn.control().limits.max_per_source().unwrap_or_default()
                         ))
                         .counted());
                 }

@@ -14,7 +14,7 @@ use rustix::net::{RecvFlags, SocketAddrAny, SocketAddrUnix};
 
 use super::socket::OwnedPath;
 use super::{Incoming, Listener, Service};
-use crate::control::{Control, Counters};
+use crate::control::Control;
 use crate::datagram::Sock;
 use crate::log_limit::limited;
 use crate::worker::Ctx;
@@ -86,7 +86,7 @@ impl Listener for DatagramSocket {
         )?;
         let peer = peer_addr(from);
         if len > self.max_packet_size {
-            Counters::bump(&control.counters.oversized);
+            control.record(crate::recorder::Event::OversizedDatagram);
             limited!(
                 warn,
                 "datagram of {len} bytes from {peer} exceeds max_packet_size ({} bytes): dropped",

@@ -209,7 +209,7 @@ fn park<H>(s: &mut Session<H>, ctx: &Ctx) -> Step {
     // Pairs with the fence of `Control::begin_drain`: either the drain sees this connection
     // parked and cuts it, or this sees the drain.
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    if ctx.control().is_draining() {
+    if ctx.control().drain.is_draining() {
         s.req.stream.set_parked(false);
         return Step::Close;
     }
