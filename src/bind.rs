@@ -373,8 +373,8 @@ impl<T: StreamTransport> Builder<T> {
     }
 
     /// How long a connection has for all of admission, whatever stages are configured: the
-    /// PROXY header ([`proxy_protocol`](Self::proxy_protocol)), the TLS handshake
-    /// ([`tls`](Self::tls)) and the [`auth`](Self::auth) handshake, in that order, under one
+    /// PROXY header (`proxy_protocol`), the TLS handshake (`tls`, with the cargo feature of
+    /// that name) and the [`auth`](Self::auth) handshake, in that order, under one
     /// deadline that starts when the connection is accepted and covers every read and write of
     /// every stage together. A client that trickles bytes, or takes its time over each stage,
     /// cannot stretch it. A connection still in admission at the deadline is closed, logged
