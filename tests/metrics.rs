@@ -606,6 +606,19 @@ fn event_mode_records_a_duration_per_message_and_thread_mode_per_connection() {
     }
 }
 
+/// An echo server behind a trusted proxy on 127.0.0.1, with one connection per client the
+/// header names, and `verify_request` refusing the client 192.0.2.99:4000.
+#[cfg(feature = "proxy-protocol")]
+fn behind_a_proxy() -> socketserver::Builder<socketserver::transport::Tcp<util::ByteEcho>> {
+    TcpServer::builder(util::byte_echo)
+        .proxy_protocol(
+            socketserver::ProxyProtocol::new()
+                .trust(socketserver::Cidr::new("127.0.0.1".parse().unwrap(), 32).unwrap()),
+        )
+        .max_per_source(1)
+        .verify_request(|client| client.to_string() != "192.0.2.99:4000")
+}
+
 /// Behind PROXY headers, a client the header names is refused by `max_per_source` or
 /// `verify_request` after admission has begun: it is counted once, under that reason, in
 /// `Stats` and on the page, and not a second time as a PROXY failure.
@@ -613,15 +626,7 @@ fn event_mode_records_a_duration_per_message_and_thread_mode_per_connection() {
 #[test]
 fn a_client_refused_behind_a_proxy_header_is_counted_once_under_its_reason() {
     util::init_logs();
-    let server = TcpServer::builder(util::byte_echo)
-        .proxy_protocol(
-            socketserver::ProxyProtocol::new()
-                .trust(socketserver::Cidr::new("127.0.0.1".parse().unwrap(), 32).unwrap()),
-        )
-        .max_per_source(1)
-        .verify_request(|client| client.to_string() != "192.0.2.99:4000")
-        .bind("127.0.0.1:0")
-        .unwrap();
+    let server = behind_a_proxy().bind("127.0.0.1:0").unwrap();
     let addr = server.local_addr().inet().unwrap();
     let running = serve(server);
     let h = running.handle.clone();
@@ -690,16 +695,10 @@ fn each_connection_is_counted_once_under_one_reason_in_stats_and_on_the_page() {
         &[Mode::Thread]
     };
     for &mode in modes {
-        let server = TcpServer::builder(util::byte_echo)
+        let server = behind_a_proxy()
             .mode(mode)
-            .proxy_protocol(
-                socketserver::ProxyProtocol::new()
-                    .trust(socketserver::Cidr::new("127.0.0.1".parse().unwrap(), 32).unwrap()),
-            )
             .auth(Auth::hmac(KEY.to_vec()).digest(Digest::Sha256))
             .handshake_timeout(Duration::from_millis(500))
-            .max_per_source(1)
-            .verify_request(|client| client.to_string() != "192.0.2.99:4000")
             .bind("127.0.0.1:0")
             .unwrap();
         let addr = server.local_addr().inet().unwrap();
