@@ -60,6 +60,7 @@ pub(crate) enum Outcome {
     Admitted { tls: bool },
     /// The PROXY stage's client was refused by `verify_request` or `max_per_source`: counted
     /// by the stage's [`Event::Refused`], not here.
+    #[cfg_attr(not(feature = "proxy-protocol"), allow(dead_code))]
     Refused,
     /// A stage failed, or the deadline passed: counted here.
     Failed(AdmissionFailure),

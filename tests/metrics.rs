@@ -669,6 +669,7 @@ fn a_client_refused_behind_a_proxy_header_is_counted_once_under_its_reason() {
 
 /// The value of the sample of `family` whose labels include `reason="{reason}"` (any reason
 /// when `None`) on one server's page.
+#[cfg(feature = "proxy-protocol")]
 fn sample(page: &str, family: &str, reason: Option<&str>) -> u64 {
     let line = page
         .lines()
