@@ -195,26 +195,6 @@ fn remove_stale(path: &Path, ty: Type) -> io::Result<()> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    #[cfg(target_os = "linux")]
-    fn a_socket_file_is_created_with_the_sockets_own_mode() {
-        // What bind_unix relies on to leave no moment with a wider mode: on Linux, bind creates
-        // the file with the mode set on the socket beforehand (less the umask).
-        let path = std::env::temp_dir().join(format!("ss-fchmod-{}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        let sock = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
-        rustix::fs::fchmod(&sock, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
-        sock.bind(&SockAddr::unix(&path).unwrap()).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        std::fs::remove_file(&path).unwrap();
-        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
-    }
-}
-
 /// How many connections wait in a TCP listener's accept queue (`TCP_INFO`'s `tcpi_unacked`,
 /// which for a listening socket is the queue's length, as `ss -lt` shows in Recv-Q). `None`
 /// where it cannot be told: a Unix-domain listener, or a system without Linux's `TCP_INFO`.
@@ -249,24 +229,41 @@ pub(crate) fn accept_queue_len(_fd: std::os::fd::BorrowedFd<'_>) -> Option<u32> 
     None
 }
 
-#[cfg(all(test, target_os = "linux", not(socketserver_portable)))]
-mod queue_tests {
-    use std::os::fd::AsFd;
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
+    #[cfg(target_os = "linux")]
+    fn a_socket_file_is_created_with_the_sockets_own_mode() {
+        // What bind_unix relies on to leave no moment with a wider mode: on Linux, bind creates
+        // the file with the mode set on the socket beforehand (less the umask).
+        let path = std::env::temp_dir().join(format!("ss-fchmod-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let sock = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        rustix::fs::fchmod(&sock, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
+        sock.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+
+    #[test]
+    #[cfg(all(target_os = "linux", not(socketserver_portable)))]
     fn the_accept_queue_length_counts_connections_not_yet_accepted() {
+        use std::os::fd::AsFd;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        assert_eq!(super::accept_queue_len(listener.as_fd()), Some(0));
+        assert_eq!(accept_queue_len(listener.as_fd()), Some(0));
         let clients: Vec<_> = (0..3)
             .map(|_| std::net::TcpStream::connect(addr).unwrap())
             .collect();
-        assert_eq!(super::accept_queue_len(listener.as_fd()), Some(3));
+        assert_eq!(accept_queue_len(listener.as_fd()), Some(3));
         drop(listener.accept().unwrap());
-        assert_eq!(super::accept_queue_len(listener.as_fd()), Some(2));
+        assert_eq!(accept_queue_len(listener.as_fd()), Some(2));
         // Not a TCP socket: unknown, not zero.
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        assert_eq!(super::accept_queue_len(a.as_fd()), None);
+        assert_eq!(accept_queue_len(a.as_fd()), None);
         drop(clients);
     }
 }
